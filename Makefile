@@ -1,0 +1,43 @@
+# nmtrain: `make run` installs everything and runs the main job; `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: install run test bench clean
+
+# A venv with the pinned torch/torchvision (served from this machine's disk), the project (editable)
+# with its test extras, and Debian's Fashion-MNIST when it is missing and apt is usable.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet -e '.[test]'
+	@if [ ! -d $(FMNIST) ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+	      || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST runs will need it"; \
+	  else echo "note: $(FMNIST) is missing; install Debian's dataset-fashion-mnist for the default dataset"; fi; \
+	fi
+	touch $@
+
+install: $(VENV)/.installed
+
+# The main job. `nmtrain train` lands with issue #3; until then: rank the mask patterns, then prune a
+# ResNet-18-sized checkpoint to 2:4 and to transposable 4:8.
+run: install
+	$(VENV)/bin/nmtrain diversity --shape 8x8 --density 0.5
+	mkdir -p runs
+	$(PY) -c "import torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18().state_dict(), 'runs/resnet18-init.pt')"
+	$(VENV)/bin/nmtrain prune runs/resnet18-init.pt -o runs/resnet18-2of4.pt --pattern 2:4
+	$(VENV)/bin/nmtrain prune runs/resnet18-init.pt -o runs/resnet18-4of8T.pt --pattern 4:8 --transposable --solver exact
+
+test: install
+	$(PY) -m pytest tests
+
+bench: install
+	$(PY) benchmarks/masks.py
+
+clean:
+	rm -rf $(VENV) runs bench-results .pytest_cache

@@ -1,0 +1,31 @@
+"""The `nmtrain` command line: one typer app, one module per subcommand."""
+
+from __future__ import annotations
+
+import typer
+
+from .diversity import diversity
+from .planned import adaprune, convert, train
+from .prune import prune
+
+app = typer.Typer(
+    name="nmtrain",
+    help="Experiment runner for N:M fine-grained sparse training. N is always the number of weights KEPT "
+         "in every group of M (2:4 keeps half: density 0.50).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(prune)
+app.command()(diversity)
+app.command()(train)
+app.command()(adaprune)
+app.command()(convert)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""`nmtrain prune`: prune a state_dict (or a run directory's model) to N:M or N:M-T by magnitude."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..experiments.io import load_state_dict, save_state_dict, save_text
+from ..sparsity import LAYOUTS, list_solvers, parse_pattern, prune_state_dict
+from .errors import UsageError, user_errors
+
+from .console import console
+
+# Show a progress bar when the work is large enough to make a user wait.
+_PROGRESS_MIN_ELEMENTS = 1 << 22
+
+
+def _check_choice(option: str, value: str, choices: list[str]) -> None:
+    if value not in choices:
+        raise UsageError(f"{option} {value!r} is unknown; use one of: {', '.join(choices)}")
+
+
+@user_errors
+def prune(
+    input: Path = typer.Argument(..., help="A state_dict file (.pt) or a run directory of `nmtrain train`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the pruned state_dict."),
+    pattern: str = typer.Option(..., "--pattern", "-p", help="N:M with N kept of every M, e.g. 2:4, 1:4, 4:8; N:M-T for transposable."),
+    transposable: bool = typer.Option(False, "--transposable", "-T", help="N:M along C_out too (backward-data GEMM sparse)."),
+    solver: str = typer.Option("exact", help="Transposable solver: " + ", ".join(s.name for s in list_solvers()) + "."),
+    include: Optional[List[str]] = typer.Option(None, "--include", help="Only weights whose name matches this glob (repeatable)."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Skip weights whose name matches this glob (repeatable)."),
+    layout: str = typer.Option("nhwc", help="Conv grouping: nhwc (M input channels at one tap, as hardware) or flatten (C_in*kh*kw)."),
+    report: Optional[Path] = typer.Option(None, help="Also write the per-layer table as JSON here."),
+) -> None:
+    """Prune every eligible weight to N:M (or N:M-T) by magnitude; pruned entries become exact zeros."""
+    pat = parse_pattern(pattern, transposable=transposable)
+    _check_choice("--solver", solver, [s.name for s in list_solvers()])
+    _check_choice("--layout", layout, list(LAYOUTS))
+    state = load_state_dict(input)
+
+    total_elements = sum(v.numel() for v in state.values())
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True,
+                        disable=total_elements < _PROGRESS_MIN_ELEMENTS and solver != "flow")
+    with progress:
+        layers = progress.add_task("layers", total=None)
+        tiles = progress.add_task("tiles", total=None, visible=False)
+
+        def on_layer(name: str, i: int, total: int) -> None:
+            progress.update(layers, description=name, completed=i, total=total)
+
+        def on_tiles(done: int, total: int) -> None:
+            progress.update(tiles, completed=done, total=total, visible=True)
+
+        extra = {"chunk_tiles": 256 if solver == "flow" else 1 << 16, "on_progress": on_tiles} if pat.transposable else {}
+        pruned, reports, skipped = prune_state_dict(
+            state, pat, layout=layout, solver=solver, include=include or (), exclude=exclude or (),
+            on_layer=on_layer, **extra)
+
+    if not all(r.valid for r in reports):  # a solver bug must never reach a user's file
+        bad = [r.name for r in reports if not r.valid]
+        raise UsageError(f"internal check failed: masks of {', '.join(bad)} break {pat}; nothing written")
+    save_state_dict(pruned, output)
+
+    table = Table(title=f"nmtrain prune → {output}  ({pat.describe()}, layout {layout}"
+                        + (f", solver {solver})" if pat.transposable else ")"))
+    table.add_column("layer", overflow="fold", min_width=16)
+    for col, justify in (("shape", "left"), ("pattern", "left"), ("density", "right"), ("|W| kept", "right"),
+                         ("unstr. kept", "right"), ("valid", "center"), ("time", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    for r in reports:
+        table.add_row(r.name, "×".join(map(str, r.shape)), r.pattern, f"{r.density:.2f}", f"{r.kept_share:.4f}",
+                      f"{r.unstructured_share:.4f}", "✓" if r.valid else "[red]✗", f"{r.seconds * 1000:.1f} ms")
+    console.print(table)
+    if skipped:
+        skipped_table = Table(title="skipped (left dense)")
+        skipped_table.add_column("tensor")
+        skipped_table.add_column("reason")
+        for name, reason in skipped.items():
+            skipped_table.add_row(name, reason)
+        console.print(skipped_table)
+    console.print(f"pruned {len(reports)} weights, skipped {len(skipped)}; wrote {output}")
+    if report is not None:
+        rows = [dict(vars(r), shape=list(r.shape)) for r in reports]
+        save_text(json.dumps({"pattern": str(pat), "density": pat.density, "layout": layout, "solver": solver,
+                              "layers": rows, "skipped": skipped}, indent=2), report)

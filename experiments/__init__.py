@@ -1,0 +1,1 @@
+"""Experiment recipes: YAML specs and the runners that execute them (filled by `nmtrain train`)."""

@@ -1,0 +1,79 @@
+"""Reading state_dicts safely and writing files atomically.
+
+Checkpoints are loaded with ``torch.load(weights_only=True)``: a pickle that would run code, or that
+holds anything but tensors and plain containers, is refused. Everything nmtrain writes goes to a
+temporary file in the destination's directory first and is renamed over the destination only once
+complete, so an interrupted run never leaves a half-written file in place of a good one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """An input file that is missing, unreadable or not what the command needs; one-line message."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_state_dict(path: str | os.PathLike, field: str = "INPUT") -> dict[str, torch.Tensor]:
+    """A flat ``{name: Tensor}`` state_dict from a ``.pt`` file, or from a run directory's ``model.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "model.pt").is_file():
+            raise CheckpointError(f"{field}: {path} is a directory without model.pt; pass a state_dict file "
+                                  "or a finished run directory")
+        path = path / "model.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{field}: {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated, corrupt or unsafe files
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(f"{field}: {path} holds Python objects beyond tensors; refused by "
+                                  "weights-only loading (nmtrain never unpickles code)") from None
+        raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({_first_line(exc)})") from None
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{field}: {path} holds a {type(obj).__name__}, not a state_dict of named tensors")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{field}: {path} is not a plain tensor state_dict "
+                                  f"(entry {key!r} holds a {type(value).__name__})")
+    return dict(obj)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp_path)``, then rename the finished file onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def save_text(text: str, path: str | os.PathLike) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    atomic_write(path, write)

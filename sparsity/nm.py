@@ -1,0 +1,88 @@
+"""Row-wise N:M masks, unstructured magnitude masks, and the checker every mask is held to.
+
+Masks are plain bool tensors of the weight's own shape: True = kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import from_matrix, require_fits, to_matrix
+from .pattern import Pattern
+
+
+def magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """|W| in a floating type wide enough to rank (half precision is ranked in float32)."""
+    w = weight.detach()
+    if not w.is_floating_point() or w.dtype in (torch.float16, torch.bfloat16):
+        w = w.float()
+    return w.abs()
+
+
+def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "nhwc") -> torch.Tensor:
+    """Keep the ``n`` largest-magnitude weights of every ``m`` consecutive ones along K (row-wise)."""
+    pattern = Pattern(n, m)
+    require_fits(weight.shape, pattern, layout)
+    scores = to_matrix(magnitude(weight), layout)
+    groups = scores.reshape(scores.shape[0], -1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return from_matrix(keep.reshape(scores.shape), weight.shape, layout)
+
+
+def unstructured_mask(weight: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``round(density * numel)`` largest-magnitude weights of the tensor, anywhere."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    scores = magnitude(weight).reshape(-1)
+    k = int(round(density * scores.numel()))
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        keep[scores.topk(k).indices] = True
+    return keep.reshape(weight.shape)
+
+
+def kept_share(weight: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of the total |W| that the mask keeps (1.0 for an all-zero weight)."""
+    scores = magnitude(weight).double()
+    total = scores.sum().item()
+    return 1.0 if total == 0 else (scores * mask).sum().item() / total
+
+
+def _first_bad_group(counts: torch.Tensor, n: int, exact: bool) -> tuple[int, int, int] | None:
+    bad = (counts != n) if exact else (counts > n)
+    if not bool(bad.any()):
+        return None
+    row, group = (int(i) for i in bad.nonzero()[0])
+    return row, group, int(counts[row, group])
+
+
+def nm_violation(tensor: torch.Tensor, pattern: Pattern, layout: str = "nhwc",
+                 exact: bool = False) -> str | None:
+    """Why ``tensor`` (a bool mask, or weights whose zeros are the pruned entries) breaks ``pattern``.
+
+    Hardware needs at most N non-zeros per group; ``exact=True`` asks for exactly N (what nmtrain's
+    mask functions promise). Transposable patterns are checked along K and along C_out. Returns None
+    when the tensor is valid, else a one-line description of the first violated group.
+    """
+    require_fits(tensor.shape, pattern, layout)
+    nz = to_matrix(tensor != 0, layout).to(torch.int32)
+    n, m = pattern.n, pattern.m
+    want = "exactly" if exact else "at most"
+    hit = _first_bad_group(nz.reshape(nz.shape[0], -1, m).sum(-1), n, exact)
+    if hit is not None:
+        row, group, count = hit
+        return (f"row {row}, columns {group * m}..{group * m + m - 1} of the {layout} matrix keep "
+                f"{count}, want {want} {n} of {m}")
+    if pattern.transposable:
+        cols = nz.t().contiguous()
+        hit = _first_bad_group(cols.reshape(cols.shape[0], -1, m).sum(-1), n, exact)
+        if hit is not None:
+            col, group, count = hit
+            return (f"column {col}, rows {group * m}..{group * m + m - 1} of the {layout} matrix keep "
+                    f"{count}, want {want} {n} of {m} (transposable)")
+    return None
+
+
+def is_valid(tensor: torch.Tensor, pattern: Pattern, layout: str = "nhwc", exact: bool = False) -> bool:
+    return nm_violation(tensor, pattern, layout, exact) is None

@@ -1,0 +1,118 @@
+"""Pruning a set of named weights to a pattern: which ones, with what mask, and how well.
+
+Pure tensor code: takes and returns state_dicts; reading and writing files is the caller's job.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .layout import shape_violation
+from .nm import kept_share, nm_mask, nm_violation, unstructured_mask
+from .pattern import Pattern
+from .transposable import transposable_mask
+
+
+class SelectionError(ValueError):
+    """The include/exclude selection asks for something impossible; the message names the weight."""
+
+
+def make_mask(weight: torch.Tensor, pattern: Pattern, layout: str = "nhwc", solver: str = "exact",
+              **solver_kwargs) -> torch.Tensor:
+    """The N:M (or N:M-T, via ``solver``) mask of ``weight`` by magnitude."""
+    if pattern.transposable:
+        return transposable_mask(weight, pattern.n, pattern.m, solver=solver, layout=layout, **solver_kwargs)
+    return nm_mask(weight, pattern.n, pattern.m, layout=layout)
+
+
+@dataclass
+class Selection:
+    selected: list[str]
+    skipped: dict[str, str]  # name -> reason
+
+
+def _is_candidate(name: str, value: object) -> bool:
+    return (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() in (2, 4)
+            and name.rsplit(".", 1)[-1] == "weight")
+
+
+def select(state: Mapping[str, torch.Tensor], pattern: Pattern, layout: str = "nhwc",
+           include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Selection:
+    """Every 2-D/4-D ``*.weight`` that fits the pattern, filtered by fnmatch globs on the name.
+
+    Candidates that do not fit are skipped with the reason, unless an ``include`` glob asked for
+    them by name: then the selection is an error (nmtrain never pads a layer silently).
+    """
+    for glob in include:
+        if not any(fnmatch.fnmatchcase(name, glob) for name in state):
+            raise SelectionError(f"--include {glob!r} matches no tensor; names look like {next(iter(state), '?')!r}")
+    selected, skipped = [], {}
+    for name, value in state.items():
+        if not _is_candidate(name, value):
+            continue
+        if include and not any(fnmatch.fnmatchcase(name, g) for g in include):
+            skipped[name] = "not matched by --include"
+            continue
+        if any(fnmatch.fnmatchcase(name, g) for g in exclude):
+            skipped[name] = "excluded by --exclude"
+            continue
+        problem = shape_violation(value.shape, pattern, layout)
+        if problem is not None:
+            if include:
+                raise SelectionError(f"{name} {tuple(value.shape)} cannot hold {pattern.describe()}: {problem}")
+            skipped[name] = problem
+            continue
+        selected.append(name)
+    if not selected:
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]) or "no 2-D or 4-D *.weight tensor"
+        raise SelectionError(f"no weight can hold {pattern.describe()} ({reasons})")
+    return Selection(selected, skipped)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, ...]
+    pattern: str
+    density: float
+    kept_share: float              # share of |W| the N:M mask keeps
+    unstructured_share: float      # the same for unstructured magnitude pruning at the same density
+    valid: bool
+    seconds: float
+
+
+def prune_state_dict(state: Mapping[str, torch.Tensor], pattern: Pattern, layout: str = "nhwc",
+                     solver: str = "exact", include: Sequence[str] = (), exclude: Sequence[str] = (),
+                     on_layer: Callable[[str, int, int], None] | None = None,
+                     **solver_kwargs) -> tuple[dict[str, torch.Tensor], list[LayerReport], dict[str, str]]:
+    """Prune the selected weights of ``state``; everything else is returned unchanged.
+
+    Returns (new state, one report per pruned layer, skipped name -> reason). ``on_layer(name, i,
+    total)`` is called before each layer (for progress bars).
+    """
+    sel = select(state, pattern, layout, include, exclude)
+    out = dict(state)
+    reports = []
+    for i, name in enumerate(sel.selected):
+        if on_layer is not None:
+            on_layer(name, i, len(sel.selected))
+        weight = state[name]
+        start = time.perf_counter()
+        mask = make_mask(weight, pattern, layout, solver, **solver_kwargs)
+        seconds = time.perf_counter() - start
+        pruned = weight * mask.to(weight.dtype)
+        pruned[~mask] = 0  # exact zeros even for -0.0 or NaN inputs
+        out[name] = pruned
+        reports.append(LayerReport(
+            name=name, shape=tuple(weight.shape), pattern=str(pattern), density=pattern.density,
+            kept_share=kept_share(weight, mask),
+            unstructured_share=kept_share(weight, unstructured_mask(weight, pattern.density)),
+            valid=nm_violation(mask, pattern, layout, exact=True) is None
+            and nm_violation(pruned, pattern, layout) is None,
+            seconds=seconds))
+    return out, reports, sel.skipped

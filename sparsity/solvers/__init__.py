@@ -1,0 +1,57 @@
+"""Transposable N:M tile solvers, in a small registry.
+
+Every solver has the same contract: given ``scores`` of shape ``(T, M, M)`` (non-negative
+magnitudes, one M x M tile per row of T) and ``n``, return a bool tensor of the same shape that keeps
+**exactly** ``n`` entries in every row and every column of every tile, trying to maximise the kept
+score. ``exact`` solvers reach the optimum on every tile; ``approx`` ones may not.
+
+Register a new one with ``@register_solver("name", exact=..., summary=...)``; ``list_solvers()``
+lists them (the CLI's ``--solver`` choices come from here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+SolverFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    name: str
+    fn: SolverFn
+    exact: bool
+    summary: str
+
+
+_SOLVERS: dict[str, SolverInfo] = {}
+
+
+def register_solver(name: str, *, exact: bool, summary: str) -> Callable[[SolverFn], SolverFn]:
+    def decorator(fn: SolverFn) -> SolverFn:
+        if name in _SOLVERS:
+            raise ValueError(f"solver {name!r} is registered twice")
+        _SOLVERS[name] = SolverInfo(name, fn, exact, summary)
+        return fn
+    return decorator
+
+
+def list_solvers() -> list[SolverInfo]:
+    return list(_SOLVERS.values())
+
+
+def get_solver(name: str) -> SolverInfo:
+    if name not in _SOLVERS:
+        raise ValueError(f"solver {name!r} is unknown; use one of: {', '.join(_SOLVERS)}")
+    return _SOLVERS[name]
+
+
+# Importing the modules registers their solvers.
+from . import enumerate as _enumerate  # noqa: E402,F401
+from . import exact as _exact  # noqa: E402,F401
+from . import flow as _flow  # noqa: E402,F401
+from . import greedy as _greedy  # noqa: E402,F401
+from . import batched as _batched  # noqa: E402,F401

@@ -1,0 +1,68 @@
+"""Exact transposable masks by enumeration, for M small enough to list every valid tile mask.
+
+A 4x4 tile has only 90 masks with exactly 2 kept per row and column (1:4 and 3:4 have 24). Scoring
+all of them is one matrix product, ``tiles (T x M*M) @ patterns (M*M x P)``, and the argmax per tile
+is the optimum: exact, fast, and deterministic (the first best pattern in a fixed order wins ties).
+For 4:8 there are 116,963,796,250 valid 8x8 masks, so this path stops at ``MAX_PATTERNS``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+
+from ..diversity import transposable_count
+from . import register_solver
+
+MAX_PATTERNS = 5000  # 2:4 (90), 2:5 (2,040) and every M <= 5 fit; 3:6 (297,200) does not
+_CHUNK_ELEMENTS = 1 << 24  # bound the T x P score matrix so large layers do not exhaust memory
+
+
+def enumerable(m: int, n: int) -> bool:
+    # M <= 6 keeps the count itself instant to compute (A(6, 3) = 297,200; A(7, 1) = 5,040 > limit)
+    return m <= 6 and transposable_count(m, n) <= MAX_PATTERNS
+
+
+@functools.lru_cache(maxsize=None)
+def patterns(m: int, n: int) -> torch.Tensor:
+    """Every M x M 0/1 matrix with exactly n ones per row and column, as a (P, M*M) bool tensor."""
+    rows = [frozenset(c) for c in itertools.combinations(range(m), n)]
+    found: list[tuple[frozenset, ...]] = []
+
+    def extend(prefix: list[frozenset], col_counts: list[int]) -> None:
+        left = m - len(prefix)
+        if left == 0:
+            found.append(tuple(prefix))
+            return
+        for row in rows:
+            counts = [c + (j in row) for j, c in enumerate(col_counts)]
+            # every column must still be able to reach n with the rows that remain
+            if all(c <= n and n - c <= left - 1 for c in counts):
+                extend(prefix + [row], counts)
+
+    extend([], [0] * m)
+    out = torch.zeros(len(found), m * m, dtype=torch.bool)
+    for p, mask in enumerate(found):
+        for i, row in enumerate(mask):
+            for j in row:
+                out[p, i * m + j] = True
+    return out
+
+
+@register_solver("enumerate", exact=True,
+                 summary="score every valid tile mask with one matmul and take the best (M x M with few masks, e.g. 2:4)")
+def enumerate_solver(scores: torch.Tensor, n: int) -> torch.Tensor:
+    t, m, _ = scores.shape
+    if not enumerable(m, n):
+        raise ValueError(f"{n}:{m}-T has {transposable_count(m, n):,} tile masks, too many to enumerate "
+                         f"(limit {MAX_PATTERNS:,}); use the 'exact' or 'flow' solver")
+    pats = patterns(m, n).to(scores.device)
+    weights = pats.to(scores.dtype).t()            # (M*M, P)
+    flat = scores.reshape(t, m * m)
+    best = torch.empty(t, dtype=torch.long, device=scores.device)
+    step = max(1, _CHUNK_ELEMENTS // pats.shape[0])
+    for start in range(0, t, step):
+        best[start:start + step] = (flat[start:start + step] @ weights).argmax(1)
+    return pats[best].reshape(t, m, m)

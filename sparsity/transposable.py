@@ -1,0 +1,54 @@
+"""Transposable N:M masks (Hubara et al., NeurIPS 2021).
+
+A transposable mask is N:M along K (rows of the GEMM operand, for the forward product ``X W~^T``)
+*and* along C_out (columns, for the backward-data product ``dY W~``), so both GEMMs can use sparse
+tensor cores. nmtrain tiles the operand into M consecutive rows x M consecutive columns and asks a
+solver for a mask per tile with exactly N kept per row and per column. (The public reference code
+built its "tiles" from M*M consecutive weights of one output channel, which constrains only the
+input direction; that mask does not accelerate ``dY W~``.) For a conv under the ``nhwc`` layout the
+tiles are exactly the M x M blocks of every kernel tap's ``C_out x C_in`` slice.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .layout import from_matrix, from_tiles, require_fits, to_matrix, to_tiles
+from .nm import magnitude
+from .pattern import Pattern
+from .solvers import get_solver
+
+
+def transposable_mask(weight: torch.Tensor, n: int, m: int, solver: str = "exact", layout: str = "nhwc",
+                      chunk_tiles: int | None = None,
+                      on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Bool mask of ``weight``'s shape, N:M along K and along C_out, chosen by ``solver``.
+
+    ``chunk_tiles`` splits the work (for progress reports through ``on_progress(done, total)``);
+    results do not depend on it.
+    """
+    pattern = Pattern(n, m, transposable=True)
+    require_fits(weight.shape, pattern, layout)
+    solve = get_solver(solver).fn
+    matrix = to_matrix(magnitude(weight), layout)
+    tiles = to_tiles(matrix, m)
+    total = tiles.shape[0]
+    step = chunk_tiles or total or 1
+    keep = torch.empty(tiles.shape, dtype=torch.bool, device=tiles.device)
+    for start in range(0, total, step):
+        keep[start:start + step] = solve(tiles[start:start + step], n)
+        if on_progress is not None:
+            on_progress(min(start + step, total), total)
+    return from_matrix(from_tiles(keep, *matrix.shape), weight.shape, layout)
+
+
+def tile_scores(weight: torch.Tensor, m: int, layout: str = "nhwc") -> torch.Tensor:
+    """|W| as the ``(T, M, M)`` batch of tiles the solvers work on (for tests and benchmarks)."""
+    return to_tiles(to_matrix(magnitude(weight), layout), m)
+
+
+def pruned_magnitude(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-tile magnitude a mask prunes (the quantity the min-cost flow minimises), in float64."""
+    return (scores.double() * (~keep)).sum((-2, -1))

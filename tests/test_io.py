@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+from nmtrain.experiments.io import CheckpointError, atomic_write, load_state_dict, save_state_dict
+
+
+def test_round_trip_and_weights_only(tmp_path):
+    path = tmp_path / "a.pt"
+    save_state_dict({"w": torch.ones(2)}, path)
+    assert torch.equal(load_state_dict(path)["w"], torch.ones(2))
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "a.pt"
+    save_state_dict({"w": torch.ones(2)}, path)
+
+    def crash(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, crash)
+    assert torch.equal(load_state_dict(path)["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["a.pt"]
+
+
+def test_directory_without_model(tmp_path):
+    with pytest.raises(CheckpointError, match="without model.pt"):
+        load_state_dict(tmp_path)
