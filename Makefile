@@ -24,20 +24,19 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job. `nmtrain train` lands with issue #3; until then: rank the mask patterns, then prune a
-# ResNet-18-sized checkpoint to 2:4 and to transposable 4:8.
+# The main job: SR-STE 2:4 training of LeNet-5 on Fashion-MNIST (the shipped quick spec), then the
+# mask-diversity ranking and a transposable 4:8 prune of the trained model.
 run: install
+	$(VENV)/bin/nmtrain train experiments/specs/fmnist_quick.yaml --method srste --pattern 2:4 --out runs/fmnist-quick-srste --overwrite
 	$(VENV)/bin/nmtrain diversity --shape 8x8 --density 0.5
-	mkdir -p runs
-	$(PY) -c "import torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18().state_dict(), 'runs/resnet18-init.pt')"
-	$(VENV)/bin/nmtrain prune runs/resnet18-init.pt -o runs/resnet18-2of4.pt --pattern 2:4
-	$(VENV)/bin/nmtrain prune runs/resnet18-init.pt -o runs/resnet18-4of8T.pt --pattern 4:8 --transposable --solver exact
+	$(VENV)/bin/nmtrain prune runs/fmnist-quick-srste -o runs/fmnist-quick-srste/model-4of8T.pt --pattern 4:8 --transposable
 
 test: install
 	$(PY) -m pytest tests
 
 bench: install
 	$(PY) benchmarks/masks.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) runs bench-results .pytest_cache

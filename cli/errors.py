@@ -8,12 +8,19 @@ from typing import Callable, TypeVar
 
 import typer
 
+from ..data import DatasetError
 from ..experiments.io import CheckpointError
+from ..experiments.layers import LayerSelectionError
+from ..experiments.methods import MethodError
+from ..experiments.models import ModelError
+from ..experiments.runner import RunError
+from ..experiments.spec import SpecError
 from ..sparsity import LayoutError, PatternError, SelectionError
 from ..sparsity.diversity import DiversityError
 
-# The engine's own error types already carry a one-line message naming the constraint.
-USER_ERRORS = (CheckpointError, LayoutError, PatternError, SelectionError, DiversityError)
+# These error types carry a one-line message naming the field or constraint and the fix.
+USER_ERRORS = (CheckpointError, DatasetError, DiversityError, LayerSelectionError, LayoutError, MethodError,
+               ModelError, PatternError, RunError, SelectionError, SpecError)
 
 F = TypeVar("F", bound=Callable)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import typer
 
 from .diversity import diversity
-from .planned import adaprune, convert, train
+from .planned import adaprune, convert
 from .prune import prune
+from .train import train
 
 app = typer.Typer(
     name="nmtrain",

@@ -13,18 +13,7 @@ from .errors import fail
 
 def _planned(command: str, issue: int) -> typer.Exit:
     return fail(f"`nmtrain {command}` is planned (issue #{issue}) and not implemented yet; "
-                "available now: prune, diversity")
-
-
-def train(
-    spec: Optional[Path] = typer.Argument(None, help="YAML experiment spec (default: the quick Fashion-MNIST spec)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted key=value overrides, e.g. optim.lr=0.05."),
-    method: Optional[str] = typer.Option(None, help="dense, unstructured, fixed, srste, transposable, bimask, bame."),
-    pattern: Optional[str] = typer.Option(None, help="N:M pattern (N kept of every M), e.g. 2:4."),
-    out: Optional[Path] = typer.Option(None, help="Run directory."),
-) -> None:
-    """(planned) Train a network with an N:M sparse method from a YAML spec."""
-    raise _planned("train", 3)
+                "available now: prune, diversity, train")
 
 
 def adaprune(

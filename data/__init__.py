@@ -1,1 +1,31 @@
-"""Datasets for nmtrain (Fashion-MNIST by default; CIFAR and ImageFolder loaders land with `nmtrain train`)."""
+"""Datasets for nmtrain: a small registry and one entry point, `build_datasets`.
+
+    train_ds, test_ds, info = build_datasets("fashion_mnist", root=None, augment=True, seed=0)
+    train_loader, test_loader = build_loaders(train_ds, test_ds, batch_size=128, seed=0)
+
+Samples are ``(float image tensor C x H x W, normalised; int label)``. Registered datasets
+(`list_datasets()` gives the one-line descriptions):
+
+- ``fashion_mnist`` (the default): Debian's local gzip IDX files, parsed here; never downloaded.
+- ``cifar10``, ``cifar100``: torchvision, from a local folder; downloaded only with ``download=True``.
+- ``imagefolder``: ImageNet-layout ``root/train/<class>/`` + ``root/val/<class>/``.
+- ``synthetic``: generated, tiny, deterministic and learnable; what the tests train on.
+
+Bad input raises `DatasetError` (a ValueError) with one line naming the spec field and the fix.
+"""
+
+from .registry import DatasetError, DatasetInfo, build_datasets, list_datasets, register_dataset, seeded_subset
+from .loaders import build_loaders
+
+# Importing the modules registers their datasets, in this order (fashion_mnist first: the default).
+from . import fashion_mnist as _fashion_mnist  # noqa: E402,F401
+from . import cifar as _cifar  # noqa: E402,F401
+from . import imagefolder as _imagefolder  # noqa: E402,F401
+from . import synthetic as _synthetic  # noqa: E402,F401
+
+DEFAULT_DATASET = "fashion_mnist"
+
+__all__ = [
+    "DEFAULT_DATASET", "DatasetError", "DatasetInfo", "build_datasets", "build_loaders", "list_datasets",
+    "register_dataset", "seeded_subset",
+]

@@ -159,10 +159,10 @@ def test_diversity_bad_input(args, needle):
     assert result.exit_code == 2 and needle in result.stderr and result.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("command,option", [("train", "--method"), ("adaprune", "--calib-samples"),
+@pytest.mark.parametrize("command,option", [("adaprune", "--calib-samples"),
                                             ("convert", "--to")])
 def test_planned_commands_show_options_and_refuse_to_run(command, option, tmp_path):
     assert option in _run(command, "--help").stdout
-    args = {"train": [], "adaprune": [tmp_path, "--pattern", "2:4"], "convert": [tmp_path, "--to", "dense"]}[command]
+    args = {"adaprune": [tmp_path, "--pattern", "2:4"], "convert": [tmp_path, "--to", "dense"]}[command]
     result = _run(command, *args)
     assert result.exit_code == 2 and "not implemented yet" in result.stderr

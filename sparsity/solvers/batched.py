@@ -45,58 +45,77 @@ from . import register_solver
 from .flow import flow_solver
 from .greedy import approx_solver
 
-REL_EPS = 1e-9              # gains below this share of the tile's largest score count as zero
-_CHUNK_ELEMENTS = 1 << 18   # tiles per batch * M * M: small enough to stay in cache across rounds
+_SCALE_BITS = 40        # |W| / max|W| of the tile is rounded to multiples of 2**-40, as in ``flow``
+_PTR_BITS = 6           # low bits of a packed path: its first hop (M <= 32 < 2**6)
+_HOP_BITS = 7           # next bits: minus its number of hops, so that among equal gains fewer hops win
+_VAL_SHIFT = _PTR_BITS + _HOP_BITS
+_NONE = -(1 << 61)      # "no edge"; two of them still add up without overflowing int64
+_BIG = 1 << 50          # pushes impossible add/remove moves far below any real gain (|gain| <= 2**40)
+_CHUNK_ELEMENTS = 1 << 18   # tiles per batch * M * M: each batch stays in cache for its M steps
 
 # Counters of the last call, for benchmarks and tests.
 stats: dict[str, int] = {"rounds": 0, "cycles": 0, "fallback": 0}
 
 
-def _row_graph(k: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """G[t, r, r'] = best gain of adding (r, c) and removing (r', c), and the column c attaining it."""
-    a, m, _ = k.shape
-    neg_inf = torch.tensor(float("-inf"), dtype=w.dtype, device=w.device)
-    add = torch.where(k, neg_inf, w)     # (t, r, c): gain of adding a free entry
-    rem = torch.where(k, -w, neg_inf)    # (t, r', c): gain of removing a kept entry
-    if m <= 8:   # one broadcast of M**3 values per tile is cheapest while it is small
-        g, col = (add.unsqueeze(2) + rem.unsqueeze(1)).max(3)   # max returns the first best column
-        return g, col.to(torch.uint8)
-    g = torch.full((a, m, m), float("-inf"), dtype=w.dtype, device=w.device)
-    col = torch.zeros((a, m, m), dtype=torch.uint8, device=w.device)
-    for c in range(m):
-        cand = add[:, :, c].unsqueeze(2) + rem[:, :, c].unsqueeze(1)
-        better = cand > g                # strict: the lowest column wins ties
-        g = torch.maximum(g, cand)
-        col.masked_fill_(better, c)
-    return g, col
+def quantise(scores: torch.Tensor) -> torch.Tensor:
+    """Per-tile integer scores, round(|W| / max|W| * 2**40), exactly the costs ``flow`` optimises."""
+    w = scores.to(torch.float64)
+    top = w.amax((1, 2), keepdim=True)
+    scaled = torch.where(top > 0, w / torch.where(top > 0, top, 1.0) * float(1 << _SCALE_BITS), 0.0)
+    return torch.round(scaled).to(torch.int64)
 
 
-def _find_cycles(g: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per tile: the node k* that closes a positive cycle (-1: none), and the pointers towards k*."""
-    a, m, _ = g.shape
-    dev = g.device
-    d = g.clone()
-    # nxt[t, i, j]: first hop of the best i -> j path found so far (uint8: M <= 255)
-    nxt = torch.arange(m, dtype=torch.uint8, device=dev).expand(a, m, m).clone()
+def _row_graph(k: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row graph of a batch laid out tile-last, ``k``/``q`` of shape (M, M, A) (row, column, tile).
+
+    Returns the packed path matrix of the one-hop paths, ``(gain << 13) - (1 << 6) + r'`` for edge
+    r -> r' (``_NONE`` where no move exists), and the column attaining each edge's gain.
+    The tile index is innermost so that every broadcast below runs over contiguous memory.
+    """
+    m = k.shape[0]
+    dev = q.device
+    # gain of adding a free (r, c) / removing a kept (r', c); impossible moves sink by _BIG
+    add = (q - k * _BIG) << _PTR_BITS
+    cols = (m - 1 - torch.arange(m, device=dev)).view(1, m, 1)   # lower column wins ties under max
+    rem = ((-q - (1 - k) * _BIG) << _PTR_BITS) + cols
+    best = add[:, 0].unsqueeze(1) + rem[:, 0].unsqueeze(0)        # (r, r', tile)
+    for c in range(1, m):
+        best = torch.maximum(best, add[:, c].unsqueeze(1) + rem[:, c].unsqueeze(0))
+    col = (m - 1) - (best & ((1 << _PTR_BITS) - 1))
+    gain = best >> _PTR_BITS
+    dest = torch.arange(m, device=dev).view(1, m, 1)
+    packed = (gain << _VAL_SHIFT) - (1 << _PTR_BITS) + dest
+    packed = torch.where(gain > -(_BIG // 2), packed, _NONE)
+    return packed, col
+
+
+def _find_cycles(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Floyd-Warshall in (max, +) on packed paths (M, M, A); stops each tile at its first positive cycle.
+
+    Returns per tile the node k* that closes a positive cycle (-1: the tile is optimal) and the first
+    hops of the best paths x -> k* (intermediates < k*) at that moment, shape (M, A).
+    """
+    m, _, a = d.shape
+    dev = d.device
+    low = (1 << _PTR_BITS) - 1
     start = torch.full((a,), -1, dtype=torch.long, device=dev)
-    snap = torch.zeros((a, m), dtype=torch.uint8, device=dev)
+    snap = torch.zeros((m, a), dtype=torch.long, device=dev)
     for k in range(m):
-        hit = (d[:, k, k] > eps) & (start < 0)
+        # d[k, k] > 0 exactly when the best closed walk k -> k has gain >= 1 (the hop field is < 2**13)
+        hit = (d[k, k] > 0) & (start < 0)
         if bool(hit.any()):
-            start.masked_fill_(hit, k)
-            snap = torch.where(hit.unsqueeze(1), nxt[:, :, k], snap)
+            start = torch.where(hit, k, start)
+            snap = torch.where(hit, d[:, k] & low, snap)
         if k == m - 1:   # every cycle has been seen at its largest node
             break
-        cand = d[:, :, k].unsqueeze(2) + d[:, k, :].unsqueeze(1)
-        better = cand > d                # strict, so ties keep the earlier (shorter) path
-        d = torch.maximum(d, cand)
-        nxt = torch.where(better, nxt[:, :, k].unsqueeze(2), nxt)
-    return start, snap.long()
+        # concatenate x -> k -> y: gains and hop counts add, the first hop stays that of x -> k
+        d = torch.maximum(d, d[:, k].unsqueeze(1) + (d[k] & ~low).unsqueeze(0))
+    return start, snap
 
 
 def _apply_cycles(k: torch.Tensor, col: torch.Tensor, start: torch.Tensor,
                   snap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip the entries of the cycle start -> snap[start] -> ... -> start in each tile.
+    """Flip the entries of the cycle start -> snap[start] -> ... -> start in each tile (F, M, M).
 
     Returns the new masks and a flag per tile for a malformed cycle (not closed within M hops, or an
     entry touched twice), which the caller rejects.
@@ -108,40 +127,49 @@ def _apply_cycles(k: torch.Tensor, col: torch.Tensor, start: torch.Tensor,
     alive = torch.ones(f, dtype=torch.bool, device=k.device)
     for _hop in range(m):
         nxt = snap[ar, node]
-        c = col[ar, node, nxt].long()
+        c = col[ar, node, nxt]
         step = alive.to(torch.uint8).unsqueeze(1)
         flip.scatter_add_(1, (node * m + c).unsqueeze(1), step)   # add (node, c)
         flip.scatter_add_(1, (nxt * m + c).unsqueeze(1), step)    # remove (nxt, c)
         alive = alive & (nxt != start)
+        if not bool(alive.any()):
+            break
         node = nxt
     bad = (flip > 1).any(1) | alive
     return k ^ (flip.view(f, m, m) == 1), bad
 
 
-def _improve_chunk(keep: torch.Tensor, w: torch.Tensor, eps: torch.Tensor, n: int,
-                   max_rounds: int) -> torch.Tensor:
+def _improve(keep: torch.Tensor, q: torch.Tensor, n: int, max_rounds: int) -> torch.Tensor:
     """Cancel positive cycles in ``keep`` (in place) until none is left; returns tiles needing a fallback."""
     t, m, _ = keep.shape
     dev = keep.device
+    step = max(1, _CHUNK_ELEMENTS // (m * m))
     active = torch.arange(t, device=dev)
     failed = torch.zeros(t, dtype=torch.bool, device=dev)
     for _round in range(max_rounds):
-        stats["rounds"] = max(stats["rounds"], _round + 1)
-        k, ww, ee = keep[active], w[active], eps[active]
-        g, col = _row_graph(k, ww)
-        start, snap = _find_cycles(g, ee)
-        idx = (start >= 0).nonzero().squeeze(1)
-        if idx.numel() == 0:     # every remaining tile is certified optimal
+        if active.numel() == 0:
             return failed
-        kf, wf = k[idx], ww[idx]
-        new, bad = _apply_cycles(kf, col[idx], start[idx], snap[idx])
-        # Check the swap independently of how it was found: counts kept, real gain in float64.
-        gain = (wf * (new.to(wf.dtype) - kf.to(wf.dtype))).sum((1, 2))
-        ok = ~bad & (new.sum(1) == n).all(1) & (new.sum(2) == n).all(1) & (gain > ee[idx] * 0.5)
-        stats["cycles"] += int(ok.sum())
-        keep[active[idx[ok]]] = new[ok]
-        failed[active[idx[~ok]]] = True
-        active = active[idx[ok]]
+        stats["rounds"] += 1
+        still = []
+        for lo in range(0, active.numel(), step):
+            ids = active[lo:lo + step]
+            k, qq = keep[ids], q[ids]
+            packed, col = _row_graph(k.permute(1, 2, 0).to(torch.int64).contiguous(),
+                                     qq.permute(1, 2, 0).contiguous())
+            start, snap = _find_cycles(packed)
+            idx = (start >= 0).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            kf, qf = k[idx], qq[idx]
+            new, bad = _apply_cycles(kf, col[:, :, idx].permute(2, 0, 1), start[idx], snap[:, idx].t())
+            # Check each swap independently of how it was found: counts kept, exact integer gain > 0.
+            gain = (qf * (new.to(torch.int64) - kf.to(torch.int64))).sum((1, 2))
+            ok = ~bad & (new.sum(1) == n).all(1) & (new.sum(2) == n).all(1) & (gain > 0)
+            stats["cycles"] += int(ok.sum())
+            keep[ids[idx[ok]]] = new[ok]
+            failed[ids[idx[~ok]]] = True
+            still.append(ids[idx[ok]])
+        active = torch.cat(still) if still else active[:0]
     failed[active] = True    # still improving after the bound
     return failed
 
@@ -155,13 +183,7 @@ def batched_solver(scores: torch.Tensor, n: int, max_rounds: int | None = None) 
     if t == 0 or n in (0, m):
         return torch.full(scores.shape, n == m, dtype=torch.bool, device=scores.device)
     keep = approx_solver(scores, n)
-    w = scores.to(torch.float64)
-    eps = w.amax((1, 2)) * REL_EPS
-    failed = torch.zeros(t, dtype=torch.bool, device=scores.device)
-    step = max(1, _CHUNK_ELEMENTS // (m * m))
-    for lo in range(0, t, step):
-        sl = slice(lo, lo + step)
-        failed[sl] = _improve_chunk(keep[sl], w[sl], eps[sl], n, max_rounds or 4 * m * m)
+    failed = _improve(keep, quantise(scores), n, max_rounds or 4 * m * m)
     if bool(failed.any()):
         idx = failed.nonzero().squeeze(1)
         stats["fallback"] = idx.numel()

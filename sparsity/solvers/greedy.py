@@ -25,21 +25,22 @@ def greedy_keep(scores: torch.Tensor, n: int) -> torch.Tensor:
     device = scores.device
     # Stable descending sort: among equal magnitudes the lower flat index is visited first.
     order = torch.sort(scores.reshape(t, m * m), dim=1, descending=True, stable=True).indices
-    # Flat indices into per-tile row and column counters, laid out as (T*M,) vectors.
+    # Step s visits one entry per tile. Its row counter and its column counter live in one flat
+    # (2*T*M,) vector (rows first, then columns), so a step is one gather and one index_add over
+    # 2T slots instead of separate row and column updates.
     base = torch.arange(t, device=device).unsqueeze(1) * m
-    row_slot = (base + order // m).t().contiguous()
-    col_slot = (base + order % m).t().contiguous()
-    keep_slot = (torch.arange(t, device=device).unsqueeze(1) * (m * m) + order).t().contiguous()
-    row_count = torch.zeros(t * m, dtype=torch.int32, device=device)
-    col_count = torch.zeros(t * m, dtype=torch.int32, device=device)
-    keep = torch.zeros(t * m * m, dtype=torch.bool, device=device)
+    slots = torch.stack(((base + order // m).t(), (base + order % m).t() + t * m), 1).reshape(m * m, 2 * t)
+    counts = torch.zeros(2 * t * m, dtype=torch.int32, device=device)
+    taken = torch.empty(m * m, t, dtype=torch.bool, device=device)   # taken[s, tile]: entry of step s kept
     for step in range(m * m):
-        r, c = row_slot[step], col_slot[step]
-        ok = (row_count[r] < n) & (col_count[c] < n)
-        inc = ok.to(torch.int32)
-        row_count[r] += inc  # each tile touches one row and one column per step: no collisions
-        col_count[c] += inc
-        keep[keep_slot[step]] = ok
+        slot = slots[step]
+        free = (counts[slot] < n).view(2, t)
+        ok = free[0] & free[1]
+        taken[step] = ok
+        # each tile touches one row and one column per step: no two slots collide
+        counts.index_add_(0, slot, ok.to(torch.int32).repeat(2))
+    keep = torch.zeros(t, m * m, dtype=torch.bool, device=device)
+    keep.scatter_(1, order, taken.t())     # one scatter at the end instead of one per step
     return keep.reshape(t, m, m)
 
 

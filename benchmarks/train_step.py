@@ -1,0 +1,99 @@
+"""Training-step time of every method against dense, measured side by side in one run.
+
+Each method trains the same model on the same fixed batches; steps are interleaved round-robin
+(method A step, method B step, ...) so that machine noise hits every method alike, and the median
+step time is reported with its ratio to dense. Mask recomputation is part of the step (SR-STE every
+step, transposable every `mask_interval` steps, so the run covers at least one interval).
+
+    python benchmarks/train_step.py                      # LeNet-5, Fashion-MNIST-sized batches, 2:4
+    python benchmarks/train_step.py --model resnet20 --image-size 32 --channels 3 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.nn import functional as F
+
+from nmtrain.experiments.layers import plan_layers, route_forward
+from nmtrain.experiments.methods import Context, build_params, get_method, list_methods
+from nmtrain.experiments.models import build_model
+from nmtrain.sparsity import parse_pattern
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="lenet5")
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--pattern", default="2:4")
+    parser.add_argument("--methods", default=",".join(list_methods()))
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    batches = [(torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device),
+                torch.randint(0, 10, (args.batch,), device=device)) for _ in range(4)]
+    runs = {}
+    for name in args.methods.split(","):
+        cls = get_method(name)
+        pattern = parse_pattern(args.pattern, transposable=cls.needs_transposable)
+        torch.manual_seed(0)
+        model = build_model(args.model, 10, args.channels, args.image_size).to(device)
+        plan = plan_layers(model, pattern, "nhwc")
+        layers = {} if name == "dense" else plan.sparse
+        ctx = Context(layers, pattern, "nhwc", "exact", args.steps, args.steps)
+        method = cls(build_params(cls, {}), ctx)
+        route_forward(layers, method)
+        runs[name] = (model, method, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), [])
+
+    def step(name: str, i: int) -> float:
+        model, method, opt, _ = runs[name]
+        x, y = batches[i % len(batches)]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        method.before_step(i)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        method.after_backward(i)
+        opt.step()
+        method.after_step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for i in range(args.steps + 5):
+        for name in runs:
+            t = step(name, i)
+            if i >= 5:                      # warm-up steps are not timed
+                runs[name][3].append(t)
+    dense = statistics.median(runs["dense"][3]) if "dense" in runs else None
+    table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {device} "
+                        f"({torch.get_num_threads()} threads), median of {args.steps} interleaved steps")
+    for col in ("method", "ms / step", "vs dense"):
+        table.add_column(col, justify="right")
+    rows = []
+    for name, (_, _, _, times) in runs.items():
+        med = statistics.median(times)
+        rows.append({"method": name, "ms_per_step": med * 1000, "vs_dense": med / dense if dense else None})
+        table.add_row(name, f"{med * 1000:.2f}", f"{med / dense:.2f}x" if dense else "–")
+    Console(width=120).print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_step.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

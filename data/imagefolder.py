@@ -1,0 +1,62 @@
+"""Image classification folders in the ImageNet layout, via torchvision's ImageFolder.
+
+    root/train/<class>/*.jpg|png|...
+    root/val/<class>/...
+
+Classes are the sub-folders of ``train/``; ``val/`` must have the same ones, since ImageFolder numbers
+classes by sorted folder name and a missing class would silently shift every label after it.
+Transforms follow the standard ImageNet recipe at ``image_size`` (224 by default; tests pass 32):
+training with augmentation uses RandomResizedCrop + horizontal flip, everything else
+Resize(image_size * 256/224) + CenterCrop(image_size). Images are loaded as RGB.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from .registry import DatasetError, DatasetInfo, register_dataset
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LAYOUT = "root/train/<class>/*.jpg and root/val/<class>/*.jpg"
+
+
+def _folder(root: str, split: str, transform) -> ImageFolder:
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise DatasetError(f"data.root: {root} has no {split}/ folder; the imagefolder dataset needs {LAYOUT}")
+    try:
+        return ImageFolder(path, transform=transform)
+    except FileNotFoundError as exc:  # no class folders, or a class folder without images
+        message = str(exc).strip().splitlines()[0]
+        raise DatasetError(f"data.root: {path}: {message}; the imagefolder dataset needs {LAYOUT}") from None
+
+
+@register_dataset("imagefolder")
+def imagefolder(root: str | None, *, augment: bool, download: bool, seed: int, image_size: int = 224):
+    """ImageNet-layout folders root/train/<class>/ and root/val/<class>/ via torchvision ImageFolder; RGB."""
+    del download, seed
+    if not root:
+        raise DatasetError(f"data.root: the imagefolder dataset needs a root folder laid out as {LAYOUT}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DatasetError(f"data.image_size: must be a positive integer, got {image_size!r}")
+    root = os.path.expanduser(root)
+    if not os.path.isdir(root):
+        raise DatasetError(f"data.root: {root} does not exist; the imagefolder dataset needs {LAYOUT}")
+
+    normalize = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    resize = [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
+    augmentation = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
+    train = _folder(root, "train", transforms.Compose((augmentation if augment else resize) + normalize))
+    test = _folder(root, "val", transforms.Compose(resize + normalize))
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_val = sorted(set(test.classes) - set(train.classes))
+        raise DatasetError(f"data.root: {root}/train and {root}/val have different class folders "
+                           f"(only in train: {only_train or 'none'}; only in val: {only_val or 'none'}); "
+                           "make them match")
+    info = DatasetInfo("imagefolder", num_classes=len(train.classes), in_channels=3, image_size=image_size,
+                       train_size=len(train), test_size=len(test))
+    return train, test, info

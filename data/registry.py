@@ -1,0 +1,124 @@
+"""The dataset registry and `build_datasets`, the one entry point the training runner calls.
+
+A dataset is registered with ``@register_dataset("name", summary=...)`` on a builder function::
+
+    def builder(root: str | None, *, augment: bool, download: bool, seed: int, **options)
+        -> (train_ds, test_ds, DatasetInfo)
+
+Builder-specific options (``image_size`` for imagefolder, ``verify`` for CIFAR, ...) are keyword
+arguments of the builder; `build_datasets` passes them through and turns an option the builder does
+not take into a one-line `DatasetError` rather than a TypeError.
+
+Every error meant for the user is a `DatasetError` whose message is ONE line that names the spec
+field at fault (``data.root``, ``data.dataset``, ...) and how to fix it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be built from the given spec; the one-line message names the field."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset.
+
+    ``train_size``/``test_size`` are the sizes of the datasets `build_datasets` returned, i.e. after
+    ``train_subset``/``test_subset`` were applied.
+    """
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    train_size: int
+    test_size: int
+
+
+Builder = Callable[..., tuple[Dataset, Dataset, DatasetInfo]]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    builder: Builder
+    summary: str
+
+
+_DATASETS: dict[str, _Entry] = {}
+
+
+def register_dataset(name: str, summary: str | None = None) -> Callable[[Builder], Builder]:
+    """Register ``builder`` under ``name``; ``summary`` defaults to the docstring's first line."""
+    def decorator(builder: Builder) -> Builder:
+        if name in _DATASETS:
+            raise ValueError(f"dataset {name!r} is registered twice")
+        doc = (builder.__doc__ or "").strip().splitlines()
+        _DATASETS[name] = _Entry(name, builder, summary or (doc[0] if doc else name))
+        return builder
+    return decorator
+
+
+def list_datasets() -> dict[str, str]:
+    """``{name: one-line description}`` of every registered dataset, in registration order."""
+    return {entry.name: entry.summary for entry in _DATASETS.values()}
+
+
+def _check_options(entry: _Entry, options: dict[str, Any]) -> None:
+    params = inspect.signature(entry.builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    common = {"root", "augment", "download", "seed"}
+    accepted = [p for p in params if p not in common]
+    for key in options:
+        if key not in params or key in common:
+            takes = ", ".join(accepted) if accepted else "no extra options"
+            raise DatasetError(f"data.{key}: not an option of dataset {entry.name!r} (it takes: {takes})")
+
+
+def seeded_subset(ds: Dataset, size: int | None, seed: int, field: str) -> Dataset:
+    """``size`` samples of ``ds`` chosen by ``seed`` (kept in their original order); all when None."""
+    if size is None:
+        return ds
+    total = len(ds)  # type: ignore[arg-type]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise DatasetError(f"{field}: must be a positive integer or null, got {size!r}")
+    if size > total:
+        raise DatasetError(f"{field}: {size} is more than the {total} samples available; "
+                           f"use at most {total} or null for all")
+    if size == total:
+        return ds
+    generator = torch.Generator().manual_seed(seed)
+    # Sorted so that a subset reads the underlying storage in order; the loader shuffles anyway.
+    indices = torch.randperm(total, generator=generator)[:size].sort().values.tolist()
+    return Subset(ds, indices)
+
+
+def build_datasets(name: str, root: str | None = None, augment: bool = False,
+                   train_subset: int | None = None, test_subset: int | None = None,
+                   download: bool = False, seed: int = 0,
+                   **options: Any) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """The (train, test) datasets of ``name`` and their `DatasetInfo`.
+
+    Samples are ``(float image tensor C x H x W, normalised; int label)``. ``augment`` applies the
+    dataset's training augmentation to the train split only. ``train_subset``/``test_subset`` keep
+    that many samples, chosen deterministically from ``seed`` (independently per split).
+    ``options`` go to the dataset's builder (see `list_datasets` and each builder's docstring).
+    """
+    if name not in _DATASETS:
+        raise DatasetError(f"data.dataset: {name!r} is unknown; use one of: {', '.join(_DATASETS)}")
+    entry = _DATASETS[name]
+    _check_options(entry, options)
+    train, test, info = entry.builder(root, augment=augment, download=download, seed=seed, **options)
+    # Different streams per split, so the two subsets are not the same index pattern.
+    train = seeded_subset(train, train_subset, seed, "data.train_subset")
+    test = seeded_subset(test, test_subset, seed + 1, "data.test_subset")
+    return train, test, replace(info, train_size=len(train), test_size=len(test))  # type: ignore[arg-type]

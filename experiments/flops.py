@@ -1,0 +1,68 @@
+"""Training FLOPs: GEMM multiply-accumulates of forward, backward-data and backward-weight.
+
+Each Conv2d/Linear does one GEMM of ``F`` MACs per sample forward; backward-data and backward-weight
+each cost ``F`` again when dense. A method says, per layer and step, which share of each GEMM N:M
+sparse tensor cores must do (``Method.densities``): an operand counts as sparse only where it is N:M
+along that GEMM's reduction dimension (forward: along K; backward-data: along C_out), and the weight
+gradient counts as sparse only where the method needs it at kept entries alone. With density r on
+the sparse layers this gives SR-STE ``F(r + 2)``, transposable and Bi-Mask ``F(2r + 1)``, fully
+sparse ``3rF``; dense layers add ``3F_d``. (By the papers' convention, the first layer's
+backward-data GEMM is counted too, although autograd skips it.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def macs_per_sample(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
+    """Forward GEMM MACs of every Conv2d/Linear for one sample (measured with hooks on one pass)."""
+    macs: dict[str, int] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            def hook(module, inputs, output, _name=name):
+                per_out = module.in_features if isinstance(module, nn.Linear) else \
+                    module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+                macs[_name] = macs.get(_name, 0) + output.numel() // output.shape[0] * per_out
+            hooks.append(mod.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(sample[:1])
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return macs
+
+
+@dataclass
+class FlopCounter:
+    macs: dict[str, int]                 # per-sample forward MACs by layer
+    forward: int = 0
+    backward_data: int = 0
+    backward_weight: int = 0
+    dense_total: int = 0
+    per_layer: dict[str, list[float]] = field(default_factory=dict)
+
+    def add_step(self, batch: int, densities: dict[str, tuple[float, float, float]]) -> None:
+        """Account one training step of ``batch`` samples; layers missing from ``densities`` are dense."""
+        for name, f in self.macs.items():
+            df, dd, dw = densities.get(name, (1.0, 1.0, 1.0))
+            macs = batch * f
+            self.forward += round(macs * df)
+            self.backward_data += round(macs * dd)
+            self.backward_weight += round(macs * dw)
+            self.dense_total += 3 * macs
+
+    def summary(self) -> dict:
+        total = self.forward + self.backward_data + self.backward_weight
+        return {"forward": self.forward, "backward_data": self.backward_data,
+                "backward_weight": self.backward_weight, "total": total, "dense_total": self.dense_total,
+                "ratio": total / self.dense_total if self.dense_total else 1.0,
+                "dense_over_run": self.dense_total / total if total else 1.0}

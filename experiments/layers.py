@@ -1,0 +1,89 @@
+"""Which layers of a model are sparse, and how their forward pass is routed through a method.
+
+Default rule (METHODS.md): every Conv2d and Linear except the first layer and the classifier, and
+except layers whose grouped dimension is not a multiple of M; those are reported as skipped with the
+reason, never padded. ``sparsity.include`` / ``sparsity.exclude`` are fnmatch globs on module names;
+a layer an include glob names that cannot hold the pattern is an error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..sparsity import Pattern, shape_violation
+
+
+class LayerSelectionError(ValueError):
+    """The sparsity section selects layers that cannot hold the pattern; one-line message."""
+
+
+@dataclass
+class LayerPlan:
+    sparse: dict[str, nn.Module]       # name -> Linear/Conv2d, in model order
+    skipped: dict[str, str]            # name -> reason left dense
+
+
+def gemm_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))}
+
+
+def plan_layers(model: nn.Module, pattern: Pattern, layout: str, include: list[str] = (),
+                exclude: list[str] = (), keep_first_dense: bool = True, keep_last_dense: bool = True) -> LayerPlan:
+    layers = gemm_layers(model)
+    names = list(layers)
+    for glob in include:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            raise LayerSelectionError(f"sparsity.include: {glob!r} matches no Conv2d/Linear layer; "
+                                      f"layers are named like {', '.join(names[:4])}")
+    sparse, skipped = {}, {}
+    for i, (name, mod) in enumerate(layers.items()):
+        if include and not any(fnmatch.fnmatchcase(name, g) for g in include):
+            skipped[name] = "not matched by sparsity.include"
+        elif any(fnmatch.fnmatchcase(name, g) for g in exclude):
+            skipped[name] = "excluded by sparsity.exclude"
+        elif keep_first_dense and i == 0:
+            skipped[name] = "first layer kept dense"
+        elif keep_last_dense and i == len(layers) - 1:
+            skipped[name] = "classifier kept dense"
+        elif isinstance(mod, nn.Conv2d) and mod.groups != 1:
+            skipped[name] = f"grouped conv (groups={mod.groups}) has no dense GEMM operand"
+        else:
+            problem = shape_violation(mod.weight.shape, pattern, layout)
+            if problem is None:
+                sparse[name] = mod
+            elif include:
+                raise LayerSelectionError(f"sparsity.include: layer {name} {tuple(mod.weight.shape)} cannot hold "
+                                          f"{pattern.describe()}: {problem}")
+            else:
+                skipped[name] = problem
+    if not sparse:
+        raise LayerSelectionError(f"sparsity: no layer of the model can hold {pattern.describe()} "
+                                  f"({'; '.join(f'{k}: {v}' for k, v in list(skipped.items())[:3])})")
+    return LayerPlan(sparse, skipped)
+
+
+def gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's own operation with ``weight`` in place of its parameter."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, module.bias)
+    return module._conv_forward(x, weight, module.bias)
+
+
+def route_forward(layers: dict[str, nn.Module], method) -> None:
+    """Send each sparse layer's forward through ``method.layer_forward(name, module, x)``.
+
+    An instance attribute shadows the class's forward; parameters and state_dict keys stay as they
+    are, so checkpoints keep plain names.
+    """
+    for name, mod in layers.items():
+        mod.forward = (lambda x, _name=name, _mod=mod: method.layer_forward(_name, _mod, x))
+
+
+def unroute_forward(layers: dict[str, nn.Module]) -> None:
+    for mod in layers.values():
+        mod.__dict__.pop("forward", None)

@@ -1,0 +1,137 @@
+"""Training methods: one small module each, found by name in a registry.
+
+The runner knows only the :class:`Method` interface below; adding a method means adding a module
+with a ``@register_method("name")`` class, and nothing in the runner changes.
+
+Life of a training step, as the runner drives it::
+
+    method.before_step(step)       # recompute masks when due
+    loss = model(x) ...            # sparse layers call method.layer_forward(name, module, x)
+    loss.backward()
+    method.after_backward(step)    # adjust gradients (e.g. SR-STE's decay on pruned weights)
+    optimizer.step()
+    method.after_step(step)
+
+Every method keeps the dense weight W and derives its masks from it; ``masks()`` gives the masks the
+exported model is folded with (``W * mask``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...sparsity import Pattern
+from ..layers import gemm
+
+
+class MethodError(ValueError):
+    """A method name or parameter that cannot be used; one-line message naming the field."""
+
+
+@dataclass
+class Context:
+    """What a method needs to know about the run."""
+    layers: dict[str, nn.Module]    # the sparse layers, by module name
+    pattern: Pattern
+    layout: str
+    solver: str
+    total_steps: int
+    steps_per_epoch: int
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+class Method:
+    name = "base"
+    Params: type = NoParams
+    needs_transposable = False        # the layers must fit M x M tiles (C_out % M == 0)
+    accepts_transposable = False      # sparsity.transposable: true is meaningful for this method
+    summary = ""
+
+    def __init__(self, params: Any, ctx: Context):
+        self.params = params
+        self.ctx = ctx
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward_weight(self, name: str, module: nn.Module) -> torch.Tensor:
+        return module.weight
+
+    def layer_forward(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return gemm(module, x, self.forward_weight(name, module))
+
+    # --- step hooks --------------------------------------------------------------------------
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    # --- results -----------------------------------------------------------------------------
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Current keep-masks of the sparse layers (empty for dense)."""
+        return {}
+
+    def export_pattern(self, name: str) -> Pattern | None:
+        """The pattern the exported weight of ``name`` satisfies (None: no N:M guarantee)."""
+        return None
+
+    def densities(self, name: str, step: int) -> tuple[float, float, float]:
+        """Share of (forward, backward-data, backward-weight) GEMM MACs that N:M hardware must do."""
+        return 1.0, 1.0, 1.0
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str):
+    def decorator(cls: type[Method]) -> type[Method]:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+    return decorator
+
+
+def list_methods() -> dict[str, type[Method]]:
+    return dict(_METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in _METHODS:
+        raise MethodError(f"method.name: {name!r} is unknown; use one of: {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def build_params(cls: type[Method], params: dict) -> Any:
+    from ..spec import SpecError, from_dict
+    try:
+        return from_dict(cls.Params, params, "method.params")
+    except SpecError as exc:
+        raise MethodError(f"{exc} (method {cls.name})") from None
+
+
+def params_dict(params: Any) -> dict:
+    return dataclasses.asdict(params)
+
+
+# Importing the modules registers them.
+from . import dense, fixed, srste, transposable, unstructured  # noqa: E402,F401

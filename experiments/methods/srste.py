@@ -1,0 +1,45 @@
+"""`srste` (Zhou et al., ICLR 2021): the N:M mask recomputed from |W| at every forward pass.
+
+Train and eval both use ``W~ = E * W`` with ``E`` the row-wise N:M magnitude mask of the current
+weights. The gradient with respect to ``W~`` passes straight through to all of ``W``, plus
+``decay * (1 - E) * W`` (lambda_W = 2e-4). Only the forward GEMM is N:M sparse: the backward-data
+product ``dY W~`` needs W~ N:M along C_out, which a row-wise mask is not, and the weight gradient is
+dense. Training MACs: F * (r + 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...sparsity import Pattern, nm_mask
+from . import Method, register_method
+from .ste import ste_mask
+
+
+@dataclass
+class SRSTEParams:
+    decay: float = 2e-4        # lambda_W
+
+
+@register_method("srste")
+class SRSTE(Method):
+    Params = SRSTEParams
+    summary = "SR-STE: N:M mask from |W| every step, straight-through gradient + decay on pruned weights"
+
+    def _mask(self, module) -> torch.Tensor:
+        p = self.ctx.pattern
+        return nm_mask(module.weight.detach(), p.n, p.m, self.ctx.layout)
+
+    def forward_weight(self, name, module):
+        return ste_mask(module.weight, self._mask(module), self.params.decay)
+
+    def masks(self):
+        return {name: self._mask(mod) for name, mod in self.ctx.layers.items()}
+
+    def export_pattern(self, name):
+        return Pattern(self.ctx.pattern.n, self.ctx.pattern.m)
+
+    def densities(self, name, step):
+        return self.ctx.pattern.density, 1.0, 1.0

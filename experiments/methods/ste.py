@@ -1,0 +1,40 @@
+"""Straight-through masking with SR-STE's sparse-refined decay (Zhou et al., ICLR 2021).
+
+Forward: ``W~ = E * W``. Backward: the gradient with respect to ``W~`` passes straight through to
+all of ``W`` (pruned weights keep learning, so masks can change), plus ``decay * (1 - E) * W`` on the
+pruned weights, which pulls them towards zero and so stabilises the mask. With ``decay = 0`` this is
+plain STE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _STEMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, mask = ctx.saved_tensors
+        if ctx.decay:
+            grad = grad + ctx.decay * (~mask) * weight
+        return grad, None, None
+
+
+def ste_mask(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0) -> torch.Tensor:
+    return _STEMask.apply(weight, mask, decay)
+
+
+def change_rate(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:
+    """Share of mask entries that flipped between two snapshots (0.0 when there is nothing to compare)."""
+    flipped = total = 0
+    for name, mask in new.items():
+        if name in old:
+            flipped += int((old[name] != mask).sum())
+            total += mask.numel()
+    return flipped / total if total else 0.0

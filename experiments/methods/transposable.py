@@ -1,0 +1,76 @@
+"""`transposable` (Hubara et al., NeurIPS 2021): SR-STE-style training with a transposable N:M mask.
+
+The mask is N:M along K and along C_out, so the forward GEMM ``X W~^T`` and the backward-data GEMM
+``dY W~`` both take an N:M operand. The reference recipe computes the first mask exactly and then
+recomputes it every ``mask_interval`` (40) iterations with the 2-approximation; nmtrain's default
+``solver: null`` uses ``sparsity.solver`` (``exact``), which is fast enough to replace the
+approximation; set ``solver: approx`` for the paper's recipe. Weight gradient straight through to
+all weights, with the SR-STE decay on pruned ones. Training MACs: F * (2r + 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ...sparsity import Pattern, transposable_mask
+from . import Method, register_method
+from .ste import ste_mask
+
+
+@dataclass
+class TransposableParams:
+    mask_interval: int = 40
+    solver: Optional[str] = None        # None: sparsity.solver
+    first_solver: str = "exact"         # the first mask
+    decay: float = 2e-4
+
+
+@register_method("transposable")
+class Transposable(Method):
+    accepts_transposable = True
+    Params = TransposableParams
+    needs_transposable = True
+    summary = "Hubara et al.: transposable N:M mask (forward and backward-data sparse), recomputed every mask_interval steps"
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        self._masks: dict[str, torch.Tensor] = {}
+        self.pattern = Pattern(ctx.pattern.n, ctx.pattern.m, transposable=True)
+
+    @torch.no_grad()
+    def _update(self, solver: str) -> None:
+        p = self.pattern
+        self._masks = {name: transposable_mask(mod.weight, p.n, p.m, solver=solver, layout=self.ctx.layout)
+                       for name, mod in self.ctx.layers.items()}
+
+    def before_step(self, step: int) -> None:
+        if not self._masks:
+            self._update(self.params.first_solver)
+        elif step % self.params.mask_interval == 0:
+            self._update(self.params.solver or self.ctx.solver)
+
+    def forward_weight(self, name, module):
+        if not self._masks:
+            self._update(self.params.first_solver)
+        return ste_mask(module.weight, self._masks[name], self.params.decay)
+
+    def masks(self):
+        if not self._masks:
+            self._update(self.params.first_solver)
+        return dict(self._masks)
+
+    def export_pattern(self, name):
+        return self.pattern
+
+    def densities(self, name, step):
+        r = self.pattern.density
+        return r, r, 1.0
+
+    def state_dict(self):
+        return {"masks": dict(self._masks)}
+
+    def load_state_dict(self, state):
+        self._masks = dict(state.get("masks", {}))

@@ -1,0 +1,88 @@
+"""`unstructured`: magnitude pruning to the pattern's density, anywhere in the layer (or the model).
+
+Keeps the same share of weights as the N:M pattern (N/M) with no structure, the upper bound N:M
+methods are compared against. ``scope: layer`` prunes each layer to the density, ``global`` ranks all
+sparse layers' weights together. ``gradual: true`` follows Zhu & Gupta's cubic schedule from dense to
+the target between ``start`` and ``end`` (fractions of training), recomputing the mask every
+``interval`` steps; otherwise the mask is set once at step 0. Pruned weights get no gradient.
+Unstructured sparsity is not N:M, so no GEMM counts as accelerated except the weight gradient, which
+is needed at kept entries only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...sparsity import magnitude, unstructured_mask
+from . import Method, MethodError, register_method
+
+
+@dataclass
+class UnstructuredParams:
+    scope: str = "layer"       # layer | global
+    gradual: bool = False
+    start: float = 0.0         # fraction of training where gradual pruning starts
+    end: float = 0.5           # ... and reaches the target density
+    interval: int = 50         # steps between mask updates when gradual
+
+
+@register_method("unstructured")
+class Unstructured(Method):
+    Params = UnstructuredParams
+    summary = "magnitude pruning to density N/M, no structure (layer or global, fixed or gradual)"
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        if params.scope not in ("layer", "global"):
+            raise MethodError(f"method.params.scope: {params.scope!r} is unknown; use layer or global")
+        if not 0.0 <= params.start <= params.end <= 1.0:
+            raise MethodError("method.params.start/end: need 0 <= start <= end <= 1 (fractions of training)")
+        self._masks: dict[str, torch.Tensor] = {}
+
+    def target_density(self, step: int) -> float:
+        final = self.ctx.pattern.density
+        if not self.params.gradual:
+            return final
+        t0 = self.params.start * self.ctx.total_steps
+        t1 = max(self.params.end * self.ctx.total_steps, t0 + 1)
+        progress = min(max((step - t0) / (t1 - t0), 0.0), 1.0)
+        # cubic: sparsity s_t = s_f * (1 - (1 - progress)^3)
+        return 1.0 - (1.0 - final) * (1.0 - (1.0 - progress) ** 3)
+
+    @torch.no_grad()
+    def _update(self, step: int) -> None:
+        density = self.target_density(step)
+        layers = self.ctx.layers
+        if self.params.scope == "layer":
+            self._masks = {n: unstructured_mask(m.weight, density) for n, m in layers.items()}
+            return
+        scores = torch.cat([magnitude(m.weight).reshape(-1) for m in layers.values()])
+        k = int(round(density * scores.numel()))
+        threshold = scores.topk(k).values.min() if k else float("inf")
+        self._masks = {n: magnitude(m.weight) >= threshold for n, m in layers.items()}
+
+    def before_step(self, step: int) -> None:
+        if not self._masks or (self.params.gradual and step % self.params.interval == 0
+                               and step <= self.params.end * self.ctx.total_steps + self.params.interval):
+            self._update(step)
+
+    def forward_weight(self, name, module):
+        if not self._masks:
+            self._update(0)
+        return module.weight * self._masks[name]
+
+    def masks(self):
+        if not self._masks:
+            self._update(0)
+        return dict(self._masks)
+
+    def densities(self, name, step):
+        return 1.0, 1.0, self.target_density(step)
+
+    def state_dict(self):
+        return {"masks": dict(self._masks)}
+
+    def load_state_dict(self, state):
+        self._masks = dict(state.get("masks", {}))

@@ -1,0 +1,282 @@
+"""The model registry for `nmtrain train`: small vision models sized for N:M sparsity.
+
+    model = build_model("resnet32", num_classes=10, in_channels=3, image_size=32, width=2.0)
+
+Every model takes ``in_channels`` (1 for Fashion-MNIST) and ``image_size`` and ends in
+``num_classes`` logits. ``width`` scales the channel/hidden widths of the models defined here;
+scaled widths are rounded to multiples of 8 (16 for the MLP) so that every layer after the first
+still splits into whole N:M groups for M up to 8 (16 for the MLP).
+
+Register more with ``@register_model("name")``; the first docstring line is the description
+`list_models()` shows. Unknown names and bad arguments raise `ModelError` with one line.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+
+class ModelError(ValueError):
+    """A model that cannot be built from the given spec; the one-line message names the field."""
+
+
+Builder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    builder: Builder
+    summary: str
+
+
+_MODELS: dict[str, _Entry] = {}
+
+
+def register_model(name: str, summary: str | None = None) -> Callable[[Builder], Builder]:
+    """Register ``builder(num_classes, in_channels, image_size, width) -> nn.Module`` under ``name``."""
+    def decorator(builder: Builder) -> Builder:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        doc = inspect.getdoc(builder) or name
+        _MODELS[name] = _Entry(name, builder, summary or doc.splitlines()[0])
+        return builder
+    return decorator
+
+
+def list_models() -> dict[str, str]:
+    """``{name: one-line description}`` of every registered model, in registration order."""
+    return {entry.name: entry.summary for entry in _MODELS.values()}
+
+
+def build_model(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+    """A freshly initialised ``name`` for ``in_channels`` x ``image_size`` x ``image_size`` inputs."""
+    if name not in _MODELS:
+        raise ModelError(f"model.name: {name!r} is unknown; use one of: {', '.join(_MODELS)}")
+    for field, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"model.{field}: must be a positive integer, got {value!r}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+        raise ModelError(f"model.width: must be a positive number, got {width!r}")
+    return _MODELS[name].builder(num_classes, in_channels, image_size, float(width))
+
+
+def scaled(channels: int, width: float, multiple: int = 8) -> int:
+    """``channels * width`` rounded to the nearest multiple of ``multiple`` (at least one multiple)."""
+    return max(multiple, int(round(channels * width / multiple)) * multiple)
+
+
+def _init_weights(model: nn.Module) -> nn.Module:
+    # He init for convolutions (as He et al. and torchvision); BN starts as the identity.
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+# --- MLP ------------------------------------------------------------------------------------------
+
+@register_model("mlp")
+def mlp(num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
+    """Flatten -> 2 hidden ReLU layers of 256*width (multiple of 16) -> classes."""
+    hidden = scaled(256, width, multiple=16)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_channels * image_size * image_size, hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+# --- LeNet-5 --------------------------------------------------------------------------------------
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling, widened to fit N:M groups.
+
+    The classic 6 and 16 conv channels become 8 and 16, and the 120-84 classifier becomes 120-88:
+    6 input channels to conv2 and 84 input features to the last layer are not multiples of M=8, so
+    those layers could not hold 1:8/2:8/4:8 patterns (nor transposable 8x8 tiles). conv1 pads by 2
+    on inputs smaller than 32 pixels, so 28x28 Fashion-MNIST sees the same 5x5 final map as 32x32
+    CIFAR; other sizes get the flattened size that follows from them.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> None:
+        super().__init__()
+        c1, c2, f1, f2 = (scaled(c, width) for c in (8, 16, 120, 88))
+        padding = 2 if image_size < 32 else 0
+        side = ((image_size + 2 * padding - 4) // 2 - 4) // 2
+        if side < 1:
+            raise ModelError(f"model.name: lenet5 needs images of at least 12 pixels a side, "
+                             f"got {image_size}")
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 5, padding=padding), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c2 * side * side, f1), nn.ReLU(inplace=True),
+            nn.Linear(f1, f2), nn.ReLU(inplace=True),
+            nn.Linear(f2, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("lenet5")
+def lenet5(num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
+    """LeNet-5 with conv channels 8-16 and FC 120-88 (multiples of 8 for N:M), ReLU + max pool."""
+    return _init_weights(LeNet5(num_classes, in_channels, image_size, width))
+
+
+# --- CIFAR ResNets (He et al. 2016, section 4.2) --------------------------------------------------
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity shortcut.
+
+    Where the shape changes (stride 2, more channels) the shortcut is He et al.'s option A:
+    subsample by 2 and zero-pad the new channels. It has no weights, so the parameter counts are
+    the paper's (0.27M for ResNet-20) and every prunable layer is a 3x3 conv.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride = stride
+        self.extra_channels = planes - in_planes
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, ::self.stride, ::self.stride]
+        if self.extra_channels:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for small images: 3x3 stem, 3 stages of n BasicBlocks, global average pool."""
+
+    def __init__(self, depth: int, num_classes: int, in_channels: int, width: float = 1.0) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ModelError(f"model.name: a CIFAR ResNet has depth 6n+2, not {depth}")
+        blocks = (depth - 2) // 6
+        widths = [scaled(c, width) for c in (16, 32, 64)]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages, in_planes = [], widths[0]
+        for i, planes in enumerate(widths):
+            layers = []
+            for j in range(blocks):
+                layers.append(BasicBlock(in_planes, planes, stride=2 if i > 0 and j == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _register_cifar_resnet(depth: int, params: str) -> None:
+    def builder(num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
+        return _init_weights(CifarResNet(depth, num_classes, in_channels, width))
+    register_model(f"resnet{depth}", f"CIFAR ResNet-{depth} (He et al.): 16-32-64 channels x width, "
+                                     f"option-A shortcuts; {params} params at width 1")(builder)
+
+
+for _depth, _params in ((20, "0.27M"), (32, "0.46M"), (56, "0.85M")):
+    _register_cifar_resnet(_depth, _params)
+
+
+# --- VGG-19 ---------------------------------------------------------------------------------------
+
+VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+                512, 512, 512, 512, "M")
+
+
+class CifarVGG(nn.Module):
+    """VGG with BatchNorm for small images: 3x3 conv-BN-ReLU stacks, global pool, one Linear.
+
+    A max pool is skipped once the feature map is down to 1 pixel, so 28x28 inputs (4 pools
+    possible) work as well as 32x32 ones (5 pools); the final adaptive average pool then reduces
+    whatever is left to 1x1, as in the common CIFAR VGG whose classifier is Linear(512, classes).
+    """
+
+    def __init__(self, config, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, side = in_channels, image_size
+        for item in config:
+            if item == "M":
+                if side > 1:
+                    layers.append(nn.MaxPool2d(2))
+                    side //= 2
+                continue
+            out = scaled(item, width)
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+@register_model("vgg19")
+def vgg19(num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
+    """CIFAR VGG-19 with BatchNorm, global pool and Linear(512*width, classes)."""
+    return _init_weights(CifarVGG(VGG19_CONFIG, num_classes, in_channels, image_size, width))
+
+
+# --- torchvision ResNets --------------------------------------------------------------------------
+
+def _torchvision_resnet(name: str, num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
+    if width != 1.0:
+        raise ModelError(f"model.width: {name} is torchvision's fixed-width model and takes only width 1.0, "
+                         f"got {width}")
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    if image_size <= 64:
+        # The 7x7/2 stem and max pool would shrink 32x32 inputs to 8x8 before the first block; the
+        # usual CIFAR adaptation keeps full resolution: a 3x3 stride-1 stem and no max pool.
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+@register_model("resnet18")
+def resnet18(num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
+    """torchvision ResNet-18 (random init); 3x3 stride-1 stem without max pool when image_size <= 64."""
+    return _torchvision_resnet("resnet18", num_classes, in_channels, image_size, width)
+
+
+@register_model("resnet50")
+def resnet50(num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
+    """torchvision ResNet-50 (random init); 3x3 stride-1 stem without max pool when image_size <= 64."""
+    return _torchvision_resnet("resnet50", num_classes, in_channels, image_size, width)

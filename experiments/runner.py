@@ -1,0 +1,307 @@
+"""The training runner: one spec in, one run directory out.
+
+It knows nothing about any particular method: it builds data, model and optimizer from the spec,
+routes the sparse layers' forward through the method found by name, and records what happened::
+
+    DIR/config.yaml      the resolved spec (every default filled in)
+    DIR/metrics.jsonl    one line per eval: step, epoch, loss, test_loss, accuracy, lr, mask_change_rate
+    DIR/checkpoint.pt    model, optimizer, scheduler, method state (masks), RNG states, step
+    DIR/model.pt         final state_dict with masks folded in: pruned weights exactly zero
+    DIR/summary.json     method, pattern, accuracies, wall time, sparse layers, training FLOPs
+
+Every file is written to a temporary name and renamed, so a killed run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from torch import nn
+from torch.nn import functional as F
+
+from ..data import build_datasets, build_loaders
+from ..sparsity import LAYOUTS, Pattern, get_solver, nm_violation, parse_pattern
+from .io import atomic_write, load_state_dict, save_text
+from .layers import plan_layers, route_forward, unroute_forward
+from .methods import Context, MethodError, build_params, get_method, params_dict
+from .methods.ste import change_rate
+from .models import build_model
+from .flops import FlopCounter, macs_per_sample
+from .spec import Spec, SpecError, dump_spec, to_dict
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt", "model.pt", "summary.json")
+
+
+class RunError(ValueError):
+    """The run cannot start or continue (bad output directory, diverged loss); one-line message."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"device: {name!r} asked for but CUDA is not available; use device=cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SpecError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def _lr_lambda(spec: Spec, steps_per_epoch: int, total_steps: int):
+    sch = spec.schedule
+    warmup = int(round(sch.warmup_epochs * steps_per_epoch))
+    milestones = sorted(int(round(e * steps_per_epoch)) for e in sch.milestones)
+    if sch.name not in ("cosine", "step", "constant"):
+        raise SpecError(f"schedule.name: {sch.name!r} is unknown; use cosine, step or constant")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if sch.name == "cosine":
+            span = max(total_steps - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+        if sch.name == "step":
+            return sch.gamma ** sum(step >= m for m in milestones)
+        return 1.0
+    return factor
+
+
+def _optimizer(spec: Spec, model: nn.Module) -> torch.optim.Optimizer:
+    o = spec.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                               nesterov=o.nesterov and o.momentum > 0)
+    if o.name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    raise SpecError(f"optim.name: {o.name!r} is unknown; use sgd or adamw")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
+    """(accuracy in %, mean loss) on a loader."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += int((out.argmax(1) == y).sum())
+        total += y.numel()
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1), loss_sum / max(total, 1)
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out: {out} exists and is not a directory")
+    present = [f for f in RUN_FILES if (out / f).exists()]
+    if present and not overwrite:
+        raise RunError(f"--out: {out} already holds a run ({', '.join(present)}); choose another --out "
+                       "or pass --overwrite")
+
+
+def _save_json(obj, path: Path) -> None:
+    save_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    summary: dict
+
+
+def validate(spec: Spec):
+    """Everything about the spec that can be checked before touching data: returns (pattern, method class, params)."""
+    pattern = parse_pattern(spec.sparsity.pattern, transposable=spec.sparsity.transposable)
+    if spec.sparsity.layout not in LAYOUTS:
+        raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
+    try:
+        get_solver(spec.sparsity.solver)
+    except ValueError as exc:
+        raise SpecError(f"sparsity.solver: {exc}") from None
+    cls = get_method(spec.method.name)
+    params = build_params(cls, spec.method.params)
+    if spec.sparsity.transposable and not getattr(cls, "accepts_transposable", False):
+        raise MethodError(f"sparsity.transposable: method {cls.name} does not use transposable masks; "
+                          "use method transposable (or fixed)")
+    if cls.needs_transposable:
+        pattern = Pattern(pattern.n, pattern.m, transposable=True)
+    if spec.train.epochs < 1:
+        raise SpecError("train.epochs: must be at least 1")
+    if spec.data.batch_size < 1:
+        raise SpecError("data.batch_size: must be at least 1")
+    return pattern, cls, params
+
+
+def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = True) -> RunResult:
+    pattern, method_cls, params = validate(spec)
+    out = Path(spec.out)
+    _check_out_dir(out, overwrite)
+    device = resolve_device(spec.device)
+
+    torch.manual_seed(spec.seed)
+    random.seed(spec.seed)
+    train_ds, test_ds, info = build_datasets(spec.data.dataset, root=spec.data.root, augment=spec.data.augment,
+                                             train_subset=spec.data.train_subset, test_subset=spec.data.test_subset,
+                                             download=spec.data.download, seed=spec.seed)
+    train_loader, test_loader = build_loaders(train_ds, test_ds, batch_size=spec.data.batch_size, seed=spec.seed,
+                                              num_workers=spec.data.num_workers,
+                                              eval_batch_size=spec.data.eval_batch_size)
+    model = build_model(spec.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
+                        image_size=info.image_size, width=spec.model.width)
+    if spec.model.init:
+        state = load_state_dict(spec.model.init, field="model.init")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise SpecError(f"model.init: {spec.model.init} does not match model {spec.model.name} "
+                            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    model.to(device)
+
+    plan = plan_layers(model, pattern, spec.sparsity.layout, spec.sparsity.include, spec.sparsity.exclude,
+                       spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense)
+    steps_per_epoch = len(train_loader)
+    total_steps = spec.train.epochs * steps_per_epoch
+    if spec.train.max_steps is not None:
+        total_steps = min(total_steps, spec.train.max_steps)
+    dense = method_cls.name == "dense"
+    ctx = Context(layers={} if dense else plan.sparse, pattern=pattern, layout=spec.sparsity.layout,
+                  solver=spec.sparsity.solver, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    method = method_cls(params, ctx)
+    route_forward(ctx.layers, method)
+
+    optimizer = _optimizer(spec, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(spec, steps_per_epoch, total_steps))
+    sample = next(iter(test_loader))[0].to(device)
+    flops = FlopCounter(macs_per_sample(model, sample))
+
+    # The resolved spec, with the method's parameters filled in, goes first: it names the run.
+    resolved = copy.deepcopy(spec)
+    resolved.method.params = params_dict(params)
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
+    save_text(dump_spec(resolved), out / "config.yaml")
+
+    eval_every = spec.train.eval_interval or steps_per_epoch
+    ckpt_every = spec.train.checkpoint_interval or steps_per_epoch
+    metrics_lines: list[str] = []
+    best = -1.0
+    last_masks = {k: v.clone() for k, v in method.masks().items()}
+    running_loss, running_n = 0.0, 0
+    step = 0
+    start = time.perf_counter()
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress)
+    with bar:
+        task = bar.add_task(f"{spec.name} · {method_cls.name}", total=total_steps, loss=float("nan"), acc="–")
+        model.train()
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            for x, y in train_loader:
+                if step >= total_steps:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                method.before_step(step)
+                loss = F.cross_entropy(model(x), y)
+                if not torch.isfinite(loss):
+                    raise RunError(f"training diverged at step {step}: loss is {loss.item()}; the last good "
+                                   f"checkpoint is {out / 'checkpoint.pt'} (lower optim.lr)")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                method.after_backward(step)
+                optimizer.step()
+                scheduler.step()
+                method.after_step(step)
+                flops.add_step(y.shape[0], {n: method.densities(n, step) for n in ctx.layers})
+                running_loss += loss.item() * y.shape[0]
+                running_n += y.shape[0]
+                step += 1
+                bar.update(task, advance=1, loss=loss.item())
+
+                if step % eval_every == 0 or step == total_steps:
+                    acc, test_loss = evaluate(model, test_loader, device)
+                    masks = method.masks()
+                    record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                              "loss": running_loss / max(running_n, 1), "test_loss": test_loss, "accuracy": acc,
+                              "lr": optimizer.param_groups[0]["lr"],
+                              "mask_change_rate": change_rate(last_masks, masks)}
+                    last_masks = {k: v.clone() for k, v in masks.items()}
+                    running_loss, running_n = 0.0, 0
+                    best = max(best, acc)
+                    metrics_lines.append(json.dumps(record))
+                    save_text("\n".join(metrics_lines) + "\n", out / "metrics.jsonl")
+                    bar.update(task, acc=f"{acc:.2f}%")
+                if step % ckpt_every == 0 or step == total_steps:
+                    _save_checkpoint(out / "checkpoint.pt", model, optimizer, scheduler, method, step, epoch)
+
+    wall = time.perf_counter() - start
+    # Fold the masks into the weights, check every sparse layer, and evaluate what a user deploys.
+    final_masks = method.masks()
+    unroute_forward(ctx.layers)
+    sparse_layers = {}
+    with torch.no_grad():
+        for name, mod in ctx.layers.items():
+            mod.weight.mul_(final_masks[name].to(mod.weight.dtype))
+            exp = method.export_pattern(name)
+            if exp is not None:
+                problem = nm_violation(mod.weight, exp, spec.sparsity.layout)
+                if problem is not None:
+                    raise RuntimeError(f"internal error: {name}.weight breaks {exp} after training: {problem}")
+            sparse_layers[f"{name}.weight"] = {"pattern": None if exp is None else str(exp),
+                                               "density": float(final_masks[name].float().mean()),
+                                               "transposable": bool(exp and exp.transposable),
+                                               "layout": spec.sparsity.layout}
+    final_acc, final_loss = evaluate(model, test_loader, device)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(out / "model.pt", lambda tmp: torch.save(state, tmp))
+
+    summary = {
+        "name": spec.name, "method": method_cls.name, "method_params": params_dict(params),
+        "pattern": None if dense else str(pattern), "density": 1.0 if dense else pattern.density,
+        "model": spec.model.name, "dataset": spec.data.dataset, "seed": spec.seed, "device": str(device),
+        "final_accuracy": final_acc, "best_accuracy": max(best, final_acc), "final_test_loss": final_loss,
+        "epochs": round(step / steps_per_epoch, 4), "steps": step, "wall_seconds": wall,
+        "sparse_layers": sparse_layers, "skipped_layers": plan.skipped if not dense else {},
+        "train_flops": flops.summary(),
+    }
+    _save_json(summary, out / "summary.json")
+    if console is not None:
+        console.print(summary_table(summary))
+    return RunResult(out, summary)
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, method, step: int, epoch: int) -> None:
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "method": method.state_dict(), "step": step, "epoch": epoch,
+        "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def summary_table(summary: dict) -> Table:
+    f = summary["train_flops"]
+    table = Table(title=f"nmtrain train · {summary['name']}")
+    for col in ("method", "pattern", "density", "final acc", "best acc", "epochs", "wall", "train FLOPs vs dense",
+                "sparse layers"):
+        table.add_column(col, justify="right" if col not in ("method", "pattern") else "left")
+    table.add_row(summary["method"], summary["pattern"] or "–", f"{summary['density']:.2f}",
+                  f"{summary['final_accuracy']:.2f}%", f"{summary['best_accuracy']:.2f}%", f"{summary['epochs']:g}",
+                  f"{summary['wall_seconds']:.1f} s", f"{f['ratio']:.3f} ({f['dense_over_run']:.2f}x fewer)",
+                  str(len(summary["sparse_layers"])))
+    return table

@@ -1,0 +1,111 @@
+"""Methods on hand-made cases: SR-STE's update, masks of each method, FLOPs accounting by hand."""
+
+import pytest
+import torch
+from torch import nn
+
+from nmtrain.experiments.flops import FlopCounter, macs_per_sample
+from nmtrain.experiments.layers import plan_layers, route_forward, unroute_forward
+from nmtrain.experiments.methods import Context, build_params, get_method
+from nmtrain.sparsity import Pattern, nm_violation
+
+
+def _ctx(layers, pattern=Pattern(2, 4), total=10):
+    return Context(layers=layers, pattern=pattern, layout="nhwc", solver="exact", total_steps=total, steps_per_epoch=5)
+
+
+def _method(name, layers, pattern=Pattern(2, 4), **params):
+    cls = get_method(name)
+    return cls(build_params(cls, params), _ctx(layers, pattern))
+
+
+def test_srste_update_equals_the_formula():
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.1, -0.5, 0.3, 0.2]]))
+    w0 = lin.weight.detach().clone()
+    method = _method("srste", {"lin": lin}, decay=0.01)
+    route_forward({"lin": lin}, method)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    y = lin(x)
+    # forward uses W~ = E * W with E keeping |-0.5| and |0.3|
+    assert y.item() == pytest.approx(-0.5 * 2 + 0.3 * 3)
+    y.sum().backward()
+    e = torch.tensor([[False, True, True, False]])
+    expected_grad = x + 0.01 * (~e) * w0           # straight-through + lambda_W (1 - E) W
+    assert torch.allclose(lin.weight.grad, expected_grad)
+    opt = torch.optim.SGD([lin.weight], lr=0.1)
+    opt.step()
+    assert torch.allclose(lin.weight, w0 - 0.1 * expected_grad)
+    unroute_forward({"lin": lin})
+
+
+def test_fixed_mask_never_changes_and_zeroes_pruned_gradients():
+    lin = nn.Linear(8, 4)
+    method = _method("fixed", {"lin": lin})
+    route_forward({"lin": lin}, method)
+    method.before_step(0)
+    mask = method.masks()["lin"].clone()
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    for step in range(3):
+        method.before_step(step)
+        opt.zero_grad()
+        lin(torch.randn(5, 8)).pow(2).sum().backward()
+        assert bool((lin.weight.grad[~mask] == 0).all())
+        opt.step()
+    assert torch.equal(method.masks()["lin"], mask)
+
+
+def test_transposable_mask_recomputed_every_interval():
+    lin = nn.Linear(8, 8, bias=False)
+    method = _method("transposable", {"lin": lin}, mask_interval=2)
+    method.before_step(0)
+    m0 = method.masks()["lin"]
+    assert nm_violation(m0, Pattern(2, 4, True), exact=True) is None
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(8, 8))
+    method.before_step(1)
+    assert torch.equal(method.masks()["lin"], m0)         # not due yet
+    method.before_step(2)
+    assert not torch.equal(method.masks()["lin"], m0)     # recomputed from the new weights
+    assert nm_violation(method.masks()["lin"], Pattern(2, 4, True), exact=True) is None
+
+
+def test_unstructured_global_and_gradual():
+    a, b = nn.Linear(8, 4), nn.Linear(8, 4)
+    with torch.no_grad():
+        a.weight.fill_(1.0)
+        b.weight.fill_(0.01)
+    m = _method("unstructured", {"a": a, "b": b}, scope="global")
+    masks = m.masks()
+    assert masks["a"].all() and not masks["b"].any()      # global ranking keeps the big layer
+    g = _method("unstructured", {"a": a}, gradual=True, start=0.0, end=1.0, interval=1)
+    assert g.target_density(0) == pytest.approx(1.0)
+    assert g.target_density(10) == pytest.approx(0.5)
+    assert 0.5 < g.target_density(5) < 1.0
+
+
+class _MLP(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_flops_accounting_by_hand_on_a_two_layer_mlp():
+    model = _MLP()
+    macs = macs_per_sample(model, torch.randn(3, 8))
+    assert macs == {"1": 8 * 16, "3": 16 * 4}
+    plan = plan_layers(model, Pattern(2, 4), "nhwc", keep_first_dense=False, keep_last_dense=True)
+    assert list(plan.sparse) == ["1"] and plan.skipped == {"3": "classifier kept dense"}
+    counter = FlopCounter(macs)
+    r = 0.5
+    for name, expected in [("srste", (r, 1, 1)), ("transposable", (r, r, 1)), ("fixed", (r, 1, r)),
+                           ("dense", (1, 1, 1))]:
+        method = _method(name, plan.sparse)
+        assert method.densities("1", 0) == pytest.approx(expected), name
+    counter.add_step(10, {"1": (r, 1.0, 1.0)})     # SR-STE on layer 1, layer 3 dense
+    s = counter.summary()
+    assert s["forward"] == 10 * (128 * r + 64)
+    assert s["backward_data"] == 10 * (128 + 64)
+    assert s["backward_weight"] == 10 * (128 + 64)
+    assert s["dense_total"] == 3 * 10 * 192
+    assert s["ratio"] == pytest.approx((128 * (r + 2) + 3 * 64) / (3 * 192))
