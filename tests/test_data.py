@@ -20,15 +20,6 @@ from nmtrain.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx, write_idx
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny batches gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
-    # contending with other processes made a ResNet-50 step ~20x slower; restore the setting after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def one_line(exc_info) -> str:
     message = str(exc_info.value)

@@ -9,15 +9,6 @@ import torch.nn as nn
 from nmtrain.experiments.models import ModelError, build_model, list_models, register_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny batches gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
-    # contending with other processes made a ResNet-50 step ~20x slower; restore the setting after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # (name, in_channels, image_size): each model at its natural input.
 NATURAL = [
     ("mlp", 1, 28),

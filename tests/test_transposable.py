@@ -71,6 +71,9 @@ def test_approx_keeps_the_two_approximation_bound(m, n):
     positive = optimum > 0
     assert bool((approx[positive] < 2 * optimum[positive]).all())   # Lemma 1: W(P) < 2 W*
     assert bool((approx[~positive] == 0).all())
+    # completion never loses what Algorithm 1 kept, except on tiles it then solves to the optimum
+    greedy = pruned_magnitude(scores, greedy_keep(scores, n))
+    assert bool(((approx <= greedy + 1e-9) | (approx <= optimum + 1e-9)).all())
 
 
 def test_greedy_is_algorithm_1_and_completion_only_adds_paths():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import register_solver
+from .cycles import cancel_cycles, quantise
 
 
 def greedy_keep(scores: torch.Tensor, n: int) -> torch.Tensor:
@@ -51,57 +52,70 @@ def complete(keep: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
     column is full removes one of its kept entries (column -> row) and continues from that row, until
     it adds an entry in a column with fewer than n kept. Rows and columns on the path keep their
     counts; the two ends gain one. Such a path always exists while the mask is short (a perfect
-    n-regular selection exists), and breadth-first search finds a shortest one; among equally short
-    ones it prefers adding heavy entries and removing light ones.
+    n-regular selection exists). A breadth-first search from all short rows at once labels every
+    node with the best gain (added minus removed magnitude) of a path reaching it in the fewest hops,
+    and the path to the best-labelled short column is applied.
+
+    A path can remove more than it adds, so completion can lose magnitude that Algorithm 1 had kept.
+    Lemma 1's bound is about Algorithm 1's own mask, so any tile whose completion kept less than the
+    greedy mask did is brought to its optimum by cycle cancelling (``cycles.py``): every completed
+    tile is then either at least as good as Algorithm 1's or optimal.
     """
-    keep = keep.clone()
+    done = keep.clone()
     m = keep.shape[-1]
+    w = scores.to(torch.float64)
     while True:
-        short = (keep.sum(2) < n).any(1)
+        short = (done.sum(2) < n).any(1)
         if not bool(short.any()):
-            return keep
+            break
         idx = short.nonzero().squeeze(1)
-        keep[idx] = _augment_once(keep[idx], scores[idx].to(torch.float64), n, m)
+        done[idx] = _augment_once(done[idx], w[idx], n, m)
+    lost = (w * done).sum((1, 2)) < (w * keep).sum((1, 2))
+    if bool(lost.any()):
+        idx = lost.nonzero().squeeze(1)
+        part = done[idx]
+        # improves ``part`` in place, applying only checked cycles: every tile stays valid
+        cancel_cycles(part, quantise(scores[idx]), n, max_rounds=4 * m * m)
+        done[idx] = part
+    return done
 
 
 def _augment_once(k: torch.Tensor, w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     t = k.shape[0]
     dev = k.device
     ar = torch.arange(t, device=dev)
+    neg_inf = torch.tensor(float("-inf"), dtype=w.dtype, device=dev)
     row_short = k.sum(2) < n
     col_short = k.sum(1) < n
-    row_seen = row_short.clone()       # sources: every short row
+    row_gain = torch.where(row_short, 0.0, neg_inf)    # sources: every short row, gain 0
+    col_gain = torch.full((t, m), float("-inf"), dtype=w.dtype, device=dev)
+    row_seen = row_short.clone()
     col_seen = torch.zeros_like(col_short)
     frontier = row_short.clone()
     col_parent = torch.full((t, m), -1, dtype=torch.long, device=dev)  # row that adds (row, col)
     row_parent = torch.full((t, m), -1, dtype=torch.long, device=dev)  # col whose kept entry is removed
-    end_col = torch.full((t,), -1, dtype=torch.long, device=dev)
-    neg_inf = torch.tensor(float("-inf"), dtype=w.dtype, device=dev)
-    pos_inf = torch.tensor(float("inf"), dtype=w.dtype, device=dev)
-    for _level in range(m + 1):
-        active = end_col < 0
-        if not bool(active.any()):
+    for _level in range(m):
+        if not bool(frontier.any()):
             break
-        # row -> column over free entries, to columns not reached yet
-        add = frontier.unsqueeze(2) & ~k & ~col_seen.unsqueeze(1) & active.view(t, 1, 1)
-        best_add, best_row = torch.where(add, w, neg_inf).max(1)
+        # row -> column over free entries, to columns not reached yet: best gain of getting there
+        add = frontier.unsqueeze(2) & ~k & ~col_seen.unsqueeze(1)
+        gain, best_row = torch.where(add, row_gain.unsqueeze(2) + w, neg_inf).max(1)
         new_cols = add.any(1)
         col_parent = torch.where(new_cols, best_row, col_parent)
+        col_gain = torch.where(new_cols, gain, col_gain)
         col_seen |= new_cols
-        # a short column reached ends the path: take the heaviest such addition
-        ends = new_cols & col_short
-        found = ends.any(1) & active
-        end_choice = torch.where(ends, best_add, neg_inf).argmax(1)
-        end_col = torch.where(found, end_choice, end_col)
-        # column -> row over kept entries (remove the lightest), to rows not reached yet
-        rem = new_cols.unsqueeze(1) & k & ~row_seen.unsqueeze(2) & (~found & active).view(t, 1, 1)
-        best_col = torch.where(rem, w, pos_inf).argmin(2)
+        # column -> row over kept entries (removing one), to rows not reached yet
+        rem = new_cols.unsqueeze(1) & k & ~row_seen.unsqueeze(2)
+        gain, best_col = torch.where(rem, col_gain.unsqueeze(1) - w, neg_inf).max(2)
         new_rows = rem.any(2)
         row_parent = torch.where(new_rows, best_col, row_parent)
+        row_gain = torch.where(new_rows, gain, row_gain)
         row_seen |= new_rows
         frontier = new_rows
-    if bool((end_col < 0).any()):  # impossible for a valid partial mask; guard against misuse
+    ends = col_seen & col_short
+    if not bool(ends.any(1).all()):  # impossible for a valid partial mask; guard against misuse
         raise RuntimeError("transposable completion found no augmenting path; the input mask is invalid")
+    end_col = torch.where(ends, col_gain, neg_inf).argmax(1)
     # Walk back from the end column: add (row, col), then remove (row, row_parent[row]), ...
     k = k.clone()
     col = end_col
