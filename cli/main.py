@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from .compare import compare
 from .diversity import diversity
 from .planned import adaprune, convert
 from .prune import prune
@@ -20,6 +21,7 @@ app = typer.Typer(
 app.command()(prune)
 app.command()(diversity)
 app.command()(train)
+app.command()(compare)
 app.command()(adaprune)
 app.command()(convert)
 

@@ -168,7 +168,9 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
                             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
     model.to(device)
 
-    plan = plan_layers(model, pattern, spec.sparsity.layout, spec.sparsity.include, spec.sparsity.exclude,
+    # Methods with column groups (Bi-Mask's backward mask) need C_out % M == 0 like transposable ones.
+    plan_pattern = Pattern(pattern.n, pattern.m, pattern.transposable or method_cls.needs_column_groups)
+    plan = plan_layers(model, plan_pattern, spec.sparsity.layout, spec.sparsity.include, spec.sparsity.exclude,
                        spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense)
     steps_per_epoch = len(train_loader)
     total_steps = spec.train.epochs * steps_per_epoch

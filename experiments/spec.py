@@ -89,6 +89,13 @@ class TrainSpec:
 
 
 @dataclass
+class SweepSpec:
+    """The grid `nmtrain compare` runs when no --methods/--patterns are given."""
+    methods: list[str] = field(default_factory=list)
+    patterns: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Spec:
     name: str = "experiment"
     seed: int = 0
@@ -101,6 +108,7 @@ class Spec:
     optim: OptimSpec = field(default_factory=OptimSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
 
 
 # ---------------------------------------------------------------------------------------------

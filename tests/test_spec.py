@@ -72,7 +72,7 @@ def test_validate_rejects(overrides, error, needle):
 @pytest.mark.parametrize("path", shipped_specs(), ids=lambda p: p.name)
 def test_every_shipped_spec_is_valid_and_documents_its_command(path):
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# nmtrain train ") and path.name in first
+    assert first.startswith(("# nmtrain train ", "# nmtrain compare ")) and path.name in first
     spec = from_dict(Spec, read_yaml(path))
     validate(spec)
     assert load_spec(path) == spec

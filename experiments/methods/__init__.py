@@ -54,6 +54,7 @@ class Method:
     Params: type = NoParams
     needs_transposable = False        # the layers must fit M x M tiles (C_out % M == 0)
     accepts_transposable = False      # sparsity.transposable: true is meaningful for this method
+    needs_column_groups = False       # the layers need C_out % M == 0 (groups of M output channels)
     summary = ""
 
     def __init__(self, params: Any, ctx: Context):
@@ -134,4 +135,4 @@ def params_dict(params: Any) -> dict:
 
 
 # Importing the modules registers them.
-from . import dense, fixed, srste, transposable, unstructured  # noqa: E402,F401
+from . import bimask, dense, fixed, srste, transposable, unstructured  # noqa: E402,F401

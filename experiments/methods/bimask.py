@@ -1,0 +1,177 @@
+"""`bimask` (Zhang et al., ICML 2023): separate forward and backward N:M masks.
+
+Forward mask ``B_f``: the top-N of |W| in every group of M along K (recomputed from the current
+weights at every forward pass, as in SR-STE). Backward mask ``B_b``: permute the output channels
+(rows of the GEMM view) by ``pi``, keep the top-N of ``|W * B_f|`` in every group of M consecutive
+(permuted) rows of every column, intersect with ``B_f`` and un-permute. So ``B_b`` is N:M along
+C_out in the permuted order, which is what the backward-data GEMM ``dX = dY (W * B_b)`` needs on
+sparse tensor cores (``dY``'s channels are permuted the same way).
+
+``pi`` is the best of ``greedy_num`` random permutations (default 10; the paper's ImageNet runs use
+100), scored by how many forward-kept weights survive in ``B_b``; it is searched at the first step
+and every ``iter`` steps (default 100). The permutations come from a generator seeded by the run's
+seed, the layer's index and the search count, so every process of a multi-process run draws the
+same ``pi`` (the public code lost it under DataParallel), and ``pi`` is saved in checkpoints.
+
+Forward uses ``W * B_f``; backward-data uses ``W * B_b`` (a custom autograd function); the weight
+gradient is dense (straight-through) plus SR-STE's ``decay * (1 - B_f) * W`` (2e-4).
+Training MACs: F * (2r + 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
+from . import Method, MethodError, register_method
+
+
+@dataclass
+class BiMaskParams:
+    greedy_num: int = 10        # random permutations tried per search
+    iter: int = 100             # steps between permutation searches
+    decay: float = 2e-4         # lambda_W on pruned weights
+    seed: int = 0               # added to the run seed for the permutation generator
+
+
+def backward_mask(fmask_matrix: torch.Tensor, scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """``B_b`` of a GEMM-view matrix (C_out x K): column-wise top-n of ``scores * B_f`` per M permuted rows."""
+    rows, cols = scores.shape
+    s = (scores * fmask_matrix)[perm]                                   # permuted rows
+    groups = s.reshape(rows // m, m, cols)
+    top = groups.topk(n, dim=1).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top, True).reshape(rows, cols)
+    keep &= fmask_matrix[perm]                                          # never keep what B_f prunes
+    out = torch.empty_like(keep)
+    out[perm] = keep                                                    # un-permute
+    return out
+
+
+def search_permutation(fmask_matrix: torch.Tensor, scores: torch.Tensor, n: int, m: int, tries: int,
+                       generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Best of ``tries`` random row permutations by forward-kept weights surviving in ``B_b``."""
+    rows = scores.shape[0]
+    best, best_score = None, -1
+    for _ in range(tries):
+        perm = torch.randperm(rows, generator=generator).to(scores.device)
+        kept = int(backward_mask(fmask_matrix, scores, perm, n, m).sum())
+        if kept > best_score:       # strict: the first best wins, deterministically
+            best, best_score = perm, kept
+    return best, best_score
+
+
+class _BiMaskGEMM(torch.autograd.Function):
+    """y = op(x, W * B_f); dX = op^T(dY, W * B_b); dW = dense dW + decay * (1 - B_f) * W."""
+
+    @staticmethod
+    def forward(ctx, x, weight, fmask, bmask, decay, conv):
+        ctx.save_for_backward(x, weight, fmask, bmask)
+        ctx.decay, ctx.conv = decay, conv
+        w_f = weight * fmask
+        if conv is None:
+            return F.linear(x, w_f)
+        stride, padding, dilation, groups = conv
+        return F.conv2d(x, w_f, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, fmask, bmask = ctx.saved_tensors
+        w_b = weight * bmask
+        if ctx.conv is None:
+            grad_x = grad @ w_b
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        else:
+            stride, padding, dilation, groups = ctx.conv
+            grad_x = conv2d_input(x.shape, w_b, grad, stride, padding, dilation, groups)
+            grad_w = conv2d_weight(x, weight.shape, grad, stride, padding, dilation, groups)
+        if ctx.decay:
+            grad_w = grad_w + ctx.decay * (~fmask) * weight
+        return grad_x, grad_w, None, None, None, None
+
+
+@register_method("bimask")
+class BiMask(Method):
+    Params = BiMaskParams
+    needs_column_groups = True
+    summary = "Bi-Mask: forward N:M mask + permuted backward N:M mask (sparse backward-data), dense dW"
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        for name in ("greedy_num", "iter"):
+            if getattr(params, name) < 1:
+                raise MethodError(f"method.params.{name}: must be at least 1, got {getattr(params, name)}")
+        self.perms: dict[str, torch.Tensor] = {}
+        self.searches = 0
+        self.last_search_step = -1
+        self.survival: dict[str, float] = {}      # share of forward-kept weights kept by B_b, per layer
+
+    def _matrices(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.ctx.pattern
+        w = module.weight.detach()
+        fmask = nm_mask(w, p.n, p.m, self.ctx.layout)
+        return to_matrix(fmask, self.ctx.layout), to_matrix(w.abs(), self.ctx.layout)
+
+    @torch.no_grad()
+    def _search(self, step: int) -> None:
+        p = self.ctx.pattern
+        for index, (name, mod) in enumerate(self.ctx.layers.items()):
+            gen = torch.Generator().manual_seed(self.params.seed * 1_000_003 + index * 7919 + self.searches)
+            fm, scores = self._matrices(mod)
+            self.perms[name], kept = search_permutation(fm, scores, p.n, p.m, self.params.greedy_num, gen)
+            self.survival[name] = kept / max(int(fm.sum()), 1)
+        self.searches += 1
+        self.last_search_step = step
+
+    def before_step(self, step: int) -> None:
+        if not self.perms or step % self.params.iter == 0 and step != self.last_search_step:
+            self._search(step)
+
+    def _masks_of(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.ctx.pattern
+        if name not in self.perms:
+            self._search(0)
+        fm, scores = self._matrices(module)
+        bm = backward_mask(fm, scores, self.perms[name].to(fm.device), p.n, p.m)
+        shape = module.weight.shape
+        return from_matrix(fm, shape, self.ctx.layout), from_matrix(bm, shape, self.ctx.layout)
+
+    def layer_forward(self, name, module, x):
+        fmask, bmask = self._masks_of(name, module)
+        conv = None
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros":
+                raise MethodError(f"bimask: layer {name} uses padding_mode={module.padding_mode!r}; only zeros")
+            conv = (module.stride, module.padding, module.dilation, module.groups)
+        y = _BiMaskGEMM.apply(x, module.weight, fmask, bmask, self.params.decay, conv)
+        if module.bias is not None:
+            y = y + (module.bias if conv is None else module.bias.view(1, -1, 1, 1))
+        return y
+
+    def forward_weight(self, name, module):
+        return module.weight * self._masks_of(name, module)[0]
+
+    def masks(self):
+        return {name: self._masks_of(name, mod)[0] for name, mod in self.ctx.layers.items()}
+
+    def backward_masks(self):
+        return {name: self._masks_of(name, mod)[1] for name, mod in self.ctx.layers.items()}
+
+    def export_pattern(self, name):
+        return Pattern(self.ctx.pattern.n, self.ctx.pattern.m)
+
+    def densities(self, name, step):
+        r = self.ctx.pattern.density
+        return r, r, 1.0
+
+    def state_dict(self):
+        return {"perms": dict(self.perms), "searches": self.searches, "last_search_step": self.last_search_step}
+
+    def load_state_dict(self, state):
+        self.perms = dict(state.get("perms", {}))
+        self.searches = int(state.get("searches", 0))
+        self.last_search_step = int(state.get("last_search_step", -1))
