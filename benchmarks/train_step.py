@@ -1,4 +1,4 @@
-"""Training-step time of every method against dense, measured side by side in one run.
+"""Training-step time of every method against dense and SR-STE, measured side by side in one run.
 
 Each method trains the same model on the same fixed batches; steps are interleaved round-robin
 (method A step, method B step, ...) so that machine noise hits every method alike, and the median
@@ -82,17 +82,20 @@ def main() -> None:
     dense = statistics.median(runs["dense"][3]) if "dense" in runs else None
     table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {device} "
                         f"({torch.get_num_threads()} threads), {args.steps} interleaved steps")
-    for col in ("method", "median ms / step", "vs dense", "mean ms / step", "vs dense "):
+    for col in ("method", "median ms / step", "vs dense", "mean ms / step", "vs dense ", "mean vs srste"):
         table.add_column(col, justify="right")
     rows = []
     dense_mean = statistics.fmean(runs["dense"][3]) if "dense" in runs else None
+    srste_mean = statistics.fmean(runs["srste"][3]) if "srste" in runs else None
     for name, (_, _, _, times) in runs.items():
         # the median is the typical step; the mean also carries the occasional mask recomputation
         med, mean = statistics.median(times), statistics.fmean(times)
         rows.append({"method": name, "median_ms": med * 1000, "median_vs_dense": med / dense if dense else None,
-                     "mean_ms": mean * 1000, "mean_vs_dense": mean / dense_mean if dense_mean else None})
+                     "mean_ms": mean * 1000, "mean_vs_dense": mean / dense_mean if dense_mean else None,
+                     "mean_vs_srste": mean / srste_mean if srste_mean else None})
         table.add_row(name, f"{med * 1000:.2f}", f"{med / dense:.2f}x" if dense else "–",
-                      f"{mean * 1000:.2f}", f"{mean / dense_mean:.2f}x" if dense_mean else "–")
+                      f"{mean * 1000:.2f}", f"{mean / dense_mean:.2f}x" if dense_mean else "–",
+                      f"{mean / srste_mean:.2f}x" if srste_mean else "–")
     Console(width=120).print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,8 @@ def test_every_shipped_spec_is_valid_and_documents_its_command(path):
     assert first.startswith(("# nmtrain train ", "# nmtrain compare ")) and path.name in first
     spec = from_dict(Spec, read_yaml(path))
     validate(spec)
+    for method in spec.sweep.methods:
+        get_method(method)
     assert load_spec(path) == spec
     # the resolved spec round-trips through YAML
     again = tmp = dump_spec(spec)

@@ -135,4 +135,4 @@ def params_dict(params: Any) -> dict:
 
 
 # Importing the modules registers them.
-from . import bimask, dense, fixed, srste, transposable, unstructured  # noqa: E402,F401
+from . import bame, bimask, dense, fixed, srste, transposable, unstructured  # noqa: E402,F401
