@@ -9,6 +9,8 @@ from typing import Callable, TypeVar
 import typer
 
 from ..data import DatasetError
+from ..experiments.adaprune import AdaPruneError
+from ..experiments.convert import ConvertError
 from ..experiments.io import CheckpointError
 from ..experiments.layers import LayerSelectionError
 from ..experiments.methods import MethodError
@@ -19,8 +21,8 @@ from ..sparsity import LayoutError, PatternError, SelectionError
 from ..sparsity.diversity import DiversityError
 
 # These error types carry a one-line message naming the field or constraint and the fix.
-USER_ERRORS = (CheckpointError, DatasetError, DiversityError, LayerSelectionError, LayoutError, MethodError,
-               ModelError, PatternError, RunError, SelectionError, SpecError)
+USER_ERRORS = (AdaPruneError, CheckpointError, ConvertError, DatasetError, DiversityError, LayerSelectionError,
+               LayoutError, MethodError, ModelError, PatternError, RunError, SelectionError, SpecError)
 
 F = TypeVar("F", bound=Callable)
 

@@ -6,7 +6,8 @@ import typer
 
 from .compare import compare
 from .diversity import diversity
-from .planned import adaprune, convert
+from .adaprune import adaprune
+from .convert import convert
 from .prune import prune
 from .train import train
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,7 +37,9 @@ def load_state_dict(path: str | os.PathLike, field: str = "INPUT") -> dict[str, 
     if not path.is_file():
         raise CheckpointError(f"{field}: {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated, corrupt or unsafe files
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise CheckpointError(f"{field}: {path} holds Python objects beyond tensors; refused by "

@@ -257,7 +257,8 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
     sparse_layers = {}
     with torch.no_grad():
         for name, mod in ctx.layers.items():
-            mod.weight.mul_(final_masks[name].to(mod.weight.dtype))
+            # where(), not a multiply: pruned entries become +0.0, never -0.0, so exports are bit-exact
+            mod.weight.copy_(torch.where(final_masks[name], mod.weight, torch.zeros_like(mod.weight)))
             exp = method.export_pattern(name)
             if exp is not None:
                 problem = nm_violation(mod.weight, exp, spec.sparsity.layout)

@@ -159,10 +159,13 @@ def test_diversity_bad_input(args, needle):
     assert result.exit_code == 2 and needle in result.stderr and result.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("command,option", [("adaprune", "--calib-samples"),
-                                            ("convert", "--to")])
-def test_planned_commands_show_options_and_refuse_to_run(command, option, tmp_path):
-    assert option in _run(command, "--help").stdout
+@pytest.mark.parametrize("command,options", [
+    ("adaprune", ["--pattern", "--transposable", "--calib-samples", "--iters", "--batch", "--sequential", "--spec",
+                  "--out", "--overwrite"]),
+    ("convert", ["--to", "--out", "--pattern", "--layout"])])
+def test_issue5_commands_show_options_and_refuse_an_empty_directory(command, options, tmp_path):
+    help_text = _run(command, "--help").stdout
+    assert all(option in help_text for option in options)
     args = {"adaprune": [tmp_path, "--pattern", "2:4"], "convert": [tmp_path, "--to", "dense"]}[command]
     result = _run(command, *args)
-    assert result.exit_code == 2 and "not implemented yet" in result.stderr
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1

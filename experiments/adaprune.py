@@ -1,0 +1,455 @@
+"""AdaPrune (Hubara et al., 2021; METHODS.md section 5): a trained model to N:M by layer-wise reconstruction.
+
+For every sparse layer (the same rule as training: every Conv2d/Linear except the first layer, the
+classifier and layers whose shape cannot hold the pattern):
+
+1. **Mask by magnitude**: N:M along K, or N:M-T with the exact transposable solver.
+2. **Add the pruned magnitude back** (METHODS.md: "the magnitude pruned from each group is added back
+   onto its kept weights"). nmtrain's precise rule, per group of M along K (the rows of the GEMM
+   view, also for -T masks): the group's pruned ``sum |w|`` is distributed over its kept weights in
+   proportion to their magnitude, with their signs, i.e. ``w_k <- w_k * (sum_group |w| / sum_kept |w|)``.
+   Every group keeps its L1 norm; groups whose kept weights are all zero are left as they are.
+3. **Reconstruct**: optimise the kept weights and the bias so that the layer's output on calibration
+   inputs matches the original layer's, ``min ||W~ X + b~ - (W X + b)||^2`` (mean squared error),
+   with Adam (lr 1e-3 weights, 1e-2 bias, 1000 steps of random batches of 50 from ~1000 calibration
+   samples of the train split, seeded); the mask is re-applied after every step.
+
+Two ways to get the inputs ``X``:
+
+- **parallel** (the default, as in the reference code): every layer sees the inputs the *unpruned*
+  model produces, and all layers are solved independently. The per-layer problems do not depend on
+  each other, so errors do not compound through the optimisation and the result does not depend on
+  the order of the layers.
+- **sequential** (``sequential=True``): layer ``l`` sees the inputs of the network whose layers
+  ``< l`` are already pruned and reconstructed, and its target is still the *original network's*
+  output of that layer. Each layer then also corrects the error accumulated upstream; it is slower
+  to set up (one pass of the partly pruned model per layer) and can overfit a small calibration set.
+
+Afterwards batch-norm statistics (if the model has any) are re-estimated on the calibration set.
+Accuracy is reported for the original model, for plain magnitude projection (step 1 alone, original
+batch-norm statistics) and after AdaPrune, all on the test split.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset
+
+from ..data import build_datasets, build_loaders
+from ..sparsity import LAYOUTS, Pattern, from_matrix, make_mask, nm_violation, to_matrix
+from .io import CheckpointError, atomic_write, load_state_dict, save_text
+from .layers import gemm, plan_layers
+from .models import build_model
+from .runner import RUN_FILES, evaluate, resolve_device
+from .spec import Spec, SpecError, dump_spec, from_dict, read_yaml
+
+
+class AdaPruneError(ValueError):
+    """Input AdaPrune cannot use (source, settings, output directory); one-line message."""
+
+
+@dataclass
+class AdaPruneSettings:
+    pattern: Pattern
+    calib_samples: int = 1000
+    iters: int = 1000
+    batch: int = 50
+    sequential: bool = False
+    lr_weight: float = 1e-3
+    lr_bias: float = 1e-2
+    solver: str = "exact"          # transposable mask solver
+    add_back: bool = True          # start from the L1-preserving rescale (METHODS.md); False: plain projection
+
+    def check(self) -> None:
+        for name, value, low in (("--calib-samples", self.calib_samples, 1), ("--iters", self.iters, 0),
+                                 ("--batch", self.batch, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise AdaPruneError(f"{name}: must be an integer >= {low}, got {value!r}")
+        for name, value in (("lr_weight", self.lr_weight), ("lr_bias", self.lr_bias)):
+            if not value > 0:
+                raise AdaPruneError(f"{name}: must be positive, got {value!r}")
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: tuple[int, ...]
+    error_magnitude: float      # relative reconstruction error of plain magnitude projection
+    error_init: float           # ... after adding the pruned magnitude back (the optimiser's start)
+    error_adaprune: float       # ... after optimisation
+    seconds: float
+
+
+@dataclass
+class AdaPruneResult:
+    out: Path
+    summary: dict
+    layers: list[LayerResult] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces (pure tensor code, tested on their own)
+
+
+def add_back_pruned(weight: torch.Tensor, mask: torch.Tensor, m: int, layout: str = "nhwc") -> torch.Tensor:
+    """Masked weight whose kept entries carry their group's pruned magnitude (see the module docstring).
+
+    Per group of ``m`` along K: ``w_k * sum|w_group| / sum|w_kept|`` for kept entries, exact zeros
+    elsewhere. Groups whose kept entries are all zero stay zero.
+    """
+    w = to_matrix(weight.detach(), layout).double()
+    keep = to_matrix(mask, layout)
+    groups = w.reshape(w.shape[0], -1, m)
+    kept = groups * keep.reshape(groups.shape)
+    total = groups.abs().sum(-1, keepdim=True)
+    kept_sum = kept.abs().sum(-1, keepdim=True)
+    scale = torch.where(kept_sum > 0, total / kept_sum.clamp_min(torch.finfo(torch.float64).tiny),
+                        torch.ones_like(total))
+    out = from_matrix((kept * scale).reshape(w.shape), weight.shape, layout).to(weight.dtype)
+    out[~mask] = 0
+    return out
+
+
+def relative_error(module: nn.Module, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None, chunk: int = 256) -> float:
+    """``||layer(x; weight, bias) - y||^2 / ||y||^2`` over all of ``x``, in chunks."""
+    num = den = 0.0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], chunk):
+            out = _layer_out(module, x[i:i + chunk], weight, bias)
+            num += float((out - y[i:i + chunk]).double().pow(2).sum())
+            den += float(y[i:i + chunk].double().pow(2).sum())
+    return num / den if den > 0 else num
+
+
+def _layer_out(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    return module._conv_forward(x, weight, bias)
+
+
+class _Stop(Exception):
+    pass
+
+
+# Below this many multiply-adds per Adam step, CPU intra-op threads cost far more than they bring:
+# on a busy 2-core machine a 400x120 layer ran 100x slower with 2 OpenMP threads than with one.
+_SMALL_STEP_MACS = 50_000_000
+
+
+class _cpu_threads:
+    """Run with ``n`` intra-op threads (CPU only), restoring the previous setting afterwards."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        if self.n is not None:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def step_macs(module: nn.Module, x: torch.Tensor, batch: int) -> int:
+    """Multiply-adds of one forward of ``module`` on ``batch`` of the inputs ``x``."""
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        return batch * w.numel() * (x[0].numel() // w.shape[1])
+    with torch.no_grad():
+        out_pixels = module(x[:1]).shape[-2:].numel()
+    return batch * w.numel() * out_pixels
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, module: nn.Module, images: torch.Tensor, batch: int,
+                   device: torch.device) -> torch.Tensor:
+    """The inputs ``module`` receives when ``model`` runs on ``images`` (eval mode; stops at the layer)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_mod, args):
+        captured.append(args[0].detach())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, images.shape[0], batch):
+            try:
+                model(images[i:i + batch].to(device))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if len(captured) != -(-images.shape[0] // batch):
+        raise RuntimeError("internal error: the layer did not see every calibration batch")
+    return torch.cat(captured)
+
+
+def reconstruct(module: nn.Module, mask: torch.Tensor, init: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                iters: int, batch: int, lr_weight: float, lr_bias: float, generator: torch.Generator,
+                on_step: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Adam on the kept weights (from ``init``) and the bias: ``min mse(layer(x), y)``, mask after every step."""
+    keep = mask.to(init.dtype)
+    weight = nn.Parameter(init.detach().clone() * keep)
+    bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
+    groups = [{"params": [weight], "lr": lr_weight}]
+    if bias is not None:
+        groups.append({"params": [bias], "lr": lr_bias})
+    opt = torch.optim.Adam(groups)
+    n = x.shape[0]
+    for step in range(iters):
+        idx = torch.randint(0, n, (min(batch, n),), generator=generator).to(x.device)
+        loss = F.mse_loss(_layer_out(module, x[idx], weight, bias), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        weight.grad.mul_(keep)
+        opt.step()
+        with torch.no_grad():
+            weight.mul_(keep)
+        if on_step is not None:
+            on_step(step, float(loss.detach()))
+    out = weight.detach().clone()
+    out[~mask] = 0   # exact +0.0 at pruned positions
+    return out, None if bias is None else bias.detach().clone()
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch: int, device: torch.device) -> bool:
+    """Re-estimate every BatchNorm's running mean/var as the plain average over ``images``."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return False
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None       # cumulative average
+    was_training = model.training
+    model.train()
+    for i in range(0, images.shape[0], batch):
+        model(images[i:i + batch].to(device))
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
+    model.train(was_training)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Source, data and output directory
+
+
+def load_source(source: str | Path, spec_path: str | Path | None = None) -> tuple[Spec, dict[str, torch.Tensor]]:
+    """(spec, state_dict) from a run directory (its config.yaml) or a state_dict file plus ``spec_path``."""
+    source = Path(source)
+    if not source.exists():
+        raise AdaPruneError(f"SOURCE: {source} does not exist")
+    if spec_path is None:
+        if not source.is_dir():
+            raise AdaPruneError(f"SOURCE: {source} is a state_dict file; pass --spec SPEC.yaml naming its model "
+                                "and data (or pass a run directory of `nmtrain train`)")
+        spec_path = source / "config.yaml"
+        if not spec_path.is_file():
+            raise AdaPruneError(f"SOURCE: {source} has no config.yaml; pass --spec SPEC.yaml naming its model and data")
+    spec = from_dict(Spec, read_yaml(spec_path))
+    if spec.sparsity.layout not in LAYOUTS:
+        raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
+    state = load_state_dict(source, field="SOURCE")
+    return spec, state
+
+
+def default_out(source: str | Path, pattern: Pattern) -> Path:
+    source = Path(source)
+    base = source if source.is_dir() else source.with_suffix("")
+    return base.parent / f"{base.name}-adaprune-{pattern.n}-{pattern.m}{'-T' if pattern.transposable else ''}"
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise AdaPruneError(f"--out: {out} exists and is not a directory")
+    present = [f for f in RUN_FILES if (out / f).exists()]
+    if present and not overwrite:
+        raise AdaPruneError(f"--out: {out} already holds a run ({', '.join(present)}); choose another --out "
+                            "or pass --overwrite")
+
+
+def calibration_images(train_ds, n: int, seed: int) -> torch.Tensor:
+    """``n`` train images (without augmentation) chosen by ``seed``, as one tensor."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train_ds), generator=g)[:n].tolist()
+    loader = DataLoader(Subset(train_ds, idx), batch_size=256, shuffle=False)
+    return torch.cat([x for x, _ in loader])
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], spec: Spec) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        line = str(exc).strip().splitlines()
+        raise CheckpointError(f"SOURCE: weights do not fit model {spec.model.name} "
+                              f"({line[-1].strip() if line else 'shape mismatch'})") from None
+    if missing or unexpected:
+        raise CheckpointError(f"SOURCE: weights do not match model {spec.model.name} "
+                              f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole run
+
+
+def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Path | None = None,
+             out: str | Path | None = None, overwrite: bool = False, console=None,
+             progress: bool = True) -> AdaPruneResult:
+    """Run AdaPrune on ``source`` and write a run directory (model.pt, config.yaml, summary.json)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    start = time.perf_counter()
+    settings.check()
+    pattern = settings.pattern
+    spec, state = load_source(source, spec_path)
+    out = Path(out) if out is not None else default_out(source, pattern)
+    check_out_dir(out, overwrite)
+    layout = spec.sparsity.layout
+    device = resolve_device(spec.device)
+
+    torch.manual_seed(spec.seed)
+    train_ds, test_ds, info = build_datasets(spec.data.dataset, root=spec.data.root, augment=False,
+                                             train_subset=spec.data.train_subset,
+                                             test_subset=spec.data.test_subset, download=spec.data.download,
+                                             seed=spec.seed)
+    _, test_loader = build_loaders(train_ds, test_ds, batch_size=spec.data.batch_size, seed=spec.seed,
+                                   num_workers=spec.data.num_workers, eval_batch_size=spec.data.eval_batch_size)
+    original = build_model(spec.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
+                           image_size=info.image_size, width=spec.model.width)
+    _load_into(original, state, spec)
+    original.to(device).eval()
+    plan = plan_layers(original, pattern, layout, spec.sparsity.include, spec.sparsity.exclude,
+                       spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense)
+    names = list(plan.sparse)
+
+    n_calib = min(settings.calib_samples, len(train_ds))
+    calib = calibration_images(train_ds, n_calib, spec.seed)
+    chunk = max(settings.batch, 256)
+
+    acc_original, _ = evaluate(original, test_loader, device)
+
+    # Masks by magnitude, once, from the original weights (the same in both modes).
+    orig_mods = dict(original.named_modules())
+    masks = {name: make_mask(orig_mods[name].weight.detach(), pattern, layout, settings.solver) for name in names}
+
+    magnitude_model = copy.deepcopy(original)
+    mag_mods = dict(magnitude_model.named_modules())
+    with torch.no_grad():
+        for name in names:
+            w = mag_mods[name].weight
+            w.mul_(masks[name].to(w.dtype))
+            w[~masks[name]] = 0
+    acc_magnitude, _ = evaluate(magnitude_model, test_loader, device)
+    del magnitude_model
+
+    pruned = copy.deepcopy(original)
+    pruned_mods = dict(pruned.named_modules())
+    generator = torch.Generator().manual_seed(spec.seed)
+    results: list[LayerResult] = []
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("mse {task.fields[loss]:.3e}"), TimeElapsedColumn(), console=console,
+                   disable=not progress)
+    with bar:
+        for i, name in enumerate(names):
+            t0 = time.perf_counter()
+            mod = orig_mods[name]
+            w_orig = mod.weight.detach()
+            b_orig = None if mod.bias is None else mod.bias.detach()
+            x_orig = capture_inputs(original, mod, calib, chunk, device)
+            with torch.no_grad():
+                y = torch.cat([_layer_out(mod, x_orig[j:j + chunk], w_orig, b_orig)
+                               for j in range(0, x_orig.shape[0], chunk)])
+            x = capture_inputs(pruned, pruned_mods[name], calib, chunk, device) if settings.sequential else x_orig
+            if settings.sequential:
+                del x_orig
+            mask = masks[name]
+            plain = w_orig * mask.to(w_orig.dtype)
+            init = add_back_pruned(w_orig, mask, pattern.m, layout) if settings.add_back else plain
+            task = bar.add_task(f"{name} ({i + 1}/{len(names)})", total=settings.iters, loss=float("nan"))
+            every = max(settings.iters // 100, 1)
+
+            def on_step(step: int, loss: float, _task=task, _every=every) -> None:
+                if (step + 1) % _every == 0 or step + 1 == settings.iters:
+                    bar.update(_task, completed=step + 1, loss=loss)
+
+            small = device.type == "cpu" and 3 * step_macs(mod, x, settings.batch) < _SMALL_STEP_MACS
+            with torch.enable_grad(), _cpu_threads(1 if small else None):
+                w_new, b_new = reconstruct(mod, mask, init, x, y, settings.iters, settings.batch,
+                                           settings.lr_weight, settings.lr_bias, generator, on_step)
+            results.append(LayerResult(
+                name=f"{name}.weight", shape=tuple(w_orig.shape),
+                error_magnitude=relative_error(mod, x, y, plain, b_orig, chunk),
+                error_init=relative_error(mod, x, y, init, b_orig, chunk),
+                error_adaprune=relative_error(mod, x, y, w_new, b_new, chunk),
+                seconds=time.perf_counter() - t0))
+            with torch.no_grad():
+                target = pruned_mods[name]
+                target.weight.copy_(w_new)
+                if b_new is not None:
+                    target.bias.copy_(b_new)
+            del x, y
+
+    bn = recalibrate_batchnorm(pruned, calib, spec.data.batch_size, device)
+    pruned.eval()
+    acc_adaprune, _ = evaluate(pruned, test_loader, device)
+
+    sparse_layers = {}
+    for name in names:
+        w = pruned_mods[name].weight.detach()
+        problem = nm_violation(w, pattern, layout)
+        if problem is not None or bool((w[~masks[name]] != 0).any()):
+            raise RuntimeError(f"internal error: {name}.weight breaks {pattern} after AdaPrune: {problem}")
+        sparse_layers[f"{name}.weight"] = {"pattern": str(pattern), "density": float(masks[name].float().mean()),
+                                           "transposable": pattern.transposable, "layout": layout}
+    wall = time.perf_counter() - start
+
+    lost = acc_original - acc_magnitude
+    summary = {
+        "name": f"{spec.name}-adaprune", "method": "adaprune", "source": str(source),
+        "pattern": str(pattern), "density": pattern.density, "transposable": pattern.transposable,
+        "layout": layout, "model": spec.model.name, "dataset": spec.data.dataset, "seed": spec.seed,
+        "device": str(device), "calib_samples": n_calib, "iters": settings.iters, "batch": settings.batch,
+        "lr_weight": settings.lr_weight, "lr_bias": settings.lr_bias, "sequential": settings.sequential,
+        "mode": "sequential" if settings.sequential else "parallel", "add_back": "group L1-preserving rescale" if settings.add_back else "none",
+        "batchnorm_recalibrated": bn,
+        "accuracy_original": acc_original, "accuracy_magnitude": acc_magnitude, "accuracy_adaprune": acc_adaprune,
+        "final_accuracy": acc_adaprune,
+        "recovered": (acc_adaprune - acc_magnitude) / lost if lost > 0 else None,
+        "wall_seconds": wall,
+        "layers": {r.name: {"shape": list(r.shape), "error_magnitude": r.error_magnitude,
+                            "error_init": r.error_init, "error_adaprune": r.error_adaprune, "seconds": r.seconds}
+                   for r in results},
+        "sparse_layers": sparse_layers, "skipped_layers": plan.skipped,
+    }
+
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
+    model_state = {k: v.detach().cpu() for k, v in pruned.state_dict().items()}
+    atomic_write(out / "model.pt", lambda tmp: torch.save(model_state, tmp))
+    # The source's spec names model and data; AdaPrune's own settings are in summary.json.
+    save_text(f"# spec of the source model ({source}); AdaPrune {pattern.describe()} settings: summary.json\n"
+              + dump_spec(spec), out / "config.yaml")
+    save_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
+    return AdaPruneResult(out, summary, results)
