@@ -49,7 +49,7 @@ from ..sparsity import LAYOUTS, Pattern, from_matrix, make_mask, nm_violation, t
 from .io import CheckpointError, atomic_write, load_state_dict, save_text
 from .layers import gemm, plan_layers
 from .models import build_model
-from .runner import RUN_FILES, evaluate, resolve_device
+from .runner import RUN_FILES, check_out_dir, evaluate, resolve_device
 from .spec import Spec, SpecError, dump_spec, from_dict, read_yaml
 
 
@@ -277,15 +277,6 @@ def default_out(source: str | Path, pattern: Pattern) -> Path:
     source = Path(source)
     base = source if source.is_dir() else source.with_suffix("")
     return base.parent / f"{base.name}-adaprune-{pattern.n}-{pattern.m}{'-T' if pattern.transposable else ''}"
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise AdaPruneError(f"--out: {out} exists and is not a directory")
-    present = [f for f in RUN_FILES if (out / f).exists()]
-    if present and not overwrite:
-        raise AdaPruneError(f"--out: {out} already holds a run ({', '.join(present)}); choose another --out "
-                            "or pass --overwrite")
 
 
 def calibration_images(train_ds, n: int, seed: int) -> torch.Tensor:

@@ -102,7 +102,8 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, flo
     return 100.0 * correct / max(total, 1), loss_sum / max(total, 1)
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a run directory that already holds a run, unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out: {out} exists and is not a directory")
     present = [f for f in RUN_FILES if (out / f).exists()]
@@ -147,7 +148,7 @@ def validate(spec: Spec):
 def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = True) -> RunResult:
     pattern, method_cls, params = validate(spec)
     out = Path(spec.out)
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     device = resolve_device(spec.device)
 
     torch.manual_seed(spec.seed)
