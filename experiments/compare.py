@@ -36,7 +36,9 @@ def grid(spec: Spec, methods: list[str], patterns: list[str]) -> list[Spec]:
                 continue            # dense has no pattern: one run is enough
             p = parse_pattern(text)
             cell = copy.deepcopy(spec)
-            if cell.method.name != method:
+            if method in spec.sweep.params:
+                cell.method.params = dict(spec.sweep.params[method])
+            elif cell.method.name != method:
                 cell.method.params = {}
             cell.method.name = method
             cell.sparsity.pattern = f"{p.n}:{p.m}"
@@ -86,15 +88,17 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
     markers = "os^Dv<>pP*X"
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    patterns = list(dict.fromkeys(r["pattern"] for r in rows))
+
+    def base(pattern: str) -> str:          # 2:4-T shares 2:4's colour: same density
+        return pattern.removesuffix("-T")
+
+    patterns = list(dict.fromkeys(base(r["pattern"]) for r in rows))
     colours = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for r in rows:
-        mi, pi = methods.index(r["method"]), patterns.index(r["pattern"])
-        ax.scatter(r["flops_ratio"], r["final_accuracy"], marker=markers[mi % len(markers)], s=60,
+        mi, pi = methods.index(r["method"]), patterns.index(base(r["pattern"]))
+        ax.scatter(r["flops_ratio"], r["final_accuracy"], marker=markers[mi % len(markers)], s=70,
                    color=colours(pi % 10), edgecolor="black", linewidth=0.5, zorder=3)
-        ax.annotate(f"{r['method']} {r['pattern'] if r['method'] != 'dense' else ''}".strip(),
-                    (r["flops_ratio"], r["final_accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_xlabel("training GEMM MACs relative to dense (as run on N:M sparse tensor cores)")
     ax.set_ylabel("final test accuracy (%)")
     ax.set_title(title, fontsize=9)
@@ -103,7 +107,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                for i, m in enumerate(methods)]
     handles += [plt.Line2D([], [], marker="o", linestyle="", color=colours(i % 10), label=p)
                 for i, p in enumerate(patterns)]
-    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -93,6 +93,7 @@ class SweepSpec:
     """The grid `nmtrain compare` runs when no --methods/--patterns are given."""
     methods: list[str] = field(default_factory=list)
     patterns: list[str] = field(default_factory=list)
+    params: dict = field(default_factory=dict)   # method name -> method.params for that method's cells
 
 
 @dataclass

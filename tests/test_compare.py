@@ -38,3 +38,13 @@ def test_compare_needs_a_grid_and_checks_it_first(tmp_path):
     bad = runner.invoke(app, ["compare", "data.dataset=synthetic", "--methods", "srste,magic", "--patterns", "2:4",
                               "--out", str(tmp_path / "y"), "--no-progress"])
     assert bad.exit_code == 2 and "magic" in bad.stderr and not (tmp_path / "y").exists()
+
+
+def test_sweep_params_set_each_methods_parameters(tmp_path):
+    from nmtrain.experiments.compare import grid
+    from nmtrain.experiments.spec import load_spec
+
+    spec = load_spec(None, ["data.dataset=synthetic", f"out={tmp_path}",
+                            "sweep.params={transposable: {mask_interval: 1}, srste: {decay: 0.001}}"])
+    cells = grid(spec, ["transposable", "srste", "bimask"], ["2:4"])
+    assert [c.method.params for c in cells] == [{"mask_interval": 1}, {"decay": 0.001}, {}]
