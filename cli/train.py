@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from ..experiments.spec import SPECS_DIR, apply_overrides, from_dict, read_yaml, Spec
-from ..sparsity import parse_pattern
+from ..sparsity import PatternError, parse_pattern
 from .console import console
 from .errors import UsageError, user_errors
 
 DEFAULT_SPEC = SPECS_DIR / "fmnist_quick.yaml"
 
 
-def resolve_spec(args: list[str], method: str | None, pattern: str | None, out: Path | None) -> Spec:
-    """SPEC file (optional, first) + dotted overrides + the flag shortcuts, as one validated Spec."""
+def _split_args(args: list[str]) -> tuple[Path | None, list[str]]:
     spec_path: Path | None = None
     overrides = list(args)
     if overrides and "=" not in overrides[0]:
@@ -24,7 +25,43 @@ def resolve_spec(args: list[str], method: str | None, pattern: str | None, out: 
     for o in overrides:
         if "=" not in o:
             raise UsageError(f"argument {o!r}: after the spec, arguments are key.sub=value overrides")
-    data = read_yaml(spec_path or DEFAULT_SPEC)
+    return spec_path, overrides
+
+
+def resolve_spec(args: list[str], method: str | None, pattern: str | None, out: Path | None) -> Spec:
+    """SPEC file (optional, first) + dotted overrides + the flag shortcuts, as one validated Spec."""
+    spec_path, overrides = _split_args(args)
+    return _apply(read_yaml(spec_path or DEFAULT_SPEC), overrides, method, pattern, out)
+
+
+def resume_spec(run_dir: Path, args: list[str], method: str | None, pattern: str | None, out: Path | None) -> Spec:
+    """The saved spec of ``run_dir`` (its config.yaml), with ``out`` pointing at ``run_dir``.
+
+    Overrides are accepted only when they leave the saved spec unchanged: a resumed run is the same run."""
+    if not run_dir.is_dir():
+        raise UsageError(f"--resume: {run_dir} is not a directory")
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise UsageError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
+    spec_path, overrides = _split_args(args)
+    if spec_path is not None:
+        raise UsageError(f"--resume: takes the spec from {config}; drop {spec_path}")
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        raise UsageError(f"--out: {out} differs from --resume {run_dir}; a resumed run stays in its directory")
+    saved = read_yaml(config)
+    spec = _apply(copy.deepcopy(saved), [], None, None, None)
+    if overrides or method is not None or pattern is not None:
+        changed = _apply(copy.deepcopy(saved), overrides, method, pattern, None)
+        if changed != spec:
+            what = " ".join([*(["--method"] if method is not None else []),
+                             *(["--pattern"] if pattern is not None else []), *overrides])
+            raise UsageError(f"--resume: {what} would change the spec saved in {config}; a resumed run keeps "
+                             "its spec (start a new run with --out to change it)")
+    spec.out = str(run_dir)
+    return spec
+
+
+def _apply(data: dict, overrides: list[str], method: str | None, pattern: str | None, out: Path | None) -> Spec:
     # Flags first, so that overrides can set the new method's parameters (--method bimask method.params.iter=50).
     if method is not None:
         section = data.setdefault("method", {})
@@ -32,7 +69,10 @@ def resolve_spec(args: list[str], method: str | None, pattern: str | None, out: 
             section["params"] = {}
         section["name"] = method
     if pattern is not None:
-        p = parse_pattern(pattern)
+        try:
+            p = parse_pattern(pattern)
+        except PatternError as exc:
+            raise PatternError(f"--pattern: {exc}") from None
         data.setdefault("sparsity", {}).update(pattern=f"{p.n}:{p.m}")
         if p.transposable:
             data["sparsity"]["transposable"] = True
@@ -50,11 +90,30 @@ def train(
     pattern: Optional[str] = typer.Option(None, help="N:M pattern, N kept of every M (2:4 = density 0.50); N:M-T for transposable."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: the spec's `out`)."),
     overwrite: bool = typer.Option(False, help="Replace a run already in the run directory."),
+    resume: Optional[Path] = typer.Option(None, metavar="DIR", help="Continue the run in DIR from its checkpoint.pt, with its saved config.yaml."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Train a network with an N:M sparse method; writes config.yaml, metrics.jsonl, checkpoint.pt, model.pt, summary.json."""
-    from ..experiments.runner import train as run_training
+    from ..experiments.runner import Interrupted, train as run_training
 
-    spec = resolve_spec(args or [], method, pattern, out)
-    result = run_training(spec, overwrite=overwrite, console=console, progress=progress)
+    if resume is not None:
+        if overwrite:
+            raise UsageError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
+        spec = resume_spec(resume, args or [], method, pattern, out)
+    else:
+        spec = resolve_spec(args or [], method, pattern, out)
+    try:
+        result = run_training(spec, overwrite=overwrite, console=console, progress=progress,
+                              resume=resume is not None)
+    except Interrupted as stop:
+        if stop.checkpoint_step is None:
+            print(f"interrupted at step {stop.step} before any checkpoint; start again with the same command",
+                  file=sys.stderr)
+        else:
+            print(f"interrupted at step {stop.step}; checkpoint at step {stop.checkpoint_step} saved; "
+                  f"resume with: nmtrain train --resume {stop.out}", file=sys.stderr)
+        raise typer.Exit(code=130) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise typer.Exit(code=130) from None
     console.print(f"run directory: {result.out}")

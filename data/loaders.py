@@ -1,14 +1,20 @@
 """DataLoaders with a reproducible data order.
 
-The train loader shuffles with its own ``torch.Generator`` seeded by ``seed``: the order of every
-epoch depends on the seed alone, not on how much of the global RNG the model or augmentation has
-consumed. DataLoader workers are seeded from that generator too. The test loader never shuffles.
+The train loader shuffles with an :class:`EpochSampler`: epoch ``e`` is the permutation drawn from a
+``torch.Generator`` seeded with ``seed + e``, so the order of every epoch depends on the seed and the
+epoch number alone, not on how much of the global RNG the model or augmentation has consumed. That
+makes the order of any epoch reproducible on its own, which is what resuming a run mid-epoch needs:
+``set_epoch(loader, epoch, skip_batches)`` replays epoch ``epoch`` without its first batches.
+DataLoader workers are seeded from the loader's generator, reseeded per epoch the same way. The test
+loader never shuffles.
 """
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .registry import DatasetError
 
@@ -19,10 +25,49 @@ def _positive(field: str, value: object) -> int:
     return value
 
 
+class EpochSampler(Sampler[int]):
+    """A shuffle whose epoch ``e`` order is ``randperm(n)`` under ``manual_seed(seed + e)``.
+
+    Each full pass moves on to the next epoch by itself; ``set_epoch(e, start)`` picks the epoch
+    and drops the first ``start`` indices of its order (for a resumed run).
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.size:
+            raise ValueError(f"start {start} outside 0..{self.size}")
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.size, generator=gen).tolist()
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self.order(self.epoch)[self.start:]
+        self.epoch, self.start = self.epoch + 1, 0
+        return iter(indices)
+
+
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Make the next pass over a train loader from :func:`build_loaders` be epoch ``epoch``, from batch
+    ``skip_batches`` on (the batches before it are not loaded at all)."""
+    sampler = loader.sampler
+    if not isinstance(sampler, EpochSampler):
+        raise TypeError("set_epoch needs a train loader made by build_loaders")
+    sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+    loader.generator.manual_seed(sampler.seed + epoch)   # the workers' base seed of that epoch
+
+
 def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, seed: int, num_workers: int = 0,
                   eval_batch_size: int | None = None, drop_last: bool = False,
                   pin_memory: bool | None = None) -> tuple[DataLoader, DataLoader]:
-    """(train loader: shuffled, seeded; test loader: in order, ``eval_batch_size`` or ``batch_size``)."""
+    """(train loader: shuffled, seeded per epoch; test loader: in order, ``eval_batch_size`` or ``batch_size``)."""
     _positive("data.batch_size", batch_size)
     eval_batch_size = _positive("data.eval_batch_size", eval_batch_size if eval_batch_size is not None else batch_size)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -30,7 +75,7 @@ def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, seed: in
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
-    train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=drop_last,
-                       generator=torch.Generator().manual_seed(seed), **common)
+    train = DataLoader(train_ds, batch_size=batch_size, sampler=EpochSampler(len(train_ds), seed),
+                       drop_last=drop_last, generator=torch.Generator().manual_seed(seed), **common)
     test = DataLoader(test_ds, batch_size=eval_batch_size, shuffle=False, **common)
     return train, test

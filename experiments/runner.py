@@ -5,11 +5,19 @@ routes the sparse layers' forward through the method found by name, and records 
 
     DIR/config.yaml      the resolved spec (every default filled in)
     DIR/metrics.jsonl    one line per eval: step, epoch, loss, test_loss, accuracy, lr, mask_change_rate
-    DIR/checkpoint.pt    model, optimizer, scheduler, method state (masks), RNG states, step
+    DIR/checkpoint.pt    model, optimizer, scheduler, method state (masks), RNG states, step, and the
+                         run's counters (best accuracy, running loss, FLOPs, wall time, metrics lines)
     DIR/model.pt         final state_dict with masks folded in: pruned weights exactly zero
     DIR/summary.json     method, pattern, accuracies, wall time, sparse layers, training FLOPs
 
 Every file is written to a temporary name and renamed, so a killed run never leaves half a file.
+
+``train(spec, resume=True)`` continues the run in ``spec.out`` from its checkpoint.pt: model, optimizer,
+scheduler, method state, RNG states and the position in the data order (the train loader's order of
+an epoch depends on the seed and the epoch alone, and a resumed epoch skips the batches already
+done), so on CPU a resumed run ends bit-identical to one that was never interrupted. A first Ctrl-C
+(SIGINT) is deferred to the end of the current step, which is then checkpointed; a second one stops
+at once and keeps the last checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +26,10 @@ import copy
 import json
 import math
 import random
+import signal
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +40,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data import build_datasets, build_loaders
-from ..sparsity import LAYOUTS, Pattern, get_solver, nm_violation, parse_pattern
-from .io import atomic_write, load_state_dict, save_text
+from ..data.loaders import set_epoch
+from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, nm_violation, parse_pattern
+from .io import CheckpointError, _first_line, atomic_write, load_state_dict, save_text
 from .layers import plan_layers, route_forward, unroute_forward
 from .methods import Context, MethodError, build_params, get_method, params_dict
 from .methods.ste import change_rate
@@ -43,6 +55,45 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt", "model.pt", "summa
 
 class RunError(ValueError):
     """The run cannot start or continue (bad output directory, diverged loss); one-line message."""
+
+
+class Interrupted(Exception):
+    """Training was stopped by Ctrl-C; ``checkpoint_step`` is the step the run can resume from (None: none)."""
+
+    def __init__(self, out: Path, step: int, checkpoint_step: int | None):
+        self.out, self.step, self.checkpoint_step = out, step, checkpoint_step
+        where = (f"checkpoint at step {checkpoint_step} saved" if checkpoint_step is not None
+                 else "no checkpoint was written yet")
+        super().__init__(f"interrupted at step {step}; {where}")
+
+
+class _DeferSigint:
+    """While active (main thread only), a first SIGINT only sets ``requested``; a second raises at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._installed = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
+            except (ValueError, OSError):
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+        return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,7 +175,10 @@ class RunResult:
 
 def validate(spec: Spec):
     """Everything about the spec that can be checked before touching data: returns (pattern, method class, params)."""
-    pattern = parse_pattern(spec.sparsity.pattern, transposable=spec.sparsity.transposable)
+    try:
+        pattern = parse_pattern(spec.sparsity.pattern, transposable=spec.sparsity.transposable)
+    except PatternError as exc:
+        raise PatternError(f"sparsity.pattern: {exc}") from None
     if spec.sparsity.layout not in LAYOUTS:
         raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
     try:
@@ -145,10 +199,64 @@ def validate(spec: Spec):
     return pattern, cls, params
 
 
-def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = True) -> RunResult:
+_CKPT_KEYS = ("model", "optimizer", "scheduler", "method", "step", "rng")
+
+
+def load_checkpoint(path: Path, field: str = "--resume") -> dict:
+    """A training checkpoint, loaded weights-only (a pickle that would run code is refused)."""
+    if not path.is_file():
+        raise CheckpointError(f"{field}: {path} does not exist; there is no checkpoint to resume from")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt or unsafe files raise many types
+        text = str(exc)
+        if "Unsupported global" in text or "unsupported GLOBAL" in text:
+            raise CheckpointError(f"{field}: {path} holds Python objects beyond tensors; refused by "
+                                  "weights-only loading (nmtrain never unpickles code)") from None
+        if "Weights only load failed" in text:    # not a torch.save zip file: raw bytes or a bare pickle
+            tail = text.split("WeightsUnpickler error:", 1)[-1].split("trusted source.", 1)[-1]
+            detail = _first_line(ValueError(tail))
+            raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({detail}; refused by "
+                                  "weights-only loading)") from None
+        raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({_first_line(exc)})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{field}: {path} holds a {type(obj).__name__}, not an nmtrain checkpoint")
+    missing = [k for k in _CKPT_KEYS if k not in obj]
+    if missing:
+        raise CheckpointError(f"{field}: {path} is not an nmtrain training checkpoint (missing {', '.join(missing)})")
+    if isinstance(obj["step"], bool) or not isinstance(obj["step"], int) or obj["step"] < 0:
+        raise CheckpointError(f"{field}: {path} has step {obj['step']!r}, not a non-negative integer")
+    return obj
+
+
+def _to_device(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = True, resume: bool = False) -> RunResult:
+    """Train ``spec`` into the run directory ``spec.out``; with ``resume``, continue the run there from its
+    checkpoint.pt (``spec`` must then be the run's saved config.yaml)."""
     pattern, method_cls, params = validate(spec)
     out = Path(spec.out)
-    check_out_dir(out, overwrite)
+    ckpt = None
+    if resume:
+        if overwrite:
+            raise RunError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
+        ckpt = load_checkpoint(out / "checkpoint.pt")
+    else:
+        check_out_dir(out, overwrite)
     device = resolve_device(spec.device)
 
     torch.manual_seed(spec.seed)
@@ -161,12 +269,18 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
                                               eval_batch_size=spec.data.eval_batch_size)
     model = build_model(spec.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
                         image_size=info.image_size, width=spec.model.width)
-    if spec.model.init:
+    if spec.model.init and ckpt is None:
         state = load_state_dict(spec.model.init, field="model.init")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise SpecError(f"model.init: {spec.model.init} does not match model {spec.model.name} "
                             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"--resume: {out / 'checkpoint.pt'} does not match model {spec.model.name} of "
+                                  f"{out / 'config.yaml'} ({_first_line(exc)})") from None
     model.to(device)
 
     # Methods with column groups (Bi-Mask's backward mask) need C_out % M == 0 like transposable ones.
@@ -188,15 +302,6 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
     sample = next(iter(test_loader))[0].to(device)
     flops = FlopCounter(macs_per_sample(model, sample))
 
-    # The resolved spec, with the method's parameters filled in, goes first: it names the run.
-    resolved = copy.deepcopy(spec)
-    resolved.method.params = params_dict(params)
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for f in RUN_FILES:
-            (out / f).unlink(missing_ok=True)
-    save_text(dump_spec(resolved), out / "config.yaml")
-
     eval_every = spec.train.eval_interval or steps_per_epoch
     ckpt_every = spec.train.checkpoint_interval or steps_per_epoch
     metrics_lines: list[str] = []
@@ -204,54 +309,130 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
     last_masks = {k: v.clone() for k, v in method.masks().items()}
     running_loss, running_n = 0.0, 0
     step = 0
-    start = time.perf_counter()
+    wall_before = 0.0
+    last_ckpt_step: int | None = None
+
+    if ckpt is None:
+        # The resolved spec, with the method's parameters filled in, goes first: it names the run.
+        resolved = copy.deepcopy(spec)
+        resolved.method.params = params_dict(params)
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for f in RUN_FILES:
+                (out / f).unlink(missing_ok=True)
+        save_text(dump_spec(resolved), out / "config.yaml")
+    else:
+        for stale in out.glob(".*.tmp"):        # left by a write that a kill interrupted
+            stale.unlink(missing_ok=True)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            method.load_state_dict(_to_device(ckpt["method"], device))
+            run = ckpt.get("run", {})
+            step = ckpt["step"]
+            best = float(run.get("best", -1.0))
+            running_loss, running_n = float(run.get("running_loss", 0.0)), int(run.get("running_n", 0))
+            wall_before = float(run.get("wall", 0.0))
+            for key, value in run.get("flops", {}).items():
+                setattr(flops, key, int(value))
+            if "last_masks" in run:
+                last_masks = {k: v.to(device) for k, v in run["last_masks"].items()}
+            else:
+                last_masks = {k: v.clone() for k, v in method.masks().items()}
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"--resume: {out / 'checkpoint.pt'} does not fit the run in {out / 'config.yaml'} "
+                                  f"({_first_line(exc)})") from None
+        if step > total_steps:
+            raise CheckpointError(f"--resume: {out / 'checkpoint.pt'} is at step {step}, past the run's "
+                                  f"{total_steps} steps")
+        metrics_path = out / "metrics.jsonl"
+        done = metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.is_file() else []
+        metrics_lines = done[:int(ckpt.get("run", {}).get("metrics_lines", len(done)))]
+        last_ckpt_step = step
+        _restore_rng(ckpt["rng"])      # last: building the run above may draw from the global RNGs
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress)
-    with bar:
-        task = bar.add_task(f"{spec.name} · {method_cls.name}", total=total_steps, loss=float("nan"), acc="–")
-        model.train()
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            for x, y in train_loader:
-                if step >= total_steps:
-                    break
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                method.before_step(step)
-                loss = F.cross_entropy(model(x), y)
-                if not torch.isfinite(loss):
-                    raise RunError(f"training diverged at step {step}: loss is {loss.item()}; the last good "
-                                   f"checkpoint is {out / 'checkpoint.pt'} (lower optim.lr)")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                method.after_backward(step)
-                optimizer.step()
-                scheduler.step()
-                method.after_step(step)
-                flops.add_step(y.shape[0], {n: method.densities(n, step) for n in ctx.layers})
-                running_loss += loss.item() * y.shape[0]
-                running_n += y.shape[0]
-                step += 1
-                bar.update(task, advance=1, loss=loss.item())
+    start = time.perf_counter()
 
-                if step % eval_every == 0 or step == total_steps:
-                    acc, test_loss = evaluate(model, test_loader, device)
-                    masks = method.masks()
-                    record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                              "loss": running_loss / max(running_n, 1), "test_loss": test_loss, "accuracy": acc,
-                              "lr": optimizer.param_groups[0]["lr"],
-                              "mask_change_rate": change_rate(last_masks, masks)}
-                    last_masks = {k: v.clone() for k, v in masks.items()}
-                    running_loss, running_n = 0.0, 0
-                    best = max(best, acc)
-                    metrics_lines.append(json.dumps(record))
-                    save_text("\n".join(metrics_lines) + "\n", out / "metrics.jsonl")
-                    bar.update(task, acc=f"{acc:.2f}%")
-                if step % ckpt_every == 0 or step == total_steps:
-                    _save_checkpoint(out / "checkpoint.pt", model, optimizer, scheduler, method, step, epoch)
+    def save_checkpoint() -> None:
+        nonlocal last_ckpt_step
+        if not _finite(model):
+            raise RunError(f"training diverged at step {step}: the weights are not finite; the last good "
+                           f"{_last_good(out, last_ckpt_step)} (lower optim.lr)")
+        run = {"best": best, "running_loss": running_loss, "running_n": running_n,
+               "wall": wall_before + time.perf_counter() - start, "metrics_lines": len(metrics_lines),
+               "flops": {"forward": flops.forward, "backward_data": flops.backward_data,
+                         "backward_weight": flops.backward_weight, "dense_total": flops.dense_total},
+               "last_masks": last_masks}
+        _save_checkpoint(out / "checkpoint.pt", model, optimizer, scheduler, method, step,
+                         step // steps_per_epoch, run)
+        last_ckpt_step = step
 
-    wall = time.perf_counter() - start
+    in_step = False
+    try:
+        with bar, _DeferSigint() as sigint:
+            task = bar.add_task(f"{spec.name} · {method_cls.name}", total=total_steps, completed=step,
+                                loss=float("nan"), acc="–")
+            model.train()
+            while step < total_steps:
+                epoch = step // steps_per_epoch
+                set_epoch(train_loader, epoch, step - epoch * steps_per_epoch)
+                for x, y in train_loader:
+                    if step >= total_steps:
+                        break
+                    in_step = True
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    method.before_step(step)
+                    loss = F.cross_entropy(model(x), y)
+                    if not torch.isfinite(loss):
+                        raise RunError(f"training diverged at step {step}: loss is {loss.item()}; the last good "
+                                       f"{_last_good(out, last_ckpt_step)} (lower optim.lr)")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    method.after_backward(step)
+                    optimizer.step()
+                    scheduler.step()
+                    method.after_step(step)
+                    flops.add_step(y.shape[0], {n: method.densities(n, step) for n in ctx.layers})
+                    running_loss += loss.item() * y.shape[0]
+                    running_n += y.shape[0]
+                    step += 1
+                    bar.update(task, advance=1, loss=loss.item())
+
+                    do_eval = step % eval_every == 0 or step == total_steps
+                    do_ckpt = step % ckpt_every == 0 or step == total_steps
+                    if (do_eval or do_ckpt) and not _finite(model):
+                        raise RunError(f"training diverged at step {step - 1}: the weights are not finite after "
+                                       f"the update; the last good {_last_good(out, last_ckpt_step)} "
+                                       "(lower optim.lr)")
+                    if do_eval:
+                        acc, test_loss = evaluate(model, test_loader, device)
+                        masks = method.masks()
+                        record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                                  "loss": running_loss / max(running_n, 1), "test_loss": test_loss, "accuracy": acc,
+                                  "lr": optimizer.param_groups[0]["lr"],
+                                  "mask_change_rate": change_rate(last_masks, masks)}
+                        last_masks = {k: v.clone() for k, v in masks.items()}
+                        running_loss, running_n = 0.0, 0
+                        best = max(best, acc)
+                        metrics_lines.append(json.dumps(record))
+                        save_text("\n".join(metrics_lines) + "\n", out / "metrics.jsonl")
+                        bar.update(task, acc=f"{acc:.2f}%")
+                    if do_ckpt:
+                        save_checkpoint()
+                    in_step = False
+                    if sigint.requested:
+                        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        # At a step boundary the state is consistent: checkpoint it. Inside a step (a second Ctrl-C)
+        # the model may be half-updated: keep the last checkpoint.
+        if not in_step and last_ckpt_step != step:
+            save_checkpoint()
+        raise Interrupted(out, step, last_ckpt_step) from None
+
+    wall = wall_before + time.perf_counter() - start
     # Fold the masks into the weights, check every sparse layer, and evaluate what a user deploys.
     final_masks = method.masks()
     unroute_forward(ctx.layers)
@@ -288,14 +469,30 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
     return RunResult(out, summary)
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, method, step: int, epoch: int) -> None:
+def _last_good(out: Path, last_ckpt_step: int | None) -> str:
+    if last_ckpt_step is None:
+        return "checkpoint: none was written yet"
+    return f"checkpoint is {out / 'checkpoint.pt'} (step {last_ckpt_step})"
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, method, step: int, epoch: int,
+                     run: dict | None = None) -> None:
+    py = random.getstate()
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "method": method.state_dict(), "step": step, "epoch": epoch,
-        "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+        "method": method.state_dict(), "step": step, "epoch": epoch, "run": run or {},
+        "rng": {"torch": torch.get_rng_state(), "python": list(py[1]), "python_gauss": py[2],
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate((3, tuple(int(v) for v in rng["python"]), rng.get("python_gauss")))
+    cuda = rng.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def summary_table(summary: dict) -> Table:
