@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 
+from ..experiments.methods import list_methods
 from ..experiments.spec import SPECS_DIR, apply_overrides, from_dict, read_yaml, Spec
 from ..sparsity import PatternError, parse_pattern
 from .console import console
@@ -86,7 +87,7 @@ def _apply(data: dict, overrides: list[str], method: str | None, pattern: str | 
 def train(
     args: Optional[List[str]] = typer.Argument(None, metavar="[SPEC.yaml] [KEY.SUB=VALUE]...",
                                                help="A YAML spec (default: the quick Fashion-MNIST spec), then dotted overrides like optim.lr=0.05."),
-    method: Optional[str] = typer.Option(None, help="Training method: dense, unstructured, fixed, srste, transposable (resets method.params)."),
+    method: Optional[str] = typer.Option(None, help="Training method: " + ", ".join(list_methods()) + " (resets method.params)."),
     pattern: Optional[str] = typer.Option(None, help="N:M pattern, N kept of every M (2:4 = density 0.50); N:M-T for transposable."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: the spec's `out`)."),
     overwrite: bool = typer.Option(False, help="Replace a run already in the run directory."),
