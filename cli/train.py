@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -93,9 +95,16 @@ def train(
     overwrite: bool = typer.Option(False, help="Replace a run already in the run directory."),
     resume: Optional[Path] = typer.Option(None, metavar="DIR", help="Continue the run in DIR from its checkpoint.pt, with its saved config.yaml."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    nproc: int = typer.Option(1, min=1, help="Processes on this machine, launched through torchrun (data.batch_size is the global batch)."),
 ) -> None:
     """Train a network with an N:M sparse method; writes config.yaml, metrics.jsonl, checkpoint.pt, model.pt, summary.json."""
     from ..experiments.runner import Interrupted, train as run_training
+
+    if nproc > 1:
+        if resume is not None and overwrite:
+            raise UsageError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
+        code = launch(nproc, args or [], method, pattern, out, overwrite, resume, progress)
+        raise typer.Exit(code=code)
 
     if resume is not None:
         if overwrite:
@@ -117,4 +126,32 @@ def train(
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(code=130) from None
-    console.print(f"run directory: {result.out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(f"run directory: {result.out}")
+
+
+def torchrun_command(nproc: int, args: list[str], method: str | None, pattern: str | None, out: Path | None,
+                     overwrite: bool, resume: Path | None, progress: bool) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m nmtrain.cli.main train ...``:
+    the same command without ``--nproc``; ``--standalone`` rendezvouses on a free loopback port."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "nmtrain.cli.main", "train", *args]
+    for flag, value in (("--method", method), ("--pattern", pattern), ("--out", out), ("--resume", resume)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if overwrite:
+        cmd.append("--overwrite")
+    if not progress:
+        cmd.append("--no-progress")
+    return cmd
+
+
+def launch(nproc: int, args: list[str], method: str | None, pattern: str | None, out: Path | None,
+           overwrite: bool, resume: Path | None, progress: bool) -> int:
+    if "WORLD_SIZE" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--nproc: already running under torchrun; drop --nproc")
+    cmd = torchrun_command(nproc, args, method, pattern, out, overwrite, resume, progress)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130

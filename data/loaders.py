@@ -7,6 +7,11 @@ makes the order of any epoch reproducible on its own, which is what resuming a r
 ``set_epoch(loader, epoch, skip_batches)`` replays epoch ``epoch`` without its first batches.
 DataLoader workers are seeded from the loader's generator, reseeded per epoch the same way. The test
 loader never shuffles.
+
+Multi-process (``world > 1``): ``batch_size`` is the *global* batch. Every rank draws the same
+permutation of the epoch, cuts it into global batches, and takes its contiguous share of each
+(``batch_size / world`` samples; the epoch's last, shorter batch is split as evenly as possible), so
+the ranks together see exactly the batches one process would, in the same order.
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ class EpochSampler(Sampler[int]):
     and drops the first ``start`` indices of its order (for a resumed run).
     """
 
-    def __init__(self, size: int, seed: int):
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, batch_size: int | None = None):
+        if world > 1 and batch_size is None:
+            raise ValueError("a multi-process EpochSampler needs the global batch_size")
         self.size, self.seed = size, seed
+        self.rank, self.world, self.batch_size = rank, world, batch_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -45,11 +53,26 @@ class EpochSampler(Sampler[int]):
         gen = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.size, generator=gen).tolist()
 
+    def _share(self, indices: list[int]) -> list[int]:
+        """This rank's contiguous share of every global batch of ``indices``."""
+        if self.world == 1:
+            return indices
+        b, w, r = self.batch_size, self.world, self.rank
+        mine: list[int] = []
+        for lo in range(0, len(indices), b):
+            chunk = indices[lo:lo + b]
+            q, extra = divmod(len(chunk), w)
+            a = r * q + min(r, extra)
+            mine.extend(chunk[a:a + q + (r < extra)])
+        return mine
+
     def __len__(self) -> int:
-        return self.size - self.start
+        if self.world == 1:
+            return self.size - self.start
+        return len(self._share(list(range(self.size - self.start))))
 
     def __iter__(self) -> Iterator[int]:
-        indices = self.order(self.epoch)[self.start:]
+        indices = self._share(self.order(self.epoch)[self.start:])
         self.epoch, self.start = self.epoch + 1, 0
         return iter(indices)
 
@@ -60,22 +83,40 @@ def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     sampler = loader.sampler
     if not isinstance(sampler, EpochSampler):
         raise TypeError("set_epoch needs a train loader made by build_loaders")
-    sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+    sampler.set_epoch(epoch, skip_batches * (sampler.batch_size or loader.batch_size))
     loader.generator.manual_seed(sampler.seed + epoch)   # the workers' base seed of that epoch
 
 
 def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, seed: int, num_workers: int = 0,
                   eval_batch_size: int | None = None, drop_last: bool = False,
-                  pin_memory: bool | None = None) -> tuple[DataLoader, DataLoader]:
-    """(train loader: shuffled, seeded per epoch; test loader: in order, ``eval_batch_size`` or ``batch_size``)."""
+                  pin_memory: bool | None = None, rank: int = 0, world: int = 1) -> tuple[DataLoader, DataLoader]:
+    """(train loader: shuffled, seeded per epoch; test loader: in order, ``eval_batch_size`` or ``batch_size``).
+
+    With ``world > 1`` the train loader yields rank ``rank``'s share of each global batch of ``batch_size``;
+    the test loader is the full test set on every rank."""
     _positive("data.batch_size", batch_size)
+    local_batch = batch_size
+    if world > 1:
+        if batch_size % world:
+            raise DatasetError(f"data.batch_size: the global batch {batch_size} is not divisible by the "
+                               f"{world} processes; use a multiple of {world}")
+        if drop_last:
+            raise DatasetError("drop_last is not supported with several processes")
+        last = len(train_ds) % batch_size
+        if 0 < last < world:
+            raise DatasetError(f"data.batch_size: the last batch of an epoch ({last} of {len(train_ds)} samples) "
+                               f"cannot be split across {world} processes; change data.batch_size or "
+                               "data.train_subset")
+        local_batch = batch_size // world
     eval_batch_size = _positive("data.eval_batch_size", eval_batch_size if eval_batch_size is not None else batch_size)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise DatasetError(f"data.num_workers: must be a non-negative integer, got {num_workers!r}")
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
-    train = DataLoader(train_ds, batch_size=batch_size, sampler=EpochSampler(len(train_ds), seed),
+    sampler = (EpochSampler(len(train_ds), seed) if world == 1
+               else EpochSampler(len(train_ds), seed, rank=rank, world=world, batch_size=batch_size))
+    train = DataLoader(train_ds, batch_size=local_batch, sampler=sampler,
                        drop_last=drop_last, generator=torch.Generator().manual_seed(seed), **common)
     test = DataLoader(test_ds, batch_size=eval_batch_size, shuffle=False, **common)
     return train, test

@@ -18,6 +18,14 @@ an epoch depends on the seed and the epoch alone, and a resumed epoch skips the 
 done), so on CPU a resumed run ends bit-identical to one that was never interrupted. A first Ctrl-C
 (SIGINT) is deferred to the end of the current step, which is then checkpointed; a second one stops
 at once and keeps the last checkpoint.
+
+Multi-process (torchrun; ``WORLD_SIZE > 1`` in the environment): the process group is initialised
+(gloo on CPU, nccl on CUDA, one GPU per local rank), each rank trains on its share of every global
+batch (``data.batch_size`` is the global batch), the model is wrapped in DistributedDataParallel after
+the sparse layers are routed through the method, the loss is summed over the global batch so the
+averaged gradient equals one process's, train metrics are reduced across ranks, every rank evaluates
+the full test set, and rank 0 alone writes the run directory and prints. At every eval the masks of
+every rank are compared by checksum; a divergence raises RuntimeError naming the layer.
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import os
+
 import torch
+import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
@@ -245,19 +256,81 @@ def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def world_size() -> int:
+    """Processes in this run: ``WORLD_SIZE`` as torchrun sets it (1 when not launched by torchrun)."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
+def _mask_checksums(masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per layer (count, sum of kept indices, sum of squared kept indices mod a prime): int64, on CPU."""
+    rows = []
+    for mask in masks.values():
+        idx = torch.nonzero(mask.detach().reshape(-1).cpu()).reshape(-1).to(torch.int64)
+        rows.append(torch.stack([idx.numel() * torch.ones((), dtype=torch.int64), idx.sum(),
+                                 ((idx * idx) % 2_147_483_647).sum()]))
+    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.int64)
+
+
+def check_masks_agree(masks: dict[str, torch.Tensor], device: torch.device, step: int) -> None:
+    """All-gather a checksum of every mask and raise RuntimeError naming the first layer where ranks differ."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not masks:
+        return
+    local = _mask_checksums(masks).to(device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    for rank, other in enumerate(gathered[1:], start=1):
+        bad = (other != gathered[0]).any(1)
+        if bool(bad.any()):
+            name = list(masks)[int(bad.nonzero()[0])]
+            raise RuntimeError(f"masks diverged across processes at step {step}: layer {name} differs between "
+                               f"rank 0 and rank {rank}")
+
+
 def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = True, resume: bool = False) -> RunResult:
     """Train ``spec`` into the run directory ``spec.out``; with ``resume``, continue the run there from its
-    checkpoint.pt (``spec`` must then be the run's saved config.yaml)."""
+    checkpoint.pt (``spec`` must then be the run's saved config.yaml). Under torchrun (``WORLD_SIZE > 1``)
+    every process calls this; rank 0 alone writes and prints."""
+    world = world_size()
+    if world == 1 or (dist.is_available() and dist.is_initialized()):
+        return _train(spec, overwrite, console, progress, resume)
+    validate(spec)
+    out = Path(spec.out)
+    if resume:
+        if overwrite:
+            raise RunError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
+    else:
+        check_out_dir(out, overwrite)   # every rank, before rank 0 can write anything (init is a rendezvous)
+    device = resolve_device(spec.device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(spec, overwrite, console if dist.get_rank() == 0 else None,
+                      progress and dist.get_rank() == 0, resume, checked=not resume)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, checked: bool = False) -> RunResult:
     pattern, method_cls, params = validate(spec)
     out = Path(spec.out)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    main = rank == 0
     ckpt = None
     if resume:
         if overwrite:
             raise RunError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
         ckpt = load_checkpoint(out / "checkpoint.pt")
-    else:
+    elif not checked:
         check_out_dir(out, overwrite)
     device = resolve_device(spec.device)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
@@ -266,7 +339,7 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
                                              download=spec.data.download, seed=spec.seed)
     train_loader, test_loader = build_loaders(train_ds, test_ds, batch_size=spec.data.batch_size, seed=spec.seed,
                                               num_workers=spec.data.num_workers,
-                                              eval_batch_size=spec.data.eval_batch_size)
+                                              eval_batch_size=spec.data.eval_batch_size, rank=rank, world=world)
     model = build_model(spec.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
                         image_size=info.image_size, width=spec.model.width)
     if spec.model.init and ckpt is None:
@@ -296,6 +369,11 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
                   solver=spec.sparsity.solver, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     method = method_cls(params, ctx)
     route_forward(ctx.layers, method)
+    net = model
+    if distributed:   # after routing: DDP's forward then runs the method's sparse forward
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    n_train = len(train_ds)
+    global_batch = spec.data.batch_size
 
     optimizer = _optimizer(spec, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(spec, steps_per_epoch, total_steps))
@@ -316,14 +394,16 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
         # The resolved spec, with the method's parameters filled in, goes first: it names the run.
         resolved = copy.deepcopy(spec)
         resolved.method.params = params_dict(params)
-        out.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for f in RUN_FILES:
-                (out / f).unlink(missing_ok=True)
-        save_text(dump_spec(resolved), out / "config.yaml")
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                for f in RUN_FILES:
+                    (out / f).unlink(missing_ok=True)
+            save_text(dump_spec(resolved), out / "config.yaml")
     else:
-        for stale in out.glob(".*.tmp"):        # left by a write that a kill interrupted
-            stale.unlink(missing_ok=True)
+        if main:
+            for stale in out.glob(".*.tmp"):        # left by a write that a kill interrupted
+                stale.unlink(missing_ok=True)
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -361,6 +441,9 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
         if not _finite(model):
             raise RunError(f"training diverged at step {step}: the weights are not finite; the last good "
                            f"{_last_good(out, last_ckpt_step)} (lower optim.lr)")
+        if not main:
+            last_ckpt_step = step
+            return
         run = {"best": best, "running_loss": running_loss, "running_n": running_n,
                "wall": wall_before + time.perf_counter() - start, "metrics_lines": len(metrics_lines),
                "flops": {"forward": flops.forward, "backward_data": flops.backward_data,
@@ -385,9 +468,22 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
                     in_step = True
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     method.before_step(step)
-                    loss = F.cross_entropy(model(x), y)
-                    if not torch.isfinite(loss):
-                        raise RunError(f"training diverged at step {step}: loss is {loss.item()}; the last good "
+                    if distributed:
+                        # Sum over this rank's share, scaled so that DDP's gradient average is the mean over
+                        # the global batch (exact also for the epoch's last, unevenly split batch).
+                        n_step = min(global_batch, n_train - (step % steps_per_epoch) * global_batch)
+                        loss_sum = F.cross_entropy(net(x), y, reduction="sum")
+                        loss = loss_sum * (world / n_step)
+                        stat = torch.stack([loss_sum.detach().double(),
+                                            torch.tensor(float(y.shape[0]), dtype=torch.float64, device=device)])
+                        dist.all_reduce(stat)
+                        step_loss, step_n = float(stat[0]) / float(stat[1]), n_step
+                    else:
+                        loss = F.cross_entropy(net(x), y)
+                        step_loss, step_n = None, y.shape[0]
+                    if not math.isfinite(step_loss if step_loss is not None else loss.item()):
+                        raise RunError(f"training diverged at step {step}: loss is "
+                                       f"{step_loss if step_loss is not None else loss.item()}; the last good "
                                        f"{_last_good(out, last_ckpt_step)} (lower optim.lr)")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -395,11 +491,13 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
                     optimizer.step()
                     scheduler.step()
                     method.after_step(step)
-                    flops.add_step(y.shape[0], {n: method.densities(n, step) for n in ctx.layers})
-                    running_loss += loss.item() * y.shape[0]
-                    running_n += y.shape[0]
+                    if step_loss is None:
+                        step_loss = loss.item()
+                    flops.add_step(step_n, {n: method.densities(n, step) for n in ctx.layers})
+                    running_loss += step_loss * step_n
+                    running_n += step_n
                     step += 1
-                    bar.update(task, advance=1, loss=loss.item())
+                    bar.update(task, advance=1, loss=step_loss)
 
                     do_eval = step % eval_every == 0 or step == total_steps
                     do_ckpt = step % ckpt_every == 0 or step == total_steps
@@ -410,6 +508,7 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
                     if do_eval:
                         acc, test_loss = evaluate(model, test_loader, device)
                         masks = method.masks()
+                        check_masks_agree(masks, device, step)
                         record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                                   "loss": running_loss / max(running_n, 1), "test_loss": test_loss, "accuracy": acc,
                                   "lr": optimizer.param_groups[0]["lr"],
@@ -418,7 +517,8 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
                         running_loss, running_n = 0.0, 0
                         best = max(best, acc)
                         metrics_lines.append(json.dumps(record))
-                        save_text("\n".join(metrics_lines) + "\n", out / "metrics.jsonl")
+                        if main:
+                            save_text("\n".join(metrics_lines) + "\n", out / "metrics.jsonl")
                         bar.update(task, acc=f"{acc:.2f}%")
                     if do_ckpt:
                         save_checkpoint()
@@ -435,6 +535,7 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
     wall = wall_before + time.perf_counter() - start
     # Fold the masks into the weights, check every sparse layer, and evaluate what a user deploys.
     final_masks = method.masks()
+    check_masks_agree(final_masks, device, step)
     unroute_forward(ctx.layers)
     sparse_layers = {}
     with torch.no_grad():
@@ -452,7 +553,8 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
                                                "layout": spec.sparsity.layout}
     final_acc, final_loss = evaluate(model, test_loader, device)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(out / "model.pt", lambda tmp: torch.save(state, tmp))
+    if main:
+        atomic_write(out / "model.pt", lambda tmp: torch.save(state, tmp))
 
     summary = {
         "name": spec.name, "method": method_cls.name, "method_params": params_dict(params),
@@ -463,7 +565,10 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
         "sparse_layers": sparse_layers, "skipped_layers": plan.skipped if not dense else {},
         "train_flops": flops.summary(),
     }
-    _save_json(summary, out / "summary.json")
+    if distributed:
+        summary["processes"] = world
+    if main:
+        _save_json(summary, out / "summary.json")
     if console is not None:
         console.print(summary_table(summary))
     return RunResult(out, summary)

@@ -62,6 +62,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
@@ -189,6 +190,12 @@ class BAME(Method):
             if not grads:
                 continue
             g_full = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0]
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # dW~ is no parameter gradient, so DDP does not average it: without this every rank
+                # would score its own mini-batch share and choose different blocks.
+                g_full = g_full.clone()
+                dist.all_reduce(g_full)
+                g_full /= dist.get_world_size()
             mask = self._mask(name, mod)
             w = to_matrix(mod.weight.detach(), layout).float()
             g = to_matrix(g_full, layout).float()
