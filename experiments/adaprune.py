@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Subset
 from ..data import build_datasets, build_loaders
 from ..sparsity import LAYOUTS, Pattern, from_matrix, make_mask, nm_violation, to_matrix
 from .io import CheckpointError, atomic_write, load_state_dict, save_text
-from .layers import gemm, plan_layers
+from .layers import plan_layers
 from .models import build_model
 from .runner import RUN_FILES, check_out_dir, evaluate, resolve_device
 from .spec import Spec, SpecError, dump_spec, from_dict, read_yaml

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..sparsity import LAYOUTS, Pattern, from_matrix, nm_violation, parse_pattern, shape_violation, to_matrix
-from .io import CheckpointError, atomic_write, load_state_dict
+from .io import atomic_write, load_state_dict
 
 FORMAT = "nmtrain-nm-compressed"
 VERSION = 1

@@ -26,6 +26,24 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def safe_load(path: Path, field: str) -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt or unsafe files raise many types
+        text = str(exc)
+        if "Unsupported global" in text or "unsupported GLOBAL" in text:
+            raise CheckpointError(f"{field}: {path} holds Python objects beyond tensors; refused by "
+                                  "weights-only loading (nmtrain never unpickles code)") from None
+        if "Weights only load failed" in text:    # not a torch.save zip file: raw bytes or a bare pickle
+            tail = text.split("WeightsUnpickler error:", 1)[-1].split("trusted source.", 1)[-1]
+            raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({_first_line(ValueError(tail))}; "
+                                  "refused by weights-only loading)") from None
+        raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({_first_line(exc)})") from None
+
+
 def load_state_dict(path: str | os.PathLike, field: str = "INPUT") -> dict[str, torch.Tensor]:
     """A flat ``{name: Tensor}`` state_dict from a ``.pt`` file, or from a run directory's ``model.pt``."""
     path = Path(path)
@@ -36,15 +54,7 @@ def load_state_dict(path: str | os.PathLike, field: str = "INPUT") -> dict[str, 
         path = path / "model.pt"
     if not path.is_file():
         raise CheckpointError(f"{field}: {path} does not exist")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated, corrupt or unsafe files
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(f"{field}: {path} holds Python objects beyond tensors; refused by "
-                                  "weights-only loading (nmtrain never unpickles code)") from None
-        raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({_first_line(exc)})") from None
+    obj = safe_load(path, field)
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{field}: {path} holds a {type(obj).__name__}, not a state_dict of named tensors")
     for key, value in obj.items():

@@ -37,7 +37,6 @@ import random
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +52,13 @@ from torch.nn import functional as F
 from ..data import build_datasets, build_loaders
 from ..data.loaders import set_epoch
 from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, nm_violation, parse_pattern
-from .io import CheckpointError, _first_line, atomic_write, load_state_dict, save_text
+from .io import CheckpointError, _first_line, atomic_write, load_state_dict, safe_load, save_text
 from .layers import plan_layers, route_forward, unroute_forward
 from .methods import Context, MethodError, build_params, get_method, params_dict
 from .methods.ste import change_rate
 from .models import build_model
 from .flops import FlopCounter, macs_per_sample
-from .spec import Spec, SpecError, dump_spec, to_dict
+from .spec import Spec, SpecError, dump_spec
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt", "model.pt", "summary.json")
 
@@ -217,21 +216,7 @@ def load_checkpoint(path: Path, field: str = "--resume") -> dict:
     """A training checkpoint, loaded weights-only (a pickle that would run code is refused)."""
     if not path.is_file():
         raise CheckpointError(f"{field}: {path} does not exist; there is no checkpoint to resume from")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, corrupt or unsafe files raise many types
-        text = str(exc)
-        if "Unsupported global" in text or "unsupported GLOBAL" in text:
-            raise CheckpointError(f"{field}: {path} holds Python objects beyond tensors; refused by "
-                                  "weights-only loading (nmtrain never unpickles code)") from None
-        if "Weights only load failed" in text:    # not a torch.save zip file: raw bytes or a bare pickle
-            tail = text.split("WeightsUnpickler error:", 1)[-1].split("trusted source.", 1)[-1]
-            detail = _first_line(ValueError(tail))
-            raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({detail}; refused by "
-                                  "weights-only loading)") from None
-        raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({_first_line(exc)})") from None
+    obj = safe_load(path, field)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{field}: {path} holds a {type(obj).__name__}, not an nmtrain checkpoint")
     missing = [k for k in _CKPT_KEYS if k not in obj]

@@ -7,7 +7,6 @@ the epoch's last batch 52 samples, split 26/26, so the uneven-batch path is exer
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch

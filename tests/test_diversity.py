@@ -1,6 +1,5 @@
 """Mask diversity: exact counts checked against brute-force enumeration on tiny blocks."""
 
-import itertools
 import math
 
 import pytest

@@ -180,7 +180,7 @@ class BAME(Method):
 
     @torch.no_grad()
     def _update(self, step: int, pending: dict[str, list[torch.Tensor]]) -> None:
-        n, m = self.pattern.n, self.pattern.m
+        m = self.pattern.m
         layout, prm = self.ctx.layout, self.params
         frac = self.fraction_at(step)
         totals = {"blocks": 0, "frozen": 0, "scored": 0, "adapted": 0, "swaps": 0}
