@@ -99,6 +99,36 @@ class Method:
         pass
 
 
+class StoredMaskMethod(Method):
+    """A method that holds one keep-mask per layer: computed on first use, saved in checkpoints.
+
+    Subclasses say how the first masks are made (``init_masks``) and when to recompute them.
+    """
+
+    def __init__(self, params: Any, ctx: Context):
+        super().__init__(params, ctx)
+        self._masks: dict[str, torch.Tensor] = {}
+
+    def init_masks(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def mask(self, name: str) -> torch.Tensor:
+        if not self._masks:   # first use, possibly an evaluation before the first step
+            self._masks = self.init_masks()
+        return self._masks[name]
+
+    def masks(self):
+        if not self._masks:
+            self._masks = self.init_masks()
+        return dict(self._masks)
+
+    def state_dict(self):
+        return {"masks": dict(self._masks)}
+
+    def load_state_dict(self, state):
+        self._masks = dict(state.get("masks", {}))
+
+
 _METHODS: dict[str, type[Method]] = {}
 
 

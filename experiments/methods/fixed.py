@@ -10,33 +10,24 @@ from __future__ import annotations
 import torch
 
 from ...sparsity import make_mask
-from . import Method, register_method
+from . import StoredMaskMethod, register_method
 
 
 @register_method("fixed")
-class Fixed(Method):
+class Fixed(StoredMaskMethod):
     accepts_transposable = True
     summary = "ASP-style: magnitude N:M mask computed once, then fixed"
 
-    def __init__(self, params, ctx):
-        super().__init__(params, ctx)
-        self._masks: dict[str, torch.Tensor] = {}
+    @torch.no_grad()
+    def init_masks(self):
+        return {name: make_mask(mod.weight, self.ctx.pattern, self.ctx.layout, self.ctx.solver)
+                for name, mod in self.ctx.layers.items()}
 
     def before_step(self, step: int) -> None:
-        if not self._masks:
-            with torch.no_grad():
-                for name, mod in self.ctx.layers.items():
-                    self._masks[name] = make_mask(mod.weight, self.ctx.pattern, self.ctx.layout, self.ctx.solver)
+        self.masks()    # computed once, at the first step, from the weights the run starts with
 
     def forward_weight(self, name, module):
-        if name not in self._masks:   # evaluation before the first step
-            self.before_step(0)
-        return module.weight * self._masks[name]
-
-    def masks(self):
-        if not self._masks:
-            self.before_step(0)
-        return dict(self._masks)
+        return module.weight * self.mask(name)
 
     def export_pattern(self, name):
         return self.ctx.pattern
@@ -45,9 +36,3 @@ class Fixed(Method):
         r = self.ctx.pattern.density
         # forward N:M along K; backward-data N:M along C_out only for -T; dW needed at kept entries only
         return r, (r if self.ctx.pattern.transposable else 1.0), r
-
-    def state_dict(self):
-        return {"masks": dict(self._masks)}
-
-    def load_state_dict(self, state):
-        self._masks = dict(state.get("masks", {}))

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ...sparsity import Pattern, transposable_mask
-from . import Method, register_method
+from . import StoredMaskMethod, register_method
 from .ste import ste_mask
 
 
@@ -29,7 +29,7 @@ class TransposableParams:
 
 
 @register_method("transposable")
-class Transposable(Method):
+class Transposable(StoredMaskMethod):
     accepts_transposable = True
     Params = TransposableParams
     needs_transposable = True
@@ -37,30 +37,25 @@ class Transposable(Method):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        self._masks: dict[str, torch.Tensor] = {}
         self.pattern = Pattern(ctx.pattern.n, ctx.pattern.m, transposable=True)
 
     @torch.no_grad()
-    def _update(self, solver: str) -> None:
+    def _compute(self, solver: str) -> dict[str, torch.Tensor]:
         p = self.pattern
-        self._masks = {name: transposable_mask(mod.weight, p.n, p.m, solver=solver, layout=self.ctx.layout)
-                       for name, mod in self.ctx.layers.items()}
+        return {name: transposable_mask(mod.weight, p.n, p.m, solver=solver, layout=self.ctx.layout)
+                for name, mod in self.ctx.layers.items()}
+
+    def init_masks(self):
+        return self._compute(self.params.first_solver)
 
     def before_step(self, step: int) -> None:
         if not self._masks:
-            self._update(self.params.first_solver)
+            self._masks = self.init_masks()
         elif step % self.params.mask_interval == 0:
-            self._update(self.params.solver or self.ctx.solver)
+            self._masks = self._compute(self.params.solver or self.ctx.solver)
 
     def forward_weight(self, name, module):
-        if not self._masks:
-            self._update(self.params.first_solver)
-        return ste_mask(module.weight, self._masks[name], self.params.decay)
-
-    def masks(self):
-        if not self._masks:
-            self._update(self.params.first_solver)
-        return dict(self._masks)
+        return ste_mask(module.weight, self.mask(name), self.params.decay)
 
     def export_pattern(self, name):
         return self.pattern
@@ -68,9 +63,3 @@ class Transposable(Method):
     def densities(self, name, step):
         r = self.pattern.density
         return r, r, 1.0
-
-    def state_dict(self):
-        return {"masks": dict(self._masks)}
-
-    def load_state_dict(self, state):
-        self._masks = dict(state.get("masks", {}))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ...sparsity import magnitude, unstructured_mask
-from . import Method, MethodError, register_method
+from . import MethodError, StoredMaskMethod, register_method
 
 
 @dataclass
@@ -29,7 +29,7 @@ class UnstructuredParams:
 
 
 @register_method("unstructured")
-class Unstructured(Method):
+class Unstructured(StoredMaskMethod):
     Params = UnstructuredParams
     summary = "magnitude pruning to density N/M, no structure (layer or global, fixed or gradual)"
 
@@ -39,7 +39,6 @@ class Unstructured(Method):
             raise MethodError(f"method.params.scope: {params.scope!r} is unknown; use layer or global")
         if not 0.0 <= params.start <= params.end <= 1.0:
             raise MethodError("method.params.start/end: need 0 <= start <= end <= 1 (fractions of training)")
-        self._masks: dict[str, torch.Tensor] = {}
 
     def target_density(self, step: int) -> float:
         final = self.ctx.pattern.density
@@ -52,37 +51,26 @@ class Unstructured(Method):
         return 1.0 - (1.0 - final) * (1.0 - (1.0 - progress) ** 3)
 
     @torch.no_grad()
-    def _update(self, step: int) -> None:
+    def _compute(self, step: int) -> dict[str, torch.Tensor]:
         density = self.target_density(step)
         layers = self.ctx.layers
         if self.params.scope == "layer":
-            self._masks = {n: unstructured_mask(m.weight, density) for n, m in layers.items()}
-            return
+            return {n: unstructured_mask(m.weight, density) for n, m in layers.items()}
         scores = torch.cat([magnitude(m.weight).reshape(-1) for m in layers.values()])
         k = int(round(density * scores.numel()))
         threshold = scores.topk(k).values.min() if k else float("inf")
-        self._masks = {n: magnitude(m.weight) >= threshold for n, m in layers.items()}
+        return {n: magnitude(m.weight) >= threshold for n, m in layers.items()}
+
+    def init_masks(self):
+        return self._compute(0)
 
     def before_step(self, step: int) -> None:
         if not self._masks or (self.params.gradual and step % self.params.interval == 0
                                and step <= self.params.end * self.ctx.total_steps + self.params.interval):
-            self._update(step)
+            self._masks = self._compute(step)
 
     def forward_weight(self, name, module):
-        if not self._masks:
-            self._update(0)
-        return module.weight * self._masks[name]
-
-    def masks(self):
-        if not self._masks:
-            self._update(0)
-        return dict(self._masks)
+        return module.weight * self.mask(name)
 
     def densities(self, name, step):
         return 1.0, 1.0, self.target_density(step)
-
-    def state_dict(self):
-        return {"masks": dict(self._masks)}
-
-    def load_state_dict(self, state):
-        self._masks = dict(state.get("masks", {}))
