@@ -278,15 +278,14 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
     """Train ``spec`` into the run directory ``spec.out``; with ``resume``, continue the run there from its
     checkpoint.pt (``spec`` must then be the run's saved config.yaml). Under torchrun (``WORLD_SIZE > 1``)
     every process calls this; rank 0 alone writes and prints."""
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
     world = world_size()
     if world == 1 or (dist.is_available() and dist.is_initialized()):
         return _train(spec, overwrite, console, progress, resume)
     validate(spec)
     out = Path(spec.out)
-    if resume:
-        if overwrite:
-            raise RunError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
-    else:
+    if not resume:
         check_out_dir(out, overwrite)   # every rank, before rank 0 can write anything (init is a rendezvous)
     device = resolve_device(spec.device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -308,8 +307,6 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
     main = rank == 0
     ckpt = None
     if resume:
-        if overwrite:
-            raise RunError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
         ckpt = load_checkpoint(out / "checkpoint.pt")
     elif not checked:
         check_out_dir(out, overwrite)
@@ -465,10 +462,9 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
                         step_loss, step_n = float(stat[0]) / float(stat[1]), n_step
                     else:
                         loss = F.cross_entropy(net(x), y)
-                        step_loss, step_n = None, y.shape[0]
-                    if not math.isfinite(step_loss if step_loss is not None else loss.item()):
-                        raise RunError(f"training diverged at step {step}: loss is "
-                                       f"{step_loss if step_loss is not None else loss.item()}; the last good "
+                        step_loss, step_n = loss.item(), y.shape[0]   # one host sync per step
+                    if not math.isfinite(step_loss):
+                        raise RunError(f"training diverged at step {step}: loss is {step_loss}; the last good "
                                        f"{_last_good(out, last_ckpt_step)} (lower optim.lr)")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -476,8 +472,6 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
                     optimizer.step()
                     scheduler.step()
                     method.after_step(step)
-                    if step_loss is None:
-                        step_loss = loss.item()
                     flops.add_step(step_n, {n: method.densities(n, step) for n in ctx.layers})
                     running_loss += step_loss * step_n
                     running_n += step_n
