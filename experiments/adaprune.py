@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Subset
 from ..data import build_datasets, build_loaders
 from ..sparsity import LAYOUTS, Pattern, from_matrix, make_mask, nm_violation, to_matrix
 from .io import CheckpointError, atomic_write, load_state_dict, save_text
-from .layers import plan_layers
+from .layers import gemm, plan_layers
 from .models import build_model
 from .runner import RUN_FILES, check_out_dir, evaluate, resolve_device
 from .spec import Spec, SpecError, dump_spec, from_dict, read_yaml
@@ -125,16 +125,10 @@ def relative_error(module: nn.Module, x: torch.Tensor, y: torch.Tensor, weight: 
     num = den = 0.0
     with torch.no_grad():
         for i in range(0, x.shape[0], chunk):
-            out = _layer_out(module, x[i:i + chunk], weight, bias)
+            out = gemm(module, x[i:i + chunk], weight, bias)
             num += float((out - y[i:i + chunk]).double().pow(2).sum())
             den += float(y[i:i + chunk].double().pow(2).sum())
     return num / den if den > 0 else num
-
-
-def _layer_out(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(module, nn.Linear):
-        return F.linear(x, weight, bias)
-    return module._conv_forward(x, weight, bias)
 
 
 class _Stop(Exception):
@@ -212,7 +206,7 @@ def reconstruct(module: nn.Module, mask: torch.Tensor, init: torch.Tensor, x: to
     n = x.shape[0]
     for step in range(iters):
         idx = torch.randint(0, n, (min(batch, n),), generator=generator).to(x.device)
-        loss = F.mse_loss(_layer_out(module, x[idx], weight, bias), y[idx])
+        loss = F.mse_loss(gemm(module, x[idx], weight, bias), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         weight.grad.mul_(keep)
@@ -368,7 +362,7 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
             b_orig = None if mod.bias is None else mod.bias.detach()
             x_orig = capture_inputs(original, mod, calib, chunk, device)
             with torch.no_grad():
-                y = torch.cat([_layer_out(mod, x_orig[j:j + chunk], w_orig, b_orig)
+                y = torch.cat([gemm(mod, x_orig[j:j + chunk], w_orig, b_orig)
                                for j in range(0, x_orig.shape[0], chunk)])
             x = capture_inputs(pruned, pruned_mods[name], calib, chunk, device) if settings.sequential else x_orig
             if settings.sequential:

@@ -67,11 +67,16 @@ def plan_layers(model: nn.Module, pattern: Pattern, layout: str, include: list[s
     return LayerPlan(sparse, skipped)
 
 
-def gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The layer's own operation with ``weight`` in place of its parameter."""
+_OWN_BIAS = object()
+
+
+def gemm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias=_OWN_BIAS) -> torch.Tensor:
+    """The layer's own operation with ``weight`` (and ``bias``, if given) in place of its parameters."""
+    if bias is _OWN_BIAS:
+        bias = module.bias
     if isinstance(module, nn.Linear):
-        return F.linear(x, weight, module.bias)
-    return module._conv_forward(x, weight, module.bias)
+        return F.linear(x, weight, bias)
+    return module._conv_forward(x, weight, bias)
 
 
 def route_forward(layers: dict[str, nn.Module], method) -> None:
