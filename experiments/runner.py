@@ -8,7 +8,7 @@ routes the sparse layers' forward through the method found by name, and records 
     DIR/checkpoint.pt    model, optimizer, scheduler, method state (masks), RNG states, step, and the
                          run's counters (best accuracy, running loss, FLOPs, wall time, metrics lines)
     DIR/model.pt         final state_dict with masks folded in: pruned weights exactly zero
-    DIR/summary.json     method, pattern, accuracies, wall time, sparse layers, training FLOPs
+    DIR/summary.json     method, pattern, accuracies, wall time, sparse layers, training FLOPs, accel
 
 Every file is written to a temporary name and renamed, so a killed run never leaves half a file.
 
@@ -52,6 +52,7 @@ from torch.nn import functional as F
 from ..data import build_datasets, build_loaders
 from ..data.loaders import set_epoch
 from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, nm_violation, parse_pattern
+from . import accel as accel_mod
 from .io import CheckpointError, _first_line, atomic_write, load_state_dict, safe_load, save_text
 from .layers import plan_layers, route_forward, unroute_forward
 from .methods import Context, MethodError, build_params, get_method, params_dict
@@ -202,6 +203,7 @@ def validate(spec: Spec):
                           "use method transposable (or fixed)")
     if cls.needs_transposable:
         pattern = Pattern(pattern.n, pattern.m, transposable=True)
+    accel_mod.check_spec(spec.accel, cls.name, pattern)
     if spec.train.epochs < 1:
         raise SpecError("train.epochs: must be at least 1")
     if spec.data.batch_size < 1:
@@ -348,7 +350,8 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
         total_steps = min(total_steps, spec.train.max_steps)
     dense = method_cls.name == "dense"
     ctx = Context(layers={} if dense else plan.sparse, pattern=pattern, layout=spec.sparsity.layout,
-                  solver=spec.sparsity.solver, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+                  solver=spec.sparsity.solver, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                  accel=spec.accel)
     method = method_cls(params, ctx)
     route_forward(ctx.layers, method)
     net = model
@@ -543,6 +546,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
         "epochs": round(step / steps_per_epoch, 4), "steps": step, "wall_seconds": wall,
         "sparse_layers": sparse_layers, "skipped_layers": plan.skipped if not dense else {},
         "train_flops": flops.summary(),
+        "accel": method.accel_report() or {"mode": spec.accel, "sparse_layers": [], "fallback": {}},
     }
     if distributed:
         summary["processes"] = world

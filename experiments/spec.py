@@ -101,6 +101,7 @@ class Spec:
     name: str = "experiment"
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda | cuda:N
+    accel: str = "none"                 # none | semi_structured (2:4 sparse kernels, transposable 2:4 only)
     out: str = "runs/experiment"
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)

@@ -42,6 +42,7 @@ class Context:
     solver: str
     total_steps: int
     steps_per_epoch: int
+    accel: str = "none"             # spec.accel: "semi_structured" runs 2:4 layers on sparse kernels (experiments/accel.py)
 
 
 @dataclass
@@ -90,6 +91,10 @@ class Method:
     def densities(self, name: str, step: int) -> tuple[float, float, float]:
         """Share of (forward, backward-data, backward-weight) GEMM MACs that N:M hardware must do."""
         return 1.0, 1.0, 1.0
+
+    def accel_report(self) -> dict | None:
+        """Which layers ran on sparse kernels and which fell back, and why (None: no ``accel``)."""
+        return None
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

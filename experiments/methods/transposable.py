@@ -6,6 +6,10 @@ recomputes it every ``mask_interval`` (40) iterations with the 2-approximation; 
 ``solver: null`` uses ``sparsity.solver`` (``exact``), which is fast enough to replace the
 approximation; set ``solver: approx`` for the paper's recipe. Weight gradient straight through to
 all weights, with the SR-STE decay on pruned ones. Training MACs: F * (2r + 1).
+
+With ``accel: semi_structured`` (2:4 only) the Linear layers that the GPU and torch can run go
+through real 2:4 kernels for the forward and backward-data GEMMs (``experiments/accel.py``); the
+others, and every Conv2d, run the masked-dense path below, named in one warning and in summary.json.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Optional
 import torch
 
 from ...sparsity import Pattern, transposable_mask
-from . import StoredMaskMethod, register_method
+from ..accel import plan_accel
+from . import MethodError, StoredMaskMethod, register_method
 from .ste import ste_mask
 
 
@@ -38,6 +43,11 @@ class Transposable(StoredMaskMethod):
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
         self.pattern = Pattern(ctx.pattern.n, ctx.pattern.m, transposable=True)
+        self.accel = None
+        if ctx.accel == "semi_structured":
+            if (self.pattern.n, self.pattern.m) != (2, 4):
+                raise MethodError(f"accel: semi_structured needs pattern 2:4, not {self.pattern}")
+            self.accel = plan_accel(ctx.layers)
 
     @torch.no_grad()
     def _compute(self, solver: str) -> dict[str, torch.Tensor]:
@@ -56,6 +66,15 @@ class Transposable(StoredMaskMethod):
 
     def forward_weight(self, name, module):
         return ste_mask(module.weight, self.mask(name), self.params.decay)
+
+    def layer_forward(self, name, module, x):
+        sparse = self.accel.sparse.get(name) if self.accel is not None else None
+        if sparse is None:      # masked dense: W~ = W * E through the layer's own GEMM
+            return super().layer_forward(name, module, x)
+        return sparse(x, module.weight, module.bias, self.mask(name), self.params.decay)
+
+    def accel_report(self):
+        return None if self.accel is None else self.accel.report()
 
     def export_pattern(self, name):
         return self.pattern
