@@ -4,6 +4,7 @@ Exactness is checked tile by tile against the networkx min-cost flow on random a
 tiles (ties, zeros, equal rows, duplicate columns) for M = 4, 8, 16, 32 and many N.
 """
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -160,3 +161,116 @@ def test_approx_prunes_nothing_when_the_optimum_prunes_nothing():
 def test_empty_and_trivial_inputs():
     assert fast(torch.zeros(0, 8, 8), 4).shape == (0, 8, 8)
     _assert_valid(fast(torch.rand(3, 8, 8), 8), 8)
+
+
+# --- the compiled per-tile solvers (numba, CPU) --------------------------------------------------
+
+from nmtrain.sparsity.solvers import compiled  # noqa: E402
+from nmtrain.sparsity.solvers.cycles import quantise  # noqa: E402
+from nmtrain.sparsity.solvers.greedy import vectorised_approx  # noqa: E402
+
+compiled_exact = get_solver("compiled").fn
+
+
+def _assert_compiled_optimal(scores: torch.Tensor, n: int) -> torch.Tensor:
+    keep = compiled_exact(scores, n)
+    assert compiled.stats["fallback"] == 0
+    _assert_valid(keep, n)
+    got, want = pruned_magnitude(scores, keep), pruned_magnitude(scores, flow(scores, n))
+    top = scores.double().amax((1, 2))
+    assert bool(((got - want).abs() <= 1e-9 * (1 + top)).all()), (got - want).abs().max()
+    return keep
+
+
+@pytest.mark.parametrize("m,ns,t", [(4, [1, 2, 3], 20), (6, [2, 3, 5], 10), (8, range(1, 8), 6),
+                                    (16, [1, 4, 8, 13, 15], 2), (32, [16, 5, 31], 1)])
+def test_compiled_matches_flow_on_random_and_adversarial_tiles(m, ns, t):
+    gen = torch.Generator().manual_seed(100 + m)
+    scores = torch.cat([torch.rand(4 * t, m, m, generator=gen), torch.randn(t, m, m, generator=gen).abs() ** 3,
+                        _adversarial(t, m, gen)])
+    for n in ns:
+        _assert_compiled_optimal(scores, n)
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.sampled_from([4, 6, 8]), data=st.data())
+def test_property_compiled_is_optimal_on_small_integer_tiles(m, data):
+    n = data.draw(st.integers(1, m - 1))
+    values = data.draw(st.lists(st.integers(0, 3), min_size=3 * m * m, max_size=3 * m * m))
+    _assert_compiled_optimal(torch.tensor(values, dtype=torch.float32).reshape(3, m, m), n)
+
+
+def test_compiled_quantises_exactly_like_the_reference():
+    gen = torch.Generator().manual_seed(9)
+    for dtype in (torch.float32, torch.float64):
+        tile = (torch.rand(8, 8, generator=gen, dtype=dtype) ** 4).numpy()
+        q = np.empty((8, 8), np.int64)
+        compiled._quantise(tile, q)
+        assert np.array_equal(q, quantise(torch.from_numpy(tile).unsqueeze(0))[0].numpy())
+
+
+def test_compiled_is_deterministic_whatever_the_thread_count():
+    scores = tile_scores(torch.randn(512, 512, generator=torch.Generator().manual_seed(2)), 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = compiled_exact(scores, 4), approx(scores, 4)
+        torch.set_num_threads(max(2, threads))
+        many = compiled_exact(scores.clone(), 4), approx(scores.clone(), 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+@pytest.mark.parametrize("m,n", [(4, 2), (8, 4), (16, 8), (8, 1)])
+def test_compiled_approx_is_the_vectorised_algorithm(m, n):
+    # Same Algorithm 1 tie rule, same completion; on tie-free tiles the two paths give the same masks.
+    scores = torch.rand(300, m, m, generator=torch.Generator().manual_seed(m + n))
+    assert torch.equal(approx(scores, n), vectorised_approx(scores, n))
+
+
+def test_compiled_approx_keeps_what_algorithm_1_keeps_when_it_is_complete():
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.cat([torch.rand(50, 8, 8, generator=gen), torch.randint(0, 3, (50, 8, 8), generator=gen).float()])
+    greedy = torch.tensor([_algorithm_1(tile, 4) for tile in scores.tolist()])
+    complete = (greedy.sum(1) == 4).all(1) & (greedy.sum(2) == 4).all(1)
+    assert 10 < int(complete.sum()) < 100
+    assert torch.equal(approx(scores, 4)[complete], greedy[complete])
+
+
+def test_compiled_exact_beats_or_ties_approx_and_takes_fp16():
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(6))
+    scores = tile_scores(w, 8)
+    exact, rough = compiled_exact(scores, 4), approx(scores, 4)
+    assert bool((pruned_magnitude(scores, exact) <= pruned_magnitude(scores, rough) + 1e-9).all())
+    assert float(pruned_magnitude(scores, exact).sum()) < float(pruned_magnitude(scores, rough).sum())
+    half = tile_scores(w.half(), 8)
+    assert torch.equal(compiled_exact(half, 4), compiled_exact(half.float(), 4))
+
+
+def test_compiled_flagged_tiles_are_solved_by_flow(monkeypatch):
+    scores = torch.rand(6, 8, 8, generator=torch.Generator().manual_seed(8))
+    real = compiled.solve_tiles
+
+    def flag_two(s, n, exact):
+        keep, failed = real(s, n, exact)
+        keep[1:3] = False            # a "failed" tile's mask is garbage; the wrapper must not keep it
+        failed[1:3] = True
+        return keep, failed
+
+    monkeypatch.setattr(compiled, "solve_tiles", flag_two)
+    keep = compiled_exact(scores, 4)
+    assert compiled.stats["fallback"] == 2
+    _assert_valid(keep, 4)
+    assert torch.allclose(pruned_magnitude(scores, keep), pruned_magnitude(scores, flow(scores, 4)))
+
+
+def test_exact_uses_the_compiled_path_on_cpu(monkeypatch):
+    calls = []
+    real = compiled.compiled_solver
+    monkeypatch.setattr(compiled, "compiled_solver", lambda s, n: calls.append(n) or real(s, n))
+    scores = torch.rand(4, 8, 8)
+    _assert_valid(get_solver("exact").fn(scores, 4), 4)
+    assert calls == [4]
+    get_solver("exact").fn(torch.rand(4, 4, 4), 2)     # 2:4 enumerates (one matmul)
+    assert calls == [4]

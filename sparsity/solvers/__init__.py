@@ -43,6 +43,14 @@ def list_solvers() -> list[SolverInfo]:
     return list(_SOLVERS.values())
 
 
+def trivial_keep(scores: torch.Tensor, n: int) -> torch.Tensor | None:
+    """The mask when there is nothing to choose (no tiles, keep none, keep all), else None."""
+    t, m, _ = scores.shape
+    if t == 0 or n in (0, m):
+        return torch.full(scores.shape, n == m, dtype=torch.bool, device=scores.device)
+    return None
+
+
 def get_solver(name: str) -> SolverInfo:
     if name not in _SOLVERS:
         raise ValueError(f"solver {name!r} is unknown; use one of: {', '.join(_SOLVERS)}")
@@ -55,3 +63,4 @@ from . import exact as _exact  # noqa: E402,F401
 from . import flow as _flow  # noqa: E402,F401
 from . import greedy as _greedy  # noqa: E402,F401
 from . import batched as _batched  # noqa: E402,F401
+from . import compiled as _compiled  # noqa: E402,F401

@@ -8,15 +8,16 @@ away, so nmtrain completes every tile to exactly N per row and column with augme
 bipartite residual graph (add a free entry, remove a kept one, add another, ...), which never lowers
 the count of any row or column that was already full.
 
-Everything runs on whole batches of tiles: M*M steps of vector work for the greedy pass, then a few
-breadth-first searches (at most 2M levels each) over the tiles that still fall short.
+Everything here runs on whole batches of tiles: M*M steps of vector work for the greedy pass, then a
+few breadth-first searches (at most 2M levels each) over the tiles that still fall short. That is the
+path on a GPU; on a CPU ``approx`` runs the same algorithm compiled, tile by tile (``compiled.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import register_solver
+from . import compiled, register_solver, trivial_keep
 from .cycles import cancel_cycles, quantise
 
 
@@ -137,7 +138,20 @@ def _augment_once(k: torch.Tensor, w: torch.Tensor, n: int, m: int) -> torch.Ten
     return k
 
 
-@register_solver("approx", exact=False,
-                 summary="greedy 2-approximation (Algorithm 1), vectorised, completed to exactly N per row/column")
-def approx_solver(scores: torch.Tensor, n: int) -> torch.Tensor:
+def vectorised_approx(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The tensor path (any device): Algorithm 1 over the whole batch, then ``complete``."""
     return complete(greedy_keep(scores, n), scores, n)
+
+
+@register_solver("approx", exact=False,
+                 summary="greedy 2-approximation (Algorithm 1) completed to exactly N per row/column; "
+                         "compiled per tile on CPU, vectorised tensor code on GPU")
+def approx_solver(scores: torch.Tensor, n: int) -> torch.Tensor:
+    m = scores.shape[-1]
+    trivial = trivial_keep(scores, n)
+    if trivial is not None:
+        return trivial
+    if scores.device.type == "cpu" and compiled.available() and m <= compiled.MAX_M:
+        # the same algorithm tile by tile (``compiled.py``): several times faster on a CPU
+        return compiled.compiled_keep(scores, n, exact=False)
+    return vectorised_approx(scores, n)
