@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import typer
+
+from ..experiments.accel import AccelFallbackWarning
 
 from .compare import compare
 from .diversity import diversity
@@ -27,7 +32,16 @@ app.command()(adaprune)
 app.command()(convert)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    # nmtrain's own warnings are messages for the user: one line, no source location.
+    if issubclass(category, AccelFallbackWarning):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     app()
 
 

@@ -554,3 +554,10 @@ def test_benchmark_masks_are_transposable():
     assert len(bench._tile_patterns()) == 90
     mask = bench.random_transposable_mask(16, 32, "cpu")
     assert nm_violation(mask, Pattern(2, 4, True), exact=True) is None
+
+
+def test_cli_prints_the_fallback_warning_as_one_plain_line(capsys):
+    from nmtrain.cli.main import _show_warning
+    _show_warning(accel.AccelFallbackWarning("accel semi_structured: 1 of 1 sparse layers run masked dense"),
+                  accel.AccelFallbackWarning, "runner.py", 355)
+    assert capsys.readouterr().err == "warning: accel semi_structured: 1 of 1 sparse layers run masked dense\n"
