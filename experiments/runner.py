@@ -452,7 +452,17 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
                         break
                     in_step = True
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    method.before_step(step)
+                    try:
+                        method.before_step(step)
+                    except ValueError:
+                        # a mask solver refuses non-finite weights: that is the divergence, say so
+                        if _finite(model):
+                            raise
+                        if step == 0:
+                            raise RunError("the starting weights are not finite (NaN/Inf); check model.init") from None
+                        raise RunError(f"training diverged at step {step - 1}: the weights are not finite after "
+                                       f"the update; the last good {_last_good(out, last_ckpt_step)} "
+                                       "(lower optim.lr)") from None
                     if distributed:
                         # Sum over this rank's share, scaled so that DDP's gradient average is the mean over
                         # the global batch (exact also for the epoch's last, unevenly split batch).

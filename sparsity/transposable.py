@@ -31,6 +31,8 @@ def transposable_mask(weight: torch.Tensor, n: int, m: int, solver: str = "exact
     """
     pattern = Pattern(n, m, transposable=True)
     require_fits(weight.shape, pattern, layout)
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("transposable_mask: the weight has NaN/Inf entries; a magnitude mask is undefined for them")
     solve = get_solver(solver).fn
     matrix = to_matrix(magnitude(weight), layout)
     tiles = to_tiles(matrix, m)

@@ -94,6 +94,7 @@ def _bad_pickle(path):
     ("solver", "--solver 'magic' is unknown"), ("layout", "--layout 'nchw' is unknown"),
     ("width8", "in_features=8 is not a multiple of M=3"), ("include", "matches no tensor"),
     ("include_misfit", "stem.weight (8, 3, 3, 3) cannot hold 2:4"),
+    ("nan", "fc.weight has 2 NaN/Inf entries"),
 ])
 def test_prune_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt, tmp_path, case, needle):
     src, pattern, extra = ckpt, "2:4", []
@@ -128,6 +129,12 @@ def test_prune_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt, tmp_path, c
         extra = ["--include", "nothing*"]
     elif case == "include_misfit":
         extra = ["--include", "stem.*"]
+    elif case == "nan":
+        src = tmp_path / "nan.pt"
+        w = torch.randn(8, 8)
+        w[1, 2], w[3, 4] = float("nan"), float("inf")
+        torch.save({"fc.weight": w}, src)
+        extra = ["--transposable"]
     out = tmp_path / "out.pt"
     result = _run("prune", src, "-o", out, "--pattern", pattern, *extra)
     assert result.exit_code == 2

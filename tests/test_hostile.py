@@ -173,3 +173,24 @@ def test_huge_learning_rate_diverges_without_a_checkpoint_of_bad_weights(tmp_pat
         ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (out / "model.pt").exists()
+
+
+def test_weights_gone_non_finite_before_a_mask_recompute_read_as_divergence(tmp_path, monkeypatch):
+    # The transposable solvers refuse NaN/Inf weights; when the update made them so, the run must stop
+    # with the divergence message, not a solver's error.
+    from nmtrain.experiments.methods import transposable
+    real = transposable.Transposable._compute
+
+    calls = []
+
+    def poison_then_compute(self, solver):
+        calls.append(solver)
+        if len(calls) == 3:                   # the recompute before step 3: poison one weight first
+            next(iter(self.ctx.layers.values())).weight.data[0, 0] = float("inf")
+        return real(self, solver)
+    monkeypatch.setattr(transposable.Transposable, "_compute", poison_then_compute)
+    out = tmp_path / "run"
+    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "--method", "transposable",
+                              "method.params.mask_interval=3"])
+    _one_line_exit_2(result, "training diverged at step 2: the weights are not finite after the update")
+    assert not (out / "model.pt").exists()

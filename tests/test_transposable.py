@@ -141,3 +141,10 @@ def test_solvers_on_cuda_match_cpu(solver):
     gpu = transposable_mask(w.cuda(), 2, 4, solver=solver)
     assert gpu.is_cuda
     assert kept_share(w, gpu.cpu()) == pytest.approx(kept_share(w, cpu), abs=1e-6)
+
+
+def test_non_finite_weights_are_refused_not_guessed():
+    w = torch.randn(8, 8)
+    w[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        transposable_mask(w, 4, 8)
