@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench gpu-check clean
 
 # A venv with the pinned torch/torchvision (served from this machine's disk), the project (editable)
 # with its test extras, and Debian's Fashion-MNIST when it is missing and apt is usable.
@@ -37,6 +37,11 @@ test: install
 bench: install
 	$(PY) benchmarks/masks.py
 	$(PY) benchmarks/train_step.py
+
+# Every GPU test and benchmark in one run (benchmarks/gpu_check.sh; on a GPU machine whose python already
+# has torch: `bash benchmarks/gpu_check.sh`).
+gpu-check: install
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs bench-results .pytest_cache
