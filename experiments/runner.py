@@ -62,6 +62,7 @@ from .flops import FlopCounter, macs_per_sample
 from .spec import Spec, SpecError, dump_spec
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt", "model.pt", "summary.json")
+NOT_FINITE_AFTER_UPDATE = "the weights are not finite after the update"
 
 
 class RunError(ValueError):
@@ -424,8 +425,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
     def save_checkpoint() -> None:
         nonlocal last_ckpt_step
         if not _finite(model):
-            raise RunError(f"training diverged at step {step}: the weights are not finite; the last good "
-                           f"{_last_good(out, last_ckpt_step)} (lower optim.lr)")
+            raise _diverged(step, "the weights are not finite", out, last_ckpt_step)
         if not main:
             last_ckpt_step = step
             return
@@ -460,9 +460,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
                             raise
                         if step == 0:
                             raise RunError("the starting weights are not finite (NaN/Inf); check model.init") from None
-                        raise RunError(f"training diverged at step {step - 1}: the weights are not finite after "
-                                       f"the update; the last good {_last_good(out, last_ckpt_step)} "
-                                       "(lower optim.lr)") from None
+                        raise _diverged(step - 1, NOT_FINITE_AFTER_UPDATE, out, last_ckpt_step) from None
                     if distributed:
                         # Sum over this rank's share, scaled so that DDP's gradient average is the mean over
                         # the global batch (exact also for the epoch's last, unevenly split batch).
@@ -477,8 +475,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
                         loss = F.cross_entropy(net(x), y)
                         step_loss, step_n = loss.item(), y.shape[0]   # one host sync per step
                     if not math.isfinite(step_loss):
-                        raise RunError(f"training diverged at step {step}: loss is {step_loss}; the last good "
-                                       f"{_last_good(out, last_ckpt_step)} (lower optim.lr)")
+                        raise _diverged(step, f"loss is {step_loss}", out, last_ckpt_step)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     method.after_backward(step)
@@ -494,9 +491,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
                     do_eval = step % eval_every == 0 or step == total_steps
                     do_ckpt = step % ckpt_every == 0 or step == total_steps
                     if (do_eval or do_ckpt) and not _finite(model):
-                        raise RunError(f"training diverged at step {step - 1}: the weights are not finite after "
-                                       f"the update; the last good {_last_good(out, last_ckpt_step)} "
-                                       "(lower optim.lr)")
+                        raise _diverged(step - 1, NOT_FINITE_AFTER_UPDATE, out, last_ckpt_step)
                     if do_eval:
                         acc, test_loss = evaluate(model, test_loader, device)
                         masks = method.masks()
@@ -525,24 +520,11 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
         raise Interrupted(out, step, last_ckpt_step) from None
 
     wall = wall_before + time.perf_counter() - start
-    # Fold the masks into the weights, check every sparse layer, and evaluate what a user deploys.
+    # Evaluate what a user deploys: the masks folded into plain weights.
     final_masks = method.masks()
     check_masks_agree(final_masks, device, step)
     unroute_forward(ctx.layers)
-    sparse_layers = {}
-    with torch.no_grad():
-        for name, mod in ctx.layers.items():
-            # where(), not a multiply: pruned entries become +0.0, never -0.0, so exports are bit-exact
-            mod.weight.copy_(torch.where(final_masks[name], mod.weight, torch.zeros_like(mod.weight)))
-            exp = method.export_pattern(name)
-            if exp is not None:
-                problem = nm_violation(mod.weight, exp, spec.sparsity.layout)
-                if problem is not None:
-                    raise RuntimeError(f"internal error: {name}.weight breaks {exp} after training: {problem}")
-            sparse_layers[f"{name}.weight"] = {"pattern": None if exp is None else str(exp),
-                                               "density": float(final_masks[name].float().mean()),
-                                               "transposable": bool(exp and exp.transposable),
-                                               "layout": spec.sparsity.layout}
+    sparse_layers = fold_masks(ctx.layers, final_masks, method.export_pattern, spec.sparsity.layout)
     final_acc, final_loss = evaluate(model, test_loader, device)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if main:
@@ -567,10 +549,35 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
     return RunResult(out, summary)
 
 
+@torch.no_grad()
+def fold_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor], export_pattern, layout: str) -> dict:
+    """Zero every pruned weight in place and check each layer against the pattern its method exports;
+    returns summary.json's ``sparse_layers`` (pattern, density, transposable, layout per weight)."""
+    report = {}
+    for name, mod in layers.items():
+        # where(), not a multiply: pruned entries become +0.0, never -0.0, so exports are bit-exact
+        mod.weight.copy_(torch.where(masks[name], mod.weight, torch.zeros_like(mod.weight)))
+        exp = export_pattern(name)
+        if exp is not None:
+            problem = nm_violation(mod.weight, exp, layout)
+            if problem is not None:
+                raise RuntimeError(f"internal error: {name}.weight breaks {exp} after training: {problem}")
+        report[f"{name}.weight"] = {"pattern": None if exp is None else str(exp),
+                                    "density": float(masks[name].float().mean()),
+                                    "transposable": bool(exp and exp.transposable), "layout": layout}
+    return report
+
+
 def _last_good(out: Path, last_ckpt_step: int | None) -> str:
     if last_ckpt_step is None:
         return "checkpoint: none was written yet"
     return f"checkpoint is {out / 'checkpoint.pt'} (step {last_ckpt_step})"
+
+
+def _diverged(step: int, what: str, out: Path, last_ckpt_step: int | None) -> RunError:
+    """The one message of a diverged run: where, what, the checkpoint to go back to, and the fix."""
+    return RunError(f"training diverged at step {step}: {what}; the last good {_last_good(out, last_ckpt_step)} "
+                    "(lower optim.lr)")
 
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, method, step: int, epoch: int,
