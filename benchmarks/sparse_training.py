@@ -38,13 +38,13 @@ from typing import Callable
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 from torch.nn import functional as F
 
 from nmtrain.experiments import accel
 from nmtrain.experiments.layers import plan_layers, route_forward
 from nmtrain.experiments.methods import Context, build_params, get_method
 from nmtrain.experiments.methods.ste import ste_mask
+from nmtrain.experiments.models import VisionTransformer
 from nmtrain.sparsity import Pattern, nm_violation
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -169,40 +169,7 @@ class _Stack:
         return ms, err
 
 
-# --- the end-to-end model -----------------------------------------------------------------------
-
-
-class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-class SmallViT(nn.Module):
-    """ViT on 224x224 images in 16x16 patches: patch embedding, ``depth`` blocks, mean-pooled head."""
-
-    def __init__(self, dim: int, depth: int, classes: int = 1000, patch: int = 16):
-        super().__init__()
-        self.patch = patch
-        self.embed = nn.Linear(3 * patch * patch, dim)
-        self.pos = nn.Parameter(torch.zeros(1, (224 // patch) ** 2, dim))
-        self.blocks = nn.Sequential(*[_Block(dim, max(dim // 64, 1)) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, images):
-        patches = F.unfold(images, self.patch, stride=self.patch).transpose(1, 2)
-        x = self.blocks(self.embed(patches) + self.pos)
-        return self.head(self.norm(x).mean(1))
+# --- the end-to-end model: the registry's ViT (experiments/models.py) at 224 px ----------------------
 
 
 def time_e2e(args, dtype, device) -> tuple[dict[str, float], int, int]:
@@ -212,7 +179,7 @@ def time_e2e(args, dtype, device) -> tuple[dict[str, float], int, int]:
     runs = {}
     for variant in ("dense", "transposable", "transposable+accel"):
         torch.manual_seed(0)
-        model = SmallViT(args.vit_dim, args.vit_depth).to(device=device, dtype=dtype)
+        model = VisionTransformer(1000, 3, 224, args.vit_dim, args.vit_depth, patch=16).to(device=device, dtype=dtype)
         if variant == "dense":
             cls, layers, mode = get_method("dense"), {}, "none"
         else:

@@ -330,10 +330,17 @@ class AccelPlan:
         by_reason: dict[str, list[str]] = {}
         for name, reason in self.fallback.items():
             by_reason.setdefault(reason, []).append(name)
-        parts = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
+        parts = "; ".join(f"{_some(names)}: {reason}" for reason, names in by_reason.items())
         total = len(self.fallback) + len(self.sparse)
         return (f"accel semi_structured: {len(self.fallback)} of {total} sparse layers run masked dense "
                 f"instead of the 2:4 kernels ({parts})")
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    """A few layer names and how many more (a ViT has dozens; summary.json lists them all)."""
+    if len(names) <= shown + 1:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown} more"
 
 
 def plan_accel(layers: dict[str, nn.Module], dtype: torch.dtype = DEFAULT_DTYPE,

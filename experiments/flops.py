@@ -19,7 +19,8 @@ from torch import nn
 
 
 def macs_per_sample(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
-    """Forward GEMM MACs of every Conv2d/Linear for one sample (measured with hooks on one pass)."""
+    """Forward GEMM MACs of every Conv2d/Linear for one sample (measured with hooks on one pass), and of
+    every module that declares ``matmul_macs(output)`` (activation x activation products, always dense)."""
     macs: dict[str, int] = {}
     hooks = []
     for name, mod in model.named_modules():
@@ -28,6 +29,11 @@ def macs_per_sample(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
                 per_out = module.in_features if isinstance(module, nn.Linear) else \
                     module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
                 macs[_name] = macs.get(_name, 0) + output.numel() // output.shape[0] * per_out
+            hooks.append(mod.register_forward_hook(hook))
+        elif hasattr(mod, "matmul_macs"):
+            # products of two activations (attention's Q K^T and A V): dense GEMMs with no weight
+            def hook(module, inputs, output, _name=name):
+                macs[_name] = macs.get(_name, 0) + module.matmul_macs(output[:1])
             hooks.append(mod.register_forward_hook(hook))
     was_training = model.training
     model.eval()

@@ -280,3 +280,77 @@ def resnet18(num_classes: int, in_channels: int, image_size: int, width: float) 
 def resnet50(num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
     """torchvision ResNet-50 (random init); 3x3 stride-1 stem without max pool when image_size <= 64."""
     return _torchvision_resnet("resnet50", num_classes, in_channels, image_size, width)
+
+
+# --- Vision Transformer (Dosovitskiy et al. 2021) ---------------------------------------------------
+# Almost all of a ViT's GEMMs are Linear layers on (batch x tokens) rows: the shape the 2:4 sparse
+# kernels of `accel: semi_structured` accelerate (experiments/accel.py), which convolutions are not.
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: one qkv Linear, scaled dot-product attention, an output Linear."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d))
+
+    @staticmethod
+    def matmul_macs(output: torch.Tensor) -> int:
+        """MACs of the two dense activation products (Q K^T and A V) per sample: experiments/flops.py
+        counts them so a ViT's training FLOPs are not flattered by leaving them out."""
+        _, t, d = output.shape
+        return 2 * t * t * d
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x)), MLP d -> 4d -> GELU -> d."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class VisionTransformer(nn.Module):
+    """Patches flattened and embedded by a Linear layer, learned position embeddings, ``depth`` blocks,
+    a final LayerNorm and a linear head on the mean of the tokens (no class token)."""
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, dim: int, depth: int,
+                 patch: int, heads: int | None = None) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ModelError(f"model.name: vit cuts {image_size}-pixel images into {patch}x{patch} patches, "
+                             f"which needs image_size divisible by {patch}")
+        self.patch = patch
+        self.embed = nn.Linear(in_channels * patch * patch, dim)
+        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, dim))
+        self.blocks = nn.Sequential(*[Block(dim, heads or max(dim // 64, 1)) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = F.unfold(images, self.patch, stride=self.patch).transpose(1, 2)   # (B, tokens, C*p*p)
+        x = self.blocks(self.embed(patches) + self.pos)
+        return self.head(self.norm(x).mean(1))
+
+
+@register_model("vit")
+def vit(num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
+    """ViT: 6 blocks of dim 128*width (multiple of 64), 4x MLP, patches of 4 px (16 px from 64 px up)."""
+    patch = 4 if image_size < 64 else 16
+    return VisionTransformer(num_classes, in_channels, image_size, scaled(128, width, multiple=64), 6, patch)

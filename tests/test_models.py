@@ -19,6 +19,7 @@ NATURAL = [
     ("vgg19", 3, 32),
     ("resnet18", 3, 32),
     ("resnet50", 3, 32),
+    ("vit", 1, 28),
 ]
 
 
@@ -119,3 +120,50 @@ def test_register_model_adds_a_model():
     finally:
         from nmtrain.experiments import models
         models._MODELS.pop("test_linear_probe")
+
+
+def test_vit_sizes_patches_and_counts_attention_macs():
+    from nmtrain.experiments.flops import macs_per_sample
+    model = build_model("vit", 10, 1, 28)
+    assert model.patch == 4 and model.pos.shape == (1, 49, 128) and len(model.blocks) == 6
+    assert build_model("vit", 10, 3, 224).patch == 16
+    assert build_model("vit", 10, 3, 32, width=0.3).head.in_features == 64      # multiple of 64, at least one
+    macs = macs_per_sample(model, torch.randn(1, 1, 28, 28))
+    t, d = 49, 128
+    assert macs["blocks.0.attn.qkv"] == t * d * 3 * d and macs["blocks.0.fc2"] == t * 4 * d * d
+    assert macs["blocks.0.attn"] == 2 * t * t * d                              # Q K^T and A V, dense
+    assert macs["embed"] == t * 16 * d and macs["head"] == d * 10
+
+
+def test_vit_rejects_an_image_size_the_patches_do_not_divide():
+    with pytest.raises(ModelError, match="model.name: vit cuts 30-pixel images into 4x4 patches"):
+        build_model("vit", 10, 1, 30)
+
+
+def test_vit_trains_with_transposable_masks_on_3d_activations():
+    """Every sparse Linear of a ViT sees (batch, tokens, features) inputs: the masked path must too."""
+    from nmtrain.experiments.layers import plan_layers, route_forward
+    from nmtrain.experiments.methods import Context, build_params, get_method
+    from nmtrain.sparsity import Pattern, nm_violation
+    model = build_model("vit", 10, 1, 28, width=0.5)
+    pattern = Pattern(2, 4, True)
+    layers = plan_layers(model, pattern, "nhwc").sparse
+    assert "embed" not in layers and "head" not in layers and len(layers) == 6 * 4
+    cls = get_method("transposable")
+    method = cls(build_params(cls, {}), Context(layers, pattern, "nhwc", "exact", 10, 10))
+    route_forward(layers, method)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    losses = []
+    for step in range(3):
+        method.before_step(step)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        method.after_backward(step)
+        opt.step()
+        method.after_step(step)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for name, mask in method.masks().items():
+        assert nm_violation(mask, pattern) is None, name
