@@ -37,12 +37,14 @@ def compare(
     title = f"{spec.name}: {spec.model.name} on {spec.data.dataset}, {spec.train.epochs} epochs, seed {spec.seed}"
     paths = write_results(rows, Path(spec.out), title)
     table = Table(title=f"nmtrain compare · {title}")
-    for col in ("method", "pattern", "density", "final acc", "best acc", "train FLOPs vs dense", "wall", "mask change"):
-        table.add_column(col, justify="left" if col in ("method", "pattern") else "right")
+    show_accel = any(r["accel"] != "none" for r in rows)       # the column only where a cell used the kernels
+    cols = ("method", "pattern", "density", "final acc", "best acc", "train FLOPs vs dense", "wall", "mask change")
+    for col in cols + (("accel",) if show_accel else ()):
+        table.add_column(col, justify="left" if col in ("method", "pattern", "accel") else "right")
     for r in rows:
         mcr = r["mask_change_rate"]
         table.add_row(r["method"], r["pattern"], f"{r['density']:.3f}", f"{r['final_accuracy']:.2f}%",
                       f"{r['best_accuracy']:.2f}%", f"{r['flops_ratio']:.3f}", f"{r['wall_seconds']:.1f} s",
-                      "–" if mcr is None else f"{mcr:.4f}")
+                      "–" if mcr is None else f"{mcr:.4f}", *((r["accel"],) if show_accel else ()))
     console.print(table)
     console.print(f"wrote {paths['csv']}, {paths['json']} and {paths['png']}")

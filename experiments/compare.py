@@ -1,7 +1,9 @@
 """Run a grid of methods x patterns from one spec and put the results side by side.
 
 Each cell is an ordinary `train` run in ``OUT/<method>-<N>of<M>`` (dense runs once, as ``dense``),
-so every cell has its own complete run directory. The comparison is written as
+so every cell has its own complete run directory. A spec's ``accel`` (real 2:4 kernels) applies to the
+cells that can use it (transposable at 2:4-T); the others, the dense baseline among them, run with
+``accel: none``, and the ``accel`` column says which did. The comparison is written as
 ``OUT/compare.csv``, ``OUT/compare.json`` and ``OUT/compare.png`` (accuracy against training
 FLOPs relative to dense, one marker per method, one colour per pattern).
 """
@@ -15,13 +17,14 @@ import json
 from pathlib import Path
 
 from ..sparsity import parse_pattern
+from . import accel as accel_mod
 from .io import atomic_write, save_text
 from .methods import get_method
 from .runner import train, validate
 from .spec import Spec, SpecError
 
 COLUMNS = ("method", "pattern", "density", "final_accuracy", "best_accuracy", "epochs", "seed", "flops_ratio",
-           "wall_seconds", "mask_change_rate", "run_dir")
+           "wall_seconds", "mask_change_rate", "run_dir", "accel")
 
 
 def grid(spec: Spec, methods: list[str], patterns: list[str]) -> list[Spec]:
@@ -42,7 +45,13 @@ def grid(spec: Spec, methods: list[str], patterns: list[str]) -> list[Spec]:
                 cell.method.params = {}
             cell.method.name = method
             cell.sparsity.pattern = f"{p.n}:{p.m}"
-            cell.sparsity.transposable = p.transposable
+            cell.sparsity.transposable = p.transposable and method != "dense"   # dense has no mask to transpose
+            try:
+                accel_mod.check_spec(cell.accel, method, p)
+            except SpecError:
+                if cell.accel not in accel_mod.ACCEL_MODES:
+                    raise
+                cell.accel = "none"     # this cell's masks cannot use the 2:4 kernels: its masked-dense run
             cell.out = str(Path(spec.out) / ("dense" if method == "dense" else f"{method}-{p.n}of{p.m}"
                                               + ("T" if p.transposable else "")))
             validate(cell)
@@ -64,7 +73,7 @@ def run_grid(cells: list[Spec], overwrite: bool = False, console=None, progress:
                      "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
                      "epochs": s["epochs"], "seed": s["seed"], "flops_ratio": s["train_flops"]["ratio"],
                      "wall_seconds": s["wall_seconds"], "mask_change_rate": _last_change_rate(result.out),
-                     "run_dir": str(result.out)})
+                     "run_dir": str(result.out), "accel": s["accel"]["mode"]})
     return rows
 
 

@@ -3,9 +3,11 @@
 import csv
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from nmtrain.cli.main import app
+from nmtrain.experiments.accel import AccelFallbackWarning
 
 runner = CliRunner()
 
@@ -48,3 +50,23 @@ def test_sweep_params_set_each_methods_parameters(tmp_path):
                             "sweep.params={transposable: {mask_interval: 1}, srste: {decay: 0.001}}"])
     cells = grid(spec, ["transposable", "srste", "bimask"], ["2:4"])
     assert [c.method.params for c in cells] == [{"mask_interval": 1}, {"decay": 0.001}, {}]
+
+
+def test_a_spec_with_accel_runs_it_where_the_cell_can_and_masked_dense_elsewhere(tmp_path):
+    # accel semi_structured needs transposable 2:4-T: the dense baseline and the 1:4-T cell of the same
+    # grid run with accel none instead of the whole grid being refused; the CSV says which cell ran which.
+    out = tmp_path / "cmp"
+    with pytest.warns(AccelFallbackWarning, match="no CUDA"):         # this CPU: the 2:4-T cell falls back
+        result = runner.invoke(app, ["compare", "data.dataset=synthetic", "model.name=mlp", "train.epochs=1",
+                                     "accel=semi_structured", "device=cpu", "--methods", "dense,transposable",
+                                     "--patterns", "2:4-T,1:4-T", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.stderr + result.stdout
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [(r["method"], r["pattern"], r["accel"]) for r in rows] == [
+        ("dense", "dense", "none"), ("transposable", "2:4-T", "semi_structured"), ("transposable", "1:4-T", "none")]
+    assert "semi_structured" in result.stdout                     # the table's accel column
+    summary = json.loads((out / "transposable-2of4T" / "summary.json").read_text())
+    assert summary["accel"]["mode"] == "semi_structured" and summary["accel"]["fallback"]   # CPU: masked dense
+    bad = runner.invoke(app, ["compare", "data.dataset=synthetic", "accel=turbo", "--methods", "dense",
+                              "--patterns", "2:4", "--out", str(tmp_path / "bad"), "--no-progress"])
+    assert bad.exit_code == 2 and "accel: 'turbo' is unknown" in bad.stderr
