@@ -46,6 +46,11 @@ DEFAULT_DTYPE = torch.bfloat16
 # 1. The spec
 
 
+def supports(method: str, pattern) -> bool:
+    """Whether a run of ``method`` at ``pattern`` can use the 2:4 kernels at all (check_spec says why not)."""
+    return method == "transposable" and (pattern.n, pattern.m) == (2, 4)
+
+
 def check_spec(accel: str, method: str, pattern) -> None:
     """Refuse an ``accel`` value, method or pattern the sparse path cannot run (one-line SpecError)."""
     if accel not in ACCEL_MODES:

@@ -61,17 +61,17 @@ def select(state: Mapping[str, torch.Tensor], pattern: Pattern, layout: str = "n
         if any(fnmatch.fnmatchcase(name, g) for g in exclude):
             skipped[name] = "excluded by --exclude"
             continue
-        bad = int((~torch.isfinite(value)).sum())
-        if bad:
-            # NaN has no magnitude order and Inf breaks every solver's scaling: never guess a mask
-            raise SelectionError(f"{name} has {bad} NaN/Inf entries, so its magnitude mask is undefined; "
-                                 f"repair the checkpoint or leave the layer out with --exclude {name!r}")
         problem = shape_violation(value.shape, pattern, layout)
         if problem is not None:
             if include:
                 raise SelectionError(f"{name} {tuple(value.shape)} cannot hold {pattern.describe()}: {problem}")
             skipped[name] = problem
             continue
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            # NaN has no magnitude order and Inf breaks every solver's scaling: never guess a mask
+            raise SelectionError(f"{name} has {bad} NaN/Inf entries, so its magnitude mask is undefined; "
+                                 f"repair the checkpoint or leave the layer out with --exclude {name!r}")
         selected.append(name)
     if not selected:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]) or "no 2-D or 4-D *.weight tensor"

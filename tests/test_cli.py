@@ -176,3 +176,17 @@ def test_issue5_commands_show_options_and_refuse_an_empty_directory(command, opt
     args = {"adaprune": [tmp_path, "--pattern", "2:4"], "convert": [tmp_path, "--to", "dense"]}[command]
     result = _run(command, *args)
     assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_prune_ignores_non_finite_values_in_a_layer_it_skips(tmp_path):
+    # NaN/Inf only matter where a mask is computed: a tensor left dense (here C_in=3, no 2:4 groups) is
+    # copied as it is, and the layer that is pruned is pruned.
+    stem = torch.randn(8, 3, 3, 3)
+    stem[0, 0, 0, 0] = float("nan")
+    torch.save({"stem.weight": stem, "fc.weight": torch.randn(8, 8)}, tmp_path / "m.pt")
+    result = _run("prune", tmp_path / "m.pt", "-o", tmp_path / "out.pt", "--pattern", "2:4")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert torch.isnan(out["stem.weight"][0, 0, 0, 0])
+    assert torch.equal(out["stem.weight"].nan_to_num(), stem.nan_to_num())
+    assert int((out["fc.weight"] != 0).sum()) == 32
