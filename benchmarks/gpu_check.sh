@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, as one prepared run (about 5 minutes on an H100/H200):
 #   1. the GPU tests (pytest -m gpu: accel's sparse path against masked dense, semi-structured convert,
-#      solvers on CUDA) and the whole accel/convert/solver test files on the GPU machine's torch;
+#      solvers on CUDA) and the CPU tests of the accel/convert/solver files on the GPU machine's torch;
 #   2. benchmarks/sparse_training.py: forward+backward per Linear layer, MLP block, ViT step, sparse vs dense;
 #   3. benchmarks/masks.py --device cuda: the transposable solvers on the GPU (2:4, 4:8, 8:16);
 #   4. nmtrain convert --to semi-structured on a pruned Linear checkpoint (latency vs dense);
@@ -42,7 +42,7 @@ step env "$PY" -c "import torch, numba; print('torch', torch.__version__, 'cuda'
 'numba', numba.__version__); print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', \
 torch.cuda.get_device_capability() if torch.cuda.is_available() else '', \
 'cusparselt', torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None)"
-step tests "$PY" -m pytest -o addopts= -q -p no:cacheprovider -rs \
+step tests "$PY" -m pytest -o addopts= -q -p no:cacheprovider -rs -m "not gpu" \
     tests/test_accel.py tests/test_convert.py tests/test_transposable.py tests/test_solvers_fast.py
 step gpu_tests "$PY" -m pytest -o addopts= -q -p no:cacheprovider -rs -m gpu tests
 step sparse_training "$PY" benchmarks/sparse_training.py --out "$RESULTS"

@@ -55,16 +55,15 @@ def check_spec(accel: str, method: str, pattern) -> None:
     """Refuse an ``accel`` value, method or pattern the sparse path cannot run (one-line SpecError)."""
     if accel not in ACCEL_MODES:
         raise SpecError(f"accel: {accel!r} is unknown; use one of: {', '.join(ACCEL_MODES)}")
-    if accel == "none":
+    if accel == "none" or supports(method, pattern):
         return
     if method != "transposable":
         # Other methods' masks are not transposable, so W~^T would not be 2:4 (or they need a
         # sparse dW, which the hardware does not have).
         raise SpecError(f"accel: semi_structured runs only with method transposable (W~ and W~^T both 2:4), "
                         f"not {method}; use --method transposable --pattern 2:4-T, or accel=none")
-    if (pattern.n, pattern.m) != (2, 4):
-        raise SpecError(f"accel: semi_structured needs pattern 2:4 (the sparse tensor cores' only pattern), "
-                        f"not {pattern}; use --pattern 2:4-T, or accel=none")
+    raise SpecError(f"accel: semi_structured needs pattern 2:4 (the sparse tensor cores' only pattern), "
+                    f"not {pattern}; use --pattern 2:4-T, or accel=none")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def macs_per_sample(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
         elif hasattr(mod, "matmul_macs"):
             # products of two activations (attention's Q K^T and A V): dense GEMMs with no weight
             def hook(module, inputs, output, _name=name):
-                macs[_name] = macs.get(_name, 0) + module.matmul_macs(output[:1])
+                macs[_name] = macs.get(_name, 0) + module.matmul_macs(output)
             hooks.append(mod.register_forward_hook(hook))
     was_training = model.training
     model.eval()
