@@ -5,6 +5,7 @@ routes the sparse layers' forward through the method found by name, and records 
 
     DIR/config.yaml      the resolved spec (every default filled in)
     DIR/metrics.jsonl    one line per eval: step, epoch, loss, test_loss, accuracy, lr, mask_change_rate
+                         (and mask_recomputes: step and change rate of each mask recompute since the last line)
     DIR/checkpoint.pt    model, optimizer, scheduler, method state (masks), RNG states, step, and the
                          run's counters (best accuracy, running loss, FLOPs, wall time, metrics lines)
     DIR/model.pt         final state_dict with masks folded in: pruned weights exactly zero
@@ -321,7 +322,8 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
     random.seed(spec.seed)
     train_ds, test_ds, info = build_datasets(spec.data.dataset, root=spec.data.root, augment=spec.data.augment,
                                              train_subset=spec.data.train_subset, test_subset=spec.data.test_subset,
-                                             download=spec.data.download, seed=spec.seed)
+                                             download=spec.data.download, seed=spec.seed,
+                                             holdout=spec.data.holdout)
     train_loader, test_loader = build_loaders(train_ds, test_ds, batch_size=spec.data.batch_size, seed=spec.seed,
                                               num_workers=spec.data.num_workers,
                                               eval_batch_size=spec.data.eval_batch_size, rank=rank, world=world)
@@ -352,7 +354,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
     dense = method_cls.name == "dense"
     ctx = Context(layers={} if dense else plan.sparse, pattern=pattern, layout=spec.sparsity.layout,
                   solver=spec.sparsity.solver, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                  accel=spec.accel)
+                  accel=spec.accel, seed=spec.seed)
     method = method_cls(params, ctx)
     route_forward(ctx.layers, method)
     net = model
@@ -500,6 +502,9 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
                                   "loss": running_loss / max(running_n, 1), "test_loss": test_loss, "accuracy": acc,
                                   "lr": optimizer.param_groups[0]["lr"],
                                   "mask_change_rate": change_rate(last_masks, masks)}
+                        events = method.pop_mask_events()
+                        if events:      # per recompute, for methods that recompute at intervals
+                            record["mask_recomputes"] = events
                         last_masks = {k: v.clone() for k, v in masks.items()}
                         running_loss, running_n = 0.0, 0
                         best = max(best, acc)
@@ -535,6 +540,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
         "pattern": None if dense else str(pattern), "density": 1.0 if dense else pattern.density,
         "model": spec.model.name, "dataset": spec.data.dataset, "seed": spec.seed, "device": str(device),
         "final_accuracy": final_acc, "best_accuracy": max(best, final_acc), "final_test_loss": final_loss,
+        "eval_split": "test" if spec.data.holdout is None else f"holdout ({spec.data.holdout} train samples)",
         "epochs": round(step / steps_per_epoch, 4), "steps": step, "wall_seconds": wall,
         "sparse_layers": sparse_layers, "skipped_layers": plan.skipped if not dense else {},
         "train_flops": flops.summary(),

@@ -11,10 +11,10 @@ from nmtrain.experiments.methods.bimask import backward_mask, search_permutation
 from nmtrain.sparsity import Pattern, nm_mask, nm_violation, to_matrix
 
 
-def _bimask(layers, **params):
+def _bimask(layers, run_seed=0, **params):
     cls = get_method("bimask")
     ctx = Context(layers=layers, pattern=Pattern(2, 4), layout="nhwc", solver="exact", total_steps=10,
-                  steps_per_epoch=5)
+                  steps_per_epoch=5, seed=run_seed)
     return cls(build_params(cls, params), ctx)
 
 
@@ -108,3 +108,40 @@ def test_permutation_is_refreshed_every_iter_steps_and_is_reproducible():
     a.before_step(3)
     assert a.searches == 2
     assert to_matrix(a.masks()["lin"]).shape == (16, 16)
+
+
+def test_the_runs_seed_reaches_the_permutation_draws():
+    # Issue #12: seeds 0, 1, 2 drew the same permutations. Same run seed: same pi (every rank agrees);
+    # another run seed: another pi, for every one of 3 seeds and both searches.
+    lin = nn.Linear(64, 64)
+    perms = {}
+    for run_seed in (0, 1, 2):
+        a, b = _bimask({"lin": lin}, run_seed=run_seed, iter=1), _bimask({"lin": lin}, run_seed=run_seed, iter=1)
+        a.before_step(0), b.before_step(0)
+        assert torch.equal(a.perms["lin"], b.perms["lin"])
+        first = a.perms["lin"].clone()
+        a.before_step(1)
+        perms[run_seed] = (first, a.perms["lin"].clone())
+        assert not torch.equal(first, a.perms["lin"])          # the second search draws anew
+    for s in (0, 1):
+        for t in range(s + 1, 3):
+            assert not torch.equal(perms[s][0], perms[t][0]) and not torch.equal(perms[s][1], perms[t][1])
+    c = _bimask({"lin": lin}, run_seed=0, seed=5, iter=1)
+    c.before_step(0)
+    assert not torch.equal(c.perms["lin"], perms[0][0])        # params.seed still varies the draws
+
+
+def test_training_runs_with_different_seeds_search_different_permutations(tmp_path):
+    from nmtrain.experiments.runner import train
+    from nmtrain.experiments.spec import Spec
+
+    perms = []
+    for seed in (0, 1):
+        spec = Spec(seed=seed, out=str(tmp_path / f"s{seed}"))
+        spec.data.dataset, spec.model.name, spec.data.batch_size = "synthetic", "mlp", 64
+        spec.method.name, spec.train.max_steps = "bimask", 1
+        train(spec, progress=False)
+        ckpt = torch.load(tmp_path / f"s{seed}" / "checkpoint.pt", weights_only=True)
+        perms.append(ckpt["method"]["perms"])
+    assert perms[0].keys() == perms[1].keys() and perms[0]
+    assert any(not torch.equal(perms[0][k], perms[1][k]) for k in perms[0])

@@ -43,6 +43,7 @@ class Context:
     total_steps: int
     steps_per_epoch: int
     accel: str = "none"             # spec.accel: "semi_structured" runs 2:4 layers on sparse kernels (experiments/accel.py)
+    seed: int = 0                   # the run's seed (spec.seed): a method's own random draws start from it
 
 
 @dataclass
@@ -91,6 +92,11 @@ class Method:
     def densities(self, name: str, step: int) -> tuple[float, float, float]:
         """Share of (forward, backward-data, backward-weight) GEMM MACs that N:M hardware must do."""
         return 1.0, 1.0, 1.0
+
+    def pop_mask_events(self) -> list[dict]:
+        """Mask recomputes since the last call, as ``{"step", "change_rate"}`` records; the runner writes
+        them into the next metrics.jsonl line as ``mask_recomputes`` (empty: nothing to report)."""
+        return []
 
     def accel_report(self) -> dict | None:
         """Which layers ran on sparse kernels and which fell back, and why (None: no ``accel``)."""

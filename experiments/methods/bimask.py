@@ -10,8 +10,10 @@ sparse tensor cores (``dY``'s channels are permuted the same way).
 ``pi`` is the best of ``greedy_num`` random permutations (default 10; the paper's ImageNet runs use
 100), scored by how many forward-kept weights survive in ``B_b``; it is searched at the first step
 and every ``iter`` steps (default 100). The permutations come from a generator seeded by the run's
-seed, the layer's index and the search count, so every process of a multi-process run draws the
-same ``pi`` (the public code lost it under DataParallel), and ``pi`` is saved in checkpoints.
+seed (``ctx.seed``), ``params.seed``, the layer's index and the search count: runs with different seeds
+draw different permutations (the draws are a large share of Bi-Mask's seed-to-seed spread), and every
+process of a multi-process run draws the same ``pi`` (the public code lost it under DataParallel).
+``pi`` is saved in checkpoints.
 
 Forward uses ``W * B_f``; backward-data uses ``W * B_b`` (a custom autograd function); the weight
 gradient is dense (straight-through) plus SR-STE's ``decay * (1 - B_f) * W`` (2e-4).
@@ -36,7 +38,7 @@ class BiMaskParams:
     greedy_num: int = 10        # random permutations tried per search
     iter: int = 100             # steps between permutation searches
     decay: float = 2e-4         # lambda_W on pruned weights
-    seed: int = 0               # added to the run seed for the permutation generator
+    seed: int = 0               # mixed with the run's seed for the permutation generator
 
 
 def backward_mask(fmask_matrix: torch.Tensor, scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -116,11 +118,19 @@ class BiMask(Method):
         fmask = nm_mask(w, p.n, p.m, self.ctx.layout)
         return to_matrix(fmask, self.ctx.layout), to_matrix(w.abs(), self.ctx.layout)
 
+    def _generator_seed(self, index: int) -> int:
+        """One 63-bit seed per (run seed, params.seed, layer, search): distinct runs, distinct draws."""
+        key = (self.ctx.seed, self.params.seed, index, self.searches)
+        value = 0
+        for part in key:        # a fixed mix (not hash(): that changes between processes for some types)
+            value = (value * 1_000_003 + int(part) + 0x9E3779B97F4A7C15) % (1 << 63)
+        return value
+
     @torch.no_grad()
     def _search(self, step: int) -> None:
         p = self.ctx.pattern
         for index, (name, mod) in enumerate(self.ctx.layers.items()):
-            gen = torch.Generator().manual_seed(self.params.seed * 1_000_003 + index * 7919 + self.searches)
+            gen = torch.Generator().manual_seed(self._generator_seed(index))
             fm, scores = self._matrices(mod)
             self.perms[name], kept = search_permutation(fm, scores, p.n, p.m, self.params.greedy_num, gen)
             self.survival[name] = kept / max(int(fm.sum()), 1)
