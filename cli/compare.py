@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from ..experiments.spec import SpecError
 from .console import console
 from .errors import user_errors
 from .train import resolve_spec
@@ -17,23 +18,65 @@ def _split(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _split(text)]
+    except ValueError:
+        raise SpecError(f"--seeds: give comma-separated integers like 0,1,2, got {text!r}") from None
+
+
+def _seeded_table(spec, seed_list: list[int], rows: list[dict]) -> None:
+    from ..experiments.compare import aggregate, verdict, write_results
+
+    cells = aggregate(rows)
+    title = (f"{spec.name}: {spec.model.name} on {spec.data.dataset}, {spec.train.epochs} epochs, "
+             f"seeds {','.join(map(str, seed_list))}")
+    paths = write_results(cells, Path(spec.out), title, seeds=True)
+    table = Table(title=f"nmtrain compare · {title}", caption="mean ± sample std over seeds; vs dense / vs best: "
+                  "paired t-test over seeds, two-sided, alpha 0.05")
+    for col in ("method", "pattern", "density", "seeds", "final acc", "vs dense", "vs best", "train FLOPs vs dense",
+                "wall"):
+        table.add_column(col, justify="left" if col in ("method", "pattern", "vs dense", "vs best") else "right")
+    for c in cells:
+        sd = c["final_accuracy_std"]
+        table.add_row(c["method"], c["pattern"], f"{c['density']:.3f}", str(c["n_seeds"]),
+                      f"{c['final_accuracy_mean']:.2f}" + ("" if sd is None else f" ± {sd:.2f}") + "%",
+                      verdict(c["vs_dense"], "dense" if c["method"] == "dense" else "–"),
+                      verdict(c["vs_best"], "best"), f"{c['flops_ratio']:.3f}", f"{c['wall_seconds_mean']:.1f} s")
+    console.print(table)
+    _wrote(paths)
+
+
+def _wrote(paths: dict) -> None:
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 @user_errors
 def compare(
     args: Optional[List[str]] = typer.Argument(None, metavar="[SPEC.yaml] [KEY.SUB=VALUE]...",
                                                help="A YAML spec (default: the quick Fashion-MNIST spec), then dotted overrides."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods, e.g. dense,srste,transposable,bimask,bame (default: the spec's sweep.methods)."),
     patterns: Optional[str] = typer.Option(None, help="Comma-separated N:M patterns (N kept of M), e.g. 2:4,1:4 (default: sweep.patterns)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2: every cell runs once per seed; the outputs show mean ± std and a paired test against dense and the best cell (default: sweep.seeds, else one run with `seed`)."),
     out: Optional[Path] = typer.Option(None, help="Directory for the grid's runs and compare.csv/json/png (default: the spec's out)."),
     overwrite: bool = typer.Option(False, help="Replace runs already in the output directory."),
+    reuse: bool = typer.Option(False, help="Read, instead of retraining, every cell whose directory already holds a finished run of the same spec (an interrupted grid continues)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Train every method at every pattern; write one table as rich output, CSV, JSON and a PNG of accuracy vs FLOPs."""
     from ..experiments.compare import grid, run_grid, write_results
 
     spec = resolve_spec(args or [], None, None, out)
-    cells = grid(spec, _split(methods) or spec.sweep.methods, _split(patterns) or spec.sweep.patterns)
-    console.print(f"comparing {len(cells)} runs: " + ", ".join(f"{c.method.name} {c.sparsity.pattern}" for c in cells))
-    rows = run_grid(cells, overwrite=overwrite, console=console, progress=progress)
+    seed_list = _seeds(seeds) if seeds is not None else (spec.sweep.seeds or None)
+    cells = grid(spec, _split(methods) or spec.sweep.methods, _split(patterns) or spec.sweep.patterns, seed_list)
+    console.print(f"comparing {len(cells)} runs: " + ", ".join(
+        f"{c.method.name} {c.sparsity.pattern}" + (f" seed {c.seed}" if seed_list else "") for c in cells))
+    if reuse and overwrite:
+        raise SpecError("--reuse and --overwrite: choose one (reuse keeps finished runs, overwrite retrains them)")
+    rows = run_grid(cells, overwrite=overwrite, console=console, progress=progress, reuse=reuse)
+    if seed_list:
+        _seeded_table(spec, seed_list, rows)
+        return
     title = f"{spec.name}: {spec.model.name} on {spec.data.dataset}, {spec.train.epochs} epochs, seed {spec.seed}"
     paths = write_results(rows, Path(spec.out), title)
     table = Table(title=f"nmtrain compare · {title}")
@@ -47,4 +90,4 @@ def compare(
                       f"{r['best_accuracy']:.2f}%", f"{r['flops_ratio']:.3f}", f"{r['wall_seconds']:.1f} s",
                       "–" if mcr is None else f"{mcr:.4f}", *((r["accel"],) if show_accel else ()))
     console.print(table)
-    console.print(f"wrote {paths['csv']}, {paths['json']} and {paths['png']}")
+    _wrote(paths)

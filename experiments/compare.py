@@ -6,6 +6,12 @@ cells that can use it (transposable at 2:4-T); the others, the dense baseline am
 ``accel: none``, and the ``accel`` column says which did. The comparison is written as
 ``OUT/compare.csv``, ``OUT/compare.json`` and ``OUT/compare.png`` (accuracy against training
 FLOPs relative to dense, one marker per method, one colour per pattern).
+
+With seeds (``--seeds 0,1,2`` or ``sweep.seeds``) every cell runs once per seed, each an ordinary run
+directory ``OUT/<cell>/seed<k>``; the outputs then hold one row per method and pattern with the mean
+and sample standard deviation over the seeds (error bars in the plot), and each row is tested against
+the best cell and against dense with a paired t-test over the seeds (``experiments/stats.py``): a
+difference the test cannot tell from the seed-to-seed spread is marked "within noise".
 """
 
 from __future__ import annotations
@@ -16,28 +22,61 @@ import io
 import json
 from pathlib import Path
 
+import yaml
+
 from ..sparsity import parse_pattern
 from . import accel as accel_mod
 from .io import atomic_write, save_text
-from .methods import get_method
+from .methods import get_method, params_dict
 from .runner import train, validate
-from .spec import Spec, SpecError
+from .spec import Spec, SpecError, to_dict
+from .stats import mean, paired_test, std
 
 COLUMNS = ("method", "pattern", "density", "final_accuracy", "best_accuracy", "epochs", "seed", "flops_ratio",
            "wall_seconds", "mask_change_rate", "run_dir", "accel")
 
 
-def grid(spec: Spec, methods: list[str], patterns: list[str]) -> list[Spec]:
-    """One spec per cell, each validated before anything runs (a bad cell fails the whole grid up front)."""
+SEED_COLUMNS = ("method", "pattern", "density", "n_seeds", "seeds", "final_accuracy_mean", "final_accuracy_std",
+                "best_accuracy_mean", "flops_ratio", "wall_seconds_mean", "mask_change_rate_mean",
+                "vs_dense_difference", "vs_dense_p", "vs_dense", "vs_best_difference", "vs_best_p", "vs_best",
+                "accel")
+MAX_SEEDS = 100
+
+
+def check_seeds(seeds: list[int]) -> list[int]:
+    """Seeds for a multi-seed grid: distinct non-negative integers, at most MAX_SEEDS."""
+    if not seeds:
+        raise SpecError("sweep.seeds: give at least one seed, e.g. 0,1,2")
+    if len(seeds) > MAX_SEEDS:
+        raise SpecError(f"sweep.seeds: at most {MAX_SEEDS} seeds, got {len(seeds)}")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 32:
+            raise SpecError(f"sweep.seeds: every seed is an integer in [0, 2^32), got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise SpecError(f"sweep.seeds: a seed is listed twice in {seeds}; give each once")
+    return list(seeds)
+
+
+def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] | None = None) -> list[Spec]:
+    """One spec per cell (and per seed, when ``seeds`` is given), each validated before anything runs
+    (a bad cell fails the whole grid up front)."""
+    if seeds is not None:
+        seeds = check_seeds(seeds)
     if not methods or not patterns:
         raise SpecError("sweep: give --methods and --patterns, or a `sweep:` section with methods and patterns")
     cells = []
     for method in methods:
-        get_method(method)
-        for i, text in enumerate(patterns):
+        cls = get_method(method)
+        parsed = [parse_pattern(text) for text in patterns]
+        if method != "dense" and not cls.accepts_transposable:
+            # a -T pattern is a cell only for methods that take transposable masks (4:8-T beside 2:4)
+            parsed = [p for p in parsed if not p.transposable]
+            if not parsed:
+                raise SpecError(f"sweep.patterns: method {method} takes no transposable (-T) pattern; "
+                                "add a plain one such as 2:4")
+        for i, p in enumerate(parsed):
             if method == "dense" and i > 0:
                 continue            # dense has no pattern: one run is enough
-            p = parse_pattern(text)
             cell = copy.deepcopy(spec)
             if method in spec.sweep.params:
                 cell.method.params = dict(spec.sweep.params[method])
@@ -50,8 +89,13 @@ def grid(spec: Spec, methods: list[str], patterns: list[str]) -> list[Spec]:
                 cell.accel = "none"     # this cell's masks cannot use the 2:4 kernels: its masked-dense run
             cell.out = str(Path(spec.out) / ("dense" if method == "dense" else f"{method}-{p.n}of{p.m}"
                                               + ("T" if p.transposable else "")))
-            validate(cell)
-            cells.append(cell)
+            for seed in seeds if seeds is not None else [None]:
+                run = cell
+                if seed is not None:
+                    run = copy.deepcopy(cell)
+                    run.seed, run.out = seed, str(Path(cell.out) / f"seed{seed}")
+                validate(run)
+                cells.append(run)
     return cells
 
 
@@ -60,30 +104,153 @@ def _last_change_rate(run_dir: Path) -> float | None:
     return json.loads(lines[-1]).get("mask_change_rate") if lines else None
 
 
-def run_grid(cells: list[Spec], overwrite: bool = False, console=None, progress: bool = True) -> list[dict]:
+def finished_run(cell: Spec) -> dict | None:
+    """The summary of a finished run of exactly this cell's spec in its directory, else None.
+
+    Finished: summary.json is there (written last). Same spec: the saved config.yaml equals the cell's
+    resolved spec, method parameters filled in as the runner saves them."""
+    out = Path(cell.out)
+    if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
+        return None
+    _, _, params = validate(cell)
+    resolved = copy.deepcopy(cell)
+    resolved.method.params = params_dict(params)
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if saved != to_dict(resolved) or not isinstance(summary, dict):
+        return None
+    return summary
+
+
+def run_grid(cells: list[Spec], overwrite: bool = False, console=None, progress: bool = True,
+             reuse: bool = False) -> list[dict]:
+    """Train every cell; with ``reuse``, a cell whose directory already holds a finished run of the same
+    spec is read instead of trained (an interrupted grid continues where it stopped)."""
     rows = []
     for cell in cells:
-        result = train(cell, overwrite=overwrite, console=console, progress=progress)
-        s = result.summary
+        s = finished_run(cell) if reuse else None
+        if s is None:
+            s = train(cell, overwrite=overwrite, console=console, progress=progress).summary
+        elif console is not None:
+            console.print(f"reusing the finished run in {cell.out}")
+        result_out = Path(cell.out)
         rows.append({"method": s["method"], "pattern": s["pattern"] or "dense", "density": s["density"],
                      "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
                      "epochs": s["epochs"], "seed": s["seed"], "flops_ratio": s["train_flops"]["ratio"],
-                     "wall_seconds": s["wall_seconds"], "mask_change_rate": _last_change_rate(result.out),
-                     "run_dir": str(result.out), "accel": s["accel"]["mode"]})
+                     "wall_seconds": s["wall_seconds"], "mask_change_rate": _last_change_rate(result_out),
+                     "run_dir": str(result_out), "accel": s["accel"]["mode"]})
     return rows
 
 
-def write_results(rows: list[dict], out: Path, title: str) -> dict[str, Path]:
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per-seed run rows -> one row per (method, pattern): mean and sample std over the seeds, and a
+    paired t-test against dense and against the best cell (highest mean final accuracy)."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["method"], r["pattern"]), []).append(r)
+    out = []
+    for (method, pattern), runs in cells.items():
+        accs = [r["final_accuracy"] for r in runs]
+        rates = [r["mask_change_rate"] for r in runs if r["mask_change_rate"] is not None]
+        out.append({"method": method, "pattern": pattern, "density": runs[0]["density"],
+                    "seeds": [r["seed"] for r in runs], "n_seeds": len(runs),
+                    "final_accuracy_mean": mean(accs), "final_accuracy_std": std(accs),
+                    "best_accuracy_mean": mean([r["best_accuracy"] for r in runs]),
+                    "flops_ratio": mean([r["flops_ratio"] for r in runs]),
+                    "wall_seconds_mean": mean([r["wall_seconds"] for r in runs]),
+                    "mask_change_rate_mean": mean(rates) if rates else None,
+                    "accel": runs[0]["accel"], "runs": runs})
+    by_seed = [{r["seed"]: r["final_accuracy"] for r in row["runs"]} for row in out]
+    best = max(range(len(out)), key=lambda i: out[i]["final_accuracy_mean"])
+    dense = next((i for i, row in enumerate(out) if row["method"] == "dense"), None)
+    for i, row in enumerate(out):
+        row["vs_best"] = None if i == best else paired_test(by_seed[i], by_seed[best]).to_dict()
+        row["vs_dense"] = None if dense is None or i == dense else paired_test(by_seed[i], by_seed[dense]).to_dict()
+        row["is_best"] = i == best
+    return out
+
+
+def verdict(test: dict | None, reference: str) -> str:
+    """A comparison in words: "best" / "dense" (the reference itself), "within noise", "+0.42 (p=0.01)"."""
+    if test is None:
+        return reference
+    if test["within_noise"] is None:
+        return f"{test['difference']:+.2f} (1 seed: untested)"
+    if test["within_noise"]:
+        return "within noise"
+    return f"{'above' if test['difference'] > 0 else 'below'} ({test['difference']:+.2f}, p={test['p_value']:.3f})"
+
+
+def _seed_csv_row(row: dict) -> dict:
+    flat = {k: row[k] for k in SEED_COLUMNS if k in row}
+    flat["seeds"] = " ".join(str(s) for s in row["seeds"])
+    for key, ref in (("vs_dense", "dense"), ("vs_best", "best")):
+        test = row[key]
+        flat[f"{key}_difference"] = None if test is None else test["difference"]
+        flat[f"{key}_p"] = None if test is None else test["p_value"]
+        flat[key] = verdict(test, ref if key == "vs_best" or row["method"] == "dense" else "–")
+    return flat
+
+
+def write_results(rows: list[dict], out: Path, title: str, seeds: bool = False) -> dict[str, Path]:
+    """Single-seed grids write one row per run (``rows``); seeded grids (``seeds``) write the rows of
+    :func:`aggregate` (one per method and pattern, per-seed rows under ``runs``)."""
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=SEED_COLUMNS if seeds else COLUMNS)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows([_seed_csv_row(r) for r in rows] if seeds else rows)
     paths = {"csv": out / "compare.csv", "json": out / "compare.json", "png": out / "compare.png"}
     save_text(buf.getvalue(), paths["csv"])
     save_text(json.dumps(rows, indent=2) + "\n", paths["json"])
     atomic_write(paths["png"], lambda tmp: plot(rows, tmp, title))
+    series = recompute_series(rows)
+    if series:
+        paths["mask_change"] = out / "mask_change.png"
+        atomic_write(paths["mask_change"], lambda tmp: plot_recomputes(series, tmp, title))
     return paths
+
+
+def recompute_series(rows: list[dict]) -> dict[str, list[tuple[int, list[tuple[int, float]]]]]:
+    """Per cell label, per run (seed): the (step, change rate) of every mask recompute in metrics.jsonl."""
+    runs = [run for row in rows for run in row.get("runs", [row])]
+    series: dict[str, list] = {}
+    for run in runs:
+        path = Path(run["run_dir"]) / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        points = [(e["step"], e["change_rate"]) for line in path.read_text().splitlines() if line.strip()
+                  for e in json.loads(line).get("mask_recomputes", [])]
+        if points:
+            series.setdefault(f"{run['method']} {run['pattern']}", []).append((run["seed"], points))
+    return series
+
+
+def plot_recomputes(series: dict, path: str, title: str) -> None:
+    """Share of the mask that flips at each recompute, one line per run (colour per cell)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for i, (label, runs) in enumerate(series.items()):
+        for j, (seed, points) in enumerate(runs):
+            steps, rates = zip(*points)
+            ax.plot(steps, rates, color=colours(i % 10), linewidth=1, alpha=0.8, marker=".", markersize=3,
+                    label=label if j == 0 else None)
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("share of mask entries flipped at the recompute")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -100,12 +267,21 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     patterns = list(dict.fromkeys(base(r["pattern"]) for r in rows))
     colours = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    seeded = bool(rows) and "final_accuracy_mean" in rows[0]
     for r in rows:
         mi, pi = methods.index(r["method"]), patterns.index(base(r["pattern"]))
-        ax.scatter(r["flops_ratio"], r["final_accuracy"], marker=markers[mi % len(markers)], s=70,
+        y = r["final_accuracy_mean"] if seeded else r["final_accuracy"]
+        if seeded and r["final_accuracy_std"] is not None:      # error bar: one sample std over the seeds
+            ax.errorbar(r["flops_ratio"], y, yerr=r["final_accuracy_std"], color=colours(pi % 10),
+                        capsize=3, linewidth=1, zorder=2)
+        ax.scatter(r["flops_ratio"], y, marker=markers[mi % len(markers)], s=70,
                    color=colours(pi % 10), edgecolor="black", linewidth=0.5, zorder=3)
     ax.set_xlabel("training GEMM MACs relative to dense (as run on N:M sparse tensor cores)")
-    ax.set_ylabel("final test accuracy (%)")
+    if seeded:
+        n = sorted({r["n_seeds"] for r in rows})
+        ax.set_ylabel(f"final test accuracy (%), mean ± std over {'/'.join(map(str, n))} seeds")
+    else:
+        ax.set_ylabel("final test accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3, zorder=0)
     handles = [plt.Line2D([], [], marker=markers[i % len(markers)], linestyle="", color="grey", label=m)

@@ -40,6 +40,7 @@ class DataSpec:
     augment: bool = False
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
+    holdout: Optional[int] = None   # train samples held out and evaluated instead of the test split
     download: bool = False      # CIFAR only, and only when asked
     num_workers: int = 0
 
@@ -94,6 +95,7 @@ class SweepSpec:
     methods: list[str] = field(default_factory=list)
     patterns: list[str] = field(default_factory=list)
     params: dict = field(default_factory=dict)   # method name -> method.params for that method's cells
+    seeds: list[int] = field(default_factory=list)   # run every cell once per seed (empty: once, with `seed`)
 
 
 @dataclass
