@@ -1,0 +1,105 @@
+"""Transposable training with the paper's interval: why masks flipped en masse, and the fix.
+
+Between two recomputes (``mask_interval`` steps) the mask is fixed. A pruned weight gets the
+straight-through gradient dL/dW~, but its own value does not enter the loss, so nothing in that gradient
+shrinks as the weight grows: it integrates the same push for the whole interval (with momentum), and SR-STE's
+decay (2e-4) is far too weak to hold it. The pruned weights outgrow the kept ones, and at the next
+recompute a large share of the mask flips at once onto weights whose values were never tested by the loss:
+on LeNet-5 at 1:4-T (interval 40) the loss jumps to 10 and the run ends at chance. ``bound_pruned`` (the
+default) keeps every pruned weight's magnitude within the largest kept magnitude of its group after each
+optimizer step, so a recompute swaps weights of comparable size, as a per-step recompute would.
+"""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from nmtrain.cli.main import app
+from nmtrain.experiments.layers import route_forward, unroute_forward
+from nmtrain.experiments.methods import Context, build_params, get_method
+from nmtrain.experiments.methods.transposable import bound_pruned
+from nmtrain.sparsity import Pattern, to_matrix
+
+
+def _run(bound: bool, steps: int = 40, interval: int = 40):
+    """A 2-layer MLP whose hidden layer is 1:4-T, trained ``steps`` steps with SGD + momentum."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    layers = {"hidden": net[2]}
+    cls = get_method("transposable")
+    ctx = Context(layers=layers, pattern=Pattern(1, 4, True), layout="nhwc", solver="exact", total_steps=steps,
+                  steps_per_epoch=steps)
+    method = cls(build_params(cls, {"mask_interval": interval, "bound_pruned": bound}), ctx)
+    route_forward(layers, method)
+    opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(16, 4, generator=gen)
+    for step in range(steps + 1):
+        x = torch.randn(64, 16, generator=gen)
+        y = (x @ teacher).argmax(1)
+        method.before_step(step)
+        if step == steps:
+            break
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        method.after_backward(step)
+        opt.step()
+        method.after_step(step)
+        if step == steps - 1:      # just before the recompute: pruned weights above their group's kept ones
+            w = layers["hidden"].weight.detach().abs()
+            mask = method.masks()["hidden"]
+            cap = (w * mask).reshape(32, 8, 4).amax(-1, keepdim=True).expand(-1, -1, 4).reshape(32, 32)
+            growth = float((w[~mask] > cap[~mask]).float().mean())
+    unroute_forward(layers)
+    events = method.pop_mask_events()
+    return growth, events
+
+
+def test_pruned_weights_outgrow_the_kept_ones_without_the_bound_and_flip_the_mask_en_masse():
+    growth, events = _run(bound=False)
+    assert growth > 0.1                     # over a tenth of the pruned weights outgrew their group's kept one
+    assert [e["step"] for e in events] == [40] and events[0]["change_rate"] > 0.2
+
+
+def test_bound_keeps_pruned_weights_within_the_kept_ones_and_the_recompute_calm():
+    growth, events = _run(bound=True)
+    assert growth == 0.0
+    unbounded = _run(bound=False)[1][0]["change_rate"]
+    assert events[0]["change_rate"] < 0.25 * unbounded
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "flatten"])
+def test_bound_pruned_clamps_only_pruned_weights_to_their_groups_largest_kept(layout):
+    torch.manual_seed(0)
+    w = torch.randn(8, 8, 3, 3) * 3
+    mask = torch.rand(8, 8, 3, 3) < 0.3
+    before = w.clone()
+    bound_pruned(w, mask, 4, layout)
+    assert torch.equal(w[mask], before[mask])                                   # kept untouched
+    wm, bm, em = to_matrix(w, layout), to_matrix(before, layout), to_matrix(mask, layout)
+    cap = (bm.abs() * em).reshape(8, -1, 4).amax(-1, keepdim=True).expand(-1, -1, 4).reshape(wm.shape)
+    pruned = ~em
+    assert bool((wm.abs()[pruned] <= cap[pruned] + 1e-7).all())
+    assert torch.equal(torch.sign(wm[pruned]) * (wm[pruned] != 0), torch.sign(bm[pruned]) * (wm[pruned] != 0))
+    small = pruned & (bm.abs() <= cap)
+    assert torch.equal(wm[small], bm[small])                                    # within the cap: unchanged
+
+
+def test_metrics_record_the_change_rate_of_every_recompute(tmp_path):
+    out = tmp_path / "t"
+    result = CliRunner().invoke(app, ["train", "data.dataset=synthetic", "model.name=mlp", "train.epochs=2",
+                                      "data.batch_size=64", "--method", "transposable", "--pattern", "2:4-T",
+                                      "method.params.mask_interval=5", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.stderr + result.stdout
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [e["step"] for line in lines for e in line["mask_recomputes"]]
+    assert steps == [5, 10, 15]                  # 16 steps: recomputes at 5, 10, 15 (the first mask is at 0)
+    rates = [e["change_rate"] for line in lines for e in line["mask_recomputes"]]
+    assert all(0.0 <= r <= 1.0 for r in rates)
+    summary = json.loads((out / "summary.json").read_text())
+    for name in summary["sparse_layers"]:
+        assert summary["sparse_layers"][name]["pattern"] == "2:4-T"
