@@ -19,6 +19,7 @@ from nmtrain.sparsity import Pattern, nm_mask, nm_violation
 
 
 def _bame(layers, total=100, pattern=Pattern(2, 4), layout="nhwc", **params):
+    params.setdefault("switch", 0.0)      # the sparse phase's mechanics from step 0 (phases: test_bame_phases.py)
     cls = get_method("bame")
     ctx = Context(layers=layers, pattern=pattern, layout=layout, solver="exact", total_steps=total,
                   steps_per_epoch=10)
@@ -308,7 +309,8 @@ def test_cli_run_is_sparser_than_srste(tmp_path):
     out = tmp_path / "bame"
     result = CliRunner().invoke(app, ["train", "data.dataset=synthetic", "model.name=mlp", "train.epochs=2",
                                       "data.batch_size=64", "--method", "bame", "--pattern", "2:4", "--out",
-                                      str(out), "--no-progress", "method.params.interval=4"])
+                                      str(out), "--no-progress", "method.params.interval=4",
+                                      "method.params.switch=0"])
     assert result.exit_code == 0, result.stderr + result.stdout
     summary = json.loads((out / "summary.json").read_text())
     flops = summary["train_flops"]

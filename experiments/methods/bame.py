@@ -1,24 +1,36 @@
 """`bame` (Yang et al., ICML 2025): Block-Aware Mask Evolution, sparse forward *and* backward.
 
-The paper keeps the forward and the backward N:M sparse throughout and, between iterations ``t_i``
-and ``t_f``, every ``T`` iterations, prunes and regrows weights inside selected *blocks* (N:M groups).
-Blocks are chosen by the expected loss reduction of adapting their mask (Loss-aware Mask Adaptation,
-LMA) and by how often their mask has flipped (Oscillation-aware Block Freezing, OBF). The public
-record gives no formulas; everything below marked *nmtrain* is nmtrain's interpretation.
+The paper keeps the forward and the backward N:M sparse and, between iterations ``t_i`` and ``t_f``,
+every ``T`` iterations, prunes and regrows weights inside selected *blocks* (N:M groups). Blocks are
+chosen by the expected loss reduction of adapting their mask (Loss-aware Mask Adaptation, LMA) and by
+how often their mask has flipped (Oscillation-aware Block Freezing, OBF). The public record gives no
+formulas; everything below marked *nmtrain* is nmtrain's interpretation.
 
-Training, every step::
+Two phases. The paper's ablation (its Table 3, as a reviewer describes it) indicates that its best runs
+start with ordinary gradient-based N:M training with a dense backward before the sparse-backward phase;
+nmtrain runs it so:
+
+1. Steps ``[0, switch)``: SR-STE (``methods/srste.py``): the row-wise N:M mask recomputed from ``|W|``
+   at every forward pass, the gradient straight through to all of ``W`` plus ``decay * (1 - E) * W``.
+   Training MACs as SR-STE: forward r, backward-data and weight gradient dense.
+2. From ``switch`` on: the mask is frozen at the magnitude mask of the weights then, and training is
+   BAME's, below. ``switch = 0`` is the fully sparse run from the random init.
+
+``switch`` default 0.25 (*nmtrain*, chosen with the other defaults on a held-out part of the training
+set, README "BAME ablation"). Phase 2, every step::
 
     W~ = W * E                      E: the row-wise N:M mask (groups of M consecutive weights along K)
     y  = op(x, W~)                  forward through W~ (plain autograd)
     dX = op^T(dY, W~)               backward-data through W~
     dW = dW~ * E                    weight gradient at kept entries only; pruned weights do not learn
 
-- Initial mask: row-wise N:M magnitude mask of the weights the run starts with (``ctx.layout``),
-  computed at step 0. Before ``t_i`` and from ``t_f`` on the mask is fixed (*nmtrain*: ``t_i`` and
-  ``t_f`` are fractions of the run's total steps, rounded to steps).
-- Update steps (*nmtrain*): ``t_i + k*T`` for k >= 1 and strictly before ``t_f``. Only at these
-  steps the dense ``dW~`` is read (a retained gradient on ``W~``); its pruned entries are used only
-  for the blocks that may be adapted (the non-frozen ones). The update runs in ``after_backward``,
+- Phase-2 mask: row-wise N:M magnitude mask of the weights at ``switch`` (``ctx.layout``). Before the
+  adaptation window and from ``t_f`` on it is fixed (*nmtrain*: ``switch``, ``t_i`` and ``t_f`` are
+  fractions of the run's total steps, rounded to steps; the window opens at ``max(t_i, switch)``).
+- Update steps (*nmtrain*): ``start + k*T`` for k >= 1 and strictly before ``t_f``, ``start`` the
+  window's opening. Only at these steps (and the ``score_batches - 1`` steps before each) the dense
+  ``dW~`` is read (a retained gradient on ``W~``); its pruned entries are used only for the blocks
+  that may be adapted (the non-frozen ones). The update runs in ``after_backward``,
   *before* the optimizer step, so the step already uses the new mask: the weight gradient is reset
   to ``dW~ * E_new``, and a regrown weight (set to 0, see below) moves by its exact gradient at once.
 - LMA (*nmtrain*): first-order Taylor saliencies. Pruning kept weight ``i`` changes the loss by about
@@ -31,15 +43,16 @@ Training, every step::
   the gain stays positive), so every group keeps exactly N.
 - ``fraction_t`` (*nmtrain*): ``fraction * (1 + cos(pi * (t - t_i) / (t_f - t_i))) / 2``, cosine decay
   (as RigL's drop fraction) from ``fraction`` at ``t_i`` to 0 at ``t_f``.
-- Regrown weights (*nmtrain*) restart at 0, as in RigL: the gradient that chose them was taken there,
-  and a stale value (frozen since the weight was pruned) could raise the loss. A pruned weight keeps
-  its value in the dense tensor (it is masked out and gets no gradient); optimizer state is untouched.
+- Regrown weights (*nmtrain*, ``regrow``) restart at 0 (``zero``, as in RigL: the gradient that chose
+  them was taken there) or keep the value they had when pruned (``stale``). A pruned weight keeps its
+  value in the dense tensor (it is masked out and gets no gradient); optimizer state is untouched.
 - OBF (*nmtrain*): one counter per block, ``osc <- osc_decay * osc + swaps`` at every update step;
   a block with ``osc >= freeze_threshold`` is frozen (neither scored nor adapted) until the decay
   brings it back below. With the defaults (0.9, 3.0) a block swapped at four consecutive updates, or
   more often than about once every three updates in the long run, is frozen.
-- The gradient that scores the blocks is one mini-batch's ``dW~`` at the update step (*nmtrain*: the
-  sparse backward leaves no pruned gradients to accumulate between updates).
+- The gradient that scores the blocks (*nmtrain*, ``score_batches``) is the sum of ``dW~`` over the
+  update step's mini-batch and the ``score_batches - 1`` before it (the sparse backward leaves no
+  pruned gradients between updates; each of those steps pays for the scored blocks' dense dW).
 
 Training MACs (*nmtrain* accounting, following the paper's fully sparse ``3rF`` convention): forward
 r, backward-data r, weight gradient r, except at update steps where the pruned entries of the blocks
@@ -49,11 +62,12 @@ that were scored (the non-frozen ones: choosing among them needs their gradients
 reduction dimension) the backward-data GEMM would count dense (``F(2r + 1)`` overall); the ``r``
 here follows the paper's convention, which the paper's 2.37x-fewer-FLOPs-than-SR-STE figure uses.
 
-Defaults (*nmtrain*): ``t_i = 0``, ``t_f = 0.75``; ``interval`` 50 — RigL-style runs use ~100 on
-ImageNet (thousands of steps per epoch), while nmtrain's quick Fashion-MNIST spec has ~1050 steps
-before ``t_f``, where 50 gives ~20 updates; each update adds at most ``(1 - r) / T`` to the
-per-step weight-gradient density; ``fraction`` 0.3 (RigL's initial drop fraction); ``osc_decay``
-0.9, ``freeze_threshold`` 3.0, ``swaps_per_block`` 1.
+Defaults (*nmtrain*): ``switch`` 0.25, ``t_i = 0`` (so the window opens at the switch), ``t_f = 0.75``;
+``interval`` 50 — RigL-style runs use ~100 on ImageNet (thousands of steps per epoch), while nmtrain's
+quick Fashion-MNIST spec has ~700 steps in the window, where 50 gives ~14 updates; each update adds at
+most ``(1 - r) / T`` to the per-step weight-gradient density; ``fraction`` 0.3 (RigL's initial drop
+fraction); ``osc_decay`` 0.9, ``freeze_threshold`` 3.0, ``swaps_per_block`` 1, ``regrow`` zero,
+``score_batches`` 1, ``decay`` 2e-4 (SR-STE's lambda_W, phase 1).
 """
 
 from __future__ import annotations
@@ -68,10 +82,14 @@ from torch import nn
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
 from ..layers import gemm
 from . import Method, MethodError, register_method
+from .ste import ste_mask
+
+REGROW = ("zero", "stale")
 
 
 @dataclass
 class BAMEParams:
+    switch: float = 0.25            # end of the SR-STE phase (dense backward), fraction of total steps
     t_i: float = 0.0                # first adaptation, as a fraction of the run's total steps
     t_f: float = 0.75               # mask fixed from here on (fraction of total steps)
     interval: int = 50              # T: steps between mask updates
@@ -79,6 +97,9 @@ class BAMEParams:
     osc_decay: float = 0.9          # oscillation counter decay per update
     freeze_threshold: float = 3.0   # blocks with counter >= this are frozen
     swaps_per_block: int = 1        # prune-and-regrow pairs per adapted block and update
+    regrow: str = "zero"            # value of a regrown weight: zero | stale (its value when pruned)
+    score_batches: int = 1          # mini-batches of dW~ summed to score the blocks at an update
+    decay: float = 2e-4             # SR-STE's lambda_W on pruned weights in the first phase
 
 
 @register_method("bame")
@@ -99,6 +120,10 @@ class BAME(Method):
             ("osc_decay", not 0.0 <= p.osc_decay <= 1.0, f"must be in [0, 1], got {p.osc_decay}"),
             ("freeze_threshold", not p.freeze_threshold > 0, f"must be positive, got {p.freeze_threshold}"),
             ("swaps_per_block", p.swaps_per_block < 1, f"must be at least 1, got {p.swaps_per_block}"),
+            ("switch", not 0.0 <= p.switch <= 1.0, f"must be in [0, 1] (a fraction of the total steps), got {p.switch}"),
+            ("regrow", p.regrow not in REGROW, f"must be one of {', '.join(REGROW)}, got {p.regrow!r}"),
+            ("score_batches", p.score_batches < 1, f"must be at least 1, got {p.score_batches}"),
+            ("decay", not (math.isfinite(p.decay) and p.decay >= 0), f"must be finite and >= 0, got {p.decay}"),
         )
         for field, bad, message in problems:
             if bad:
@@ -108,16 +133,21 @@ class BAME(Method):
             raise MethodError(f"method.params.swaps_per_block: at most min(N, M-N)={min(n, m - n)} for "
                               f"{n}:{m}, got {p.swaps_per_block}")
         self.pattern = Pattern(n, m)
-        self.t_i_step = int(round(p.t_i * ctx.total_steps))
-        self.t_f_step = int(round(p.t_f * ctx.total_steps))
+        self.switch_step = int(round(p.switch * ctx.total_steps))
+        self.t_i_step = max(int(round(p.t_i * ctx.total_steps)), self.switch_step)   # the window opens
+        self.t_f_step = max(int(round(p.t_f * ctx.total_steps)), self.t_i_step)
         self._masks: dict[str, torch.Tensor] = {}
         self._osc: dict[str, torch.Tensor] = {}           # (C_out, K/M) per layer, GEMM view
         self._pending: dict[str, list[torch.Tensor]] | None = None   # retained W~ at an update step
         self._pending_step = -1
+        self._acc: dict[str, torch.Tensor] = {}           # dW~ summed over the scoring batches so far
+        self._scoring: dict[str, float] = {}              # non-frozen share while scoring, by layer
+        self._scoring_step = -1
         self.updates = 0                                  # update steps done
         self.swaps_total = 0
         self.last: dict = {}                              # record of the last update step
         self._scored_share: dict[str, float] = {}         # non-frozen block share at the last update
+        self._first_phase = self.switch_step > 0          # SR-STE until switch_step
 
     # --- schedule ------------------------------------------------------------------------------
     def fraction_at(self, step: int) -> float:
@@ -131,6 +161,26 @@ class BAME(Method):
         lo = self.t_i_step
         return (step > lo and step < self.t_f_step and (step - lo) % self.params.interval == 0
                 and self.fraction_at(step) > 0.0)
+
+    def in_first_phase(self, step: int) -> bool:
+        return step < self.switch_step
+
+    def next_update(self, step: int) -> int | None:
+        """The first update step at or after ``step`` (None: no more updates)."""
+        lo, t = self.t_i_step, self.params.interval
+        u = lo + max(1, -(-(step - lo) // t)) * t
+        while u < self.t_f_step:
+            if self.is_update_step(u):
+                return u
+            u += t
+        return None
+
+    def is_scoring_step(self, step: int) -> bool:
+        """Steps whose dense ``dW~`` is read: each update step and the ``score_batches - 1`` before it."""
+        if self.in_first_phase(step):
+            return False
+        u = self.next_update(step)
+        return u is not None and u - step < self.params.score_batches
 
     # --- masks -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -147,6 +197,9 @@ class BAME(Method):
     def _mask(self, name: str, module: nn.Module) -> torch.Tensor:
         if name not in self._masks:
             self._init_masks()
+        if self._first_phase:         # SR-STE: the magnitude mask of the weights as they are now
+            p = self.pattern
+            return nm_mask(module.weight.detach(), p.n, p.m, self.ctx.layout)
         mask = self._masks[name]
         if mask.device != module.weight.device:
             mask = self._masks[name] = mask.to(module.weight.device)
@@ -154,6 +207,8 @@ class BAME(Method):
 
     # --- forward -----------------------------------------------------------------------------
     def forward_weight(self, name, module):
+        if self._first_phase:
+            return ste_mask(module.weight, self._mask(name, module), self.params.decay)
         return module.weight * self._mask(name, module)
 
     def layer_forward(self, name, module, x):
@@ -165,10 +220,18 @@ class BAME(Method):
 
     # --- step hooks --------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
+        first = self.in_first_phase(step)
+        if self._first_phase and not first:     # the switch: freeze the magnitude mask of the weights now
+            self._first_phase = False
+            self._masks = {}
+        self._first_phase = first
         if not self._masks:
             self._init_masks()
-        if self.is_update_step(step):
+        if self.is_scoring_step(step):
             self._pending, self._pending_step = {}, step
+            self._scoring_step = step
+            self._scoring = {name: float((self._osc[name] < self.params.freeze_threshold).float().mean())
+                             for name in self.ctx.layers}
         else:
             self._pending, self._pending_step = None, -1
 
@@ -176,20 +239,28 @@ class BAME(Method):
         pending, self._pending = self._pending, None
         if pending is None or step != self._pending_step:
             return
-        self._update(step, pending)
+        grads = {}
+        for name in self.ctx.layers:
+            gs = [t.grad for t in pending.get(name, []) if t.grad is not None]
+            if gs:
+                grads[name] = torch.stack(gs).sum(0) if len(gs) > 1 else gs[0]
+        for name, g in grads.items():
+            self._acc[name] = self._acc[name] + g if name in self._acc else g.clone()
+        if self.is_update_step(step):
+            acc, self._acc = self._acc, {}
+            self._update(step, acc, grads)
 
     @torch.no_grad()
-    def _update(self, step: int, pending: dict[str, list[torch.Tensor]]) -> None:
+    def _update(self, step: int, scores: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> None:
         m = self.pattern.m
         layout, prm = self.ctx.layout, self.params
         frac = self.fraction_at(step)
         totals = {"blocks": 0, "frozen": 0, "scored": 0, "adapted": 0, "swaps": 0}
         self._scored_share = {}
         for name, mod in self.ctx.layers.items():
-            grads = [t.grad for t in pending.get(name, []) if t.grad is not None]
-            if not grads:
+            if name not in scores:
                 continue
-            g_full = torch.stack(grads).sum(0) if len(grads) > 1 else grads[0]
+            g_full = scores[name]
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 # dW~ is no parameter gradient, so DDP does not average it: without this every rank
                 # would score its own mini-batch share and choose different blocks.
@@ -234,9 +305,16 @@ class BAME(Method):
 
             new_mask = from_matrix(new_e.reshape(rows, k), mask.shape, layout)
             grown_w = from_matrix(grown.reshape(rows, k), mask.shape, layout)
-            mod.weight.masked_fill_(grown_w, 0.0)                           # regrown weights restart at 0
+            if prm.regrow == "zero":
+                mod.weight.masked_fill_(grown_w, 0.0)                       # regrown weights restart at 0
             if mod.weight.grad is not None:                                 # this step uses the new mask
-                mod.weight.grad.copy_(g_full * new_mask)
+                g_now = current.get(name, g_full)
+                if g_now is not g_full and dist.is_available() and dist.is_initialized() \
+                        and dist.get_world_size() > 1:
+                    g_now = g_now.clone()
+                    dist.all_reduce(g_now)
+                    g_now /= dist.get_world_size()
+                mod.weight.grad.copy_(g_now * new_mask)
             self._masks[name] = new_mask
             self._osc[name] = prm.osc_decay * osc + swaps
 
@@ -255,6 +333,8 @@ class BAME(Method):
     def masks(self):
         if not self._masks:
             self._init_masks()
+        if self._first_phase:
+            return {name: self._mask(name, mod) for name, mod in self.ctx.layers.items()}
         return dict(self._masks)
 
     def export_pattern(self, name):
@@ -268,16 +348,21 @@ class BAME(Method):
 
     def densities(self, name, step):
         r = self.pattern.density
+        if self.in_first_phase(step):
+            return r, 1.0, 1.0          # SR-STE: dense backward-data and weight gradient
         dw = r
         if self.last.get("step") == step and name in self._scored_share:
             dw = r + (1.0 - r) * self._scored_share[name]
+        elif self._scoring_step == step and name in self._scoring:
+            dw = r + (1.0 - r) * self._scoring[name]
         return r, r, dw
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self):
         return {"masks": dict(self._masks), "osc": dict(self._osc), "updates": self.updates,
                 "swaps_total": self.swaps_total, "last": dict(self.last),
-                "scored_share": dict(self._scored_share)}
+                "scored_share": dict(self._scored_share), "acc": dict(self._acc),
+                "first_phase": self._first_phase}
 
     def load_state_dict(self, state):
         self._masks = dict(state.get("masks", {}))
@@ -291,3 +376,6 @@ class BAME(Method):
         self.swaps_total = int(state.get("swaps_total", 0))
         self.last = dict(state.get("last", {}))
         self._scored_share = {k: float(v) for k, v in state.get("scored_share", {}).items()}
+        self._first_phase = bool(state.get("first_phase", self.switch_step > 0))
+        self._acc = {name: state["acc"][name].to(mod.weight.device)
+                     for name, mod in self.ctx.layers.items() if name in state.get("acc", {})}
