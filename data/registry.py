@@ -102,16 +102,21 @@ def seeded_subset(ds: Dataset, size: int | None, seed: int, field: str) -> Datas
     return Subset(ds, indices)
 
 
+HOLDOUT_SEED = 20_211_206     # one fixed split for every run: runs with different seeds evaluate the same samples
+
+
 def build_datasets(name: str, root: str | None = None, augment: bool = False,
                    train_subset: int | None = None, test_subset: int | None = None,
-                   download: bool = False, seed: int = 0,
+                   download: bool = False, seed: int = 0, holdout: int | None = None,
                    **options: Any) -> tuple[Dataset, Dataset, DatasetInfo]:
     """The (train, test) datasets of ``name`` and their `DatasetInfo`.
 
     Samples are ``(float image tensor C x H x W, normalised; int label)``. ``augment`` applies the
     dataset's training augmentation to the train split only. ``train_subset``/``test_subset`` keep
     that many samples, chosen deterministically from ``seed`` (independently per split).
-    ``options`` go to the dataset's builder (see `list_datasets` and each builder's docstring).
+    ``holdout`` takes that many samples out of the train split (after ``train_subset``; one fixed
+    split whatever the seed, without augmentation) and returns them in place of the test split: what
+    defaults are chosen on, so that the test split stays unseen. ``options`` go to the dataset's builder (see `list_datasets` and each builder's docstring).
     """
     if name not in _DATASETS:
         raise DatasetError(f"data.dataset: {name!r} is unknown; use one of: {', '.join(_DATASETS)}")
@@ -120,5 +125,16 @@ def build_datasets(name: str, root: str | None = None, augment: bool = False,
     train, test, info = entry.builder(root, augment=augment, download=download, seed=seed, **options)
     # Different streams per split, so the two subsets are not the same index pattern.
     train = seeded_subset(train, train_subset, seed, "data.train_subset")
+    if holdout is not None:
+        if isinstance(holdout, bool) or not isinstance(holdout, int) or not 1 <= holdout < len(train):
+            raise DatasetError(f"data.holdout: must be an integer in [1, {len(train) - 1}] (training samples "
+                               f"held out for evaluation) or null, got {holdout!r}")
+        plain = train
+        if augment:     # the held-out samples are evaluated as test samples are: without augmentation
+            plain, _, _ = entry.builder(root, augment=False, download=download, seed=seed, **options)
+            plain = seeded_subset(plain, train_subset, seed, "data.train_subset")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+        held, kept = sorted(order[:holdout].tolist()), sorted(order[holdout:].tolist())
+        return Subset(train, kept), Subset(plain, held), replace(info, train_size=len(kept), test_size=len(held))
     test = seeded_subset(test, test_subset, seed + 1, "data.test_subset")
     return train, test, replace(info, train_size=len(train), test_size=len(test))  # type: ignore[arg-type]

@@ -354,3 +354,11 @@ def vit(num_classes: int, in_channels: int, image_size: int, width: float) -> nn
     """ViT: 6 blocks of dim 128*width (multiple of 64), 4x MLP, patches of 4 px (16 px from 64 px up)."""
     patch = 4 if image_size < 64 else 16
     return VisionTransformer(num_classes, in_channels, image_size, scaled(128, width, multiple=64), 6, patch)
+
+
+@register_model("vit_tiny")
+def vit_tiny(num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
+    """ViT-Tiny for CPU grids: 4 blocks of dim 64*width (multiple of 64), 4x MLP, 16 patches of 7 px
+    (28 px images) or 8 px (32 px); 16 px patches from 64 px up."""
+    patch = {28: 7, 32: 8}.get(image_size, 16 if image_size >= 64 else 4)
+    return VisionTransformer(num_classes, in_channels, image_size, scaled(64, width, multiple=64), 4, patch)

@@ -397,3 +397,27 @@ def test_loaders_shuffle_train_reproducibly_and_keep_test_in_order():
     with pytest.raises(DatasetError) as exc:
         build_loaders(train, test, batch_size=0, seed=0)
     assert one_line(exc) == "data.batch_size: must be a positive integer, got 0"
+
+
+def test_holdout_takes_the_same_training_samples_out_whatever_the_seed():
+    from nmtrain.data import build_datasets
+
+    full, _, _ = build_datasets("synthetic", seed=0)
+    splits = [build_datasets("synthetic", seed=s, holdout=50) for s in (0, 1)]
+    for train, held, info in splits:
+        assert len(held) == 50 and len(train) == len(full) - 50
+        assert info.train_size == len(train) and info.test_size == 50
+        assert not set(train.indices) & set(held.indices)          # disjoint, together the whole split
+        assert sorted(train.indices + held.indices) == list(range(len(full)))
+    assert splits[0][1].indices == splits[1][1].indices            # one fixed split
+    x, y = splits[0][1][0]
+    fx, fy = full[splits[0][1].indices[0]]
+    assert torch.equal(x, fx) and y == fy
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 10 ** 9])
+def test_holdout_out_of_range_names_the_field(bad):
+    from nmtrain.data import DatasetError, build_datasets
+
+    with pytest.raises(DatasetError, match="data.holdout"):
+        build_datasets("synthetic", seed=0, holdout=bad)

@@ -20,6 +20,7 @@ NATURAL = [
     ("resnet18", 3, 32),
     ("resnet50", 3, 32),
     ("vit", 1, 28),
+    ("vit_tiny", 1, 28),
 ]
 
 
@@ -167,3 +168,12 @@ def test_vit_trains_with_transposable_masks_on_3d_activations():
     assert losses[-1] < losses[0]
     for name, mask in method.masks().items():
         assert nm_violation(mask, pattern) is None, name
+
+
+def test_vit_tiny_cuts_16_patches_and_its_block_layers_fit_8x8_tiles():
+    model = build_model("vit_tiny", 10, 1, 28)
+    assert model.patch == 7 and model.pos.shape == (1, 16, 64) and len(model.blocks) == 4
+    assert build_model("vit_tiny", 10, 3, 32).patch == 8
+    for name, mod in model.blocks.named_modules():
+        if isinstance(mod, nn.Linear):
+            assert mod.weight.shape[0] % 8 == 0 and mod.weight.shape[1] % 8 == 0, name

@@ -77,6 +77,10 @@ def test_every_shipped_spec_is_valid_and_documents_its_command(path):
     validate(spec)
     for method in spec.sweep.methods:
         get_method(method)
+    if spec.sweep.methods:        # every cell of a shipped grid validates (grid() checks each before running)
+        from nmtrain.experiments.compare import grid
+        cells = grid(spec, spec.sweep.methods, spec.sweep.patterns, spec.sweep.seeds or None)
+        assert len(cells) >= len(spec.sweep.methods) * max(len(spec.sweep.seeds), 1)
     assert load_spec(path) == spec
     # the resolved spec round-trips through YAML
     again = tmp = dump_spec(spec)
