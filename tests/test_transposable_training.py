@@ -103,3 +103,25 @@ def test_metrics_record_the_change_rate_of_every_recompute(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     for name in summary["sparse_layers"]:
         assert summary["sparse_layers"][name]["pattern"] == "2:4-T"
+
+
+def test_stability_benchmark_runs_both_variants_and_reuses_finished_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "transposable_stability.py"
+    cmd = [sys.executable, str(script), "--patterns", "2:4-T", "--seeds", "0,1", "--interval", "2",
+           "--out", str(tmp_path), "--set", "data.dataset=synthetic", "--set", "model.name=mlp",
+           "--set", "train.max_steps=6", "--set", "data.batch_size=64"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    rows = list(__import__("csv").DictReader((tmp_path / "stability.csv").open()))
+    assert [(r["variant"], r["seed"]) for r in rows] == [("unbounded", "0"), ("unbounded", "1"),
+                                                         ("bounded", "0"), ("bounded", "1")]
+    assert all(r["max_change_rate"] != "" for r in rows)
+    assert (tmp_path / "stability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = tmp_path / "bounded" / "transposable-2of4T" / "seed1" / "model.pt"
+    stamp = model.stat().st_mtime_ns
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and model.stat().st_mtime_ns == stamp      # finished runs are reused
