@@ -502,6 +502,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
                                   "loss": running_loss / max(running_n, 1), "test_loss": test_loss, "accuracy": acc,
                                   "lr": optimizer.param_groups[0]["lr"],
                                   "mask_change_rate": change_rate(last_masks, masks)}
+                        record.update(method.metric_fields())
                         events = method.pop_mask_events()
                         if events:      # per recompute, for methods that recompute at intervals
                             record["mask_recomputes"] = events
@@ -546,6 +547,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
         "train_flops": flops.summary(),
         "accel": method.accel_report() or {"mode": spec.accel, "sparse_layers": [], "fallback": {}},
     }
+    summary.update(method.summary_fields())
     if distributed:
         summary["processes"] = world
     if main:

@@ -145,3 +145,110 @@ def test_training_runs_with_different_seeds_search_different_permutations(tmp_pa
         perms.append(ckpt["method"]["perms"])
     assert perms[0].keys() == perms[1].keys() and perms[0]
     assert any(not torch.equal(perms[0][k], perms[1][k]) for k in perms[0])
+
+
+def test_surviving_count_by_hand_and_as_the_backward_mask_keeps_it():
+    from nmtrain.experiments.methods.bimask import surviving
+
+    # 8 rows, 2 columns, 2:4 groups of rows: column 0 has 3 kept in rows 0-3 and 1 in rows 4-7.
+    f = torch.tensor([[1, 0], [1, 1], [1, 0], [0, 0], [1, 1], [0, 1], [0, 1], [0, 0]], dtype=torch.bool)
+    ident = torch.arange(8)
+    # groups (0-3) and (4-7): column 0 min(2,3)+min(2,1) = 3; column 1 min(2,1)+min(2,3) = 3
+    assert surviving(f, ident, 2, 4) == 6
+    swap = torch.tensor([0, 1, 3, 2, 4, 5, 6, 7])
+    assert surviving(f, swap, 2, 4) == 6                       # a swap inside a group changes nothing
+    better = torch.tensor([0, 1, 3, 5, 4, 2, 6, 7])            # rows 2 and 5 change groups:
+    assert surviving(f, better, 2, 4) == 8 == int(f.sum())     # 2 kept per group and column, all survive
+    w = torch.rand(8, 2) + 0.1                                 # no kept weight exactly zero
+    for perm in (ident, swap, better):
+        assert surviving(f, perm, 2, 4) == int(backward_mask(f, w, perm, 2, 4).sum())
+
+
+def test_random_grouping_survival_is_the_binomial_expectation():
+    from nmtrain.experiments.methods.bimask import random_grouping_survival
+
+    assert random_grouping_survival(2, 4) == pytest.approx(0.8125)
+    assert random_grouping_survival(1, 4) == pytest.approx(1 - 0.75 ** 4)
+    # and it is what random permutations of a random N:M mask give on average
+    gen = torch.Generator().manual_seed(0)
+    fm = nm_mask(torch.randn(256, 256, generator=gen), 1, 4)
+    from nmtrain.experiments.methods.bimask import surviving
+    shares = [surviving(fm, torch.randperm(256, generator=gen), 1, 4) / int(fm.sum()) for _ in range(20)]
+    assert sum(shares) / 20 == pytest.approx(random_grouping_survival(1, 4), abs=0.01)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8)])
+def test_local_search_never_below_its_start_and_deterministic(n, m):
+    from nmtrain.experiments.methods.bimask import local_search, surviving
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 96, generator=gen)
+    fm = nm_mask(w, n, m)
+    start, kept = search_permutation(fm, w.abs(), n, m, 10, torch.Generator().manual_seed(2))
+    perm, better = local_search(fm, start, n, m, torch.Generator().manual_seed(3), 100)
+    again, same = local_search(fm, start, n, m, torch.Generator().manual_seed(3), 100)
+    assert torch.equal(perm, again) and better == same
+    assert sorted(perm.tolist()) == list(range(64))            # still a permutation
+    assert better == surviving(fm, perm, n, m) and better > kept   # it found better groupings
+    assert kept == surviving(fm, start, n, m)
+
+
+def test_local_search_with_one_group_or_no_gain_keeps_the_permutation():
+    from nmtrain.experiments.methods.bimask import local_search
+
+    fm = nm_mask(torch.randn(4, 16), 2, 4)
+    perm = torch.tensor([2, 0, 3, 1])
+    out, _ = local_search(fm, perm, 2, 4, torch.Generator().manual_seed(0), 10)
+    assert torch.equal(out, perm)
+    full = torch.ones(8, 8, dtype=torch.bool)                  # every row identical: no swap gains
+    out, kept = local_search(full, torch.arange(8), 2, 4, torch.Generator().manual_seed(0), 10)
+    assert torch.equal(out, torch.arange(8)) and kept == 2 * 2 * 8
+
+
+def test_survival_is_recorded_in_metrics_and_summary(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from nmtrain.cli.main import app
+
+    shares = {}
+    for search in ("random", "local"):
+        out = tmp_path / search
+        result = CliRunner().invoke(app, ["train", "data.dataset=synthetic", "model.name=mlp", "train.epochs=2",
+                                          "data.batch_size=64", "--method", "bimask", "--pattern", "1:4",
+                                          f"method.params.search={search}", "--out", str(out), "--no-progress"])
+        assert result.exit_code == 0, result.stderr + result.stdout
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(0.0 < line["backward_survival"] <= 1.0 for line in lines)
+        summary = json.loads((out / "summary.json").read_text())
+        per_layer = summary["backward_survival"]
+        assert {f"{k}.weight" for k in per_layer} == set(summary["sparse_layers"]) and per_layer
+        assert summary["backward_survival_random_grouping"] == pytest.approx(1 - 0.75 ** 4)
+        assert lines[-1]["backward_survival"] == pytest.approx(sum(per_layer.values()) / len(per_layer))
+        shares[search] = lines[-1]["backward_survival"]
+    assert shares["local"] > shares["random"]
+
+
+def test_survival_is_the_share_the_backward_gemm_keeps():
+    lin = nn.Linear(32, 16, bias=False)
+    method = _bimask({"lin": lin}, search="local")
+    route_forward({"lin": lin}, method)
+    method.before_step(0)
+    fmask = method.masks()["lin"]
+    # the backward-data GEMM: dX = dY (W * B_b); with dY = one-hot rows, dX recovers the rows of W * B_b
+    x = torch.randn(16, 32, requires_grad=True)
+    (lin(x) * torch.eye(16)).sum().backward()
+    used = x.grad != 0
+    expected = method.backward_survival()["lin"]
+    assert int(used.sum()) / int(fmask.sum()) == pytest.approx(expected)
+    assert bool((used <= fmask).all())
+    from nmtrain.experiments.layers import unroute_forward
+    unroute_forward({"lin": lin})
+
+
+def test_bad_search_names_the_field():
+    from nmtrain.experiments.methods import MethodError
+
+    with pytest.raises(MethodError, match="method.params.search"):
+        _bimask({"lin": nn.Linear(8, 8)}, search="annealing")

@@ -98,6 +98,14 @@ class Method:
         them into the next metrics.jsonl line as ``mask_recomputes`` (empty: nothing to report)."""
         return []
 
+    def metric_fields(self) -> dict[str, Any]:
+        """Extra fields for every metrics.jsonl line (e.g. Bi-Mask's ``backward_survival``)."""
+        return {}
+
+    def summary_fields(self) -> dict[str, Any]:
+        """Extra fields for summary.json."""
+        return {}
+
     def accel_report(self) -> dict | None:
         """Which layers ran on sparse kernels and which fell back, and why (None: no ``accel``)."""
         return None

@@ -15,6 +15,12 @@ draw different permutations (the draws are a large share of Bi-Mask's seed-to-se
 process of a multi-process run draws the same ``pi`` (the public code lost it under DataParallel).
 ``pi`` is saved in checkpoints.
 
+``search: local`` (*nmtrain*; default ``random``, the paper's search, kept as it is) starts from that best
+draw and swaps rows between groups while the share of forward-kept weights that ``B_b`` keeps rises
+(:func:`local_search`). Random draws barely beat random grouping (81.25% at 2:4, 68.4% at 1:4 in
+expectation); the local search finds clearly better groupings. The share is recorded as
+``backward_survival`` in metrics.jsonl (mean over layers) and summary.json (per layer).
+
 Forward uses ``W * B_f``; backward-data uses ``W * B_b`` (a custom autograd function); the weight
 gradient is dense (straight-through) plus SR-STE's ``decay * (1 - B_f) * W`` (2e-4).
 Training MACs: F * (2r + 1).
@@ -22,6 +28,7 @@ Training MACs: F * (2r + 1).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +46,12 @@ class BiMaskParams:
     iter: int = 100             # steps between permutation searches
     decay: float = 2e-4         # lambda_W on pruned weights
     seed: int = 0               # mixed with the run's seed for the permutation generator
+    search: str = "random"      # random: best of greedy_num draws (the paper) | local: then row swaps (nmtrain)
+    local_rounds: int = 100     # local: most rounds of pairwise group swaps (stops after 20 without a gain)
+
+
+SEARCHES = ("random", "local")
+PATIENCE = 20                   # local search: rounds in a row without any improving swap before it stops
 
 
 def backward_mask(fmask_matrix: torch.Tensor, scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -65,6 +78,69 @@ def search_permutation(fmask_matrix: torch.Tensor, scores: torch.Tensor, n: int,
         if kept > best_score:       # strict: the first best wins, deterministically
             best, best_score = perm, kept
     return best, best_score
+
+
+def surviving(fmask_matrix: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> int:
+    """Forward-kept entries that ``B_b`` keeps under ``perm``: per group of M permuted rows and per column,
+    ``min(N, kept in the group)`` (what :func:`backward_mask` keeps when no kept weight is exactly 0)."""
+    rows, cols = fmask_matrix.shape
+    counts = fmask_matrix[perm].reshape(rows // m, m, cols).sum(1)
+    return int(counts.clamp(max=n).sum())
+
+
+def random_grouping_survival(n: int, m: int, density: float | None = None) -> float:
+    """Expected share of forward-kept weights in ``B_b`` when rows are grouped at random: per column a group
+    holds X ~ Binomial(M, r) kept entries and B_b keeps min(N, X) of them, so E[min(N, X)] / (M r)."""
+    r = n / m if density is None else density
+    expected = sum(min(n, x) * math.comb(m, x) * r ** x * (1 - r) ** (m - x) for x in range(m + 1))
+    return expected / (m * r)
+
+
+def local_search(fmask_matrix: torch.Tensor, perm: torch.Tensor, n: int, m: int, generator: torch.Generator,
+                 rounds: int) -> tuple[torch.Tensor, int]:
+    """Improve ``perm`` by swapping rows between groups while the surviving count rises.
+
+    Why this algorithm: the objective ``sum over groups g, columns c of min(N, count_gc)`` changes, for a
+    swap of row r (group A) with row s (group B), only through the columns where r and s differ; with
+    ``u = [count < N]`` (room to gain) and ``v = [count <= N]`` (an entry lost is lost) per group and column,
+    the change is ``F_s . (u_A - v_B) + F_r . (u_B - v_A) - (F_r * F_s) . (u_A - v_B + u_B - v_A)`` exactly.
+    Each round pairs the groups at random (disjoint pairs, so their swaps are independent), scores all
+    M x M swaps of every pair with one batched product, and applies each pair's best swap when it gains.
+    A round costs ``C_out * M * K`` multiply-adds, vectorised; the objective never decreases, so the
+    result is never below the starting (best random) permutation. Deterministic for a given generator.
+    """
+    rows, cols = fmask_matrix.shape
+    groups = rows // m
+    perm = perm.clone()
+    if groups < 2:
+        return perm, surviving(fmask_matrix, perm, n, m)
+    p = fmask_matrix[perm].float().reshape(groups, m, cols)           # rows in permuted order, kept current
+    counts = p.sum(1)
+    idle = 0
+    for _ in range(rounds):
+        u, v = (counts < n).float(), (counts <= n).float()
+        order = torch.randperm(groups, generator=generator)[: groups - groups % 2].to(p.device).reshape(-1, 2)
+        a, b = order[:, 0], order[:, 1]
+        fa, fb = p[a], p[b]                                               # (pairs, M, K)
+        x, y = u[a] - v[b], u[b] - v[a]                                   # (pairs, K)
+        gain = (torch.bmm(fb, x.unsqueeze(2)).transpose(1, 2) + torch.bmm(fa, y.unsqueeze(2))
+                - torch.bmm(fa * (x + y).unsqueeze(1), fb.transpose(1, 2)))  # (pairs, M_r, M_s)
+        best, where = gain.reshape(len(a), -1).max(1)
+        do = best > 0.5                                                   # integer gains: at least one entry
+        if not bool(do.any()):
+            idle += 1
+            if idle >= PATIENCE:
+                break
+            continue
+        idle = 0
+        ga, gb, r, s_ = a[do], b[do], where[do] // m, where[do] % m
+        row_a, row_b = p[ga, r].clone(), p[gb, s_].clone()
+        p[ga, r], p[gb, s_] = row_b, row_a
+        counts[ga] += row_b - row_a
+        counts[gb] += row_a - row_b
+        pos_a, pos_b = ga * m + r, gb * m + s_
+        perm[pos_a], perm[pos_b] = perm[pos_b].clone(), perm[pos_a].clone()
+    return perm, surviving(fmask_matrix, perm, n, m)
 
 
 class _BiMaskGEMM(torch.autograd.Function):
@@ -104,9 +180,11 @@ class BiMask(Method):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        for name in ("greedy_num", "iter"):
+        for name in ("greedy_num", "iter", "local_rounds"):
             if getattr(params, name) < 1:
                 raise MethodError(f"method.params.{name}: must be at least 1, got {getattr(params, name)}")
+        if params.search not in SEARCHES:
+            raise MethodError(f"method.params.search: must be one of {', '.join(SEARCHES)}, got {params.search!r}")
         self.perms: dict[str, torch.Tensor] = {}
         self.searches = 0
         self.last_search_step = -1
@@ -132,7 +210,10 @@ class BiMask(Method):
         for index, (name, mod) in enumerate(self.ctx.layers.items()):
             gen = torch.Generator().manual_seed(self._generator_seed(index))
             fm, scores = self._matrices(mod)
-            self.perms[name], kept = search_permutation(fm, scores, p.n, p.m, self.params.greedy_num, gen)
+            perm, kept = search_permutation(fm, scores, p.n, p.m, self.params.greedy_num, gen)
+            if self.params.search == "local":
+                perm, kept = local_search(fm, perm, p.n, p.m, gen, self.params.local_rounds)
+            self.perms[name] = perm
             self.survival[name] = kept / max(int(fm.sum()), 1)
         self.searches += 1
         self.last_search_step = step
@@ -170,6 +251,25 @@ class BiMask(Method):
 
     def backward_masks(self):
         return {name: self._masks_of(name, mod)[1] for name, mod in self.ctx.layers.items()}
+
+    @torch.no_grad()
+    def backward_survival(self) -> dict[str, float]:
+        """Per layer: the share of forward-kept weights that the backward mask keeps, from the masks the
+        backward GEMM uses now."""
+        out = {}
+        for name, mod in self.ctx.layers.items():
+            fmask, bmask = self._masks_of(name, mod)
+            out[name] = int(bmask.sum()) / max(int(fmask.sum()), 1)
+        return out
+
+    def metric_fields(self):
+        share = self.backward_survival()
+        return {"backward_survival": sum(share.values()) / len(share)} if share else {}
+
+    def summary_fields(self):
+        p = self.ctx.pattern
+        return {"backward_survival": self.backward_survival(),
+                "backward_survival_random_grouping": random_grouping_survival(p.n, p.m)}
 
     def export_pattern(self, name):
         return Pattern(self.ctx.pattern.n, self.ctx.pattern.m)
