@@ -37,7 +37,8 @@ def run_variant(args, name: str, bound: bool) -> list[dict]:
         f"method.params.bound_pruned={str(bound).lower()}", f"method.params.solver={args.solver}",
         f"out={Path(args.out) / name}", *args.set])
     rows = []
-    for cell in grid(spec, ["transposable"], args.patterns.split(","), [int(s) for s in args.seeds.split(",")]):
+    for cell in (c.spec for c in grid(spec, ["transposable"], args.patterns.split(","),
+                                       [int(s) for s in args.seeds.split(",")])):
         summary = finished_run(cell)
         if summary is None:
             try:

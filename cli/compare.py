@@ -55,7 +55,7 @@ def _wrote(paths: dict) -> None:
 def compare(
     args: Optional[List[str]] = typer.Argument(None, metavar="[SPEC.yaml] [KEY.SUB=VALUE]...",
                                                help="A YAML spec (default: the quick Fashion-MNIST spec), then dotted overrides."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated methods, e.g. dense,srste,transposable,bimask,bame (default: the spec's sweep.methods)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods, e.g. dense,srste,transposable,bimask,bame; method:variant for a method with the parameters sweep.params['method:variant'] (default: the spec's sweep.methods)."),
     patterns: Optional[str] = typer.Option(None, help="Comma-separated N:M patterns (N kept of M), e.g. 2:4,1:4 (default: sweep.patterns)."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2: every cell runs once per seed; the outputs show mean ± std and a paired test against dense and the best cell (default: sweep.seeds, else one run with `seed`)."),
     out: Optional[Path] = typer.Option(None, help="Directory for the grid's runs and compare.csv/json/png (default: the spec's out)."),
@@ -70,7 +70,7 @@ def compare(
     seed_list = _seeds(seeds) if seeds is not None else (spec.sweep.seeds or None)
     cells = grid(spec, _split(methods) or spec.sweep.methods, _split(patterns) or spec.sweep.patterns, seed_list)
     console.print(f"comparing {len(cells)} runs: " + ", ".join(
-        f"{c.method.name} {c.sparsity.pattern}" + (f" seed {c.seed}" if seed_list else "") for c in cells))
+        f"{c.label} {c.spec.sparsity.pattern}" + (f" seed {c.spec.seed}" if seed_list else "") for c in cells))
     if reuse and overwrite:
         raise SpecError("--reuse and --overwrite: choose one (reuse keeps finished runs, overwrite retrains them)")
     rows = run_grid(cells, overwrite=overwrite, console=console, progress=progress, reuse=reuse)

@@ -20,6 +20,7 @@ import copy
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -57,16 +58,38 @@ def check_seeds(seeds: list[int]) -> list[int]:
     return list(seeds)
 
 
-def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] | None = None) -> list[Spec]:
-    """One spec per cell (and per seed, when ``seeds`` is given), each validated before anything runs
-    (a bad cell fails the whole grid up front)."""
+@dataclass
+class Cell:
+    """One run of a grid: its label (a method name, or ``method:variant`` for a method with the
+    parameters ``sweep.params[label]``) and its spec."""
+    label: str
+    spec: Spec
+
+
+def split_label(label: str) -> tuple[str, str | None]:
+    method, _, variant = label.partition(":")
+    if ":" in label and (not variant or not variant.replace("_", "").replace("-", "").isalnum()):
+        raise SpecError(f"sweep.methods: {label!r}: a variant is method:name, name of letters, digits, - or _")
+    return method, variant or None
+
+
+def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] | None = None) -> list[Cell]:
+    """One cell per method and pattern (and per seed, when ``seeds`` is given), each validated before
+    anything runs (a bad cell fails the whole grid up front). A method may be listed as ``method:variant``
+    beside ``method``: the variant's parameters are ``sweep.params["method:variant"]`` (e.g.
+    ``bimask:local`` with ``{search: local}``), its directories ``method-variant-...``."""
     if seeds is not None:
         seeds = check_seeds(seeds)
     if not methods or not patterns:
         raise SpecError("sweep: give --methods and --patterns, or a `sweep:` section with methods and patterns")
+    if len(set(methods)) != len(methods):
+        raise SpecError(f"sweep.methods: a method is listed twice in {methods}")
     cells = []
-    for method in methods:
+    for label in methods:
+        method, variant = split_label(label)
         cls = get_method(method)
+        if variant is not None and label not in spec.sweep.params:
+            raise SpecError(f"sweep.params: give the parameters of variant {label!r} (sweep.params.{label!r})")
         parsed = [parse_pattern(text) for text in patterns]
         if method != "dense" and not cls.accepts_transposable:
             # a -T pattern is a cell only for methods that take transposable masks (4:8-T beside 2:4)
@@ -78,8 +101,8 @@ def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] |
             if method == "dense" and i > 0:
                 continue            # dense has no pattern: one run is enough
             cell = copy.deepcopy(spec)
-            if method in spec.sweep.params:
-                cell.method.params = dict(spec.sweep.params[method])
+            if label in spec.sweep.params:
+                cell.method.params = dict(spec.sweep.params[label])
             elif cell.method.name != method:
                 cell.method.params = {}
             cell.method.name = method
@@ -87,7 +110,8 @@ def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] |
             cell.sparsity.transposable = p.transposable and method != "dense"   # dense has no mask to transpose
             if cell.accel in accel_mod.ACCEL_MODES and not accel_mod.supports(method, p):
                 cell.accel = "none"     # this cell's masks cannot use the 2:4 kernels: its masked-dense run
-            cell.out = str(Path(spec.out) / ("dense" if method == "dense" else f"{method}-{p.n}of{p.m}"
+            stem = label.replace(":", "-")
+            cell.out = str(Path(spec.out) / (stem if method == "dense" else f"{stem}-{p.n}of{p.m}"
                                               + ("T" if p.transposable else "")))
             for seed in seeds if seeds is not None else [None]:
                 run = cell
@@ -95,7 +119,7 @@ def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] |
                     run = copy.deepcopy(cell)
                     run.seed, run.out = seed, str(Path(cell.out) / f"seed{seed}")
                 validate(run)
-                cells.append(run)
+                cells.append(Cell(label, run))
     return cells
 
 
@@ -125,19 +149,19 @@ def finished_run(cell: Spec) -> dict | None:
     return summary
 
 
-def run_grid(cells: list[Spec], overwrite: bool = False, console=None, progress: bool = True,
+def run_grid(cells: list[Cell], overwrite: bool = False, console=None, progress: bool = True,
              reuse: bool = False) -> list[dict]:
     """Train every cell; with ``reuse``, a cell whose directory already holds a finished run of the same
     spec is read instead of trained (an interrupted grid continues where it stopped)."""
     rows = []
-    for cell in cells:
+    for label, cell in ((c.label, c.spec) for c in cells):
         s = finished_run(cell) if reuse else None
         if s is None:
             s = train(cell, overwrite=overwrite, console=console, progress=progress).summary
         elif console is not None:
             console.print(f"reusing the finished run in {cell.out}")
         result_out = Path(cell.out)
-        rows.append({"method": s["method"], "pattern": s["pattern"] or "dense", "density": s["density"],
+        rows.append({"method": label, "pattern": s["pattern"] or "dense", "density": s["density"],
                      "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
                      "epochs": s["epochs"], "seed": s["seed"], "flops_ratio": s["train_flops"]["ratio"],
                      "wall_seconds": s["wall_seconds"], "mask_change_rate": _last_change_rate(result_out),

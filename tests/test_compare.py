@@ -50,7 +50,7 @@ def test_sweep_params_set_each_methods_parameters(tmp_path):
     spec = load_spec(None, ["data.dataset=synthetic", f"out={tmp_path}",
                             "sweep.params={transposable: {mask_interval: 1}, srste: {decay: 0.001}}"])
     cells = grid(spec, ["transposable", "srste", "bimask"], ["2:4"])
-    assert [c.method.params for c in cells] == [{"mask_interval": 1}, {"decay": 0.001}, {}]
+    assert [c.spec.method.params for c in cells] == [{"mask_interval": 1}, {"decay": 0.001}, {}]
 
 
 def test_a_spec_with_accel_runs_it_where_the_cell_can_and_masked_dense_elsewhere(tmp_path):
@@ -121,7 +121,7 @@ def test_sweep_seeds_in_the_spec_and_bad_seeds_refused_before_any_run(tmp_path):
 
     spec = load_spec(None, ["data.dataset=synthetic", f"out={tmp_path}", "sweep.seeds=[3, 4]"])
     cells = grid(spec, ["dense", "srste"], ["2:4"], spec.sweep.seeds)
-    assert [(c.method.name, c.seed, c.out) for c in cells] == [
+    assert [(c.spec.method.name, c.spec.seed, c.spec.out) for c in cells] == [
         ("dense", 3, str(tmp_path / "dense" / "seed3")), ("dense", 4, str(tmp_path / "dense" / "seed4")),
         ("srste", 3, str(tmp_path / "srste-2of4" / "seed3")), ("srste", 4, str(tmp_path / "srste-2of4" / "seed4"))]
     for seeds, needle in (("0,0", "twice"), ("0,x", "--seeds"), ("-1", "sweep.seeds")):
@@ -158,7 +158,7 @@ def test_transposable_patterns_are_cells_only_for_methods_that_take_them(tmp_pat
 
     spec = load_spec(None, ["data.dataset=synthetic", f"out={tmp_path}"])
     cells = grid(spec, ["dense", "srste", "transposable"], ["2:4", "4:8-T"])
-    assert [(c.method.name, c.sparsity.pattern, c.sparsity.transposable) for c in cells] == [
+    assert [(c.spec.method.name, c.spec.sparsity.pattern, c.spec.sparsity.transposable) for c in cells] == [
         ("dense", "2:4", False), ("srste", "2:4", False), ("transposable", "2:4", False),
         ("transposable", "4:8", True)]
     with pytest.raises(SpecError, match="srste takes no transposable"):
@@ -202,3 +202,31 @@ def test_reuse_reads_finished_cells_of_the_same_spec_and_trains_the_rest(tmp_pat
     assert changed.exit_code == 2 and "already holds a run" in changed.stderr
     both = runner.invoke(app, base + ["--methods", "srste", "--reuse", "--overwrite"])
     assert both.exit_code == 2 and "--reuse and --overwrite" in both.stderr
+
+
+def test_a_method_variant_runs_beside_the_method_with_its_own_parameters(tmp_path):
+    from nmtrain.experiments.compare import grid
+    from nmtrain.experiments.spec import SpecError, load_spec
+
+    spec = load_spec(None, ["data.dataset=synthetic", f"out={tmp_path}",
+                            "sweep.params={'bimask:local': {search: local}}"])
+    cells = grid(spec, ["bimask", "bimask:local"], ["2:4"])
+    assert [(c.label, c.spec.method.name, c.spec.method.params, c.spec.out) for c in cells] == [
+        ("bimask", "bimask", {}, str(tmp_path / "bimask-2of4")),
+        ("bimask:local", "bimask", {"search": "local"}, str(tmp_path / "bimask-local-2of4"))]
+    with pytest.raises(SpecError, match="variant 'srste:x'"):
+        grid(spec, ["srste:x"], ["2:4"])
+    with pytest.raises(SpecError, match="a variant is method:name"):
+        grid(spec, ["bimask:"], ["2:4"])
+    with pytest.raises(SpecError, match="listed twice"):
+        grid(spec, ["srste", "srste"], ["2:4"])
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", "data.dataset=synthetic", "model.name=mlp", "train.epochs=1",
+                                 "data.batch_size=64", "--methods", "bimask,bimask:local", "--patterns", "1:4",
+                                 "--seeds", "0,1", "sweep.params={'bimask:local': {search: local}}",
+                                 "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.stderr + result.stdout
+    data = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in data] == ["bimask", "bimask:local"]
+    config = (out / "bimask-local-1of4" / "seed1" / "config.yaml").read_text()
+    assert "search: local" in config

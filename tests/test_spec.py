@@ -75,12 +75,14 @@ def test_every_shipped_spec_is_valid_and_documents_its_command(path):
     assert first.startswith(("# nmtrain train ", "# nmtrain compare ")) and path.name in first
     spec = from_dict(Spec, read_yaml(path))
     validate(spec)
-    for method in spec.sweep.methods:
-        get_method(method)
+    from nmtrain.experiments.compare import split_label
+    for label in spec.sweep.methods:
+        get_method(split_label(label)[0])
     if spec.sweep.methods:        # every cell of a shipped grid validates (grid() checks each before running)
         from nmtrain.experiments.compare import grid
         cells = grid(spec, spec.sweep.methods, spec.sweep.patterns, spec.sweep.seeds or None)
         assert len(cells) >= len(spec.sweep.methods) * max(len(spec.sweep.seeds), 1)
+        assert all(c.spec.seed in (spec.sweep.seeds or [spec.seed]) for c in cells)
     assert load_spec(path) == spec
     # the resolved spec round-trips through YAML
     again = tmp = dump_spec(spec)
