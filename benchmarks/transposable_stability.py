@@ -104,7 +104,7 @@ def main() -> None:
     title = (f"transposable, LeNet-5 on Fashion-MNIST, 3 epochs, mask_interval {args.interval}, "
              f"solver {args.solver}, seeds {args.seeds}")
     plot(rows, out / "stability.png", title)
-    print(f"| pruned weights | pattern | final acc per seed | mean ± std | diverged | largest flip at one recompute |")
+    print("| pruned weights | pattern | final acc per seed | mean ± std | diverged | largest flip at one recompute |")
     print("|---|---|---|---|---|---|")
     for name, _ in VARIANTS:
         for pattern in dict.fromkeys(r["pattern"] for r in rows):
