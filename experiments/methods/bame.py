@@ -16,7 +16,7 @@ nmtrain runs it so:
 2. From ``switch`` on: the mask is frozen at the magnitude mask of the weights then, and training is
    BAME's, below. ``switch = 0`` is the fully sparse run from the random init.
 
-``switch`` default 0.25 (*nmtrain*, chosen with the other defaults on a held-out part of the training
+``switch`` default 0.2 (*nmtrain*, chosen with the other defaults on a held-out part of the training
 set, README "BAME ablation"). Phase 2, every step::
 
     W~ = W * E                      E: the row-wise N:M mask (groups of M consecutive weights along K)
@@ -62,7 +62,7 @@ that were scored (the non-frozen ones: choosing among them needs their gradients
 reduction dimension) the backward-data GEMM would count dense (``F(2r + 1)`` overall); the ``r``
 here follows the paper's convention, which the paper's 2.37x-fewer-FLOPs-than-SR-STE figure uses.
 
-Defaults (*nmtrain*): ``switch`` 0.25, ``t_i = 0`` (so the window opens at the switch), ``t_f = 0.75``;
+Defaults (*nmtrain*): ``switch`` 0.2, ``t_i = 0`` (so the window opens at the switch), ``t_f = 0.75``;
 ``interval`` 50 — RigL-style runs use ~100 on ImageNet (thousands of steps per epoch), while nmtrain's
 quick Fashion-MNIST spec has ~700 steps in the window, where 50 gives ~14 updates; each update adds at
 most ``(1 - r) / T`` to the per-step weight-gradient density; ``fraction`` 0.3 (RigL's initial drop
@@ -89,7 +89,7 @@ REGROW = ("zero", "stale")
 
 @dataclass
 class BAMEParams:
-    switch: float = 0.25            # end of the SR-STE phase (dense backward), fraction of total steps
+    switch: float = 0.2             # end of the SR-STE phase (dense backward), fraction of total steps
     t_i: float = 0.0                # first adaptation, as a fraction of the run's total steps
     t_f: float = 0.75               # mask fixed from here on (fraction of total steps)
     interval: int = 50              # T: steps between mask updates
