@@ -277,6 +277,14 @@ def plot_recomputes(series: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _density_label(pattern: str) -> str:
+    """'2:4' -> '2:4 (density 0.50)'; a pattern's colour in the plot stands for its density (-T included)."""
+    n, sep, m = pattern.partition(":")
+    if not sep or not (n.isdigit() and m.isdigit()):
+        return pattern
+    return f"{pattern} (density {int(n) / int(m):.2f})"
+
+
 def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")              # no display: write files only
@@ -310,7 +318,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax.grid(True, alpha=0.3, zorder=0)
     handles = [plt.Line2D([], [], marker=markers[i % len(markers)], linestyle="", color="grey", label=m)
                for i, m in enumerate(methods)]
-    handles += [plt.Line2D([], [], marker="o", linestyle="", color=colours(i % 10), label=p)
+    handles += [plt.Line2D([], [], marker="o", linestyle="", color=colours(i % 10), label=_density_label(p))
                 for i, p in enumerate(patterns)]
     ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()

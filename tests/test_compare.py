@@ -230,3 +230,10 @@ def test_a_method_variant_runs_beside_the_method_with_its_own_parameters(tmp_pat
     assert [r["method"] for r in data] == ["bimask", "bimask:local"]
     config = (out / "bimask-local-1of4" / "seed1" / "config.yaml").read_text()
     assert "search: local" in config
+
+
+def test_the_plot_legend_names_each_pattern_with_its_density():
+    from nmtrain.experiments.compare import _density_label
+    assert _density_label("2:4") == "2:4 (density 0.50)"
+    assert _density_label("1:8") == "1:8 (density 0.12)"
+    assert _density_label("dense") == "dense"
