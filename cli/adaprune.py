@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..sparsity import parse_pattern
 from .console import console
 from .errors import user_errors
 
@@ -42,6 +41,7 @@ def adaprune(
     (the source's spec) and summary.json (accuracies of original, magnitude projection and AdaPrune).
     """
     from ..experiments.adaprune import AdaPruneSettings, adaprune as run_adaprune
+    from ..sparsity import parse_pattern
 
     pat = parse_pattern(pattern, transposable=transposable)
     settings = AdaPruneSettings(pattern=pat, calib_samples=calib_samples, iters=iters, batch=batch,

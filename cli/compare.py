@@ -8,9 +8,8 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ..experiments.spec import SpecError
 from .console import console
-from .errors import user_errors
+from .errors import UsageError, user_errors
 from .train import resolve_spec
 
 
@@ -22,7 +21,7 @@ def _seeds(text: str) -> list[int]:
     try:
         return [int(t) for t in _split(text)]
     except ValueError:
-        raise SpecError(f"--seeds: give comma-separated integers like 0,1,2, got {text!r}") from None
+        raise UsageError(f"--seeds: give comma-separated integers like 0,1,2, got {text!r}") from None
 
 
 def _seeded_table(spec, seed_list: list[int], rows: list[dict]) -> None:
@@ -72,7 +71,7 @@ def compare(
     console.print(f"comparing {len(cells)} runs: " + ", ".join(
         f"{c.label} {c.spec.sparsity.pattern}" + (f" seed {c.spec.seed}" if seed_list else "") for c in cells))
     if reuse and overwrite:
-        raise SpecError("--reuse and --overwrite: choose one (reuse keeps finished runs, overwrite retrains them)")
+        raise UsageError("--reuse and --overwrite: choose one (reuse keeps finished runs, overwrite retrains them)")
     rows = run_grid(cells, overwrite=overwrite, console=console, progress=progress, reuse=reuse)
     if seed_list:
         _seeded_table(spec, seed_list, rows)

@@ -7,14 +7,10 @@ import re
 from typing import List, Optional
 
 import typer
-
 from rich.table import Table
 
-from ..sparsity import rank
-from ..sparsity.diversity import EXACT_MAX_M
-from .errors import UsageError, user_errors
-
 from .console import console
+from .errors import UsageError, user_errors
 
 
 def _parse_shape(text: str) -> tuple[int, int]:
@@ -37,6 +33,9 @@ def diversity(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {pattern, count (digits), log10, density, exact}."),
 ) -> None:
     """Count the masks each pattern family allows on a block (exact integers) and rank them, largest first."""
+    from ..sparsity import rank
+    from ..sparsity.diversity import EXACT_MAX_M
+
     rows, cols = _parse_shape(shape)
     if not 0.0 < density < 1.0:
         raise UsageError(f"--density {density} must be strictly between 0 and 1 (the share of weights kept)")

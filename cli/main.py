@@ -7,8 +7,7 @@ import warnings
 
 import typer
 
-from ..experiments.accel import AccelFallbackWarning
-
+from ..experiments.errors import AccelFallbackWarning
 from .compare import compare
 from .diversity import diversity
 from .adaprune import adaprune

@@ -11,11 +11,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..experiments.io import load_state_dict, save_state_dict, save_text
-from ..sparsity import LAYOUTS, list_solvers, parse_pattern, prune_state_dict
-from .errors import UsageError, user_errors
-
+from .choices import SOLVERS
 from .console import console
+from .errors import UsageError, user_errors
 
 # Show a progress bar when the work is large enough to make a user wait.
 _PROGRESS_MIN_ELEMENTS = 1 << 22
@@ -32,13 +30,16 @@ def prune(
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the pruned state_dict."),
     pattern: str = typer.Option(..., "--pattern", "-p", help="N:M with N kept of every M, e.g. 2:4, 1:4, 4:8; N:M-T for transposable."),
     transposable: bool = typer.Option(False, "--transposable", "-T", help="N:M along C_out too (backward-data GEMM sparse)."),
-    solver: str = typer.Option("exact", help="Transposable solver: " + ", ".join(s.name for s in list_solvers()) + "."),
+    solver: str = typer.Option("exact", help="Transposable solver: " + ", ".join(SOLVERS) + "."),
     include: Optional[List[str]] = typer.Option(None, "--include", help="Only weights whose name matches this glob (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Skip weights whose name matches this glob (repeatable)."),
     layout: str = typer.Option("nhwc", help="Conv grouping: nhwc (M input channels at one tap, as hardware) or flatten (C_in*kh*kw)."),
     report: Optional[Path] = typer.Option(None, help="Also write the per-layer table as JSON here."),
 ) -> None:
     """Prune every eligible weight to N:M (or N:M-T) by magnitude; pruned entries become exact zeros."""
+    from ..experiments.io import load_state_dict, save_state_dict, save_text
+    from ..sparsity import LAYOUTS, list_solvers, parse_pattern, prune_state_dict
+
     pat = parse_pattern(pattern, transposable=transposable)
     _check_choice("--solver", solver, [s.name for s in list_solvers()])
     _check_choice("--layout", layout, list(LAYOUTS))

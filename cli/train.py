@@ -7,17 +7,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from ..experiments.methods import list_methods
-from ..experiments.spec import SPECS_DIR, apply_overrides, from_dict, read_yaml, Spec
-from ..sparsity import PatternError, parse_pattern
+from .choices import METHODS
 from .console import console
 from .errors import UsageError, user_errors
 
-DEFAULT_SPEC = SPECS_DIR / "fmnist_quick.yaml"
+if TYPE_CHECKING:
+    from ..experiments.spec import Spec
+
+DEFAULT_SPEC_NAME = "fmnist_quick.yaml"     # in experiments/specs/
 
 
 def _split_args(args: list[str]) -> tuple[Path | None, list[str]]:
@@ -33,14 +34,18 @@ def _split_args(args: list[str]) -> tuple[Path | None, list[str]]:
 
 def resolve_spec(args: list[str], method: str | None, pattern: str | None, out: Path | None) -> Spec:
     """SPEC file (optional, first) + dotted overrides + the flag shortcuts, as one validated Spec."""
+    from ..experiments.spec import SPECS_DIR, read_yaml
+
     spec_path, overrides = _split_args(args)
-    return _apply(read_yaml(spec_path or DEFAULT_SPEC), overrides, method, pattern, out)
+    return _apply(read_yaml(spec_path or SPECS_DIR / DEFAULT_SPEC_NAME), overrides, method, pattern, out)
 
 
 def resume_spec(run_dir: Path, args: list[str], method: str | None, pattern: str | None, out: Path | None) -> Spec:
     """The saved spec of ``run_dir`` (its config.yaml), with ``out`` pointing at ``run_dir``.
 
     Overrides are accepted only when they leave the saved spec unchanged: a resumed run is the same run."""
+    from ..experiments.spec import read_yaml
+
     if not run_dir.is_dir():
         raise UsageError(f"--resume: {run_dir} is not a directory")
     config = run_dir / "config.yaml"
@@ -65,6 +70,9 @@ def resume_spec(run_dir: Path, args: list[str], method: str | None, pattern: str
 
 
 def _apply(data: dict, overrides: list[str], method: str | None, pattern: str | None, out: Path | None) -> Spec:
+    from ..experiments.spec import Spec, apply_overrides, from_dict
+    from ..sparsity import PatternError, parse_pattern
+
     # Flags first, so that overrides can set the new method's parameters (--method bimask method.params.iter=50).
     if method is not None:
         section = data.setdefault("method", {})
@@ -89,7 +97,7 @@ def _apply(data: dict, overrides: list[str], method: str | None, pattern: str | 
 def train(
     args: Optional[List[str]] = typer.Argument(None, metavar="[SPEC.yaml] [KEY.SUB=VALUE]...",
                                                help="A YAML spec (default: the quick Fashion-MNIST spec), then dotted overrides like optim.lr=0.05."),
-    method: Optional[str] = typer.Option(None, help="Training method: " + ", ".join(list_methods()) + " (resets method.params)."),
+    method: Optional[str] = typer.Option(None, help="Training method: " + ", ".join(METHODS) + " (resets method.params)."),
     pattern: Optional[str] = typer.Option(None, help="N:M pattern, N kept of every M (2:4 = density 0.50); N:M-T for transposable."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: the spec's `out`)."),
     overwrite: bool = typer.Option(False, help="Replace a run already in the run directory."),

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data import build_datasets, build_loaders
 from ..sparsity import LAYOUTS, Pattern, from_matrix, make_mask, nm_violation, to_matrix
+from .errors import ExperimentError
 from .io import CheckpointError, atomic_write, load_state_dict, save_text
 from .layers import gemm, plan_layers
 from .models import build_model
@@ -53,7 +54,7 @@ from .runner import RUN_FILES, check_out_dir, evaluate, resolve_device
 from .spec import Spec, SpecError, dump_spec, from_dict, read_yaml
 
 
-class AdaPruneError(ValueError):
+class AdaPruneError(ExperimentError):
     """Input AdaPrune cannot use (source, settings, output directory); one-line message."""
 
 

@@ -16,9 +16,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..sparsity import Pattern, shape_violation
+from .errors import ExperimentError
 
 
-class LayerSelectionError(ValueError):
+class LayerSelectionError(ExperimentError):
     """The sparsity section selects layers that cannot hold the pattern; one-line message."""
 
 

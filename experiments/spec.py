@@ -19,8 +19,10 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import ExperimentError
 
-class SpecError(ValueError):
+
+class SpecError(ExperimentError):
     """A spec that cannot be used; the one-line message names the field and the fix."""
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import SparsityError
 
-class PatternError(ValueError):
+
+class PatternError(SparsityError):
     """A pattern string or (N, M) pair that nmtrain cannot use; the message names the constraint."""
 
 

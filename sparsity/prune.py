@@ -12,13 +12,14 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .errors import SparsityError
 from .layout import shape_violation
 from .nm import kept_share, nm_mask, nm_violation, unstructured_mask
 from .pattern import Pattern
 from .transposable import transposable_mask
 
 
-class SelectionError(ValueError):
+class SelectionError(SparsityError):
     """The include/exclude selection asks for something impossible; the message names the weight."""
 
 

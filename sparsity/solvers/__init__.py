@@ -6,7 +6,7 @@ magnitudes, one M x M tile per row of T) and ``n``, return a bool tensor of the 
 score. ``exact`` solvers reach the optimum on every tile; ``approx`` ones may not.
 
 Register a new one with ``@register_solver("name", exact=..., summary=...)``; ``list_solvers()``
-lists them (the CLI's ``--solver`` choices come from here).
+lists them (the CLI checks ``--solver`` against it; its help lists ``cli/choices.py``, tested equal).
 """
 
 from __future__ import annotations
