@@ -23,7 +23,7 @@ def adaprune(
     sequential: bool = typer.Option(False, "--sequential", help="Take each layer's inputs from the already-pruned network "
                                     "(default: parallel, inputs cached from the unpruned model, layers independent)."),
     add_back: bool = typer.Option(True, help="Start from the kept weights rescaled to carry each group's pruned |w| "
-                                  "(METHODS.md); --no-add-back starts from plain projection."),
+                                  "(docs/methods.md#adaprune); --no-add-back starts from plain projection."),
     spec: Optional[Path] = typer.Option(None, help="Spec giving model and data for a bare state_dict (default: SOURCE/config.yaml)."),
     out: Optional[Path] = typer.Option(None, help="Output run directory (default: SOURCE-adaprune-N-M[-T] beside SOURCE)."),
     overwrite: bool = typer.Option(False, help="Replace a run already in the output directory."),

@@ -61,7 +61,7 @@ class SparsitySpec:
     solver: str = "exact"       # transposable mask solver
     include: list[str] = field(default_factory=list)   # fnmatch globs on module names; empty = default rule
     exclude: list[str] = field(default_factory=list)
-    keep_first_dense: bool = True   # the first conv/linear stays dense (METHODS.md default)
+    keep_first_dense: bool = True   # the first conv/linear stays dense (docs/methods.md#layer-selection)
     keep_last_dense: bool = True    # the classifier stays dense
 
 
