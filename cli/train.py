@@ -21,6 +21,23 @@ if TYPE_CHECKING:
 DEFAULT_SPEC_NAME = "fmnist_quick.yaml"     # in experiments/specs/
 
 
+# SPEC and the overrides are two arguments (of train and compare), so that usage reads
+# `[SPEC.yaml] [KEY.SUB=VALUE]...`; a first argument with '=' in it is an override all the same
+# (`spec_args`, then `_split_args`).
+def spec_argument():
+    return typer.Argument(None, metavar="SPEC.yaml", show_default=False,
+                          help="A YAML spec (default: the quick Fashion-MNIST spec, experiments/specs/fmnist_quick.yaml).")
+
+
+def overrides_argument():
+    return typer.Argument(None, metavar="KEY.SUB=VALUE", show_default=False,
+                          help="Dotted overrides of the spec, like optim.lr=0.05 (type-checked).")
+
+
+def spec_args(spec: str | None, overrides: list[str] | None) -> list[str]:
+    return ([spec] if spec is not None else []) + list(overrides or [])
+
+
 def _split_args(args: list[str]) -> tuple[Path | None, list[str]]:
     spec_path: Path | None = None
     overrides = list(args)
@@ -95,8 +112,8 @@ def _apply(data: dict, overrides: list[str], method: str | None, pattern: str | 
 
 @user_errors
 def train(
-    args: Optional[List[str]] = typer.Argument(None, metavar="[SPEC.yaml] [KEY.SUB=VALUE]...",
-                                               help="A YAML spec (default: the quick Fashion-MNIST spec), then dotted overrides like optim.lr=0.05."),
+    spec: Optional[str] = spec_argument(),
+    overrides: Optional[List[str]] = overrides_argument(),
     method: Optional[str] = typer.Option(None, help="Training method: " + ", ".join(METHODS) + " (resets method.params)."),
     pattern: Optional[str] = typer.Option(None, help="N:M pattern, N kept of every M (2:4 = density 0.50); N:M-T for transposable."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: the spec's `out`)."),
@@ -106,22 +123,23 @@ def train(
     nproc: int = typer.Option(1, min=1, help="Processes on this machine, launched through torchrun (data.batch_size is the global batch)."),
 ) -> None:
     """Train a network with an N:M sparse method; writes config.yaml, metrics.jsonl, checkpoint.pt, model.pt, summary.json."""
-    from ..experiments.runner import Interrupted, train as run_training
+    from ..experiments.runner import Interrupted, summary_table, train as run_training
 
+    args = spec_args(spec, overrides)
     if nproc > 1:
         if resume is not None and overwrite:
             raise UsageError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
-        code = launch(nproc, args or [], method, pattern, out, overwrite, resume, progress)
+        code = launch(nproc, args, method, pattern, out, overwrite, resume, progress)
         raise typer.Exit(code=code)
 
     if resume is not None:
         if overwrite:
             raise UsageError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
-        spec = resume_spec(resume, args or [], method, pattern, out)
+        resolved = resume_spec(resume, args, method, pattern, out)
     else:
-        spec = resolve_spec(args or [], method, pattern, out)
+        resolved = resolve_spec(args, method, pattern, out)
     try:
-        result = run_training(spec, overwrite=overwrite, console=console, progress=progress,
+        result = run_training(resolved, overwrite=overwrite, console=console, progress=progress,
                               resume=resume is not None)
     except Interrupted as stop:
         if stop.checkpoint_step is None:
@@ -135,6 +153,7 @@ def train(
         print("interrupted", file=sys.stderr)
         raise typer.Exit(code=130) from None
     if int(os.environ.get("RANK", "0")) == 0:
+        console.print(summary_table(result.summary))
         console.print(f"run directory: {result.out}")
 
 

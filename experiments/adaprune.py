@@ -271,7 +271,7 @@ def load_source(source: str | Path, spec_path: str | Path | None = None) -> tupl
 def default_out(source: str | Path, pattern: Pattern) -> Path:
     source = Path(source)
     base = source if source.is_dir() else source.with_suffix("")
-    return base.parent / f"{base.name}-adaprune-{pattern.n}-{pattern.m}{'-T' if pattern.transposable else ''}"
+    return base.parent / f"{base.name}-adaprune-{pattern.slug}"
 
 
 def calibration_images(train_ds, n: int, seed: int) -> torch.Tensor:

@@ -553,9 +553,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
         summary["processes"] = world
     if main:
         _save_json(summary, out / "summary.json")
-    if console is not None:
-        console.print(summary_table(summary))
-    return RunResult(out, summary)
+    return RunResult(out, summary)      # the caller shows it: `nmtrain train` a table, `compare` a line
 
 
 @torch.no_grad()
