@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..sparsity import parse_pattern
 from .console import console
 from .errors import user_errors
 
@@ -23,10 +22,10 @@ def adaprune(
     batch: int = typer.Option(50, help="Calibration samples per Adam step."),
     sequential: bool = typer.Option(False, "--sequential", help="Take each layer's inputs from the already-pruned network "
                                     "(default: parallel, inputs cached from the unpruned model, layers independent)."),
-    add_back: bool = typer.Option(True, help="Start from the kept weights rescaled to carry each group's pruned |w| "
-                                  "(METHODS.md); --no-add-back starts from plain projection."),
+    add_back: bool = typer.Option(True, help="Start from the kept weights rescaled to carry each group's pruned |w|; "
+                                  "--no-add-back starts from plain projection."),
     spec: Optional[Path] = typer.Option(None, help="Spec giving model and data for a bare state_dict (default: SOURCE/config.yaml)."),
-    out: Optional[Path] = typer.Option(None, help="Output run directory (default: SOURCE-adaprune-N-M[-T] beside SOURCE)."),
+    out: Optional[Path] = typer.Option(None, help="Output run directory (default: beside SOURCE, named SOURCE-adaprune-2of4; -4of8T for 4:8-T)."),
     overwrite: bool = typer.Option(False, help="Replace a run already in the output directory."),
     progress: bool = typer.Option(True, help="Show a progress bar per layer."),
 ) -> None:
@@ -40,8 +39,11 @@ def adaprune(
     --sequential feeds each layer the already-pruned network's activations so it also corrects upstream
     error. BatchNorm statistics are re-estimated on the calibration set. Writes model.pt, config.yaml
     (the source's spec) and summary.json (accuracies of original, magnitude projection and AdaPrune).
+
+    The method, with the add-back rule: docs/methods.md#adaprune.
     """
     from ..experiments.adaprune import AdaPruneSettings, adaprune as run_adaprune
+    from ..sparsity import parse_pattern
 
     pat = parse_pattern(pattern, transposable=transposable)
     settings = AdaPruneSettings(pattern=pat, calib_samples=calib_samples, iters=iters, batch=batch,

@@ -8,10 +8,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ..experiments.spec import SpecError
 from .console import console
-from .errors import user_errors
-from .train import resolve_spec
+from .errors import UsageError, user_errors
+from .train import overrides_argument, resolve_spec, spec_args, spec_argument
 
 
 def _split(text: str | None) -> list[str]:
@@ -22,7 +21,7 @@ def _seeds(text: str) -> list[int]:
     try:
         return [int(t) for t in _split(text)]
     except ValueError:
-        raise SpecError(f"--seeds: give comma-separated integers like 0,1,2, got {text!r}") from None
+        raise UsageError(f"--seeds: give comma-separated integers like 0,1,2, got {text!r}") from None
 
 
 def _seeded_table(spec, seed_list: list[int], rows: list[dict]) -> None:
@@ -47,36 +46,9 @@ def _seeded_table(spec, seed_list: list[int], rows: list[dict]) -> None:
     _wrote(paths)
 
 
-def _wrote(paths: dict) -> None:
-    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+def _run_table(spec, rows: list[dict]) -> None:
+    from ..experiments.compare import write_results
 
-
-@user_errors
-def compare(
-    args: Optional[List[str]] = typer.Argument(None, metavar="[SPEC.yaml] [KEY.SUB=VALUE]...",
-                                               help="A YAML spec (default: the quick Fashion-MNIST spec), then dotted overrides."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated methods, e.g. dense,srste,transposable,bimask,bame; method:variant for a method with the parameters sweep.params['method:variant'] (default: the spec's sweep.methods)."),
-    patterns: Optional[str] = typer.Option(None, help="Comma-separated N:M patterns (N kept of M), e.g. 2:4,1:4 (default: sweep.patterns)."),
-    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2: every cell runs once per seed; the outputs show mean ± std and a paired test against dense and the best cell (default: sweep.seeds, else one run with `seed`)."),
-    out: Optional[Path] = typer.Option(None, help="Directory for the grid's runs and compare.csv/json/png (default: the spec's out)."),
-    overwrite: bool = typer.Option(False, help="Replace runs already in the output directory."),
-    reuse: bool = typer.Option(False, help="Read, instead of retraining, every cell whose directory already holds a finished run of the same spec (an interrupted grid continues)."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
-) -> None:
-    """Train every method at every pattern; write one table as rich output, CSV, JSON and a PNG of accuracy vs FLOPs."""
-    from ..experiments.compare import grid, run_grid, write_results
-
-    spec = resolve_spec(args or [], None, None, out)
-    seed_list = _seeds(seeds) if seeds is not None else (spec.sweep.seeds or None)
-    cells = grid(spec, _split(methods) or spec.sweep.methods, _split(patterns) or spec.sweep.patterns, seed_list)
-    console.print(f"comparing {len(cells)} runs: " + ", ".join(
-        f"{c.label} {c.spec.sparsity.pattern}" + (f" seed {c.spec.seed}" if seed_list else "") for c in cells))
-    if reuse and overwrite:
-        raise SpecError("--reuse and --overwrite: choose one (reuse keeps finished runs, overwrite retrains them)")
-    rows = run_grid(cells, overwrite=overwrite, console=console, progress=progress, reuse=reuse)
-    if seed_list:
-        _seeded_table(spec, seed_list, rows)
-        return
     title = f"{spec.name}: {spec.model.name} on {spec.data.dataset}, {spec.train.epochs} epochs, seed {spec.seed}"
     paths = write_results(rows, Path(spec.out), title)
     table = Table(title=f"nmtrain compare · {title}")
@@ -91,3 +63,38 @@ def compare(
                       "–" if mcr is None else f"{mcr:.4f}", *((r["accel"],) if show_accel else ()))
     console.print(table)
     _wrote(paths)
+
+
+def _wrote(paths: dict) -> None:
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@user_errors
+def compare(
+    spec: Optional[str] = spec_argument(),
+    overrides: Optional[List[str]] = overrides_argument(),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods, e.g. dense,srste,bimask; method:variant for a method with the parameters sweep.params['method:variant'] (default: the spec's sweep.methods)."),
+    patterns: Optional[str] = typer.Option(None, help="Comma-separated N:M patterns (N kept of M), e.g. 2:4,1:4 (default: sweep.patterns)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2: every cell runs once per seed; the outputs show mean ± std and a paired test against dense and the best cell (default: sweep.seeds, else one run with `seed`)."),
+    out: Optional[Path] = typer.Option(None, help="Directory for the grid's runs and compare.csv/json/png (default: the spec's out)."),
+    overwrite: bool = typer.Option(False, help="Replace runs already in the output directory."),
+    reuse: bool = typer.Option(False, help="Read, instead of retraining, every cell whose directory already holds a finished run of the same spec (an interrupted grid continues)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train every method at every pattern; write one table as rich output, CSV, JSON and a PNG of accuracy vs FLOPs."""
+    from ..experiments.compare import grid, run_grid
+
+    resolved = resolve_spec(spec_args(spec, overrides), None, None, out)
+    seed_list = _seeds(seeds) if seeds is not None else (resolved.sweep.seeds or None)
+    cells = grid(resolved, _split(methods) or resolved.sweep.methods, _split(patterns) or resolved.sweep.patterns,
+                 seed_list)
+    console.print(f"comparing {len(cells)} runs: " + ", ".join(
+        f"{c.label} {c.spec.sparsity.pattern}" + (f" seed {c.spec.seed}" if seed_list else "") for c in cells))
+    if reuse and overwrite:
+        raise UsageError("--reuse and --overwrite: choose one (reuse keeps finished runs, overwrite retrains them)")
+    rows = run_grid(cells, overwrite=overwrite, console=console, progress=progress, reuse=reuse)
+    if seed_list:
+        _seeded_table(resolved, seed_list, rows)
+    else:
+        _run_table(resolved, rows)
+

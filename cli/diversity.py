@@ -7,14 +7,10 @@ import re
 from typing import List, Optional
 
 import typer
-
 from rich.table import Table
 
-from ..sparsity import rank
-from ..sparsity.diversity import EXACT_MAX_M
-from .errors import UsageError, user_errors
-
 from .console import console
+from .errors import UsageError, user_errors
 
 
 def _parse_shape(text: str) -> tuple[int, int]:
@@ -22,11 +18,6 @@ def _parse_shape(text: str) -> tuple[int, int]:
     if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
         raise UsageError(f"--shape {text!r} is not of the form RxC with positive sizes, e.g. 8x8")
     return int(match.group(1)), int(match.group(2))
-
-
-def _short(count: int, width: int = 24) -> str:
-    digits = str(count)
-    return digits if len(digits) <= width else f"{digits[0]}.{digits[1:4]}e+{len(digits) - 1}"
 
 
 @user_errors
@@ -37,6 +28,9 @@ def diversity(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {pattern, count (digits), log10, density, exact}."),
 ) -> None:
     """Count the masks each pattern family allows on a block (exact integers) and rank them, largest first."""
+    from ..sparsity import rank
+    from ..sparsity.diversity import EXACT_MAX_M
+
     rows, cols = _parse_shape(shape)
     if not 0.0 < density < 1.0:
         raise UsageError(f"--density {density} must be strictly between 0 and 1 (the share of weights kept)")
@@ -49,9 +43,10 @@ def diversity(
     table = Table(title=f"mask diversity of a {rows}x{cols} block, N kept of every M")
     for col, justify in (("rank", "right"), ("pattern", "left"), ("density", "right"), ("log10(MD)", "right"),
                          ("MD (exact count)", "right"), ("vs best", "right")):
-        table.add_column(col, justify=justify)
+        # a count of hundreds of digits folds over several lines of its cell: every digit is shown
+        table.add_column(col, justify=justify, overflow="fold")
     for i, d in enumerate(results, 1):
-        count = _short(d.count) if d.exact else "≈ asymptotic, not exact"
+        count = str(d.count) if d.exact else "≈ asymptotic, not exact"
         table.add_row(str(i), d.family, f"{d.density:.3f}", ("" if d.exact else "≈") + f"{d.log10:.3f}", count,
                       f"10^{d.log10 - top:.2f}" if i > 1 else "1")
     console.print(table)

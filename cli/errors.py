@@ -1,4 +1,11 @@
-"""Bad input ends in one line on stderr that names the field and the fix, and exit code 2."""
+"""Bad input ends in one line on stderr that names the field and the fix, and exit code 2.
+
+Each layer has one base class for its input errors (`SparsityError`, `DataError`, `ExperimentError`);
+the CLI turns those, and its own `UsageError`, into ``error: ...`` and lets everything else through,
+so a bug still shows its traceback. The layers' bases are looked up only among modules already
+imported: importing the sparsity or data package imports torch, which ``--help`` must not do, and an
+exception of a layer's class means that its module is loaded anyway.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +15,29 @@ from typing import Callable, TypeVar
 
 import typer
 
-from ..data import DatasetError
-from ..experiments.adaprune import AdaPruneError
-from ..experiments.convert import ConvertError
-from ..experiments.io import CheckpointError
-from ..experiments.layers import LayerSelectionError
-from ..experiments.methods import MethodError
-from ..experiments.models import ModelError
-from ..experiments.runner import RunError
-from ..experiments.spec import SpecError
-from ..sparsity import LayoutError, PatternError, SelectionError
-from ..sparsity.diversity import DiversityError
-
-# These error types carry a one-line message naming the field or constraint and the fix.
-USER_ERRORS = (AdaPruneError, CheckpointError, ConvertError, DatasetError, DiversityError, LayerSelectionError,
-               LayoutError, MethodError, ModelError, PatternError, RunError, SelectionError, SpecError)
+# The base input error of each layer, by the module that defines it.
+LAYER_ERRORS = {
+    "nmtrain.sparsity.errors": "SparsityError",
+    "nmtrain.data.errors": "DataError",
+    "nmtrain.experiments.errors": "ExperimentError",
+}
 
 F = TypeVar("F", bound=Callable)
 
 
 class UsageError(ValueError):
     """A bad option value; the message names the option."""
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is bad input (a one-line message for the user) rather than a bug."""
+    if isinstance(exc, UsageError):
+        return True
+    for module, name in LAYER_ERRORS.items():
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return True
+    return False
 
 
 def fail(message: str) -> "typer.Exit":
@@ -42,6 +51,8 @@ def user_errors(fn: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UsageError, *USER_ERRORS) as exc:
+        except Exception as exc:
+            if not is_user_error(exc):
+                raise
             raise fail(str(exc)) from None
     return wrapper  # type: ignore[return-value]

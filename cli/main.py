@@ -7,29 +7,26 @@ import warnings
 
 import typer
 
-from ..experiments.accel import AccelFallbackWarning
-
+from ..experiments.errors import AccelFallbackWarning
 from .compare import compare
 from .diversity import diversity
 from .adaprune import adaprune
 from .convert import convert
+from .help import Command, Group
 from .prune import prune
 from .train import train
 
 app = typer.Typer(
     name="nmtrain",
+    cls=Group,
     help="Experiment runner for N:M fine-grained sparse training. N is always the number of weights KEPT "
          "in every group of M (2:4 keeps half: density 0.50).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command()(prune)
-app.command()(diversity)
-app.command()(train)
-app.command()(compare)
-app.command()(adaprune)
-app.command()(convert)
+for _command in (prune, diversity, train, compare, adaprune, convert):
+    app.command(cls=Command)(_command)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):

@@ -3,27 +3,65 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..experiments.io import load_state_dict, save_state_dict, save_text
-from ..sparsity import LAYOUTS, list_solvers, parse_pattern, prune_state_dict
-from .errors import UsageError, user_errors
-
+from .choices import SOLVERS
 from .console import console
+from .errors import UsageError, user_errors
 
 # Show a progress bar when the work is large enough to make a user wait.
 _PROGRESS_MIN_ELEMENTS = 1 << 22
+# A solver warm-up this long is numba compiling the kernels (first use after an install, about 10 s);
+# loading them from numba's disk cache takes about a second even on a busy machine.
+_COMPILING_AFTER_S = 2.0
 
 
 def _check_choice(option: str, value: str, choices: list[str]) -> None:
     if value not in choices:
         raise UsageError(f"{option} {value!r} is unknown; use one of: {', '.join(choices)}")
+
+
+def _prepare_solver(state: dict, pat, layout: str, solver: str, include: list[str], exclude: list[str]) -> float:
+    """Do the solver's one-time work before any layer is timed, and say so while it compiles; returns
+    its seconds. The selection is checked first, so bad input fails at once, not after a compile."""
+    from ..sparsity import select
+    from ..sparsity.solvers import warm_up
+
+    selected = select(state, pat, layout, include, exclude).selected
+    note = threading.Timer(_COMPILING_AFTER_S, lambda: print(
+        "compiling the mask solvers (first use; cached for later runs) ...", file=sys.stderr, flush=True))
+    note.start()
+    try:
+        return sum(warm_up(solver, pat.n, pat.m, dtype, device)
+                   for dtype, device in {(state[name].dtype, state[name].device) for name in selected})
+    finally:
+        note.cancel()
+
+
+def _print_tables(title: str, reports: list, skipped: dict[str, str]) -> None:
+    table = Table(title=title)
+    table.add_column("layer", overflow="fold", min_width=16)
+    for col, justify in (("shape", "left"), ("pattern", "left"), ("density", "right"), ("|W| kept", "right"),
+                         ("unstr. kept", "right"), ("valid", "center"), ("time", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    for r in reports:
+        table.add_row(r.name, "×".join(map(str, r.shape)), r.pattern, f"{r.density:.2f}", f"{r.kept_share:.4f}",
+                      f"{r.unstructured_share:.4f}", "✓" if r.valid else "[red]✗", f"{r.seconds * 1000:.1f} ms")
+    console.print(table)
+    if skipped:
+        skipped_table = Table(title="skipped (left dense)")
+        skipped_table.add_column("tensor")
+        skipped_table.add_column("reason")
+        for name, reason in skipped.items():
+            skipped_table.add_row(name, reason)
+        console.print(skipped_table)
 
 
 @user_errors
@@ -32,17 +70,23 @@ def prune(
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the pruned state_dict."),
     pattern: str = typer.Option(..., "--pattern", "-p", help="N:M with N kept of every M, e.g. 2:4, 1:4, 4:8; N:M-T for transposable."),
     transposable: bool = typer.Option(False, "--transposable", "-T", help="N:M along C_out too (backward-data GEMM sparse)."),
-    solver: str = typer.Option("exact", help="Transposable solver: " + ", ".join(s.name for s in list_solvers()) + "."),
+    solver: str = typer.Option("exact", help="Transposable solver: " + ", ".join(SOLVERS) + "."),
     include: Optional[List[str]] = typer.Option(None, "--include", help="Only weights whose name matches this glob (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Skip weights whose name matches this glob (repeatable)."),
     layout: str = typer.Option("nhwc", help="Conv grouping: nhwc (M input channels at one tap, as hardware) or flatten (C_in*kh*kw)."),
     report: Optional[Path] = typer.Option(None, help="Also write the per-layer table as JSON here."),
 ) -> None:
     """Prune every eligible weight to N:M (or N:M-T) by magnitude; pruned entries become exact zeros."""
+    from ..experiments.io import load_state_dict, save_state_dict, save_text
+    from ..sparsity import LAYOUTS, list_solvers, parse_pattern, prune_state_dict
+
     pat = parse_pattern(pattern, transposable=transposable)
     _check_choice("--solver", solver, [s.name for s in list_solvers()])
     _check_choice("--layout", layout, list(LAYOUTS))
     state = load_state_dict(input)
+    warm_up_seconds = 0.0
+    if pat.transposable:
+        warm_up_seconds = _prepare_solver(state, pat, layout, solver, include or [], exclude or [])
 
     total_elements = sum(v.numel() for v in state.values())
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -68,23 +112,10 @@ def prune(
         raise UsageError(f"internal check failed: masks of {', '.join(bad)} break {pat}; nothing written")
     save_state_dict(pruned, output)
 
-    table = Table(title=f"nmtrain prune → {output}  ({pat.describe()}, layout {layout}"
-                        + (f", solver {solver})" if pat.transposable else ")"))
-    table.add_column("layer", overflow="fold", min_width=16)
-    for col, justify in (("shape", "left"), ("pattern", "left"), ("density", "right"), ("|W| kept", "right"),
-                         ("unstr. kept", "right"), ("valid", "center"), ("time", "right")):
-        table.add_column(col, justify=justify, no_wrap=True)
-    for r in reports:
-        table.add_row(r.name, "×".join(map(str, r.shape)), r.pattern, f"{r.density:.2f}", f"{r.kept_share:.4f}",
-                      f"{r.unstructured_share:.4f}", "✓" if r.valid else "[red]✗", f"{r.seconds * 1000:.1f} ms")
-    console.print(table)
-    if skipped:
-        skipped_table = Table(title="skipped (left dense)")
-        skipped_table.add_column("tensor")
-        skipped_table.add_column("reason")
-        for name, reason in skipped.items():
-            skipped_table.add_row(name, reason)
-        console.print(skipped_table)
+    _print_tables(f"nmtrain prune → {output}  ({pat.describe()}, layout {layout}"
+                  + (f", solver {solver})" if pat.transposable else ")"), reports, skipped)
+    if warm_up_seconds >= _COMPILING_AFTER_S:
+        console.print(f"the mask solvers compiled in {warm_up_seconds:.1f} s (first use; not in the layers' times)")
     console.print(f"pruned {len(reports)} weights, skipped {len(skipped)}; wrote {output}")
     if report is not None:
         rows = [dict(vars(r), shape=list(r.shape)) for r in reports]

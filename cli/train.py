@@ -7,17 +7,35 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from ..experiments.methods import list_methods
-from ..experiments.spec import SPECS_DIR, apply_overrides, from_dict, read_yaml, Spec
-from ..sparsity import PatternError, parse_pattern
+from .choices import METHODS
 from .console import console
 from .errors import UsageError, user_errors
 
-DEFAULT_SPEC = SPECS_DIR / "fmnist_quick.yaml"
+if TYPE_CHECKING:
+    from ..experiments.spec import Spec
+
+DEFAULT_SPEC_NAME = "fmnist_quick.yaml"     # in experiments/specs/
+
+
+# SPEC and the overrides are two arguments (of train and compare), so that usage reads
+# `[SPEC.yaml] [KEY.SUB=VALUE]...`; a first argument with '=' in it is an override all the same
+# (`spec_args`, then `_split_args`).
+def spec_argument():
+    return typer.Argument(None, metavar="SPEC.yaml", show_default=False,
+                          help="A YAML spec (default: the quick Fashion-MNIST spec, experiments/specs/fmnist_quick.yaml).")
+
+
+def overrides_argument():
+    return typer.Argument(None, metavar="KEY.SUB=VALUE", show_default=False,
+                          help="Dotted overrides of the spec, like optim.lr=0.05 (type-checked).")
+
+
+def spec_args(spec: str | None, overrides: list[str] | None) -> list[str]:
+    return ([spec] if spec is not None else []) + list(overrides or [])
 
 
 def _split_args(args: list[str]) -> tuple[Path | None, list[str]]:
@@ -33,14 +51,18 @@ def _split_args(args: list[str]) -> tuple[Path | None, list[str]]:
 
 def resolve_spec(args: list[str], method: str | None, pattern: str | None, out: Path | None) -> Spec:
     """SPEC file (optional, first) + dotted overrides + the flag shortcuts, as one validated Spec."""
+    from ..experiments.spec import SPECS_DIR, read_yaml
+
     spec_path, overrides = _split_args(args)
-    return _apply(read_yaml(spec_path or DEFAULT_SPEC), overrides, method, pattern, out)
+    return _apply(read_yaml(spec_path or SPECS_DIR / DEFAULT_SPEC_NAME), overrides, method, pattern, out)
 
 
 def resume_spec(run_dir: Path, args: list[str], method: str | None, pattern: str | None, out: Path | None) -> Spec:
     """The saved spec of ``run_dir`` (its config.yaml), with ``out`` pointing at ``run_dir``.
 
     Overrides are accepted only when they leave the saved spec unchanged: a resumed run is the same run."""
+    from ..experiments.spec import read_yaml
+
     if not run_dir.is_dir():
         raise UsageError(f"--resume: {run_dir} is not a directory")
     config = run_dir / "config.yaml"
@@ -65,6 +87,9 @@ def resume_spec(run_dir: Path, args: list[str], method: str | None, pattern: str
 
 
 def _apply(data: dict, overrides: list[str], method: str | None, pattern: str | None, out: Path | None) -> Spec:
+    from ..experiments.spec import Spec, apply_overrides, from_dict
+    from ..sparsity import PatternError, parse_pattern
+
     # Flags first, so that overrides can set the new method's parameters (--method bimask method.params.iter=50).
     if method is not None:
         section = data.setdefault("method", {})
@@ -87,9 +112,9 @@ def _apply(data: dict, overrides: list[str], method: str | None, pattern: str | 
 
 @user_errors
 def train(
-    args: Optional[List[str]] = typer.Argument(None, metavar="[SPEC.yaml] [KEY.SUB=VALUE]...",
-                                               help="A YAML spec (default: the quick Fashion-MNIST spec), then dotted overrides like optim.lr=0.05."),
-    method: Optional[str] = typer.Option(None, help="Training method: " + ", ".join(list_methods()) + " (resets method.params)."),
+    spec: Optional[str] = spec_argument(),
+    overrides: Optional[List[str]] = overrides_argument(),
+    method: Optional[str] = typer.Option(None, help="Training method: " + ", ".join(METHODS) + " (resets method.params)."),
     pattern: Optional[str] = typer.Option(None, help="N:M pattern, N kept of every M (2:4 = density 0.50); N:M-T for transposable."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: the spec's `out`)."),
     overwrite: bool = typer.Option(False, help="Replace a run already in the run directory."),
@@ -98,22 +123,23 @@ def train(
     nproc: int = typer.Option(1, min=1, help="Processes on this machine, launched through torchrun (data.batch_size is the global batch)."),
 ) -> None:
     """Train a network with an N:M sparse method; writes config.yaml, metrics.jsonl, checkpoint.pt, model.pt, summary.json."""
-    from ..experiments.runner import Interrupted, train as run_training
+    from ..experiments.runner import Interrupted, summary_table, train as run_training
 
+    args = spec_args(spec, overrides)
     if nproc > 1:
         if resume is not None and overwrite:
             raise UsageError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
-        code = launch(nproc, args or [], method, pattern, out, overwrite, resume, progress)
+        code = launch(nproc, args, method, pattern, out, overwrite, resume, progress)
         raise typer.Exit(code=code)
 
     if resume is not None:
         if overwrite:
             raise UsageError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
-        spec = resume_spec(resume, args or [], method, pattern, out)
+        resolved = resume_spec(resume, args, method, pattern, out)
     else:
-        spec = resolve_spec(args or [], method, pattern, out)
+        resolved = resolve_spec(args, method, pattern, out)
     try:
-        result = run_training(spec, overwrite=overwrite, console=console, progress=progress,
+        result = run_training(resolved, overwrite=overwrite, console=console, progress=progress,
                               resume=resume is not None)
     except Interrupted as stop:
         if stop.checkpoint_step is None:
@@ -127,6 +153,7 @@ def train(
         print("interrupted", file=sys.stderr)
         raise typer.Exit(code=130) from None
     if int(os.environ.get("RANK", "0")) == 0:
+        console.print(summary_table(result.summary))
         console.print(f"run directory: {result.out}")
 
 

@@ -22,8 +22,10 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .errors import DataError
 
-class DatasetError(ValueError):
+
+class DatasetError(DataError):
     """A dataset that cannot be built from the given spec; the one-line message names the field."""
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import AccelFallbackWarning  # defined beside ExperimentError: the CLI names it without torch
 from .spec import SpecError
 
 ACCEL_MODES = ("none", "semi_structured")
@@ -305,10 +306,6 @@ class _SparseLinearFunction(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------------------------
 # 4. The plan for a run: sparse layers, fallbacks, one warning
-
-
-class AccelFallbackWarning(UserWarning):
-    """Some layers run masked dense instead of the sparse kernels (issued once per run)."""
 
 
 CONV_REASON = "Conv2d: the 2:4 kernels cover Linear layers only (runs masked dense)"

@@ -1,11 +1,11 @@
-"""AdaPrune (Hubara et al., 2021; METHODS.md section 5): a trained model to N:M by layer-wise reconstruction.
+"""AdaPrune (Hubara et al., 2021; docs/methods.md#adaprune): a trained model to N:M by layer-wise reconstruction.
 
 For every sparse layer (the same rule as training: every Conv2d/Linear except the first layer, the
 classifier and layers whose shape cannot hold the pattern):
 
 1. **Mask by magnitude**: N:M along K, or N:M-T with the exact transposable solver.
-2. **Add the pruned magnitude back** (METHODS.md: "the magnitude pruned from each group is added back
-   onto its kept weights"). nmtrain's precise rule, per group of M along K (the rows of the GEMM
+2. **Add the pruned magnitude back** onto the kept weights of each group (the reference code's
+   step; docs/methods.md#adaprune). nmtrain's precise rule, per group of M along K (the rows of the GEMM
    view, also for -T masks): the group's pruned ``sum |w|`` is distributed over its kept weights in
    proportion to their magnitude, with their signs, i.e. ``w_k <- w_k * (sum_group |w| / sum_kept |w|)``.
    Every group keeps its L1 norm; groups whose kept weights are all zero are left as they are.
@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data import build_datasets, build_loaders
 from ..sparsity import LAYOUTS, Pattern, from_matrix, make_mask, nm_violation, to_matrix
+from .errors import ExperimentError
 from .io import CheckpointError, atomic_write, load_state_dict, save_text
 from .layers import gemm, plan_layers
 from .models import build_model
@@ -53,7 +54,7 @@ from .runner import RUN_FILES, check_out_dir, evaluate, resolve_device
 from .spec import Spec, SpecError, dump_spec, from_dict, read_yaml
 
 
-class AdaPruneError(ValueError):
+class AdaPruneError(ExperimentError):
     """Input AdaPrune cannot use (source, settings, output directory); one-line message."""
 
 
@@ -67,7 +68,7 @@ class AdaPruneSettings:
     lr_weight: float = 1e-3
     lr_bias: float = 1e-2
     solver: str = "exact"          # transposable mask solver
-    add_back: bool = True          # start from the L1-preserving rescale (METHODS.md); False: plain projection
+    add_back: bool = True          # start from the L1-preserving rescale (docs/methods.md#adaprune); False: plain projection
 
     def check(self) -> None:
         for name, value, low in (("--calib-samples", self.calib_samples, 1), ("--iters", self.iters, 0),
@@ -270,7 +271,7 @@ def load_source(source: str | Path, spec_path: str | Path | None = None) -> tupl
 def default_out(source: str | Path, pattern: Pattern) -> Path:
     source = Path(source)
     base = source if source.is_dir() else source.with_suffix("")
-    return base.parent / f"{base.name}-adaprune-{pattern.n}-{pattern.m}{'-T' if pattern.transposable else ''}"
+    return base.parent / f"{base.name}-adaprune-{pattern.slug}"
 
 
 def calibration_images(train_ds, n: int, seed: int) -> torch.Tensor:

@@ -111,8 +111,7 @@ def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] |
             if cell.accel in accel_mod.ACCEL_MODES and not accel_mod.supports(method, p):
                 cell.accel = "none"     # this cell's masks cannot use the 2:4 kernels: its masked-dense run
             stem = label.replace(":", "-")
-            cell.out = str(Path(spec.out) / (stem if method == "dense" else f"{stem}-{p.n}of{p.m}"
-                                              + ("T" if p.transposable else "")))
+            cell.out = str(Path(spec.out) / (stem if method == "dense" else f"{stem}-{p.slug}"))
             for seed in seeds if seeds is not None else [None]:
                 run = cell
                 if seed is not None:
@@ -152,21 +151,31 @@ def finished_run(cell: Spec) -> dict | None:
 def run_grid(cells: list[Cell], overwrite: bool = False, console=None, progress: bool = True,
              reuse: bool = False) -> list[dict]:
     """Train every cell; with ``reuse``, a cell whose directory already holds a finished run of the same
-    spec is read instead of trained (an interrupted grid continues where it stopped)."""
+    spec is read instead of trained (an interrupted grid continues where it stopped). With a
+    ``console``, one line per finished cell; the caller shows the table of the whole grid."""
     rows = []
-    for label, cell in ((c.label, c.spec) for c in cells):
+    for i, (label, cell) in enumerate(((c.label, c.spec) for c in cells), 1):
         s = finished_run(cell) if reuse else None
+        reused = s is not None
         if s is None:
             s = train(cell, overwrite=overwrite, console=console, progress=progress).summary
-        elif console is not None:
-            console.print(f"reusing the finished run in {cell.out}")
         result_out = Path(cell.out)
         rows.append({"method": label, "pattern": s["pattern"] or "dense", "density": s["density"],
                      "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
                      "epochs": s["epochs"], "seed": s["seed"], "flops_ratio": s["train_flops"]["ratio"],
                      "wall_seconds": s["wall_seconds"], "mask_change_rate": _last_change_rate(result_out),
                      "run_dir": str(result_out), "accel": s["accel"]["mode"]})
+        if console is not None:
+            console.print(cell_line(rows[-1], i, len(cells), reused), soft_wrap=True)    # one line, even in a log
     return rows
+
+
+def cell_line(row: dict, i: int, total: int, reused: bool) -> str:
+    """``[2/6] srste 2:4 (density 0.50) seed 0: final acc 89.60%, wall 23.1 s`` for one finished cell."""
+    cell = row["method"] if row["pattern"] == "dense" else f"{row['method']} {parse_pattern(row['pattern']).describe()}"
+    where = f"reusing the finished run in {row['run_dir']}" if reused else row["run_dir"]
+    return (f"[{i}/{total}] {cell} seed {row['seed']}: final acc {row['final_accuracy']:.2f}%, "
+            f"wall {row['wall_seconds']:.1f} s · {where}")
 
 
 def aggregate(rows: list[dict]) -> list[dict]:

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..sparsity import LAYOUTS, Pattern, from_matrix, nm_violation, parse_pattern, shape_violation, to_matrix
+from .errors import ExperimentError
 from .io import atomic_write, load_state_dict
 
 FORMAT = "nmtrain-nm-compressed"
@@ -45,7 +46,7 @@ SEP = "::"
 TARGETS = ("compressed", "dense", "semi-structured")
 
 
-class ConvertError(ValueError):
+class ConvertError(ExperimentError):
     """Input `nmtrain convert` cannot use; one-line message, nothing written."""
 
 

@@ -16,8 +16,10 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import ExperimentError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(ExperimentError):
     """An input file that is missing, unreadable or not what the command needs; one-line message."""
 
 

@@ -1,6 +1,6 @@
 """Which layers of a model are sparse, and how their forward pass is routed through a method.
 
-Default rule (METHODS.md): every Conv2d and Linear except the first layer and the classifier, and
+Default rule (docs/methods.md#layer-selection): every Conv2d and Linear except the first layer and the classifier, and
 except layers whose grouped dimension is not a multiple of M; those are reported as skipped with the
 reason, never padded. ``sparsity.include`` / ``sparsity.exclude`` are fnmatch globs on module names;
 a layer an include glob names that cannot hold the pattern is an error.
@@ -16,9 +16,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..sparsity import Pattern, shape_violation
+from .errors import ExperimentError
 
 
-class LayerSelectionError(ValueError):
+class LayerSelectionError(ExperimentError):
     """The sparsity section selects layers that cannot hold the pattern; one-line message."""
 
 

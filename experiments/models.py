@@ -22,8 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from .errors import ExperimentError
 
-class ModelError(ValueError):
+
+class ModelError(ExperimentError):
     """A model that cannot be built from the given spec; the one-line message names the field."""
 
 

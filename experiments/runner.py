@@ -54,6 +54,7 @@ from ..data import build_datasets, build_loaders
 from ..data.loaders import set_epoch
 from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, nm_violation, parse_pattern
 from . import accel as accel_mod
+from .errors import ExperimentError
 from .io import CheckpointError, _first_line, atomic_write, load_state_dict, safe_load, save_text
 from .layers import plan_layers, route_forward, unroute_forward
 from .methods import Context, MethodError, build_params, get_method, params_dict
@@ -66,7 +67,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt", "model.pt", "summa
 NOT_FINITE_AFTER_UPDATE = "the weights are not finite after the update"
 
 
-class RunError(ValueError):
+class RunError(ExperimentError):
     """The run cannot start or continue (bad output directory, diverged loss); one-line message."""
 
 
@@ -552,9 +553,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
         summary["processes"] = world
     if main:
         _save_json(summary, out / "summary.json")
-    if console is not None:
-        console.print(summary_table(summary))
-    return RunResult(out, summary)
+    return RunResult(out, summary)      # the caller shows it: `nmtrain train` a table, `compare` a line
 
 
 @torch.no_grad()

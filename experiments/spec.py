@@ -19,8 +19,10 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import ExperimentError
 
-class SpecError(ValueError):
+
+class SpecError(ExperimentError):
     """A spec that cannot be used; the one-line message names the field and the fix."""
 
 
@@ -59,7 +61,7 @@ class SparsitySpec:
     solver: str = "exact"       # transposable mask solver
     include: list[str] = field(default_factory=list)   # fnmatch globs on module names; empty = default rule
     exclude: list[str] = field(default_factory=list)
-    keep_first_dense: bool = True   # the first conv/linear stays dense (METHODS.md default)
+    keep_first_dense: bool = True   # the first conv/linear stays dense (docs/methods.md#layer-selection)
     keep_last_dense: bool = True    # the classifier stays dense
 
 

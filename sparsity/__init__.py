@@ -4,6 +4,7 @@ Masks are plain bool tensors of the weight's shape (True = kept). N is the numbe
 """
 
 from .diversity import Diversity, pattern_diversity, rank, transposable_count, unstructured_diversity
+from .errors import SparsityError
 from .layout import LAYOUTS, LayoutError, from_matrix, require_fits, shape_violation, to_matrix
 from .nm import is_valid, kept_share, magnitude, nm_mask, nm_violation, unstructured_mask
 from .pattern import Pattern, PatternError, parse_pattern
@@ -12,7 +13,7 @@ from .solvers import get_solver, list_solvers, register_solver
 from .transposable import pruned_magnitude, tile_scores, transposable_mask
 
 __all__ = [
-    "Diversity", "LAYOUTS", "LayerReport", "LayoutError", "Pattern", "PatternError", "SelectionError",
+    "Diversity", "LAYOUTS", "LayerReport", "LayoutError", "Pattern", "PatternError", "SelectionError", "SparsityError",
     "from_matrix", "get_solver", "is_valid", "kept_share", "list_solvers", "magnitude", "make_mask",
     "nm_mask", "nm_violation", "parse_pattern", "pattern_diversity", "prune_state_dict", "pruned_magnitude",
     "rank", "register_solver", "require_fits", "select", "shape_violation", "tile_scores", "to_matrix",

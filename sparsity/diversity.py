@@ -22,6 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from fractions import Fraction
 
+from .errors import SparsityError
 from .pattern import Pattern
 
 
@@ -91,7 +92,7 @@ def _log10(x: int) -> float:
     return math.log10(x) if x > 0 else float("-inf")
 
 
-class DiversityError(ValueError):
+class DiversityError(SparsityError):
     """A family that does not fit the block shape or density; the message names the constraint."""
 
 

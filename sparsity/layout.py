@@ -19,12 +19,13 @@ from typing import Sequence
 
 import torch
 
+from .errors import SparsityError
 from .pattern import Pattern
 
 LAYOUTS = ("nhwc", "flatten")
 
 
-class LayoutError(ValueError):
+class LayoutError(SparsityError):
     """A weight shape that cannot hold a pattern under a layout; the message names the constraint."""
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import SparsityError
 
-class PatternError(ValueError):
+
+class PatternError(SparsityError):
     """A pattern string or (N, M) pair that nmtrain cannot use; the message names the constraint."""
 
 
@@ -47,6 +49,11 @@ class Pattern:
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" + ("-T" if self.transposable else "")
+
+    @property
+    def slug(self) -> str:
+        """The pattern in file and directory names, e.g. ``2of4``, ``4of8T`` (no ':' in a path)."""
+        return f"{self.n}of{self.m}" + ("T" if self.transposable else "")
 
     def describe(self) -> str:
         """The pattern with its density, e.g. ``2:4-T (density 0.50)``."""

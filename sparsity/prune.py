@@ -12,13 +12,15 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .errors import SparsityError
 from .layout import shape_violation
 from .nm import kept_share, nm_mask, nm_violation, unstructured_mask
 from .pattern import Pattern
+from .solvers import warm_up
 from .transposable import transposable_mask
 
 
-class SelectionError(ValueError):
+class SelectionError(SparsityError):
     """The include/exclude selection asks for something impossible; the message names the weight."""
 
 
@@ -98,9 +100,13 @@ def prune_state_dict(state: Mapping[str, torch.Tensor], pattern: Pattern, layout
     """Prune the selected weights of ``state``; everything else is returned unchanged.
 
     Returns (new state, one report per pruned layer, skipped name -> reason). ``on_layer(name, i,
-    total)`` is called before each layer (for progress bars).
+    total)`` is called before each layer (for progress bars). A layer's ``seconds`` is its own solve:
+    the solver's one-time work (numba compiling on first use) is done before the first layer is timed.
     """
     sel = select(state, pattern, layout, include, exclude)
+    if pattern.transposable:
+        for dtype, device in {(state[name].dtype, state[name].device) for name in sel.selected}:
+            warm_up(solver, pattern.n, pattern.m, dtype, device)
     out = dict(state)
     reports = []
     for i, name in enumerate(sel.selected):

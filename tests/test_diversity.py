@@ -64,7 +64,7 @@ def test_transposable_count_matches_explicit_enumeration(m, n):
 def test_transposable_count_known_values():
     assert transposable_count(4, 2) == 90
     assert transposable_count(6, 3) == 297200
-    assert transposable_count(8, 4) == 116963796250          # METHODS.md
+    assert transposable_count(8, 4) == 116963796250          # docs/methods.md#mask-diversity
     for m in range(2, 8):
         assert transposable_count(m, 1) == math.factorial(m)  # permutation matrices
         for n in range(m + 1):

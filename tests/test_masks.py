@@ -88,7 +88,7 @@ def test_half_precision_weights():
 
 
 def test_rowwise_beats_transposable_quality_reference():
-    # METHODS.md: random Gaussian weights keep ~0.745 of |W| at row-wise 2:4, ~0.769 at 4:8
+    # docs/methods.md#transposable-masks: random Gaussian weights keep ~0.745 of |W| at row-wise 2:4, ~0.769 at 4:8
     w = torch.randn(512, 512)
     assert kept_share(w, nm_mask(w, 2, 4)) == pytest.approx(0.745, abs=0.005)
     assert kept_share(w, nm_mask(w, 4, 8)) == pytest.approx(0.769, abs=0.005)

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from ...sparsity import Pattern
+from ..errors import ExperimentError
 from ..layers import gemm
 
 
-class MethodError(ValueError):
+class MethodError(ExperimentError):
     """A method name or parameter that cannot be used; one-line message naming the field."""
 
 

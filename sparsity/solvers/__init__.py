@@ -6,11 +6,12 @@ magnitudes, one M x M tile per row of T) and ``n``, return a bool tensor of the 
 score. ``exact`` solvers reach the optimum on every tile; ``approx`` ones may not.
 
 Register a new one with ``@register_solver("name", exact=..., summary=...)``; ``list_solvers()``
-lists them (the CLI's ``--solver`` choices come from here).
+lists them (the CLI checks ``--solver`` against it; its help lists ``cli/choices.py``, tested equal).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,6 +56,23 @@ def get_solver(name: str) -> SolverInfo:
     if name not in _SOLVERS:
         raise ValueError(f"solver {name!r} is unknown; use one of: {', '.join(_SOLVERS)}")
     return _SOLVERS[name]
+
+
+def warm_up(name: str, n: int, m: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> float:
+    """Solve one M x M tile with solver ``name``; returns the seconds it took.
+
+    A solver's first call in a process can do one-time work: the compiled solvers compile their numba
+    kernels on first use after an install (about 10 s; numba caches them on disk, so later processes
+    only load them), enumeration builds its table of tile masks. Calling this first keeps that work
+    out of the time measured for a layer. ``dtype`` is the weight's: half precision is solved in
+    float32, as ``magnitude`` ranks it.
+    """
+    if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
+        dtype = torch.float32
+    tile = torch.arange(m * m, dtype=dtype, device=device).reshape(1, m, m)    # distinct scores, no RNG draw
+    start = time.perf_counter()
+    get_solver(name).fn(tile, n)
+    return time.perf_counter() - start
 
 
 # Importing the modules registers their solvers.

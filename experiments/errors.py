@@ -1,0 +1,15 @@
+"""What the experiments layer tells the user, as types: its base input error and its warning.
+
+Every input error of this package (SpecError, ModelError, MethodError, RunError, CheckpointError,
+LayerSelectionError, AdaPruneError, ConvertError) derives from `ExperimentError`, so a caller catches
+the layer's input errors with one class and lets bugs through. This module imports nothing, so the CLI
+can name these classes without loading torch.
+"""
+
+
+class ExperimentError(ValueError):
+    """A spec, run or file the experiments layer cannot use; the one-line message names the field and the fix."""
+
+
+class AccelFallbackWarning(UserWarning):
+    """Some layers run masked dense instead of the sparse kernels (issued once per run)."""
