@@ -316,7 +316,7 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
     train_ds, test_ds, info = build_datasets(spec.data.dataset, root=spec.data.root, augment=False,
                                              train_subset=spec.data.train_subset,
                                              test_subset=spec.data.test_subset, download=spec.data.download,
-                                             seed=spec.seed)
+                                             seed=spec.seed, **spec.data.options())
     _, test_loader = build_loaders(train_ds, test_ds, batch_size=spec.data.batch_size, seed=spec.seed,
                                    num_workers=spec.data.num_workers, eval_batch_size=spec.data.eval_batch_size)
     original = build_model(spec.model.name, num_classes=info.num_classes, in_channels=info.in_channels,

@@ -50,7 +50,7 @@ from rich.table import Table
 from torch import nn
 from torch.nn import functional as F
 
-from ..data import build_datasets, build_loaders
+from ..data import build_datasets, build_loaders, check_options
 from ..data.loaders import set_epoch
 from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, nm_violation, parse_pattern
 from . import accel as accel_mod
@@ -210,6 +210,7 @@ def validate(spec: Spec):
         raise SpecError("train.epochs: must be at least 1")
     if spec.data.batch_size < 1:
         raise SpecError("data.batch_size: must be at least 1")
+    check_options(spec.data.dataset, spec.data.options())
     return pattern, cls, params
 
 
@@ -323,7 +324,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
     train_ds, test_ds, info = build_datasets(spec.data.dataset, root=spec.data.root, augment=spec.data.augment,
                                              train_subset=spec.data.train_subset, test_subset=spec.data.test_subset,
                                              download=spec.data.download, seed=spec.seed,
-                                             holdout=spec.data.holdout)
+                                             holdout=spec.data.holdout, **spec.data.options())
     train_loader, test_loader = build_loaders(train_ds, test_ds, batch_size=spec.data.batch_size, seed=spec.seed,
                                               num_workers=spec.data.num_workers,
                                               eval_batch_size=spec.data.eval_batch_size, rank=rank, world=world)
