@@ -32,7 +32,7 @@ IMAGE_SIZES = (8, 1024)
 
 @dataclass
 class ModelSpec:
-    name: str = "lenet5"
+    name: str = "lenet5"        # registry model, torchvision:NAME or package.module:function (external.py)
     width: float = 1.0          # channel multiplier (2.0 = Bi-Mask's 2x-wide ResNet-32)
     init: Optional[str] = None  # start from these weights (a state_dict file or a run directory)
 
