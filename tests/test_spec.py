@@ -1,11 +1,16 @@
 """Specs: typed loading, dotted overrides, unknown keys, and every shipped spec validated."""
 
+import re
+
 import pytest
 
 from nmtrain.experiments.methods import MethodError, build_params, get_method
 from nmtrain.experiments.runner import validate
-from nmtrain.experiments.spec import Spec, SpecError, dump_spec, from_dict, load_spec, read_yaml, shipped_specs
+from nmtrain.experiments.spec import (SPECS_DIR, Spec, SpecError, dump_spec, from_dict, load_spec, read_yaml,
+                                     shipped_specs)
 from nmtrain.sparsity import PatternError
+
+ROOT = SPECS_DIR.parents[1]     # the repository: a spec's command runs from here
 
 
 def test_defaults_and_overrides():
@@ -78,8 +83,13 @@ def test_validate_rejects(overrides, error, needle):
 
 
 @pytest.mark.parametrize("path", shipped_specs(), ids=lambda p: p.name)
-def test_every_shipped_spec_is_valid_and_documents_its_command(path):
+def test_every_shipped_spec_is_valid_and_documents_its_command(path, monkeypatch):
     first = path.read_text().splitlines()[0]
+    pythonpath = re.match(r"# PYTHONPATH=(\S+) ", first)      # a spec whose model is a module beside it
+    if pythonpath:
+        assert (ROOT / pythonpath.group(1)).is_dir()
+        monkeypatch.syspath_prepend(str(ROOT / pythonpath.group(1)))    # as the command's PYTHONPATH does
+        first = "# " + first[pythonpath.end():]
     assert first.startswith(("# nmtrain train ", "# nmtrain compare ")) and path.name in first
     spec = from_dict(Spec, read_yaml(path))
     validate(spec)
@@ -99,4 +109,4 @@ def test_every_shipped_spec_is_valid_and_documents_its_command(path):
 
 def test_shipped_specs_cover_the_recipes():
     names = {p.name for p in shipped_specs()}
-    assert {"fmnist_quick.yaml", "cifar10_resnet32.yaml", "imagenet_resnet50.yaml"} <= names
+    assert {"fmnist_quick.yaml", "cifar10_resnet32.yaml", "imagenet_resnet50.yaml", "custom_model.yaml"} <= names
