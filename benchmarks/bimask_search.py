@@ -39,7 +39,7 @@ from nmtrain.sparsity import Pattern, nm_mask, parse_pattern, to_matrix  # noqa:
 
 def load_run(run: Path):
     spec = load_spec(run / "config.yaml")
-    _, _, info = build_datasets(spec.data.dataset, root=spec.data.root, seed=spec.seed)
+    _, _, info = build_datasets(spec.data.dataset, root=spec.data.root, seed=spec.seed, **spec.data.options())
     model = build_model(spec.model.name, info.num_classes, info.in_channels, info.image_size, spec.model.width)
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     model.load_state_dict(ckpt["model"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -39,6 +40,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 
 def main() -> None:
     warnings.showwarning = _show_warning
+    # model.name package.module:function imports your module: as with `python -m`, the current directory
+    # is importable, but last, so that a file there never shadows an installed package.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     app()
 
 

@@ -3,6 +3,8 @@
 ``root`` is the folder that holds ``cifar-10-batches-py/`` (or ``cifar-100-python/``), the layout the
 official python tarballs extract to; the default is ``~/.cache/nmtrain/datasets``. Nothing is
 downloaded unless ``download=True``; then torchvision fetches and extracts the tarball into ``root``.
+Images are 32 px (``image_size`` resizes them, after the training crop) and normalised with the
+training set's statistics (or ``mean``/``std``).
 
 Integrity check (design choice): torchvision's CIFAR classes verify the md5 of every batch file, so
 tiny files written by tests cannot pass them. Rather than patching torchvision, the datasets here are
@@ -22,7 +24,7 @@ from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from .registry import DatasetError, DatasetInfo, register_dataset
+from .registry import DatasetError, DatasetInfo, normalisation, register_dataset
 
 DEFAULT_ROOT = "~/.cache/nmtrain/datasets"
 
@@ -86,8 +88,12 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _load(name: str, root: str | None, augment: bool, download: bool, verify: bool):
-    cls, pretty, num_classes, mean, std = _VARIANTS[name]
+def _load(name: str, root: str | None, augment: bool, download: bool, verify: bool, image_size: int,
+          mean: list[float] | None, std: list[float] | None):
+    cls, pretty, num_classes, default_mean, default_std = _VARIANTS[name]
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DatasetError(f"data.image_size: must be a positive integer, got {image_size!r}")
+    mean, std = normalisation(name, 3, mean, std, default_mean, default_std)
     root = os.path.expanduser(root or DEFAULT_ROOT)
     missing = _missing(cls, root)
     if missing and download:
@@ -103,7 +109,9 @@ def _load(name: str, root: str | None, augment: bool, download: bool, verify: bo
         raise DatasetError(f"data.root: {where}; set data.root to the folder holding {cls.base_folder}/ "
                            "or set data.download: true")
 
-    normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    # Augment at the stored 32 px (the papers' crop), then resize to data.image_size if it differs.
+    resize = [transforms.Resize(image_size, antialias=True)] if image_size != 32 else []
+    normalize = resize + [transforms.ToTensor(), transforms.Normalize(mean, std)]
     augmentation = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
     splits = {}
     for split, transform in (("train", augmentation + normalize), ("test", normalize)):
@@ -121,20 +129,22 @@ def _load(name: str, root: str | None, augment: bool, download: bool, verify: bo
             raise DatasetError(f"data.root: {os.path.join(root, cls.base_folder)} has labels outside "
                                f"0..{num_classes - 1}; it is not {pretty}")
         splits[split] = ds
-    info = DatasetInfo(name, num_classes=num_classes, in_channels=3, image_size=32,
+    info = DatasetInfo(name, num_classes=num_classes, in_channels=3, image_size=image_size,
                        train_size=len(splits["train"]), test_size=len(splits["test"]))
     return splits["train"], splits["test"], info
 
 
 @register_dataset("cifar10")
-def cifar10(root: str | None, *, augment: bool, download: bool, seed: int, verify: bool = True):
+def cifar10(root: str | None, *, augment: bool, download: bool, seed: int, verify: bool = True,
+            image_size: int = 32, mean: list[float] | None = None, std: list[float] | None = None):
     """CIFAR-10 via torchvision from root/cifar-10-batches-py (download only with data.download); 3x32x32, 10 classes."""
     del seed
-    return _load("cifar10", root, augment, download, verify)
+    return _load("cifar10", root, augment, download, verify, image_size, mean, std)
 
 
 @register_dataset("cifar100")
-def cifar100(root: str | None, *, augment: bool, download: bool, seed: int, verify: bool = True):
+def cifar100(root: str | None, *, augment: bool, download: bool, seed: int, verify: bool = True,
+             image_size: int = 32, mean: list[float] | None = None, std: list[float] | None = None):
     """CIFAR-100 via torchvision from root/cifar-100-python (download only with data.download); 3x32x32, 100 classes."""
     del seed
-    return _load("cifar100", root, augment, download, verify)
+    return _load("cifar100", root, augment, download, verify, image_size, mean, std)

@@ -11,7 +11,7 @@ import os
 
 from .idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
 from .memory import TensorImageDataset
-from .registry import DatasetError, DatasetInfo, register_dataset
+from .registry import DatasetError, DatasetInfo, normalisation, register_dataset
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 FILES = {
@@ -19,7 +19,7 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 # Per-pixel statistics of the training set, on the [0, 1] scale.
-MEAN, STD = 0.2860, 0.3530
+MEAN, STD = (0.2860,), (0.3530,)
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
            "Ankle boot"]
 FIX = "install Debian's dataset-fashion-mnist or set data.root"
@@ -42,9 +42,11 @@ def load_split(root: str, split: str) -> tuple:
 
 
 @register_dataset("fashion_mnist")
-def fashion_mnist(root: str | None, *, augment: bool, download: bool, seed: int):
+def fashion_mnist(root: str | None, *, augment: bool, download: bool, seed: int,
+                  mean: list[float] | None = None, std: list[float] | None = None):
     """Fashion-MNIST from local gzip IDX files (default /usr/share/datasets/fashion-mnist); 1x28x28, 10 classes."""
     del download, seed  # never downloaded; the split is fixed
+    mean, std = normalisation("fashion_mnist", 1, mean, std, MEAN, STD)
     root = os.path.expanduser(root or DEFAULT_ROOT)
     if not os.path.isdir(root):
         raise DatasetError(f"data.root: {root} does not exist; {FIX}")
@@ -55,7 +57,7 @@ def fashion_mnist(root: str | None, *, augment: bool, download: bool, seed: int)
     splits = {}
     for split in ("train", "test"):
         images, labels = load_split(root, split)
-        splits[split] = TensorImageDataset(images, labels, MEAN, STD, scale=1 / 255,
+        splits[split] = TensorImageDataset(images, labels, mean, std, scale=1 / 255,
                                            crop_padding=2 if augment and split == "train" else 0,
                                            classes=CLASSES)
     info = DatasetInfo("fashion_mnist", num_classes=10, in_channels=1, image_size=28,

@@ -5,9 +5,10 @@
 
 Classes are the sub-folders of ``train/``; ``val/`` must have the same ones, since ImageFolder numbers
 classes by sorted folder name and a missing class would silently shift every label after it.
-Transforms follow the standard ImageNet recipe at ``image_size`` (224 by default; tests pass 32):
-training with augmentation uses RandomResizedCrop + horizontal flip, everything else
-Resize(image_size * 256/224) + CenterCrop(image_size). Images are loaded as RGB.
+Transforms follow the standard ImageNet recipe at ``image_size`` (224 by default; the spec's
+``data.image_size``): training with augmentation uses RandomResizedCrop + horizontal flip, everything
+else Resize(image_size * 256/224) + CenterCrop(image_size). Images are loaded as RGB and normalised
+with ImageNet's mean and std, or ``data.mean`` / ``data.std``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from .registry import DatasetError, DatasetInfo, register_dataset
+from .registry import DatasetError, DatasetInfo, normalisation, register_dataset
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LAYOUT = "root/train/<class>/*.jpg and root/val/<class>/*.jpg"
@@ -35,9 +36,11 @@ def _folder(root: str, split: str, transform) -> ImageFolder:
 
 
 @register_dataset("imagefolder")
-def imagefolder(root: str | None, *, augment: bool, download: bool, seed: int, image_size: int = 224):
+def imagefolder(root: str | None, *, augment: bool, download: bool, seed: int, image_size: int = 224,
+                mean: list[float] | None = None, std: list[float] | None = None):
     """ImageNet-layout folders root/train/<class>/ and root/val/<class>/ via torchvision ImageFolder; RGB."""
     del download, seed
+    mean, std = normalisation("imagefolder", 3, mean, std, MEAN, STD)
     if not root:
         raise DatasetError(f"data.root: the imagefolder dataset needs a root folder laid out as {LAYOUT}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -46,7 +49,7 @@ def imagefolder(root: str | None, *, augment: bool, download: bool, seed: int, i
     if not os.path.isdir(root):
         raise DatasetError(f"data.root: {root} does not exist; the imagefolder dataset needs {LAYOUT}")
 
-    normalize = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
     resize = [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)]
     augmentation = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
     train = _folder(root, "train", transforms.Compose((augmentation if augment else resize) + normalize))

@@ -5,9 +5,10 @@ A dataset is registered with ``@register_dataset("name", summary=...)`` on a bui
     def builder(root: str | None, *, augment: bool, download: bool, seed: int, **options)
         -> (train_ds, test_ds, DatasetInfo)
 
-Builder-specific options (``image_size`` for imagefolder, ``verify`` for CIFAR, ...) are keyword
-arguments of the builder; `build_datasets` passes them through and turns an option the builder does
-not take into a one-line `DatasetError` rather than a TypeError.
+Builder-specific options (``image_size`` for imagefolder and CIFAR, ``mean``/``std`` for the real
+datasets, ``verify`` for CIFAR, ...) are keyword arguments of the builder; `build_datasets` passes them
+through and turns an option the builder does not take into a one-line `DatasetError` rather than a
+TypeError.
 
 Every error meant for the user is a `DatasetError` whose message is ONE line that names the spec
 field at fault (``data.root``, ``data.dataset``, ...) and how to fix it.
@@ -74,6 +75,26 @@ def list_datasets() -> dict[str, str]:
     return {entry.name: entry.summary for entry in _DATASETS.values()}
 
 
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """``name`` is a registered dataset whose builder takes every one of ``options``; else a DatasetError.
+
+    Cheap (nothing is read): the runner calls it when it validates a spec, before any data is touched."""
+    if name not in _DATASETS:
+        raise DatasetError(f"data.dataset: {name!r} is unknown; use one of: {', '.join(_DATASETS)}")
+    _check_options(_DATASETS[name], options)
+
+
+def normalisation(dataset: str, channels: int, mean: list[float] | None, std: list[float] | None,
+                  default_mean: tuple[float, ...], default_std: tuple[float, ...]) -> tuple[tuple, tuple]:
+    """The per-channel (mean, std) a dataset normalises with: ``data.mean`` / ``data.std`` where given (one
+    value per channel; the spec already checked they are finite and std > 0), else its own statistics."""
+    for field, given in (("data.mean", mean), ("data.std", std)):
+        if given is not None and len(given) != channels:
+            raise DatasetError(f"{field}: {len(given)} value(s) for the {channels}-channel images of {dataset}; "
+                               f"give {channels}, one per channel")
+    return (tuple(mean) if mean is not None else default_mean, tuple(std) if std is not None else default_std)
+
+
 def _check_options(entry: _Entry, options: dict[str, Any]) -> None:
     params = inspect.signature(entry.builder).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -120,10 +141,8 @@ def build_datasets(name: str, root: str | None = None, augment: bool = False,
     split whatever the seed, without augmentation) and returns them in place of the test split: what
     defaults are chosen on, so that the test split stays unseen. ``options`` go to the dataset's builder (see `list_datasets` and each builder's docstring).
     """
-    if name not in _DATASETS:
-        raise DatasetError(f"data.dataset: {name!r} is unknown; use one of: {', '.join(_DATASETS)}")
+    check_options(name, options)
     entry = _DATASETS[name]
-    _check_options(entry, options)
     train, test, info = entry.builder(root, augment=augment, download=download, seed=seed, **options)
     # Different streams per split, so the two subsets are not the same index pattern.
     train = seeded_subset(train, train_subset, seed, "data.train_subset")

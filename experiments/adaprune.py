@@ -47,9 +47,9 @@ from torch.utils.data import DataLoader, Subset
 from ..data import build_datasets, build_loaders
 from ..sparsity import LAYOUTS, Pattern, from_matrix, make_mask, nm_violation, to_matrix
 from .errors import ExperimentError
-from .io import CheckpointError, atomic_write, load_state_dict, save_text
-from .layers import gemm, plan_layers
-from .models import build_model
+from .io import CheckpointError, atomic_write, load_state_dict, save_text, state_dict_mismatch
+from .layers import called_layers, gemm, plan_layers
+from .models import build_model, builder_record
 from .runner import RUN_FILES, check_out_dir, evaluate, resolve_device
 from .spec import Spec, SpecError, dump_spec, from_dict, read_yaml
 
@@ -283,15 +283,10 @@ def calibration_images(train_ds, n: int, seed: int) -> torch.Tensor:
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], spec: Spec) -> None:
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch
-        line = str(exc).strip().splitlines()
-        raise CheckpointError(f"SOURCE: weights do not fit model {spec.model.name} "
-                              f"({line[-1].strip() if line else 'shape mismatch'})") from None
-    if missing or unexpected:
-        raise CheckpointError(f"SOURCE: weights do not match model {spec.model.name} "
-                              f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"SOURCE: weights do not match model {spec.model.name}: {problem}")
+    model.load_state_dict(state)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,15 +312,16 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
     train_ds, test_ds, info = build_datasets(spec.data.dataset, root=spec.data.root, augment=False,
                                              train_subset=spec.data.train_subset,
                                              test_subset=spec.data.test_subset, download=spec.data.download,
-                                             seed=spec.seed)
+                                             seed=spec.seed, **spec.data.options())
     _, test_loader = build_loaders(train_ds, test_ds, batch_size=spec.data.batch_size, seed=spec.seed,
                                    num_workers=spec.data.num_workers, eval_batch_size=spec.data.eval_batch_size)
     original = build_model(spec.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
                            image_size=info.image_size, width=spec.model.width)
     _load_into(original, state, spec)
     original.to(device).eval()
+    called = called_layers(original, torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device))
     plan = plan_layers(original, pattern, layout, spec.sparsity.include, spec.sparsity.exclude,
-                       spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense)
+                       spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense, called)
     names = list(plan.sparse)
 
     n_calib = min(settings.calib_samples, len(train_ds))
@@ -414,6 +410,8 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
         "name": f"{spec.name}-adaprune", "method": "adaprune", "source": str(source),
         "pattern": str(pattern), "density": pattern.density, "transposable": pattern.transposable,
         "layout": layout, "model": spec.model.name, "dataset": spec.data.dataset, "seed": spec.seed,
+        "builder": builder_record(spec.model.name, info.num_classes, info.in_channels, info.image_size,
+                                  spec.model.width),
         "device": str(device), "calib_samples": n_calib, "iters": settings.iters, "batch": settings.batch,
         "lr_weight": settings.lr_weight, "lr_bias": settings.lr_bias, "sequential": settings.sequential,
         "mode": "sequential" if settings.sequential else "parallel", "add_back": "group L1-preserving rescale" if settings.add_back else "none",

@@ -30,7 +30,7 @@ from . import accel as accel_mod
 from .io import atomic_write, save_text
 from .methods import get_method, params_dict
 from .runner import train, validate
-from .spec import Spec, SpecError, to_dict
+from .spec import Spec, SpecError, from_dict, to_dict
 from .stats import mean, paired_test, std
 
 COLUMNS = ("method", "pattern", "density", "final_accuracy", "best_accuracy", "epochs", "seed", "flops_ratio",
@@ -139,9 +139,10 @@ def finished_run(cell: Spec) -> dict | None:
     resolved = copy.deepcopy(cell)
     resolved.method.params = params_dict(params)
     try:
-        saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+        # Through the schema, so keys added since the run was written compare at their defaults.
+        saved = to_dict(from_dict(Spec, yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))))
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):     # SpecError is a ValueError
         return None
     if saved != to_dict(resolved) or not isinstance(summary, dict):
         return None

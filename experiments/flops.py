@@ -19,8 +19,10 @@ from torch import nn
 
 
 def macs_per_sample(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
-    """Forward GEMM MACs of every Conv2d/Linear for one sample (measured with hooks on one pass), and of
-    every module that declares ``matmul_macs(output)`` (activation x activation products, always dense)."""
+    """Forward GEMM MACs of every Conv2d/Linear for one sample (measured with hooks on one pass), of
+    every module that declares ``matmul_macs(output)`` (activation x activation products, always dense)
+    and of every nn.MultiheadAttention. GEMMs another module runs on a Linear's ``.weight`` itself (as
+    torchvision's Swin attention does) are not seen, hence not counted."""
     macs: dict[str, int] = {}
     hooks = []
     for name, mod in model.named_modules():
@@ -35,6 +37,12 @@ def macs_per_sample(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
             def hook(module, inputs, output, _name=name):
                 macs[_name] = macs.get(_name, 0) + module.matmul_macs(output)
             hooks.append(mod.register_forward_hook(hook))
+        elif isinstance(mod, nn.MultiheadAttention):
+            # It multiplies by in_proj_weight and out_proj.weight itself (no Linear forward runs), so its
+            # projections and activation products are counted here, all dense.
+            def hook(module, args, kwargs, output, _name=name):
+                macs[_name] = macs.get(_name, 0) + attention_macs(module, *_query_key(args, kwargs))
+            hooks.append(mod.register_forward_hook(hook, with_kwargs=True))
     was_training = model.training
     model.eval()
     try:
@@ -45,6 +53,17 @@ def macs_per_sample(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
         for h in hooks:
             h.remove()
     return macs
+
+
+def _query_key(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return (args[0] if args else kwargs["query"]), (args[1] if len(args) > 1 else kwargs["key"])
+
+
+def attention_macs(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> int:
+    """MACs per sample of nn.MultiheadAttention: q, k, v and output projections, Q K^T and A V."""
+    axis = 0 if query.dim() == 2 or not module.batch_first else 1     # the token axis
+    tq, tk, d = query.shape[axis], key.shape[axis], module.embed_dim
+    return tq * d * d + tk * module.kdim * d + tk * module.vdim * d + tq * d * d + 2 * tq * tk * d
 
 
 @dataclass

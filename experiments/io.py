@@ -66,6 +66,18 @@ def load_state_dict(path: str | os.PathLike, field: str = "INPUT") -> dict[str, 
     return dict(obj)
 
 
+def state_dict_mismatch(model: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
+    """The first difference between a model's state_dict and ``given`` (a missing, extra or differently
+    shaped entry), in words; None when ``given`` loads into the model strictly."""
+    for key, value in model.items():
+        if key not in given:
+            return f"{key} is missing from the file"
+        if tuple(given[key].shape) != tuple(value.shape):
+            return f"{key} has shape {tuple(given[key].shape)} in the file, {tuple(value.shape)} in the model"
+    extra = next((key for key in given if key not in model), None)
+    return None if extra is None else f"the file has {extra}, which the model does not"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     """Call ``write(tmp_path)``, then rename the finished file onto ``path``."""
     path = Path(path)

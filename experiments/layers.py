@@ -2,8 +2,11 @@
 
 Default rule (docs/methods.md#layer-selection): every Conv2d and Linear except the first layer and the classifier, and
 except layers whose grouped dimension is not a multiple of M; those are reported as skipped with the
-reason, never padded. ``sparsity.include`` / ``sparsity.exclude`` are fnmatch globs on module names;
-a layer an include glob names that cannot hold the pattern is an error.
+reason, never padded. Grouped and depthwise convolutions are skipped too, and so are layers whose own
+forward never runs (`called_layers`): a parent that reads ``.weight`` itself, as nn.MultiheadAttention
+does with ``out_proj`` and torchvision's Swin attention with ``qkv``/``proj``, would bypass the method's
+routed forward, so such a layer could not be trained sparse. ``sparsity.include`` / ``sparsity.exclude``
+are fnmatch globs on module names; a layer an include glob names that cannot hold the pattern is an error.
 """
 
 from __future__ import annotations
@@ -33,8 +36,30 @@ def gemm_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))}
 
 
+@torch.no_grad()
+def called_layers(model: nn.Module, sample: torch.Tensor) -> set[str]:
+    """Names of the Conv2d/Linear layers whose forward runs when ``model`` sees ``sample`` (eval mode)."""
+    called: set[str] = set()
+    hooks = [mod.register_forward_pre_hook(lambda module, args, _name=name: called.add(_name))
+             for name, mod in gemm_layers(model).items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(sample)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return called
+
+
+NOT_CALLED = "its forward never runs (the parent reads .weight itself, as nn.MultiheadAttention does)"
+
+
 def plan_layers(model: nn.Module, pattern: Pattern, layout: str, include: list[str] = (),
-                exclude: list[str] = (), keep_first_dense: bool = True, keep_last_dense: bool = True) -> LayerPlan:
+                exclude: list[str] = (), keep_first_dense: bool = True, keep_last_dense: bool = True,
+                called: set[str] | None = None) -> LayerPlan:
+    """Which layers are sparse. ``called`` (from `called_layers`; None: all) are the layers whose forward runs."""
     layers = gemm_layers(model)
     names = list(layers)
     for glob in include:
@@ -47,6 +72,10 @@ def plan_layers(model: nn.Module, pattern: Pattern, layout: str, include: list[s
             skipped[name] = "not matched by sparsity.include"
         elif any(fnmatch.fnmatchcase(name, g) for g in exclude):
             skipped[name] = "excluded by sparsity.exclude"
+        elif called is not None and name not in called:
+            if include:
+                raise LayerSelectionError(f"sparsity.include: layer {name} cannot be trained sparse: {NOT_CALLED}")
+            skipped[name] = NOT_CALLED
         elif keep_first_dense and i == 0:
             skipped[name] = "first layer kept dense"
         elif keep_last_dense and i == len(layers) - 1:

@@ -8,7 +8,9 @@ scaled widths are rounded to multiples of 8 (16 for the MLP) so that every layer
 still splits into whole N:M groups for M up to 8 (16 for the MLP).
 
 Register more with ``@register_model("name")``; the first docstring line is the description
-`list_models()` shows. Unknown names and bad arguments raise `ModelError` with one line.
+`list_models()` shows. Beside registry names, ``model.name`` takes ``torchvision:NAME`` and
+``package.module:function`` (experiments/external.py). Unknown names and bad arguments raise
+`ModelError` with one line.
 """
 
 from __future__ import annotations
@@ -58,16 +60,39 @@ def list_models() -> dict[str, str]:
     return {entry.name: entry.summary for entry in _MODELS.values()}
 
 
+def resolve_builder(name: str) -> Builder:
+    """The builder ``model.name`` names: a registry model, ``torchvision:NAME`` or ``package.module:function``.
+
+    Imports a user's module and checks the builder's signature, without building anything: the runner
+    calls it when it validates a spec."""
+    if name in _MODELS:
+        return _MODELS[name].builder
+    if ":" in name:
+        from .external import external_builder    # imported here: external.py imports ModelError from here
+        return external_builder(name)
+    raise ModelError(f"model.name: {name!r} is unknown; use one of: {', '.join(_MODELS)}; or torchvision:NAME "
+                     "or package.module:function")
+
+
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
     """A freshly initialised ``name`` for ``in_channels`` x ``image_size`` x ``image_size`` inputs."""
-    if name not in _MODELS:
-        raise ModelError(f"model.name: {name!r} is unknown; use one of: {', '.join(_MODELS)}")
+    builder = resolve_builder(name)
     for field, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ModelError(f"model.{field}: must be a positive integer, got {value!r}")
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
         raise ModelError(f"model.width: must be a positive number, got {width!r}")
-    return _MODELS[name].builder(num_classes, in_channels, image_size, float(width))
+    return builder(num_classes, in_channels, image_size, float(width))
+
+
+def builder_record(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> dict:
+    """summary.json's ``builder``: model.name, where its code comes from and the arguments it was built with."""
+    builder = resolve_builder(name)
+    if hasattr(builder, "record"):
+        return builder.record(num_classes, in_channels, image_size, float(width))
+    return {"name": name, "source": "nmtrain registry (experiments/models.py)",
+            "arguments": {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
+                          "width": float(width)}}
 
 
 def scaled(channels: int, width: float, multiple: int = 8) -> int:

@@ -9,7 +9,8 @@ routes the sparse layers' forward through the method found by name, and records 
     DIR/checkpoint.pt    model, optimizer, scheduler, method state (masks), RNG states, step, and the
                          run's counters (best accuracy, running loss, FLOPs, wall time, metrics lines)
     DIR/model.pt         final state_dict with masks folded in: pruned weights exactly zero
-    DIR/summary.json     method, pattern, accuracies, wall time, sparse layers, training FLOPs, accel
+    DIR/summary.json     method, pattern, accuracies, wall time, sparse layers, training FLOPs, accel, and
+                         the model's builder (model.name, its source file or library, its arguments)
 
 Every file is written to a temporary name and renamed, so a killed run never leaves half a file.
 
@@ -50,16 +51,17 @@ from rich.table import Table
 from torch import nn
 from torch.nn import functional as F
 
-from ..data import build_datasets, build_loaders
+from ..data import build_datasets, build_loaders, check_options
 from ..data.loaders import set_epoch
 from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, nm_violation, parse_pattern
 from . import accel as accel_mod
 from .errors import ExperimentError
-from .io import CheckpointError, _first_line, atomic_write, load_state_dict, safe_load, save_text
-from .layers import plan_layers, route_forward, unroute_forward
+from .io import (CheckpointError, _first_line, atomic_write, load_state_dict, safe_load, save_text,
+                 state_dict_mismatch)
+from .layers import called_layers, plan_layers, route_forward, unroute_forward
 from .methods import Context, MethodError, build_params, get_method, params_dict
 from .methods.ste import change_rate
-from .models import build_model
+from .models import build_model, builder_record, resolve_builder
 from .flops import FlopCounter, macs_per_sample
 from .spec import Spec, SpecError, dump_spec
 
@@ -211,6 +213,8 @@ def validate(spec: Spec):
         raise SpecError("train.epochs: must be at least 1")
     if spec.data.batch_size < 1:
         raise SpecError("data.batch_size: must be at least 1")
+    resolve_builder(spec.model.name)       # imports a user's module, checks the builder's signature
+    check_options(spec.data.dataset, spec.data.options())
     return pattern, cls, params
 
 
@@ -324,7 +328,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
     train_ds, test_ds, info = build_datasets(spec.data.dataset, root=spec.data.root, augment=spec.data.augment,
                                              train_subset=spec.data.train_subset, test_subset=spec.data.test_subset,
                                              download=spec.data.download, seed=spec.seed,
-                                             holdout=spec.data.holdout)
+                                             holdout=spec.data.holdout, **spec.data.options())
     train_loader, test_loader = build_loaders(train_ds, test_ds, batch_size=spec.data.batch_size, seed=spec.seed,
                                               num_workers=spec.data.num_workers,
                                               eval_batch_size=spec.data.eval_batch_size, rank=rank, world=world)
@@ -332,10 +336,10 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
                         image_size=info.image_size, width=spec.model.width)
     if spec.model.init and ckpt is None:
         state = load_state_dict(spec.model.init, field="model.init")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise SpecError(f"model.init: {spec.model.init} does not match model {spec.model.name} "
-                            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        problem = state_dict_mismatch(model.state_dict(), state)
+        if problem:
+            raise SpecError(f"model.init: {spec.model.init} does not match model {spec.model.name}: {problem}")
+        model.load_state_dict(state)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -346,8 +350,9 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
 
     # Methods with column groups (Bi-Mask's backward mask) need C_out % M == 0 like transposable ones.
     plan_pattern = Pattern(pattern.n, pattern.m, pattern.transposable or method_cls.needs_column_groups)
+    called = called_layers(model, torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device))
     plan = plan_layers(model, plan_pattern, spec.sparsity.layout, spec.sparsity.include, spec.sparsity.exclude,
-                       spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense)
+                       spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense, called)
     steps_per_epoch = len(train_loader)
     total_steps = spec.train.epochs * steps_per_epoch
     if spec.train.max_steps is not None:
@@ -541,6 +546,8 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
         "name": spec.name, "method": method_cls.name, "method_params": params_dict(params),
         "pattern": None if dense else str(pattern), "density": 1.0 if dense else pattern.density,
         "model": spec.model.name, "dataset": spec.data.dataset, "seed": spec.seed, "device": str(device),
+        "builder": builder_record(spec.model.name, info.num_classes, info.in_channels, info.image_size,
+                                  spec.model.width),
         "final_accuracy": final_acc, "best_accuracy": max(best, final_acc), "final_test_loss": final_loss,
         "eval_split": "test" if spec.data.holdout is None else f"holdout ({spec.data.holdout} train samples)",
         "epochs": round(step / steps_per_epoch, 4), "steps": step, "wall_seconds": wall,

@@ -11,6 +11,7 @@ dataclass (see ``experiments/methods``), so ``method.params.decay`` is valid for
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,9 +27,14 @@ class SpecError(ExperimentError):
     """A spec that cannot be used; the one-line message names the field and the fix."""
 
 
+# data.image_size bounds: below 8 pixels little is left to convolve; the upper bound catches a typo (2240)
+# before it asks for a batch no memory holds (256 images of 3 x 1024 x 1024 floats are 3 GB already).
+IMAGE_SIZES = (8, 1024)
+
+
 @dataclass
 class ModelSpec:
-    name: str = "lenet5"
+    name: str = "lenet5"        # registry model, torchvision:NAME or package.module:function (external.py)
     width: float = 1.0          # channel multiplier (2.0 = Bi-Mask's 2x-wide ResNet-32)
     init: Optional[str] = None  # start from these weights (a state_dict file or a run directory)
 
@@ -45,6 +51,33 @@ class DataSpec:
     holdout: Optional[int] = None   # train samples held out and evaluated instead of the test split
     download: bool = False      # CIFAR only, and only when asked
     num_workers: int = 0
+    image_size: Optional[int] = None        # pixels a side, resized to (imagefolder, cifar*); None: the dataset's own
+    mean: Optional[list[float]] = None      # per-channel normalisation; None: the dataset's own statistics
+    std: Optional[list[float]] = None
+
+    def __post_init__(self) -> None:
+        # Checked where the spec is loaded, so a bad value stops a run before anything is built or written.
+        # Whether the dataset takes an option, and mean/std's length (its channel count), the dataset checks.
+        lo, hi = IMAGE_SIZES
+        if self.image_size is not None and not lo <= self.image_size <= hi:
+            raise SpecError(f"data.image_size: must be {lo} to {hi} pixels (null: the dataset's own size), "
+                            f"got {self.image_size}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if not values or not all(math.isfinite(v) for v in values):
+                raise SpecError(f"data.{name}: must be a list of finite numbers, one per image channel "
+                                f"(null: the dataset's own), got {values}")
+            if name == "std" and min(values) <= 0:
+                raise SpecError(f"data.std: every value must be above 0 (it divides the pixels), got {values}")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise SpecError(f"data.mean, data.std: {len(self.mean)} and {len(self.std)} values; give one of each "
+                            "per image channel")
+
+    def options(self) -> dict[str, Any]:
+        """The dataset builder's options this spec sets (image_size, mean, std); unset ones keep its defaults."""
+        return {k: getattr(self, k) for k in ("image_size", "mean", "std") if getattr(self, k) is not None}
 
 
 @dataclass

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from nmtrain.cli.main import app
@@ -190,6 +191,11 @@ def test_reuse_reads_finished_cells_of_the_same_spec_and_trains_the_rest(tmp_pat
     assert first.exit_code == 0, first.stderr + first.stdout
     model = out / "srste-2of4" / "seed1" / "model.pt"
     stamp = model.stat().st_mtime_ns
+    # a run written before data.image_size/mean/std existed holds the same spec: they are at their defaults
+    config = out / "srste-2of4" / "seed1" / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    assert [saved["data"].pop(k) for k in ("image_size", "mean", "std")] == [None, None, None]
+    config.write_text(yaml.safe_dump(saved, sort_keys=False))
     full = runner.invoke(app, base + ["--methods", "dense,srste", "--reuse"])
     assert full.exit_code == 0, full.stderr + full.stdout
     assert model.stat().st_mtime_ns == stamp and "reusing the finished run" in full.stdout

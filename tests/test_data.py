@@ -113,6 +113,19 @@ def test_fashion_mnist_from_tiny_files(tmp_path):
     assert torch.allclose(image, (raw - 0.2860) / 0.3530, atol=1e-6)
 
 
+def test_fashion_mnist_takes_mean_and_std_but_not_image_size(tmp_path):
+    write_fake_fmnist(tmp_path)
+    train, _, _ = build_datasets("fashion_mnist", root=str(tmp_path), mean=[0.5], std=[0.25])
+    raw = train.images[3].float() / 255
+    assert torch.allclose(train[3][0], (raw - 0.5) / 0.25, atol=1e-6)
+    with pytest.raises(DatasetError) as exc:
+        build_datasets("fashion_mnist", root=str(tmp_path), image_size=32)
+    assert one_line(exc) == "data.image_size: not an option of dataset 'fashion_mnist' (it takes: mean, std)"
+    with pytest.raises(DatasetError) as exc:
+        build_datasets("fashion_mnist", root=str(tmp_path), std=[0.3, 0.3, 0.3])
+    assert one_line(exc) == "data.std: 3 value(s) for the 1-channel images of fashion_mnist; give 1, one per channel"
+
+
 def test_fashion_mnist_augmentation_crops_and_flips_train_only(tmp_path):
     write_fake_fmnist(tmp_path)
     train, test, _ = build_datasets("fashion_mnist", root=str(tmp_path), augment=True)
@@ -233,6 +246,16 @@ def test_cifar100_from_tiny_pickles(tmp_path):
     assert train[0][0].shape == (3, 32, 32)
 
 
+def test_cifar_image_size_resizes_after_the_crop_and_mean_std_replace_the_statistics(tmp_path):
+    write_fake_cifar10(tmp_path)
+    train, test, info = build_datasets("cifar10", root=str(tmp_path), verify=False, augment=True, image_size=48)
+    assert info == DatasetInfo("cifar10", 10, 3, 48, 20, 5)
+    assert train[0][0].shape == (3, 48, 48) and test[0][0].shape == (3, 48, 48)
+    _, test, _ = build_datasets("cifar10", root=str(tmp_path), verify=False, mean=[0.5, 0.4, 0.3], std=[0.25] * 3)
+    raw = torch.from_numpy(cifar_batch(5, "labels", 10, 0)["data"][0].reshape(3, 32, 32)).float() / 255
+    assert torch.allclose(test[0][0], (raw - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / 0.25, atol=1e-5)
+
+
 def test_cifar_md5_check_stays_on_by_default(tmp_path):
     write_fake_cifar10(tmp_path)
     with pytest.raises(DatasetError) as exc:
@@ -292,6 +315,19 @@ def test_imagefolder_from_tiny_pngs(tmp_path):
         assert info == DatasetInfo("imagefolder", 3, 3, 32, 6, 6)
         assert train[0][0].shape == (3, 32, 32) and test[5][0].shape == (3, 32, 32)
         assert [test[i][1] for i in range(6)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_imagefolder_normalises_with_the_given_mean_and_std(tmp_path):
+    write_fake_imagefolder(tmp_path)
+    _, plain, _ = build_datasets("imagefolder", root=str(tmp_path), image_size=16, mean=[0, 0, 0], std=[1, 1, 1])
+    _, imagenet, _ = build_datasets("imagefolder", root=str(tmp_path), image_size=16)      # ImageNet's, the default
+    pixels = plain[0][0]          # no normalisation left: the pixels on [0, 1]
+    assert pixels.shape == (3, 16, 16) and 0 <= pixels.min() and pixels.max() <= 1
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    assert torch.allclose(imagenet[0][0], (pixels - mean) / std, atol=1e-5)
+    with pytest.raises(DatasetError) as exc:
+        build_datasets("imagefolder", root=str(tmp_path), image_size=16, mean=[0.5])
+    assert one_line(exc) == "data.mean: 1 value(s) for the 3-channel images of imagefolder; give 3, one per channel"
 
 
 def test_imagefolder_errors(tmp_path):

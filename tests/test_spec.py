@@ -1,11 +1,16 @@
 """Specs: typed loading, dotted overrides, unknown keys, and every shipped spec validated."""
 
+import re
+
 import pytest
 
 from nmtrain.experiments.methods import MethodError, build_params, get_method
 from nmtrain.experiments.runner import validate
-from nmtrain.experiments.spec import Spec, SpecError, dump_spec, from_dict, load_spec, read_yaml, shipped_specs
+from nmtrain.experiments.spec import (SPECS_DIR, Spec, SpecError, dump_spec, from_dict, load_spec, read_yaml,
+                                     shipped_specs)
 from nmtrain.sparsity import PatternError
+
+ROOT = SPECS_DIR.parents[1]     # the repository: a spec's command runs from here
 
 
 def test_defaults_and_overrides():
@@ -25,6 +30,14 @@ def test_defaults_and_overrides():
     ("optim=3", "optim: expected a mapping"),
     ("noequals", "key.sub=value"),
     ("seed.x=1", "seed: expected int"),
+    ("data.image_size=4", "data.image_size: must be 8 to 1024 pixels"),
+    ("data.image_size=4096", "data.image_size: must be 8 to 1024 pixels"),
+    ("data.image_size=32.5", "data.image_size: expected int"),
+    ("data.mean=[0.5, nan]", "data.mean: must be a list of finite numbers"),
+    ("data.mean=[]", "data.mean: must be a list of finite numbers"),
+    ("data.mean=0.5", "data.mean: expected a list of float"),
+    ("data.std=[0.2, 0.0, 0.2]", "data.std: every value must be above 0"),
+    ("data.std=[0.2, inf]", "data.std: must be a list of finite numbers"),
 ])
 def test_bad_overrides_name_the_field(override, needle):
     with pytest.raises(SpecError) as err:
@@ -70,8 +83,13 @@ def test_validate_rejects(overrides, error, needle):
 
 
 @pytest.mark.parametrize("path", shipped_specs(), ids=lambda p: p.name)
-def test_every_shipped_spec_is_valid_and_documents_its_command(path):
+def test_every_shipped_spec_is_valid_and_documents_its_command(path, monkeypatch):
     first = path.read_text().splitlines()[0]
+    pythonpath = re.match(r"# PYTHONPATH=(\S+) ", first)      # a spec whose model is a module beside it
+    if pythonpath:
+        assert (ROOT / pythonpath.group(1)).is_dir()
+        monkeypatch.syspath_prepend(str(ROOT / pythonpath.group(1)))    # as the command's PYTHONPATH does
+        first = "# " + first[pythonpath.end():]
     assert first.startswith(("# nmtrain train ", "# nmtrain compare ")) and path.name in first
     spec = from_dict(Spec, read_yaml(path))
     validate(spec)
@@ -91,4 +109,4 @@ def test_every_shipped_spec_is_valid_and_documents_its_command(path):
 
 def test_shipped_specs_cover_the_recipes():
     names = {p.name for p in shipped_specs()}
-    assert {"fmnist_quick.yaml", "cifar10_resnet32.yaml", "imagenet_resnet50.yaml"} <= names
+    assert {"fmnist_quick.yaml", "cifar10_resnet32.yaml", "imagenet_resnet50.yaml", "custom_model.yaml"} <= names
