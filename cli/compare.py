@@ -88,8 +88,7 @@ def compare(
     seed_list = _seeds(seeds) if seeds is not None else (resolved.sweep.seeds or None)
     cells = grid(resolved, _split(methods) or resolved.sweep.methods, _split(patterns) or resolved.sweep.patterns,
                  seed_list)
-    console.print(f"comparing {len(cells)} runs: " + ", ".join(
-        f"{c.label} {c.spec.sparsity.pattern}" + (f" seed {c.spec.seed}" if seed_list else "") for c in cells))
+    console.print(_grid_line(cells, seed_list))
     if reuse and overwrite:
         raise UsageError("--reuse and --overwrite: choose one (reuse keeps finished runs, overwrite retrains them)")
     rows = run_grid(cells, overwrite=overwrite, console=console, progress=progress, reuse=reuse)
@@ -97,4 +96,20 @@ def compare(
         _seeded_table(resolved, seed_list, rows)
     else:
         _run_table(resolved, rows)
+
+
+def _grid_line(cells, seed_list) -> str:
+    """``comparing 6 runs (2 cells x seeds 0,1,2): dense, srste 2:4 (density 0.50)``: each cell once."""
+    from ..experiments.methods import get_method
+    from ..sparsity import parse_pattern
+
+    def name(c) -> str:
+        if not get_method(c.spec.method.name).sparse:
+            return c.label
+        text = c.spec.sparsity.pattern + ("-T" if c.spec.sparsity.transposable else "")
+        return f"{c.label} {parse_pattern(text).describe()}"
+
+    names = list(dict.fromkeys(name(c) for c in cells))
+    shape = f" ({len(names)} cells x seeds {','.join(map(str, seed_list))})" if seed_list else ""
+    return f"comparing {len(cells)} runs{shape}: " + ", ".join(names)
 

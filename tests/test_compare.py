@@ -243,3 +243,13 @@ def test_the_plot_legend_names_each_pattern_with_its_density():
     assert _density_label("2:4") == "2:4 (density 0.50)"
     assert _density_label("1:8") == "1:8 (density 0.12)"
     assert _density_label("dense") == "dense"
+
+
+def test_the_grid_line_names_each_cell_once_with_its_density():
+    from nmtrain.cli.compare import _grid_line
+    from nmtrain.experiments.compare import grid
+    from nmtrain.experiments.spec import load_spec
+    spec = load_spec(None, ["train.epochs=1"])
+    cells = grid(spec, ["dense", "fixed"], ["2:4", "4:8-T"], [0, 1])
+    assert _grid_line(cells, [0, 1]) == ("comparing 6 runs (3 cells x seeds 0,1): dense, fixed 2:4 (density 0.50), "
+                                         "fixed 4:8-T (density 0.50)")

@@ -55,6 +55,7 @@ class NoParams:
 class Method:
     name = "base"
     Params: type = NoParams
+    sparse = True                     # the method masks weights (False: the dense baseline, no pattern)
     needs_transposable = False        # the layers must fit M x M tiles (C_out % M == 0)
     accepts_transposable = False      # sparsity.transposable: true is meaningful for this method
     needs_column_groups = False       # the layers need C_out % M == 0 (groups of M output channels)

@@ -6,3 +6,4 @@ from . import Method, register_method
 @register_method("dense")
 class Dense(Method):
     summary = "no sparsity (baseline)"
+    sparse = False
