@@ -18,6 +18,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -28,8 +29,8 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nmtrain.data import build_datasets  # noqa: E402
-from nmtrain.experiments.layers import plan_layers, route_forward  # noqa: E402
-from nmtrain.experiments.methods import Context, build_params, get_method  # noqa: E402
+from nmtrain.experiments.layers import plan_layers  # noqa: E402
+from nmtrain.experiments.methods import attach  # noqa: E402
 from nmtrain.experiments.methods.bimask import (local_search, random_grouping_survival,  # noqa: E402
                                                 search_permutation)
 from nmtrain.experiments.models import build_model  # noqa: E402
@@ -77,17 +78,29 @@ def step_times(run: Path, steps: int) -> dict:
     torch.manual_seed(0)
     batches = [(torch.randn(spec.data.batch_size, info.in_channels, info.image_size, info.image_size),
                 torch.randint(0, info.num_classes, (spec.data.batch_size,))) for _ in range(4)]
-    cls = get_method("bimask")
-    runs = {}
-    for search in ("random", "local"):
-        torch.manual_seed(0)
-        model = build_model(spec.model.name, info.num_classes, info.in_channels, info.image_size, spec.model.width)
-        plan = plan_layers(model, Pattern(pattern.n, pattern.m, True), spec.sparsity.layout)
-        params = {**{k: v for k, v in spec.method.params.items() if k != "search"}, "search": search}
-        method = cls(build_params(cls, params), Context(plan.sparse, pattern, spec.sparsity.layout, "exact",
-                                                        steps, steps, seed=spec.seed))
-        route_forward(plan.sparse, method)
-        runs[search] = (model, method, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), [])
+    with ExitStack() as attached:      # every model's forward runs through its method while it is timed
+        runs = {search: _attached_run(spec, info, pattern, search, steps, attached)
+                for search in ("random", "local")}
+        _time_steps(runs, batches, steps)
+    mean = {search: statistics.fmean(r[3]) for search, r in runs.items()}
+    return {"run": str(run), "steps": steps, "iter": runs["local"][1].params.iter,
+            "mean_ms_random": mean["random"] * 1000, "mean_ms_local": mean["local"] * 1000,
+            "local_over_random": mean["local"] / mean["random"], "threads": torch.get_num_threads()}
+
+
+def _attached_run(spec, info, pattern, search: str, steps: int, attached: ExitStack) -> tuple:
+    """(model, method, optimizer, step times) of Bi-Mask with ``search``, attached until ``attached`` closes."""
+    torch.manual_seed(0)
+    model = build_model(spec.model.name, info.num_classes, info.in_channels, info.image_size, spec.model.width)
+    plan = plan_layers(model, Pattern(pattern.n, pattern.m, True), spec.sparsity.layout)
+    params = {**{k: v for k, v in spec.method.params.items() if k != "search"}, "search": search}
+    method = attached.enter_context(attach("bimask", plan.sparse, pattern, params, layout=spec.sparsity.layout,
+                                           total_steps=steps, steps_per_epoch=steps, seed=spec.seed))
+    return model, method, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), []
+
+
+def _time_steps(runs: dict, batches: list, steps: int) -> None:
+    """Interleaved training steps of every run; each run's step times are appended."""
     for i in range(steps):
         for search, (model, method, opt, times) in runs.items():
             x, y = batches[i % len(batches)]
@@ -99,10 +112,6 @@ def step_times(run: Path, steps: int) -> dict:
             method.after_backward(i)
             opt.step()
             times.append(time.perf_counter() - start)
-    mean = {search: statistics.fmean(r[3]) for search, r in runs.items()}
-    return {"run": str(run), "steps": steps, "iter": runs["local"][1].params.iter,
-            "mean_ms_random": mean["random"] * 1000, "mean_ms_local": mean["local"] * 1000,
-            "local_over_random": mean["local"] / mean["random"], "threads": torch.get_num_threads()}
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
@@ -41,8 +42,8 @@ from rich.table import Table
 from torch.nn import functional as F
 
 from nmtrain.experiments import accel
-from nmtrain.experiments.layers import plan_layers, route_forward
-from nmtrain.experiments.methods import Context, build_params, get_method
+from nmtrain.experiments.layers import plan_layers
+from nmtrain.experiments.methods import attach
 from nmtrain.experiments.methods.ste import ste_mask
 from nmtrain.experiments.models import VisionTransformer
 from nmtrain.sparsity import Pattern, nm_violation
@@ -176,25 +177,29 @@ def time_e2e(args, dtype, device) -> tuple[dict[str, float], int, int]:
     """Median ms of one training step for dense, transposable and transposable + semi_structured."""
     images = torch.randn(args.vit_batch, 3, 224, 224, device=device, dtype=dtype)
     labels = torch.randint(0, 1000, (args.vit_batch,), device=device)
-    runs = {}
-    for variant in ("dense", "transposable", "transposable+accel"):
-        torch.manual_seed(0)
-        model = VisionTransformer(1000, 3, 224, args.vit_dim, args.vit_depth, patch=16).to(device=device, dtype=dtype)
-        if variant == "dense":
-            cls, layers, mode = get_method("dense"), {}, "none"
-        else:
-            cls = get_method("transposable")
-            layers = plan_layers(model, Pattern(2, 4, True), "nhwc").sparse     # first and last layer dense
-            mode = "semi_structured" if variant.endswith("accel") else "none"
-        method = cls(build_params(cls, {}), Context(layers, Pattern(2, 4, True), "nhwc", "exact", 1000, 1000,
-                                                    accel=mode))
-        route_forward(layers, method)
-        method.before_step(0)       # the first (exact) masks, outside the timed steps
-        if mode == "semi_structured" and method.accel.fallback:
-            raise SystemExit(f"sparse_training: e2e layers fell back: {method.accel.fallback}")
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        runs[variant] = (model, method, opt, len(layers))
+    with ExitStack() as attached:      # every model's forward runs through its method while it is timed
+        runs = {variant: _attached_vit(method, mode, args, dtype, device, attached)
+                for variant, method, mode in (("dense", "dense", "none"), ("transposable", "transposable", "none"),
+                                              ("transposable+accel", "transposable", "semi_structured"))}
+        return _time_vit(runs, images, labels, args)
 
+
+def _attached_vit(name: str, mode: str, args, dtype, device, attached: ExitStack) -> tuple:
+    """(model, method, optimizer, sparse layers) of one variant, attached until ``attached`` closes."""
+    torch.manual_seed(0)
+    model = VisionTransformer(1000, 3, 224, args.vit_dim, args.vit_depth, patch=16).to(device=device, dtype=dtype)
+    layers = plan_layers(model, Pattern(2, 4, True), "nhwc").sparse     # first and last layer dense
+    method = attached.enter_context(attach(name, layers, Pattern(2, 4, True), total_steps=1000,
+                                           steps_per_epoch=1000, accel=mode))
+    method.before_step(0)       # the first (exact) masks, outside the timed steps
+    if mode == "semi_structured" and method.accel.fallback:
+        raise SystemExit(f"sparse_training: e2e layers fell back: {method.accel.fallback}")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, method, opt, len(method.ctx.layers)
+
+
+def _time_vit(runs: dict, images: torch.Tensor, labels: torch.Tensor, args) -> tuple[dict[str, float], int, int]:
+    """Median ms of one training step of every attached run, interleaved."""
     def step(variant: str) -> None:
         model, method, opt, _ = runs[variant]
         i = 1               # a step that recomputes no mask (transposable: every mask_interval = 40 steps)

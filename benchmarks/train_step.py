@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -22,10 +23,48 @@ from rich.console import Console
 from rich.table import Table
 from torch.nn import functional as F
 
-from nmtrain.experiments.layers import plan_layers, route_forward
-from nmtrain.experiments.methods import Context, build_params, get_method, list_methods
+from nmtrain.experiments.layers import plan_layers
+from nmtrain.experiments.methods import attach, get_method, list_methods
 from nmtrain.experiments.models import build_model
 from nmtrain.sparsity import parse_pattern
+
+
+def _attached_run(name: str, args, device: torch.device, attached: ExitStack) -> tuple:
+    """(model, method, optimizer, step times) of one method, attached until ``attached`` closes."""
+    cls = get_method(name)
+    pattern = parse_pattern(args.pattern, transposable=cls.caps.needs_transposable)
+    torch.manual_seed(0)
+    model = build_model(args.model, 10, args.channels, args.image_size).to(device)
+    plan = plan_layers(model, pattern, "nhwc")
+    method = attached.enter_context(attach(cls, plan.sparse, pattern, total_steps=args.steps,
+                                           steps_per_epoch=args.steps))
+    return model, method, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), []
+
+
+def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> None:
+    """Interleaved training steps of every run; each run's step times (after 5 warm-up steps) are appended."""
+    def step(name: str, i: int) -> float:
+        model, method, opt, _ = runs[name]
+        x, y = batches[i % len(batches)]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        method.before_step(i)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        method.after_backward(i)
+        opt.step()
+        method.after_step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for i in range(steps + 5):
+        for name in runs:
+            t = step(name, i)
+            if i >= 5:                      # warm-up steps are not timed
+                runs[name][3].append(t)
 
 
 def main() -> None:
@@ -44,48 +83,18 @@ def main() -> None:
     torch.manual_seed(0)
     batches = [(torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device),
                 torch.randint(0, 10, (args.batch,), device=device)) for _ in range(4)]
-    runs = {}
-    for name in args.methods.split(","):
-        cls = get_method(name)
-        pattern = parse_pattern(args.pattern, transposable=cls.needs_transposable)
-        torch.manual_seed(0)
-        model = build_model(args.model, 10, args.channels, args.image_size).to(device)
-        plan = plan_layers(model, pattern, "nhwc")
-        layers = {} if name == "dense" else plan.sparse
-        ctx = Context(layers, pattern, "nhwc", "exact", args.steps, args.steps)
-        method = cls(build_params(cls, {}), ctx)
-        route_forward(layers, method)
-        runs[name] = (model, method, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), [])
-
-    def step(name: str, i: int) -> float:
-        model, method, opt, _ = runs[name]
-        x, y = batches[i % len(batches)]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        method.before_step(i)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.after_backward(i)
-        opt.step()
-        method.after_step(i)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for i in range(args.steps + 5):
-        for name in runs:
-            t = step(name, i)
-            if i >= 5:                      # warm-up steps are not timed
-                runs[name][3].append(t)
-    dense = statistics.median(runs["dense"][3]) if "dense" in runs else None
+    with ExitStack() as attached:      # every model's forward runs through its method while it is timed
+        runs = {name: _attached_run(name, args, device, attached) for name in args.methods.split(",")}
+        _time_steps(runs, batches, args.steps, device)
+    # the reference is the dense baseline (the method that masks nothing), when it is in the list
+    baseline = next((name for name in runs if not get_method(name).caps.sparse), None)
+    dense = statistics.median(runs[baseline][3]) if baseline else None
     table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {device} "
                         f"({torch.get_num_threads()} threads), {args.steps} interleaved steps")
     for col in ("method", "median ms / step", "vs dense", "mean ms / step", "vs dense ", "mean vs srste"):
         table.add_column(col, justify="right")
     rows = []
-    dense_mean = statistics.fmean(runs["dense"][3]) if "dense" in runs else None
+    dense_mean = statistics.fmean(runs[baseline][3]) if baseline else None
     srste_mean = statistics.fmean(runs["srste"][3]) if "srste" in runs else None
     for name, (_, _, _, times) in runs.items():
         # the median is the typical step; the mean also carries the occasional mask recomputation

@@ -25,7 +25,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def _seeded_table(spec, seed_list: list[int], rows: list[dict]) -> None:
-    from ..experiments.compare import aggregate, verdict, write_results
+    from ..experiments.compare import aggregate, is_baseline, verdict, write_results
 
     cells = aggregate(rows)
     title = (f"{spec.name}: {spec.model.name} on {spec.data.dataset}, {spec.train.epochs} epochs, "
@@ -40,7 +40,7 @@ def _seeded_table(spec, seed_list: list[int], rows: list[dict]) -> None:
         sd = c["final_accuracy_std"]
         table.add_row(c["method"], c["pattern"], f"{c['density']:.3f}", str(c["n_seeds"]),
                       f"{c['final_accuracy_mean']:.2f}" + ("" if sd is None else f" ± {sd:.2f}") + "%",
-                      verdict(c["vs_dense"], "dense" if c["method"] == "dense" else "–"),
+                      verdict(c["vs_dense"], "dense" if is_baseline(c) else "–"),
                       verdict(c["vs_best"], "best"), f"{c['flops_ratio']:.3f}", f"{c['wall_seconds_mean']:.1f} s")
     console.print(table)
     _wrote(paths)
@@ -104,7 +104,7 @@ def _grid_line(cells, seed_list) -> str:
     from ..sparsity import parse_pattern
 
     def name(c) -> str:
-        if not get_method(c.spec.method.name).sparse:
+        if not get_method(c.spec.method.name).caps.sparse:
             return c.label
         text = c.spec.sparsity.pattern + ("-T" if c.spec.sparsity.transposable else "")
         return f"{c.label} {parse_pattern(text).describe()}"

@@ -47,22 +47,20 @@ DEFAULT_DTYPE = torch.bfloat16
 # 1. The spec
 
 
-def supports(method: str, pattern) -> bool:
-    """Whether a run of ``method`` at ``pattern`` can use the 2:4 kernels at all (check_spec says why not)."""
-    return method == "transposable" and (pattern.n, pattern.m) == (2, 4)
+def check_spec(accel: str, method_cls, pattern) -> None:
+    """Refuse an ``accel`` value, method or pattern the sparse path cannot run (one-line SpecError).
 
-
-def check_spec(accel: str, method: str, pattern) -> None:
-    """Refuse an ``accel`` value, method or pattern the sparse path cannot run (one-line SpecError)."""
+    ``method_cls`` is a method class: whether it can use the kernels, and at which N:M, is its
+    ``caps.accel_patterns`` (methods/ imports this module, so it is not imported here)."""
     if accel not in ACCEL_MODES:
         raise SpecError(f"accel: {accel!r} is unknown; use one of: {', '.join(ACCEL_MODES)}")
-    if accel == "none" or supports(method, pattern):
+    if accel == "none" or method_cls.caps.accel(pattern):
         return
-    if method != "transposable":
+    if not method_cls.caps.accel_patterns:
         # Other methods' masks are not transposable, so W~^T would not be 2:4 (or they need a
         # sparse dW, which the hardware does not have).
         raise SpecError(f"accel: semi_structured runs only with method transposable (W~ and W~^T both 2:4), "
-                        f"not {method}; use --method transposable --pattern 2:4-T, or accel=none")
+                        f"not {method_cls.name}; use --method transposable --pattern 2:4-T, or accel=none")
     raise SpecError(f"accel: semi_structured needs pattern 2:4 (the sparse tensor cores' only pattern), "
                     f"not {pattern}; use --pattern 2:4-T, or accel=none")
 

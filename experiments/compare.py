@@ -91,15 +91,16 @@ def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] |
         if variant is not None and label not in spec.sweep.params:
             raise SpecError(f"sweep.params: give the parameters of variant {label!r} (sweep.params.{label!r})")
         parsed = [parse_pattern(text) for text in patterns]
-        if method != "dense" and not cls.accepts_transposable:
+        sparse = cls.caps.sparse
+        if sparse and not cls.caps.accepts_transposable:
             # a -T pattern is a cell only for methods that take transposable masks (4:8-T beside 2:4)
             parsed = [p for p in parsed if not p.transposable]
             if not parsed:
                 raise SpecError(f"sweep.patterns: method {method} takes no transposable (-T) pattern; "
                                 "add a plain one such as 2:4")
         for i, p in enumerate(parsed):
-            if method == "dense" and i > 0:
-                continue            # dense has no pattern: one run is enough
+            if not sparse and i > 0:
+                continue            # the dense baseline has no pattern: one run is enough
             cell = copy.deepcopy(spec)
             if label in spec.sweep.params:
                 cell.method.params = dict(spec.sweep.params[label])
@@ -107,11 +108,11 @@ def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] |
                 cell.method.params = {}
             cell.method.name = method
             cell.sparsity.pattern = f"{p.n}:{p.m}"
-            cell.sparsity.transposable = p.transposable and method != "dense"   # dense has no mask to transpose
-            if cell.accel in accel_mod.ACCEL_MODES and not accel_mod.supports(method, p):
+            cell.sparsity.transposable = p.transposable and sparse   # dense has no mask to transpose
+            if cell.accel in accel_mod.ACCEL_MODES and not cls.caps.accel(p):
                 cell.accel = "none"     # this cell's masks cannot use the 2:4 kernels: its masked-dense run
             stem = label.replace(":", "-")
-            cell.out = str(Path(spec.out) / (stem if method == "dense" else f"{stem}-{p.slug}"))
+            cell.out = str(Path(spec.out) / (f"{stem}-{p.slug}" if sparse else stem))
             for seed in seeds if seeds is not None else [None]:
                 run = cell
                 if seed is not None:
@@ -171,9 +172,15 @@ def run_grid(cells: list[Cell], overwrite: bool = False, console=None, progress:
     return rows
 
 
+def is_baseline(row: dict) -> bool:
+    """Whether a result row (one run, or one cell) is the dense baseline: its run recorded no pattern
+    (summary.json's ``pattern`` is null exactly for methods that mask nothing, ``caps.sparse`` false)."""
+    return row["pattern"] == "dense"
+
+
 def cell_line(row: dict, i: int, total: int, reused: bool) -> str:
     """``[2/6] srste 2:4 (density 0.50) seed 0: final acc 89.60%, wall 23.1 s`` for one finished cell."""
-    cell = row["method"] if row["pattern"] == "dense" else f"{row['method']} {parse_pattern(row['pattern']).describe()}"
+    cell = row["method"] if is_baseline(row) else f"{row['method']} {parse_pattern(row['pattern']).describe()}"
     where = f"reusing the finished run in {row['run_dir']}" if reused else row["run_dir"]
     return (f"[{i}/{total}] {cell} seed {row['seed']}: final acc {row['final_accuracy']:.2f}%, "
             f"wall {row['wall_seconds']:.1f} s · {where}")
@@ -199,7 +206,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                     "accel": runs[0]["accel"], "runs": runs})
     by_seed = [{r["seed"]: r["final_accuracy"] for r in row["runs"]} for row in out]
     best = max(range(len(out)), key=lambda i: out[i]["final_accuracy_mean"])
-    dense = next((i for i, row in enumerate(out) if row["method"] == "dense"), None)
+    dense = next((i for i, row in enumerate(out) if is_baseline(row)), None)
     for i, row in enumerate(out):
         row["vs_best"] = None if i == best else paired_test(by_seed[i], by_seed[best]).to_dict()
         row["vs_dense"] = None if dense is None or i == dense else paired_test(by_seed[i], by_seed[dense]).to_dict()
@@ -225,7 +232,7 @@ def _seed_csv_row(row: dict) -> dict:
         test = row[key]
         flat[f"{key}_difference"] = None if test is None else test["difference"]
         flat[f"{key}_p"] = None if test is None else test["p_value"]
-        flat[key] = verdict(test, ref if key == "vs_best" or row["method"] == "dense" else "–")
+        flat[key] = verdict(test, ref if key == "vs_best" or is_baseline(row) else "–")
     return flat
 
 

@@ -58,8 +58,8 @@ from . import accel as accel_mod
 from .errors import ExperimentError
 from .io import (CheckpointError, _first_line, atomic_write, load_state_dict, safe_load, save_text,
                  state_dict_mismatch)
-from .layers import called_layers, plan_layers, route_forward, unroute_forward
-from .methods import Context, MethodError, build_params, get_method, params_dict
+from .layers import called_layers, plan_layers
+from .methods import MethodError, attach, build_params, get_method, params_dict
 from .methods.ste import change_rate
 from .models import build_model, builder_record, resolve_builder
 from .flops import FlopCounter, macs_per_sample
@@ -203,12 +203,12 @@ def validate(spec: Spec):
         raise SpecError(f"sparsity.solver: {exc}") from None
     cls = get_method(spec.method.name)
     params = build_params(cls, spec.method.params)
-    if spec.sparsity.transposable and not getattr(cls, "accepts_transposable", False):
+    if spec.sparsity.transposable and not cls.caps.accepts_transposable:
         raise MethodError(f"sparsity.transposable: method {cls.name} does not use transposable masks; "
                           "use method transposable (or fixed)")
-    if cls.needs_transposable:
+    if cls.caps.needs_transposable:
         pattern = Pattern(pattern.n, pattern.m, transposable=True)
-    accel_mod.check_spec(spec.accel, cls.name, pattern)
+    accel_mod.check_spec(spec.accel, cls, pattern)
     if spec.train.epochs < 1:
         raise SpecError("train.epochs: must be at least 1")
     if spec.data.batch_size < 1:
@@ -349,7 +349,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
     model.to(device)
 
     # Methods with column groups (Bi-Mask's backward mask) need C_out % M == 0 like transposable ones.
-    plan_pattern = Pattern(pattern.n, pattern.m, pattern.transposable or method_cls.needs_column_groups)
+    plan_pattern = Pattern(pattern.n, pattern.m, pattern.transposable or method_cls.caps.needs_column_groups)
     called = called_layers(model, torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device))
     plan = plan_layers(model, plan_pattern, spec.sparsity.layout, spec.sparsity.include, spec.sparsity.exclude,
                        spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense, called)
@@ -357,186 +357,187 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
     total_steps = spec.train.epochs * steps_per_epoch
     if spec.train.max_steps is not None:
         total_steps = min(total_steps, spec.train.max_steps)
-    dense = method_cls.name == "dense"
-    ctx = Context(layers={} if dense else plan.sparse, pattern=pattern, layout=spec.sparsity.layout,
-                  solver=spec.sparsity.solver, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                  accel=spec.accel, seed=spec.seed)
-    method = method_cls(params, ctx)
-    route_forward(ctx.layers, method)
-    net = model
-    if distributed:   # after routing: DDP's forward then runs the method's sparse forward
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    n_train = len(train_ds)
-    global_batch = spec.data.batch_size
+    dense = not method_cls.caps.sparse
+    # The sparse layers' forward runs through the method until the block ends (before the fold below).
+    with attach(method_cls, plan.sparse, pattern, params, layout=spec.sparsity.layout, solver=spec.sparsity.solver,
+                total_steps=total_steps, steps_per_epoch=steps_per_epoch, accel=spec.accel,
+                seed=spec.seed) as method:
+        net = model
+        if distributed:   # after routing: DDP's forward then runs the method's sparse forward
+            net = nn.parallel.DistributedDataParallel(model,
+                                                      device_ids=[device.index] if device.type == "cuda" else None)
+        n_train = len(train_ds)
+        global_batch = spec.data.batch_size
 
-    optimizer = _optimizer(spec, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(spec, steps_per_epoch, total_steps))
-    sample = next(iter(test_loader))[0].to(device)
-    flops = FlopCounter(macs_per_sample(model, sample))
+        optimizer = _optimizer(spec, model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(spec, steps_per_epoch, total_steps))
+        sample = next(iter(test_loader))[0].to(device)
+        flops = FlopCounter(macs_per_sample(model, sample))
 
-    eval_every = spec.train.eval_interval or steps_per_epoch
-    ckpt_every = spec.train.checkpoint_interval or steps_per_epoch
-    metrics_lines: list[str] = []
-    best = -1.0
-    last_masks = {k: v.clone() for k, v in method.masks().items()}
-    running_loss, running_n = 0.0, 0
-    step = 0
-    wall_before = 0.0
-    last_ckpt_step: int | None = None
+        eval_every = spec.train.eval_interval or steps_per_epoch
+        ckpt_every = spec.train.checkpoint_interval or steps_per_epoch
+        metrics_lines: list[str] = []
+        best = -1.0
+        last_masks = {k: v.clone() for k, v in method.masks().items()}
+        running_loss, running_n = 0.0, 0
+        step = 0
+        wall_before = 0.0
+        last_ckpt_step: int | None = None
 
-    if ckpt is None:
-        # The resolved spec, with the method's parameters filled in, goes first: it names the run.
-        resolved = copy.deepcopy(spec)
-        resolved.method.params = params_dict(params)
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            if overwrite:
-                for f in RUN_FILES:
-                    (out / f).unlink(missing_ok=True)
-            save_text(dump_spec(resolved), out / "config.yaml")
-    else:
-        if main:
-            for stale in out.glob(".*.tmp"):        # left by a write that a kill interrupted
-                stale.unlink(missing_ok=True)
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            method.load_state_dict(_to_device(ckpt["method"], device))
-            run = ckpt.get("run", {})
-            step = ckpt["step"]
-            best = float(run.get("best", -1.0))
-            running_loss, running_n = float(run.get("running_loss", 0.0)), int(run.get("running_n", 0))
-            wall_before = float(run.get("wall", 0.0))
-            for key, value in run.get("flops", {}).items():
-                setattr(flops, key, int(value))
-            if "last_masks" in run:
-                last_masks = {k: v.to(device) for k, v in run["last_masks"].items()}
-            else:
-                last_masks = {k: v.clone() for k, v in method.masks().items()}
-        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"--resume: {out / 'checkpoint.pt'} does not fit the run in {out / 'config.yaml'} "
-                                  f"({_first_line(exc)})") from None
-        if step > total_steps:
-            raise CheckpointError(f"--resume: {out / 'checkpoint.pt'} is at step {step}, past the run's "
-                                  f"{total_steps} steps")
-        metrics_path = out / "metrics.jsonl"
-        done = metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.is_file() else []
-        metrics_lines = done[:int(ckpt.get("run", {}).get("metrics_lines", len(done)))]
-        last_ckpt_step = step
-        _restore_rng(ckpt["rng"])      # last: building the run above may draw from the global RNGs
-
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress)
-    start = time.perf_counter()
-
-    def save_checkpoint() -> None:
-        nonlocal last_ckpt_step
-        if not _finite(model):
-            raise _diverged(step, "the weights are not finite", out, last_ckpt_step)
-        if not main:
+        if ckpt is None:
+            # The resolved spec, with the method's parameters filled in, goes first: it names the run.
+            resolved = copy.deepcopy(spec)
+            resolved.method.params = params_dict(params)
+            if main:
+                out.mkdir(parents=True, exist_ok=True)
+                if overwrite:
+                    for f in RUN_FILES:
+                        (out / f).unlink(missing_ok=True)
+                save_text(dump_spec(resolved), out / "config.yaml")
+        else:
+            if main:
+                for stale in out.glob(".*.tmp"):        # left by a write that a kill interrupted
+                    stale.unlink(missing_ok=True)
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+                method.load_state_dict(_to_device(ckpt["method"], device))
+                run = ckpt.get("run", {})
+                step = ckpt["step"]
+                best = float(run.get("best", -1.0))
+                running_loss, running_n = float(run.get("running_loss", 0.0)), int(run.get("running_n", 0))
+                wall_before = float(run.get("wall", 0.0))
+                for key, value in run.get("flops", {}).items():
+                    setattr(flops, key, int(value))
+                if "last_masks" in run:
+                    last_masks = {k: v.to(device) for k, v in run["last_masks"].items()}
+                else:
+                    last_masks = {k: v.clone() for k, v in method.masks().items()}
+            except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"--resume: {out / 'checkpoint.pt'} does not fit the run in "
+                                      f"{out / 'config.yaml'} "
+                                      f"({_first_line(exc)})") from None
+            if step > total_steps:
+                raise CheckpointError(f"--resume: {out / 'checkpoint.pt'} is at step {step}, past the run's "
+                                      f"{total_steps} steps")
+            metrics_path = out / "metrics.jsonl"
+            done = metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.is_file() else []
+            metrics_lines = done[:int(ckpt.get("run", {}).get("metrics_lines", len(done)))]
             last_ckpt_step = step
-            return
-        run = {"best": best, "running_loss": running_loss, "running_n": running_n,
-               "wall": wall_before + time.perf_counter() - start, "metrics_lines": len(metrics_lines),
-               "flops": {"forward": flops.forward, "backward_data": flops.backward_data,
-                         "backward_weight": flops.backward_weight, "dense_total": flops.dense_total},
-               "last_masks": last_masks}
-        _save_checkpoint(out / "checkpoint.pt", model, optimizer, scheduler, method, step,
-                         step // steps_per_epoch, run)
-        last_ckpt_step = step
+            _restore_rng(ckpt["rng"])      # last: building the run above may draw from the global RNGs
 
-    in_step = False
-    try:
-        with bar, _DeferSigint() as sigint:
-            task = bar.add_task(f"{spec.name} · {method_cls.name}", total=total_steps, completed=step,
-                                loss=float("nan"), acc="–")
-            model.train()
-            while step < total_steps:
-                epoch = step // steps_per_epoch
-                set_epoch(train_loader, epoch, step - epoch * steps_per_epoch)
-                for x, y in train_loader:
-                    if step >= total_steps:
-                        break
-                    in_step = True
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    try:
-                        method.before_step(step)
-                    except ValueError:
-                        # a mask solver refuses non-finite weights: that is the divergence, say so
-                        if _finite(model):
-                            raise
-                        if step == 0:
-                            raise RunError("the starting weights are not finite (NaN/Inf); check model.init") from None
-                        raise _diverged(step - 1, NOT_FINITE_AFTER_UPDATE, out, last_ckpt_step) from None
-                    if distributed:
-                        # Sum over this rank's share, scaled so that DDP's gradient average is the mean over
-                        # the global batch (exact also for the epoch's last, unevenly split batch).
-                        n_step = min(global_batch, n_train - (step % steps_per_epoch) * global_batch)
-                        loss_sum = F.cross_entropy(net(x), y, reduction="sum")
-                        loss = loss_sum * (world / n_step)
-                        stat = torch.stack([loss_sum.detach().double(),
-                                            torch.tensor(float(y.shape[0]), dtype=torch.float64, device=device)])
-                        dist.all_reduce(stat)
-                        step_loss, step_n = float(stat[0]) / float(stat[1]), n_step
-                    else:
-                        loss = F.cross_entropy(net(x), y)
-                        step_loss, step_n = loss.item(), y.shape[0]   # one host sync per step
-                    if not math.isfinite(step_loss):
-                        raise _diverged(step, f"loss is {step_loss}", out, last_ckpt_step)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    method.after_backward(step)
-                    optimizer.step()
-                    scheduler.step()
-                    method.after_step(step)
-                    flops.add_step(step_n, {n: method.densities(n, step) for n in ctx.layers})
-                    running_loss += step_loss * step_n
-                    running_n += step_n
-                    step += 1
-                    bar.update(task, advance=1, loss=step_loss)
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
+                       TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress)
+        start = time.perf_counter()
 
-                    do_eval = step % eval_every == 0 or step == total_steps
-                    do_ckpt = step % ckpt_every == 0 or step == total_steps
-                    if (do_eval or do_ckpt) and not _finite(model):
-                        raise _diverged(step - 1, NOT_FINITE_AFTER_UPDATE, out, last_ckpt_step)
-                    if do_eval:
-                        acc, test_loss = evaluate(model, test_loader, device)
-                        masks = method.masks()
-                        check_masks_agree(masks, device, step)
-                        record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                                  "loss": running_loss / max(running_n, 1), "test_loss": test_loss, "accuracy": acc,
-                                  "lr": optimizer.param_groups[0]["lr"],
-                                  "mask_change_rate": change_rate(last_masks, masks)}
-                        record.update(method.metric_fields())
-                        events = method.pop_mask_events()
-                        if events:      # per recompute, for methods that recompute at intervals
-                            record["mask_recomputes"] = events
-                        last_masks = {k: v.clone() for k, v in masks.items()}
-                        running_loss, running_n = 0.0, 0
-                        best = max(best, acc)
-                        metrics_lines.append(json.dumps(record))
-                        if main:
-                            save_text("\n".join(metrics_lines) + "\n", out / "metrics.jsonl")
-                        bar.update(task, acc=f"{acc:.2f}%")
-                    if do_ckpt:
-                        save_checkpoint()
-                    in_step = False
-                    if sigint.requested:
-                        raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        # At a step boundary the state is consistent: checkpoint it. Inside a step (a second Ctrl-C)
-        # the model may be half-updated: keep the last checkpoint.
-        if not in_step and last_ckpt_step != step:
-            save_checkpoint()
-        raise Interrupted(out, step, last_ckpt_step) from None
+        def save_checkpoint() -> None:
+            nonlocal last_ckpt_step
+            if not _finite(model):
+                raise _diverged(step, "the weights are not finite", out, last_ckpt_step)
+            if not main:
+                last_ckpt_step = step
+                return
+            run = {"best": best, "running_loss": running_loss, "running_n": running_n,
+                   "wall": wall_before + time.perf_counter() - start, "metrics_lines": len(metrics_lines),
+                   "flops": {"forward": flops.forward, "backward_data": flops.backward_data,
+                             "backward_weight": flops.backward_weight, "dense_total": flops.dense_total},
+                   "last_masks": last_masks}
+            _save_checkpoint(out / "checkpoint.pt", model, optimizer, scheduler, method, step,
+                             step // steps_per_epoch, run)
+            last_ckpt_step = step
 
-    wall = wall_before + time.perf_counter() - start
-    # Evaluate what a user deploys: the masks folded into plain weights.
-    final_masks = method.masks()
-    check_masks_agree(final_masks, device, step)
-    unroute_forward(ctx.layers)
-    sparse_layers = fold_masks(ctx.layers, final_masks, method.export_pattern, spec.sparsity.layout)
+        in_step = False
+        try:
+            with bar, _DeferSigint() as sigint:
+                task = bar.add_task(f"{spec.name} · {method_cls.name}", total=total_steps, completed=step,
+                                    loss=float("nan"), acc="–")
+                model.train()
+                while step < total_steps:
+                    epoch = step // steps_per_epoch
+                    set_epoch(train_loader, epoch, step - epoch * steps_per_epoch)
+                    for x, y in train_loader:
+                        if step >= total_steps:
+                            break
+                        in_step = True
+                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                        try:
+                            method.before_step(step)
+                        except ValueError:
+                            # a mask solver refuses non-finite weights: that is the divergence, say so
+                            if _finite(model):
+                                raise
+                            if step == 0:
+                                raise RunError("the starting weights are not finite (NaN/Inf); "
+                                               "check model.init") from None
+                            raise _diverged(step - 1, NOT_FINITE_AFTER_UPDATE, out, last_ckpt_step) from None
+                        if distributed:
+                            # Sum over this rank's share, scaled so that DDP's gradient average is the mean over
+                            # the global batch (exact also for the epoch's last, unevenly split batch).
+                            n_step = min(global_batch, n_train - (step % steps_per_epoch) * global_batch)
+                            loss_sum = F.cross_entropy(net(x), y, reduction="sum")
+                            loss = loss_sum * (world / n_step)
+                            stat = torch.stack([loss_sum.detach().double(),
+                                                torch.tensor(float(y.shape[0]), dtype=torch.float64, device=device)])
+                            dist.all_reduce(stat)
+                            step_loss, step_n = float(stat[0]) / float(stat[1]), n_step
+                        else:
+                            loss = F.cross_entropy(net(x), y)
+                            step_loss, step_n = loss.item(), y.shape[0]   # one host sync per step
+                        if not math.isfinite(step_loss):
+                            raise _diverged(step, f"loss is {step_loss}", out, last_ckpt_step)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        method.after_backward(step)
+                        optimizer.step()
+                        scheduler.step()
+                        method.after_step(step)
+                        flops.add_step(step_n, {n: method.densities(n, step) for n in method.ctx.layers})
+                        running_loss += step_loss * step_n
+                        running_n += step_n
+                        step += 1
+                        bar.update(task, advance=1, loss=step_loss)
+
+                        do_eval = step % eval_every == 0 or step == total_steps
+                        do_ckpt = step % ckpt_every == 0 or step == total_steps
+                        if (do_eval or do_ckpt) and not _finite(model):
+                            raise _diverged(step - 1, NOT_FINITE_AFTER_UPDATE, out, last_ckpt_step)
+                        if do_eval:
+                            acc, test_loss = evaluate(model, test_loader, device)
+                            masks = method.masks()
+                            check_masks_agree(masks, device, step)
+                            record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                                      "loss": running_loss / max(running_n, 1), "test_loss": test_loss, "accuracy": acc,
+                                      "lr": optimizer.param_groups[0]["lr"],
+                                      "mask_change_rate": change_rate(last_masks, masks)}
+                            record.update(method.metric_fields())
+                            events = method.pop_mask_events()
+                            if events:      # per recompute, for methods that recompute at intervals
+                                record["mask_recomputes"] = events
+                            last_masks = {k: v.clone() for k, v in masks.items()}
+                            running_loss, running_n = 0.0, 0
+                            best = max(best, acc)
+                            metrics_lines.append(json.dumps(record))
+                            if main:
+                                save_text("\n".join(metrics_lines) + "\n", out / "metrics.jsonl")
+                            bar.update(task, acc=f"{acc:.2f}%")
+                        if do_ckpt:
+                            save_checkpoint()
+                        in_step = False
+                        if sigint.requested:
+                            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            # At a step boundary the state is consistent: checkpoint it. Inside a step (a second Ctrl-C)
+            # the model may be half-updated: keep the last checkpoint.
+            if not in_step and last_ckpt_step != step:
+                save_checkpoint()
+            raise Interrupted(out, step, last_ckpt_step) from None
+
+        wall = wall_before + time.perf_counter() - start
+        # Evaluate what a user deploys: the masks folded into plain weights.
+        final_masks = method.masks()
+        check_masks_agree(final_masks, device, step)
+    sparse_layers = fold_masks(method.ctx.layers, final_masks, method.export_pattern, spec.sparsity.layout)
     final_acc, final_loss = evaluate(model, test_loader, device)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if main:

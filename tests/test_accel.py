@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from nmtrain.cli.main import app
 from nmtrain.experiments import accel
-from nmtrain.experiments.layers import gemm, route_forward
-from nmtrain.experiments.methods import Context, build_params, get_method
+from nmtrain.experiments.layers import gemm
+from nmtrain.experiments.methods import Context, attach, build_params, get_method
 from nmtrain.experiments.methods.ste import ste_mask
 from nmtrain.experiments.runner import validate
 from nmtrain.experiments.spec import SpecError, load_spec
@@ -72,10 +72,10 @@ def test_bad_accel_is_one_line_exit_2_and_writes_nothing(tmp_path, args, needle)
 
 
 def test_check_spec_directly():
-    accel.check_spec("none", "srste", Pattern(4, 8))      # accel none never constrains method or pattern
-    accel.check_spec("semi_structured", "transposable", Pattern(2, 4, True))
+    accel.check_spec("none", get_method("srste"), Pattern(4, 8))      # accel none never constrains method or pattern
+    accel.check_spec("semi_structured", get_method("transposable"), Pattern(2, 4, True))
     with pytest.raises(SpecError, match=r"^accel: semi_structured needs pattern 2:4"):
-        accel.check_spec("semi_structured", "transposable", Pattern(2, 8, True))
+        accel.check_spec("semi_structured", get_method("transposable"), Pattern(2, 8, True))
 
 
 # --- the constraint table ---------------------------------------------------------------------
@@ -336,6 +336,12 @@ def _method(layers, accel_mode="semi_structured", decay=2e-4):
     return cls(build_params(cls, {"decay": decay}), ctx)
 
 
+def _attached(layers, accel_mode="semi_structured", decay=2e-4):
+    """``_method`` with the layers' forward routed through it until the block ends."""
+    return attach("transposable", layers, Pattern(2, 4, True), {"decay": decay}, total_steps=10,
+                  steps_per_epoch=5, accel=accel_mode)
+
+
 @pytest.fixture
 def dense_stand_in(monkeypatch):
     """Make every Linear 'supported' and compress with the identity: the method's sparse branch on CPU."""
@@ -357,23 +363,22 @@ def test_method_routes_linear_layers_sparse_and_conv_masked_dense(dense_stand_in
         layers = {"0": net[0], "2": net[2], "4": net[4]}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            method = _method(layers, mode)
-        route_forward(layers, method)
-        if mode == "semi_structured":
-            for layer in method.accel.sparse.values():
-                layer.dtype = torch.float64              # exact comparison; the real path computes in bf16
-            report = method.accel_report()
-            assert report["sparse_layers"] == ["2", "4"] and report["fallback"] == {"0": accel.CONV_REASON}
-            assert [str(w.message) for w in caught if w.category is accel.AccelFallbackWarning] == [
-                f"accel semi_structured: 1 of 3 sparse layers run masked dense instead of the 2:4 kernels "
-                f"(0: {accel.CONV_REASON})"]
-        else:
-            assert method.accel_report() is None and not caught
-        method.before_step(0)
-        net(x).square().sum().backward()
-        grads[mode] = {k: p.grad.clone() for k, p in net.named_parameters()}
-        if mode == "semi_structured":
-            assert sum(layer.compressions for layer in method.accel.sparse.values()) == 4
+            with _attached(layers, mode) as method:
+                if mode == "semi_structured":
+                    for layer in method.accel.sparse.values():
+                        layer.dtype = torch.float64              # exact comparison; the real path computes in bf16
+                    report = method.accel_report()
+                    assert report["sparse_layers"] == ["2", "4"] and report["fallback"] == {"0": accel.CONV_REASON}
+                    assert [str(w.message) for w in caught if w.category is accel.AccelFallbackWarning] == [
+                        f"accel semi_structured: 1 of 3 sparse layers run masked dense instead of the 2:4 kernels "
+                        f"(0: {accel.CONV_REASON})"]
+                else:
+                    assert method.accel_report() is None and not caught
+                method.before_step(0)
+                net(x).square().sum().backward()
+                grads[mode] = {k: p.grad.clone() for k, p in net.named_parameters()}
+                if mode == "semi_structured":
+                    assert sum(layer.compressions for layer in method.accel.sparse.values()) == 4
     for k in grads["none"]:
         assert torch.allclose(grads["semi_structured"][k], grads["none"][k], rtol=0, atol=1e-10), k
 

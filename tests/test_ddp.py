@@ -56,8 +56,8 @@ def test_two_processes_match_one(tmp_path, method):
     assert [m["step"] for m in m1] == [m["step"] for m in m2]
     assert abs(m1[-1]["loss"] - m2[-1]["loss"]) < LOSS_TOL
     assert abs(s1["final_test_loss"] - s2["final_test_loss"]) < LOSS_TOL
-    if method == "bame":
-        ck = torch.load(two / "checkpoint.pt", weights_only=True)
+    ck = torch.load(two / "checkpoint.pt", weights_only=True)
+    if "updates" in ck["method"]:          # a method that adapts its masks (BAME) did so under DDP
         assert ck["method"]["updates"] > 0
 
 

@@ -1,7 +1,10 @@
 """Training methods: one small module each, found by name in a registry.
 
 The runner knows only the :class:`Method` interface below; adding a method means adding a module
-with a ``@register_method("name")`` class, and nothing in the runner changes.
+with a ``@register_method("name")`` class that declares its :class:`Capabilities`, and nothing in the
+runner, ``compare``, ``accel`` or the benchmarks changes: they ask ``cls.caps``, never the name.
+``with attach(method, layers, pattern, ...) as m:`` builds a method on a model's sparse layers and
+routes their forward through it, until the block ends.
 
 Life of a training step, as the runner drives it::
 
@@ -19,15 +22,16 @@ exported model is folded with (``W * mask``).
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ...sparsity import Pattern
 from ..errors import ExperimentError
-from ..layers import gemm
+from ..layers import gemm, route_forward, unroute_forward
 
 
 class MethodError(ExperimentError):
@@ -52,13 +56,36 @@ class NoParams:
     pass
 
 
+GEMMS = ("forward", "backward_data", "weight_grad")    # a layer's three training GEMMs, as densities() orders them
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method is, declared once per class; everything outside ``methods/`` asks this, not the name."""
+    sparse: bool = True                     # masks weights (False: the dense baseline: no pattern, no masks)
+    sparse_gemms: tuple[str, ...] = ()      # of GEMMS: those whose weight operand can be N:M (densities() < 1)
+    needs_transposable: bool = False        # its masks are always N:M-T (layers must fit M x M tiles)
+    accepts_transposable: bool = False      # sparsity.transposable: true is meaningful for it
+    needs_column_groups: bool = False       # layers need C_out % M == 0 (groups of M output channels)
+    accel_patterns: tuple[tuple[int, int], ...] = ()   # (N, M) it can run on accel: semi_structured kernels
+
+    def __post_init__(self):
+        unknown = set(self.sparse_gemms) - set(GEMMS)
+        if unknown:
+            raise ValueError(f"Capabilities.sparse_gemms: unknown GEMM(s) {sorted(unknown)}; use {GEMMS}")
+        if not self.sparse and (self.sparse_gemms or self.needs_transposable or self.accepts_transposable
+                                or self.needs_column_groups or self.accel_patterns):
+            raise ValueError("Capabilities: a method that masks nothing (sparse=False) has no sparse capability")
+
+    def accel(self, pattern) -> bool:
+        """Whether a run at ``pattern`` can use the ``accel: semi_structured`` kernels at all."""
+        return (pattern.n, pattern.m) in self.accel_patterns
+
+
 class Method:
     name = "base"
     Params: type = NoParams
-    sparse = True                     # the method masks weights (False: the dense baseline, no pattern)
-    needs_transposable = False        # the layers must fit M x M tiles (C_out % M == 0)
-    accepts_transposable = False      # sparsity.transposable: true is meaningful for this method
-    needs_column_groups = False       # the layers need C_out % M == 0 (groups of M output channels)
+    caps = Capabilities()             # each registered method declares its own
     summary = ""
 
     def __init__(self, params: Any, ctx: Context):
@@ -157,6 +184,8 @@ def register_method(name: str):
     def decorator(cls: type[Method]) -> type[Method]:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is registered twice")
+        if "caps" not in vars(cls):
+            raise TypeError(f"method {name!r} must declare its capabilities (caps = Capabilities(...))")
         cls.name = name
         _METHODS[name] = cls
         return cls
@@ -183,6 +212,29 @@ def build_params(cls: type[Method], params: dict) -> Any:
 
 def params_dict(params: Any) -> dict:
     return dataclasses.asdict(params)
+
+
+@contextmanager
+def attach(method: str | type[Method], layers: dict[str, nn.Module], pattern: Pattern, params: Any = None, *,
+           layout: str = "nhwc", solver: str = "exact", total_steps: int = 1, steps_per_epoch: int = 1,
+           accel: str = "none", seed: int = 0) -> Iterator[Method]:
+    """Build ``method`` (a class or a registered name) on the sparse ``layers`` and route their forward
+    through it; when the block ends, also by an exception, the layers' own forward is back.
+
+    ``params``: the method's Params, or a dict of them (None: the defaults). A method that masks nothing
+    (the dense baseline) gets no layers, so the model runs exactly as built.
+    """
+    cls = get_method(method) if isinstance(method, str) else method
+    if params is None or isinstance(params, dict):
+        params = build_params(cls, params or {})
+    ctx = Context(layers=layers if cls.caps.sparse else {}, pattern=pattern, layout=layout, solver=solver,
+                  total_steps=total_steps, steps_per_epoch=steps_per_epoch, accel=accel, seed=seed)
+    instance = cls(params, ctx)
+    route_forward(ctx.layers, instance)
+    try:
+        yield instance
+    finally:
+        unroute_forward(ctx.layers)
 
 
 # Importing the modules registers them.

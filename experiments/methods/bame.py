@@ -81,7 +81,7 @@ from torch import nn
 
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
 from ..layers import gemm
-from . import Method, MethodError, register_method
+from . import Capabilities, Method, MethodError, register_method
 from .ste import ste_mask
 
 REGROW = ("zero", "stale")
@@ -105,6 +105,8 @@ class BAMEParams:
 @register_method("bame")
 class BAME(Method):
     Params = BAMEParams
+    # all three from the switch on (backward-data by the paper's convention, see above)
+    caps = Capabilities(sparse_gemms=("forward", "backward_data", "weight_grad"))
     summary = ("BAME: sparse forward and backward; loss-aware prune-and-regrow in selected N:M blocks "
                "between t_i and t_f, oscillating blocks frozen")
 

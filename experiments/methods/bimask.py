@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
-from . import Method, MethodError, register_method
+from . import Capabilities, Method, MethodError, register_method
 
 
 @dataclass
@@ -175,7 +175,8 @@ class _BiMaskGEMM(torch.autograd.Function):
 @register_method("bimask")
 class BiMask(Method):
     Params = BiMaskParams
-    needs_column_groups = True
+    # backward-data through the permuted backward mask, N:M along C_out in groups of M output channels
+    caps = Capabilities(sparse_gemms=("forward", "backward_data"), needs_column_groups=True)
     summary = "Bi-Mask: forward N:M mask + permuted backward N:M mask (sparse backward-data), dense dW"
 
     def __init__(self, params, ctx):

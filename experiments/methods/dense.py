@@ -1,9 +1,9 @@
 """`dense`: the baseline. No masks; every GEMM is dense."""
 
-from . import Method, register_method
+from . import Capabilities, Method, register_method
 
 
 @register_method("dense")
 class Dense(Method):
     summary = "no sparsity (baseline)"
-    sparse = False
+    caps = Capabilities(sparse=False)      # no pattern, no masks, no sparse GEMM

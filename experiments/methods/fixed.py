@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from ...sparsity import make_mask
-from . import StoredMaskMethod, register_method
+from . import Capabilities, StoredMaskMethod, register_method
 
 
 @register_method("fixed")
 class Fixed(StoredMaskMethod):
-    accepts_transposable = True
+    # backward-data only with sparsity.transposable (the mask is then N:M along C_out too)
+    caps = Capabilities(sparse_gemms=("forward", "backward_data", "weight_grad"), accepts_transposable=True)
     summary = "ASP-style: magnitude N:M mask computed once, then fixed"
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ...sparsity import Pattern, nm_mask
-from . import Method, register_method
+from . import Capabilities, Method, register_method
 from .ste import ste_mask
 
 
@@ -26,6 +26,7 @@ class SRSTEParams:
 @register_method("srste")
 class SRSTE(Method):
     Params = SRSTEParams
+    caps = Capabilities(sparse_gemms=("forward",))
     summary = "SR-STE: N:M mask from |W| every step, straight-through gradient + decay on pruned weights"
 
     def _mask(self, module) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 
 from ...sparsity import Pattern, from_matrix, to_matrix, transposable_mask
 from ..accel import plan_accel
-from . import MethodError, StoredMaskMethod, register_method
+from . import Capabilities, MethodError, StoredMaskMethod, register_method
 from .ste import change_rate, ste_mask
 
 
@@ -48,9 +48,10 @@ class TransposableParams:
 
 @register_method("transposable")
 class Transposable(StoredMaskMethod):
-    accepts_transposable = True
     Params = TransposableParams
-    needs_transposable = True
+    # W~ and W~^T both N:M: the only method whose masks the 2:4 kernels can run in both GEMMs
+    caps = Capabilities(sparse_gemms=("forward", "backward_data"), needs_transposable=True,
+                        accepts_transposable=True, accel_patterns=((2, 4),))
     summary = "Hubara et al.: transposable N:M mask (forward and backward-data sparse), recomputed every mask_interval steps"
 
     def __init__(self, params, ctx):
@@ -59,7 +60,7 @@ class Transposable(StoredMaskMethod):
         self._events: list[dict] = []      # mask recomputes not yet written to metrics.jsonl
         self.accel = None
         if ctx.accel == "semi_structured":
-            if (self.pattern.n, self.pattern.m) != (2, 4):
+            if not self.caps.accel(self.pattern):
                 raise MethodError(f"accel: semi_structured needs pattern 2:4, not {self.pattern}")
             self.accel = plan_accel(ctx.layers)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ...sparsity import magnitude, unstructured_mask
-from . import MethodError, StoredMaskMethod, register_method
+from . import Capabilities, MethodError, StoredMaskMethod, register_method
 
 
 @dataclass
@@ -31,6 +31,7 @@ class UnstructuredParams:
 @register_method("unstructured")
 class Unstructured(StoredMaskMethod):
     Params = UnstructuredParams
+    caps = Capabilities(sparse_gemms=("weight_grad",))     # no N:M structure: only dW, at kept entries
     summary = "magnitude pruning to density N/M, no structure (layer or global, fixed or gradual)"
 
     def __init__(self, params, ctx):
