@@ -9,8 +9,7 @@ from typer.testing import CliRunner
 
 from nmtrain.cli.main import app
 from nmtrain.experiments.flops import macs_per_sample
-from nmtrain.experiments.layers import route_forward, unroute_forward
-from nmtrain.experiments.methods import Context, MethodError, build_params, get_method
+from nmtrain.experiments.methods import Context, MethodError, attach, build_params, get_method
 from nmtrain.experiments.models import build_model
 from nmtrain.sparsity import Pattern, nm_mask, nm_violation
 
@@ -20,6 +19,11 @@ def _bame(layers, total=20, pattern=Pattern(2, 4), **params):
     ctx = Context(layers=layers, pattern=pattern, layout="nhwc", solver="exact", total_steps=total,
                   steps_per_epoch=10)
     return cls(build_params(cls, params), ctx)
+
+
+def _bame_attached(layers, total=20, pattern=Pattern(2, 4), **params):
+    """``_bame`` with the layers' forward routed through it until the block ends."""
+    return attach("bame", layers, pattern, params, total_steps=total, steps_per_epoch=10)
 
 
 def _step(method, lin, opt, step, x, y):
@@ -37,30 +41,28 @@ def _step(method, lin, opt, step, x, y):
 def test_first_phase_is_srste_then_the_mask_freezes_at_the_switch():
     torch.manual_seed(0)
     lin = nn.Linear(16, 8, bias=False)
-    method = _bame({"lin": lin}, total=20, switch=0.5, fraction=0.0, decay=0.1)   # switch at step 10
-    route_forward({"lin": lin}, method)
-    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
-    gen = torch.Generator().manual_seed(1)
-    for step in range(20):
-        x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 8, (8,), generator=gen)
-        w_before = lin.weight.detach().clone()
-        # phase 1 and the switch step: the magnitude mask of the weights now; then the frozen mask
-        mask = nm_mask(w_before, 2, 4) if step <= 10 else method.masks()["lin"].clone()
-        grad = _step(method, lin, opt, step, x, y)
-        w_tilde = (w_before * mask).requires_grad_()
-        nn.functional.cross_entropy(x @ w_tilde.t(), y).backward()
-        if step < 10:     # SR-STE: dL/dW~ at every weight + decay on the pruned ones
-            assert method.densities("lin", step) == (0.5, 1.0, 1.0)
-            assert torch.allclose(grad, w_tilde.grad + 0.1 * (~mask) * w_before, atol=1e-6)
-            assert bool((grad[~mask] != 0).any())                    # pruned weights learn
-        else:             # sparse phase: the mask frozen at the switch, pruned weights get nothing
-            if step == 10:
-                switch_mask = method.masks()["lin"].clone()
-                assert torch.equal(switch_mask, nm_mask(w_before, 2, 4))
-            assert torch.equal(method.masks()["lin"], switch_mask)   # fraction 0: no adaptation
-            assert method.densities("lin", step) == (0.5, 0.5, 0.5)
-            assert torch.allclose(grad, w_tilde.grad * switch_mask, atol=1e-6)
-    unroute_forward({"lin": lin})
+    with _bame_attached({"lin": lin}, total=20, switch=0.5, fraction=0.0, decay=0.1) as method:   # switch at step 10
+        opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(20):
+            x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 8, (8,), generator=gen)
+            w_before = lin.weight.detach().clone()
+            # phase 1 and the switch step: the magnitude mask of the weights now; then the frozen mask
+            mask = nm_mask(w_before, 2, 4) if step <= 10 else method.masks()["lin"].clone()
+            grad = _step(method, lin, opt, step, x, y)
+            w_tilde = (w_before * mask).requires_grad_()
+            nn.functional.cross_entropy(x @ w_tilde.t(), y).backward()
+            if step < 10:     # SR-STE: dL/dW~ at every weight + decay on the pruned ones
+                assert method.densities("lin", step) == (0.5, 1.0, 1.0)
+                assert torch.allclose(grad, w_tilde.grad + 0.1 * (~mask) * w_before, atol=1e-6)
+                assert bool((grad[~mask] != 0).any())                    # pruned weights learn
+            else:             # sparse phase: the mask frozen at the switch, pruned weights get nothing
+                if step == 10:
+                    switch_mask = method.masks()["lin"].clone()
+                    assert torch.equal(switch_mask, nm_mask(w_before, 2, 4))
+                assert torch.equal(method.masks()["lin"], switch_mask)   # fraction 0: no adaptation
+                assert method.densities("lin", step) == (0.5, 0.5, 0.5)
+                assert torch.allclose(grad, w_tilde.grad * switch_mask, atol=1e-6)
 
 
 def test_adaptation_opens_at_the_switch():
@@ -77,33 +79,31 @@ def test_score_batches_sum_the_gradients_of_the_batches_before_the_update():
     torch.manual_seed(0)
     lin = nn.Linear(16, 8, bias=False)
     layers = {"lin": lin}
-    one = _bame(layers, total=40, switch=0.0, interval=5, fraction=1.0, score_batches=3)
-    assert [s for s in range(12) if one.is_scoring_step(s)] == [3, 4, 5, 8, 9, 10]
-    route_forward(layers, one)
-    seen = {}
-    real_update = one._update
+    with _bame_attached(layers, total=40, switch=0.0, interval=5, fraction=1.0, score_batches=3) as one:
+        assert [s for s in range(12) if one.is_scoring_step(s)] == [3, 4, 5, 8, 9, 10]
+        seen = {}
+        real_update = one._update
 
-    def spy(step, scores, current):
-        seen["scores"] = {k: v.clone() for k, v in scores.items()}
-        seen["current"] = {k: v.clone() for k, v in current.items()}
-        return real_update(step, scores, current)
+        def spy(step, scores, current):
+            seen["scores"] = {k: v.clone() for k, v in scores.items()}
+            seen["current"] = {k: v.clone() for k, v in current.items()}
+            return real_update(step, scores, current)
 
-    one._update = spy
-    opt = torch.optim.SGD(lin.parameters(), lr=0.0)             # weights stay: the three dW~ are comparable
-    gen = torch.Generator().manual_seed(2)
-    grads = []
-    for step in range(6):
-        x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 8, (8,), generator=gen)
-        mask = one.masks()["lin"]
-        w_tilde = (lin.weight.detach() * mask).requires_grad_()
-        nn.functional.cross_entropy(x @ w_tilde.t(), y).backward()
-        grads.append(w_tilde.grad)
-        _step(one, lin, opt, step, x, y)
-        if step in (3, 4):
-            assert one.densities("lin", step)[2] == pytest.approx(0.5 + 0.5 * 1.0)   # scored blocks' dense dW
-        if step in (1, 2):
-            assert one.densities("lin", step) == (0.5, 0.5, 0.5)
-    unroute_forward(layers)
+        one._update = spy
+        opt = torch.optim.SGD(lin.parameters(), lr=0.0)             # weights stay: the three dW~ are comparable
+        gen = torch.Generator().manual_seed(2)
+        grads = []
+        for step in range(6):
+            x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 8, (8,), generator=gen)
+            mask = one.masks()["lin"]
+            w_tilde = (lin.weight.detach() * mask).requires_grad_()
+            nn.functional.cross_entropy(x @ w_tilde.t(), y).backward()
+            grads.append(w_tilde.grad)
+            _step(one, lin, opt, step, x, y)
+            if step in (3, 4):
+                assert one.densities("lin", step)[2] == pytest.approx(0.5 + 0.5 * 1.0)   # scored blocks' dense dW
+            if step in (1, 2):
+                assert one.densities("lin", step) == (0.5, 0.5, 0.5)
     assert torch.allclose(seen["scores"]["lin"], grads[3] + grads[4] + grads[5], atol=1e-6)
     assert torch.allclose(seen["current"]["lin"], grads[5], atol=1e-6)
 
@@ -112,14 +112,12 @@ def test_score_batches_sum_the_gradients_of_the_batches_before_the_update():
 def test_regrown_weights_restart_at_zero_or_keep_their_value(regrow):
     torch.manual_seed(0)
     lin = nn.Linear(16, 8, bias=False)
-    method = _bame({"lin": lin}, total=40, switch=0.0, interval=2, fraction=1.0, regrow=regrow)
-    route_forward({"lin": lin}, method)
-    before_mask = method.masks()["lin"].clone()
-    w = lin.weight.detach().clone()
-    method.before_step(2)
-    lin(torch.randn(4, 16)).pow(2).sum().backward()
-    method.after_backward(2)
-    unroute_forward({"lin": lin})
+    with _bame_attached({"lin": lin}, total=40, switch=0.0, interval=2, fraction=1.0, regrow=regrow) as method:
+        before_mask = method.masks()["lin"].clone()
+        w = lin.weight.detach().clone()
+        method.before_step(2)
+        lin(torch.randn(4, 16)).pow(2).sum().backward()
+        method.after_backward(2)
     grown = method.masks()["lin"] & ~before_mask
     assert bool(grown.any())
     if regrow == "zero":

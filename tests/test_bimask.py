@@ -5,8 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nmtrain.experiments.layers import route_forward
-from nmtrain.experiments.methods import Context, build_params, get_method
+from nmtrain.experiments.methods import Context, attach, build_params, get_method
 from nmtrain.experiments.methods.bimask import backward_mask, search_permutation
 from nmtrain.sparsity import Pattern, nm_mask, nm_violation, to_matrix
 
@@ -16,6 +15,11 @@ def _bimask(layers, run_seed=0, **params):
     ctx = Context(layers=layers, pattern=Pattern(2, 4), layout="nhwc", solver="exact", total_steps=10,
                   steps_per_epoch=5, seed=run_seed)
     return cls(build_params(cls, params), ctx)
+
+
+def _bimask_attached(layers, run_seed=0, **params):
+    """``_bimask`` with the layers' forward routed through it until the block ends."""
+    return attach("bimask", layers, Pattern(2, 4), params, total_steps=10, steps_per_epoch=5, seed=run_seed)
 
 
 def test_backward_mask_is_nm_along_permuted_columns_and_inside_the_forward_mask():
@@ -46,53 +50,51 @@ def test_permutation_search_takes_the_best_and_is_deterministic():
 def test_backward_data_uses_w_times_the_backward_mask(kind):
     torch.manual_seed(0)
     mod = nn.Linear(16, 8) if kind == "linear" else nn.Conv2d(8, 8, 3, padding=1)
-    method = _bimask({"layer": mod}, decay=0.0)
-    route_forward({"layer": mod}, method)
-    method.before_step(0)
-    x = torch.randn(5, 16, requires_grad=True) if kind == "linear" else torch.randn(2, 8, 6, 6, requires_grad=True)
-    y = mod(x)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    fmask = method.masks()["layer"]
-    bmask = method.backward_masks()["layer"]
-    assert bool((bmask <= fmask).all()) and not torch.equal(bmask, fmask)
-    w = mod.weight.detach()
+    with _bimask_attached({"layer": mod}, decay=0.0) as method:
+        method.before_step(0)
+        x = torch.randn(5, 16, requires_grad=True) if kind == "linear" else torch.randn(2, 8, 6, 6, requires_grad=True)
+        y = mod(x)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        fmask = method.masks()["layer"]
+        bmask = method.backward_masks()["layer"]
+        assert bool((bmask <= fmask).all()) and not torch.equal(bmask, fmask)
+        w = mod.weight.detach()
 
-    def dx_with(weight):
-        xx = x.detach().clone().requires_grad_(True)
-        out = F.linear(xx, weight) if kind == "linear" else F.conv2d(xx, weight, padding=1)
+        def dx_with(weight):
+            xx = x.detach().clone().requires_grad_(True)
+            out = F.linear(xx, weight) if kind == "linear" else F.conv2d(xx, weight, padding=1)
+            out.backward(dy)
+            return xx.grad
+
+        # forward used B_f, backward-data used B_b
+        ref_y = F.linear(x, w * fmask, mod.bias) if kind == "linear" else F.conv2d(x, w * fmask, mod.bias, padding=1)
+        assert torch.allclose(y, ref_y, atol=1e-6)
+        assert torch.allclose(x.grad, dx_with(w * bmask), atol=1e-5)
+        assert not torch.allclose(x.grad, dx_with(w * fmask), atol=1e-5)
+        assert not torch.allclose(x.grad, dx_with(w), atol=1e-5)
+        # the weight gradient is dense (straight-through): it equals the gradient w.r.t. W~ everywhere
+        ww = w.clone().requires_grad_(True)
+        out = F.linear(x.detach(), ww) if kind == "linear" else F.conv2d(x.detach(), ww, padding=1)
         out.backward(dy)
-        return xx.grad
-
-    # forward used B_f, backward-data used B_b
-    ref_y = F.linear(x, w * fmask, mod.bias) if kind == "linear" else F.conv2d(x, w * fmask, mod.bias, padding=1)
-    assert torch.allclose(y, ref_y, atol=1e-6)
-    assert torch.allclose(x.grad, dx_with(w * bmask), atol=1e-5)
-    assert not torch.allclose(x.grad, dx_with(w * fmask), atol=1e-5)
-    assert not torch.allclose(x.grad, dx_with(w), atol=1e-5)
-    # the weight gradient is dense (straight-through): it equals the gradient w.r.t. W~ everywhere
-    ww = w.clone().requires_grad_(True)
-    out = F.linear(x.detach(), ww) if kind == "linear" else F.conv2d(x.detach(), ww, padding=1)
-    out.backward(dy)
-    assert torch.allclose(mod.weight.grad, ww.grad, atol=1e-5)
-    if kind == "linear":
-        manual = dy.t() @ x.detach()
-        assert torch.allclose(mod.weight.grad, manual, atol=1e-5)
+        assert torch.allclose(mod.weight.grad, ww.grad, atol=1e-5)
+        if kind == "linear":
+            manual = dy.t() @ x.detach()
+            assert torch.allclose(mod.weight.grad, manual, atol=1e-5)
 
 
 def test_decay_on_pruned_weights_and_checkpoint_state():
     lin = nn.Linear(8, 8, bias=False)
-    method = _bimask({"lin": lin}, decay=0.5)
-    route_forward({"lin": lin}, method)
-    method.before_step(0)
-    x = torch.zeros(1, 8)                    # no data gradient: only the decay remains
-    lin(x).sum().backward()
-    fmask = method.masks()["lin"]
-    assert torch.allclose(lin.weight.grad, 0.5 * (~fmask) * lin.weight.detach())
-    state = method.state_dict()
-    other = _bimask({"lin": lin})
-    other.load_state_dict(state)
-    assert torch.equal(other.perms["lin"], method.perms["lin"])
+    with _bimask_attached({"lin": lin}, decay=0.5) as method:
+        method.before_step(0)
+        x = torch.zeros(1, 8)                    # no data gradient: only the decay remains
+        lin(x).sum().backward()
+        fmask = method.masks()["lin"]
+        assert torch.allclose(lin.weight.grad, 0.5 * (~fmask) * lin.weight.detach())
+        state = method.state_dict()
+        other = _bimask({"lin": lin})
+        other.load_state_dict(state)
+        assert torch.equal(other.perms["lin"], method.perms["lin"])
 
 
 def test_permutation_is_refreshed_every_iter_steps_and_is_reproducible():
@@ -232,19 +234,16 @@ def test_survival_is_recorded_in_metrics_and_summary(tmp_path):
 
 def test_survival_is_the_share_the_backward_gemm_keeps():
     lin = nn.Linear(32, 16, bias=False)
-    method = _bimask({"lin": lin}, search="local")
-    route_forward({"lin": lin}, method)
-    method.before_step(0)
-    fmask = method.masks()["lin"]
-    # the backward-data GEMM: dX = dY (W * B_b); with dY = one-hot rows, dX recovers the rows of W * B_b
-    x = torch.randn(16, 32, requires_grad=True)
-    (lin(x) * torch.eye(16)).sum().backward()
-    used = x.grad != 0
-    expected = method.backward_survival()["lin"]
-    assert int(used.sum()) / int(fmask.sum()) == pytest.approx(expected)
-    assert bool((used <= fmask).all())
-    from nmtrain.experiments.layers import unroute_forward
-    unroute_forward({"lin": lin})
+    with _bimask_attached({"lin": lin}, search="local") as method:
+        method.before_step(0)
+        fmask = method.masks()["lin"]
+        # the backward-data GEMM: dX = dY (W * B_b); with dY = one-hot rows, dX recovers the rows of W * B_b
+        x = torch.randn(16, 32, requires_grad=True)
+        (lin(x) * torch.eye(16)).sum().backward()
+        used = x.grad != 0
+        expected = method.backward_survival()["lin"]
+        assert int(used.sum()) / int(fmask.sum()) == pytest.approx(expected)
+        assert bool((used <= fmask).all())
 
 
 def test_bad_search_names_the_field():

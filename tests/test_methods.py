@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from nmtrain.experiments.flops import FlopCounter, macs_per_sample
-from nmtrain.experiments.layers import plan_layers, route_forward, unroute_forward
-from nmtrain.experiments.methods import Context, build_params, get_method
+from nmtrain.experiments.layers import plan_layers
+from nmtrain.experiments.methods import Context, attach, build_params, get_method
 from nmtrain.sparsity import Pattern, nm_violation
 
 
@@ -19,41 +19,43 @@ def _method(name, layers, pattern=Pattern(2, 4), **params):
     return cls(build_params(cls, params), _ctx(layers, pattern))
 
 
+def _attached(name, layers, pattern=Pattern(2, 4), **params):
+    """``_method`` with the layers' forward routed through it until the block ends."""
+    return attach(name, layers, pattern, params, total_steps=10, steps_per_epoch=5)
+
+
 def test_srste_update_equals_the_formula():
     lin = nn.Linear(4, 1, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[0.1, -0.5, 0.3, 0.2]]))
     w0 = lin.weight.detach().clone()
-    method = _method("srste", {"lin": lin}, decay=0.01)
-    route_forward({"lin": lin}, method)
-    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    y = lin(x)
-    # forward uses W~ = E * W with E keeping |-0.5| and |0.3|
-    assert y.item() == pytest.approx(-0.5 * 2 + 0.3 * 3)
-    y.sum().backward()
-    e = torch.tensor([[False, True, True, False]])
-    expected_grad = x + 0.01 * (~e) * w0           # straight-through + lambda_W (1 - E) W
-    assert torch.allclose(lin.weight.grad, expected_grad)
-    opt = torch.optim.SGD([lin.weight], lr=0.1)
-    opt.step()
-    assert torch.allclose(lin.weight, w0 - 0.1 * expected_grad)
-    unroute_forward({"lin": lin})
+    with _attached("srste", {"lin": lin}, decay=0.01):
+        x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+        y = lin(x)
+        # forward uses W~ = E * W with E keeping |-0.5| and |0.3|
+        assert y.item() == pytest.approx(-0.5 * 2 + 0.3 * 3)
+        y.sum().backward()
+        e = torch.tensor([[False, True, True, False]])
+        expected_grad = x + 0.01 * (~e) * w0           # straight-through + lambda_W (1 - E) W
+        assert torch.allclose(lin.weight.grad, expected_grad)
+        opt = torch.optim.SGD([lin.weight], lr=0.1)
+        opt.step()
+        assert torch.allclose(lin.weight, w0 - 0.1 * expected_grad)
 
 
 def test_fixed_mask_never_changes_and_zeroes_pruned_gradients():
     lin = nn.Linear(8, 4)
-    method = _method("fixed", {"lin": lin})
-    route_forward({"lin": lin}, method)
-    method.before_step(0)
-    mask = method.masks()["lin"].clone()
-    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
-    for step in range(3):
-        method.before_step(step)
-        opt.zero_grad()
-        lin(torch.randn(5, 8)).pow(2).sum().backward()
-        assert bool((lin.weight.grad[~mask] == 0).all())
-        opt.step()
-    assert torch.equal(method.masks()["lin"], mask)
+    with _attached("fixed", {"lin": lin}) as method:
+        method.before_step(0)
+        mask = method.masks()["lin"].clone()
+        opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+        for step in range(3):
+            method.before_step(step)
+            opt.zero_grad()
+            lin(torch.randn(5, 8)).pow(2).sum().backward()
+            assert bool((lin.weight.grad[~mask] == 0).all())
+            opt.step()
+        assert torch.equal(method.masks()["lin"], mask)
 
 
 def test_transposable_mask_recomputed_every_interval():

@@ -143,28 +143,26 @@ def test_vit_rejects_an_image_size_the_patches_do_not_divide():
 
 def test_vit_trains_with_transposable_masks_on_3d_activations():
     """Every sparse Linear of a ViT sees (batch, tokens, features) inputs: the masked path must too."""
-    from nmtrain.experiments.layers import plan_layers, route_forward
-    from nmtrain.experiments.methods import Context, build_params, get_method
+    from nmtrain.experiments.layers import plan_layers
+    from nmtrain.experiments.methods import attach
     from nmtrain.sparsity import Pattern, nm_violation
     model = build_model("vit", 10, 1, 28, width=0.5)
     pattern = Pattern(2, 4, True)
     layers = plan_layers(model, pattern, "nhwc").sparse
     assert "embed" not in layers and "head" not in layers and len(layers) == 6 * 4
-    cls = get_method("transposable")
-    method = cls(build_params(cls, {}), Context(layers, pattern, "nhwc", "exact", 10, 10))
-    route_forward(layers, method)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    losses = []
-    for step in range(3):
-        method.before_step(step)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        method.after_backward(step)
-        opt.step()
-        method.after_step(step)
-        losses.append(loss.item())
+    with attach("transposable", layers, pattern, total_steps=10, steps_per_epoch=10) as method:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+        losses = []
+        for step in range(3):
+            method.before_step(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            method.after_backward(step)
+            opt.step()
+            method.after_step(step)
+            losses.append(loss.item())
     assert losses[-1] < losses[0]
     for name, mask in method.masks().items():
         assert nm_violation(mask, pattern) is None, name

@@ -18,8 +18,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from nmtrain.cli.main import app
-from nmtrain.experiments.layers import route_forward, unroute_forward
-from nmtrain.experiments.methods import Context, build_params, get_method
+from nmtrain.experiments.methods import attach
 from nmtrain.experiments.methods.transposable import bound_pruned
 from nmtrain.sparsity import Pattern, to_matrix
 
@@ -29,32 +28,29 @@ def _run(bound: bool, steps: int = 40, interval: int = 40):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     layers = {"hidden": net[2]}
-    cls = get_method("transposable")
-    ctx = Context(layers=layers, pattern=Pattern(1, 4, True), layout="nhwc", solver="exact", total_steps=steps,
-                  steps_per_epoch=steps)
-    method = cls(build_params(cls, {"mask_interval": interval, "bound_pruned": bound}), ctx)
-    route_forward(layers, method)
-    opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
-    gen = torch.Generator().manual_seed(1)
-    teacher = torch.randn(16, 4, generator=gen)
-    for step in range(steps + 1):
-        x = torch.randn(64, 16, generator=gen)
-        y = (x @ teacher).argmax(1)
-        method.before_step(step)
-        if step == steps:
-            break
-        loss = nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.after_backward(step)
-        opt.step()
-        method.after_step(step)
-        if step == steps - 1:      # just before the recompute: pruned weights above their group's kept ones
-            w = layers["hidden"].weight.detach().abs()
-            mask = method.masks()["hidden"]
-            cap = (w * mask).reshape(32, 8, 4).amax(-1, keepdim=True).expand(-1, -1, 4).reshape(32, 32)
-            growth = float((w[~mask] > cap[~mask]).float().mean())
-    unroute_forward(layers)
+    params = {"mask_interval": interval, "bound_pruned": bound}
+    with attach("transposable", layers, Pattern(1, 4, True), params, total_steps=steps,
+                steps_per_epoch=steps) as method:
+        opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
+        gen = torch.Generator().manual_seed(1)
+        teacher = torch.randn(16, 4, generator=gen)
+        for step in range(steps + 1):
+            x = torch.randn(64, 16, generator=gen)
+            y = (x @ teacher).argmax(1)
+            method.before_step(step)
+            if step == steps:
+                break
+            loss = nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            method.after_backward(step)
+            opt.step()
+            method.after_step(step)
+            if step == steps - 1:      # just before the recompute: pruned weights above their group's kept ones
+                w = layers["hidden"].weight.detach().abs()
+                mask = method.masks()["hidden"]
+                cap = (w * mask).reshape(32, 8, 4).amax(-1, keepdim=True).expand(-1, -1, 4).reshape(32, 32)
+                growth = float((w[~mask] > cap[~mask]).float().mean())
     events = method.pop_mask_events()
     return growth, events
 
