@@ -53,7 +53,7 @@ from torch.nn import functional as F
 
 from ..data import build_datasets, build_loaders, check_options
 from ..data.loaders import set_epoch
-from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, nm_violation, parse_pattern
+from ..sparsity import LAYOUTS, Pattern, PatternError, fold_mask, get_solver, nm_violation, parse_pattern
 from . import accel as accel_mod
 from .errors import ExperimentError
 from .io import (CheckpointError, _first_line, atomic_write, load_state_dict, safe_load, save_text,
@@ -569,8 +569,7 @@ def fold_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor], exp
     returns summary.json's ``sparse_layers`` (pattern, density, transposable, layout per weight)."""
     report = {}
     for name, mod in layers.items():
-        # where(), not a multiply: pruned entries become +0.0, never -0.0, so exports are bit-exact
-        mod.weight.copy_(torch.where(masks[name], mod.weight, torch.zeros_like(mod.weight)))
+        mod.weight.copy_(fold_mask(mod.weight, masks[name]))      # pruned entries +0.0: exports are bit-exact
         exp = export_pattern(name)
         if exp is not None:
             problem = nm_violation(mod.weight, exp, layout)

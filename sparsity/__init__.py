@@ -5,6 +5,7 @@ Masks are plain bool tensors of the weight's shape (True = kept). N is the numbe
 
 from .diversity import Diversity, pattern_diversity, rank, transposable_count, unstructured_diversity
 from .errors import SparsityError
+from .fold import FoldError, fold_mask
 from .layout import LAYOUTS, LayoutError, from_matrix, require_fits, shape_violation, to_matrix
 from .nm import is_valid, kept_share, magnitude, nm_mask, nm_violation, unstructured_mask
 from .pattern import Pattern, PatternError, parse_pattern
@@ -14,9 +15,9 @@ from .solvers import get_solver, list_solvers, register_solver
 from .transposable import pruned_magnitude, tile_scores, transposable_mask
 
 __all__ = [
-    "Diversity", "LAYOUTS", "LayerInfo", "LayerReport", "LayerSelection", "LayoutError", "NOT_CALLED",
+    "Diversity", "FoldError", "LAYOUTS", "LayerInfo", "LayerReport", "LayerSelection", "LayoutError", "NOT_CALLED",
     "Pattern", "PatternError", "SelectOptions", "SelectionError", "SparsityError",
-    "from_matrix", "get_solver", "is_valid", "kept_share", "list_solvers", "magnitude", "make_mask",
+    "fold_mask", "from_matrix", "get_solver", "is_valid", "kept_share", "list_solvers", "magnitude", "make_mask",
     "nm_mask", "nm_violation", "parse_pattern", "pattern_diversity", "prune_state_dict", "pruned_magnitude",
     "rank", "register_solver", "require_fits", "select", "select_layers", "shape_violation", "tile_scores",
     "to_matrix", "transposable_count", "transposable_mask", "unstructured_diversity", "unstructured_mask",

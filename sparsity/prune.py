@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .errors import SparsityError
+from .fold import fold_mask
 from .nm import kept_share, nm_mask, nm_violation, unstructured_mask
 from .pattern import Pattern
 from .selection import LayerInfo, SelectOptions, select_layers
@@ -117,8 +118,7 @@ def prune_state_dict(state: Mapping[str, torch.Tensor], pattern: Pattern, layout
         start = time.perf_counter()
         mask = make_mask(weight, pattern, layout, solver, **solver_kwargs)
         seconds = time.perf_counter() - start
-        pruned = weight * mask.to(weight.dtype)
-        pruned[~mask] = 0  # exact zeros even for -0.0 or NaN inputs
+        pruned = fold_mask(weight, mask)  # exact +0.0 at pruned positions
         out[name] = pruned
         reports.append(LayerReport(
             name=name, shape=tuple(weight.shape), pattern=str(pattern), density=pattern.density,

@@ -1,12 +1,19 @@
-"""One layer rule (`sparsity.select_layers`), shared by training, AdaPrune and `prune` (issue #13, item 5)."""
+"""One layer rule (`sparsity.select_layers`) and one mask fold (`sparsity.fold_mask`), shared by
+training, AdaPrune and `prune` (issue #13, item 5)."""
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from nmtrain.experiments.layers import called_layers, plan_layers
 from nmtrain.experiments.models import build_model
-from nmtrain.sparsity import NOT_CALLED, LayerInfo, Pattern, SelectOptions, select, select_layers
+from nmtrain.sparsity import (NOT_CALLED, FoldError, LayerInfo, Pattern, SelectOptions, fold_mask, select,
+                              select_layers)
 from nmtrain.sparsity.selection import CONSTRAINTS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # One row per constraint: the layers (the middle one is tested, so first/last do not fire unless asked),
 # the options, and a word of the reason that names the constraint.
@@ -70,3 +77,36 @@ def test_training_and_prune_choose_the_same_layers(model, pattern):
     assert sel.selected == [f"{name}.weight" for name in plan.sparse]
     assert sel.skipped == {f"{name}.weight": reason for name, reason in plan.skipped.items()}
 
+
+def test_fold_zeroes_pruned_entries_as_plus_zero_and_keeps_the_rest_bit_exact():
+    w = torch.tensor([[1.5, -0.0, float("nan"), -2.0], [float("inf"), -3.0, 0.25, float("nan")]])
+    mask = torch.tensor([[True, False, False, True], [False, True, True, True]])
+    out = fold_mask(w, mask)
+    assert torch.equal(out[~mask], torch.zeros(3)) and not torch.signbit(out[~mask]).any()
+    assert torch.equal(out[mask].nan_to_num(), w[mask].nan_to_num()) and torch.isnan(out[1, 3])
+    assert out.data_ptr() != w.data_ptr()
+
+
+def test_fold_checks_dtype_and_shape():
+    with pytest.raises(FoldError, match="bool"):
+        fold_mask(torch.randn(4, 4), torch.ones(4, 4))
+    with pytest.raises(FoldError, match=r"\(4, 2\) does not match its weight \(4, 4\)"):
+        fold_mask(torch.randn(4, 4), torch.ones(4, 2, dtype=torch.bool))
+
+
+# The idioms of a hand-written fold: pruned entries zeroed by index, a weight multiplied by its mask in
+# place, a where() on a mask. Gradient masking (``.grad.mul_``) is not a fold.
+_FOLD_IDIOMS = [r"\[~\w+(\[\w+\])?\]\s*=\s*0", r"(?<!grad)\.mul_\((mask|keep)", r"torch\.where\(masks?\b",
+                r"\*\s*(mask|keep)\.to\("]
+
+
+def test_fold_mask_is_the_only_fold():
+    offenders = []
+    for folder in ("sparsity", "experiments", "cli"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "sparsity" / "fold.py":
+                continue
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if any(re.search(idiom, line) for idiom in _FOLD_IDIOMS):
+                    offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert offenders == []
