@@ -44,12 +44,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
-from ..data import build_datasets, build_loaders
 from ..sparsity import LAYOUTS, Pattern, fold_mask, from_matrix, make_mask, nm_violation, to_matrix
 from .errors import ExperimentError
 from .io import CheckpointError, atomic_write, load_state_dict, save_text, state_dict_mismatch
-from .layers import called_layers, gemm, plan_layers
-from .models import build_model, builder_record
+from .build import build, layer_plan
+from .layers import gemm
+from .models import builder_record
 from .runner import RUN_FILES, check_out_dir, evaluate, resolve_device
 from .spec import Spec, SpecError, dump_spec, from_dict, read_yaml
 
@@ -306,19 +306,12 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
     device = resolve_device(spec.device)
 
     torch.manual_seed(spec.seed)
-    train_ds, test_ds, info = build_datasets(spec.data.dataset, root=spec.data.root, augment=False,
-                                             train_subset=spec.data.train_subset,
-                                             test_subset=spec.data.test_subset, download=spec.data.download,
-                                             seed=spec.seed, **spec.data.options())
-    _, test_loader = build_loaders(train_ds, test_ds, batch_size=spec.data.batch_size, seed=spec.seed,
-                                   num_workers=spec.data.num_workers, eval_batch_size=spec.data.eval_batch_size)
-    original = build_model(spec.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
-                           image_size=info.image_size, width=spec.model.width)
+    # no augmentation (calibration images are plain) and no holdout (AdaPrune reports test accuracy)
+    built = build(spec, augment=False, holdout=None)
+    train_ds, info, test_loader, original = built.train_ds, built.info, built.test_loader, built.model
     _load_into(original, state, spec)
     original.to(device).eval()
-    called = called_layers(original, torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device))
-    plan = plan_layers(original, pattern, layout, spec.sparsity.include, spec.sparsity.exclude,
-                       spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense, called)
+    plan = layer_plan(spec, built, pattern, device)
     names = list(plan.sparse)
 
     n_calib = min(settings.calib_samples, len(train_ds))
