@@ -28,13 +28,14 @@ def _check_choice(option: str, value: str, choices: list[str]) -> None:
         raise UsageError(f"{option} {value!r} is unknown; use one of: {', '.join(choices)}")
 
 
-def _prepare_solver(state: dict, pat, layout: str, solver: str, include: list[str], exclude: list[str]) -> float:
+def _prepare_solver(state: dict, pat, layout: str, solver: str, include: list[str], exclude: list[str],
+                    keep_first_dense: bool, keep_last_dense: bool) -> float:
     """Do the solver's one-time work before any layer is timed, and say so while it compiles; returns
     its seconds. The selection is checked first, so bad input fails at once, not after a compile."""
     from ..sparsity import select
     from ..sparsity.solvers import warm_up
 
-    selected = select(state, pat, layout, include, exclude).selected
+    selected = select(state, pat, layout, include, exclude, keep_first_dense, keep_last_dense).selected
     note = threading.Timer(_COMPILING_AFTER_S, lambda: print(
         "compiling the mask solvers (first use; cached for later runs) ...", file=sys.stderr, flush=True))
     note.start()
@@ -73,10 +74,14 @@ def prune(
     solver: str = typer.Option("exact", help="Transposable solver: " + ", ".join(SOLVERS) + "."),
     include: Optional[List[str]] = typer.Option(None, "--include", help="Only weights whose name matches this glob (repeatable)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Skip weights whose name matches this glob (repeatable)."),
+    keep_first_dense: bool = typer.Option(True, "--keep-first/--prune-first", help="Keep the first weight dense, as training does."),
+    keep_last_dense: bool = typer.Option(True, "--keep-last/--prune-last", help="Keep the last weight (classifier) dense, as training does."),
     layout: str = typer.Option("nhwc", help="Conv grouping: nhwc (M input channels at one tap, as hardware) or flatten (C_in*kh*kw)."),
     report: Optional[Path] = typer.Option(None, help="Also write the per-layer table as JSON here."),
 ) -> None:
-    """Prune every eligible weight to N:M (or N:M-T) by magnitude; pruned entries become exact zeros."""
+    """Prune every eligible weight to N:M (or N:M-T) by magnitude; pruned entries become exact zeros.
+
+    The weights are chosen by training's layer rule: the first and the last (the classifier) stay dense."""
     from ..experiments.io import load_state_dict, save_state_dict, save_text
     from ..sparsity import LAYOUTS, list_solvers, parse_pattern, prune_state_dict
 
@@ -86,7 +91,8 @@ def prune(
     state = load_state_dict(input)
     warm_up_seconds = 0.0
     if pat.transposable:
-        warm_up_seconds = _prepare_solver(state, pat, layout, solver, include or [], exclude or [])
+        warm_up_seconds = _prepare_solver(state, pat, layout, solver, include or [], exclude or [],
+                                          keep_first_dense, keep_last_dense)
 
     total_elements = sum(v.numel() for v in state.values())
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -105,7 +111,7 @@ def prune(
         extra = {"chunk_tiles": 256 if solver == "flow" else 1 << 16, "on_progress": on_tiles} if pat.transposable else {}
         pruned, reports, skipped = prune_state_dict(
             state, pat, layout=layout, solver=solver, include=include or (), exclude=exclude or (),
-            on_layer=on_layer, **extra)
+            keep_first_dense=keep_first_dense, keep_last_dense=keep_last_dense, on_layer=on_layer, **extra)
 
     if not all(r.valid for r in reports):  # a solver bug must never reach a user's file
         bad = [r.name for r in reports if not r.valid]

@@ -44,12 +44,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
-from ..data import build_datasets, build_loaders
-from ..sparsity import LAYOUTS, Pattern, from_matrix, make_mask, nm_violation, to_matrix
+from ..sparsity import LAYOUTS, Pattern, fold_mask, from_matrix, make_mask, nm_violation, to_matrix
 from .errors import ExperimentError
 from .io import CheckpointError, atomic_write, load_state_dict, save_text, state_dict_mismatch
-from .layers import called_layers, gemm, plan_layers
-from .models import build_model, builder_record
+from .build import build, layer_plan
+from .layers import gemm
+from .models import builder_record
 from .runner import RUN_FILES, check_out_dir, evaluate, resolve_device
 from .spec import Spec, SpecError, dump_spec, from_dict, read_yaml
 
@@ -115,9 +115,7 @@ def add_back_pruned(weight: torch.Tensor, mask: torch.Tensor, m: int, layout: st
     kept_sum = kept.abs().sum(-1, keepdim=True)
     scale = torch.where(kept_sum > 0, total / kept_sum.clamp_min(torch.finfo(torch.float64).tiny),
                         torch.ones_like(total))
-    out = from_matrix((kept * scale).reshape(w.shape), weight.shape, layout).to(weight.dtype)
-    out[~mask] = 0
-    return out
+    return fold_mask(from_matrix((kept * scale).reshape(w.shape), weight.shape, layout).to(weight.dtype), mask)
 
 
 def relative_error(module: nn.Module, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
@@ -198,7 +196,7 @@ def reconstruct(module: nn.Module, mask: torch.Tensor, init: torch.Tensor, x: to
                 on_step: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Adam on the kept weights (from ``init``) and the bias: ``min mse(layer(x), y)``, mask after every step."""
     keep = mask.to(init.dtype)
-    weight = nn.Parameter(init.detach().clone() * keep)
+    weight = nn.Parameter(fold_mask(init.detach(), mask))
     bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
     groups = [{"params": [weight], "lr": lr_weight}]
     if bias is not None:
@@ -213,11 +211,10 @@ def reconstruct(module: nn.Module, mask: torch.Tensor, init: torch.Tensor, x: to
         weight.grad.mul_(keep)
         opt.step()
         with torch.no_grad():
-            weight.mul_(keep)
+            weight.copy_(fold_mask(weight, mask))     # back onto the pattern after each step
         if on_step is not None:
             on_step(step, float(loss.detach()))
-    out = weight.detach().clone()
-    out[~mask] = 0   # exact +0.0 at pruned positions
+    out = fold_mask(weight.detach(), mask)   # exact +0.0 at pruned positions
     return out, None if bias is None else bias.detach().clone()
 
 
@@ -309,19 +306,12 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
     device = resolve_device(spec.device)
 
     torch.manual_seed(spec.seed)
-    train_ds, test_ds, info = build_datasets(spec.data.dataset, root=spec.data.root, augment=False,
-                                             train_subset=spec.data.train_subset,
-                                             test_subset=spec.data.test_subset, download=spec.data.download,
-                                             seed=spec.seed, **spec.data.options())
-    _, test_loader = build_loaders(train_ds, test_ds, batch_size=spec.data.batch_size, seed=spec.seed,
-                                   num_workers=spec.data.num_workers, eval_batch_size=spec.data.eval_batch_size)
-    original = build_model(spec.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
-                           image_size=info.image_size, width=spec.model.width)
+    # no augmentation (calibration images are plain) and no holdout (AdaPrune reports test accuracy)
+    built = build(spec, augment=False, holdout=None)
+    train_ds, info, test_loader, original = built.train_ds, built.info, built.test_loader, built.model
     _load_into(original, state, spec)
     original.to(device).eval()
-    called = called_layers(original, torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device))
-    plan = plan_layers(original, pattern, layout, spec.sparsity.include, spec.sparsity.exclude,
-                       spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense, called)
+    plan = layer_plan(spec, built, pattern, device)
     names = list(plan.sparse)
 
     n_calib = min(settings.calib_samples, len(train_ds))
@@ -339,8 +329,7 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
     with torch.no_grad():
         for name in names:
             w = mag_mods[name].weight
-            w.mul_(masks[name].to(w.dtype))
-            w[~masks[name]] = 0
+            w.copy_(fold_mask(w, masks[name]))
     acc_magnitude, _ = evaluate(magnitude_model, test_loader, device)
     del magnitude_model
 
@@ -365,7 +354,7 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
             if settings.sequential:
                 del x_orig
             mask = masks[name]
-            plain = w_orig * mask.to(w_orig.dtype)
+            plain = fold_mask(w_orig, mask)
             init = add_back_pruned(w_orig, mask, pattern.m, layout) if settings.add_back else plain
             task = bar.add_task(f"{name} ({i + 1}/{len(names)})", total=settings.iters, loss=float("nan"))
             every = max(settings.iters // 100, 1)

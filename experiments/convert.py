@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from ..sparsity import LAYOUTS, Pattern, from_matrix, nm_violation, parse_pattern, shape_violation, to_matrix
+from ..sparsity import (LAYOUTS, Pattern, fold_mask, from_matrix, nm_violation, parse_pattern, shape_violation,
+                        to_matrix)
 from .errors import ExperimentError
 from .io import atomic_write, load_state_dict
 
@@ -112,10 +113,7 @@ def import_masks(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             raise ConvertError(f"SOURCE: mask {mask_key} {tuple(mask.shape)} does not match {raw} {tuple(weight.shape)}")
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ConvertError(f"SOURCE: mask {mask_key} holds values other than 0 and 1")
-        keep = mask.bool()
-        folded = weight * keep.to(weight.dtype)
-        folded[~keep] = 0
-        new_values[name] = folded
+        new_values[name] = fold_mask(weight, mask.bool())
         notes.append(f"{name} ({style})")
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():

@@ -1,6 +1,7 @@
 """Which layers of a model are sparse, and how their forward pass is routed through a method.
 
-Default rule (docs/methods.md#layer-selection): every Conv2d and Linear except the first layer and the classifier, and
+Default rule (docs/methods.md#layer-selection; the rule itself is the engine's `sparsity.select_layers`,
+which `nmtrain prune` applies to state_dicts too): every Conv2d and Linear except the first layer and the classifier, and
 except layers whose grouped dimension is not a multiple of M; those are reported as skipped with the
 reason, never padded. Grouped and depthwise convolutions are skipped too, and so are layers whose own
 forward never runs (`called_layers`): a parent that reads ``.weight`` itself, as nn.MultiheadAttention
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..sparsity import Pattern, shape_violation
+from ..sparsity import NOT_CALLED  # noqa: F401 (re-exported: its home before the rule moved to the engine)
+from ..sparsity import LayerInfo, Pattern, SelectOptions, select_layers
 from .errors import ExperimentError
 
 
@@ -53,7 +55,11 @@ def called_layers(model: nn.Module, sample: torch.Tensor) -> set[str]:
     return called
 
 
-NOT_CALLED = "its forward never runs (the parent reads .weight itself, as nn.MultiheadAttention does)"
+def describe_layers(model: nn.Module, called: set[str] | None = None) -> list[LayerInfo]:
+    """The engine's description of every Conv2d/Linear, in model order (``called``: None means all run)."""
+    return [LayerInfo(name, tuple(mod.weight.shape), groups=getattr(mod, "groups", None),
+                      called=None if called is None else name in called)
+            for name, mod in gemm_layers(model).items()]
 
 
 def plan_layers(model: nn.Module, pattern: Pattern, layout: str, include: list[str] = (),
@@ -66,35 +72,17 @@ def plan_layers(model: nn.Module, pattern: Pattern, layout: str, include: list[s
         if not any(fnmatch.fnmatchcase(n, glob) for n in names):
             raise LayerSelectionError(f"sparsity.include: {glob!r} matches no Conv2d/Linear layer; "
                                       f"layers are named like {', '.join(names[:4])}")
-    sparse, skipped = {}, {}
-    for i, (name, mod) in enumerate(layers.items()):
-        if include and not any(fnmatch.fnmatchcase(name, g) for g in include):
-            skipped[name] = "not matched by sparsity.include"
-        elif any(fnmatch.fnmatchcase(name, g) for g in exclude):
-            skipped[name] = "excluded by sparsity.exclude"
-        elif called is not None and name not in called:
-            if include:
-                raise LayerSelectionError(f"sparsity.include: layer {name} cannot be trained sparse: {NOT_CALLED}")
-            skipped[name] = NOT_CALLED
-        elif keep_first_dense and i == 0:
-            skipped[name] = "first layer kept dense"
-        elif keep_last_dense and i == len(layers) - 1:
-            skipped[name] = "classifier kept dense"
-        elif isinstance(mod, nn.Conv2d) and mod.groups != 1:
-            skipped[name] = f"grouped conv (groups={mod.groups}) has no dense GEMM operand"
-        else:
-            problem = shape_violation(mod.weight.shape, pattern, layout)
-            if problem is None:
-                sparse[name] = mod
-            elif include:
-                raise LayerSelectionError(f"sparsity.include: layer {name} {tuple(mod.weight.shape)} cannot hold "
-                                          f"{pattern.describe()}: {problem}")
-            else:
-                skipped[name] = problem
-    if not sparse:
+    options = SelectOptions(pattern, layout, tuple(include), tuple(exclude), keep_first_dense, keep_last_dense)
+    sel = select_layers(describe_layers(model, called), options)
+    for name, (constraint, problem) in sel.refused.items():
+        if constraint == "called":
+            raise LayerSelectionError(f"sparsity.include: layer {name} cannot be trained sparse: {problem}")
+        raise LayerSelectionError(f"sparsity.include: layer {name} {tuple(layers[name].weight.shape)} cannot hold "
+                                  f"{pattern.describe()}: {problem}")
+    if not sel.selected:
         raise LayerSelectionError(f"sparsity: no layer of the model can hold {pattern.describe()} "
-                                  f"({'; '.join(f'{k}: {v}' for k, v in list(skipped.items())[:3])})")
-    return LayerPlan(sparse, skipped)
+                                  f"({'; '.join(f'{k}: {v}' for k, v in list(sel.skipped.items())[:3])})")
+    return LayerPlan({name: layers[name] for name in sel.selected}, sel.skipped)
 
 
 _OWN_BIAS = object()

@@ -51,17 +51,17 @@ from rich.table import Table
 from torch import nn
 from torch.nn import functional as F
 
-from ..data import build_datasets, build_loaders, check_options
+from ..data import check_options
 from ..data.loaders import set_epoch
-from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, nm_violation, parse_pattern
+from ..sparsity import LAYOUTS, Pattern, PatternError, fold_mask, get_solver, nm_violation, parse_pattern
 from . import accel as accel_mod
 from .errors import ExperimentError
 from .io import (CheckpointError, _first_line, atomic_write, load_state_dict, safe_load, save_text,
                  state_dict_mismatch)
-from .layers import called_layers, plan_layers
+from .build import build, layer_plan
 from .methods import MethodError, attach, build_params, get_method, params_dict
 from .methods.ste import change_rate
-from .models import build_model, builder_record, resolve_builder
+from .models import builder_record, resolve_builder
 from .flops import FlopCounter, macs_per_sample
 from .spec import Spec, SpecError, dump_spec
 
@@ -325,15 +325,9 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
 
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
-    train_ds, test_ds, info = build_datasets(spec.data.dataset, root=spec.data.root, augment=spec.data.augment,
-                                             train_subset=spec.data.train_subset, test_subset=spec.data.test_subset,
-                                             download=spec.data.download, seed=spec.seed,
-                                             holdout=spec.data.holdout, **spec.data.options())
-    train_loader, test_loader = build_loaders(train_ds, test_ds, batch_size=spec.data.batch_size, seed=spec.seed,
-                                              num_workers=spec.data.num_workers,
-                                              eval_batch_size=spec.data.eval_batch_size, rank=rank, world=world)
-    model = build_model(spec.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
-                        image_size=info.image_size, width=spec.model.width)
+    built = build(spec, augment=spec.data.augment, holdout=spec.data.holdout, rank=rank, world=world)
+    train_ds, info, train_loader, test_loader, model = (built.train_ds, built.info, built.train_loader,
+                                                        built.test_loader, built.model)
     if spec.model.init and ckpt is None:
         state = load_state_dict(spec.model.init, field="model.init")
         problem = state_dict_mismatch(model.state_dict(), state)
@@ -350,9 +344,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
 
     # Methods with column groups (Bi-Mask's backward mask) need C_out % M == 0 like transposable ones.
     plan_pattern = Pattern(pattern.n, pattern.m, pattern.transposable or method_cls.caps.needs_column_groups)
-    called = called_layers(model, torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device))
-    plan = plan_layers(model, plan_pattern, spec.sparsity.layout, spec.sparsity.include, spec.sparsity.exclude,
-                       spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense, called)
+    plan = layer_plan(spec, built, plan_pattern, device)
     steps_per_epoch = len(train_loader)
     total_steps = spec.train.epochs * steps_per_epoch
     if spec.train.max_steps is not None:
@@ -570,8 +562,7 @@ def fold_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor], exp
     returns summary.json's ``sparse_layers`` (pattern, density, transposable, layout per weight)."""
     report = {}
     for name, mod in layers.items():
-        # where(), not a multiply: pruned entries become +0.0, never -0.0, so exports are bit-exact
-        mod.weight.copy_(torch.where(masks[name], mod.weight, torch.zeros_like(mod.weight)))
+        mod.weight.copy_(fold_mask(mod.weight, masks[name]))      # pruned entries +0.0: exports are bit-exact
         exp = export_pattern(name)
         if exp is not None:
             problem = nm_violation(mod.weight, exp, layout)

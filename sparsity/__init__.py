@@ -5,17 +5,20 @@ Masks are plain bool tensors of the weight's shape (True = kept). N is the numbe
 
 from .diversity import Diversity, pattern_diversity, rank, transposable_count, unstructured_diversity
 from .errors import SparsityError
+from .fold import FoldError, fold_mask
 from .layout import LAYOUTS, LayoutError, from_matrix, require_fits, shape_violation, to_matrix
 from .nm import is_valid, kept_share, magnitude, nm_mask, nm_violation, unstructured_mask
 from .pattern import Pattern, PatternError, parse_pattern
 from .prune import LayerReport, SelectionError, make_mask, prune_state_dict, select
+from .selection import NOT_CALLED, LayerInfo, LayerSelection, SelectOptions, select_layers
 from .solvers import get_solver, list_solvers, register_solver
 from .transposable import pruned_magnitude, tile_scores, transposable_mask
 
 __all__ = [
-    "Diversity", "LAYOUTS", "LayerReport", "LayoutError", "Pattern", "PatternError", "SelectionError", "SparsityError",
-    "from_matrix", "get_solver", "is_valid", "kept_share", "list_solvers", "magnitude", "make_mask",
+    "Diversity", "FoldError", "LAYOUTS", "LayerInfo", "LayerReport", "LayerSelection", "LayoutError", "NOT_CALLED",
+    "Pattern", "PatternError", "SelectOptions", "SelectionError", "SparsityError",
+    "fold_mask", "from_matrix", "get_solver", "is_valid", "kept_share", "list_solvers", "magnitude", "make_mask",
     "nm_mask", "nm_violation", "parse_pattern", "pattern_diversity", "prune_state_dict", "pruned_magnitude",
-    "rank", "register_solver", "require_fits", "select", "shape_violation", "tile_scores", "to_matrix",
-    "transposable_count", "transposable_mask", "unstructured_diversity", "unstructured_mask",
+    "rank", "register_solver", "require_fits", "select", "select_layers", "shape_violation", "tile_scores",
+    "to_matrix", "transposable_count", "transposable_mask", "unstructured_diversity", "unstructured_mask",
 ]

@@ -13,9 +13,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .errors import SparsityError
-from .layout import shape_violation
+from .fold import fold_mask
 from .nm import kept_share, nm_mask, nm_violation, unstructured_mask
 from .pattern import Pattern
+from .selection import LayerInfo, SelectOptions, select_layers
 from .solvers import warm_up
 from .transposable import transposable_mask
 
@@ -43,42 +44,41 @@ def _is_candidate(name: str, value: object) -> bool:
             and name.rsplit(".", 1)[-1] == "weight")
 
 
-def select(state: Mapping[str, torch.Tensor], pattern: Pattern, layout: str = "nhwc",
-           include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Selection:
-    """Every 2-D/4-D ``*.weight`` that fits the pattern, filtered by fnmatch globs on the name.
+def describe_state(state: Mapping[str, torch.Tensor]) -> list[LayerInfo]:
+    """The layers of a bare state_dict, in its order: every floating-point 2-D/4-D ``*.weight``.
 
-    Candidates that do not fit are skipped with the reason, unless an ``include`` glob asked for
+    A state_dict has no modules, so conv groups and whether a layer's forward runs are unknown."""
+    return [LayerInfo(name, tuple(value.shape)) for name, value in state.items() if _is_candidate(name, value)]
+
+
+def select(state: Mapping[str, torch.Tensor], pattern: Pattern, layout: str = "nhwc",
+           include: Sequence[str] = (), exclude: Sequence[str] = (), keep_first_dense: bool = True,
+           keep_last_dense: bool = True, layers: Sequence[LayerInfo] | None = None) -> Selection:
+    """The weights of ``state`` that are pruned, by training's layer rule (`select_layers`): every
+    2-D/4-D ``*.weight`` that fits the pattern except the first and the last, filtered by fnmatch globs.
+
+    ``layers`` (default: `describe_state`) may describe the weights better, e.g. with conv groups from the
+    model. Candidates that do not fit are skipped with the reason, unless an ``include`` glob asked for
     them by name: then the selection is an error (nmtrain never pads a layer silently).
     """
     for glob in include:
         if not any(fnmatch.fnmatchcase(name, glob) for name in state):
             raise SelectionError(f"--include {glob!r} matches no tensor; names look like {next(iter(state), '?')!r}")
-    selected, skipped = [], {}
-    for name, value in state.items():
-        if not _is_candidate(name, value):
-            continue
-        if include and not any(fnmatch.fnmatchcase(name, g) for g in include):
-            skipped[name] = "not matched by --include"
-            continue
-        if any(fnmatch.fnmatchcase(name, g) for g in exclude):
-            skipped[name] = "excluded by --exclude"
-            continue
-        problem = shape_violation(value.shape, pattern, layout)
-        if problem is not None:
-            if include:
-                raise SelectionError(f"{name} {tuple(value.shape)} cannot hold {pattern.describe()}: {problem}")
-            skipped[name] = problem
-            continue
-        bad = int((~torch.isfinite(value)).sum())
+    options = SelectOptions(pattern, layout, tuple(include), tuple(exclude), keep_first_dense, keep_last_dense,
+                            include_field="--include", exclude_field="--exclude")
+    sel = select_layers(describe_state(state) if layers is None else layers, options)
+    for name, (_constraint, problem) in sel.refused.items():
+        raise SelectionError(f"{name} {tuple(state[name].shape)} cannot hold {pattern.describe()}: {problem}")
+    for name in sel.selected:
+        bad = int((~torch.isfinite(state[name])).sum())
         if bad:
             # NaN has no magnitude order and Inf breaks every solver's scaling: never guess a mask
             raise SelectionError(f"{name} has {bad} NaN/Inf entries, so its magnitude mask is undefined; "
                                  f"repair the checkpoint or leave the layer out with --exclude {name!r}")
-        selected.append(name)
-    if not selected:
-        reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3]) or "no 2-D or 4-D *.weight tensor"
+    if not sel.selected:
+        reasons = "; ".join(f"{k}: {v}" for k, v in list(sel.skipped.items())[:3]) or "no 2-D or 4-D *.weight tensor"
         raise SelectionError(f"no weight can hold {pattern.describe()} ({reasons})")
-    return Selection(selected, skipped)
+    return Selection(sel.selected, sel.skipped)
 
 
 @dataclass
@@ -95,15 +95,17 @@ class LayerReport:
 
 def prune_state_dict(state: Mapping[str, torch.Tensor], pattern: Pattern, layout: str = "nhwc",
                      solver: str = "exact", include: Sequence[str] = (), exclude: Sequence[str] = (),
+                     keep_first_dense: bool = True, keep_last_dense: bool = True,
+                     layers: Sequence[LayerInfo] | None = None,
                      on_layer: Callable[[str, int, int], None] | None = None,
                      **solver_kwargs) -> tuple[dict[str, torch.Tensor], list[LayerReport], dict[str, str]]:
-    """Prune the selected weights of ``state``; everything else is returned unchanged.
+    """Prune the weights `select` picks from ``state``; everything else is returned unchanged.
 
     Returns (new state, one report per pruned layer, skipped name -> reason). ``on_layer(name, i,
     total)`` is called before each layer (for progress bars). A layer's ``seconds`` is its own solve:
     the solver's one-time work (numba compiling on first use) is done before the first layer is timed.
     """
-    sel = select(state, pattern, layout, include, exclude)
+    sel = select(state, pattern, layout, include, exclude, keep_first_dense, keep_last_dense, layers)
     if pattern.transposable:
         for dtype, device in {(state[name].dtype, state[name].device) for name in sel.selected}:
             warm_up(solver, pattern.n, pattern.m, dtype, device)
@@ -116,8 +118,7 @@ def prune_state_dict(state: Mapping[str, torch.Tensor], pattern: Pattern, layout
         start = time.perf_counter()
         mask = make_mask(weight, pattern, layout, solver, **solver_kwargs)
         seconds = time.perf_counter() - start
-        pruned = weight * mask.to(weight.dtype)
-        pruned[~mask] = 0  # exact zeros even for -0.0 or NaN inputs
+        pruned = fold_mask(weight, mask)  # exact +0.0 at pruned positions
         out[name] = pruned
         reports.append(LayerReport(
             name=name, shape=tuple(weight.shape), pattern=str(pattern), density=pattern.density,

@@ -136,7 +136,9 @@ def test_prune_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt, tmp_path, c
         torch.save({"fc.weight": w}, src)
         extra = ["--transposable"]
     out = tmp_path / "out.pt"
-    result = _run("prune", src, "-o", out, "--pattern", pattern, *extra)
+    # the input checks are about layers training's rule keeps dense (a lone fc, the stem): prune them all
+    result = _run("prune", src, "-o", out, "--pattern", pattern, "--prune-first", "--prune-last",
+                  *extra)
     assert result.exit_code == 2
     assert needle in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
@@ -184,7 +186,8 @@ def test_prune_ignores_non_finite_values_in_a_layer_it_skips(tmp_path):
     stem = torch.randn(8, 3, 3, 3)
     stem[0, 0, 0, 0] = float("nan")
     torch.save({"stem.weight": stem, "fc.weight": torch.randn(8, 8)}, tmp_path / "m.pt")
-    result = _run("prune", tmp_path / "m.pt", "-o", tmp_path / "out.pt", "--pattern", "2:4")
+    result = _run("prune", tmp_path / "m.pt", "-o", tmp_path / "out.pt", "--pattern", "2:4",
+                  "--prune-first", "--prune-last")
     assert result.exit_code == 0, result.stderr + result.stdout
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert torch.isnan(out["stem.weight"][0, 0, 0, 0])

@@ -88,7 +88,8 @@ def test_a_layers_time_excludes_the_solvers_one_time_work(monkeypatch):
     monkeypatch.setitem(solvers._SOLVERS, "approx", solvers.SolverInfo("approx", _slow_first_call(info.fn, 0.5),
                                                                       info.exact, info.summary))
     state = {"a.weight": torch.randn(16, 16), "b.weight": torch.randn(8, 16)}
-    _, reports, _ = prune_state_dict(state, Pattern(2, 4, transposable=True), solver="approx")
+    _, reports, _ = prune_state_dict(state, Pattern(2, 4, transposable=True), solver="approx",
+                                   keep_first_dense=False, keep_last_dense=False)
     assert len(reports) == 2 and max(r.seconds for r in reports) < 0.3
 
 
@@ -103,11 +104,12 @@ def test_prune_says_that_the_solvers_compile(tmp_path, monkeypatch):
     monkeypatch.setattr(cli_prune, "_COMPILING_AFTER_S", 0.1)
     monkeypatch.setattr(solvers, "warm_up", compiling)
     torch.save({"fc.weight": torch.randn(16, 16)}, tmp_path / "m.pt")
-    result = runner.invoke(app, ["prune", str(tmp_path / "m.pt"), "-o", str(tmp_path / "o.pt"), "-p", "2:4-T"])
+    lone = ["--prune-first", "--prune-last"]      # a lone weight is both first and last layer
+    result = runner.invoke(app, ["prune", str(tmp_path / "m.pt"), "-o", str(tmp_path / "o.pt"), "-p", "2:4-T", *lone])
     assert result.exit_code == 0, result.stderr + result.stdout
     assert result.stderr.startswith("compiling the mask solvers (first use")
     assert "the mask solvers compiled in 0.4 s (first use; not in the layers' times)" in result.stdout
-    quick = runner.invoke(app, ["prune", str(tmp_path / "m.pt"), "-o", str(tmp_path / "p.pt"), "-p", "2:4"])
+    quick = runner.invoke(app, ["prune", str(tmp_path / "m.pt"), "-o", str(tmp_path / "p.pt"), "-p", "2:4", *lone])
     assert quick.exit_code == 0 and quick.stderr == "" and "compiled" not in quick.stdout
 
 
