@@ -34,16 +34,17 @@ from nmtrain.experiments.methods import attach  # noqa: E402
 from nmtrain.experiments.methods.bimask import (local_search, random_grouping_survival,  # noqa: E402
                                                 search_permutation)
 from nmtrain.experiments.models import build_model  # noqa: E402
+from nmtrain.experiments.rundir import RunDir  # noqa: E402
 from nmtrain.experiments.spec import load_spec  # noqa: E402
 from nmtrain.sparsity import Pattern, nm_mask, parse_pattern, to_matrix  # noqa: E402
 
 
 def load_run(run: Path):
-    spec = load_spec(run / "config.yaml")
+    spec = load_spec(RunDir(run).config)
     _, _, info = build_datasets(spec.data.dataset, root=spec.data.root, seed=spec.seed, **spec.data.options())
     model = build_model(spec.model.name, info.num_classes, info.in_channels, info.image_size, spec.model.width)
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    model.load_state_dict(ckpt["model"])
+    ckpt = RunDir(run).load_checkpoint(field="RUN")
+    model.load_state_dict(ckpt.model)
     pattern = parse_pattern(spec.sparsity.pattern)
     plan = plan_layers(model, Pattern(pattern.n, pattern.m, True), spec.sparsity.layout, spec.sparsity.include,
                        spec.sparsity.exclude, spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense)

@@ -61,13 +61,14 @@ def resume_spec(run_dir: Path, args: list[str], method: str | None, pattern: str
     """The saved spec of ``run_dir`` (its config.yaml), with ``out`` pointing at ``run_dir``.
 
     Overrides are accepted only when they leave the saved spec unchanged: a resumed run is the same run."""
+    from ..experiments.rundir import CONFIG, RunDir
     from ..experiments.spec import read_yaml
 
     if not run_dir.is_dir():
         raise UsageError(f"--resume: {run_dir} is not a directory")
-    config = run_dir / "config.yaml"
+    config = RunDir(run_dir).config
     if not config.is_file():
-        raise UsageError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
+        raise UsageError(f"--resume: {run_dir} holds no run (no {CONFIG}); start it without --resume")
     spec_path, overrides = _split_args(args)
     if spec_path is not None:
         raise UsageError(f"--resume: takes the spec from {config}; drop {spec_path}")

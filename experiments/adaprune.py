@@ -33,7 +33,6 @@ batch-norm statistics) and after AdaPrune, all on the test split.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +45,12 @@ from torch.utils.data import DataLoader, Subset
 
 from ..sparsity import LAYOUTS, Pattern, fold_mask, from_matrix, make_mask, nm_violation, to_matrix
 from .errors import ExperimentError
-from .io import CheckpointError, atomic_write, load_state_dict, save_text, state_dict_mismatch
-from .build import build, layer_plan
+from .io import CheckpointError, load_state_dict, state_dict_mismatch
+from .build import build, layer_plan, resolve_device
+from .evaluate import evaluate
 from .layers import gemm
 from .models import builder_record
-from .runner import RUN_FILES, check_out_dir, evaluate, resolve_device
+from .rundir import CONFIG, SUMMARY, RunDir
 from .spec import Spec, SpecError, dump_spec, from_dict, read_yaml
 
 
@@ -255,9 +255,9 @@ def load_source(source: str | Path, spec_path: str | Path | None = None) -> tupl
         if not source.is_dir():
             raise AdaPruneError(f"SOURCE: {source} is a state_dict file; pass --spec SPEC.yaml naming its model "
                                 "and data (or pass a run directory of `nmtrain train`)")
-        spec_path = source / "config.yaml"
+        spec_path = RunDir(source).config
         if not spec_path.is_file():
-            raise AdaPruneError(f"SOURCE: {source} has no config.yaml; pass --spec SPEC.yaml naming its model and data")
+            raise AdaPruneError(f"SOURCE: {source} has no {CONFIG}; pass --spec SPEC.yaml naming its model and data")
     spec = from_dict(Spec, read_yaml(spec_path))
     if spec.sparsity.layout not in LAYOUTS:
         raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
@@ -301,7 +301,7 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
     pattern = settings.pattern
     spec, state = load_source(source, spec_path)
     out = Path(out) if out is not None else default_out(source, pattern)
-    check_out_dir(out, overwrite)
+    RunDir(out).check_target(overwrite)
     layout = spec.sparsity.layout
     device = resolve_device(spec.device)
 
@@ -415,14 +415,11 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
         "sparse_layers": sparse_layers, "skipped_layers": plan.skipped,
     }
 
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for f in RUN_FILES:
-            (out / f).unlink(missing_ok=True)
-    model_state = {k: v.detach().cpu() for k, v in pruned.state_dict().items()}
-    atomic_write(out / "model.pt", lambda tmp: torch.save(model_state, tmp))
+    rd = RunDir(out)
+    rd.prepare(overwrite)
+    rd.write_model({k: v.detach().cpu() for k, v in pruned.state_dict().items()})
     # The source's spec names model and data; AdaPrune's own settings are in summary.json.
-    save_text(f"# spec of the source model ({source}); AdaPrune {pattern.describe()} settings: summary.json\n"
-              + dump_spec(spec), out / "config.yaml")
-    save_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
+    rd.write_config(f"# spec of the source model ({source}); AdaPrune {pattern.describe()} settings: {SUMMARY}\n"
+                    + dump_spec(spec))
+    rd.write_summary(summary)
     return AdaPruneResult(out, summary, results)

@@ -1,7 +1,7 @@
-"""What a spec describes, built: datasets, loaders, the model, and its layer plan.
+"""What a spec describes, checked and built: the device, datasets, loaders, the model, and its layer plan.
 
-Training and AdaPrune both start here, so a spec means the same model, data and sparse layers to
-each. Seeding is the caller's (training also seeds Python's `random`), and so is loading weights.
+Training, AdaPrune and compare all start here, so a spec means the same device, model, data and
+sparse layers to each. Seeding is the caller's (training also seeds Python's `random`), and so is loading weights.
 """
 
 from __future__ import annotations
@@ -11,11 +11,54 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import DatasetInfo, build_datasets, build_loaders
-from ..sparsity import Pattern
+from ..data import DatasetInfo, build_datasets, build_loaders, check_options
+from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, parse_pattern
+from . import accel as accel_mod
 from .layers import LayerPlan, called_layers, plan_layers
-from .models import build_model
-from .spec import Spec
+from .methods import MethodError, build_params, get_method
+from .models import build_model, resolve_builder
+from .spec import Spec, SpecError
+
+
+def validate(spec: Spec):
+    """Everything about the spec that can be checked before touching data: returns (pattern, method class, params)."""
+    try:
+        pattern = parse_pattern(spec.sparsity.pattern, transposable=spec.sparsity.transposable)
+    except PatternError as exc:
+        raise PatternError(f"sparsity.pattern: {exc}") from None
+    if spec.sparsity.layout not in LAYOUTS:
+        raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
+    try:
+        get_solver(spec.sparsity.solver)
+    except ValueError as exc:
+        raise SpecError(f"sparsity.solver: {exc}") from None
+    cls = get_method(spec.method.name)
+    params = build_params(cls, spec.method.params)
+    if spec.sparsity.transposable and not cls.caps.accepts_transposable:
+        raise MethodError(f"sparsity.transposable: method {cls.name} does not use transposable masks; "
+                          "use method transposable (or fixed)")
+    if cls.caps.needs_transposable:
+        pattern = Pattern(pattern.n, pattern.m, transposable=True)
+    accel_mod.check_spec(spec.accel, cls, pattern)
+    if spec.train.epochs < 1:
+        raise SpecError("train.epochs: must be at least 1")
+    if spec.data.batch_size < 1:
+        raise SpecError("data.batch_size: must be at least 1")
+    resolve_builder(spec.model.name)       # imports a user's module, checks the builder's signature
+    check_options(spec.data.dataset, spec.data.options())
+    return pattern, cls, params
+
+
+def resolve_device(name: str) -> torch.device:
+    """The spec's ``device``: ``auto`` is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"device: {name!r} asked for but CUDA is not available; use device=cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SpecError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 @dataclass

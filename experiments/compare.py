@@ -29,7 +29,9 @@ from ..sparsity import parse_pattern
 from . import accel as accel_mod
 from .io import atomic_write, save_text
 from .methods import get_method, params_dict
-from .runner import train, validate
+from .build import validate
+from .rundir import RunDir
+from .runner import train
 from .spec import Spec, SpecError, from_dict, to_dict
 from .stats import mean, paired_test, std
 
@@ -124,7 +126,7 @@ def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] |
 
 
 def _last_change_rate(run_dir: Path) -> float | None:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines = RunDir(run_dir).metrics.read_text().splitlines()
     return json.loads(lines[-1]).get("mask_change_rate") if lines else None
 
 
@@ -133,16 +135,16 @@ def finished_run(cell: Spec) -> dict | None:
 
     Finished: summary.json is there (written last). Same spec: the saved config.yaml equals the cell's
     resolved spec, method parameters filled in as the runner saves them."""
-    out = Path(cell.out)
-    if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
+    rd = RunDir(cell.out)
+    if not rd.is_finished():
         return None
     _, _, params = validate(cell)
     resolved = copy.deepcopy(cell)
     resolved.method.params = params_dict(params)
     try:
         # Through the schema, so keys added since the run was written compare at their defaults.
-        saved = to_dict(from_dict(Spec, yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))))
-        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        saved = to_dict(from_dict(Spec, yaml.safe_load(rd.config.read_text(encoding="utf-8"))))
+        summary = rd.read_summary()
     except (OSError, ValueError, yaml.YAMLError):     # SpecError is a ValueError
         return None
     if saved != to_dict(resolved) or not isinstance(summary, dict):
@@ -260,7 +262,7 @@ def recompute_series(rows: list[dict]) -> dict[str, list[tuple[int, list[tuple[i
     runs = [run for row in rows for run in row.get("runs", [row])]
     series: dict[str, list] = {}
     for run in runs:
-        path = Path(run["run_dir"]) / "metrics.jsonl"
+        path = RunDir(run["run_dir"]).metrics
         if not path.is_file():
             continue
         points = [(e["step"], e["change_rate"]) for line in path.read_text().splitlines() if line.strip()

@@ -40,6 +40,7 @@ from ..sparsity import (LAYOUTS, Pattern, fold_mask, from_matrix, nm_violation, 
                         to_matrix)
 from .errors import ExperimentError
 from .io import atomic_write, load_state_dict
+from .rundir import MODEL, SUMMARY, RunDir
 
 FORMAT = "nmtrain-nm-compressed"
 VERSION = 1
@@ -245,23 +246,24 @@ def load_source(source: str | os.PathLike, pattern: str | None = None, layout: s
     if layout is not None and layout not in LAYOUTS:
         raise ConvertError(f"--layout {layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
     pat = parse_pattern(pattern) if pattern is not None else None
-    if source.is_dir() and (source / "summary.json").is_file():
+    run = RunDir(source)
+    if source.is_dir() and run.summary.is_file():
         if pat is not None or layout is not None:
-            raise ConvertError(f"--pattern/--layout: {source} is a run directory whose summary.json declares "
+            raise ConvertError(f"--pattern/--layout: {source} is a run directory whose {SUMMARY} declares "
                                "each layer's pattern and layout; drop these options")
         state = load_state_dict(source, field="SOURCE")
         try:
-            declared = json.loads((source / "summary.json").read_text()).get("sparse_layers", {}) or {}
+            declared = run.read_summary().get("sparse_layers", {}) or {}
             layers = {}
             for name, info in declared.items():
                 if info.get("pattern") is None:
                     continue
                 if name not in state:
-                    raise ConvertError(f"SOURCE: summary.json declares {name}, which model.pt does not hold")
+                    raise ConvertError(f"SOURCE: {SUMMARY} declares {name}, which {MODEL} does not hold")
                 layers[name] = LayerFormat(parse_pattern(info["pattern"], info.get("transposable", False)),
                                            info.get("layout", "nhwc"))
         except (json.JSONDecodeError, AttributeError, TypeError) as exc:
-            raise ConvertError(f"SOURCE: {source}/summary.json is not a run summary ({exc})") from None
+            raise ConvertError(f"SOURCE: {run.summary} is not a run summary ({exc})") from None
         for name, fmt in layers.items():   # declared N:M that does not hold is an error, not a dense fallback
             problem = nm_violation(state[name], fmt.pattern, fmt.layout) if shape_violation(
                 state[name].shape, fmt.pattern, fmt.layout) is None else "shape cannot hold it"
@@ -309,7 +311,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _path_bytes(path: Path) -> int:
     if path.is_dir():
-        return (path / "model.pt").stat().st_size if (path / "model.pt").is_file() else 0
+        model = RunDir(path).model
+        return model.stat().st_size if model.is_file() else 0
     return path.stat().st_size
 
 
@@ -348,7 +351,7 @@ def convert(source: str | os.PathLike, to: str, out: str | os.PathLike | None = 
         raise ConvertError(f"SOURCE: {source} does not exist")
     loaded = load_source(source, pattern, layout)
     out = Path(out) if out is not None else default_out(source, to)
-    if out.exists() and out.resolve() == (source / "model.pt" if source.is_dir() else source).resolve():
+    if out.exists() and out.resolve() == (RunDir(source).model if source.is_dir() else source).resolve():
         raise ConvertError(f"--out: {out} is the source itself; choose another --out")
     if out.is_dir():
         raise ConvertError(f"--out: {out} is a directory; name a file")

@@ -48,12 +48,14 @@ def safe_load(path: Path, field: str) -> Any:
 
 def load_state_dict(path: str | os.PathLike, field: str = "INPUT") -> dict[str, torch.Tensor]:
     """A flat ``{name: Tensor}`` state_dict from a ``.pt`` file, or from a run directory's ``model.pt``."""
+    from .rundir import MODEL, RunDir     # here: rundir builds on this module
+
     path = Path(path)
     if path.is_dir():
-        if not (path / "model.pt").is_file():
-            raise CheckpointError(f"{field}: {path} is a directory without model.pt; pass a state_dict file "
+        if not RunDir(path).model.is_file():
+            raise CheckpointError(f"{field}: {path} is a directory without {MODEL}; pass a state_dict file "
                                   "or a finished run directory")
-        path = path / "model.pt"
+        path = RunDir(path).model
     if not path.is_file():
         raise CheckpointError(f"{field}: {path} does not exist")
     obj = safe_load(path, field)

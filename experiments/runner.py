@@ -12,7 +12,8 @@ routes the sparse layers' forward through the method found by name, and records 
     DIR/summary.json     method, pattern, accuracies, wall time, sparse layers, training FLOPs, accel, and
                          the model's builder (model.name, its source file or library, its arguments)
 
-Every file is written to a temporary name and renamed, so a killed run never leaves half a file.
+File names and checkpoint keys are `rundir.py`'s. Every file is written to a temporary name and
+renamed, so a killed run never leaves half a file.
 
 ``train(spec, resume=True)`` continues the run in ``spec.out`` from its checkpoint.pt: model, optimizer,
 scheduler, method state, RNG states and the position in the data order (the train loader's order of
@@ -51,26 +52,19 @@ from rich.table import Table
 from torch import nn
 from torch.nn import functional as F
 
-from ..data import check_options
 from ..data.loaders import set_epoch
-from ..sparsity import LAYOUTS, Pattern, PatternError, fold_mask, get_solver, nm_violation, parse_pattern
-from . import accel as accel_mod
-from .errors import ExperimentError
-from .io import (CheckpointError, _first_line, atomic_write, load_state_dict, safe_load, save_text,
-                 state_dict_mismatch)
-from .build import build, layer_plan
-from .methods import MethodError, attach, build_params, get_method, params_dict
+from ..sparsity import Pattern, fold_mask, nm_violation
+from .io import CheckpointError, _first_line, load_state_dict, state_dict_mismatch
+from .build import build, layer_plan, resolve_device, validate
+from .evaluate import evaluate
+from .methods import attach, get_method, params_dict  # noqa: F401  (get_method: tests build a method here)
 from .methods.ste import change_rate
 from .models import builder_record, resolve_builder
 from .flops import FlopCounter, macs_per_sample
+from .rundir import Checkpoint, RunDir, RunError, check_flags, save_checkpoint
 from .spec import Spec, SpecError, dump_spec
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt", "model.pt", "summary.json")
 NOT_FINITE_AFTER_UPDATE = "the weights are not finite after the update"
-
-
-class RunError(ExperimentError):
-    """The run cannot start or continue (bad output directory, diverged loss); one-line message."""
 
 
 class Interrupted(Exception):
@@ -112,17 +106,6 @@ class _DeferSigint:
         return False
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SpecError(f"device: {name!r} asked for but CUDA is not available; use device=cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SpecError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-
-
 def _lr_lambda(spec: Spec, steps_per_epoch: int, total_steps: int):
     sch = spec.schedule
     warmup = int(round(sch.warmup_epochs * steps_per_epoch))
@@ -152,88 +135,10 @@ def _optimizer(spec: Spec, model: nn.Module) -> torch.optim.Optimizer:
     raise SpecError(f"optim.name: {o.name!r} is unknown; use sgd or adamw")
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
-    """(accuracy in %, mean loss) on a loader."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    loss_sum = 0.0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += int((out.argmax(1) == y).sum())
-        total += y.numel()
-    model.train(was_training)
-    return 100.0 * correct / max(total, 1), loss_sum / max(total, 1)
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a run directory that already holds a run, unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out: {out} exists and is not a directory")
-    present = [f for f in RUN_FILES if (out / f).exists()]
-    if present and not overwrite:
-        raise RunError(f"--out: {out} already holds a run ({', '.join(present)}); choose another --out "
-                       "or pass --overwrite")
-
-
-def _save_json(obj, path: Path) -> None:
-    save_text(json.dumps(obj, indent=2) + "\n", path)
-
-
 @dataclass
 class RunResult:
     out: Path
     summary: dict
-
-
-def validate(spec: Spec):
-    """Everything about the spec that can be checked before touching data: returns (pattern, method class, params)."""
-    try:
-        pattern = parse_pattern(spec.sparsity.pattern, transposable=spec.sparsity.transposable)
-    except PatternError as exc:
-        raise PatternError(f"sparsity.pattern: {exc}") from None
-    if spec.sparsity.layout not in LAYOUTS:
-        raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
-    try:
-        get_solver(spec.sparsity.solver)
-    except ValueError as exc:
-        raise SpecError(f"sparsity.solver: {exc}") from None
-    cls = get_method(spec.method.name)
-    params = build_params(cls, spec.method.params)
-    if spec.sparsity.transposable and not cls.caps.accepts_transposable:
-        raise MethodError(f"sparsity.transposable: method {cls.name} does not use transposable masks; "
-                          "use method transposable (or fixed)")
-    if cls.caps.needs_transposable:
-        pattern = Pattern(pattern.n, pattern.m, transposable=True)
-    accel_mod.check_spec(spec.accel, cls, pattern)
-    if spec.train.epochs < 1:
-        raise SpecError("train.epochs: must be at least 1")
-    if spec.data.batch_size < 1:
-        raise SpecError("data.batch_size: must be at least 1")
-    resolve_builder(spec.model.name)       # imports a user's module, checks the builder's signature
-    check_options(spec.data.dataset, spec.data.options())
-    return pattern, cls, params
-
-
-_CKPT_KEYS = ("model", "optimizer", "scheduler", "method", "step", "rng")
-
-
-def load_checkpoint(path: Path, field: str = "--resume") -> dict:
-    """A training checkpoint, loaded weights-only (a pickle that would run code is refused)."""
-    if not path.is_file():
-        raise CheckpointError(f"{field}: {path} does not exist; there is no checkpoint to resume from")
-    obj = safe_load(path, field)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{field}: {path} holds a {type(obj).__name__}, not an nmtrain checkpoint")
-    missing = [k for k in _CKPT_KEYS if k not in obj]
-    if missing:
-        raise CheckpointError(f"{field}: {path} is not an nmtrain training checkpoint (missing {', '.join(missing)})")
-    if isinstance(obj["step"], bool) or not isinstance(obj["step"], int) or obj["step"] < 0:
-        raise CheckpointError(f"{field}: {path} has step {obj['step']!r}, not a non-negative integer")
-    return obj
 
 
 def _to_device(obj, device: torch.device):
@@ -287,15 +192,13 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
     """Train ``spec`` into the run directory ``spec.out``; with ``resume``, continue the run there from its
     checkpoint.pt (``spec`` must then be the run's saved config.yaml). Under torchrun (``WORLD_SIZE > 1``)
     every process calls this; rank 0 alone writes and prints."""
-    if resume and overwrite:
-        raise RunError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
+    check_flags(overwrite, resume)
     world = world_size()
     if world == 1 or (dist.is_available() and dist.is_initialized()):
         return _train(spec, overwrite, console, progress, resume)
     validate(spec)
     out = Path(spec.out)
-    if not resume:
-        check_out_dir(out, overwrite)   # every rank, before rank 0 can write anything (init is a rendezvous)
+    RunDir(out).check_target(overwrite, resume)   # every rank, before rank 0 can write anything (init is a rendezvous)
     device = resolve_device(spec.device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -311,14 +214,15 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
 def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, checked: bool = False) -> RunResult:
     pattern, method_cls, params = validate(spec)
     out = Path(spec.out)
+    rd = RunDir(out)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     main = rank == 0
     ckpt = None
     if resume:
-        ckpt = load_checkpoint(out / "checkpoint.pt")
+        ckpt = rd.load_checkpoint()
     elif not checked:
-        check_out_dir(out, overwrite)
+        rd.check_target(overwrite)
     device = resolve_device(spec.device)
     if distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -336,10 +240,10 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
         model.load_state_dict(state)
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(ckpt.model)
         except (RuntimeError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"--resume: {out / 'checkpoint.pt'} does not match model {spec.model.name} of "
-                                  f"{out / 'config.yaml'} ({_first_line(exc)})") from None
+            raise CheckpointError(f"--resume: {rd.checkpoint} does not match model {spec.model.name} of "
+                                  f"{rd.config} ({_first_line(exc)})") from None
     model.to(device)
 
     # Methods with column groups (Bi-Mask's backward mask) need C_out % M == 0 like transposable ones.
@@ -381,21 +285,17 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
             resolved = copy.deepcopy(spec)
             resolved.method.params = params_dict(params)
             if main:
-                out.mkdir(parents=True, exist_ok=True)
-                if overwrite:
-                    for f in RUN_FILES:
-                        (out / f).unlink(missing_ok=True)
-                save_text(dump_spec(resolved), out / "config.yaml")
+                rd.prepare(overwrite)
+                rd.write_config(dump_spec(resolved))
         else:
             if main:
-                for stale in out.glob(".*.tmp"):        # left by a write that a kill interrupted
-                    stale.unlink(missing_ok=True)
+                rd.remove_stale_tmp()
             try:
-                optimizer.load_state_dict(ckpt["optimizer"])
-                scheduler.load_state_dict(ckpt["scheduler"])
-                method.load_state_dict(_to_device(ckpt["method"], device))
-                run = ckpt.get("run", {})
-                step = ckpt["step"]
+                optimizer.load_state_dict(ckpt.optimizer)
+                scheduler.load_state_dict(ckpt.scheduler)
+                method.load_state_dict(_to_device(ckpt.method, device))
+                run = ckpt.run
+                step = ckpt.step
                 best = float(run.get("best", -1.0))
                 running_loss, running_n = float(run.get("running_loss", 0.0)), int(run.get("running_n", 0))
                 wall_before = float(run.get("wall", 0.0))
@@ -406,17 +306,16 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
                 else:
                     last_masks = {k: v.clone() for k, v in method.masks().items()}
             except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
-                raise CheckpointError(f"--resume: {out / 'checkpoint.pt'} does not fit the run in "
-                                      f"{out / 'config.yaml'} "
+                raise CheckpointError(f"--resume: {rd.checkpoint} does not fit the run in "
+                                      f"{rd.config} "
                                       f"({_first_line(exc)})") from None
             if step > total_steps:
-                raise CheckpointError(f"--resume: {out / 'checkpoint.pt'} is at step {step}, past the run's "
+                raise CheckpointError(f"--resume: {rd.checkpoint} is at step {step}, past the run's "
                                       f"{total_steps} steps")
-            metrics_path = out / "metrics.jsonl"
-            done = metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.is_file() else []
-            metrics_lines = done[:int(ckpt.get("run", {}).get("metrics_lines", len(done)))]
+            done = rd.read_metrics()
+            metrics_lines = done[:int(ckpt.run.get("metrics_lines", len(done)))]
             last_ckpt_step = step
-            _restore_rng(ckpt["rng"])      # last: building the run above may draw from the global RNGs
+            _restore_rng(ckpt.rng)      # last: building the run above may draw from the global RNGs
 
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
@@ -435,7 +334,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
                    "flops": {"forward": flops.forward, "backward_data": flops.backward_data,
                              "backward_weight": flops.backward_weight, "dense_total": flops.dense_total},
                    "last_masks": last_masks}
-            _save_checkpoint(out / "checkpoint.pt", model, optimizer, scheduler, method, step,
+            _save_checkpoint(rd.checkpoint, model, optimizer, scheduler, method, step,
                              step // steps_per_epoch, run)
             last_ckpt_step = step
 
@@ -511,7 +410,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
                             best = max(best, acc)
                             metrics_lines.append(json.dumps(record))
                             if main:
-                                save_text("\n".join(metrics_lines) + "\n", out / "metrics.jsonl")
+                                rd.write_metrics(metrics_lines)
                             bar.update(task, acc=f"{acc:.2f}%")
                         if do_ckpt:
                             save_checkpoint()
@@ -533,7 +432,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
     final_acc, final_loss = evaluate(model, test_loader, device)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if main:
-        atomic_write(out / "model.pt", lambda tmp: torch.save(state, tmp))
+        rd.write_model(state)
 
     summary = {
         "name": spec.name, "method": method_cls.name, "method_params": params_dict(params),
@@ -552,7 +451,7 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
     if distributed:
         summary["processes"] = world
     if main:
-        _save_json(summary, out / "summary.json")
+        rd.write_summary(summary)
     return RunResult(out, summary)      # the caller shows it: `nmtrain train` a table, `compare` a line
 
 
@@ -577,7 +476,7 @@ def fold_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor], exp
 def _last_good(out: Path, last_ckpt_step: int | None) -> str:
     if last_ckpt_step is None:
         return "checkpoint: none was written yet"
-    return f"checkpoint is {out / 'checkpoint.pt'} (step {last_ckpt_step})"
+    return f"checkpoint is {RunDir(out).checkpoint} (step {last_ckpt_step})"
 
 
 def _diverged(step: int, what: str, out: Path, last_ckpt_step: int | None) -> RunError:
@@ -589,13 +488,11 @@ def _diverged(step: int, what: str, out: Path, last_ckpt_step: int | None) -> Ru
 def _save_checkpoint(path: Path, model, optimizer, scheduler, method, step: int, epoch: int,
                      run: dict | None = None) -> None:
     py = random.getstate()
-    state = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "method": method.state_dict(), "step": step, "epoch": epoch, "run": run or {},
-        "rng": {"torch": torch.get_rng_state(), "python": list(py[1]), "python_gauss": py[2],
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    save_checkpoint(path, Checkpoint(
+        model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        method=method.state_dict(), step=step, epoch=epoch, run=run or {},
+        rng={"torch": torch.get_rng_state(), "python": list(py[1]), "python_gauss": py[2],
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}))
 
 
 def _restore_rng(rng: dict) -> None:

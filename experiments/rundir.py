@@ -1,0 +1,175 @@
+"""The run directory: what `nmtrain train` and `nmtrain adaprune` write, and the rules for reusing one.
+
+One place names every file of a run and every key of a checkpoint, so the runner, AdaPrune,
+compare, convert and the CLI agree on them by construction::
+
+    DIR/config.yaml      the resolved spec (every default filled in)
+    DIR/metrics.jsonl    one JSON line per eval
+    DIR/checkpoint.pt    a `Checkpoint`: everything a resumed run needs
+    DIR/model.pt         the final state_dict with masks folded in
+    DIR/summary.json     what the run did; written last, so its presence means "finished"
+
+Every file is written to a temporary name and renamed (`io.atomic_write`), so a killed run never
+leaves half a file. The rules for an output directory: a directory holding any run file is refused
+unless ``--overwrite`` (which removes the run files, and only those) or ``--resume`` (which needs a
+checkpoint there); the two flags together are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .errors import ExperimentError
+from .io import CheckpointError, atomic_write, safe_load, save_text
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+SUMMARY = "summary.json"
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, MODEL, SUMMARY)
+
+
+class RunError(ExperimentError):
+    """The run cannot start or continue (bad output directory, diverged loss); one-line message."""
+
+
+@dataclass
+class Checkpoint:
+    """A training checkpoint. The field names are the keys of the saved dict, in the order they are
+    saved, so checkpoints written before this class existed load unchanged."""
+    model: dict                 # the model's state_dict
+    optimizer: dict             # optimizer.state_dict()
+    scheduler: dict             # scheduler.state_dict()
+    method: dict                # the sparse method's state (masks, and whatever else it keeps)
+    step: int                   # steps done; the data position is this step's place in its epoch
+    epoch: int = 0              # step // steps_per_epoch, for a reader
+    # The run's counters so far: best, running_loss, running_n, wall, metrics_lines (lines of
+    # metrics.jsonl that belong to this checkpoint), flops, last_masks. Older checkpoints lack some.
+    run: dict = field(default_factory=dict)
+    rng: dict = field(default_factory=dict)   # torch, python, python_gauss, cuda
+
+    REQUIRED = ("model", "optimizer", "scheduler", "method", "step", "rng")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> "Checkpoint":
+        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
+
+
+def check_flags(overwrite: bool, resume: bool) -> None:
+    """``--resume`` continues the run in a directory and ``--overwrite`` replaces it: never both."""
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
+
+
+class RunDir:
+    """A run directory at ``path``; the properties are the paths of its files."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    # -- the rules for an output directory ---------------------------------------------------------
+
+    def check_target(self, overwrite: bool, resume: bool = False) -> None:
+        """Refuse a directory that already holds a run, unless ``overwrite``; with ``resume`` the run
+        is meant to be there (`load_checkpoint` then says when its checkpoint is not)."""
+        check_flags(overwrite, resume)
+        if resume:
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"--out: {self.path} exists and is not a directory")
+        present = [f for f in RUN_FILES if (self.path / f).exists()]
+        if present and not overwrite:
+            raise RunError(f"--out: {self.path} already holds a run ({', '.join(present)}); choose another --out "
+                           "or pass --overwrite")
+
+    def prepare(self, overwrite: bool) -> None:
+        """Create the directory; with ``overwrite``, remove the previous run's files (and nothing else)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for f in RUN_FILES:
+                (self.path / f).unlink(missing_ok=True)
+
+    def remove_stale_tmp(self) -> None:
+        """Temporary files left by a write that a kill interrupted."""
+        for stale in self.path.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def is_finished(self) -> bool:
+        """A finished run: summary.json (written last) and config.yaml are there."""
+        return self.summary.is_file() and self.config.is_file()
+
+    # -- reading and writing -----------------------------------------------------------------------
+
+    def write_config(self, text: str) -> None:
+        save_text(text, self.config)
+
+    def read_metrics(self) -> list[str]:
+        """The lines of metrics.jsonl ([] when there is none)."""
+        return self.metrics.read_text(encoding="utf-8").splitlines() if self.metrics.is_file() else []
+
+    def write_metrics(self, lines: list[str]) -> None:
+        """All lines so far, rewritten at once: a resumed run drops the lines past its checkpoint."""
+        save_text("\n".join(lines) + "\n", self.metrics)
+
+    def write_model(self, state: dict[str, torch.Tensor]) -> None:
+        atomic_write(self.model, lambda tmp: torch.save(state, tmp))
+
+    def write_summary(self, summary: dict) -> None:
+        save_text(json.dumps(summary, indent=2) + "\n", self.summary)
+
+    def read_summary(self) -> dict:
+        return json.loads(self.summary.read_text(encoding="utf-8"))
+
+    def save_checkpoint(self, ckpt: Checkpoint) -> None:
+        save_checkpoint(self.checkpoint, ckpt)
+
+    def load_checkpoint(self, field: str = "--resume") -> Checkpoint:
+        return load_checkpoint(self.checkpoint, field)
+
+
+def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
+    state = ckpt.to_dict()
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, field: str = "--resume") -> Checkpoint:
+    """A training checkpoint, loaded weights-only (a pickle that would run code is refused)."""
+    if not path.is_file():
+        raise CheckpointError(f"{field}: {path} does not exist; there is no checkpoint to resume from")
+    obj = safe_load(path, field)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{field}: {path} holds a {type(obj).__name__}, not an nmtrain checkpoint")
+    missing = [k for k in Checkpoint.REQUIRED if k not in obj]
+    if missing:
+        raise CheckpointError(f"{field}: {path} is not an nmtrain training checkpoint (missing {', '.join(missing)})")
+    if isinstance(obj["step"], bool) or not isinstance(obj["step"], int) or obj["step"] < 0:
+        raise CheckpointError(f"{field}: {path} has step {obj['step']!r}, not a non-negative integer")
+    return Checkpoint.from_dict(obj)

@@ -1,0 +1,136 @@
+"""experiments/rundir.py owns the run directory: its rules, the checkpoint's keys, and the file names."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmtrain.experiments.io import CheckpointError
+from nmtrain.experiments.rundir import RUN_FILES, Checkpoint, RunDir, RunError, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_empty_or_missing_directory_is_a_target(tmp_path):
+    RunDir(tmp_path / "new").check_target(overwrite=False)
+    RunDir(tmp_path).check_target(overwrite=False)
+    (tmp_path / "notes.txt").write_text("not a run file")
+    RunDir(tmp_path).check_target(overwrite=False)
+
+
+def test_occupied_directory_is_refused_unless_overwrite(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(RunError, match=r"already holds a run \(metrics.jsonl\); choose another --out or pass "
+                                       r"--overwrite"):
+        RunDir(tmp_path).check_target(overwrite=False)
+    RunDir(tmp_path).check_target(overwrite=True)
+    file = tmp_path / "f"
+    file.write_text("")
+    with pytest.raises(RunError, match="exists and is not a directory"):
+        RunDir(file).check_target(overwrite=False)
+
+
+def test_overwrite_removes_the_run_files_and_nothing_else(tmp_path):
+    for name in RUN_FILES:
+        (tmp_path / name).write_text("old")
+    (tmp_path / "notes.txt").write_text("mine")
+    RunDir(tmp_path).prepare(overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_resume_and_overwrite_together_are_refused_and_resume_needs_a_checkpoint(tmp_path):
+    with pytest.raises(RunError, match="--resume and --overwrite: choose one"):
+        RunDir(tmp_path).check_target(overwrite=True, resume=True)
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    RunDir(tmp_path).check_target(overwrite=False, resume=True)       # an occupied directory is the point
+    with pytest.raises(CheckpointError, match="there is no checkpoint to resume from"):
+        RunDir(tmp_path).load_checkpoint()
+
+
+def _full_checkpoint() -> Checkpoint:
+    return Checkpoint(model={"w": torch.arange(4.0)}, optimizer={"state": {}, "param_groups": []},
+                      scheduler={"last_epoch": 3}, method={"masks": {"fc": torch.ones(2, 2, dtype=torch.bool)}},
+                      step=3, epoch=1, run={"best": 50.0, "metrics_lines": 1},
+                      rng={"torch": torch.get_rng_state(), "python": [1, 2], "python_gauss": None, "cuda": []})
+
+
+def test_checkpoint_round_trip_keeps_every_key(tmp_path):
+    ckpt = _full_checkpoint()
+    rd = RunDir(tmp_path)
+    rd.save_checkpoint(ckpt)
+    raw = torch.load(rd.checkpoint, weights_only=True)
+    assert list(raw) == ["model", "optimizer", "scheduler", "method", "step", "epoch", "run", "rng"]
+    back = rd.load_checkpoint()
+    assert (back.step, back.epoch, back.run, back.scheduler) == (3, 1, {"best": 50.0, "metrics_lines": 1},
+                                                                 {"last_epoch": 3})
+    assert back.optimizer == ckpt.optimizer and torch.equal(back.model["w"], ckpt.model["w"])
+    assert torch.equal(back.method["masks"]["fc"], ckpt.method["masks"]["fc"])
+    assert torch.equal(back.rng["torch"], ckpt.rng["torch"]) and back.rng["python"] == [1, 2]
+    assert not list(tmp_path.glob(".*.tmp"))                  # written atomically
+
+
+def test_a_checkpoint_written_by_the_old_code_loads(tmp_path):
+    # What the runner saved before rundir.py existed: a plain dict with these literal keys.
+    old = {"model": {"w": torch.ones(2)}, "optimizer": {}, "scheduler": {}, "method": {}, "step": 7, "epoch": 1,
+           "run": {"best": 12.5}, "rng": {"torch": torch.get_rng_state(), "python": [0], "python_gauss": None,
+                                          "cuda": []}}
+    torch.save(old, tmp_path / "checkpoint.pt")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt.step == 7 and ckpt.epoch == 1 and ckpt.run == {"best": 12.5} and torch.equal(ckpt.model["w"],
+                                                                                            torch.ones(2))
+    del old["run"], old["epoch"]          # the oldest checkpoints carry no counters
+    torch.save(old, tmp_path / "checkpoint.pt")
+    assert RunDir(tmp_path).load_checkpoint().run == {}
+    del old["rng"]
+    torch.save(old, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"not an nmtrain training checkpoint \(missing rng\)"):
+        RunDir(tmp_path).load_checkpoint()
+
+
+def test_summary_and_finished(tmp_path):
+    rd = RunDir(tmp_path)
+    assert not rd.is_finished()
+    rd.write_config("name: x\n")
+    rd.write_summary({"final_accuracy": 1.0})
+    assert rd.is_finished() and rd.read_summary() == {"final_accuracy": 1.0}
+    assert rd.summary.read_text().endswith("}\n")
+
+
+_RUN_FILE = re.compile(r"(config\.yaml|metrics\.jsonl|checkpoint\.pt|model\.pt|summary\.json)")
+
+
+def _code_strings(tree: ast.AST):
+    """String literals that are code: not docstrings, not a CLI option's ``help=`` text (both documentation)."""
+    docs, helps = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docs.add(id(first.value))
+        if isinstance(node, ast.keyword) and node.arg == "help":
+            helps.update(id(n) for n in ast.walk(node.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs | helps:
+            yield node
+
+
+def test_no_module_but_rundir_names_a_run_file():
+    offenders = []
+    for folder in ("experiments", "cli", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.name == "rundir.py":
+                continue
+            for node in _code_strings(ast.parse(path.read_text(encoding="utf-8"))):
+                if _RUN_FILE.search(node.value):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert not offenders, "run file names belong to experiments/rundir.py:\n" + "\n".join(offenders)
+
+
+def test_no_module_imports_the_runners_helpers():
+    for path in sorted((ROOT / "experiments").rglob("*.py")) + sorted((ROOT / "cli").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("runner"):
+                names = {a.name for a in node.names}
+                assert names <= {"train", "Interrupted", "RunResult", "summary_table"}, (path, names)
