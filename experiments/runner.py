@@ -12,6 +12,10 @@ routes the sparse layers' forward through the method found by name, and records 
     DIR/summary.json     method, pattern, accuracies, wall time, sparse layers, training FLOPs, accel, and
                          the model's builder (model.name, its source file or library, its arguments)
 
+The run goes in named phases, each a function below: `_build` (spec → device, data, model, layer
+plan, schedule length), `_equip` (with the method attached: optimizer, scheduler, FLOP counter),
+`_start` or `_restore`, `_loop` (`_train_step`, then `_after_step`: `_evaluate_step` and
+`_checkpoint` at their intervals) and `_finish` (fold the masks, write model.pt and summary.json).
 File names and checkpoint keys are `rundir.py`'s. Every file is written to a temporary name and
 renamed, so a killed run never leaves half a file.
 
@@ -40,7 +44,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import os
@@ -55,11 +59,12 @@ from torch.nn import functional as F
 from ..data.loaders import set_epoch
 from ..sparsity import Pattern, fold_mask, nm_violation
 from .io import CheckpointError, _first_line, load_state_dict, state_dict_mismatch
-from .build import build, layer_plan, resolve_device, validate
+from .build import Built, build, layer_plan, resolve_device, validate
 from .evaluate import evaluate
 from .methods import attach, get_method, params_dict  # noqa: F401  (get_method: tests build a method here)
 from .methods.ste import change_rate
-from .models import builder_record, resolve_builder
+from .layers import LayerPlan
+from .models import builder_record
 from .flops import FlopCounter, macs_per_sample
 from .rundir import Checkpoint, RunDir, RunError, check_flags, save_checkpoint
 from .spec import Spec, SpecError, dump_spec
@@ -211,13 +216,82 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
         dist.destroy_process_group()
 
 
+@dataclass
+class Run:
+    """One training run in progress: what `_build` made from the spec, the method and optimizer that
+    `_equip` adds once the method is attached, and the counters a checkpoint keeps."""
+    spec: Spec
+    rd: RunDir
+    device: torch.device
+    world: int                      # processes (1 unless launched by torchrun)
+    main: bool                      # rank 0: the one process that writes and prints
+    built: Built                    # datasets, loaders, model
+    plan: LayerPlan
+    pattern: Pattern
+    method_cls: type
+    params: object                  # the method's parameters, parsed
+    steps_per_epoch: int
+    total_steps: int
+    method: object = None
+    net: nn.Module = None           # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer = None
+    scheduler: object = None
+    flops: FlopCounter = None
+    step: int = 0
+    best: float = -1.0
+    running_loss: float = 0.0       # train loss summed since the last eval, over running_n samples
+    running_n: int = 0
+    wall_before: float = 0.0        # seconds trained before this process (a resumed run)
+    start: float = 0.0              # perf_counter when this process started training
+    metrics_lines: list[str] = field(default_factory=list)
+    last_masks: dict = field(default_factory=dict)      # the masks at the last eval
+    last_ckpt_step: int | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.built.model
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.start
+
+    def diverged(self, step: int, what: str) -> RunError:
+        return _diverged(step, what, self.rd.path, self.last_ckpt_step)
+
+
 def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, checked: bool = False) -> RunResult:
+    run, ckpt = _build(spec, overwrite, resume, checked)
+    # The sparse layers' forward runs through the method until the block ends (before the fold in `_finish`).
+    with attach(run.method_cls, run.plan.sparse, run.pattern, run.params, layout=spec.sparsity.layout,
+                solver=spec.sparsity.solver, total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
+                accel=spec.accel, seed=spec.seed) as method:
+        _equip(run, method)
+        if ckpt is None:
+            _start(run, overwrite)
+        else:
+            _restore(run, ckpt)
+        _loop(run, console, progress)
+        wall = run.wall()
+        # Evaluate what a user deploys: the masks folded into plain weights.
+        final_masks = method.masks()
+        check_masks_agree(final_masks, run.device, run.step)
+    return _finish(run, final_masks, wall)
+
+
+# ------------------------------------------------------------------------------------------------
+# build, restore
+
+
+def _build(spec: Spec, overwrite: bool, resume: bool, checked: bool) -> tuple[Run, Checkpoint | None]:
+    """Spec → device, data, model with its starting weights, layer plan and schedule length; and the
+    checkpoint to resume from (None for a new run, whose directory is checked here)."""
     pattern, method_cls, params = validate(spec)
-    out = Path(spec.out)
-    rd = RunDir(out)
+    rd = RunDir(spec.out)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    main = rank == 0
     ckpt = None
     if resume:
         ckpt = rd.load_checkpoint()
@@ -230,8 +304,23 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     built = build(spec, augment=spec.data.augment, holdout=spec.data.holdout, rank=rank, world=world)
-    train_ds, info, train_loader, test_loader, model = (built.train_ds, built.info, built.train_loader,
-                                                        built.test_loader, built.model)
+    _load_weights(spec, rd, built.model, ckpt)
+    built.model.to(device)
+
+    # Methods with column groups (Bi-Mask's backward mask) need C_out % M == 0 like transposable ones.
+    plan_pattern = Pattern(pattern.n, pattern.m, pattern.transposable or method_cls.caps.needs_column_groups)
+    plan = layer_plan(spec, built, plan_pattern, device)
+    steps_per_epoch = len(built.train_loader)
+    total_steps = spec.train.epochs * steps_per_epoch
+    if spec.train.max_steps is not None:
+        total_steps = min(total_steps, spec.train.max_steps)
+    run = Run(spec, rd, device, world, rank == 0, built, plan, pattern, method_cls, params, steps_per_epoch,
+              total_steps)
+    return run, ckpt
+
+
+def _load_weights(spec: Spec, rd: RunDir, model: nn.Module, ckpt: Checkpoint | None) -> None:
+    """The checkpoint's weights when resuming, else ``model.init``'s when the spec names a file."""
     if spec.model.init and ckpt is None:
         state = load_state_dict(spec.model.init, field="model.init")
         problem = state_dict_mismatch(model.state_dict(), state)
@@ -244,215 +333,235 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
         except (RuntimeError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"--resume: {rd.checkpoint} does not match model {spec.model.name} of "
                                   f"{rd.config} ({_first_line(exc)})") from None
-    model.to(device)
 
-    # Methods with column groups (Bi-Mask's backward mask) need C_out % M == 0 like transposable ones.
-    plan_pattern = Pattern(pattern.n, pattern.m, pattern.transposable or method_cls.caps.needs_column_groups)
-    plan = layer_plan(spec, built, plan_pattern, device)
-    steps_per_epoch = len(train_loader)
-    total_steps = spec.train.epochs * steps_per_epoch
-    if spec.train.max_steps is not None:
-        total_steps = min(total_steps, spec.train.max_steps)
-    dense = not method_cls.caps.sparse
-    # The sparse layers' forward runs through the method until the block ends (before the fold below).
-    with attach(method_cls, plan.sparse, pattern, params, layout=spec.sparsity.layout, solver=spec.sparsity.solver,
-                total_steps=total_steps, steps_per_epoch=steps_per_epoch, accel=spec.accel,
-                seed=spec.seed) as method:
-        net = model
-        if distributed:   # after routing: DDP's forward then runs the method's sparse forward
-            net = nn.parallel.DistributedDataParallel(model,
-                                                      device_ids=[device.index] if device.type == "cuda" else None)
-        n_train = len(train_ds)
-        global_batch = spec.data.batch_size
 
-        optimizer = _optimizer(spec, model)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(spec, steps_per_epoch, total_steps))
-        sample = next(iter(test_loader))[0].to(device)
-        flops = FlopCounter(macs_per_sample(model, sample))
+def _equip(run: Run, method) -> None:
+    """What needs the attached method: the DDP wrapper, optimizer, schedule and FLOP counter."""
+    spec = run.spec
+    run.method, run.net = method, run.model
+    if run.distributed:   # after routing: DDP's forward then runs the method's sparse forward
+        run.net = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    run.optimizer = _optimizer(spec, run.model)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer,
+                                                      _lr_lambda(spec, run.steps_per_epoch, run.total_steps))
+    sample = next(iter(run.built.test_loader))[0].to(run.device)
+    run.flops = FlopCounter(macs_per_sample(run.model, sample))
+    run.last_masks = {k: v.clone() for k, v in method.masks().items()}
 
-        eval_every = spec.train.eval_interval or steps_per_epoch
-        ckpt_every = spec.train.checkpoint_interval or steps_per_epoch
-        metrics_lines: list[str] = []
-        best = -1.0
-        last_masks = {k: v.clone() for k, v in method.masks().items()}
-        running_loss, running_n = 0.0, 0
-        step = 0
-        wall_before = 0.0
-        last_ckpt_step: int | None = None
 
-        if ckpt is None:
-            # The resolved spec, with the method's parameters filled in, goes first: it names the run.
-            resolved = copy.deepcopy(spec)
-            resolved.method.params = params_dict(params)
-            if main:
-                rd.prepare(overwrite)
-                rd.write_config(dump_spec(resolved))
+def _start(run: Run, overwrite: bool) -> None:
+    """A new run: the resolved spec, with the method's parameters filled in, goes first: it names the run."""
+    resolved = copy.deepcopy(run.spec)
+    resolved.method.params = params_dict(run.params)
+    if run.main:
+        run.rd.prepare(overwrite)
+        run.rd.write_config(dump_spec(resolved))
+
+
+def _restore(run: Run, ckpt: Checkpoint) -> None:
+    """A resumed run: optimizer, schedule, method state, counters, metrics so far and RNG states."""
+    if run.main:
+        run.rd.remove_stale_tmp()
+    try:
+        run.optimizer.load_state_dict(ckpt.optimizer)
+        run.scheduler.load_state_dict(ckpt.scheduler)
+        run.method.load_state_dict(_to_device(ckpt.method, run.device))
+        counters = ckpt.run
+        run.step = ckpt.step
+        run.best = float(counters.get("best", -1.0))
+        run.running_loss, run.running_n = float(counters.get("running_loss", 0.0)), int(counters.get("running_n", 0))
+        run.wall_before = float(counters.get("wall", 0.0))
+        for key, value in counters.get("flops", {}).items():
+            setattr(run.flops, key, int(value))
+        if "last_masks" in counters:
+            run.last_masks = {k: v.to(run.device) for k, v in counters["last_masks"].items()}
         else:
-            if main:
-                rd.remove_stale_tmp()
-            try:
-                optimizer.load_state_dict(ckpt.optimizer)
-                scheduler.load_state_dict(ckpt.scheduler)
-                method.load_state_dict(_to_device(ckpt.method, device))
-                run = ckpt.run
-                step = ckpt.step
-                best = float(run.get("best", -1.0))
-                running_loss, running_n = float(run.get("running_loss", 0.0)), int(run.get("running_n", 0))
-                wall_before = float(run.get("wall", 0.0))
-                for key, value in run.get("flops", {}).items():
-                    setattr(flops, key, int(value))
-                if "last_masks" in run:
-                    last_masks = {k: v.to(device) for k, v in run["last_masks"].items()}
-                else:
-                    last_masks = {k: v.clone() for k, v in method.masks().items()}
-            except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
-                raise CheckpointError(f"--resume: {rd.checkpoint} does not fit the run in "
-                                      f"{rd.config} "
-                                      f"({_first_line(exc)})") from None
-            if step > total_steps:
-                raise CheckpointError(f"--resume: {rd.checkpoint} is at step {step}, past the run's "
-                                      f"{total_steps} steps")
-            done = rd.read_metrics()
-            metrics_lines = done[:int(ckpt.run.get("metrics_lines", len(done)))]
-            last_ckpt_step = step
-            _restore_rng(ckpt.rng)      # last: building the run above may draw from the global RNGs
+            run.last_masks = {k: v.clone() for k, v in run.method.masks().items()}
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"--resume: {run.rd.checkpoint} does not fit the run in {run.rd.config} "
+                              f"({_first_line(exc)})") from None
+    if run.step > run.total_steps:
+        raise CheckpointError(f"--resume: {run.rd.checkpoint} is at step {run.step}, past the run's "
+                              f"{run.total_steps} steps")
+    done = run.rd.read_metrics()
+    run.metrics_lines = done[:int(ckpt.run.get("metrics_lines", len(done)))]
+    run.last_ckpt_step = run.step
+    _restore_rng(ckpt.rng)      # last: building the run above may draw from the global RNGs
 
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
-                       TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress)
-        start = time.perf_counter()
 
-        def save_checkpoint() -> None:
-            nonlocal last_ckpt_step
-            if not _finite(model):
-                raise _diverged(step, "the weights are not finite", out, last_ckpt_step)
-            if not main:
-                last_ckpt_step = step
-                return
-            run = {"best": best, "running_loss": running_loss, "running_n": running_n,
-                   "wall": wall_before + time.perf_counter() - start, "metrics_lines": len(metrics_lines),
-                   "flops": {"forward": flops.forward, "backward_data": flops.backward_data,
-                             "backward_weight": flops.backward_weight, "dense_total": flops.dense_total},
-                   "last_masks": last_masks}
-            _save_checkpoint(rd.checkpoint, model, optimizer, scheduler, method, step,
-                             step // steps_per_epoch, run)
-            last_ckpt_step = step
+# ------------------------------------------------------------------------------------------------
+# the loop: step, evaluate, checkpoint
 
-        in_step = False
-        try:
-            with bar, _DeferSigint() as sigint:
-                task = bar.add_task(f"{spec.name} · {method_cls.name}", total=total_steps, completed=step,
-                                    loss=float("nan"), acc="–")
-                model.train()
-                while step < total_steps:
-                    epoch = step // steps_per_epoch
-                    set_epoch(train_loader, epoch, step - epoch * steps_per_epoch)
-                    for x, y in train_loader:
-                        if step >= total_steps:
-                            break
-                        in_step = True
-                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                        try:
-                            method.before_step(step)
-                        except ValueError:
-                            # a mask solver refuses non-finite weights: that is the divergence, say so
-                            if _finite(model):
-                                raise
-                            if step == 0:
-                                raise RunError("the starting weights are not finite (NaN/Inf); "
-                                               "check model.init") from None
-                            raise _diverged(step - 1, NOT_FINITE_AFTER_UPDATE, out, last_ckpt_step) from None
-                        if distributed:
-                            # Sum over this rank's share, scaled so that DDP's gradient average is the mean over
-                            # the global batch (exact also for the epoch's last, unevenly split batch).
-                            n_step = min(global_batch, n_train - (step % steps_per_epoch) * global_batch)
-                            loss_sum = F.cross_entropy(net(x), y, reduction="sum")
-                            loss = loss_sum * (world / n_step)
-                            stat = torch.stack([loss_sum.detach().double(),
-                                                torch.tensor(float(y.shape[0]), dtype=torch.float64, device=device)])
-                            dist.all_reduce(stat)
-                            step_loss, step_n = float(stat[0]) / float(stat[1]), n_step
-                        else:
-                            loss = F.cross_entropy(net(x), y)
-                            step_loss, step_n = loss.item(), y.shape[0]   # one host sync per step
-                        if not math.isfinite(step_loss):
-                            raise _diverged(step, f"loss is {step_loss}", out, last_ckpt_step)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        method.after_backward(step)
-                        optimizer.step()
-                        scheduler.step()
-                        method.after_step(step)
-                        flops.add_step(step_n, {n: method.densities(n, step) for n in method.ctx.layers})
-                        running_loss += step_loss * step_n
-                        running_n += step_n
-                        step += 1
-                        bar.update(task, advance=1, loss=step_loss)
 
-                        do_eval = step % eval_every == 0 or step == total_steps
-                        do_ckpt = step % ckpt_every == 0 or step == total_steps
-                        if (do_eval or do_ckpt) and not _finite(model):
-                            raise _diverged(step - 1, NOT_FINITE_AFTER_UPDATE, out, last_ckpt_step)
-                        if do_eval:
-                            acc, test_loss = evaluate(model, test_loader, device)
-                            masks = method.masks()
-                            check_masks_agree(masks, device, step)
-                            record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                                      "loss": running_loss / max(running_n, 1), "test_loss": test_loss, "accuracy": acc,
-                                      "lr": optimizer.param_groups[0]["lr"],
-                                      "mask_change_rate": change_rate(last_masks, masks)}
-                            record.update(method.metric_fields())
-                            events = method.pop_mask_events()
-                            if events:      # per recompute, for methods that recompute at intervals
-                                record["mask_recomputes"] = events
-                            last_masks = {k: v.clone() for k, v in masks.items()}
-                            running_loss, running_n = 0.0, 0
-                            best = max(best, acc)
-                            metrics_lines.append(json.dumps(record))
-                            if main:
-                                rd.write_metrics(metrics_lines)
-                            bar.update(task, acc=f"{acc:.2f}%")
-                        if do_ckpt:
-                            save_checkpoint()
-                        in_step = False
-                        if sigint.requested:
-                            raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            # At a step boundary the state is consistent: checkpoint it. Inside a step (a second Ctrl-C)
-            # the model may be half-updated: keep the last checkpoint.
-            if not in_step and last_ckpt_step != step:
-                save_checkpoint()
-            raise Interrupted(out, step, last_ckpt_step) from None
+def _loop(run: Run, console, progress: bool) -> None:
+    """Train from ``run.step`` to the last step. A first Ctrl-C is deferred to the end of the step,
+    which is then checkpointed; a second stops at once and keeps the last checkpoint."""
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress)
+    run.start = time.perf_counter()
+    in_step = False
+    try:
+        with bar, _DeferSigint() as sigint:
+            task = bar.add_task(f"{run.spec.name} · {run.method_cls.name}", total=run.total_steps,
+                                completed=run.step, loss=float("nan"), acc="–")
+            run.model.train()
+            while run.step < run.total_steps:
+                epoch = run.step // run.steps_per_epoch    # a resumed epoch skips the batches already done
+                set_epoch(run.built.train_loader, epoch, run.step - epoch * run.steps_per_epoch)
+                for x, y in run.built.train_loader:
+                    if run.step >= run.total_steps:
+                        break
+                    in_step = True
+                    step_loss = _train_step(run, x, y)
+                    bar.update(task, advance=1, loss=step_loss)
+                    acc = _after_step(run)
+                    if acc is not None:
+                        bar.update(task, acc=f"{acc:.2f}%")
+                    in_step = False
+                    if sigint.requested:
+                        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        # At a step boundary the state is consistent: checkpoint it. Inside a step (a second Ctrl-C)
+        # the model may be half-updated: keep the last checkpoint.
+        if not in_step and run.last_ckpt_step != run.step:
+            _checkpoint(run)
+        raise Interrupted(run.rd.path, run.step, run.last_ckpt_step) from None
 
-        wall = wall_before + time.perf_counter() - start
-        # Evaluate what a user deploys: the masks folded into plain weights.
-        final_masks = method.masks()
-        check_masks_agree(final_masks, device, step)
+
+def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One optimizer step on the batch (x, y); returns its train loss."""
+    step, method = run.step, run.method
+    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    _before_step(run)
+    loss, step_loss, step_n = _loss(run, x, y)
+    if not math.isfinite(step_loss):
+        raise run.diverged(step, f"loss is {step_loss}")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    method.after_backward(step)
+    run.optimizer.step()
+    run.scheduler.step()
+    method.after_step(step)
+    run.flops.add_step(step_n, {n: method.densities(n, step) for n in method.ctx.layers})
+    run.running_loss += step_loss * step_n
+    run.running_n += step_n
+    run.step += 1
+    return step_loss
+
+
+def _before_step(run: Run) -> None:
+    """The method's mask update; a mask solver refuses non-finite weights: that is the divergence, say so."""
+    try:
+        run.method.before_step(run.step)
+    except ValueError:
+        if _finite(run.model):
+            raise
+        if run.step == 0:
+            raise RunError("the starting weights are not finite (NaN/Inf); check model.init") from None
+        raise run.diverged(run.step - 1, NOT_FINITE_AFTER_UPDATE) from None
+
+
+def _loss(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """(loss to backpropagate, the step's mean train loss, samples in the step)."""
+    if not run.distributed:
+        loss = F.cross_entropy(run.net(x), y)
+        return loss, loss.item(), y.shape[0]   # one host sync per step
+    # Sum over this rank's share, scaled so that DDP's gradient average is the mean over the global
+    # batch (exact also for the epoch's last, unevenly split batch).
+    global_batch = run.spec.data.batch_size
+    n_step = min(global_batch, len(run.built.train_ds) - (run.step % run.steps_per_epoch) * global_batch)
+    loss_sum = F.cross_entropy(run.net(x), y, reduction="sum")
+    loss = loss_sum * (run.world / n_step)
+    stat = torch.stack([loss_sum.detach().double(),
+                        torch.tensor(float(y.shape[0]), dtype=torch.float64, device=run.device)])
+    dist.all_reduce(stat)
+    return loss, float(stat[0]) / float(stat[1]), n_step
+
+
+def _after_step(run: Run) -> float | None:
+    """Evaluate and checkpoint when their intervals (or the last step) come; returns the accuracy if evaluated."""
+    step, spe = run.step, run.steps_per_epoch
+    do_eval = step % (run.spec.train.eval_interval or spe) == 0 or step == run.total_steps
+    do_ckpt = step % (run.spec.train.checkpoint_interval or spe) == 0 or step == run.total_steps
+    if (do_eval or do_ckpt) and not _finite(run.model):
+        raise run.diverged(step - 1, NOT_FINITE_AFTER_UPDATE)
+    acc = _evaluate_step(run) if do_eval else None
+    if do_ckpt:
+        _checkpoint(run)
+    return acc
+
+
+def _evaluate_step(run: Run) -> float:
+    """Test accuracy and loss, one line of metrics.jsonl; the running train loss starts again."""
+    acc, test_loss = evaluate(run.model, run.built.test_loader, run.device)
+    masks = run.method.masks()
+    check_masks_agree(masks, run.device, run.step)
+    record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
+              "loss": run.running_loss / max(run.running_n, 1), "test_loss": test_loss, "accuracy": acc,
+              "lr": run.optimizer.param_groups[0]["lr"], "mask_change_rate": change_rate(run.last_masks, masks)}
+    record.update(run.method.metric_fields())
+    events = run.method.pop_mask_events()
+    if events:      # per recompute, for methods that recompute at intervals
+        record["mask_recomputes"] = events
+    run.last_masks = {k: v.clone() for k, v in masks.items()}
+    run.running_loss, run.running_n = 0.0, 0
+    run.best = max(run.best, acc)
+    run.metrics_lines.append(json.dumps(record))
+    if run.main:
+        run.rd.write_metrics(run.metrics_lines)
+    return acc
+
+
+def _checkpoint(run: Run) -> None:
+    """Everything `_restore` needs, at a step boundary (rank 0 writes; every rank checks the weights)."""
+    if not _finite(run.model):
+        raise run.diverged(run.step, "the weights are not finite")
+    if run.main:
+        f = run.flops
+        counters = {"best": run.best, "running_loss": run.running_loss, "running_n": run.running_n,
+                    "wall": run.wall(), "metrics_lines": len(run.metrics_lines),
+                    "flops": {"forward": f.forward, "backward_data": f.backward_data,
+                              "backward_weight": f.backward_weight, "dense_total": f.dense_total},
+                    "last_masks": run.last_masks}
+        _save_checkpoint(run.rd.checkpoint, run.model, run.optimizer, run.scheduler, run.method, run.step,
+                         run.step // run.steps_per_epoch, counters)
+    run.last_ckpt_step = run.step
+
+
+# ------------------------------------------------------------------------------------------------
+# finish
+
+
+def _finish(run: Run, final_masks: dict[str, torch.Tensor], wall: float) -> RunResult:
+    """Fold the masks into the weights, evaluate that model, write model.pt and summary.json."""
+    spec, method, info, pattern = run.spec, run.method, run.built.info, run.pattern
+    dense = not run.method_cls.caps.sparse
     sparse_layers = fold_masks(method.ctx.layers, final_masks, method.export_pattern, spec.sparsity.layout)
-    final_acc, final_loss = evaluate(model, test_loader, device)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if main:
-        rd.write_model(state)
-
+    final_acc, final_loss = evaluate(run.model, run.built.test_loader, run.device)
+    state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
+    if run.main:
+        run.rd.write_model(state)
     summary = {
-        "name": spec.name, "method": method_cls.name, "method_params": params_dict(params),
+        "name": spec.name, "method": run.method_cls.name, "method_params": params_dict(run.params),
         "pattern": None if dense else str(pattern), "density": 1.0 if dense else pattern.density,
-        "model": spec.model.name, "dataset": spec.data.dataset, "seed": spec.seed, "device": str(device),
+        "model": spec.model.name, "dataset": spec.data.dataset, "seed": spec.seed, "device": str(run.device),
         "builder": builder_record(spec.model.name, info.num_classes, info.in_channels, info.image_size,
                                   spec.model.width),
-        "final_accuracy": final_acc, "best_accuracy": max(best, final_acc), "final_test_loss": final_loss,
+        "final_accuracy": final_acc, "best_accuracy": max(run.best, final_acc), "final_test_loss": final_loss,
         "eval_split": "test" if spec.data.holdout is None else f"holdout ({spec.data.holdout} train samples)",
-        "epochs": round(step / steps_per_epoch, 4), "steps": step, "wall_seconds": wall,
-        "sparse_layers": sparse_layers, "skipped_layers": plan.skipped if not dense else {},
-        "train_flops": flops.summary(),
+        "epochs": round(run.step / run.steps_per_epoch, 4), "steps": run.step, "wall_seconds": wall,
+        "sparse_layers": sparse_layers, "skipped_layers": run.plan.skipped if not dense else {},
+        "train_flops": run.flops.summary(),
         "accel": method.accel_report() or {"mode": spec.accel, "sparse_layers": [], "fallback": {}},
     }
     summary.update(method.summary_fields())
-    if distributed:
-        summary["processes"] = world
-    if main:
-        rd.write_summary(summary)
-    return RunResult(out, summary)      # the caller shows it: `nmtrain train` a table, `compare` a line
+    if run.distributed:
+        summary["processes"] = run.world
+    if run.main:
+        run.rd.write_summary(summary)
+    return RunResult(run.rd.path, summary)      # the caller shows it: `nmtrain train` a table, `compare` a line
 
 
 @torch.no_grad()
