@@ -65,6 +65,29 @@ def _print_tables(title: str, reports: list, skipped: dict[str, str]) -> None:
         console.print(skipped_table)
 
 
+def _prune_with_progress(state: dict, pat, layout: str, solver: str, **select):
+    """`prune_state_dict` under a progress bar (per layer, and per tile for the transposable solvers) when
+    the model is large or the solver slow; ``select`` is the layer rule (include, exclude, keep first/last)."""
+    from ..sparsity import prune_state_dict
+
+    total_elements = sum(v.numel() for v in state.values())
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True,
+                        disable=total_elements < _PROGRESS_MIN_ELEMENTS and solver != "flow")
+    with progress:
+        layers = progress.add_task("layers", total=None)
+        tiles = progress.add_task("tiles", total=None, visible=False)
+
+        def on_layer(name: str, i: int, total: int) -> None:
+            progress.update(layers, description=name, completed=i, total=total)
+
+        def on_tiles(done: int, total: int) -> None:
+            progress.update(tiles, completed=done, total=total, visible=True)
+
+        extra = {"chunk_tiles": 256 if solver == "flow" else 1 << 16, "on_progress": on_tiles} if pat.transposable else {}
+        return prune_state_dict(state, pat, layout=layout, solver=solver, on_layer=on_layer, **select, **extra)
+
+
 @user_errors
 def prune(
     input: Path = typer.Argument(..., help="A state_dict file (.pt) or a run directory of `nmtrain train`."),
@@ -83,7 +106,7 @@ def prune(
 
     The weights are chosen by training's layer rule: the first and the last (the classifier) stay dense."""
     from ..experiments.io import load_state_dict, save_state_dict, save_text
-    from ..sparsity import LAYOUTS, list_solvers, parse_pattern, prune_state_dict
+    from ..sparsity import LAYOUTS, list_solvers, parse_pattern
 
     pat = parse_pattern(pattern, transposable=transposable)
     _check_choice("--solver", solver, [s.name for s in list_solvers()])
@@ -94,24 +117,9 @@ def prune(
         warm_up_seconds = _prepare_solver(state, pat, layout, solver, include or [], exclude or [],
                                           keep_first_dense, keep_last_dense)
 
-    total_elements = sum(v.numel() for v in state.values())
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=True,
-                        disable=total_elements < _PROGRESS_MIN_ELEMENTS and solver != "flow")
-    with progress:
-        layers = progress.add_task("layers", total=None)
-        tiles = progress.add_task("tiles", total=None, visible=False)
-
-        def on_layer(name: str, i: int, total: int) -> None:
-            progress.update(layers, description=name, completed=i, total=total)
-
-        def on_tiles(done: int, total: int) -> None:
-            progress.update(tiles, completed=done, total=total, visible=True)
-
-        extra = {"chunk_tiles": 256 if solver == "flow" else 1 << 16, "on_progress": on_tiles} if pat.transposable else {}
-        pruned, reports, skipped = prune_state_dict(
-            state, pat, layout=layout, solver=solver, include=include or (), exclude=exclude or (),
-            keep_first_dense=keep_first_dense, keep_last_dense=keep_last_dense, on_layer=on_layer, **extra)
+    pruned, reports, skipped = _prune_with_progress(state, pat, layout, solver, include=include or (),
+                                                    exclude=exclude or (), keep_first_dense=keep_first_dense,
+                                                    keep_last_dense=keep_last_dense)
 
     if not all(r.valid for r in reports):  # a solver bug must never reach a user's file
         bad = [r.name for r in reports if not r.valid]

@@ -294,8 +294,6 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
              out: str | Path | None = None, overwrite: bool = False, console=None,
              progress: bool = True) -> AdaPruneResult:
     """Run AdaPrune on ``source`` and write a run directory (model.pt, config.yaml, summary.json)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     start = time.perf_counter()
     settings.check()
     pattern = settings.pattern
@@ -308,94 +306,125 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
     torch.manual_seed(spec.seed)
     # no augmentation (calibration images are plain) and no holdout (AdaPrune reports test accuracy)
     built = build(spec, augment=False, holdout=None)
-    train_ds, info, test_loader, original = built.train_ds, built.info, built.test_loader, built.model
+    original = built.model
     _load_into(original, state, spec)
     original.to(device).eval()
     plan = layer_plan(spec, built, pattern, device)
     names = list(plan.sparse)
+    n_calib = min(settings.calib_samples, len(built.train_ds))
+    calib = calibration_images(built.train_ds, n_calib, spec.seed)
 
-    n_calib = min(settings.calib_samples, len(train_ds))
-    calib = calibration_images(train_ds, n_calib, spec.seed)
-    chunk = max(settings.batch, 256)
-
-    acc_original, _ = evaluate(original, test_loader, device)
-
+    acc = {"original": evaluate(original, built.test_loader, device)[0]}
     # Masks by magnitude, once, from the original weights (the same in both modes).
     orig_mods = dict(original.named_modules())
     masks = {name: make_mask(orig_mods[name].weight.detach(), pattern, layout, settings.solver) for name in names}
-
-    magnitude_model = copy.deepcopy(original)
-    mag_mods = dict(magnitude_model.named_modules())
-    with torch.no_grad():
-        for name in names:
-            w = mag_mods[name].weight
-            w.copy_(fold_mask(w, masks[name]))
-    acc_magnitude, _ = evaluate(magnitude_model, test_loader, device)
-    del magnitude_model
+    acc["magnitude"] = _masked_accuracy(original, masks, built.test_loader, device)
 
     pruned = copy.deepcopy(original)
-    pruned_mods = dict(pruned.named_modules())
-    generator = torch.Generator().manual_seed(spec.seed)
+    results = _reconstruct_layers(original, pruned, masks, calib, settings, layout, spec.seed, device,
+                                  console, progress)
+    bn = recalibrate_batchnorm(pruned, calib, spec.data.batch_size, device)
+    pruned.eval()
+    acc["adaprune"] = evaluate(pruned, built.test_loader, device)[0]
+    sparse_layers = _check_sparse(pruned, masks, pattern, layout)
+    summary = _summary(spec, source, settings, built.info, device, n_calib, bn, acc, results, sparse_layers,
+                       plan.skipped, time.perf_counter() - start)
+    _write(out, overwrite, pruned, spec, source, pattern, summary)
+    return AdaPruneResult(out, summary, results)
+
+
+def _masked_accuracy(original: nn.Module, masks: dict[str, torch.Tensor], loader, device: torch.device) -> float:
+    """Test accuracy of plain magnitude projection: ``original``'s weights with ``masks`` folded in."""
+    magnitude_model = copy.deepcopy(original)
+    mods = dict(magnitude_model.named_modules())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            w = mods[name].weight
+            w.copy_(fold_mask(w, mask))
+    return evaluate(magnitude_model, loader, device)[0]
+
+
+def _reconstruct_layers(original: nn.Module, pruned: nn.Module, masks: dict[str, torch.Tensor], calib: torch.Tensor,
+                        settings: AdaPruneSettings, layout: str, seed: int, device: torch.device, console,
+                        progress: bool) -> list[LayerResult]:
+    """Reconstruct every masked layer of ``pruned`` in place, one progress bar per layer."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    generator = torch.Generator().manual_seed(seed)
     results: list[LayerResult] = []
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("mse {task.fields[loss]:.3e}"), TimeElapsedColumn(), console=console,
                    disable=not progress)
     with bar:
-        for i, name in enumerate(names):
-            t0 = time.perf_counter()
-            mod = orig_mods[name]
-            w_orig = mod.weight.detach()
-            b_orig = None if mod.bias is None else mod.bias.detach()
-            x_orig = capture_inputs(original, mod, calib, chunk, device)
-            with torch.no_grad():
-                y = torch.cat([gemm(mod, x_orig[j:j + chunk], w_orig, b_orig)
-                               for j in range(0, x_orig.shape[0], chunk)])
-            x = capture_inputs(pruned, pruned_mods[name], calib, chunk, device) if settings.sequential else x_orig
-            if settings.sequential:
-                del x_orig
-            mask = masks[name]
-            plain = fold_mask(w_orig, mask)
-            init = add_back_pruned(w_orig, mask, pattern.m, layout) if settings.add_back else plain
-            task = bar.add_task(f"{name} ({i + 1}/{len(names)})", total=settings.iters, loss=float("nan"))
+        for i, name in enumerate(masks):
+            task = bar.add_task(f"{name} ({i + 1}/{len(masks)})", total=settings.iters, loss=float("nan"))
             every = max(settings.iters // 100, 1)
 
             def on_step(step: int, loss: float, _task=task, _every=every) -> None:
                 if (step + 1) % _every == 0 or step + 1 == settings.iters:
                     bar.update(_task, completed=step + 1, loss=loss)
 
-            small = device.type == "cpu" and 3 * step_macs(mod, x, settings.batch) < _SMALL_STEP_MACS
-            with torch.enable_grad(), _cpu_threads(1 if small else None):
-                w_new, b_new = reconstruct(mod, mask, init, x, y, settings.iters, settings.batch,
-                                           settings.lr_weight, settings.lr_bias, generator, on_step)
-            results.append(LayerResult(
-                name=f"{name}.weight", shape=tuple(w_orig.shape),
-                error_magnitude=relative_error(mod, x, y, plain, b_orig, chunk),
-                error_init=relative_error(mod, x, y, init, b_orig, chunk),
-                error_adaprune=relative_error(mod, x, y, w_new, b_new, chunk),
-                seconds=time.perf_counter() - t0))
-            with torch.no_grad():
-                target = pruned_mods[name]
-                target.weight.copy_(w_new)
-                if b_new is not None:
-                    target.bias.copy_(b_new)
-            del x, y
+            results.append(_reconstruct_layer(original, pruned, name, masks[name], calib, settings, layout,
+                                              generator, device, on_step))
+    return results
 
-    bn = recalibrate_batchnorm(pruned, calib, spec.data.batch_size, device)
-    pruned.eval()
-    acc_adaprune, _ = evaluate(pruned, test_loader, device)
 
+def _reconstruct_layer(original: nn.Module, pruned: nn.Module, name: str, mask: torch.Tensor, calib: torch.Tensor,
+                       settings: AdaPruneSettings, layout: str, generator: torch.Generator, device: torch.device,
+                       on_step: Callable[[int, float], None]) -> LayerResult:
+    """Fit layer ``name`` of ``pruned`` under ``mask`` to the original layer's outputs on the calibration set
+    (its inputs taken from ``pruned`` in sequential mode, else from ``original``)."""
+    t0 = time.perf_counter()
+    chunk = max(settings.batch, 256)
+    mod, target = dict(original.named_modules())[name], dict(pruned.named_modules())[name]
+    w_orig = mod.weight.detach()
+    b_orig = None if mod.bias is None else mod.bias.detach()
+    x_orig = capture_inputs(original, mod, calib, chunk, device)
+    with torch.no_grad():
+        y = torch.cat([gemm(mod, x_orig[j:j + chunk], w_orig, b_orig) for j in range(0, x_orig.shape[0], chunk)])
+    x = capture_inputs(pruned, target, calib, chunk, device) if settings.sequential else x_orig
+    if settings.sequential:
+        del x_orig
+    plain = fold_mask(w_orig, mask)
+    init = add_back_pruned(w_orig, mask, settings.pattern.m, layout) if settings.add_back else plain
+    small = device.type == "cpu" and 3 * step_macs(mod, x, settings.batch) < _SMALL_STEP_MACS
+    with torch.enable_grad(), _cpu_threads(1 if small else None):
+        w_new, b_new = reconstruct(mod, mask, init, x, y, settings.iters, settings.batch,
+                                   settings.lr_weight, settings.lr_bias, generator, on_step)
+    result = LayerResult(
+        name=f"{name}.weight", shape=tuple(w_orig.shape),
+        error_magnitude=relative_error(mod, x, y, plain, b_orig, chunk),
+        error_init=relative_error(mod, x, y, init, b_orig, chunk),
+        error_adaprune=relative_error(mod, x, y, w_new, b_new, chunk),
+        seconds=time.perf_counter() - t0)
+    with torch.no_grad():
+        target.weight.copy_(w_new)
+        if b_new is not None:
+            target.bias.copy_(b_new)
+    return result
+
+
+def _check_sparse(pruned: nn.Module, masks: dict[str, torch.Tensor], pattern: Pattern, layout: str) -> dict:
+    """summary.json's ``sparse_layers``, after checking that every reconstructed weight keeps its mask."""
+    mods = dict(pruned.named_modules())
     sparse_layers = {}
-    for name in names:
-        w = pruned_mods[name].weight.detach()
+    for name, mask in masks.items():
+        w = mods[name].weight.detach()
         problem = nm_violation(w, pattern, layout)
-        if problem is not None or bool((w[~masks[name]] != 0).any()):
+        if problem is not None or bool((w[~mask] != 0).any()):
             raise RuntimeError(f"internal error: {name}.weight breaks {pattern} after AdaPrune: {problem}")
-        sparse_layers[f"{name}.weight"] = {"pattern": str(pattern), "density": float(masks[name].float().mean()),
+        sparse_layers[f"{name}.weight"] = {"pattern": str(pattern), "density": float(mask.float().mean()),
                                            "transposable": pattern.transposable, "layout": layout}
-    wall = time.perf_counter() - start
+    return sparse_layers
 
-    lost = acc_original - acc_magnitude
-    summary = {
+
+def _summary(spec: Spec, source, settings: AdaPruneSettings, info, device: torch.device, n_calib: int, bn: bool,
+             acc: dict[str, float], results: list[LayerResult], sparse_layers: dict, skipped: dict,
+             wall: float) -> dict:
+    """summary.json of an AdaPrune run: the source, the settings, the three accuracies, per-layer errors."""
+    pattern, layout = settings.pattern, spec.sparsity.layout
+    lost = acc["original"] - acc["magnitude"]
+    return {
         "name": f"{spec.name}-adaprune", "method": "adaprune", "source": str(source),
         "pattern": str(pattern), "density": pattern.density, "transposable": pattern.transposable,
         "layout": layout, "model": spec.model.name, "dataset": spec.data.dataset, "seed": spec.seed,
@@ -405,16 +434,19 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
         "lr_weight": settings.lr_weight, "lr_bias": settings.lr_bias, "sequential": settings.sequential,
         "mode": "sequential" if settings.sequential else "parallel", "add_back": "group L1-preserving rescale" if settings.add_back else "none",
         "batchnorm_recalibrated": bn,
-        "accuracy_original": acc_original, "accuracy_magnitude": acc_magnitude, "accuracy_adaprune": acc_adaprune,
-        "final_accuracy": acc_adaprune,
-        "recovered": (acc_adaprune - acc_magnitude) / lost if lost > 0 else None,
+        "accuracy_original": acc["original"], "accuracy_magnitude": acc["magnitude"],
+        "accuracy_adaprune": acc["adaprune"],
+        "final_accuracy": acc["adaprune"],
+        "recovered": (acc["adaprune"] - acc["magnitude"]) / lost if lost > 0 else None,
         "wall_seconds": wall,
         "layers": {r.name: {"shape": list(r.shape), "error_magnitude": r.error_magnitude,
                             "error_init": r.error_init, "error_adaprune": r.error_adaprune, "seconds": r.seconds}
                    for r in results},
-        "sparse_layers": sparse_layers, "skipped_layers": plan.skipped,
+        "sparse_layers": sparse_layers, "skipped_layers": skipped,
     }
 
+
+def _write(out: Path, overwrite: bool, pruned: nn.Module, spec: Spec, source, pattern: Pattern, summary: dict) -> None:
     rd = RunDir(out)
     rd.prepare(overwrite)
     rd.write_model({k: v.detach().cpu() for k, v in pruned.state_dict().items()})
@@ -422,4 +454,3 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
     rd.write_config(f"# spec of the source model ({source}); AdaPrune {pattern.describe()} settings: {SUMMARY}\n"
                     + dump_spec(spec))
     rd.write_summary(summary)
-    return AdaPruneResult(out, summary, results)

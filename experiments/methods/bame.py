@@ -254,82 +254,54 @@ class BAME(Method):
 
     @torch.no_grad()
     def _update(self, step: int, scores: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> None:
-        m = self.pattern.m
-        layout, prm = self.ctx.layout, self.params
         frac = self.fraction_at(step)
         totals = {"blocks": 0, "frozen": 0, "scored": 0, "adapted": 0, "swaps": 0}
         self._scored_share = {}
         for name, mod in self.ctx.layers.items():
-            if name not in scores:
-                continue
-            g_full = scores[name]
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                # dW~ is no parameter gradient, so DDP does not average it: without this every rank
-                # would score its own mini-batch share and choose different blocks.
-                g_full = g_full.clone()
-                dist.all_reduce(g_full)
-                g_full /= dist.get_world_size()
-            mask = self._mask(name, mod)
-            w = to_matrix(mod.weight.detach(), layout).float()
-            g = to_matrix(g_full, layout).float()
-            e = to_matrix(mask, layout)
-            rows, k = w.shape
-            wg, gg, eg = w.reshape(rows, k // m, m), g.reshape(rows, k // m, m), e.reshape(rows, k // m, m)
-            scale = float(w.abs()[e].mean()) if bool(e.any()) else 0.0
-            scale = scale if scale > 0 else 1.0                             # a: mean |w| of kept weights
-            inf = torch.tensor(float("inf"), device=w.device)
-            prune_score = torch.where(eg, (wg * gg).abs(), inf)             # kept: |w g|
-            grow_score = torch.where(eg, -inf, gg.abs() * scale)            # pruned: |g| * a
-            ps, pi = prune_score.sort(-1)                                   # least salient kept first
-            gs, gi = grow_score.sort(-1, descending=True)                   # most salient pruned first
-            gain = gs[..., 0] - ps[..., 0]                                  # best swap per block
-
-            osc = self._osc[name].to(w.device)
-            frozen = osc >= prm.freeze_threshold
-            scored = ~frozen
-            n_scored = int(scored.sum())
-            want = math.ceil(frac * n_scored - 1e-9)
-            eligible = scored & (gain > 0)
-            selected = torch.zeros_like(eligible)
-            count = min(want, int(eligible.sum()))
-            if count > 0:
-                flat = torch.where(eligible, gain, -inf).reshape(-1)
-                selected.view(-1)[flat.topk(count).indices] = True
-
-            flip = torch.zeros_like(eg)
-            for t in range(prm.swaps_per_block):
-                do = (selected & (gs[..., t] - ps[..., t] > 0)).unsqueeze(-1)
-                flip |= torch.zeros_like(eg).scatter_(-1, pi[..., t:t + 1], do)
-                flip |= torch.zeros_like(eg).scatter_(-1, gi[..., t:t + 1], do)
-            swaps = flip.sum(-1).float() / 2                                # per block
-            new_e = eg ^ flip
-            grown = flip & ~eg
-
-            new_mask = from_matrix(new_e.reshape(rows, k), mask.shape, layout)
-            grown_w = from_matrix(grown.reshape(rows, k), mask.shape, layout)
-            if prm.regrow == "zero":
-                mod.weight.masked_fill_(grown_w, 0.0)                       # regrown weights restart at 0
-            if mod.weight.grad is not None:                                 # this step uses the new mask
-                g_now = current.get(name, g_full)
-                if g_now is not g_full and dist.is_available() and dist.is_initialized() \
-                        and dist.get_world_size() > 1:
-                    g_now = g_now.clone()
-                    dist.all_reduce(g_now)
-                    g_now /= dist.get_world_size()
-                mod.weight.grad.copy_(g_now * new_mask)
-            self._masks[name] = new_mask
-            self._osc[name] = prm.osc_decay * osc + swaps
-
-            blocks = rows * (k // m)
-            self._scored_share[name] = n_scored / blocks
-            totals["blocks"] += blocks
-            totals["frozen"] += int(frozen.sum())
-            totals["scored"] += n_scored
-            totals["adapted"] += int((swaps > 0).sum())
-            totals["swaps"] += int(swaps.sum())
+            if name in scores:
+                self._update_layer(name, mod, frac, scores[name], current, totals)
         self.updates += 1
         self.swaps_total += totals["swaps"]
         self.last = {"step": step, "fraction": frac, **totals}
+
+    def _update_layer(self, name: str, mod: nn.Module, frac: float, g_full: torch.Tensor,
+                      current: dict[str, torch.Tensor], totals: dict[str, int]) -> None:
+        """Swap kept and pruned weights in the chosen blocks of one layer; adds its counts to ``totals``."""
+        m = self.pattern.m
+        layout, prm = self.ctx.layout, self.params
+        # dW~ is no parameter gradient, so DDP does not average it: without this every rank would
+        # score its own mini-batch share and choose different blocks.
+        g_full = _rank_mean(g_full)
+        mask = self._mask(name, mod)
+        w = to_matrix(mod.weight.detach(), layout).float()
+        g = to_matrix(g_full, layout).float()
+        e = to_matrix(mask, layout)
+        rows, k = w.shape
+        eg = e.reshape(rows, k // m, m)
+        scale = float(w.abs()[e].mean()) if bool(e.any()) else 0.0
+        scale = scale if scale > 0 else 1.0                                 # a: mean |w| of kept weights
+        osc = self._osc[name].to(w.device)
+        frozen = osc >= prm.freeze_threshold
+        flip, n_scored = _block_swaps(w.reshape(rows, k // m, m), g.reshape(rows, k // m, m), eg, scale, frozen,
+                                      frac, prm.swaps_per_block)
+        swaps = flip.sum(-1).float() / 2                                    # per block
+        new_mask = from_matrix((eg ^ flip).reshape(rows, k), mask.shape, layout)
+        grown_w = from_matrix((flip & ~eg).reshape(rows, k), mask.shape, layout)
+        if prm.regrow == "zero":
+            mod.weight.masked_fill_(grown_w, 0.0)                           # regrown weights restart at 0
+        if mod.weight.grad is not None:                                     # this step uses the new mask
+            g_now = _rank_mean(current[name]) if name in current else g_full
+            mod.weight.grad.copy_(g_now * new_mask)
+        self._masks[name] = new_mask
+        self._osc[name] = prm.osc_decay * osc + swaps
+
+        blocks = rows * (k // m)
+        self._scored_share[name] = n_scored / blocks
+        totals["blocks"] += blocks
+        totals["frozen"] += int(frozen.sum())
+        totals["scored"] += n_scored
+        totals["adapted"] += int((swaps > 0).sum())
+        totals["swaps"] += int(swaps.sum())
 
     # --- results -----------------------------------------------------------------------------
     def masks(self):
@@ -381,3 +353,42 @@ class BAME(Method):
         self._first_phase = bool(state.get("first_phase", self.switch_step > 0))
         self._acc = {name: state["acc"][name].to(mod.weight.device)
                      for name, mod in self.ctx.layers.items() if name in state.get("acc", {})}
+
+
+def _rank_mean(t: torch.Tensor) -> torch.Tensor:
+    """``t`` averaged over the processes of a multi-process run (a new tensor); ``t`` itself otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def _block_swaps(wg: torch.Tensor, gg: torch.Tensor, eg: torch.Tensor, scale: float, frozen: torch.Tensor,
+                 frac: float, swaps_per_block: int) -> tuple[torch.Tensor, int]:
+    """Which entries flip, per (row, block, M) of weights ``wg``, scores ``gg`` and kept-mask ``eg``: in the
+    ``frac`` share of unfrozen blocks with the largest positive gain, the least salient kept weights swap
+    with the most salient pruned ones. Returns (flip, number of unfrozen blocks)."""
+    inf = torch.tensor(float("inf"), device=wg.device)
+    prune_score = torch.where(eg, (wg * gg).abs(), inf)             # kept: |w g|
+    grow_score = torch.where(eg, -inf, gg.abs() * scale)            # pruned: |g| * a
+    ps, pi = prune_score.sort(-1)                                   # least salient kept first
+    gs, gi = grow_score.sort(-1, descending=True)                   # most salient pruned first
+    gain = gs[..., 0] - ps[..., 0]                                  # best swap per block
+
+    scored = ~frozen
+    n_scored = int(scored.sum())
+    want = math.ceil(frac * n_scored - 1e-9)
+    eligible = scored & (gain > 0)
+    selected = torch.zeros_like(eligible)
+    count = min(want, int(eligible.sum()))
+    if count > 0:
+        flat = torch.where(eligible, gain, -inf).reshape(-1)
+        selected.view(-1)[flat.topk(count).indices] = True
+
+    flip = torch.zeros_like(eg)
+    for t in range(swaps_per_block):
+        do = (selected & (gs[..., t] - ps[..., t] > 0)).unsqueeze(-1)
+        flip |= torch.zeros_like(eg).scatter_(-1, pi[..., t:t + 1], do)
+        flip |= torch.zeros_like(eg).scatter_(-1, gi[..., t:t + 1], do)
+    return flip, n_scored
