@@ -148,3 +148,15 @@ def test_non_finite_weights_are_refused_not_guessed():
     w[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
         transposable_mask(w, 4, 8)
+
+
+def test_the_compiled_solver_leaves_torchs_thread_count_as_it_found_it():
+    # numba's OpenMP pool once raised torch's intra-op threads from 1 to the core count for the rest
+    # of the process, so a compare grid's later cells ran with other float sums than alone.
+    from nmtrain.sparsity.solvers import compiled
+    if not compiled.available():
+        pytest.skip("numba is not installed")
+    torch.set_num_threads(1)                   # conftest restores the suite's setting afterwards
+    keep, _ = compiled.solve_tiles(torch.rand(3000, 8, 8), 4, exact=True)
+    assert keep.shape == (3000, 8, 8)
+    assert torch.get_num_threads() == 1

@@ -340,8 +340,15 @@ def solve_tiles(scores: torch.Tensor, n: int, exact: bool) -> tuple[torch.Tensor
     keep = np.zeros((t, m, m), dtype=np.bool_)
     failed = np.zeros(t, dtype=np.bool_)
     if t:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        _solve(w.contiguous().numpy(), n, _EXACT if exact else _APPROX, keep, failed)
+        threads = torch.get_num_threads()
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            _solve(w.contiguous().numpy(), n, _EXACT if exact else _APPROX, keep, failed)
+        finally:
+            # numba's first parallel launch starts its OpenMP pool with every core, and the OpenMP
+            # runtime it shares with torch then reports that count to torch: a run limited to one
+            # thread silently went on with two (other float sums, other timings). Put torch back.
+            torch.set_num_threads(threads)
     return torch.from_numpy(keep).to(scores.device), torch.from_numpy(failed).to(scores.device)
 
 
