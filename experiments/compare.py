@@ -298,10 +298,7 @@ def plot_recomputes(series: dict, path: str, title: str) -> None:
 
 def _density_label(pattern: str) -> str:
     """'2:4' -> '2:4 (density 0.50)'; a pattern's colour in the plot stands for its density (-T included)."""
-    n, sep, m = pattern.partition(":")
-    if not sep or not (n.isdigit() and m.isdigit()):
-        return pattern
-    return f"{pattern} (density {int(n) / int(m):.2f})"
+    return pattern if pattern == "dense" else parse_pattern(pattern).describe()
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:

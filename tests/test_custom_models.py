@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import signal
 import sys
 
 import numpy as np
@@ -22,11 +21,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 from nmtrain.cli.main import app
-from nmtrain.experiments import runner as runner_module
 from nmtrain.experiments.flops import macs_per_sample
 from nmtrain.experiments.layers import NOT_CALLED, called_layers, plan_layers
 from nmtrain.experiments.models import ModelError, build_model
 from nmtrain.sparsity import Pattern, nm_violation
+
+from helpers import interrupt_at
 
 cli = CliRunner()
 
@@ -94,19 +94,6 @@ def _train(out, *args):
     return cli.invoke(app, ["train", *map(str, args), "--out", str(out)])
 
 
-def _interrupt_at(monkeypatch, at_step):
-    """A real SIGINT while step ``at_step`` (0-based) runs: the runner finishes it, checkpoints, exits 130."""
-    calls = {"n": 0}
-    original = runner_module.FlopCounter.add_step
-
-    def add_step(self, *args, **kwargs):
-        if calls["n"] == at_step:
-            signal.raise_signal(signal.SIGINT)
-        calls["n"] += 1
-        return original(self, *args, **kwargs)
-    monkeypatch.setattr(runner_module.FlopCounter, "add_step", add_step)
-
-
 def test_a_user_module_trains_resumes_and_prunes(tmp_path, usernet, monkeypatch):
     args = [*QUICK, "model.name=usernet:small", "--method", "srste", "--pattern", "2:4"]
     ref = _train(tmp_path / "ref", *args)
@@ -124,7 +111,7 @@ def test_a_user_module_trains_resumes_and_prunes(tmp_path, usernet, monkeypatch)
     # Ctrl-C in epoch 2, then --resume rebuilds the model from config.yaml's model.name alone.
     out = tmp_path / "cut"
     with monkeypatch.context() as m:
-        _interrupt_at(m, 10)
+        interrupt_at(m, 10)
         stopped = _train(out, *args)
     assert stopped.exit_code == 130 and not (out / "model.pt").exists()
     resumed = cli.invoke(app, ["train", "--resume", str(out), "--no-progress"])

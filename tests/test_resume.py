@@ -16,6 +16,8 @@ from nmtrain.cli.main import app
 from nmtrain.experiments import runner as runner_module
 from nmtrain.experiments.methods import list_methods
 
+from helpers import interrupt_at
+
 cli = CliRunner()
 QUICK = ["data.dataset=synthetic", "data.batch_size=64", "data.eval_batch_size=256", "model.name=mlp",
          "train.epochs=3", "optim.lr=0.05", "schedule.warmup_epochs=0", "train.eval_interval=3",
@@ -53,19 +55,6 @@ def _assert_same_run(a, b):
     assert config[0].pop("out") == str(a) and config[1].pop("out") == str(b) and config[0] == config[1]
 
 
-def _interrupt_at(monkeypatch, at_step):
-    """Send a real SIGINT while step ``at_step`` (0-based) is running."""
-    calls = {"n": 0}
-    original = runner_module.FlopCounter.add_step
-
-    def add_step(self, *args, **kwargs):
-        if calls["n"] == at_step:
-            signal.raise_signal(signal.SIGINT)
-        calls["n"] += 1
-        return original(self, *args, **kwargs)
-    monkeypatch.setattr(runner_module.FlopCounter, "add_step", add_step)
-
-
 @pytest.mark.parametrize("method", sorted(list_methods()))
 def test_ctrl_c_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, method):
     extra = _method_args(method)
@@ -73,7 +62,7 @@ def test_ctrl_c_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, me
     assert ref.exit_code == 0, ref.stderr
 
     with monkeypatch.context() as m:
-        _interrupt_at(m, 10)                  # inside epoch 2 (steps 8..15), between checkpoints 10 and 15
+        interrupt_at(m, 10)                  # inside epoch 2 (steps 8..15), between checkpoints 10 and 15
         stopped = _run(tmp_path / "cut", *extra)
     assert stopped.exit_code == 130, stopped.stderr + stopped.stdout
     out = tmp_path / "cut"
