@@ -34,12 +34,13 @@ def convert(
 ) -> None:
     """Convert between masked-dense, compressed N:M (safetensors) and semi-structured formats."""
     from ..experiments.convert import convert as run_convert, semi_structured_benchmark
-    from ..experiments.io import save_text
+    from ..experiments.io import check_output_file, save_text
 
     if to == "semi-structured":
-        report = semi_structured_benchmark(source, pattern, layout)
         dest = out if out is not None else (source / "semi-structured.json" if source.is_dir()
                                             else source.with_suffix(".semi-structured.json"))
+        check_output_file(dest, "--out")            # before the benchmark, not after it
+        report = semi_structured_benchmark(source, pattern, layout)
         table = Table(title=f"nmtrain convert → semi-structured 2:4 ({report['device']}, {report['dtype']}, "
                             f"batch {report['batch']})")
         for col in ("layer", "shape", "pattern", "dense", "2:4 sparse", "speedup", "max |diff|"):
@@ -50,7 +51,7 @@ def convert(
         console.print(table)
         for name, why in report["skipped"].items():
             console.print(f"skipped {name}: {why}")
-        save_text(json.dumps(report, indent=2) + "\n", dest)
+        save_text(json.dumps(report, indent=2) + "\n", dest, "--out")
         console.print(f"wrote {dest}")
         return
 

@@ -105,9 +105,15 @@ def prune(
     """Prune every eligible weight to N:M (or N:M-T) by magnitude; pruned entries become exact zeros.
 
     The weights are chosen by training's layer rule: the first and the last (the classifier) stay dense."""
-    from ..experiments.io import load_state_dict, save_state_dict, save_text
+    from ..experiments.io import check_output_file, load_state_dict, save_state_dict, save_text
     from ..sparsity import LAYOUTS, list_solvers, parse_pattern
 
+    # The outputs are checked before any work: a device, FIFO or directory there is refused, not replaced.
+    check_output_file(output, "--output")
+    if report is not None:
+        check_output_file(report, "--report")
+        if Path(report).absolute() == Path(output).absolute():
+            raise UsageError(f"--report: {report} is also --output; give the report its own file")
     pat = parse_pattern(pattern, transposable=transposable)
     _check_choice("--solver", solver, [s.name for s in list_solvers()])
     _check_choice("--layout", layout, list(LAYOUTS))
@@ -124,7 +130,7 @@ def prune(
     if not all(r.valid for r in reports):  # a solver bug must never reach a user's file
         bad = [r.name for r in reports if not r.valid]
         raise UsageError(f"internal check failed: masks of {', '.join(bad)} break {pat}; nothing written")
-    save_state_dict(pruned, output)
+    save_state_dict(pruned, output, "--output")
 
     _print_tables(f"nmtrain prune → {output}  ({pat.describe()}, layout {layout}"
                   + (f", solver {solver})" if pat.transposable else ")"), reports, skipped)
@@ -134,4 +140,4 @@ def prune(
     if report is not None:
         rows = [dict(vars(r), shape=list(r.shape)) for r in reports]
         save_text(json.dumps({"pattern": str(pat), "density": pat.density, "layout": layout, "solver": solver,
-                              "layers": rows, "skipped": skipped}, indent=2), report)
+                              "layers": rows, "skipped": skipped}, indent=2), report, "--report")

@@ -329,7 +329,7 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
     sparse_layers = _check_sparse(pruned, masks, pattern, layout)
     summary = _summary(spec, source, settings, built.info, device, n_calib, bn, acc, results, sparse_layers,
                        plan.skipped, time.perf_counter() - start)
-    _write(out, overwrite, pruned, spec, source, pattern, summary)
+    _write(out, pruned, spec, source, pattern, summary)
     return AdaPruneResult(out, summary, results)
 
 
@@ -446,11 +446,11 @@ def _summary(spec: Spec, source, settings: AdaPruneSettings, info, device: torch
     }
 
 
-def _write(out: Path, overwrite: bool, pruned: nn.Module, spec: Spec, source, pattern: Pattern, summary: dict) -> None:
-    rd = RunDir(out)
-    rd.prepare(overwrite)
-    rd.write_model({k: v.detach().cpu() for k, v in pruned.state_dict().items()})
-    # The source's spec names model and data; AdaPrune's own settings are in summary.json.
-    rd.write_config(f"# spec of the source model ({source}); AdaPrune {pattern.describe()} settings: {SUMMARY}\n"
-                    + dump_spec(spec))
-    rd.write_summary(summary)
+def _write(out: Path, pruned: nn.Module, spec: Spec, source, pattern: Pattern, summary: dict) -> None:
+    # Held while written, and all or nothing: a failed write (a full disk) removes the files before it.
+    with RunDir(out).writing() as rd:
+        rd.write_model({k: v.detach().cpu() for k, v in pruned.state_dict().items()})
+        # The source's spec names model and data; AdaPrune's own settings are in summary.json.
+        rd.write_config(f"# spec of the source model ({source}); AdaPrune {pattern.describe()} settings: {SUMMARY}\n"
+                        + dump_spec(spec))
+        rd.write_summary(summary)

@@ -22,12 +22,13 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import yaml
 
 from ..sparsity import parse_pattern
 from . import accel as accel_mod
-from .io import atomic_write, save_text
+from .io import atomic_write, check_output_dir, check_output_file, save_text
 from .methods import get_method, params_dict
 from .build import validate
 from .rundir import RunDir
@@ -38,6 +39,8 @@ from .stats import mean, paired_test, std
 COLUMNS = ("method", "pattern", "density", "final_accuracy", "best_accuracy", "epochs", "seed", "flops_ratio",
            "wall_seconds", "mask_change_rate", "run_dir", "accel")
 
+
+RESULT_FILES = ("compare.csv", "compare.json", "compare.png", "mask_change.png")     # in the grid's directory
 
 SEED_COLUMNS = ("method", "pattern", "density", "n_seeds", "seeds", "final_accuracy_mean", "final_accuracy_std",
                 "best_accuracy_mean", "flops_ratio", "wall_seconds_mean", "mask_change_rate_mean",
@@ -174,6 +177,17 @@ def run_grid(cells: list[Cell], overwrite: bool = False, console=None, progress:
     return rows
 
 
+def check_grid_targets(out: Path, cells: list[Cell], overwrite: bool, reuse: bool) -> None:
+    """Every output of the grid, checked before the first cell trains: the table's files in the grid's
+    directory ``out``, and each cell's run directory (a finished run there is fine with ``reuse``)."""
+    check_output_dir(out, "--out")
+    for name in RESULT_FILES:
+        check_output_file(out / name, "--out")
+    for cell in cells:
+        if not (reuse and finished_run(cell.spec) is not None):
+            RunDir(cell.spec.out).check_target(overwrite)
+
+
 def is_baseline(row: dict) -> bool:
     """Whether a result row (one run, or one cell) is the dense baseline: its run recorded no pattern
     (summary.json's ``pattern`` is null exactly for methods that mask nothing, ``caps.sparse`` false)."""
@@ -241,19 +255,18 @@ def _seed_csv_row(row: dict) -> dict:
 def write_results(rows: list[dict], out: Path, title: str, seeds: bool = False) -> dict[str, Path]:
     """Single-seed grids write one row per run (``rows``); seeded grids (``seeds``) write the rows of
     :func:`aggregate` (one per method and pattern, per-seed rows under ``runs``)."""
-    out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SEED_COLUMNS if seeds else COLUMNS)
     writer.writeheader()
     writer.writerows([_seed_csv_row(r) for r in rows] if seeds else rows)
     paths = {"csv": out / "compare.csv", "json": out / "compare.json", "png": out / "compare.png"}
-    save_text(buf.getvalue(), paths["csv"])
-    save_text(json.dumps(rows, indent=2) + "\n", paths["json"])
-    atomic_write(paths["png"], lambda tmp: plot(rows, tmp, title))
+    save_text(buf.getvalue(), paths["csv"], "--out")
+    save_text(json.dumps(rows, indent=2) + "\n", paths["json"], "--out")
+    atomic_write(paths["png"], lambda fh: plot(rows, fh, title), "--out")
     series = recompute_series(rows)
     if series:
         paths["mask_change"] = out / "mask_change.png"
-        atomic_write(paths["mask_change"], lambda tmp: plot_recomputes(series, tmp, title))
+        atomic_write(paths["mask_change"], lambda fh: plot_recomputes(series, fh, title), "--out")
     return paths
 
 
@@ -272,7 +285,7 @@ def recompute_series(rows: list[dict]) -> dict[str, list[tuple[int, list[tuple[i
     return series
 
 
-def plot_recomputes(series: dict, path: str, title: str) -> None:
+def plot_recomputes(series: dict, path: str | IO[bytes], title: str) -> None:
     """Share of the mask that flips at each recompute, one line per run (colour per cell)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -301,7 +314,7 @@ def _density_label(pattern: str) -> str:
     return pattern if pattern == "dense" else parse_pattern(pattern).describe()
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def plot(rows: list[dict], path: str | IO[bytes], title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")              # no display: write files only
     import matplotlib.pyplot as plt

@@ -39,7 +39,7 @@ import torch
 from ..sparsity import (LAYOUTS, Pattern, fold_mask, from_matrix, nm_violation, parse_pattern, shape_violation,
                         to_matrix)
 from .errors import ExperimentError
-from .io import atomic_write, load_state_dict
+from .io import atomic_write, check_output_file, load_state_dict
 from .rundir import MODEL, SUMMARY, RunDir
 
 FORMAT = "nmtrain-nm-compressed"
@@ -349,21 +349,20 @@ def convert(source: str | os.PathLike, to: str, out: str | os.PathLike | None = 
     source = Path(source)
     if not source.exists():
         raise ConvertError(f"SOURCE: {source} does not exist")
-    loaded = load_source(source, pattern, layout)
     out = Path(out) if out is not None else default_out(source, to)
+    check_output_file(out, "--out")            # before any work: only a regular file is replaced
     if out.exists() and out.resolve() == (RunDir(source).model if source.is_dir() else source).resolve():
         raise ConvertError(f"--out: {out} is the source itself; choose another --out")
-    if out.is_dir():
-        raise ConvertError(f"--out: {out} is a directory; name a file")
+    loaded = load_source(source, pattern, layout)
     dense_bytes = sum(_nbytes(v) for v in loaded.state.values())
     if to == "compressed":
         tensors, metadata, lost = to_compressed(loaded)
-        from safetensors.torch import save_file
-        atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        from safetensors.torch import save
+        atomic_write(out, lambda fh: fh.write(save(tensors, metadata=metadata)), "--out")
         stored = sum(_nbytes(v) for v in tensors.values())
     else:
         state = {k: v.detach().contiguous() for k, v in loaded.state.items()}
-        atomic_write(out, lambda tmp: torch.save(state, tmp))
+        atomic_write(out, lambda fh: torch.save(state, fh), "--out")
         lost, stored = 0, dense_bytes
     return ConvertReport(out, _path_bytes(source), out.stat().st_size, dense_bytes, stored, loaded.layers, lost,
                          loaded.imported, loaded.skipped)

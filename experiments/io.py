@@ -3,16 +3,18 @@
 Checkpoints are loaded with ``torch.load(weights_only=True)``: a pickle that would run code, or that
 holds anything but tensors and plain containers, is refused. Everything nmtrain writes goes to a
 temporary file in the destination's directory first and is renamed over the destination only once
-complete, so an interrupted run never leaves a half-written file in place of a good one.
+complete, so an interrupted run never leaves a half-written file in place of a good one; and only a
+regular file is ever replaced (see "output targets" below).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -57,7 +59,8 @@ def load_state_dict(path: str | os.PathLike, field: str = "INPUT") -> dict[str, 
                                   "or a finished run directory")
         path = RunDir(path).model
     if not path.is_file():
-        raise CheckpointError(f"{field}: {path} does not exist")
+        raise CheckpointError(f"{field}: {path} " + (f"is {what_is(path)}, not a file" if path.exists()
+                                                    else "does not exist"))
     obj = safe_load(path, field)
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{field}: {path} holds a {type(obj).__name__}, not a state_dict of named tensors")
@@ -80,29 +83,164 @@ def state_dict_mismatch(model: dict[str, torch.Tensor], given: dict[str, torch.T
     return None if extra is None else f"the file has {extra}, which the model does not"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)``, then rename the finished file onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+# -- output targets -------------------------------------------------------------------------------
+# One mechanism for every file nmtrain writes: `check_output_file` / `check_output_dir` say before any
+# work whether a path can take the output (commands call them on their options first), and
+# `atomic_write` applies the same check again at write time, writes a temp file in the destination's
+# directory, gives it the mode a plain open() would, and renames it over the destination. A failure
+# (full disk, read-only directory) becomes one OutputError naming the path and the cause, with the temp
+# file and any directory the write created removed and an existing file at the path untouched.
+
+
+class OutputError(ExperimentError):
+    """An output path nmtrain cannot or must not write; one-line message naming the path and the fix."""
+
+
+# What sits at a path, in words. An output file replaces only a regular file: replacing anything else
+# would turn a device node, a FIFO or a socket into a regular file (as root on /dev/null that breaks
+# the machine).
+_NOT_A_FILE = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def what_is(path: str | os.PathLike) -> str:
+    """What sits at ``path`` (following symlinks), e.g. ``a FIFO (named pipe)``."""
+    mode = os.stat(path).st_mode
+    return next((name for test, name in _NOT_A_FILE if test(mode)), "an unknown kind of file")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable_dir(directory: Path, field: str, target: Path) -> None:
+    """The directory that will hold ``target`` (or its first existing ancestor, where the rest is to be
+    created) must be a directory this process may create files in."""
+    anchor = _existing_ancestor(directory)
+    if not anchor.is_dir():
+        raise OutputError(f"{field}: {target}: {anchor} is {what_is(anchor)}, not a directory; "
+                          "give a path under a directory")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only_fs(anchor) else "permission denied"
+        raise OutputError(f"{field}: {target}: cannot write in {anchor} ({why}); choose another path")
+
+
+def _read_only_fs(path: Path) -> bool:
     try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def check_output_file(path: str | os.PathLike, field: str) -> Path:
+    """Refuse an output file path that is anything but a regular file or nothing (a directory, device,
+    FIFO, socket), or that lies in a directory nobody can write; returns the path to write (a symlink's
+    target, as open() would write through it)."""
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    if os.path.exists(real):
+        mode = os.stat(real).st_mode
+        if not stat.S_ISREG(mode):
+            shown = path if real == path.absolute() else f"{path} (-> {real})"
+            raise OutputError(f"{field}: {shown} is {what_is(real)}; nmtrain writes only regular files: "
+                              "give a file path")
+    _check_writable_dir(real.parent, field, path)
+    return real
+
+
+def check_output_dir(path: str | os.PathLike, field: str) -> Path:
+    """Refuse an output directory path that exists as anything but a directory, or that cannot be
+    created or written in."""
+    path = Path(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f"{field}: {path} is {what_is(path)}, not a directory; "
+                          "give a directory path")
+    _check_writable_dir(path, field, path)
+    return path
+
+
+def make_dirs(path: Path, field: str) -> list[Path]:
+    """``mkdir -p path``; returns the directories it created (deepest last), for a failed write to remove."""
+    created = []
+    for parent in reversed([path, *path.parents]):
+        if not os.path.lexists(parent):
+            try:
+                parent.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                remove_dirs(created)
+                raise write_error(field, path, exc) from None
+            created.append(parent)
+    return created
+
+
+def remove_dirs(created: list[Path]) -> None:
+    for d in reversed(created):
+        try:
+            d.rmdir()                   # only when empty: never anything another writer put there
+        except OSError:
+            break
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (torch and safetensors wrap the one their writer hit)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def write_error(field: str, path: Path, exc: OSError) -> OutputError:
+    """One line for a failed write: the path and the cause in words (no space left, permission denied)."""
+    cause = (exc.strerror or str(exc)).lower() if exc.errno else str(exc)
+    return OutputError(f"{field}: cannot write {path}: {cause}; nothing was written")
+
+
+def _new_file_mode(real: Path) -> int:
+    """What a plain open() gives: an existing file keeps its mode, a new one gets 0o666 less the umask."""
+    if os.path.exists(real):
+        return stat.S_IMODE(os.stat(real).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], field: str = "output") -> None:
+    """Call ``write(fh)`` with a binary file open on a temp file beside ``path``, then rename it onto
+    ``path``; the target is checked first, and a failure leaves nothing behind."""
+    real = check_output_file(path, field)
+    created = make_dirs(real.parent, field)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
+    except OSError as exc:
+        remove_dirs(created)
+        raise write_error(field, Path(path), exc) from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        os.chmod(tmp, _new_file_mode(real))
+        os.replace(tmp, real)
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        remove_dirs(created)
+        cause = _os_error(exc) if isinstance(exc, Exception) else None
+        if cause is not None:
+            raise write_error(field, Path(path), cause) from None
         raise
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, field: str = "output") -> None:
+    atomic_write(path, lambda fh: torch.save(state, fh), field)
 
 
-def save_text(text: str, path: str | os.PathLike) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    atomic_write(path, write)
+def save_text(text: str, path: str | os.PathLike, field: str = "output") -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")), field)

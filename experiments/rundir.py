@@ -10,21 +10,31 @@ compare, convert and the CLI agree on them by construction::
     DIR/summary.json     what the run did; written last, so its presence means "finished"
 
 Every file is written to a temporary name and renamed (`io.atomic_write`), so a killed run never
-leaves half a file. The rules for an output directory: a directory holding any run file is refused
-unless ``--overwrite`` (which removes the run files, and only those) or ``--resume`` (which needs a
-checkpoint there); the two flags together are refused.
+leaves half a file. The rules for an output directory: a directory holding a run (a checkpoint, a
+model or a summary) is refused unless ``--overwrite`` (which removes the run files, and only those) or
+``--resume`` (which needs a checkpoint there); the two flags together are refused. A writer holds the
+directory (`RunDir.writing`, `RunDir.holding`): a second writer is refused, and a new run that fails
+before its first checkpoint removes what it wrote, so a directory holds a resumable run or nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from .errors import ExperimentError
-from .io import CheckpointError, atomic_write, safe_load, save_text
+from .io import (CheckpointError, atomic_write, check_output_dir, check_output_file, make_dirs, remove_dirs, safe_load,
+                 save_text)
+
+try:
+    import fcntl
+except ImportError:         # Windows
+    fcntl = None
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -32,6 +42,7 @@ CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 SUMMARY = "summary.json"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, MODEL, SUMMARY)
+PROGRESS_FILES = (CHECKPOINT, MODEL, SUMMARY)     # a run with one of these has something to resume or keep
 
 
 class RunError(ExperimentError):
@@ -99,23 +110,82 @@ class RunDir:
 
     def check_target(self, overwrite: bool, resume: bool = False) -> None:
         """Refuse a directory that already holds a run, unless ``overwrite``; with ``resume`` the run
-        is meant to be there (`load_checkpoint` then says when its checkpoint is not)."""
+        is meant to be there (`load_checkpoint` then says when its checkpoint is not). Every run file's
+        path is checked as an output (a directory or a device there is never replaced), and a directory
+        another nmtrain process is writing is refused whatever the flags."""
         check_flags(overwrite, resume)
+        check_output_dir(self.path, "--resume" if resume else "--out")
+        for name in RUN_FILES:                  # a resumed run rewrites them too
+            check_output_file(self.path / name, "--resume" if resume else "--out")
         if resume:
             return
-        if self.path.exists() and not self.path.is_dir():
-            raise RunError(f"--out: {self.path} exists and is not a directory")
         present = [f for f in RUN_FILES if (self.path / f).exists()]
-        if present and not overwrite:
+        if present and self.in_use():
+            raise RunError(f"--out: {self.path} is in use by another nmtrain process; wait for it to end or "
+                           "choose another --out")
+        # A run that stopped before its first checkpoint (killed, or a crash before its cleanup) left only
+        # config.yaml / metrics.jsonl: nothing to resume and nothing finished, so a new run replaces it.
+        if any(f in PROGRESS_FILES for f in present) and not overwrite:
             raise RunError(f"--out: {self.path} already holds a run ({', '.join(present)}); choose another --out "
                            "or pass --overwrite")
 
-    def prepare(self, overwrite: bool) -> None:
-        """Create the directory; with ``overwrite``, remove the previous run's files (and nothing else)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for f in RUN_FILES:
-                (self.path / f).unlink(missing_ok=True)
+    # -- holding the directory while writing -------------------------------------------------------
+    # An advisory lock (flock) on the directory itself, held by the one process that writes: a second
+    # writer is refused, and the kernel drops the lock when the holder dies, even by SIGKILL.
+
+    def _lock(self) -> int | None:
+        if fcntl is None:               # no flock (Windows): no protection against a second writer
+            return None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunError(f"--out: {self.path} is in use by another nmtrain process; wait for it to end or "
+                           "choose another --out") from None
+        return fd
+
+    def in_use(self) -> bool:
+        """Whether another process holds the directory (`writing` or `holding`)."""
+        if not self.path.is_dir():
+            return False
+        try:
+            fd = self._lock()
+        except RunError:
+            return True
+        if fd is not None:
+            os.close(fd)
+        return False
+
+    @contextlib.contextmanager
+    def holding(self):
+        """Hold the directory of an existing run (``--resume``) while it is written."""
+        fd = self._lock()
+        try:
+            self.remove_stale_tmp()
+            yield self
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Create the directory of a new run (after `check_target` allowed it) and hold it; the previous
+        run files go first. If the block fails before a checkpoint exists, everything it wrote is removed,
+        and the directory too when this created it: the directory then holds a resumable run or nothing."""
+        created = make_dirs(self.path, "--out")
+        try:
+            with self.holding():
+                for name in RUN_FILES:
+                    (self.path / name).unlink(missing_ok=True)
+                yield self
+        except BaseException:
+            if not self.checkpoint.is_file():
+                for name in RUN_FILES:
+                    (self.path / name).unlink(missing_ok=True)
+                self.remove_stale_tmp()
+                remove_dirs(created)
+            raise
 
     def remove_stale_tmp(self) -> None:
         """Temporary files left by a write that a kill interrupted."""
@@ -129,7 +199,7 @@ class RunDir:
     # -- reading and writing -----------------------------------------------------------------------
 
     def write_config(self, text: str) -> None:
-        save_text(text, self.config)
+        save_text(text, self.config, "--out")
 
     def read_metrics(self) -> list[str]:
         """The lines of metrics.jsonl ([] when there is none)."""
@@ -137,13 +207,13 @@ class RunDir:
 
     def write_metrics(self, lines: list[str]) -> None:
         """All lines so far, rewritten at once: a resumed run drops the lines past its checkpoint."""
-        save_text("\n".join(lines) + "\n", self.metrics)
+        save_text("\n".join(lines) + "\n", self.metrics, "--out")
 
     def write_model(self, state: dict[str, torch.Tensor]) -> None:
-        atomic_write(self.model, lambda tmp: torch.save(state, tmp))
+        atomic_write(self.model, lambda fh: torch.save(state, fh), "--out")
 
     def write_summary(self, summary: dict) -> None:
-        save_text(json.dumps(summary, indent=2) + "\n", self.summary)
+        save_text(json.dumps(summary, indent=2) + "\n", self.summary, "--out")
 
     def read_summary(self) -> dict:
         return json.loads(self.summary.read_text(encoding="utf-8"))
@@ -157,7 +227,7 @@ class RunDir:
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     state = ckpt.to_dict()
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda fh: torch.save(state, fh), "--out")
 
 
 def load_checkpoint(path: Path, field: str = "--resume") -> Checkpoint:

@@ -37,6 +37,7 @@ every rank are compared by checksum; a divergence raises RuntimeError naming the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -264,21 +265,24 @@ class Run:
 
 def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, checked: bool = False) -> RunResult:
     run, ckpt = _build(spec, overwrite, resume, checked)
-    # The sparse layers' forward runs through the method until the block ends (before the fold in `_finish`).
-    with attach(run.method_cls, run.plan.sparse, run.pattern, run.params, layout=spec.sparsity.layout,
-                solver=spec.sparsity.solver, total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
-                accel=spec.accel, seed=spec.seed) as method:
-        _equip(run, method)
-        if ckpt is None:
-            _start(run, overwrite)
-        else:
-            _restore(run, ckpt)
-        _loop(run, console, progress)
-        wall = run.wall()
-        # Evaluate what a user deploys: the masks folded into plain weights.
-        final_masks = method.masks()
-        check_masks_agree(final_masks, run.device, run.step)
-    return _finish(run, final_masks, wall)
+    # Rank 0 holds the directory while it writes; a new run that fails before its first checkpoint leaves nothing.
+    held = contextlib.nullcontext() if not run.main else run.rd.writing() if ckpt is None else run.rd.holding()
+    with held:
+        # The sparse layers' forward runs through the method until the block ends (before the fold in `_finish`).
+        with attach(run.method_cls, run.plan.sparse, run.pattern, run.params, layout=spec.sparsity.layout,
+                    solver=spec.sparsity.solver, total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
+                    accel=spec.accel, seed=spec.seed) as method:
+            _equip(run, method)
+            if ckpt is None:
+                _start(run)
+            else:
+                _restore(run, ckpt)
+            _loop(run, console, progress)
+            wall = run.wall()
+            # Evaluate what a user deploys: the masks folded into plain weights.
+            final_masks = method.masks()
+            check_masks_agree(final_masks, run.device, run.step)
+        return _finish(run, final_masks, wall)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,6 +298,7 @@ def _build(spec: Spec, overwrite: bool, resume: bool, checked: bool) -> tuple[Ru
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     ckpt = None
     if resume:
+        rd.check_target(overwrite, resume=True)     # the run files it will rewrite
         ckpt = rd.load_checkpoint()
     elif not checked:
         rd.check_target(overwrite)
@@ -350,19 +355,16 @@ def _equip(run: Run, method) -> None:
     run.last_masks = {k: v.clone() for k, v in method.masks().items()}
 
 
-def _start(run: Run, overwrite: bool) -> None:
+def _start(run: Run) -> None:
     """A new run: the resolved spec, with the method's parameters filled in, goes first: it names the run."""
     resolved = copy.deepcopy(run.spec)
     resolved.method.params = params_dict(run.params)
     if run.main:
-        run.rd.prepare(overwrite)
         run.rd.write_config(dump_spec(resolved))
 
 
 def _restore(run: Run, ckpt: Checkpoint) -> None:
     """A resumed run: optimizer, schedule, method state, counters, metrics so far and RNG states."""
-    if run.main:
-        run.rd.remove_stale_tmp()
     try:
         run.optimizer.load_state_dict(ckpt.optimizer)
         run.scheduler.load_state_dict(ckpt.scheduler)

@@ -16,9 +16,8 @@ def test_interrupted_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "a.pt"
     save_state_dict({"w": torch.ones(2)}, path)
 
-    def crash(tmp):
-        with open(tmp, "wb") as fh:
-            fh.write(b"half")
+    def crash(fh):
+        fh.write(b"half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

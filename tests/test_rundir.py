@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmtrain.experiments.io import CheckpointError
+from nmtrain.experiments.io import CheckpointError, OutputError
 from nmtrain.experiments.rundir import RUN_FILES, Checkpoint, RunDir, RunError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,13 +22,14 @@ def test_empty_or_missing_directory_is_a_target(tmp_path):
 
 def test_occupied_directory_is_refused_unless_overwrite(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(RunError, match=r"already holds a run \(metrics.jsonl\); choose another --out or pass "
+    (tmp_path / "checkpoint.pt").write_text("")
+    with pytest.raises(RunError, match=r"already holds a run \(metrics.jsonl, checkpoint.pt\); choose another --out or pass "
                                        r"--overwrite"):
         RunDir(tmp_path).check_target(overwrite=False)
     RunDir(tmp_path).check_target(overwrite=True)
     file = tmp_path / "f"
     file.write_text("")
-    with pytest.raises(RunError, match="exists and is not a directory"):
+    with pytest.raises(OutputError, match="is a regular file|not a directory"):
         RunDir(file).check_target(overwrite=False)
 
 
@@ -36,8 +37,36 @@ def test_overwrite_removes_the_run_files_and_nothing_else(tmp_path):
     for name in RUN_FILES:
         (tmp_path / name).write_text("old")
     (tmp_path / "notes.txt").write_text("mine")
-    RunDir(tmp_path).prepare(overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    with RunDir(tmp_path).writing():
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(ZeroDivisionError):
+        with RunDir(out).writing() as rd:
+            rd.write_config("name: x\n")
+            rd.write_metrics(["{}"])
+            1 / 0
+    assert list(tmp_path.iterdir()) == []                     # the directories it created went too
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ZeroDivisionError):
+        with RunDir(out).writing() as rd:
+            rd.save_checkpoint(_full_checkpoint())
+            1 / 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "notes.txt"]    # resumable: kept
+
+
+def test_a_directory_being_written_is_refused_to_a_second_writer(tmp_path):
+    with RunDir(tmp_path).writing() as rd:
+        rd.write_config("name: x\n")
+        with pytest.raises(RunError, match="is in use by another nmtrain process"):
+            RunDir(tmp_path).check_target(overwrite=True)
+        with pytest.raises(RunError, match="is in use by another nmtrain process"):
+            with RunDir(tmp_path).holding():
+                pass
+    RunDir(tmp_path).check_target(overwrite=False)   # config.yaml alone: a run killed before its checkpoint
 
 
 def test_resume_and_overwrite_together_are_refused_and_resume_needs_a_checkpoint(tmp_path):
