@@ -258,11 +258,11 @@ def test_bad_data_values_are_one_line_errors(tmp_path):
     root = write_imagefolder(tmp_path / "images")
     folder = ["data.dataset=imagefolder", f"data.root={root}", "model.name=mlp"]
     assert _fails(tmp_path, *folder, "data.image_size=4") == (
-        "data.image_size: must be 8 to 1024 pixels (null: the dataset's own size), got 4")
+        "data.image_size: must be in [8, 1024] pixels (null: the dataset's own size), got 4")
     assert _fails(tmp_path, *folder, "data.std=[0.2, 0.2, 0]") == (
-        "data.std: every value must be above 0 (it divides the pixels), got [0.2, 0.2, 0.0]")
+        "data.std: every value must be a finite number above 0 (it divides the pixels), got [0.2, 0.2, 0.0]")
     assert _fails(tmp_path, *folder, "data.mean=[0.5, .nan, 0.5]").startswith(
-        "data.mean: must be a list of finite numbers, one per image channel")
+        "data.mean: every value must be a finite number (one per image channel)")
     assert _fails(tmp_path, *folder, "data.mean=[0.5, 0.5]", "data.std=[0.2, 0.2, 0.2]") == (
         "data.mean, data.std: 2 and 3 values; give one of each per image channel")
     assert _fails(tmp_path, *folder, "data.mean=[0.5]", "data.image_size=16") == (
