@@ -18,10 +18,15 @@ def _split(text: str | None) -> list[str]:
 
 
 def _seeds(text: str) -> list[int]:
+    from ..experiments.spec import check_number
+
     try:
-        return [int(t) for t in _split(text)]
+        seeds = [int(t) for t in _split(text)]
     except ValueError:
         raise UsageError(f"--seeds: give comma-separated integers like 0,1,2, got {text!r}") from None
+    for seed in seeds:
+        check_number("sweep.seeds", seed, shown="--seeds")     # the rule of spec.seed and sweep.seeds
+    return seeds
 
 
 def _seeded_table(spec, seed_list: list[int], rows: list[dict]) -> None:

@@ -74,7 +74,7 @@ def resume_spec(run_dir: Path, args: list[str], method: str | None, pattern: str
         raise UsageError(f"--resume: takes the spec from {config}; drop {spec_path}")
     if out is not None and Path(out).resolve() != run_dir.resolve():
         raise UsageError(f"--out: {out} differs from --resume {run_dir}; a resumed run stays in its directory")
-    saved = read_yaml(config)
+    saved = read_yaml(config, "--resume")
     spec = _apply(copy.deepcopy(saved), [], None, None, None)
     if overrides or method is not None or pattern is not None:
         changed = _apply(copy.deepcopy(saved), overrides, method, pattern, None)

@@ -17,7 +17,7 @@ from . import accel as accel_mod
 from .layers import LayerPlan, called_layers, plan_layers
 from .methods import MethodError, build_params, get_method
 from .models import build_model, resolve_builder
-from .spec import Spec, SpecError
+from .spec import Spec, SpecError, check_values
 
 
 def validate(spec: Spec):
@@ -40,10 +40,7 @@ def validate(spec: Spec):
     if cls.caps.needs_transposable:
         pattern = Pattern(pattern.n, pattern.m, transposable=True)
     accel_mod.check_spec(spec.accel, cls, pattern)
-    if spec.train.epochs < 1:
-        raise SpecError("train.epochs: must be at least 1")
-    if spec.data.batch_size < 1:
-        raise SpecError("data.batch_size: must be at least 1")
+    check_values(spec)      # again, for a spec edited in code (compare's cells) rather than loaded
     resolve_builder(spec.model.name)       # imports a user's module, checks the builder's signature
     check_options(spec.data.dataset, spec.data.options())
     return pattern, cls, params

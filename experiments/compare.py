@@ -33,7 +33,7 @@ from .methods import get_method, params_dict
 from .build import validate
 from .rundir import RunDir
 from .runner import train
-from .spec import Spec, SpecError, from_dict, to_dict
+from .spec import Spec, SpecError, check_number, from_dict, read_yaml, to_dict
 from .stats import mean, paired_test, std
 
 COLUMNS = ("method", "pattern", "density", "final_accuracy", "best_accuracy", "epochs", "seed", "flops_ratio",
@@ -50,14 +50,15 @@ MAX_SEEDS = 100
 
 
 def check_seeds(seeds: list[int]) -> list[int]:
-    """Seeds for a multi-seed grid: distinct non-negative integers, at most MAX_SEEDS."""
+    """Seeds for a multi-seed grid: distinct integers within the seed rule (spec.RULES), at most MAX_SEEDS."""
     if not seeds:
         raise SpecError("sweep.seeds: give at least one seed, e.g. 0,1,2")
     if len(seeds) > MAX_SEEDS:
         raise SpecError(f"sweep.seeds: at most {MAX_SEEDS} seeds, got {len(seeds)}")
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 32:
-            raise SpecError(f"sweep.seeds: every seed is an integer in [0, 2^32), got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise SpecError(f"sweep.seeds: every seed is an integer, got {s!r}")
+        check_number("sweep.seeds", s)
     if len(set(seeds)) != len(seeds):
         raise SpecError(f"sweep.seeds: a seed is listed twice in {seeds}; give each once")
     return list(seeds)
@@ -146,7 +147,7 @@ def finished_run(cell: Spec) -> dict | None:
     resolved.method.params = params_dict(params)
     try:
         # Through the schema, so keys added since the run was written compare at their defaults.
-        saved = to_dict(from_dict(Spec, yaml.safe_load(rd.config.read_text(encoding="utf-8"))))
+        saved = to_dict(from_dict(Spec, read_yaml(rd.config)))
         summary = rd.read_summary()
     except (OSError, ValueError, yaml.YAMLError):     # SpecError is a ValueError
         return None

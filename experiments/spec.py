@@ -6,12 +6,21 @@ default filled in) is saved as ``config.yaml`` in the run directory, so a run ca
 Method parameters live under ``method.params`` and are checked against the chosen method's own
 dataclass (see ``experiments/methods``), so ``method.params.decay`` is valid for SR-STE but not for
 ``dense``.
+
+Two checks stand between hostile input and a run, one mechanism each:
+
+* every YAML nmtrain reads (a spec, an override's value, a run's config.yaml) goes through `load_yaml`:
+  one regular UTF-8 text file of bounded size, no key twice in a mapping, and a bounded number of
+  values and levels counted as if every alias were expanded (a "billion laughs" is refused, not built);
+* every number in a spec (and in a method's parameters) is checked against its meaning by one table,
+  `RULES`, when the YAML data becomes a dataclass: before anything is built or written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,11 +34,6 @@ from .errors import ExperimentError
 
 class SpecError(ExperimentError):
     """A spec that cannot be used; the one-line message names the field and the fix."""
-
-
-# data.image_size bounds: below 8 pixels little is left to convolve; the upper bound catches a typo (2240)
-# before it asks for a batch no memory holds (256 images of 3 x 1024 x 1024 floats are 3 GB already).
-IMAGE_SIZES = (8, 1024)
 
 
 @dataclass
@@ -56,21 +60,12 @@ class DataSpec:
     std: Optional[list[float]] = None
 
     def __post_init__(self) -> None:
-        # Checked where the spec is loaded, so a bad value stops a run before anything is built or written.
+        # The list's shape; each value's range is in RULES (data.mean, data.std).
         # Whether the dataset takes an option, and mean/std's length (its channel count), the dataset checks.
-        lo, hi = IMAGE_SIZES
-        if self.image_size is not None and not lo <= self.image_size <= hi:
-            raise SpecError(f"data.image_size: must be {lo} to {hi} pixels (null: the dataset's own size), "
-                            f"got {self.image_size}")
         for name in ("mean", "std"):
-            values = getattr(self, name)
-            if values is None:
-                continue
-            if not values or not all(math.isfinite(v) for v in values):
+            if getattr(self, name) == []:
                 raise SpecError(f"data.{name}: must be a list of finite numbers, one per image channel "
-                                f"(null: the dataset's own), got {values}")
-            if name == "std" and min(values) <= 0:
-                raise SpecError(f"data.std: every value must be above 0 (it divides the pixels), got {values}")
+                                "(null: the dataset's own), got []")
         if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
             raise SpecError(f"data.mean, data.std: {len(self.mean)} and {len(self.std)} values; give one of each "
                             "per image channel")
@@ -151,6 +146,138 @@ class Spec:
 
 
 # ---------------------------------------------------------------------------------------------
+# What each number may be: one table, checked when YAML data becomes a dataclass (`from_dict`)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The range a number must lie in; ``note`` says what it means or what null does, for the message.
+    Every float must also be finite: YAML reads .nan and .inf, and float("nan") takes the string."""
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False       # lo itself is out (a width of 0)
+    hi_open: bool = False       # hi itself is out (momentum 1.0, seed 2**63)
+    note: str = ""
+
+    def allows(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return ((value > self.lo if self.lo_open else value >= self.lo)
+                and (value < self.hi if self.hi_open else value <= self.hi))
+
+    def says(self) -> str:
+        lo, hi = _shown(self.lo), _shown(self.hi)
+        if self.hi == math.inf:
+            return "" if self.lo == -math.inf else f"above {lo}" if self.lo_open else f"at least {lo}"
+        return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+def _shown(x: float) -> str:
+    if isinstance(x, int) and x >= 2 ** 32 and x & (x - 1) == 0:
+        return f"2**{x.bit_length() - 1}"
+    return f"{x:g}"
+
+
+def at_least(lo: int, note: str = "") -> Rule:
+    return Rule(lo=lo, note=note)
+
+
+def above(lo: float, note: str = "") -> Rule:
+    return Rule(lo=lo, lo_open=True, note=note)
+
+
+# torch.manual_seed and torch.Generator take seeds below 2**64, random.seed any integer; the runner and the
+# data add small offsets (seed + epoch for each epoch's shuffle, seed + 1 for the test subset), so a seed
+# below 2**63 leaves them room.
+SEED = Rule(lo=0, hi=2 ** 63, hi_open=True)
+FRACTION = Rule(lo=0, hi=1, note="(a fraction of the total steps)")
+STEPS = at_least(1, "(steps)")
+
+# Keyed by the dotted field path. ``method.params.NAME`` is that parameter in every method that has it
+# (experiments/methods/*.py): a parameter's name means the same in each. A float without an entry must
+# still be finite; tests/test_hostile.py checks that every numeric field has one.
+RULES: dict[str, Rule] = {
+    "seed": SEED,
+    "model.width": above(0, "(the channel multiplier)"),
+    "data.batch_size": at_least(1),
+    "data.eval_batch_size": at_least(1),
+    "data.train_subset": at_least(1, "(null: the whole split)"),
+    "data.test_subset": at_least(1, "(null: the whole split)"),
+    "data.holdout": at_least(1, "(null: evaluate on the test split)"),
+    "data.num_workers": at_least(0, "(0: load in the main process)"),
+    # below 8 pixels little is left to convolve; the upper bound catches a typo (2240) before it asks for
+    # a batch no memory holds (256 images of 3 x 1024 x 1024 floats are 3 GB already)
+    "data.image_size": Rule(lo=8, hi=1024, note="pixels (null: the dataset's own size)"),
+    "data.mean": Rule(note="(one per image channel)"),
+    "data.std": above(0, "(it divides the pixels)"),
+    "optim.lr": above(0, "(the step size)"),
+    "optim.momentum": Rule(lo=0, hi=1, hi_open=True),
+    "optim.weight_decay": at_least(0),
+    "schedule.warmup_epochs": at_least(0),
+    "schedule.milestones": at_least(0, "(epochs)"),
+    "schedule.gamma": above(0, "(the learning rate's factor at each milestone)"),
+    "train.epochs": at_least(1),
+    "train.max_steps": at_least(1, "(null: train all epochs)"),
+    "train.eval_interval": at_least(0, "(steps; 0: once per epoch)"),
+    "train.checkpoint_interval": at_least(0, "(steps; 0: once per epoch)"),
+    "train.log_interval": at_least(1, "(steps)"),
+    "sweep.seeds": SEED,
+    "method.params.seed": SEED,
+    "method.params.decay": at_least(0, "(weight decay on pruned weights)"),
+    "method.params.interval": STEPS,
+    "method.params.mask_interval": STEPS,
+    "method.params.iter": STEPS,
+    "method.params.greedy_num": at_least(1, "(permutations tried per search)"),
+    "method.params.local_rounds": at_least(1),
+    "method.params.score_batches": at_least(1, "(mini-batches)"),
+    "method.params.swaps_per_block": at_least(1),
+    "method.params.switch": FRACTION,
+    "method.params.t_i": FRACTION,
+    "method.params.t_f": FRACTION,
+    "method.params.start": FRACTION,
+    "method.params.end": FRACTION,
+    "method.params.fraction": Rule(lo=0, hi=1, note="(a share of the blocks)"),
+    "method.params.osc_decay": Rule(lo=0, hi=1),
+    "method.params.freeze_threshold": above(0),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_number(key: str, value: Any, shown: str | None = None, default: Any = None) -> None:
+    """``value`` (a number or a list of them) against ``RULES[key]``; the error names ``shown`` (default:
+    the key), the rule and, where the field has one, its default as the fix."""
+    rule = RULES.get(key, Rule())
+    values = value if isinstance(value, list) else [value]
+    if all(rule.allows(v) for v in values if _is_number(v)):
+        return
+    floats = any(isinstance(v, float) for v in values)
+    says = " ".join(t for t in ("a finite number" if floats else "", rule.says(), rule.note) if t)
+    every = "every value " if isinstance(value, list) else ""
+    fix = f"; e.g. {shown or key}={default}" if _is_number(default) else ""
+    raise SpecError(f"{shown or key}: {every}must be {says or 'a number'}, got {value!r}{fix}")
+
+
+def _check_fields(obj: Any, where: str) -> None:
+    """The rules on one dataclass's own numeric fields (nested sections are checked as they are built)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if _is_number(value) or (isinstance(value, list) and any(_is_number(v) for v in value)):
+            check_number(_path(where, f.name), value, default=f.default)
+
+
+def check_values(obj: Any, where: str = "spec") -> None:
+    """Every number of a dataclass tree (a Spec edited in code, say) against RULES."""
+    _check_fields(obj, where)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_values(value, _path(where, f.name))
+
+
+# ---------------------------------------------------------------------------------------------
 # Typed conversion from plain YAML data
 
 
@@ -207,8 +334,15 @@ def from_dict(cls: type, data: Any, where: str = "spec") -> Any:
         raise SpecError(f"{prefix}{unknown[0]}: unknown key; valid keys here: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(value, hints[name], name if where == "spec" else f"{where}.{name}")
-    return cls(**kwargs)
+        kwargs[name] = _convert(value, hints[name], _path(where, name))
+    obj = cls(**kwargs)
+    _check_fields(obj, where)
+    return obj
+
+
+def _path(where: str, name: str) -> str:
+    """A field's dotted path: ``seed`` at the top level, ``optim.lr`` in a section."""
+    return name if where == "spec" else f"{where}.{name}"
 
 
 def to_dict(obj: Any) -> Any:
@@ -239,7 +373,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if tp in (str, Optional[str]):
         return path, None if (tp is Optional[str] and raw in ("null", "None", "~")) else raw
     try:
-        return path, yaml.safe_load(raw) if raw else None
+        return path, load_yaml(raw, f"override {text!r}") if raw else None
     except yaml.YAMLError:
         return path, raw
 
@@ -260,20 +394,157 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"SPEC: {path} does not exist")
+# ---------------------------------------------------------------------------------------------
+# The one YAML reader
+
+
+# A spec is a few KiB with a few hundred values, nested four or five levels; these bounds are far above
+# any real one and far below what hangs. PyYAML builds an aliased value once, but deepcopy and safe_dump
+# (of a run's config.yaml) expand it, so nine levels of nine aliases ("billion laughs") are 9**9 values.
+# PyYAML's pure-Python scanner reads some 1 MiB in 4 s, hence the small file size.
+MAX_YAML_BYTES = 256 << 10
+MAX_YAML_VALUES = 10_000        # counted as if every alias were expanded
+MAX_YAML_DEPTH = 32             # levels of nesting, aliases expanded (a self-referencing alias is endless)
+
+
+def _too_big(source: str) -> SpecError:
+    return SpecError(f"{source}: more than {MAX_YAML_VALUES:,} values once its aliases (*name) are expanded; "
+                     "a spec holds far fewer (an alias bomb?)")
+
+
+def _too_deep(source: str) -> SpecError:
+    return SpecError(f"{source}: nested more than {MAX_YAML_DEPTH} levels deep (aliases expanded)")
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that bounds the nodes it composes and their nesting while it composes: PyYAML's
+    composer recurses, so a few KB of ``[[[[...`` would end in a RecursionError before any later check."""
+
+    def __init__(self, text: str, source: str):
+        super().__init__(text)
+        self.source, self.depth, self.composed = source, 0, 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        self.composed += 1          # an alias counts once here; `_check_tree` counts it expanded
+        if self.depth > MAX_YAML_DEPTH:
+            raise _too_deep(self.source)
+        if self.composed > MAX_YAML_VALUES:
+            raise _too_big(self.source)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _children(node: yaml.Node, path: str, source: str) -> list[tuple[yaml.Node, str]]:
+    """A node's children with their dotted paths; a key given twice in a mapping is an error (PyYAML
+    keeps the last silently). Keys merged in by ``<<: *base`` may be overridden, as YAML means them to."""
+    if isinstance(node, yaml.SequenceNode):
+        return [(child, f"{path}[{i}]") for i, child in enumerate(node.value)]
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    children, first_line = [], {}
+    for key, value in node.value:
+        if key.tag == "tag:yaml.org,2002:merge":
+            children.append((value, path))
+            continue
+        name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+        where = f"{path}.{name}" if path else name
+        if isinstance(key, yaml.ScalarNode):
+            line = key.start_mark.line + 1
+            if (key.tag, key.value) in first_line:
+                raise SpecError(f"{source}: key '{where}' appears twice (lines {first_line[key.tag, key.value]} "
+                                f"and {line}); keep one")
+            first_line[key.tag, key.value] = line
+        children += [(key, where), (value, where)]
+    return children
+
+
+def _check_tree(root: yaml.Node, source: str) -> None:
+    """Refuse a composed document too big or too deep once its aliases are expanded, or that repeats a
+    key. Each node's expanded size is memoised, so a billion laughs costs a visit per node, not 9**9."""
+    memo: dict[int, tuple[int, int]] = {}       # id(node) -> (values, levels), aliases expanded
+
+    def visit(node: yaml.Node, depth: int, path: str) -> tuple[int, int]:
+        if id(node) not in memo:
+            if depth > MAX_YAML_DEPTH:          # also ends a self-referencing alias, never memoised
+                raise _too_deep(source)
+            size, height = 1, 1
+            for child, where in _children(node, path, source):
+                child_size, child_height = visit(child, depth + 1, where)
+                size, height = size + child_size, max(height, child_height + 1)
+                if size > MAX_YAML_VALUES:
+                    raise _too_big(source)
+            memo[id(node)] = size, height
+        size, height = memo[id(node)]
+        if depth + height - 1 > MAX_YAML_DEPTH:
+            raise _too_deep(source)
+        return size, height
+
+    visit(root, 1, "")
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """The one YAML reader: ``text`` as plain data, after the checks above. ``source`` starts each
+    message (``SPEC: f.yaml``). Errors of ours are SpecError; a syntax error stays a yaml.YAMLError."""
+    if len(text) > MAX_YAML_BYTES:
+        raise SpecError(f"{source}: over {MAX_YAML_BYTES >> 10} KiB; a spec is a few KiB")
     try:
-        data = yaml.safe_load(path.read_text())
+        loader = _BoundedLoader(text, source)
+    except yaml.reader.ReaderError as exc:      # control characters: binary data that happens to be UTF-8
+        raise SpecError(f"{source} is not a text YAML file (character #x{exc.character:04x} at "
+                        f"position {exc.position})") from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_tree(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _read_text(path: Path, source: str) -> str:
+    """A regular file's UTF-8 text. The kind is checked before opening: reading a FIFO would block until
+    something writes to it, a directory or a device is not a spec either."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise SpecError(f"{source} does not exist") from None
+    except OSError as exc:
+        raise SpecError(f"{source} cannot be read: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise SpecError(f"{source} is a directory; give a YAML file")
+    if not stat.S_ISREG(mode):
+        raise SpecError(f"{source} is not a regular file (a pipe or a device?); give a YAML file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(f"{source} cannot be read: {exc.strerror}") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise SpecError(f"{source}: over {MAX_YAML_BYTES >> 10} KiB; a spec is a few KiB")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{source} is not a text YAML file (not UTF-8 at byte {exc.start})") from None
+
+
+def read_yaml(path: str | Path, field: str = "SPEC") -> dict:
+    """A YAML file holding a mapping (a spec, a run's config.yaml); ``field`` names it in messages."""
+    path = Path(path)
+    source = f"{field}: {path}"
+    try:
+        data = load_yaml(_read_text(path, source), source)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"SPEC: {path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        raise SpecError(f"{source} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SpecError(f"SPEC: {path} must hold a mapping of spec sections, got {type(data).__name__}")
+        raise SpecError(f"{source} must hold a mapping of spec sections, got {type(data).__name__}")
     return data
 
 

@@ -126,7 +126,7 @@ def test_sweep_seeds_in_the_spec_and_bad_seeds_refused_before_any_run(tmp_path):
     assert [(c.spec.method.name, c.spec.seed, c.spec.out) for c in cells] == [
         ("dense", 3, str(tmp_path / "dense" / "seed3")), ("dense", 4, str(tmp_path / "dense" / "seed4")),
         ("srste", 3, str(tmp_path / "srste-2of4" / "seed3")), ("srste", 4, str(tmp_path / "srste-2of4" / "seed4"))]
-    for seeds, needle in (("0,0", "twice"), ("0,x", "--seeds"), ("-1", "sweep.seeds")):
+    for seeds, needle in (("0,0", "twice"), ("0,x", "--seeds"), ("-1", "--seeds: must be in [0, 2**63)")):
         bad = runner.invoke(app, ["compare", "data.dataset=synthetic", "--methods", "dense", "--patterns", "2:4",
                                   "--seeds", seeds, "--out", str(tmp_path / "bad"), "--no-progress"])
         assert bad.exit_code == 2 and needle in bad.stderr, bad.stderr

@@ -1,7 +1,11 @@
-"""Hostile input to `nmtrain train`: one line on stderr naming the field or file, exit code 2, no partial output."""
+"""Hostile input, by class: every bad input gets one line `error: ...` on stderr naming the field or
+file and the fix, exit code 2, no traceback, nothing written and nothing damaged (snapshots of the
+directories around each case are compared). Each class is enforced by one mechanism, named in the
+section's header comment."""
 
 import os
 import pickle
+import re
 import stat
 
 import pytest
@@ -9,6 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from nmtrain.cli.main import app
+from nmtrain.experiments.spec import (MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_VALUES, RULES, Spec, SpecError,
+                                      load_spec, read_yaml)
 
 from helpers import assert_refused, snapshot
 
@@ -199,7 +205,7 @@ def test_weights_gone_non_finite_before_a_mask_recompute_read_as_divergence(tmp_
     assert not (out / "model.pt").exists()
 
 
-# == class 1: output paths ==========================================================================
+# == class 1: output paths ===================================================================
 # Only a regular file is ever replaced: a directory, FIFO, socket or device at an output path (or
 # behind a symlink there), and a file where a directory is wanted, are refused before any work, by
 # `io.check_output_file` / `io.check_output_dir`, the same checks `io.atomic_write` applies at write time.
@@ -485,3 +491,260 @@ def test_an_input_that_is_not_a_file_is_named_for_what_it_is(trained, tmp_path):
     os.mkfifo(tmp_path / "in.pt")
     result = cli.invoke(app, ["prune", str(tmp_path / "in.pt"), "-o", str(tmp_path / "out.pt"), "--pattern", "2:4"])
     assert_refused(result, f"{tmp_path / 'in.pt'} is a FIFO (named pipe), not a file")
+
+
+# == class 4: bounded work (YAML) ==
+# Every YAML nmtrain reads goes through one reader (experiments/spec.py `load_yaml`): a regular UTF-8 text
+# file of bounded size, no key twice, and a bounded number of values and levels with aliases expanded.
+
+COMPARE = ["compare", "data.dataset=synthetic", "data.batch_size=64", "model.name=mlp", "--methods", "dense,srste",
+           "--patterns", "2:4", "--no-progress"]
+
+
+def _laughs(levels=9, indent="    "):
+    """A "billion laughs": level k lists level k-1 nine times, so the last level expands to 9**levels values."""
+    lines = [f"{indent}a0: &a0 [" + ", ".join(["lol"] * 9) + "]"]
+    lines += [f"{indent}a{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 9) + "]" for k in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def _refused(tmp_path, needle, *args, command="train"):
+    """``nmtrain COMMAND`` (the quick synthetic run) with ``args`` is refused, and nothing under tmp_path changes."""
+    out = tmp_path / "run"
+    before = snapshot(tmp_path)
+    base = ["train", *QUICK] if command == "train" else COMPARE
+    result = cli.invoke(app, [*base, "--out", str(out), *args])
+    assert_refused(result, needle, before, snapshot(tmp_path))
+    assert not out.exists()
+
+
+def _refused_spec(tmp_path, path, needle, command="train"):
+    """``nmtrain COMMAND SPEC`` is refused, and nothing under tmp_path changes."""
+    out = tmp_path / "run"
+    before = snapshot(tmp_path)
+    result = cli.invoke(app, [command, str(path), "--out", str(out), "--no-progress"])
+    assert_refused(result, needle, before, snapshot(tmp_path))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_alias_bomb_under_sweep_params_is_refused_before_anything_is_written(tmp_path, command):
+    spec = tmp_path / "bomb.yaml"
+    spec.write_text("sweep:\n  methods: [dense]\n  patterns: ['2:4']\n  params:\n" + _laughs())
+    _refused_spec(tmp_path, spec, f"SPEC: {spec}: more than {MAX_YAML_VALUES:,} values once its aliases", command)
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_alias_bomb_in_an_override_is_refused(tmp_path, command):
+    flow = "{" + _laughs(indent="").replace("\n", ", ").rstrip(", ") + "}"
+    _refused(tmp_path, "values once its aliases (*name) are expanded", f"sweep.params={flow}", command=command)
+
+
+@pytest.mark.parametrize("text", [
+    "[" * (MAX_YAML_DEPTH + 5) + "]" * (MAX_YAML_DEPTH + 5),        # nested as written
+    "{a: &a [*a]}",                                                 # an alias inside itself: endless
+    "{" + ", ".join(f"a{k}: &a{k} [*a{k - 1}]" for k in range(1, 60)).replace("[*a0]", "[1]") + "}",  # by aliases
+], ids=["written", "self-alias", "alias-chain"])
+def test_nesting_is_bounded_also_through_aliases(tmp_path, text):
+    _refused(tmp_path, f"nested more than {MAX_YAML_DEPTH} levels deep", f"sweep.params={text}")
+
+
+def test_small_anchors_aliases_and_merge_keys_still_work(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("optim: &o {lr: 0.05, momentum: 0.8}\n"
+                    "sweep:\n  params:\n    srste: &p {decay: 0.001}\n    'srste:b': *p\n"
+                    "    'srste:c':\n      <<: *p\n      decay: 0.002\n")
+    spec = load_spec(path)
+    assert spec.optim.lr == 0.05 and spec.sweep.params["srste:b"] == {"decay": 0.001}
+    assert spec.sweep.params["srste:c"] == {"decay": 0.002}      # a merged key may be overridden
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("seed: 1\nname: x\nseed: 2\n", "key 'seed' appears twice (lines 1 and 3)"),
+    ("optim:\n  lr: 0.1\n  momentum: 0.9\n  lr: 0.2\n", "key 'optim.lr' appears twice (lines 2 and 4)"),
+    ("sweep:\n  params:\n    srste: {decay: 0.1}\n    bimask: {}\n    srste: {}\n",
+     "key 'sweep.params.srste' appears twice (lines 3 and 5)"),
+])
+def test_duplicate_keys_name_the_key_and_both_lines(tmp_path, text, needle):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=re.escape(f"SPEC: {path}: {needle}")):
+        read_yaml(path)
+    _refused_spec(tmp_path, path, needle)
+
+
+def test_duplicate_keys_in_an_override_value(tmp_path):
+    _refused(tmp_path, "key 'decay' appears twice", "--method", "srste", "method.params={decay: 0.1, decay: 0.2}")
+
+
+def test_duplicate_key_in_a_saved_config_refuses_the_resume(finished_run):
+    config = finished_run / "config.yaml"
+    config.write_text(config.read_text() + "seed: 7\n")
+    before = snapshot(finished_run)
+    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
+    assert_refused(result, f"--resume: {config}: key 'seed' appears twice", before, snapshot(finished_run))
+
+
+def _binary(tmp_path, kind):
+    path = tmp_path / f"{kind}.yaml"
+    if kind == "bytes":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif kind == "torch":
+        torch.save({"weight": torch.zeros(3)}, path)
+    elif kind == "latin1":
+        path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    elif kind == "nul":
+        path.write_bytes(b"name: x\x00y\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["bytes", "torch", "latin1", "nul"])
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_binary_garbage_as_the_spec(tmp_path, kind, command):
+    path = _binary(tmp_path, kind)
+    _refused_spec(tmp_path, path, f"SPEC: {path} is not a text YAML file", command)
+
+
+def test_a_directory_as_the_spec(tmp_path):
+    folder = tmp_path / "spec.yaml"
+    folder.mkdir()
+    _refused_spec(tmp_path, folder, f"SPEC: {folder} is a directory")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_fifo_as_the_spec_is_refused_without_opening_it(tmp_path):
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)          # opening it to read would block until a writer comes
+    _refused_spec(tmp_path, fifo, f"SPEC: {fifo} is not a regular file")
+
+
+def test_an_oversized_spec_is_refused_unread(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("seed: 1\n" + "#" * MAX_YAML_BYTES + "\n")
+    _refused_spec(tmp_path, path, f"SPEC: {path}: over {MAX_YAML_BYTES >> 10} KiB")
+
+
+# == class 5: spec values ==
+# Every number of a spec and of a method's parameters is checked against one table (spec.RULES) when the
+# YAML data becomes a dataclass, before anything is built or written.
+
+BAD_VALUES = [
+    ("optim.lr=nan", "optim.lr: must be a finite number above 0"),
+    ("optim.lr=.nan", "optim.lr: must be a finite number above 0"),
+    ("optim.lr=inf", "optim.lr: "),
+    ("optim.lr=.inf", "optim.lr: "),
+    ("optim.lr=-.inf", "optim.lr: "),
+    ("optim.lr=-0.1", "optim.lr: "),
+    ("optim.lr=0", "optim.lr: must be a finite number above 0"),
+    ("optim.momentum=1.0", "optim.momentum: must be a finite number in [0, 1)"),
+    ("optim.momentum=-0.5", "optim.momentum: "),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay: must be a finite number at least 0"),
+    ("optim.weight_decay=.inf", "optim.weight_decay: "),
+    ("schedule.warmup_epochs=-1", "schedule.warmup_epochs: "),
+    ("schedule.gamma=nan", "schedule.gamma: "),
+    ("schedule.gamma=0", "schedule.gamma: "),
+    ("schedule.milestones=[1, .inf]", "schedule.milestones: every value must be"),
+    ("schedule.milestones=[-1]", "schedule.milestones: "),
+    ("train.epochs=0", "train.epochs: must be at least 1"),
+    ("train.max_steps=0", "train.max_steps: must be at least 1"),
+    ("train.eval_interval=-1", "train.eval_interval: must be at least 0"),
+    ("train.checkpoint_interval=-2", "train.checkpoint_interval: "),
+    ("train.log_interval=0", "train.log_interval: "),
+    ("data.batch_size=0", "data.batch_size: "),
+    ("data.eval_batch_size=-1", "data.eval_batch_size: "),
+    ("data.num_workers=-1", "data.num_workers: "),
+    ("data.train_subset=0", "data.train_subset: "),
+    ("data.test_subset=-5", "data.test_subset: "),
+    ("data.holdout=0", "data.holdout: "),
+    ("model.width=0", "model.width: "),
+    ("model.width=nan", "model.width: "),
+    ("seed=-1", "seed: must be in [0, 2**63)"),
+    (f"seed={2 ** 64}", "seed: must be in [0, 2**63)"),
+    (f"seed={2 ** 63}", "seed: "),
+    ("sweep.seeds=[0, -1]", "sweep.seeds: every value must be in [0, 2**63)"),
+    (f"sweep.seeds=[{2 ** 64}]", "sweep.seeds: "),
+]
+
+BAD_METHOD_PARAMS = [
+    (["--method", "srste", "method.params.decay=nan"], "method.params.decay: "),
+    (["--method", "srste", "method.params.decay=-1"], "method.params.decay: "),
+    (["--method", "bimask", "method.params.iter=0"], "method.params.iter: must be at least 1"),
+    (["--method", "bimask", "method.params.greedy_num=0"], "method.params.greedy_num: "),
+    (["--method", "bimask", "method.params.seed=-1"], "method.params.seed: "),
+    (["--method", "bame", "method.params.interval=0"], "method.params.interval: "),
+    (["--method", "bame", "method.params.fraction=.inf"], "method.params.fraction: "),
+    (["--method", "bame", "method.params.osc_decay=nan"], "method.params.osc_decay: "),
+    (["--method", "bame", "method.params.freeze_threshold=0"], "method.params.freeze_threshold: "),
+    (["--method", "transposable", "method.params.mask_interval=0"], "method.params.mask_interval: "),
+    (["--method", "transposable", "method.params.decay=inf"], "method.params.decay: "),
+    (["--method", "unstructured", "method.params.start=-0.1"], "method.params.start: "),
+    (["--method", "unstructured", "method.params.interval=0"], "method.params.interval: "),
+]
+
+
+@pytest.mark.parametrize("override,needle", BAD_VALUES)
+def test_bad_values_are_refused_before_the_run_directory_exists(tmp_path, override, needle):
+    _refused(tmp_path, needle, override)
+
+
+@pytest.mark.parametrize("args,needle", BAD_METHOD_PARAMS)
+def test_bad_method_parameters_are_refused_before_the_run_directory_exists(tmp_path, args, needle):
+    _refused(tmp_path, needle, *args)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["optim.lr=nan"], "optim.lr: "),
+    ([f"seed={2 ** 64}"], "seed: "),
+    (["train.max_steps=0"], "train.max_steps: "),
+    (["optim.momentum=1.0"], "optim.momentum: "),
+    (["sweep.seeds=[-1]"], "sweep.seeds: "),
+    (["sweep.params={srste: {decay: .nan}}"], "method.params.decay: "),
+    (["--seeds", "0,-1"], "--seeds: must be in [0, 2**63)"),
+    (["--seeds", str(2 ** 64)], "--seeds: "),
+])
+def test_bad_values_refused_by_compare(tmp_path, args, needle):
+    _refused(tmp_path, needle, *args, command="compare")
+
+
+def test_the_message_gives_the_rule_and_the_fix():
+    with pytest.raises(SpecError) as err:
+        load_spec(None, ["optim.lr=nan"])
+    assert str(err.value) == "optim.lr: must be a finite number above 0 (the step size), got nan; e.g. optim.lr=0.1"
+
+
+def test_seeds_at_the_bounds_are_accepted():
+    assert load_spec(None, [f"seed={2 ** 63 - 1}", "sweep.seeds=[0, 1]"]).seed == 2 ** 63 - 1
+
+
+def test_a_spec_edited_in_code_is_checked_by_validate():
+    from nmtrain.experiments.build import validate
+    spec = Spec()
+    spec.optim.lr = float("nan")
+    with pytest.raises(SpecError, match="optim.lr: "):
+        validate(spec)
+
+
+def _numeric_fields(cls, where):
+    """Dotted paths of every int or float field (or list or Optional of them) of a dataclass tree."""
+    import dataclasses
+    import typing
+    paths = []
+    for name, tp in typing.get_type_hints(cls).items():
+        path = name if where == "" else f"{where}.{name}"
+        if dataclasses.is_dataclass(tp):
+            paths += _numeric_fields(tp, path)
+            continue
+        args = set(typing.get_args(tp)) | {tp}
+        args |= {a for arg in list(args) for a in typing.get_args(arg)}
+        if args & {int, float}:
+            paths.append(path)
+    return paths
+
+
+def test_every_numeric_field_has_a_rule():
+    from nmtrain.experiments.methods import list_methods
+    paths = _numeric_fields(Spec, "")
+    for cls in list_methods().values():
+        paths += _numeric_fields(cls.Params, "method.params")
+    assert sorted(set(paths) - set(RULES)) == []
+    assert sorted(set(RULES) - set(paths)) == []        # no rule for a field that is gone

@@ -181,9 +181,7 @@ class BiMask(Method):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        for name in ("greedy_num", "iter", "local_rounds"):
-            if getattr(params, name) < 1:
-                raise MethodError(f"method.params.{name}: must be at least 1, got {getattr(params, name)}")
+        # greedy_num, iter and local_rounds (each at least 1) are checked as the parameters load: spec.RULES
         if params.search not in SEARCHES:
             raise MethodError(f"method.params.search: must be one of {', '.join(SEARCHES)}, got {params.search!r}")
         self.perms: dict[str, torch.Tensor] = {}

@@ -38,7 +38,7 @@ class Unstructured(StoredMaskMethod):
         super().__init__(params, ctx)
         if params.scope not in ("layer", "global"):
             raise MethodError(f"method.params.scope: {params.scope!r} is unknown; use layer or global")
-        if not 0.0 <= params.start <= params.end <= 1.0:
+        if params.start > params.end:       # each in [0, 1]: spec.RULES
             raise MethodError("method.params.start/end: need 0 <= start <= end <= 1 (fractions of training)")
 
     def target_density(self, step: int) -> float:
