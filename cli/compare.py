@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,16 +18,22 @@ def _split(text: str | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
+# ASCII digits only (int() would also read '１' or '١'), and at most 18 of them: torch's manual_seed
+# takes 64-bit seeds, and each epoch seeds with seed + epoch.
+_SEED_RE = re.compile(r"-?[0-9]{1,18}", re.ASCII)
+
+
 def _seeds(text: str) -> list[int]:
     from ..experiments.spec import check_number
+    from ..sparsity.errors import clip
 
-    try:
-        seeds = [int(t) for t in _split(text)]
-    except ValueError:
-        raise UsageError(f"--seeds: give comma-separated integers like 0,1,2, got {text!r}") from None
+    seeds = _split(text)
+    if not all(_SEED_RE.fullmatch(t) for t in seeds):
+        raise UsageError(f"--seeds: give comma-separated integers of at most 18 ASCII digits like 0,1,2, "
+                         f"got {clip(text)!r}")
     for seed in seeds:
-        check_number("sweep.seeds", seed, shown="--seeds")     # the rule of spec.seed and sweep.seeds
-    return seeds
+        check_number("sweep.seeds", int(seed), shown="--seeds")     # the rule of spec.seed and sweep.seeds
+    return [int(t) for t in seeds]
 
 
 def _seeded_table(spec, seed_list: list[int], rows: list[dict]) -> None:

@@ -41,7 +41,9 @@ def is_user_error(exc: BaseException) -> bool:
 
 
 def fail(message: str) -> "typer.Exit":
-    print(f"error: {message}", file=sys.stderr)
+    # One write of the whole line: the processes of `--nproc N` share a stderr, and their lines must not interleave.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     return typer.Exit(code=2)
 
 

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from ..experiments.spec import Spec
 
 DEFAULT_SPEC_NAME = "fmnist_quick.yaml"     # in experiments/specs/
+# --nproc: at most this many processes on one machine (a node has 8 or 16 GPUs; a million would be a
+# fork bomb). `check_launch` also holds it to one GPU, or one CPU core, per process.
+MAX_NPROC = 64
 
 
 # SPEC and the overrides are two arguments (of train and compare), so that usage reads
@@ -121,24 +124,18 @@ def train(
     overwrite: bool = typer.Option(False, help="Replace a run already in the run directory."),
     resume: Optional[Path] = typer.Option(None, metavar="DIR", help="Continue the run in DIR from its checkpoint.pt, with its saved config.yaml."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
-    nproc: int = typer.Option(1, min=1, help="Processes on this machine, launched through torchrun (data.batch_size is the global batch)."),
+    nproc: int = typer.Option(1, help="Processes on this machine, launched through torchrun (data.batch_size is the global batch)."),
 ) -> None:
     """Train a network with an N:M sparse method; writes config.yaml, metrics.jsonl, checkpoint.pt, model.pt, summary.json."""
     from ..experiments.runner import Interrupted, summary_table, train as run_training
 
     args = spec_args(spec, overrides)
-    if nproc > 1:
-        if resume is not None and overwrite:
-            raise UsageError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
-        code = launch(nproc, args, method, pattern, out, overwrite, resume, progress)
-        raise typer.Exit(code=code)
+    if resume is not None and overwrite:
+        raise UsageError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
+    if nproc != 1:
+        raise typer.Exit(code=launch(nproc, args, method, pattern, out, overwrite, resume, progress))
 
-    if resume is not None:
-        if overwrite:
-            raise UsageError("--resume and --overwrite: choose one (resume continues the run, overwrite replaces it)")
-        resolved = resume_spec(resume, args, method, pattern, out)
-    else:
-        resolved = resolve_spec(args, method, pattern, out)
+    resolved = _resolve(args, method, pattern, out, resume)
     try:
         result = run_training(resolved, overwrite=overwrite, console=console, progress=progress,
                               resume=resume is not None)
@@ -158,11 +155,19 @@ def train(
         console.print(f"run directory: {result.out}")
 
 
+def _resolve(args: list[str], method: str | None, pattern: str | None, out: Path | None, resume: Path | None) -> Spec:
+    """The spec to train: the saved one of the run in ``resume``, else the SPEC file and overrides."""
+    if resume is not None:
+        return resume_spec(resume, args, method, pattern, out)
+    return resolve_spec(args, method, pattern, out)
+
+
 def torchrun_command(nproc: int, args: list[str], method: str | None, pattern: str | None, out: Path | None,
                      overwrite: bool, resume: Path | None, progress: bool) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc_per_node N -m nmtrain.cli.main train ...``:
-    the same command without ``--nproc``; ``--standalone`` rendezvouses on a free loopback port."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    """``python -m nmtrain.cli.torchrun --standalone --nproc_per_node N -m nmtrain.cli.main train ...``:
+    the same command without ``--nproc``; ``--standalone`` rendezvouses on a free loopback port. The
+    launcher is torchrun's own, run by `nmtrain.cli.torchrun` for the failed process's exit code."""
+    cmd = [sys.executable, "-m", "nmtrain.cli.torchrun", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "nmtrain.cli.main", "train", *args]
     for flag, value in (("--method", method), ("--pattern", pattern), ("--out", out), ("--resume", resume)):
         if value is not None:
@@ -176,10 +181,52 @@ def torchrun_command(nproc: int, args: list[str], method: str | None, pattern: s
 
 def launch(nproc: int, args: list[str], method: str | None, pattern: str | None, out: Path | None,
            overwrite: bool, resume: Path | None, progress: bool) -> int:
-    if "WORLD_SIZE" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """Check what the ``nproc`` processes would refuse, then run them; the exit code of the first that
+    failed (2: bad input, 130: interrupted; see `nmtrain.cli.torchrun`)."""
+    from ..experiments.runner import world_size
+
+    if not 1 <= nproc <= MAX_NPROC:
+        raise UsageError(f"--nproc: give 1 to {MAX_NPROC} processes, got {nproc} (1 trains in this process; "
+                         "N > 1 launches N processes through torchrun)")
+    if world_size() > 1:
         raise UsageError("--nproc: already running under torchrun; drop --nproc")
+    check_launch(nproc, _resolve(args, method, pattern, out, resume), overwrite, resume is not None)
     cmd = torchrun_command(nproc, args, method, pattern, out, overwrite, resume, progress)
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
         return 130
+
+
+def check_launch(nproc: int, spec: Spec, overwrite: bool, resume: bool) -> None:
+    """What ``nproc`` processes would refuse, checked before any is started, so that bad input is one line
+    and exit code 2 here rather than the same line from every process and then torchrun's report: the
+    spec with the global batch split ``nproc`` ways, the machine, the run directory. Only a check that
+    needs the data (the epoch's last batch splits across the processes) is left to the processes."""
+    from ..experiments.build import resolve_device, validate
+    from ..experiments.rundir import RunDir
+
+    validate(spec, world=nproc)
+    # One GPU per process on CUDA (rank r takes cuda:r). On the CPU each process has its own copy of the
+    # model and data and its own threads: more processes than cores only take turns, and cost memory.
+    if resolve_device(spec.device).type == "cuda":
+        if nproc > _gpus():
+            raise UsageError(f"--nproc: {nproc} processes need {nproc} GPUs (one each); this machine has {_gpus()}")
+    elif nproc > _cores():
+        raise UsageError(f"--nproc: at most one process per CPU core on the CPU; this process may use {_cores()} "
+                         f"cores, got {nproc}")
+    rd = RunDir(spec.out)
+    rd.check_target(overwrite, resume)
+    if resume:
+        rd.load_checkpoint()        # every process reads it first: an unreadable one is refused here instead
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _cores() -> int:
+    """CPU cores this process may use (its affinity mask, as a container or taskset limits it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -16,7 +16,7 @@ Bad input raises `DatasetError` (a ValueError) with one line naming the spec fie
 
 from .registry import (DatasetError, DatasetInfo, build_datasets, check_options, list_datasets, register_dataset,
                        seeded_subset)
-from .loaders import build_loaders
+from .loaders import build_loaders, check_global_batch
 
 # Importing the modules registers their datasets, in this order (fashion_mnist first: the default).
 from . import fashion_mnist as _fashion_mnist  # noqa: E402,F401
@@ -27,6 +27,7 @@ from . import synthetic as _synthetic  # noqa: E402,F401
 DEFAULT_DATASET = "fashion_mnist"
 
 __all__ = [
-    "DEFAULT_DATASET", "DatasetError", "DatasetInfo", "build_datasets", "build_loaders", "check_options",
+    "DEFAULT_DATASET", "DatasetError", "DatasetInfo", "build_datasets", "build_loaders", "check_global_batch",
+    "check_options",
     "list_datasets", "register_dataset", "seeded_subset",
 ]

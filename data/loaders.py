@@ -87,6 +87,15 @@ def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     loader.generator.manual_seed(sampler.seed + epoch)   # the workers' base seed of that epoch
 
 
+def check_global_batch(batch_size: int, world: int) -> None:
+    """The global batch ``data.batch_size`` splits evenly over ``world`` processes. Needs no data and no
+    process group: `nmtrain train --nproc N` checks it before it launches anything."""
+    _positive("data.batch_size", batch_size)
+    if world > 1 and batch_size % world:
+        raise DatasetError(f"data.batch_size: the global batch {batch_size} is not divisible by the "
+                           f"{world} processes; use a multiple of {world}")
+
+
 def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, seed: int, num_workers: int = 0,
                   eval_batch_size: int | None = None, drop_last: bool = False,
                   pin_memory: bool | None = None, rank: int = 0, world: int = 1) -> tuple[DataLoader, DataLoader]:
@@ -94,12 +103,9 @@ def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, seed: in
 
     With ``world > 1`` the train loader yields rank ``rank``'s share of each global batch of ``batch_size``;
     the test loader is the full test set on every rank."""
-    _positive("data.batch_size", batch_size)
+    check_global_batch(batch_size, world)
     local_batch = batch_size
     if world > 1:
-        if batch_size % world:
-            raise DatasetError(f"data.batch_size: the global batch {batch_size} is not divisible by the "
-                               f"{world} processes; use a multiple of {world}")
         if drop_last:
             raise DatasetError("drop_last is not supported with several processes")
         last = len(train_ds) % batch_size

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import DatasetInfo, build_datasets, build_loaders, check_options
+from ..data import DatasetInfo, build_datasets, build_loaders, check_global_batch, check_options
 from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, parse_pattern
 from . import accel as accel_mod
 from .layers import LayerPlan, called_layers, plan_layers
@@ -20,8 +20,9 @@ from .models import build_model, resolve_builder
 from .spec import Spec, SpecError, check_values
 
 
-def validate(spec: Spec):
-    """Everything about the spec that can be checked before touching data: returns (pattern, method class, params)."""
+def validate(spec: Spec, world: int = 1):
+    """Everything about the spec that can be checked before touching data, for ``world`` processes (the
+    launcher of `--nproc N` checks with world=N before it starts them): returns (pattern, method class, params)."""
     try:
         pattern = parse_pattern(spec.sparsity.pattern, transposable=spec.sparsity.transposable)
     except PatternError as exc:
@@ -41,6 +42,7 @@ def validate(spec: Spec):
         pattern = Pattern(pattern.n, pattern.m, transposable=True)
     accel_mod.check_spec(spec.accel, cls, pattern)
     check_values(spec)      # again, for a spec edited in code (compare's cells) rather than loaded
+    check_global_batch(spec.data.batch_size, world)
     resolve_builder(spec.model.name)       # imports a user's module, checks the builder's signature
     check_options(spec.data.dataset, spec.data.options())
     return pattern, cls, params

@@ -13,12 +13,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import SparsityError
+from .errors import SparsityError, clip, shown
 
 
 class PatternError(SparsityError):
     """A pattern string or (N, M) pair that nmtrain cannot use; the message names the constraint."""
 
+
+# The largest group: a row of mask diversity's largest block (1024 x 1024 weights), and far wider than
+# any layer's row. Its digits also bound the digits of N and M in a pattern string, so that int()
+# never reads a 5000-digit number (CPython raises its own ValueError past 4300 digits).
+MAX_M = 1 << 20
+MAX_M_DIGITS = len(str(MAX_M))
 
 # (constraint, check(n, m), message). Checked in order; the first failure is reported.
 _PATTERN_CONSTRAINTS = (
@@ -27,9 +33,12 @@ _PATTERN_CONSTRAINTS = (
     ("N < M", lambda n, m: n < m,
      "N (weights kept) must be smaller than M (group size), got {n}:{m}; "
      "nmtrain counts kept weights, so 2:4 keeps half"),
+    ("M <= 2**20", lambda n, m: m <= MAX_M, f"M (group size) must be at most 2**20 = {MAX_M}, got {{n}}:{{m}}"),
 )
 
-_PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(-[tT])?\s*$")
+# ASCII digits and spaces only: re's \d would take '２:４' (fullwidth) or Arabic-Indic digits, and \s the
+# ideographic space, which int() then reads as numbers nobody typed on purpose.
+_PATTERN_RE = re.compile(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*(-[tT])?\s*", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -63,13 +72,17 @@ class Pattern:
 def validate_nm(n: int, m: int) -> None:
     for _name, check, message in _PATTERN_CONSTRAINTS:
         if not check(n, m):
-            raise PatternError(message.format(n=n, m=m))
+            raise PatternError(message.format(n=shown(n), m=shown(m)))
 
 
 def parse_pattern(text: str, transposable: bool = False) -> Pattern:
     """Parse ``"N:M"`` or ``"N:M-T"``. ``transposable=True`` forces the transposable variant."""
-    match = _PATTERN_RE.match(str(text))
+    match = _PATTERN_RE.fullmatch(str(text))
     if match is None:
-        raise PatternError(f"pattern {text!r} is not of the form N:M or N:M-T (e.g. 2:4, 4:8-T)")
-    n, m = int(match.group(1)), int(match.group(2))
-    return Pattern(n, m, transposable or match.group(3) is not None)
+        raise PatternError(f"pattern {clip(text)!r} is not of the form N:M or N:M-T with ASCII digits "
+                           "(e.g. 2:4, 4:8-T)")
+    n, m = (digits.lstrip("0") or "0" for digits in match.group(1, 2))   # 5000 leading zeros are no digits
+    if max(len(n), len(m)) > MAX_M_DIGITS:
+        raise PatternError(f"pattern {clip(text)!r}: N and M have at most {MAX_M_DIGITS} digits "
+                           f"(M is at most 2**20 = {MAX_M})")
+    return Pattern(int(n), int(m), transposable or match.group(3) is not None)

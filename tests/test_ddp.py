@@ -91,7 +91,7 @@ def test_distributed_loader_checks_the_global_batch_and_resumes_by_global_batche
 
 def test_torchrun_command_drops_nproc():
     cmd = torchrun_command(4, ["spec.yaml", "optim.lr=0.1"], "srste", None, None, True, None, False)
-    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert cmd[1:5] == ["-m", "nmtrain.cli.torchrun", "--standalone", "--nproc_per_node=4"]
     assert cmd[5:] == ["-m", "nmtrain.cli.main", "train", "spec.yaml", "optim.lr=0.1", "--method", "srste",
                        "--overwrite", "--no-progress"]
     assert not any("nproc" in c for c in cmd[5:])

@@ -3,18 +3,28 @@ file and the fix, exit code 2, no traceback, nothing written and nothing damaged
 directories around each case are compared). Each class is enforced by one mechanism, named in the
 section's header comment."""
 
+import json
+import logging
+import math
 import os
 import pickle
 import re
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from nmtrain.cli import torchrun as torchrun_module
+from nmtrain.cli import train as cli_train
 from nmtrain.cli.main import app
 from nmtrain.experiments.spec import (MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_VALUES, RULES, Spec, SpecError,
                                       load_spec, read_yaml)
+from nmtrain.sparsity import Pattern, PatternError, parse_pattern
+from nmtrain.sparsity import diversity as div
 
 from helpers import assert_refused, snapshot
 
@@ -205,7 +215,7 @@ def test_weights_gone_non_finite_before_a_mask_recompute_read_as_divergence(tmp_
     assert not (out / "model.pt").exists()
 
 
-# == class 1: output paths ===================================================================
+# == class 1: output paths ============================================================
 # Only a regular file is ever replaced: a directory, FIFO, socket or device at an output path (or
 # behind a symlink there), and a file where a directory is wanted, are refused before any work, by
 # `io.check_output_file` / `io.check_output_dir`, the same checks `io.atomic_write` applies at write time.
@@ -748,3 +758,299 @@ def test_every_numeric_field_has_a_rule():
         paths += _numeric_fields(cls.Params, "method.params")
     assert sorted(set(paths) - set(RULES)) == []
     assert sorted(set(RULES) - set(paths)) == []        # no rule for a field that is gone
+
+
+# == class 4: bounded work (diversity) ==
+# Every input whose count would take unbounded time or memory is refused up front with the limit named
+# (sparsity/diversity.py: MAX_BLOCK_WEIGHTS, MAX_COUNT_DIGITS, EXACT_MAX_M), or answered fast.
+
+FAST_S = 1.0          # a refusal, or a bounded answer, in well under this
+
+
+def _timed(args):
+    start = time.perf_counter()
+    result = cli.invoke(app, args)
+    return result, time.perf_counter() - start
+
+
+BLOCK_LIMIT = "--shape: at most 2**20 weights in a block (R x C ≤ 1048576), got "
+
+
+@pytest.mark.parametrize("shape", ["100000x100000", "1024x1025", "10" + "0" * 29 + "x8", "9" * 5000 + "x8",
+                                   "8x" + "1" * 400])
+def test_diversity_refuses_a_huge_block_at_once(tmp_path, shape):
+    before = snapshot(tmp_path)
+    result, took = _timed(["diversity", "--shape", shape])
+    assert_refused(result, BLOCK_LIMIT, before, snapshot(tmp_path))
+    assert took < FAST_S and len(result.stderr) < 200          # a 5000-digit side is not echoed in full
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-p", "2:100000"], "--pattern: 2:100000: C=8 is not a multiple of M=100000"),
+    (["-p", "1:2000000"], "--pattern: M (group size) must be at most 2**20 = 1048576"),
+    (["-p", "9" * 5000 + ":4"], "N and M have at most 7 digits"),
+    (["--density", "nan"], "--density: nan must be strictly between 0 and 1"),
+    (["--density", "inf"], "--density: inf must be strictly between 0 and 1"),
+    (["--density", "0"], "--density: 0.0 must be strictly between 0 and 1"),
+    (["--shape", "0x8"], "--shape '0x8' is not of the form RxC"),
+    (["--shape", "12x12", "--density", "0.3"], "--density: 0.3 x 144 weights is not a whole number"),
+])
+def test_diversity_refuses_fast_what_it_cannot_count(args, needle):
+    result, took = _timed(["diversity", *args])
+    assert_refused(result, needle)
+    assert took < FAST_S
+
+
+def test_leading_zeros_are_no_digits_of_the_value():
+    # int() refuses a string of more than 4300 characters, zeros or not: they are stripped first
+    result = cli.invoke(app, ["diversity", "-p", "2:" + "0" * 5000 + "4", "--shape", "0" * 5000 + "8x8", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)[0]["pattern"] == "2:4"
+
+
+@pytest.mark.parametrize("args", [
+    ["--shape", "1024x1024"],                                      # every family of the largest block
+    ["--shape", "1x1048576"],                                      # 2**19 candidate group sizes
+    ["--shape", "100x100", "-p", "50:100-T"],                      # A(100, 50): the estimate, in log-gamma
+    ["--shape", "1024x1024", "-p", "512:1024-T", "-p", "unstructured"],
+    ["--shape", "32x32", "-p", "16:32-T", "-p", "8:16-T"],        # M above EXACT_MAX_M: estimated, not counted
+])
+def test_diversity_answers_the_largest_allowed_cases_fast(args):
+    result, took = _timed(["diversity", *args, "--json"])
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert took < FAST_S and rows
+    for row in rows:
+        assert math.isfinite(row["log10"]) and row["log10"] > 0
+        if row["count"] is not None:                                # a count is exact and within the cap
+            assert row["exact"] and len(row["count"]) <= div.MAX_COUNT_DIGITS
+        elif row["exact"]:                                          # over the cap: log10 only
+            assert row["log10"] >= div.MAX_COUNT_DIGITS - 1
+
+
+def test_diversity_counts_up_to_the_digit_cap_and_gives_log10_beyond():
+    near = json.loads(cli.invoke(app, ["diversity", "--shape", "1x14280", "-p", "unstructured", "--json"]).stdout)
+    assert near[0]["count"] == str(math.comb(14280, 7140)) and len(near[0]["count"]) == 4297
+    over = json.loads(cli.invoke(app, ["diversity", "--shape", "1x16384", "-p", "unstructured", "--json"]).stdout)
+    assert over[0]["count"] is None and over[0]["exact"]
+    assert over[0]["log10"] == pytest.approx(math.log10(math.comb(16384, 8192)), rel=1e-12)
+    table = cli.invoke(app, ["diversity", "--shape", "1x16384", "-p", "unstructured"])
+    assert table.exit_code == 0 and "4,930 digits, not shown" in table.stdout
+    assert "counts of more than 4300 digits are not computed" in table.stdout
+
+
+@pytest.mark.parametrize("call", [
+    lambda: div.rank(10 ** 30, 8, 0.5),
+    lambda: div.rank(8, 8, float("nan")),
+    lambda: div.pattern_diversity(10 ** 5000, 8, Pattern(2, 4)),
+    lambda: div.unstructured_diversity(8, 10 ** 6, 0.5),
+    lambda: div.families(1 << 21, 1, 0.5),
+    lambda: div.transposable_count(32, 16),
+])
+def test_the_engine_enforces_the_same_limits(call):
+    start = time.perf_counter()
+    with pytest.raises(div.DiversityError) as caught:
+        call()
+    assert time.perf_counter() - start < FAST_S
+    assert caught.value.field in ("shape", "density", "pattern") and "\n" not in str(caught.value)
+    assert len(str(caught.value)) < 200
+
+
+def test_the_engine_answers_the_worst_allowed_cases_fast():
+    start = time.perf_counter()
+    assert div.transposable_log10_approx(1024, 512) > 0             # C(2**20, 2**19) in log-gamma
+    assert len(div.families(1, 1 << 20, 0.5)) == 20                # M = 2, 4, ..., 2**20
+    assert div.unstructured_diversity(1024, 1024, 0.5).count is None
+    assert time.perf_counter() - start < FAST_S
+    div.transposable_count.cache_clear()
+    start = time.perf_counter()
+    div.transposable_count(div.EXACT_MAX_M, div.EXACT_MAX_M // 2)   # the slowest exact count allowed
+    assert time.perf_counter() - start < 3.0                        # 0.65-0.9 s measured on a busy 2-core machine
+
+
+def test_the_enumerate_solver_refuses_a_large_tile_without_counting_it():
+    from nmtrain.sparsity.solvers.enumerate import enumerate_solver
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="8:16-T has more than 5,000 tile masks"):
+        enumerate_solver(torch.rand(1, 16, 16), 8)                  # A(16, 8) alone takes seconds
+    assert time.perf_counter() - start < FAST_S
+
+
+# == patterns: ASCII digits ==
+# \d and int() take any Unicode decimal digit: '２:４' was 2:4. Numbers a user types are ASCII only.
+
+UNICODE_PATTERNS = ["２:４",                 # fullwidth
+                    "٢:٤",                  # Arabic-Indic
+                    "۲:۴",                  # extended Arabic-Indic (Persian)
+                    "²:⁴",                  # superscripts
+                    "2:４",                 # one digit is enough
+                    "2:4\u3000"]            # an ideographic space after it
+
+
+@pytest.mark.parametrize("text", UNICODE_PATTERNS)
+def test_parse_pattern_takes_ascii_digits_only(text):
+    with pytest.raises(PatternError, match="ASCII digits"):
+        parse_pattern(text)
+
+
+def test_parse_pattern_bounds_the_digits_before_reading_them():
+    with pytest.raises(PatternError, match="N and M have at most 7 digits") as caught:
+        parse_pattern("1" * 5000 + ":4")        # int() would raise its own ValueError past 4300 digits
+    assert len(str(caught.value)) < 200
+    assert parse_pattern("0002:0004") == Pattern(2, 4)
+    with pytest.raises(PatternError, match="at most 2\\*\\*20") as big:
+        Pattern(1, 10 ** 5000)                   # the engine's own constructor, and a readable message
+    assert "an integer of about 5001 digits" in str(big.value)
+
+
+@pytest.fixture
+def small_model(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save({"fc.weight": torch.randn(8, 8)}, path)
+    return path
+
+
+@pytest.mark.parametrize("text", UNICODE_PATTERNS[:4])
+@pytest.mark.parametrize("command", ["prune", "train", "train-override", "diversity", "compare"])
+def test_every_command_refuses_unicode_digits_in_a_pattern(tmp_path, small_model, command, text):
+    out = tmp_path / "out"
+    args = {"prune": ["prune", str(small_model), "-o", str(out), "--pattern", text],
+            "train": ["train", *QUICK, "--out", str(out), "--pattern", text],
+            "train-override": ["train", *QUICK, "--out", str(out), f"sparsity.pattern={text}"],
+            "diversity": ["diversity", "-p", text],
+            "compare": ["compare", *QUICK, "--out", str(out), "--methods", "srste", "--patterns", f"2:4,{text}"]}
+    before = snapshot(tmp_path)
+    result = cli.invoke(app, args[command])
+    assert_refused(result, "is not of the form N:M or N:M-T with ASCII digits", before, snapshot(tmp_path))
+    assert {"train": "--pattern: ", "train-override": "sparsity.pattern: ",
+            "diversity": "--pattern: "}.get(command, "") in result.stderr
+
+
+@pytest.mark.parametrize("shape", ["８x８", "8x８", "٨x٨", "8x8\u3000"])
+def test_diversity_shape_takes_ascii_digits_only(shape):
+    assert_refused(cli.invoke(app, ["diversity", "--shape", shape]), "positive ASCII sizes")
+
+
+@pytest.mark.parametrize("seeds", ["０,1", "1,٢", "1" * 19, "1" * 5000])
+def test_compare_seeds_take_ascii_digits_only(tmp_path, seeds):
+    out = tmp_path / "out"
+    result = cli.invoke(app, ["compare", *QUICK, "--out", str(out), "--methods", "srste", "--patterns", "2:4",
+                              "--seeds", seeds])
+    assert_refused(result, "--seeds: give comma-separated integers of at most 18 ASCII digits")
+    assert not out.exists() and len(result.stderr) < 300
+
+
+def test_huge_pattern_digits_in_train_are_one_line(tmp_path):
+    out = tmp_path / "run"
+    for args in (["--pattern", "7" * 5000 + ":8"], ["sparsity.pattern=2:" + "4" * 5000]):
+        result = cli.invoke(app, ["train", *QUICK, "--out", str(out), *args])
+        assert_refused(result, "N and M have at most 7 digits")
+        assert not out.exists() and len(result.stderr) < 300
+
+
+# == class 6: launcher ==
+# `train --nproc N` checks in the parent what the N processes would refuse, before torchrun starts:
+# a refusal is one line and exit 2, with subprocess.call never reached and nothing written.
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    launched = []
+
+    def call(cmd, *args, **kwargs):
+        launched.append(cmd)
+        return 0
+    monkeypatch.setattr(cli_train.subprocess, "call", call)
+    return launched
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--nproc", "0"], "--nproc: give 1 to 64 processes, got 0"),
+    (["--nproc", "-1"], "--nproc: give 1 to 64 processes, got -1"),
+    (["--nproc", "100000"], "--nproc: give 1 to 64 processes, got 100000"),
+    (["--nproc", "2", "data.batch_size=63"], "data.batch_size: the global batch 63 is not divisible by the 2 processes"),
+    (["--nproc", "3", "data.batch_size=64"], "data.batch_size: the global batch 64 is not divisible by the 3 processes"),
+    (["--nproc", "2", "--pattern", "２:４"], "--pattern: pattern '２:４'"),
+    (["--nproc", "2", "optim.lrr=1"], "optim.lrr: unknown key"),
+    (["--nproc", "2", "--method", "nosuch"], "nosuch"),
+    (["--nproc", "2", "--overwrite", "--resume", "."], "--resume and --overwrite: choose one"),
+])
+def test_launcher_refuses_before_launching(tmp_path, no_launch, args, needle):
+    out = tmp_path / "run"
+    before = snapshot(tmp_path)
+    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), *args])
+    assert_refused(result, needle, before, snapshot(tmp_path))
+    assert no_launch == [] and not out.exists()
+
+
+def test_launcher_refuses_more_processes_than_the_machine_has(tmp_path, no_launch, monkeypatch):
+    monkeypatch.setattr(cli_train, "_cores", lambda: 2)
+    out = tmp_path / "run"
+    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "--nproc", "4"])
+    assert_refused(result, "--nproc: at most one process per CPU core on the CPU; this process may use 2 cores, got 4")
+    monkeypatch.setattr(cli_train, "_gpus", lambda: 1)
+    monkeypatch.setattr("nmtrain.experiments.build.resolve_device", lambda name: torch.device("cuda"))
+    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "--nproc", "2"])
+    assert_refused(result, "--nproc: 2 processes need 2 GPUs (one each); this machine has 1")
+    assert no_launch == [] and not out.exists()
+
+
+def test_launcher_checks_the_run_directory_first(tmp_path, no_launch):
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "summary.json").write_text("{}")
+    before = snapshot(tmp_path)
+    result = cli.invoke(app, ["train", *QUICK, "--out", str(held), "--nproc", "2"])
+    assert_refused(result, "already holds a run", before, snapshot(tmp_path))
+    result = cli.invoke(app, ["train", "--resume", str(tmp_path / "absent"), "--nproc", "2"])
+    assert_refused(result, "--resume: ", before, snapshot(tmp_path))
+    assert no_launch == []
+
+
+def test_launcher_reads_the_checkpoint_to_resume_before_launching(finished_run, no_launch):
+    ckpt = finished_run / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    before = snapshot(finished_run)
+    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--nproc", "2", "--no-progress"])
+    assert_refused(result, "is not a readable PyTorch file", before, snapshot(finished_run))
+    assert no_launch == []
+
+
+@pytest.mark.parametrize("child_code", [0, 2, 130])
+def test_launcher_runs_torchrun_on_good_input_and_passes_its_code_on(tmp_path, monkeypatch, child_code):
+    launched = []
+    monkeypatch.setattr(cli_train.subprocess, "call", lambda cmd: launched.append(cmd) or child_code)
+    out = tmp_path / "run"
+    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "--nproc", "2"])
+    assert result.exit_code == child_code and len(launched) == 1
+    assert launched[0][1:5] == ["-m", "nmtrain.cli.torchrun", "--standalone", "--nproc_per_node=2"]
+    assert not out.exists()                                     # the parent itself writes nothing
+
+
+@pytest.mark.parametrize("exitcode,code,says", [(2, 2, False), (130, 130, False), (1, 1, True), (-9, 137, True)])
+def test_the_torchrun_entry_point_exits_with_the_first_failure(monkeypatch, capsys, exitcode, code, says):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def run(args):
+        raise ChildFailedError("nmtrain.cli.main", {1: ProcessFailure(1, 4242, exitcode, "")})
+    monkeypatch.setattr("torch.distributed.run.run", run)
+    try:
+        assert torchrun_module.main(["--standalone", "--nproc_per_node=2", "-m", "nmtrain.cli.main", "train"]) == code
+    finally:
+        logging.disable(logging.NOTSET)          # main quietens its own process's logging; not the test run's
+    err = capsys.readouterr().err
+    assert ("Traceback" not in err) and (err.startswith("error: process 1 ") == says)
+    assert err.count("\n") == (1 if says else 0)
+
+
+@pytest.mark.slow
+def test_a_refusal_inside_the_processes_is_their_line_and_exit_2(tmp_path):
+    # The one check left to the processes (it needs the data): 129 samples leave a last batch of 1.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nmtrain.cli.main", "train", *QUICK, "data.train_subset=129", "--out", str(out),
+           "--nproc", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.startswith("error: data.batch_size: the last batch") for line in lines), proc.stderr
+    assert not out.exists()

@@ -56,7 +56,9 @@ def patterns(m: int, n: int) -> torch.Tensor:
 def enumerate_solver(scores: torch.Tensor, n: int) -> torch.Tensor:
     t, m, _ = scores.shape
     if not enumerable(m, n):
-        raise ValueError(f"{n}:{m}-T has {transposable_count(m, n):,} tile masks, too many to enumerate "
+        # the count only where it is instant: A(16, 8) alone takes seconds, A(32, 16) hours
+        many = f"{transposable_count(m, n):,}" if m <= 6 else f"more than {MAX_PATTERNS:,}"
+        raise ValueError(f"{n}:{m}-T has {many} tile masks, too many to enumerate "
                          f"(limit {MAX_PATTERNS:,}); use the 'exact' or 'flow' solver")
     pats = patterns(m, n).to(scores.device)
     weights = pats.to(scores.dtype).t()            # (M*M, P)
