@@ -308,7 +308,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if tp is float and isinstance(value, str):
+    if tp is float and isinstance(value, str) and value.isascii():    # float() would also read '０.１'
         try:
             return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         except ValueError:

@@ -69,6 +69,8 @@ def test_bad_spec_files(tmp_path, name):
     (["optim.lrr=0.1"], "optim.lrr: unknown key"),
     (["bogus.key=1"], "bogus: unknown key"),
     (["optim.lr=fast"], "optim.lr: expected float"),
+    (["optim.lr=０.０５"], "optim.lr: expected float"),          # fullwidth digits: float() reads them, we do not
+    (["optim.momentum=٠.٩"], "optim.momentum: expected float"),  # Arabic-Indic
     (["train.epochs=1.5"], "train.epochs: expected int"),
     (["--pattern", "4:4"], "--pattern: N (weights kept) must be smaller than M"),
     (["--pattern", "5:4"], "--pattern: N (weights kept) must be smaller than M"),
@@ -924,7 +926,7 @@ def test_every_command_refuses_unicode_digits_in_a_pattern(tmp_path, small_model
     result = cli.invoke(app, args[command])
     assert_refused(result, "is not of the form N:M or N:M-T with ASCII digits", before, snapshot(tmp_path))
     assert {"train": "--pattern: ", "train-override": "sparsity.pattern: ",
-            "diversity": "--pattern: "}.get(command, "") in result.stderr
+            "diversity": "--pattern: ", "compare": "--patterns / sweep.patterns: "}.get(command, "") in result.stderr
 
 
 @pytest.mark.parametrize("shape", ["８x８", "8x８", "٨x٨", "8x8\u3000"])
