@@ -137,8 +137,8 @@ def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] |
 
 
 def _last_change_rate(run_dir: Path) -> float | None:
-    lines = RunDir(run_dir).metrics.read_text().splitlines()
-    return json.loads(lines[-1]).get("mask_change_rate") if lines else None
+    records = RunDir(run_dir).read_metrics("compare")
+    return records[-1].get("mask_change_rate") if records else None
 
 
 def finished_run(cell: Spec) -> dict | None:
@@ -283,11 +283,8 @@ def recompute_series(rows: list[dict]) -> dict[str, list[tuple[int, list[tuple[i
     runs = [run for row in rows for run in row.get("runs", [row])]
     series: dict[str, list] = {}
     for run in runs:
-        path = RunDir(run["run_dir"]).metrics
-        if not path.is_file():
-            continue
-        points = [(e["step"], e["change_rate"]) for line in path.read_text().splitlines() if line.strip()
-                  for e in json.loads(line).get("mask_recomputes", [])]
+        points = [(e["step"], e["change_rate"]) for record in RunDir(run["run_dir"]).read_metrics("compare")
+                  for e in record.get("mask_recomputes", [])]
         if points:
             series.setdefault(f"{run['method']} {run['pattern']}", []).append((run["seed"], points))
     return series

@@ -9,6 +9,7 @@ regular file is ever replaced (see "output targets" below).
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tempfile
@@ -69,6 +70,32 @@ def load_state_dict(path: str | os.PathLike, field: str = "INPUT") -> dict[str, 
             raise CheckpointError(f"{field}: {path} is not a plain tensor state_dict "
                                   f"(entry {key!r} holds a {type(value).__name__})")
     return dict(obj)
+
+
+# The run directory's JSON files are read back (resume, compare --reuse, convert): bounded, text, and the
+# shape nmtrain writes, or one CheckpointError naming the file. The bounds are far above what a run writes
+# (a ResNet-50 summary is ~60 KB; a metrics line per eval), and below what would exhaust memory.
+MAX_JSON_BYTES = 64 << 20
+
+
+def read_json_file(path: Path, field: str, lines: bool = False) -> Any:
+    """The JSON object in ``path`` or, with ``lines``, the list of JSON objects one per line (JSON Lines)."""
+    if not path.is_file():
+        raise CheckpointError(f"{field}: {path} " + (f"is {what_is(path)}, not a file" if path.exists()
+                                                    else "does not exist"))
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{field}: {path} holds {path.stat().st_size} bytes, more than nmtrain writes there "
+                              f"(at most {MAX_JSON_BYTES >> 20} MiB read); it is not a run file of nmtrain")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        objects = [json.loads(line) for line in text.splitlines() if line.strip()] if lines else [json.loads(text)]
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{field}: {path} is not the JSON nmtrain writes ({_first_line(exc)})") from None
+    bad = next((i for i, obj in enumerate(objects) if not isinstance(obj, dict)), None)
+    if bad is not None:
+        where = f"line {bad + 1} holds" if lines else "holds"
+        raise CheckpointError(f"{field}: {path} {where} a {type(objects[bad]).__name__}, not a JSON object")
+    return objects if lines else objects[0]
 
 
 def state_dict_mismatch(model: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:

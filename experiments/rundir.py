@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from .errors import ExperimentError
-from .io import (CheckpointError, atomic_write, check_output_dir, check_output_file, make_dirs, remove_dirs, safe_load,
-                 save_text)
+from .io import (CheckpointError, atomic_write, check_output_dir, check_output_file, make_dirs, read_json_file,
+                 remove_dirs, safe_load, save_text)
 
 try:
     import fcntl
@@ -201,9 +201,9 @@ class RunDir:
     def write_config(self, text: str) -> None:
         save_text(text, self.config, "--out")
 
-    def read_metrics(self) -> list[str]:
-        """The lines of metrics.jsonl ([] when there is none)."""
-        return self.metrics.read_text(encoding="utf-8").splitlines() if self.metrics.is_file() else []
+    def read_metrics(self, field: str = "--resume") -> list[dict]:
+        """The records of metrics.jsonl, one per eval ([] when there is none)."""
+        return read_json_file(self.metrics, field, lines=True) if os.path.lexists(self.metrics) else []
 
     def write_metrics(self, lines: list[str]) -> None:
         """All lines so far, rewritten at once: a resumed run drops the lines past its checkpoint."""
@@ -215,8 +215,8 @@ class RunDir:
     def write_summary(self, summary: dict) -> None:
         save_text(json.dumps(summary, indent=2) + "\n", self.summary, "--out")
 
-    def read_summary(self) -> dict:
-        return json.loads(self.summary.read_text(encoding="utf-8"))
+    def read_summary(self, field: str = "SOURCE") -> dict:
+        return read_json_file(self.summary, field)
 
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
         save_checkpoint(self.checkpoint, ckpt)

@@ -60,7 +60,7 @@ from torch.nn import functional as F
 from ..data.loaders import set_epoch
 from ..sparsity import Pattern, fold_mask, nm_violation
 from .io import CheckpointError, _first_line, load_state_dict, state_dict_mismatch
-from .build import Built, build, layer_plan, resolve_device, validate
+from .build import Built, build, layer_plan, resolve_device, validate, world_size
 from .evaluate import evaluate
 from .methods import attach, get_method, params_dict  # noqa: F401  (get_method: tests build a method here)
 from .methods.ste import change_rate
@@ -159,14 +159,6 @@ def _to_device(obj, device: torch.device):
 
 def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def world_size() -> int:
-    """Processes in this run: ``WORLD_SIZE`` as torchrun sets it (1 when not launched by torchrun)."""
-    try:
-        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
-    except ValueError:
-        return 1
 
 
 def _mask_checksums(masks: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -387,7 +379,7 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
         raise CheckpointError(f"--resume: {run.rd.checkpoint} is at step {run.step}, past the run's "
                               f"{run.total_steps} steps")
     done = run.rd.read_metrics()
-    run.metrics_lines = done[:int(ckpt.run.get("metrics_lines", len(done)))]
+    run.metrics_lines = [json.dumps(r) for r in done[:int(ckpt.run.get("metrics_lines", len(done)))]]
     run.last_ckpt_step = run.step
     _restore_rng(ckpt.rng)      # last: building the run above may draw from the global RNGs
 

@@ -505,6 +505,37 @@ def test_an_input_that_is_not_a_file_is_named_for_what_it_is(trained, tmp_path):
     assert_refused(result, f"{tmp_path / 'in.pt'} is a FIFO (named pipe), not a file")
 
 
+# == class 3: tampered run files ==
+# The JSON files of a run directory are read back by one reader (io.read_json_file): a regular file, at
+# most MAX_JSON_BYTES, UTF-8, the JSON shape nmtrain writes; anything else is one line naming the file.
+
+TAMPERED_JSON = {"random bytes": os.urandom(200), "not json": b"garbage{\n", "a list": b"[1, 2]\n",
+                 "deep": b"[" * 100000 + b"]" * 100000, "latin-1": "caf\xe9".encode("latin-1")}
+
+
+@pytest.mark.parametrize("tamper", sorted(TAMPERED_JSON))
+def test_a_tampered_summary_is_one_line_for_convert(finished_run, tmp_path, tamper):
+    (finished_run / "summary.json").write_bytes(TAMPERED_JSON[tamper])
+    before = snapshot(tmp_path)
+    result = cli.invoke(app, ["convert", str(finished_run), "--to", "compressed"])
+    assert_refused(result, f"SOURCE: {finished_run / 'summary.json'} ", before, snapshot(tmp_path))
+
+
+@pytest.mark.parametrize("tamper", sorted(TAMPERED_JSON))
+def test_a_tampered_metrics_file_is_one_line_for_resume(finished_run, tamper):
+    (finished_run / "metrics.jsonl").write_bytes(TAMPERED_JSON[tamper])
+    before = snapshot(finished_run)
+    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
+    assert_refused(result, f"--resume: {finished_run / 'metrics.jsonl'} ", before, snapshot(finished_run))
+
+
+def test_an_oversized_run_file_is_refused_unread(finished_run, monkeypatch):
+    from nmtrain.experiments import io as io_module
+    monkeypatch.setattr(io_module, "MAX_JSON_BYTES", 16)
+    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
+    assert_refused(result, "more than nmtrain writes there")
+
+
 # == class 4: bounded work (YAML) ==
 # Every YAML nmtrain reads goes through one reader (experiments/spec.py `load_yaml`): a regular UTF-8 text
 # file of bounded size, no key twice, and a bounded number of values and levels with aliases expanded.
