@@ -26,6 +26,7 @@ from .registry import DatasetError
 UBYTE = 0x08
 IMAGES_MAGIC = 0x00000803   # ubyte, 3 dims
 LABELS_MAGIC = 0x00000801   # ubyte, 1 dim
+MAX_IDX_BYTES = 1 << 30     # uncompressed; Fashion-MNIST's train images are 47 MB
 
 
 def read_idx(path: str | os.PathLike, magic: int | None = None, field: str = "data.root") -> torch.Tensor:
@@ -33,13 +34,17 @@ def read_idx(path: str | os.PathLike, magic: int | None = None, field: str = "da
     path = os.fspath(path)
     try:
         with gzip.open(path, "rb") as fh:
-            raw = bytearray(fh.read())  # writable, so torch.frombuffer shares it without a warning
+            # Bounded: a small gzip can expand to any size ("gzip bomb"); read one byte past the cap to tell.
+            raw = bytearray(fh.read(MAX_IDX_BYTES + 1))  # writable: torch.frombuffer shares it without a warning
     except FileNotFoundError:
         raise DatasetError(f"{field}: {path} does not exist") from None
     except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut stream is EOFError
         raise DatasetError(f"{field}: {path} is not a complete gzip file ({exc}); "
                            "the file is corrupt or truncated, replace it") from None
 
+    if len(raw) > MAX_IDX_BYTES:
+        raise DatasetError(f"{field}: {path} expands to more than {MAX_IDX_BYTES >> 20} MiB, the most an IDX file "
+                           "is read to (EMNIST's largest is 640 MB); it is not a dataset file")
     if len(raw) < 4:
         raise DatasetError(f"{field}: {path} is truncated: {len(raw)} bytes, shorter than the IDX header")
     found_magic = struct.unpack(">I", raw[:4])[0]

@@ -536,6 +536,17 @@ def test_an_oversized_run_file_is_refused_unread(finished_run, monkeypatch):
     assert_refused(result, "more than nmtrain writes there")
 
 
+def test_a_gzip_bomb_in_a_dataset_file_is_refused_at_its_cap(tmp_path, monkeypatch):
+    import gzip
+    from nmtrain.data import idx
+    from nmtrain.data.registry import DatasetError
+    monkeypatch.setattr(idx, "MAX_IDX_BYTES", 1 << 16)          # the real cap is 1 GiB: same code, less time
+    with gzip.open(tmp_path / "bomb.gz", "wb") as fh:
+        fh.write(b"\0" * (1 << 20))
+    with pytest.raises(DatasetError, match="expands to more than"):
+        idx.read_idx(tmp_path / "bomb.gz")
+
+
 # == class 4: bounded work (YAML) ==
 # Every YAML nmtrain reads goes through one reader (experiments/spec.py `load_yaml`): a regular UTF-8 text
 # file of bounded size, no key twice, and a bounded number of values and levels with aliases expanded.
