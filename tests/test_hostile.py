@@ -36,16 +36,6 @@ QUICK = ["data.dataset=synthetic", "data.batch_size=64", "data.eval_batch_size=2
          "train.epochs=2", "optim.lr=0.05", "schedule.warmup_epochs=0", "--no-progress"]
 
 
-def _one_line_exit_2(result, needle):
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert needle in result.stderr, result.stderr
-
-
-def _snapshot(d):
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
-
-
 SPEC_FILES = {
     "malformed.yaml": ("model: [unclosed\n", "not valid YAML at line"),
     "unknown_key.yaml": ("optim:\n  lrr: 0.1\n", "optim.lrr: unknown key"),
@@ -89,7 +79,7 @@ def test_bad_spec_files(tmp_path, name):
 def test_bad_specs(tmp_path, args, needle):
     out = tmp_path / "run"
     result = cli.invoke(app, ["train", *QUICK, "--out", str(out), *args])
-    _one_line_exit_2(result, needle)
+    assert_refused(result, needle)
     assert not out.exists()
 
 
@@ -104,17 +94,17 @@ def finished_run(tmp_path):
 def test_truncated_checkpoint_for_resume(finished_run):
     ckpt = finished_run / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-    before = _snapshot(finished_run)
+    before = snapshot(finished_run)
     result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
-    _one_line_exit_2(result, f"--resume: {ckpt} is not a readable PyTorch file")
-    assert _snapshot(finished_run) == before
+    assert_refused(result, f"--resume: {ckpt} is not a readable PyTorch file")
+    assert snapshot(finished_run) == before
 
 
 def test_garbage_checkpoint_for_resume(finished_run):
     ckpt = finished_run / "checkpoint.pt"
     ckpt.write_bytes(os.urandom(1000))
     result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
-    _one_line_exit_2(result, f"--resume: {ckpt} is not a readable PyTorch file")
+    assert_refused(result, f"--resume: {ckpt} is not a readable PyTorch file")
 
 
 class _RunsCode:
@@ -129,7 +119,7 @@ def test_checkpoint_with_a_code_running_pickle_is_refused(finished_run, tmp_path
     good["run"] = _RunsCode()
     torch.save(good, ckpt)
     result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
-    _one_line_exit_2(result, "refused by weights-only loading")
+    assert_refused(result, "refused by weights-only loading")
     assert not (tmp_path / "PWNED").exists()
     raw = tmp_path / "raw.pt"                            # a plain pickle file too
     raw.write_bytes(pickle.dumps(_RunsCode()))
@@ -143,25 +133,25 @@ def test_checkpoint_that_is_not_a_training_checkpoint(finished_run):
     ckpt = finished_run / "checkpoint.pt"
     torch.save({"weight": torch.zeros(2)}, ckpt)
     result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
-    _one_line_exit_2(result, "is not an nmtrain training checkpoint (missing model")
+    assert_refused(result, "is not an nmtrain training checkpoint (missing model")
 
 
 def test_resume_without_a_checkpoint_or_a_run(finished_run, tmp_path):
     (finished_run / "checkpoint.pt").unlink()
     result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
-    _one_line_exit_2(result, "there is no checkpoint to resume from")
+    assert_refused(result, "there is no checkpoint to resume from")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_exit_2(cli.invoke(app, ["train", "--resume", str(empty)]), "--resume: ")
+    assert_refused(cli.invoke(app, ["train", "--resume", str(empty)]), "--resume: ")
     assert list(empty.iterdir()) == []
-    _one_line_exit_2(cli.invoke(app, ["train", "--resume", str(tmp_path / "absent")]), "--resume: ")
+    assert_refused(cli.invoke(app, ["train", "--resume", str(tmp_path / "absent")]), "--resume: ")
 
 
 def test_output_directory_holding_another_run(finished_run):
-    before = _snapshot(finished_run)
+    before = snapshot(finished_run)
     result = cli.invoke(app, ["train", *QUICK, "--out", str(finished_run), "--method", "srste"])
-    _one_line_exit_2(result, "already holds a run")
-    assert _snapshot(finished_run) == before
+    assert_refused(result, "already holds a run")
+    assert snapshot(finished_run) == before
     assert cli.invoke(app, ["train", *QUICK, "--out", str(finished_run), "train.max_steps=2",
                             "--overwrite"]).exit_code == 0
 
@@ -181,7 +171,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     monkeypatch.setattr(F, "cross_entropy", poisoned)
     out = tmp_path / "run"
     result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "train.checkpoint_interval=4"])
-    _one_line_exit_2(result, "training diverged at step 6: loss is nan")
+    assert_refused(result, "training diverged at step 6: loss is nan")
     assert f"{out / 'checkpoint.pt'} (step 4)" in result.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
     assert not (out / "model.pt").exists() and not (out / "summary.json").exists()
@@ -191,7 +181,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
 def test_huge_learning_rate_diverges_without_a_checkpoint_of_bad_weights(tmp_path):
     out = tmp_path / "run"
     result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "optim.lr=1e30", "train.checkpoint_interval=1"])
-    _one_line_exit_2(result, "training diverged at step")
+    assert_refused(result, "training diverged at step")
     assert "lower optim.lr" in result.stderr
     if (out / "checkpoint.pt").exists():
         ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -216,7 +206,7 @@ def test_weights_gone_non_finite_before_a_mask_recompute_read_as_divergence(tmp_
     out = tmp_path / "run"
     result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "--method", "transposable",
                               "method.params.mask_interval=3"])
-    _one_line_exit_2(result, "training diverged at step 2: the weights are not finite after the update")
+    assert_refused(result, "training diverged at step 2: the weights are not finite after the update")
     assert not (out / "model.pt").exists()
 
 
