@@ -73,7 +73,12 @@ def check_density(density: float | Fraction) -> Fraction:
         value = math.nan
     if not 0.0 < value < 1.0:
         raise DiversityError(f"{density} must be strictly between 0 and 1 (the share of weights kept)", "density")
-    return Fraction(density).limit_denominator(MAX_BLOCK_WEIGHTS)
+    share = Fraction(density).limit_denominator(MAX_BLOCK_WEIGHTS)
+    if not 0 < share < 1:       # 1e-300 is above 0, but no block keeps that share of its weights
+        raise DiversityError(f"{density} keeps no weight (or all) of a block of at most {MAX_BLOCK_WEIGHTS} "
+                             f"weights; give a share from 1/{MAX_BLOCK_WEIGHTS} to 1 - 1/{MAX_BLOCK_WEIGHTS}",
+                             "density")
+    return share
 
 
 @functools.lru_cache(maxsize=None)

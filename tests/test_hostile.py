@@ -1098,6 +1098,11 @@ def test_every_numeric_field_has_a_rule():
     assert sorted(set(RULES) - set(paths)) == []        # no rule for a field that is gone
 
 
+@pytest.mark.parametrize("density", ["1e-300", "0.9999999999"])
+def test_a_density_no_block_can_keep_is_named_as_the_density(density):
+    assert_refused(cli.invoke(app, ["diversity", "--density", density]), "--density: ")
+
+
 # == patterns: ASCII digits ==
 # \d and int() take any Unicode decimal digit: '２:４' was 2:4. Numbers a user types are ASCII only.
 
