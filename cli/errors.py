@@ -47,6 +47,18 @@ def fail(message: str) -> "typer.Exit":
     return typer.Exit(code=2)
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of a user error as one line. A DataLoader worker's error reaches this process re-raised
+    with the worker's traceback in its message ("Caught DatasetError in DataLoader worker process 0.
+    Original Traceback ..."), whose last line is the original ``module.Class: message``."""
+    text = str(exc).strip()
+    if "\nOriginal Traceback" in text:
+        last = text.splitlines()[-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last
+    return " ".join(text.split("\n"))
+
+
 def user_errors(fn: F) -> F:
     """Turn the engine's and the CLI's input errors into ``error: ...`` and exit code 2."""
     @functools.wraps(fn)
@@ -56,5 +68,5 @@ def user_errors(fn: F) -> F:
         except Exception as exc:
             if not is_user_error(exc):
                 raise
-            raise fail(str(exc)) from None
+            raise fail(one_line(exc)) from None
     return wrapper  # type: ignore[return-value]

@@ -14,6 +14,7 @@ with ImageNet's mean and std, or ``data.mean`` / ``data.std``.
 from __future__ import annotations
 
 import os
+import warnings
 
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -24,12 +25,29 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LAYOUT = "root/train/<class>/*.jpg and root/val/<class>/*.jpg"
 
 
+def load_image(path: str):
+    """An image file as RGB; a file PIL cannot read (corrupt, truncated, not an image, or a "decompression
+    bomb" of more pixels than PIL allows) is a one-line DatasetError naming it, wherever a batch is drawn."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as fh:
+                return Image.open(fh).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # UnidentifiedImageError and "image file is truncated" are OSErrors; plugins raise SyntaxError
+        message = ("not an image format PIL reads" if isinstance(exc, Image.UnidentifiedImageError)
+                   else (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        raise DatasetError(f"data.root: {path} cannot be read as an image ({message}); remove or replace it") from None
+
+
 def _folder(root: str, split: str, transform) -> ImageFolder:
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise DatasetError(f"data.root: {root} has no {split}/ folder; the imagefolder dataset needs {LAYOUT}")
     try:
-        return ImageFolder(path, transform=transform)
+        return ImageFolder(path, transform=transform, loader=load_image)
     except FileNotFoundError as exc:  # no class folders, or a class folder without images
         message = str(exc).strip().splitlines()[0]
         raise DatasetError(f"data.root: {path}: {message}; the imagefolder dataset needs {LAYOUT}") from None

@@ -724,6 +724,27 @@ def test_a_gzip_bomb_in_a_dataset_file_is_refused_at_its_cap(tmp_path, monkeypat
         idx.read_idx(tmp_path / "bomb.gz")
 
 
+IMAGE_TAMPERS = {"random bytes": lambda png: os.urandom(300), "truncated": lambda png: png[: len(png) // 2],
+                 "empty": lambda png: b""}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("tamper", sorted(IMAGE_TAMPERS))
+def test_an_unreadable_image_in_an_imagefolder_is_one_line_naming_it(tmp_path, tamper, workers):
+    # Read through one loader (data/imagefolder.py `load_image`); from a DataLoader worker, the CLI takes
+    # the original line out of the worker's re-raised traceback (cli/errors.py `one_line`).
+    from test_custom_models import write_imagefolder
+    root = write_imagefolder(tmp_path / "images", per_class=2, side=16)
+    bad = root / "train" / "bee" / "1.png"
+    bad.write_bytes(IMAGE_TAMPERS[tamper](bad.read_bytes()))
+    out = tmp_path / "run"
+    before = snapshot(tmp_path)
+    result = cli.invoke(app, ["train", "data.dataset=imagefolder", f"data.root={root}", "data.image_size=16",
+                              "data.batch_size=2", f"data.num_workers={workers}", "model.name=lenet5",
+                              "train.epochs=1", "--out", str(out), "--no-progress"])
+    assert_refused(result, f"data.root: {bad} cannot be read as an image", before, snapshot(tmp_path))
+
+
 # == class 4: bounded work (YAML) ==
 # Every YAML nmtrain reads goes through one reader (experiments/spec.py `load_yaml`): a regular UTF-8 text
 # file of bounded size, no key twice, and a bounded number of values and levels with aliases expanded.
