@@ -156,26 +156,28 @@ def finished_run(cell: Spec) -> dict | None:
         # Through the schema, so keys added since the run was written compare at their defaults.
         saved = to_dict(from_dict(Spec, read_yaml(rd.config)))
         summary = rd.read_summary()
-    except (OSError, ValueError, yaml.YAMLError):     # SpecError is a ValueError
+    except (OSError, ValueError, yaml.YAMLError):     # SpecError and CheckpointError are ValueErrors
         return None
-    if saved != to_dict(resolved) or not isinstance(summary, dict):
+    if saved != to_dict(resolved):
         return None
     return summary
 
 
-def run_grid(cells: list[Cell], overwrite: bool = False, console=None, progress: bool = True,
+def run_grid(cells: list[Cell], out: Path, overwrite: bool = False, console=None, progress: bool = True,
              reuse: bool = False) -> list[dict]:
     """Train every cell; with ``reuse``, a cell whose directory already holds a finished run of the same
-    spec is read instead of trained (an interrupted grid continues where it stopped). With a
-    ``console``, one line per finished cell; the caller shows the table of the whole grid."""
+    spec is read instead of trained (an interrupted grid continues where it stopped). Every output is
+    checked before the first cell trains. With a ``console``, one line per finished cell; the caller
+    shows the table of the whole grid, written to ``out``."""
+    finished = [finished_run(c.spec) if reuse else None for c in cells]
+    check_grid_targets(out, [c for c, s in zip(cells, finished) if s is None], overwrite)
     rows = []
-    for i, (label, cell) in enumerate(((c.label, c.spec) for c in cells), 1):
-        s = finished_run(cell) if reuse else None
+    for i, (c, s) in enumerate(zip(cells, finished), 1):
         reused = s is not None
         if s is None:
-            s = train(cell, overwrite=overwrite, console=console, progress=progress).summary
-        result_out = Path(cell.out)
-        rows.append({"method": label, "pattern": s["pattern"] or "dense", "density": s["density"],
+            s = train(c.spec, overwrite=overwrite, console=console, progress=progress).summary
+        result_out = Path(c.spec.out)
+        rows.append({"method": c.label, "pattern": s["pattern"] or "dense", "density": s["density"],
                      "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
                      "epochs": s["epochs"], "seed": s["seed"], "flops_ratio": s["train_flops"]["ratio"],
                      "wall_seconds": s["wall_seconds"], "mask_change_rate": _last_change_rate(result_out),
@@ -185,15 +187,14 @@ def run_grid(cells: list[Cell], overwrite: bool = False, console=None, progress:
     return rows
 
 
-def check_grid_targets(out: Path, cells: list[Cell], overwrite: bool, reuse: bool) -> None:
-    """Every output of the grid, checked before the first cell trains: the table's files in the grid's
-    directory ``out``, and each cell's run directory (a finished run there is fine with ``reuse``)."""
+def check_grid_targets(out: Path, to_train: list[Cell], overwrite: bool) -> None:
+    """The grid's outputs: the table's files in the grid's directory ``out``, and the run directory of
+    each cell ``to_train`` (a reused cell's finished run stays as it is)."""
     check_output_dir(out, "--out")
     for name in RESULT_FILES:
         check_output_file(out / name, "--out")
-    for cell in cells:
-        if not (reuse and finished_run(cell.spec) is not None):
-            RunDir(cell.spec.out).check_target(overwrite)
+    for cell in to_train:
+        RunDir(cell.spec.out).check_target(overwrite)
 
 
 def is_baseline(row: dict) -> bool:

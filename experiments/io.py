@@ -49,6 +49,13 @@ def safe_load(path: Path, field: str) -> Any:
         raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({_first_line(exc)})") from None
 
 
+def _require_file(path: Path, field: str) -> None:
+    """An input that must be a regular file: one that is missing, or a FIFO or directory, is named for what it is."""
+    if not path.is_file():
+        raise CheckpointError(f"{field}: {path} " + (f"is {what_is(path)}, not a file" if path.exists()
+                                                    else "does not exist"))
+
+
 def load_state_dict(path: str | os.PathLike, field: str = "INPUT") -> dict[str, torch.Tensor]:
     """A flat ``{name: Tensor}`` state_dict from a ``.pt`` file, or from a run directory's ``model.pt``."""
     from .rundir import MODEL, RunDir     # here: rundir builds on this module
@@ -59,9 +66,7 @@ def load_state_dict(path: str | os.PathLike, field: str = "INPUT") -> dict[str, 
             raise CheckpointError(f"{field}: {path} is a directory without {MODEL}; pass a state_dict file "
                                   "or a finished run directory")
         path = RunDir(path).model
-    if not path.is_file():
-        raise CheckpointError(f"{field}: {path} " + (f"is {what_is(path)}, not a file" if path.exists()
-                                                    else "does not exist"))
+    _require_file(path, field)
     obj = safe_load(path, field)
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{field}: {path} holds a {type(obj).__name__}, not a state_dict of named tensors")
@@ -80,9 +85,7 @@ MAX_JSON_BYTES = 64 << 20
 
 def read_json_file(path: Path, field: str, lines: bool = False) -> Any:
     """The JSON object in ``path`` or, with ``lines``, the list of JSON objects one per line (JSON Lines)."""
-    if not path.is_file():
-        raise CheckpointError(f"{field}: {path} " + (f"is {what_is(path)}, not a file" if path.exists()
-                                                    else "does not exist"))
+    _require_file(path, field)
     if path.stat().st_size > MAX_JSON_BYTES:
         raise CheckpointError(f"{field}: {path} holds {path.stat().st_size} bytes, more than nmtrain writes there "
                               f"(at most {MAX_JSON_BYTES >> 20} MiB read); it is not a run file of nmtrain")
@@ -168,12 +171,9 @@ def check_output_file(path: str | os.PathLike, field: str) -> Path:
     target, as open() would write through it)."""
     path = Path(path)
     real = Path(os.path.realpath(path))
-    if os.path.exists(real):
-        mode = os.stat(real).st_mode
-        if not stat.S_ISREG(mode):
-            shown = path if real == path.absolute() else f"{path} (-> {real})"
-            raise OutputError(f"{field}: {shown} is {what_is(real)}; nmtrain writes only regular files: "
-                              "give a file path")
+    if os.path.exists(real) and not os.path.isfile(real):
+        shown = path if real == path.absolute() else f"{path} (-> {real})"
+        raise OutputError(f"{field}: {shown} is {what_is(real)}; nmtrain writes only regular files: give a file path")
     _check_writable_dir(real.parent, field, path)
     return real
 

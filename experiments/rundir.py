@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from .errors import ExperimentError
-from .io import (CheckpointError, atomic_write, check_output_dir, check_output_file, make_dirs, read_json_file,
-                 remove_dirs, safe_load, save_text)
+from .io import (CheckpointError, check_output_dir, check_output_file, make_dirs, read_json_file, remove_dirs,
+                 safe_load, save_state_dict, save_text)
 
 try:
     import fcntl
@@ -74,6 +74,11 @@ class Checkpoint:
         return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
 
 
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)            # closing the descriptor drops its flock
+
+
 def check_flags(overwrite: bool, resume: bool) -> None:
     """``--resume`` continues the run in a directory and ``--overwrite`` replaces it: never both."""
     if resume and overwrite:
@@ -114,15 +119,15 @@ class RunDir:
         path is checked as an output (a directory or a device there is never replaced), and a directory
         another nmtrain process is writing is refused whatever the flags."""
         check_flags(overwrite, resume)
-        check_output_dir(self.path, "--resume" if resume else "--out")
+        field = "--resume" if resume else "--out"
+        check_output_dir(self.path, field)
         for name in RUN_FILES:                  # a resumed run rewrites them too
-            check_output_file(self.path / name, "--resume" if resume else "--out")
+            check_output_file(self.path / name, field)
         if resume:
             return
         present = [f for f in RUN_FILES if (self.path / f).exists()]
-        if present and self.in_use():
-            raise RunError(f"--out: {self.path} is in use by another nmtrain process; wait for it to end or "
-                           "choose another --out")
+        if present:
+            _unlock(self._lock())       # refused here, with _lock's message, while another process holds it
         # A run that stopped before its first checkpoint (killed, or a crash before its cleanup) left only
         # config.yaml / metrics.jsonl: nothing to resume and nothing finished, so a new run replaces it.
         if any(f in PROGRESS_FILES for f in present) and not overwrite:
@@ -145,18 +150,6 @@ class RunDir:
                            "choose another --out") from None
         return fd
 
-    def in_use(self) -> bool:
-        """Whether another process holds the directory (`writing` or `holding`)."""
-        if not self.path.is_dir():
-            return False
-        try:
-            fd = self._lock()
-        except RunError:
-            return True
-        if fd is not None:
-            os.close(fd)
-        return False
-
     @contextlib.contextmanager
     def holding(self):
         """Hold the directory of an existing run (``--resume``) while it is written."""
@@ -165,8 +158,7 @@ class RunDir:
             self.remove_stale_tmp()
             yield self
         finally:
-            if fd is not None:
-                os.close(fd)
+            _unlock(fd)
 
     @contextlib.contextmanager
     def writing(self):
@@ -176,16 +168,18 @@ class RunDir:
         created = make_dirs(self.path, "--out")
         try:
             with self.holding():
-                for name in RUN_FILES:
-                    (self.path / name).unlink(missing_ok=True)
+                self._remove_run_files()
                 yield self
         except BaseException:
             if not self.checkpoint.is_file():
-                for name in RUN_FILES:
-                    (self.path / name).unlink(missing_ok=True)
+                self._remove_run_files()
                 self.remove_stale_tmp()
                 remove_dirs(created)
             raise
+
+    def _remove_run_files(self) -> None:
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
 
     def remove_stale_tmp(self) -> None:
         """Temporary files left by a write that a kill interrupted."""
@@ -205,12 +199,13 @@ class RunDir:
         """The records of metrics.jsonl, one per eval ([] when there is none)."""
         return read_json_file(self.metrics, field, lines=True) if os.path.lexists(self.metrics) else []
 
-    def write_metrics(self, lines: list[str]) -> None:
-        """All lines so far, rewritten at once: a resumed run drops the lines past its checkpoint."""
-        save_text("\n".join(lines) + "\n", self.metrics, "--out")
+    def write_metrics(self, records: list[dict]) -> None:
+        """All records so far, one JSON line each, rewritten at once: a resumed run drops the lines past
+        its checkpoint."""
+        save_text("".join(json.dumps(r) + "\n" for r in records), self.metrics, "--out")
 
     def write_model(self, state: dict[str, torch.Tensor]) -> None:
-        atomic_write(self.model, lambda fh: torch.save(state, fh), "--out")
+        save_state_dict(state, self.model, "--out")
 
     def write_summary(self, summary: dict) -> None:
         save_text(json.dumps(summary, indent=2) + "\n", self.summary, "--out")
@@ -226,8 +221,7 @@ class RunDir:
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
-    state = ckpt.to_dict()
-    atomic_write(path, lambda fh: torch.save(state, fh), "--out")
+    save_state_dict(ckpt.to_dict(), path, "--out")      # torch.save of plain containers and tensors
 
 
 def load_checkpoint(path: Path, field: str = "--resume") -> Checkpoint:

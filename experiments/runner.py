@@ -39,16 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import random
 import signal
 import threading
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import os
 
 import torch
 import torch.distributed as dist
@@ -236,7 +234,7 @@ class Run:
     running_n: int = 0
     wall_before: float = 0.0        # seconds trained before this process (a resumed run)
     start: float = 0.0              # perf_counter when this process started training
-    metrics_lines: list[str] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)     # the records of metrics.jsonl so far
     last_masks: dict = field(default_factory=dict)      # the masks at the last eval
     last_ckpt_step: int | None = None
 
@@ -379,7 +377,7 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
         raise CheckpointError(f"--resume: {run.rd.checkpoint} is at step {run.step}, past the run's "
                               f"{run.total_steps} steps")
     done = run.rd.read_metrics()
-    run.metrics_lines = [json.dumps(r) for r in done[:int(ckpt.run.get("metrics_lines", len(done)))]]
+    run.metrics = done[:int(ckpt.run.get("metrics_lines", len(done)))]
     run.last_ckpt_step = run.step
     _restore_rng(ckpt.rng)      # last: building the run above may draw from the global RNGs
 
@@ -502,9 +500,9 @@ def _evaluate_step(run: Run) -> float:
     run.last_masks = {k: v.clone() for k, v in masks.items()}
     run.running_loss, run.running_n = 0.0, 0
     run.best = max(run.best, acc)
-    run.metrics_lines.append(json.dumps(record))
+    run.metrics.append(record)
     if run.main:
-        run.rd.write_metrics(run.metrics_lines)
+        run.rd.write_metrics(run.metrics)
     return acc
 
 
@@ -515,7 +513,7 @@ def _checkpoint(run: Run) -> None:
     if run.main:
         f = run.flops
         counters = {"best": run.best, "running_loss": run.running_loss, "running_n": run.running_n,
-                    "wall": run.wall(), "metrics_lines": len(run.metrics_lines),
+                    "wall": run.wall(), "metrics_lines": len(run.metrics),
                     "flops": {"forward": f.forward, "backward_data": f.backward_data,
                               "backward_weight": f.backward_weight, "dense_total": f.dense_total},
                     "last_masks": run.last_masks}

@@ -46,7 +46,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with RunDir(out).writing() as rd:
             rd.write_config("name: x\n")
-            rd.write_metrics(["{}"])
+            rd.write_metrics([{}])
             1 / 0
     assert list(tmp_path.iterdir()) == []                     # the directories it created went too
     out.mkdir(parents=True)
