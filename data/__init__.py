@@ -28,6 +28,5 @@ DEFAULT_DATASET = "fashion_mnist"
 
 __all__ = [
     "DEFAULT_DATASET", "DatasetError", "DatasetInfo", "build_datasets", "build_loaders", "check_global_batch",
-    "check_options",
-    "list_datasets", "register_dataset", "seeded_subset",
+    "check_options", "list_datasets", "register_dataset", "seeded_subset",
 ]

@@ -24,7 +24,8 @@ from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from .registry import DatasetError, DatasetInfo, normalisation, register_dataset
+from .errors import first_line
+from .registry import DatasetError, DatasetInfo, normalisation, positive_int, register_dataset
 
 DEFAULT_ROOT = "~/.cache/nmtrain/datasets"
 
@@ -83,16 +84,10 @@ def _missing(cls: type, root: str) -> str | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _load(name: str, root: str | None, augment: bool, download: bool, verify: bool, image_size: int,
           mean: list[float] | None, std: list[float] | None):
     cls, pretty, num_classes, default_mean, default_std = _VARIANTS[name]
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise DatasetError(f"data.image_size: must be a positive integer, got {image_size!r}")
+    positive_int("data.image_size", image_size)
     mean, std = normalisation(name, 3, mean, std, default_mean, default_std)
     root = os.path.expanduser(root or DEFAULT_ROOT)
     missing = _missing(cls, root)
@@ -100,7 +95,7 @@ def _load(name: str, root: str | None, augment: bool, download: bool, verify: bo
         try:
             download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5)
         except Exception as exc:  # URLError, timeouts, md5 mismatch, a full disk: all mean "no data"
-            raise DatasetError(f"data.download: fetching {pretty} into {root} failed ({_first_line(exc)}); "
+            raise DatasetError(f"data.download: fetching {pretty} into {root} failed ({first_line(exc)}); "
                                f"download {cls.url} by hand and extract it into data.root") from None
         missing = _missing(cls, root)
     if missing:
@@ -124,7 +119,7 @@ def _load(name: str, root: str | None, augment: bool, download: bool, verify: bo
                                f"(corrupt or partial copy); delete {cls.base_folder}/ and fetch {pretty} again") from None
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as exc:
             raise DatasetError(f"data.root: {os.path.join(root, cls.base_folder)} holds {pretty} files that "
-                               f"cannot be read ({type(exc).__name__}: {_first_line(exc)}); fetch them again") from None
+                               f"cannot be read ({type(exc).__name__}: {first_line(exc)}); fetch them again") from None
         if ds.targets and not 0 <= min(ds.targets) <= max(ds.targets) < num_classes:
             raise DatasetError(f"data.root: {os.path.join(root, cls.base_folder)} has labels outside "
                                f"0..{num_classes - 1}; it is not {pretty}")

@@ -16,10 +16,12 @@ from __future__ import annotations
 import os
 import warnings
 
+from PIL import Image
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from .registry import DatasetError, DatasetInfo, normalisation, register_dataset
+from .errors import first_line
+from .registry import DatasetError, DatasetInfo, normalisation, positive_int, register_dataset
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LAYOUT = "root/train/<class>/*.jpg and root/val/<class>/*.jpg"
@@ -28,8 +30,6 @@ LAYOUT = "root/train/<class>/*.jpg and root/val/<class>/*.jpg"
 def load_image(path: str):
     """An image file as RGB; a file PIL cannot read (corrupt, truncated, not an image, or a "decompression
     bomb" of more pixels than PIL allows) is a one-line DatasetError naming it, wherever a batch is drawn."""
-    from PIL import Image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -38,7 +38,7 @@ def load_image(path: str):
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # UnidentifiedImageError and "image file is truncated" are OSErrors; plugins raise SyntaxError
         message = ("not an image format PIL reads" if isinstance(exc, Image.UnidentifiedImageError)
-                   else (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+                   else first_line(exc))
         raise DatasetError(f"data.root: {path} cannot be read as an image ({message}); remove or replace it") from None
 
 
@@ -49,8 +49,7 @@ def _folder(root: str, split: str, transform) -> ImageFolder:
     try:
         return ImageFolder(path, transform=transform, loader=load_image)
     except FileNotFoundError as exc:  # no class folders, or a class folder without images
-        message = str(exc).strip().splitlines()[0]
-        raise DatasetError(f"data.root: {path}: {message}; the imagefolder dataset needs {LAYOUT}") from None
+        raise DatasetError(f"data.root: {path}: {first_line(exc)}; the imagefolder dataset needs {LAYOUT}") from None
 
 
 @register_dataset("imagefolder")
@@ -61,8 +60,7 @@ def imagefolder(root: str | None, *, augment: bool, download: bool, seed: int, i
     mean, std = normalisation("imagefolder", 3, mean, std, MEAN, STD)
     if not root:
         raise DatasetError(f"data.root: the imagefolder dataset needs a root folder laid out as {LAYOUT}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise DatasetError(f"data.image_size: must be a positive integer, got {image_size!r}")
+    positive_int("data.image_size", image_size)
     root = os.path.expanduser(root)
     if not os.path.isdir(root):
         raise DatasetError(f"data.root: {root} does not exist; the imagefolder dataset needs {LAYOUT}")

@@ -21,13 +21,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .registry import DatasetError
-
-
-def _positive(field: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DatasetError(f"{field}: must be a positive integer, got {value!r}")
-    return value
+from .registry import DatasetError, positive_int
 
 
 class EpochSampler(Sampler[int]):
@@ -90,7 +84,7 @@ def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
 def check_global_batch(batch_size: int, world: int) -> None:
     """The global batch ``data.batch_size`` splits evenly over ``world`` processes. Needs no data and no
     process group: `nmtrain train --nproc N` checks it before it launches anything."""
-    _positive("data.batch_size", batch_size)
+    positive_int("data.batch_size", batch_size)
     if world > 1 and batch_size % world:
         raise DatasetError(f"data.batch_size: the global batch {batch_size} is not divisible by the "
                            f"{world} processes; use a multiple of {world}")
@@ -114,7 +108,8 @@ def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, seed: in
                                f"cannot be split across {world} processes; change data.batch_size or "
                                "data.train_subset")
         local_batch = batch_size // world
-    eval_batch_size = _positive("data.eval_batch_size", eval_batch_size if eval_batch_size is not None else batch_size)
+    eval_batch_size = positive_int("data.eval_batch_size",
+                                   eval_batch_size if eval_batch_size is not None else batch_size)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise DatasetError(f"data.num_workers: must be a non-negative integer, got {num_workers!r}")
     if pin_memory is None:

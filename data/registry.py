@@ -30,6 +30,13 @@ class DatasetError(DataError):
     """A dataset that cannot be built from the given spec; the one-line message names the field."""
 
 
+def positive_int(field: str, value: object) -> int:
+    """``value`` when it is a positive int (not a bool); else a DatasetError naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DatasetError(f"{field}: must be a positive integer, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a model needs to know about a dataset.

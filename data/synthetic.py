@@ -15,13 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .memory import TensorImageDataset
-from .registry import DatasetError, DatasetInfo, register_dataset
-
-
-def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DatasetError(f"data.{name}: must be a positive integer, got {value!r}")
-    return value
+from .registry import DatasetError, DatasetInfo, positive_int, register_dataset
 
 
 def _balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -37,7 +31,7 @@ def synthetic(root: str | None, *, augment: bool, download: bool, seed: int, num
     del root, augment, download
     for name, value in (("num_classes", num_classes), ("in_channels", in_channels),
                         ("image_size", image_size), ("train_size", train_size), ("test_size", test_size)):
-        _positive(name, value)
+        positive_int(f"data.{name}", value)
     if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
         raise DatasetError(f"data.noise: must be a non-negative number, got {noise!r}")
 

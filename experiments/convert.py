@@ -31,6 +31,7 @@ and the mask entries dropped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,13 +43,14 @@ import torch
 from ..sparsity import (LAYOUTS, Pattern, PatternError, fold_mask, from_matrix, nm_violation, parse_pattern,
                         shape_violation, to_matrix)
 from .errors import ExperimentError
-from .io import atomic_write, check_output_file, load_state_dict
+from .io import _first_line, atomic_write, check_output_file, load_state_dict
 from .rundir import MODEL, SUMMARY, RunDir
 
 FORMAT = "nmtrain-nm-compressed"
 VERSION = 1
 SEP = "::"
 TARGETS = ("compressed", "dense", "semi-structured")
+MAX_M = 256                      # in-group positions are stored as uint8
 
 
 class ConvertError(ExperimentError):
@@ -150,8 +152,8 @@ def compress_tensor(weight: torch.Tensor, fmt: LayerFormat, name: str) -> tuple[
     problem = shape_violation(weight.shape, pattern, layout)
     if problem is not None:
         raise ConvertError(f"{name} {tuple(weight.shape)} cannot hold {pattern.describe()}: {problem}")
-    if pattern.m > 256:
-        raise ConvertError(f"{name}: M={pattern.m} does not fit uint8 indices (M <= 256)")
+    if pattern.m > MAX_M:
+        raise ConvertError(f"{name}: M={pattern.m} does not fit uint8 indices (M <= {MAX_M})")
     problem = nm_violation(weight, pattern, layout)
     if problem is not None:
         raise ConvertError(f"{name} breaks its declared pattern {pattern.describe()}: {problem}; nothing written")
@@ -172,7 +174,7 @@ def decompress_tensor(values: torch.Tensor, indices: torch.Tensor, pattern: Patt
     Trusts its inputs: `read_compressed` checks them against `_LAYER_CONSTRAINTS` first.
     """
     rows = shape[0]
-    k = int(torch.Size(shape).numel()) // rows
+    k = math.prod(shape) // rows
     n, m = pattern.n, pattern.m
     groups = torch.zeros(rows, k // m, m, dtype=values.dtype)
     groups.scatter_(-1, indices.to(torch.int64).reshape(rows, k // m, n), values.reshape(rows, k // m, n))
@@ -197,7 +199,6 @@ MAX_HEADER_BYTES = 64 << 20      # safetensors itself stops at 100 MB; nmtrain's
 MAX_METADATA_BYTES = 16 << 20    # the nmtrain JSON, part of the header
 MAX_DIMS = 8
 MAX_ELEMENTS = 1 << 33           # per dense tensor: above any real weight, far below what a tampered shape asks
-MAX_M = 256                      # in-group positions are stored as uint8
 FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors code -> torch
 # Every dtype a stored tensor may have: those torch reads (safetensors knows some it does not, e.g. F6_E2M3).
 READABLE_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8", "U64", "U32", "U16",
@@ -205,21 +206,10 @@ READABLE_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I3
 LAYER_FIELDS = ("pattern", "layout", "shape", "dtype")
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _names(names) -> str:
     """At most three names, for a one-line message."""
     names = sorted(names)
     return ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
-
-
-def _numel(shape) -> int:
-    out = 1
-    for size in shape:
-        out *= size
-    return out
 
 
 class _Source:
@@ -365,7 +355,7 @@ class _Layer:
     def want(self) -> tuple[int, int]:
         """values/indices shape the dense shape implies: C_out x K*N/M."""
         rows = self.shape[0]
-        return rows, _numel(self.shape) // rows * self.pattern.n // self.pattern.m
+        return rows, math.prod(self.shape) // rows * self.pattern.n // self.pattern.m
 
     @cached_property
     def positions(self) -> torch.Tensor:
@@ -390,8 +380,8 @@ _LAYER_CONSTRAINTS = (
      lambda c: f"layout {c.info['layout']!r} is unknown; nmtrain writes one of: {', '.join(LAYOUTS)}"),
     ("shape is positive ints", lambda c: _is_shape(c.info["shape"]),
      lambda c: f"shape {c.info['shape']!r} is not a list of 1 to {MAX_DIMS} positive integers"),
-    ("elements <= 2^33", lambda c: _numel(c.shape) <= MAX_ELEMENTS,
-     lambda c: f"shape {list(c.shape)} asks for {_numel(c.shape)} elements, more than the {MAX_ELEMENTS} "
+    ("elements <= 2^33", lambda c: math.prod(c.shape) <= MAX_ELEMENTS,
+     lambda c: f"shape {list(c.shape)} asks for {math.prod(c.shape)} elements, more than the {MAX_ELEMENTS} "
                "nmtrain allocates for one tensor"),
     ("shape holds the pattern", lambda c: c.shape_problem() is None,
      lambda c: f"shape {list(c.shape)} cannot hold {c.pattern}: {c.shape_problem()}"),
@@ -401,9 +391,9 @@ _LAYER_CONSTRAINTS = (
      lambda c: f"declares dtype {c.info['dtype']} but its values are stored as {c.values[1]}"),
     ("indices dtype uint8", lambda c: c.indices[1] == "U8",
      lambda c: f"its indices are stored as {c.indices[1]}, not U8 (uint8)"),
-    ("elements = values * M/N", lambda c: _numel(c.shape) * c.pattern.n == _numel(c.values[0]) * c.pattern.m,
-     lambda c: f"shape {list(c.shape)} has {_numel(c.shape)} elements, but the {_numel(c.values[0])} stored values "
-               f"of {c.pattern} make {_numel(c.values[0]) * c.pattern.m // c.pattern.n}"),
+    ("elements = values * M/N", lambda c: math.prod(c.shape) * c.pattern.n == math.prod(c.values[0]) * c.pattern.m,
+     lambda c: f"shape {list(c.shape)} has {math.prod(c.shape)} elements, but the {math.prod(c.values[0])} stored "
+               f"values of {c.pattern} make {math.prod(c.values[0]) * c.pattern.m // c.pattern.n}"),
     ("values shape", lambda c: c.values[0] == c.want,
      lambda c: f"values are {c.values[0]}; shape {list(c.shape)} with {c.pattern} wants {c.want}"),
     ("indices shape", lambda c: c.indices[0] == c.want,
@@ -416,6 +406,10 @@ _LAYER_CONSTRAINTS = (
 )
 
 
+# What a row raises when the untrusted JSON it reads has a type the row did not expect.
+_MALFORMED = (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError)
+
+
 def _check(constraints, subject, where: str) -> None:
     """Apply a table of (constraint, check, message) rows in order; the first failing row is the error.
 
@@ -424,12 +418,12 @@ def _check(constraints, subject, where: str) -> None:
     for name, check, message in constraints:
         try:
             ok = bool(check(subject))
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError):
+        except _MALFORMED:
             ok = False
         if not ok:
             try:
                 text = message(subject)
-            except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError):
+            except _MALFORMED:
                 text = "is malformed"
             line = f"SOURCE: {where} {text} [constraint: {name}]"   # names from the file may hold newlines
             raise ConvertError("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in line))
@@ -504,7 +498,7 @@ def load_source(source: str | os.PathLike, pattern: str | None = None, layout: s
                     raise ConvertError(f"SOURCE: {SUMMARY} declares {name}, which {MODEL} does not hold")
                 layers[name] = LayerFormat(parse_pattern(info["pattern"], info.get("transposable", False)),
                                            info.get("layout", "nhwc"))
-        except (json.JSONDecodeError, AttributeError, TypeError) as exc:
+        except (AttributeError, TypeError) as exc:     # read_summary has checked the JSON and that it is an object
             raise ConvertError(f"SOURCE: {run.summary} is not a run summary ({exc})") from None
         for name, fmt in layers.items():   # declared N:M that does not hold is an error, not a dense fallback
             problem = nm_violation(state[name], fmt.pattern, fmt.layout) if shape_violation(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from .errors import SparsityError, shown
-from .pattern import Pattern
+from .pattern import Pattern, parse_pattern
 
 
 # -- limits: each bounds the work of one call (times measured on one core of a shared 2-core machine) --
@@ -215,8 +215,6 @@ def rank(rows: int, cols: int, density: float, patterns: list[str | Pattern] | N
 
     ``patterns`` entries are ``Pattern`` objects or strings: ``"unstructured"``, ``"2:4"``, ``"2:4-T"``.
     """
-    from .pattern import parse_pattern
-
     check_block(rows, cols)
     check_density(density)
     results: list[Diversity] = []

@@ -11,12 +11,15 @@ from .layout import from_matrix, require_fits, to_matrix
 from .pattern import Pattern
 
 
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The floating type weights of ``dtype`` are ranked in: float32 for half precision and non-float types."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point else dtype
+
+
 def magnitude(weight: torch.Tensor) -> torch.Tensor:
     """|W| in a floating type wide enough to rank (half precision is ranked in float32)."""
     w = weight.detach()
-    if not w.is_floating_point() or w.dtype in (torch.float16, torch.bfloat16):
-        w = w.float()
-    return w.abs()
+    return w.to(score_dtype(w.dtype)).abs()
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "nhwc") -> torch.Tensor:

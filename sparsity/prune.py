@@ -16,7 +16,7 @@ from .errors import SparsityError
 from .fold import fold_mask
 from .nm import kept_share, nm_mask, nm_violation, unstructured_mask
 from .pattern import Pattern
-from .selection import LayerInfo, SelectOptions, select_layers
+from .selection import LayerInfo, LayerSelection, SelectOptions, select_layers
 from .solvers import warm_up
 from .transposable import transposable_mask
 
@@ -33,12 +33,6 @@ def make_mask(weight: torch.Tensor, pattern: Pattern, layout: str = "nhwc", solv
     return nm_mask(weight, pattern.n, pattern.m, layout=layout)
 
 
-@dataclass
-class Selection:
-    selected: list[str]
-    skipped: dict[str, str]  # name -> reason
-
-
 def _is_candidate(name: str, value: object) -> bool:
     return (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() in (2, 4)
             and name.rsplit(".", 1)[-1] == "weight")
@@ -53,20 +47,19 @@ def describe_state(state: Mapping[str, torch.Tensor]) -> list[LayerInfo]:
 
 def select(state: Mapping[str, torch.Tensor], pattern: Pattern, layout: str = "nhwc",
            include: Sequence[str] = (), exclude: Sequence[str] = (), keep_first_dense: bool = True,
-           keep_last_dense: bool = True, layers: Sequence[LayerInfo] | None = None) -> Selection:
+           keep_last_dense: bool = True) -> LayerSelection:
     """The weights of ``state`` that are pruned, by training's layer rule (`select_layers`): every
     2-D/4-D ``*.weight`` that fits the pattern except the first and the last, filtered by fnmatch globs.
 
-    ``layers`` (default: `describe_state`) may describe the weights better, e.g. with conv groups from the
-    model. Candidates that do not fit are skipped with the reason, unless an ``include`` glob asked for
-    them by name: then the selection is an error (nmtrain never pads a layer silently).
+    Candidates (`describe_state`) that do not fit are skipped with the reason, unless an ``include`` glob
+    asked for them by name: then the selection is an error (nmtrain never pads a layer silently).
     """
     for glob in include:
         if not any(fnmatch.fnmatchcase(name, glob) for name in state):
             raise SelectionError(f"--include {glob!r} matches no tensor; names look like {next(iter(state), '?')!r}")
     options = SelectOptions(pattern, layout, tuple(include), tuple(exclude), keep_first_dense, keep_last_dense,
                             include_field="--include", exclude_field="--exclude")
-    sel = select_layers(describe_state(state) if layers is None else layers, options)
+    sel = select_layers(describe_state(state), options)
     for name, (_constraint, problem) in sel.refused.items():
         raise SelectionError(f"{name} {tuple(state[name].shape)} cannot hold {pattern.describe()}: {problem}")
     for name in sel.selected:
@@ -78,7 +71,7 @@ def select(state: Mapping[str, torch.Tensor], pattern: Pattern, layout: str = "n
     if not sel.selected:
         reasons = "; ".join(f"{k}: {v}" for k, v in list(sel.skipped.items())[:3]) or "no 2-D or 4-D *.weight tensor"
         raise SelectionError(f"no weight can hold {pattern.describe()} ({reasons})")
-    return Selection(sel.selected, sel.skipped)
+    return sel
 
 
 @dataclass
@@ -96,7 +89,6 @@ class LayerReport:
 def prune_state_dict(state: Mapping[str, torch.Tensor], pattern: Pattern, layout: str = "nhwc",
                      solver: str = "exact", include: Sequence[str] = (), exclude: Sequence[str] = (),
                      keep_first_dense: bool = True, keep_last_dense: bool = True,
-                     layers: Sequence[LayerInfo] | None = None,
                      on_layer: Callable[[str, int, int], None] | None = None,
                      **solver_kwargs) -> tuple[dict[str, torch.Tensor], list[LayerReport], dict[str, str]]:
     """Prune the weights `select` picks from ``state``; everything else is returned unchanged.
@@ -105,7 +97,7 @@ def prune_state_dict(state: Mapping[str, torch.Tensor], pattern: Pattern, layout
     total)`` is called before each layer (for progress bars). A layer's ``seconds`` is its own solve:
     the solver's one-time work (numba compiling on first use) is done before the first layer is timed.
     """
-    sel = select(state, pattern, layout, include, exclude, keep_first_dense, keep_last_dense, layers)
+    sel = select(state, pattern, layout, include, exclude, keep_first_dense, keep_last_dense)
     if pattern.transposable:
         for dtype, device in {(state[name].dtype, state[name].device) for name in sel.selected}:
             warm_up(solver, pattern.n, pattern.m, dtype, device)

@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from ..nm import score_dtype
+
 SolverFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -64,12 +66,10 @@ def warm_up(name: str, n: int, m: int, dtype: torch.dtype = torch.float32, devic
     A solver's first call in a process can do one-time work: the compiled solvers compile their numba
     kernels on first use after an install (about 10 s; numba caches them on disk, so later processes
     only load them), enumeration builds its table of tile masks. Calling this first keeps that work
-    out of the time measured for a layer. ``dtype`` is the weight's: half precision is solved in
-    float32, as ``magnitude`` ranks it.
+    out of the time measured for a layer. ``dtype`` is the weight's: the tile has the dtype ``magnitude``
+    ranks it in (float32 for half precision).
     """
-    if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
-        dtype = torch.float32
-    tile = torch.arange(m * m, dtype=dtype, device=device).reshape(1, m, m)    # distinct scores, no RNG draw
+    tile = torch.arange(m * m, dtype=score_dtype(dtype), device=device).reshape(1, m, m)  # distinct, no RNG draw
     start = time.perf_counter()
     get_solver(name).fn(tile, n)
     return time.perf_counter() - start
