@@ -1,8 +1,37 @@
 """Helpers shared by test modules (pytest puts this folder on sys.path: `from helpers import ...`)."""
 
+import hashlib
+import os
 import signal
+import stat
+from pathlib import Path
 
+import numpy as np
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from nmtrain.cli.main import app
 from nmtrain.experiments import runner as runner_module
+
+ROOT = Path(__file__).resolve().parents[1]      # the repository
+
+# -- running the CLI in-process ------------------------------------------------------------------
+
+cli = CliRunner()
+# A tiny run on synthetic data: an MLP, 2 epochs of 8 steps.
+QUICK = ["data.dataset=synthetic", "data.batch_size=64", "data.eval_batch_size=256", "model.name=mlp",
+         "train.epochs=2", "optim.lr=0.05", "schedule.warmup_epochs=0", "--no-progress"]
+
+
+def quick_train(out, *args):
+    """``nmtrain train`` of the QUICK run into ``out``, with ``args`` added."""
+    return cli.invoke(app, ["train", *QUICK, "--out", str(out), *map(str, args)])
+
+
+def resume(out, *args):
+    """``nmtrain train --resume out``, with ``args`` added."""
+    return cli.invoke(app, ["train", "--resume", str(out), "--no-progress", *map(str, args)])
 
 
 def interrupt_at(monkeypatch, at_step):
@@ -18,16 +47,44 @@ def interrupt_at(monkeypatch, at_step):
     monkeypatch.setattr(runner_module.FlopCounter, "add_step", add_step)
 
 
+# -- building inputs -----------------------------------------------------------------------------
+
+def write_imagefolder(root, classes=("ant", "bee", "cat"), per_class=4, side=40):
+    """A tiny ImageNet-layout tree of PNGs: each class its own mean colour plus noise, so it is learnable."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 2)):
+        for k, cls in enumerate(classes):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                base = np.zeros(3) + 60
+                base[k % 3] = 200
+                pixels = np.clip(base + rng.normal(0, 20, (side, side, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def method_step(method, model, opt, x, y, step):
+    """The rest of training step ``step`` after ``method.before_step``, in the runner's order: cross-entropy,
+    backward, the method's hooks around the optimizer step. Returns the loss."""
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    method.after_backward(step)
+    opt.step()
+    method.after_step(step)
+    return loss
+
+
+def python_files(*folders):
+    """The repository's .py files under ``folders``, folder by folder, each folder's sorted."""
+    return [path for folder in folders for path in sorted((ROOT / folder).rglob("*.py"))]
+
+
 # -- the hostile-input contract: one line `error: ...`, exit 2, nothing written, nothing damaged ------
 
 def snapshot(*roots):
     """Every path under ``roots`` (the roots included) with its kind, mode and content hash: two equal
     snapshots mean nothing was written, replaced, chmod-ed or left behind (a temp file shows up too)."""
-    import hashlib
-    import os
-    import stat
-    from pathlib import Path
-
     seen = {}
     for root in map(Path, roots):
         if not os.path.lexists(root):

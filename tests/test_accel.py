@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from typer.testing import CliRunner
 
 from nmtrain.cli.main import app
 from nmtrain.experiments import accel
@@ -21,16 +20,9 @@ from nmtrain.experiments.runner import validate
 from nmtrain.experiments.spec import SpecError, load_spec
 from nmtrain.sparsity import Pattern, nm_violation, transposable_mask
 
-cli = CliRunner()
-QUICK = ["data.dataset=synthetic", "data.batch_size=64", "data.eval_batch_size=256", "model.name=mlp",
-         "train.epochs=2", "optim.lr=0.05", "schedule.warmup_epochs=0", "--no-progress"]
+from helpers import ROOT, assert_refused, cli, quick_train
+
 TRANSPOSABLE = ["--method", "transposable", "--pattern", "2:4-T"]
-
-
-def _one_line_exit_2(result, needle):
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert needle in result.stderr, result.stderr
 
 
 def _rel(a, b):
@@ -66,8 +58,7 @@ def test_accel_defaults_to_none_and_reads_from_yaml_and_overrides(tmp_path):
 ])
 def test_bad_accel_is_one_line_exit_2_and_writes_nothing(tmp_path, args, needle):
     out = tmp_path / "run"
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), *args])
-    _one_line_exit_2(result, needle)
+    assert_refused(quick_train(out, *args), needle)
     assert not out.exists()
 
 
@@ -389,8 +380,7 @@ def test_cpu_fallback_is_bit_identical_to_accel_none_and_warns_once(tmp_path):
         out = tmp_path / mode
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = cli.invoke(app, ["train", *QUICK, *TRANSPOSABLE, "device=cpu", f"accel={mode}",
-                                      "--out", str(out)])
+            result = quick_train(out, *TRANSPOSABLE, "device=cpu", f"accel={mode}")
         assert result.exit_code == 0, result.stderr + result.stdout
         fallback = [w for w in caught if w.category is accel.AccelFallbackWarning]
         runs[mode] = (out, fallback)
@@ -414,8 +404,7 @@ def test_sparse_branch_trains_through_the_runner_on_cpu(tmp_path, dense_stand_in
     out = tmp_path / "run"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = cli.invoke(app, ["train", *QUICK, *TRANSPOSABLE, "device=cpu", "accel=semi_structured",
-                                  "--out", str(out)])
+        result = quick_train(out, *TRANSPOSABLE, "device=cpu", "accel=semi_structured")
     assert result.exit_code == 0, result.stderr + result.stdout
     assert not [w for w in caught if w.category is accel.AccelFallbackWarning]
     summary = json.loads((out / "summary.json").read_text())
@@ -485,8 +474,7 @@ def test_gpu_cache_follows_optimizer_steps():
 def test_gpu_training_run_reports_sparse_layers(tmp_path):
     _require_sparse_gpu(256, 256)
     out = tmp_path / "run"
-    result = cli.invoke(app, ["train", *QUICK, *TRANSPOSABLE, "device=cuda", "accel=semi_structured",
-                              "--out", str(out)])
+    result = quick_train(out, *TRANSPOSABLE, "device=cuda", "accel=semi_structured")
     assert result.exit_code == 0, result.stderr + result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accel"]["sparse_layers"] == ["3"] and summary["accel"]["fallback"] == {}
@@ -501,8 +489,7 @@ def test_gpu_training_run_reports_sparse_layers(tmp_path):
 
 def _load_benchmark():
     import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_training.py"
+    path = ROOT / "benchmarks" / "sparse_training.py"
     spec = importlib.util.spec_from_file_location("sparse_training_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -16,6 +16,8 @@ from nmtrain.experiments.methods import Context, MethodError, attach, build_para
 from nmtrain.experiments.models import build_model
 from nmtrain.sparsity import Pattern, nm_mask, nm_violation
 
+from helpers import method_step
+
 
 def _bame(layers, total=100, pattern=Pattern(2, 4), layout="nhwc", **params):
     params.setdefault("switch", 0.0)      # the sparse phase's mechanics from step 0 (phases: test_bame_phases.py)
@@ -52,12 +54,7 @@ def _train_steps(method, model, steps, lr=0.05, start=0, seed=1, records=None):
         x = torch.randn(16, 8, 4, 4, generator=gen)
         y = torch.randint(0, 8, (16,), generator=gen)
         method.before_step(step)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.after_backward(step)
-        opt.step()
-        method.after_step(step)
+        method_step(method, model, opt, x, y, step)
         history.append({k: v.clone() for k, v in method.masks().items()})
         if records is not None and method.last.get("step") == step:
             records.append(dict(method.last))

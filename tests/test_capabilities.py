@@ -13,7 +13,7 @@ from torch import nn
 from nmtrain.experiments.methods import GEMMS, Capabilities, attach, get_method, list_methods, register_method
 from nmtrain.sparsity import Pattern, nm_violation
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, python_files
 
 
 def _model():
@@ -148,11 +148,10 @@ _COMPARISON = re.compile(rf"""{_METHOD}\s*(==|!=)\s*["']({_NAMES})["']"""
 
 def test_no_code_outside_methods_compares_a_method_name():
     offenders = []
-    for folder in ("cli", "experiments", "benchmarks", "data", "sparsity", "tests"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            if "methods" in path.relative_to(ROOT).parts[:2] or path.name == Path(__file__).name:
-                continue
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if _COMPARISON.search(line.split("#")[0]):
-                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    for path in python_files("cli", "experiments", "benchmarks", "data", "sparsity", "tests"):
+        if "methods" in path.relative_to(ROOT).parts[:2] or path.name == Path(__file__).name:
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if _COMPARISON.search(line.split("#")[0]):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == [], "ask the method's caps, not its name:\n" + "\n".join(offenders)

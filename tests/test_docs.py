@@ -3,7 +3,8 @@
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 DOC = ROOT / "docs" / "methods.md"
 FOLDERS = ("cli", "experiments", "sparsity", "data", "tests", "benchmarks", "docs")
 TOP_FILES = ("README.md", "Makefile", "pyproject.toml")

@@ -10,16 +10,17 @@ import os
 import pickle
 import random
 import re
+import shutil
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from nmtrain.cli import torchrun as torchrun_module
 from nmtrain.cli import train as cli_train
@@ -29,11 +30,7 @@ from nmtrain.experiments.spec import (MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_V
 from nmtrain.sparsity import Pattern, PatternError, make_mask, parse_pattern
 from nmtrain.sparsity import diversity as div
 
-from helpers import assert_refused, snapshot
-
-cli = CliRunner()
-QUICK = ["data.dataset=synthetic", "data.batch_size=64", "data.eval_batch_size=256", "model.name=mlp",
-         "train.epochs=2", "optim.lr=0.05", "schedule.warmup_epochs=0", "--no-progress"]
+from helpers import QUICK, assert_refused, cli, quick_train, resume, snapshot, write_imagefolder
 
 
 SPEC_FILES = {
@@ -51,9 +48,7 @@ def test_bad_spec_files(tmp_path, name):
     path.write_text(text)
     out = tmp_path / "run"
     result = cli.invoke(app, ["train", str(path), "--out", str(out), "--no-progress"])
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
-    if name != "not_a_mapping.yaml":
-        assert needle in result.stderr
+    assert_refused(result, "" if name == "not_a_mapping.yaml" else needle)
     assert str(path) in result.stderr or needle.split(":")[0] in result.stderr
     assert not out.exists()
 
@@ -78,33 +73,37 @@ def test_bad_spec_files(tmp_path, name):
 ])
 def test_bad_specs(tmp_path, args, needle):
     out = tmp_path / "run"
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), *args])
-    assert_refused(result, needle)
+    assert_refused(quick_train(out, *args), needle)
     assert not out.exists()
 
 
-@pytest.fixture
-def finished_run(tmp_path):
-    out = tmp_path / "run"
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "train.max_steps=4"])
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny run (its model.pt is the input of prune, convert and adaprune); tests only read it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = quick_train(out, "train.max_steps=4")
     assert result.exit_code == 0, result.stderr
     return out
+
+
+@pytest.fixture
+def finished_run(trained, tmp_path):
+    """A copy of ``trained`` at tmp_path/run, for a test to damage."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))
 
 
 def test_truncated_checkpoint_for_resume(finished_run):
     ckpt = finished_run / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     before = snapshot(finished_run)
-    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
-    assert_refused(result, f"--resume: {ckpt} is not a readable PyTorch file")
-    assert snapshot(finished_run) == before
+    assert_refused(resume(finished_run), f"--resume: {ckpt} is not a readable PyTorch file", before,
+                   snapshot(finished_run))
 
 
 def test_garbage_checkpoint_for_resume(finished_run):
     ckpt = finished_run / "checkpoint.pt"
     ckpt.write_bytes(os.urandom(1000))
-    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
-    assert_refused(result, f"--resume: {ckpt} is not a readable PyTorch file")
+    assert_refused(resume(finished_run), f"--resume: {ckpt} is not a readable PyTorch file")
 
 
 class _RunsCode:
@@ -118,28 +117,24 @@ def test_checkpoint_with_a_code_running_pickle_is_refused(finished_run, tmp_path
     good = torch.load(ckpt, weights_only=True)
     good["run"] = _RunsCode()
     torch.save(good, ckpt)
-    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
-    assert_refused(result, "refused by weights-only loading")
+    assert_refused(resume(finished_run), "refused by weights-only loading")
     assert not (tmp_path / "PWNED").exists()
     raw = tmp_path / "raw.pt"                            # a plain pickle file too
     raw.write_bytes(pickle.dumps(_RunsCode()))
     os.replace(raw, ckpt)
-    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and str(ckpt) in result.stderr
+    assert_refused(resume(finished_run), str(ckpt))
     assert not (tmp_path / "PWNED").exists()
 
 
 def test_checkpoint_that_is_not_a_training_checkpoint(finished_run):
     ckpt = finished_run / "checkpoint.pt"
     torch.save({"weight": torch.zeros(2)}, ckpt)
-    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
-    assert_refused(result, "is not an nmtrain training checkpoint (missing model")
+    assert_refused(resume(finished_run), "is not an nmtrain training checkpoint (missing model")
 
 
 def test_resume_without_a_checkpoint_or_a_run(finished_run, tmp_path):
     (finished_run / "checkpoint.pt").unlink()
-    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
-    assert_refused(result, "there is no checkpoint to resume from")
+    assert_refused(resume(finished_run), "there is no checkpoint to resume from")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_refused(cli.invoke(app, ["train", "--resume", str(empty)]), "--resume: ")
@@ -149,11 +144,9 @@ def test_resume_without_a_checkpoint_or_a_run(finished_run, tmp_path):
 
 def test_output_directory_holding_another_run(finished_run):
     before = snapshot(finished_run)
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(finished_run), "--method", "srste"])
-    assert_refused(result, "already holds a run")
-    assert snapshot(finished_run) == before
-    assert cli.invoke(app, ["train", *QUICK, "--out", str(finished_run), "train.max_steps=2",
-                            "--overwrite"]).exit_code == 0
+    assert_refused(quick_train(finished_run, "--method", "srste"), "already holds a run", before,
+                   snapshot(finished_run))
+    assert quick_train(finished_run, "train.max_steps=2", "--overwrite").exit_code == 0
 
 
 def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -170,7 +163,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
         return loss
     monkeypatch.setattr(F, "cross_entropy", poisoned)
     out = tmp_path / "run"
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "train.checkpoint_interval=4"])
+    result = quick_train(out, "train.checkpoint_interval=4")
     assert_refused(result, "training diverged at step 6: loss is nan")
     assert f"{out / 'checkpoint.pt'} (step 4)" in result.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
@@ -180,7 +173,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def test_huge_learning_rate_diverges_without_a_checkpoint_of_bad_weights(tmp_path):
     out = tmp_path / "run"
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "optim.lr=1e30", "train.checkpoint_interval=1"])
+    result = quick_train(out, "optim.lr=1e30", "train.checkpoint_interval=1")
     assert_refused(result, "training diverged at step")
     assert "lower optim.lr" in result.stderr
     if (out / "checkpoint.pt").exists():
@@ -204,8 +197,7 @@ def test_weights_gone_non_finite_before_a_mask_recompute_read_as_divergence(tmp_
         return real(self, solver)
     monkeypatch.setattr(transposable.Transposable, "_compute", poison_then_compute)
     out = tmp_path / "run"
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "--method", "transposable",
-                              "method.params.mask_interval=3"])
+    result = quick_train(out, "--method", "transposable", "method.params.mask_interval=3")
     assert_refused(result, "training diverged at step 2: the weights are not finite after the update")
     assert not (out / "model.pt").exists()
 
@@ -244,15 +236,6 @@ def _make_link_to_fifo(path):
 NOT_FILES = {"directory": (_make_dir, "is a directory"), "fifo": (_make_fifo, "is a FIFO"),
              "socket": (_make_socket, "is a socket"), "chardev": (_make_chardev, "is a character device"),
              "symlink-to-fifo": (_make_link_to_fifo, "is a FIFO")}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished tiny run (its model.pt is the input of prune, convert and adaprune)."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "train.max_steps=4"])
-    assert result.exit_code == 0, result.stderr
-    return out
 
 
 # Every command's every output file: (command line with {out} for the output path, the field named).
@@ -369,7 +352,7 @@ def test_written_files_get_the_mode_open_would_give(trained, tmp_path):
         assert cli.invoke(app, ["prune", str(trained / "model.pt"), "-o", str(out), "--pattern", "1:4"]).exit_code == 0
         assert stat.S_IMODE(out.stat().st_mode) == 0o604
         run = tmp_path / "run"
-        assert cli.invoke(app, ["train", *QUICK, "--out", str(run), "train.max_steps=2"]).exit_code == 0
+        assert quick_train(run, "train.max_steps=2").exit_code == 0
         assert {stat.S_IMODE(p.stat().st_mode) for p in run.iterdir()} == {0o640}
     finally:
         os.umask(old)
@@ -378,8 +361,6 @@ def test_written_files_get_the_mode_open_would_give(trained, tmp_path):
 @pytest.fixture
 def small_fs(tmp_path):
     """An 8 MiB tmpfs at tmp_path/fs (root and mount(8) needed; skipped otherwise)."""
-    import shutil
-    import subprocess
     fs = tmp_path / "fs"
     fs.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
@@ -402,7 +383,6 @@ def _fill(fs, leave=0):
 
 
 def _remount_read_only(fs):
-    import subprocess
     subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
 
 
@@ -435,11 +415,10 @@ def test_train_on_a_full_disk_leaves_nothing_and_runs_again_once_there_is_room(t
     out = small_fs / "runs" / "a"
     _fill(small_fs, leave)
     before = snapshot(small_fs)
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "train.eval_interval=1",
-                              "train.checkpoint_interval=3"])
+    result = quick_train(out, "train.eval_interval=1", "train.checkpoint_interval=3")
     assert_refused(result, "no space left on device", before, snapshot(small_fs))
     (small_fs / "filler").unlink()
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "train.max_steps=3"])
+    result = quick_train(out, "train.max_steps=3")
     assert result.exit_code == 0, result.stderr
 
 
@@ -465,7 +444,7 @@ def test_a_run_killed_before_its_first_checkpoint_does_not_block_a_rerun(tmp_pat
     (out / "config.yaml").write_text("name: killed\n")          # what SIGKILL before a checkpoint leaves
     (out / "metrics.jsonl").write_text("{}\n")
     (out / ".checkpoint.pt.123.tmp").write_bytes(b"half")
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "train.max_steps=2"])
+    result = quick_train(out, "train.max_steps=2")
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(["config.yaml", "metrics.jsonl", "checkpoint.pt",
                                                             "model.pt", "summary.json"])
@@ -478,7 +457,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, m
         raise OSError(5, "Input/output error")      # anything at all, after config.yaml was written
     monkeypatch.setattr(runner_module, "_checkpoint", boom)
     out = tmp_path / "a" / "run"
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out)])
+    result = quick_train(out)
     assert result.exit_code != 0
     assert not (tmp_path / "a").exists()
 
@@ -488,7 +467,7 @@ def test_resume_checks_the_run_files_it_will_rewrite(finished_run, run_file):
     (finished_run / run_file).unlink()
     os.mkfifo(finished_run / run_file)            # reading or replacing it would hang or break it
     before = snapshot(finished_run)
-    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
+    result = resume(finished_run)
     assert_refused(result, f"--resume: {finished_run / run_file} is a FIFO", before, snapshot(finished_run))
 
 
@@ -702,14 +681,14 @@ def test_a_tampered_summary_is_one_line_for_convert(finished_run, tmp_path, tamp
 def test_a_tampered_metrics_file_is_one_line_for_resume(finished_run, tamper):
     (finished_run / "metrics.jsonl").write_bytes(TAMPERED_JSON[tamper])
     before = snapshot(finished_run)
-    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
+    result = resume(finished_run)
     assert_refused(result, f"--resume: {finished_run / 'metrics.jsonl'} ", before, snapshot(finished_run))
 
 
 def test_an_oversized_run_file_is_refused_unread(finished_run, monkeypatch):
     from nmtrain.experiments import io as io_module
     monkeypatch.setattr(io_module, "MAX_JSON_BYTES", 16)
-    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
+    result = resume(finished_run)
     assert_refused(result, "more than nmtrain writes there")
 
 
@@ -733,7 +712,6 @@ IMAGE_TAMPERS = {"random bytes": lambda png: os.urandom(300), "truncated": lambd
 def test_an_unreadable_image_in_an_imagefolder_is_one_line_naming_it(tmp_path, tamper, workers):
     # Read through one loader (data/imagefolder.py `load_image`); from a DataLoader worker, the CLI takes
     # the original line out of the worker's re-raised traceback (cli/errors.py `one_line`).
-    from test_custom_models import write_imagefolder
     root = write_imagefolder(tmp_path / "images", per_class=2, side=16)
     bad = root / "train" / "bee" / "1.png"
     bad.write_bytes(IMAGE_TAMPERS[tamper](bad.read_bytes()))
@@ -833,7 +811,7 @@ def test_duplicate_key_in_a_saved_config_refuses_the_resume(finished_run):
     config = finished_run / "config.yaml"
     config.write_text(config.read_text() + "seed: 7\n")
     before = snapshot(finished_run)
-    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--no-progress"])
+    result = resume(finished_run)
     assert_refused(result, f"--resume: {config}: key 'seed' appears twice", before, snapshot(finished_run))
 
 
@@ -1191,7 +1169,7 @@ def test_compare_seeds_take_ascii_digits_only(tmp_path, seeds):
 def test_huge_pattern_digits_in_train_are_one_line(tmp_path):
     out = tmp_path / "run"
     for args in (["--pattern", "7" * 5000 + ":8"], ["sparsity.pattern=2:" + "4" * 5000]):
-        result = cli.invoke(app, ["train", *QUICK, "--out", str(out), *args])
+        result = quick_train(out, *args)
         assert_refused(result, "N and M have at most 7 digits")
         assert not out.exists() and len(result.stderr) < 300
 
@@ -1225,7 +1203,7 @@ def no_launch(monkeypatch):
 def test_launcher_refuses_before_launching(tmp_path, no_launch, args, needle):
     out = tmp_path / "run"
     before = snapshot(tmp_path)
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), *args])
+    result = quick_train(out, *args)
     assert_refused(result, needle, before, snapshot(tmp_path))
     assert no_launch == [] and not out.exists()
 
@@ -1234,7 +1212,7 @@ def test_launcher_refuses_more_processes_than_the_machine_has_gpus(tmp_path, no_
     out = tmp_path / "run"
     monkeypatch.setattr(cli_train, "_gpus", lambda: 1)
     monkeypatch.setattr("nmtrain.experiments.build.resolve_device", lambda name: torch.device("cuda"))
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "--nproc", "2"])
+    result = quick_train(out, "--nproc", "2")
     assert_refused(result, "--nproc: 2 processes need 2 GPUs (one each); this machine has 1")
     assert no_launch == [] and not out.exists()
 
@@ -1244,7 +1222,7 @@ def test_launcher_checks_the_run_directory_first(tmp_path, no_launch):
     held.mkdir()
     (held / "summary.json").write_text("{}")
     before = snapshot(tmp_path)
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(held), "--nproc", "2"])
+    result = quick_train(held, "--nproc", "2")
     assert_refused(result, "already holds a run", before, snapshot(tmp_path))
     result = cli.invoke(app, ["train", "--resume", str(tmp_path / "absent"), "--nproc", "2"])
     assert_refused(result, "--resume: ", before, snapshot(tmp_path))
@@ -1255,7 +1233,7 @@ def test_launcher_reads_the_checkpoint_to_resume_before_launching(finished_run, 
     ckpt = finished_run / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     before = snapshot(finished_run)
-    result = cli.invoke(app, ["train", "--resume", str(finished_run), "--nproc", "2", "--no-progress"])
+    result = resume(finished_run, "--nproc", "2")
     assert_refused(result, "is not a readable PyTorch file", before, snapshot(finished_run))
     assert no_launch == []
 
@@ -1265,7 +1243,7 @@ def test_launcher_runs_torchrun_on_good_input_and_passes_its_code_on(tmp_path, m
     launched = []
     monkeypatch.setattr(cli_train.subprocess, "call", lambda cmd: launched.append(cmd) or child_code)
     out = tmp_path / "run"
-    result = cli.invoke(app, ["train", *QUICK, "--out", str(out), "--nproc", "2"])
+    result = quick_train(out, "--nproc", "2")
     assert result.exit_code == child_code and len(launched) == 1
     assert launched[0][1:5] == ["-m", "nmtrain.cli.torchrun", "--standalone", "--nproc_per_node=2"]
     assert not out.exists()                                     # the parent itself writes nothing

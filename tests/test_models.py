@@ -8,6 +8,8 @@ import torch.nn as nn
 
 from nmtrain.experiments.models import ModelError, build_model, list_models, register_model
 
+from helpers import method_step
+
 
 # (name, in_channels, image_size): each model at its natural input.
 NATURAL = [
@@ -156,13 +158,7 @@ def test_vit_trains_with_transposable_masks_on_3d_activations():
         losses = []
         for step in range(3):
             method.before_step(step)
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            method.after_backward(step)
-            opt.step()
-            method.after_step(step)
-            losses.append(loss.item())
+            losses.append(method_step(method, model, opt, x, y, step).item())
     assert losses[-1] < losses[0]
     for name, mask in method.masks().items():
         assert nm_violation(mask, pattern) is None, name

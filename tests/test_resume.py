@@ -10,16 +10,14 @@ import time
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 from nmtrain.cli.main import app
 from nmtrain.experiments import runner as runner_module
 from nmtrain.experiments.io import OutputError
 from nmtrain.experiments.methods import list_methods
 
-from helpers import interrupt_at
+from helpers import cli, interrupt_at, resume
 
-cli = CliRunner()
 QUICK = ["data.dataset=synthetic", "data.batch_size=64", "data.eval_batch_size=256", "model.name=mlp",
          "train.epochs=3", "optim.lr=0.05", "schedule.warmup_epochs=0", "train.eval_interval=3",
          "train.checkpoint_interval=5", "--no-progress"]          # 8 steps per epoch, 24 in all
@@ -27,10 +25,6 @@ QUICK = ["data.dataset=synthetic", "data.batch_size=64", "data.eval_batch_size=2
 
 def _run(out, *extra):
     return cli.invoke(app, ["train", *QUICK, "--out", str(out), *map(str, extra)])
-
-
-def _resume(out, *extra):
-    return cli.invoke(app, ["train", "--resume", str(out), "--no-progress", *map(str, extra)])
 
 
 def _method_args(method):
@@ -71,7 +65,7 @@ def test_ctrl_c_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, me
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 11   # the step it was in, finished
     assert not (out / "model.pt").exists() and not (out / "summary.json").exists()
 
-    resumed = _resume(out)
+    resumed = resume(out)
     assert resumed.exit_code == 0, resumed.stderr
     _assert_same_run(tmp_path / "ref", out)
 
@@ -119,7 +113,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, method):
     assert 10 <= killed_at < 24 and killed_at % 8 != 0        # mid-epoch
     assert not (out / "model.pt").exists()
 
-    resumed = _resume(out)
+    resumed = resume(out)
     assert resumed.exit_code == 0, resumed.stderr
     ref = _run(tmp_path / "ref", *extra)
     assert ref.exit_code == 0, ref.stderr
@@ -129,13 +123,13 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, method):
 def test_resume_refuses_overrides_that_change_the_spec_and_accepts_ones_that_do_not(tmp_path):
     out = tmp_path / "run"
     assert _run(out, "train.max_steps=4").exit_code == 0
-    changed = _resume(out, "optim.lr=0.1")
+    changed = resume(out, "optim.lr=0.1")
     assert changed.exit_code == 2 and changed.stderr.count("\n") == 1
     assert "--resume: optim.lr=0.1 would change the spec" in changed.stderr
-    assert _resume(out, "--overwrite").exit_code == 2
-    same = _resume(out, "optim.lr=0.05")
+    assert resume(out, "--overwrite").exit_code == 2
+    same = resume(out, "optim.lr=0.05")
     assert same.exit_code == 0, same.stderr
-    missing = _resume(tmp_path / "nothing")
+    missing = resume(tmp_path / "nothing")
     assert missing.exit_code == 2 and "--resume" in missing.stderr
 
 

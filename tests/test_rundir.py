@@ -2,7 +2,6 @@
 
 import ast
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 from nmtrain.experiments.io import CheckpointError, OutputError
 from nmtrain.experiments.rundir import RUN_FILES, Checkpoint, RunDir, RunError, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, python_files
 
 
 def test_empty_or_missing_directory_is_a_target(tmp_path):
@@ -147,18 +146,17 @@ def _code_strings(tree: ast.AST):
 
 def test_no_module_but_rundir_names_a_run_file():
     offenders = []
-    for folder in ("experiments", "cli", "benchmarks"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            if path.name == "rundir.py":
-                continue
-            for node in _code_strings(ast.parse(path.read_text(encoding="utf-8"))):
-                if _RUN_FILE.search(node.value):
-                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    for path in python_files("experiments", "cli", "benchmarks"):
+        if path.name == "rundir.py":
+            continue
+        for node in _code_strings(ast.parse(path.read_text(encoding="utf-8"))):
+            if _RUN_FILE.search(node.value):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert not offenders, "run file names belong to experiments/rundir.py:\n" + "\n".join(offenders)
 
 
 def test_no_module_imports_the_runners_helpers():
-    for path in sorted((ROOT / "experiments").rglob("*.py")) + sorted((ROOT / "cli").rglob("*.py")):
+    for path in python_files("experiments", "cli"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("runner"):
                 names = {a.name for a in node.names}

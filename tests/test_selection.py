@@ -2,7 +2,6 @@
 training, AdaPrune and `prune` (issue #13, item 5)."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from nmtrain.sparsity import (NOT_CALLED, FoldError, LayerInfo, Pattern, SelectO
                               select_layers)
 from nmtrain.sparsity.selection import CONSTRAINTS
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, python_files
 
 # One row per constraint: the layers (the middle one is tested, so first/last do not fire unless asked),
 # the options, and a word of the reason that names the constraint.
@@ -102,11 +101,10 @@ _FOLD_IDIOMS = [r"\[~\w+(\[\w+\])?\]\s*=\s*0", r"(?<!grad)\.mul_\((mask|keep)", 
 
 def test_fold_mask_is_the_only_fold():
     offenders = []
-    for folder in ("sparsity", "experiments", "cli"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            if path == ROOT / "sparsity" / "fold.py":
-                continue
-            for i, line in enumerate(path.read_text().splitlines(), 1):
-                if any(re.search(idiom, line) for idiom in _FOLD_IDIOMS):
-                    offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    for path in python_files("sparsity", "experiments", "cli"):
+        if path == ROOT / "sparsity" / "fold.py":
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if any(re.search(idiom, line) for idiom in _FOLD_IDIOMS):
+                offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert offenders == []

@@ -22,6 +22,8 @@ from nmtrain.experiments.methods import attach
 from nmtrain.experiments.methods.transposable import bound_pruned
 from nmtrain.sparsity import Pattern, to_matrix
 
+from helpers import ROOT, method_step
+
 
 def _run(bound: bool, steps: int = 40, interval: int = 40):
     """A 2-layer MLP whose hidden layer is 1:4-T, trained ``steps`` steps with SGD + momentum."""
@@ -40,12 +42,7 @@ def _run(bound: bool, steps: int = 40, interval: int = 40):
             method.before_step(step)
             if step == steps:
                 break
-            loss = nn.functional.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            method.after_backward(step)
-            opt.step()
-            method.after_step(step)
+            method_step(method, net, opt, x, y, step)
             if step == steps - 1:      # just before the recompute: pruned weights above their group's kept ones
                 w = layers["hidden"].weight.detach().abs()
                 mask = method.masks()["hidden"]
@@ -104,9 +101,8 @@ def test_metrics_record_the_change_rate_of_every_recompute(tmp_path):
 def test_stability_benchmark_runs_both_variants_and_reuses_finished_runs(tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "transposable_stability.py"
+    script = ROOT / "benchmarks" / "transposable_stability.py"
     cmd = [sys.executable, str(script), "--patterns", "2:4-T", "--seeds", "0,1", "--interval", "2",
            "--out", str(tmp_path), "--set", "data.dataset=synthetic", "--set", "model.name=mlp",
            "--set", "train.max_steps=6", "--set", "data.batch_size=64"]
