@@ -27,21 +27,25 @@ def _seeds(text: str) -> list[int]:
     from ..experiments.spec import check_number
     from ..sparsity.errors import clip
 
-    seeds = _split(text)
-    if not all(_SEED_RE.fullmatch(t) for t in seeds):
+    texts = _split(text)
+    if not all(_SEED_RE.fullmatch(t) for t in texts):
         raise UsageError(f"--seeds: give comma-separated integers of at most 18 ASCII digits like 0,1,2, "
                          f"got {clip(text)!r}")
+    seeds = [int(t) for t in texts]
     for seed in seeds:
-        check_number("sweep.seeds", int(seed), shown="--seeds")     # the rule of spec.seed and sweep.seeds
-    return [int(t) for t in seeds]
+        check_number("sweep.seeds", seed, shown="--seeds")     # the rule of spec.seed and sweep.seeds
+    return seeds
+
+
+def _title(spec, seeds: str) -> str:
+    return f"{spec.name}: {spec.model.name} on {spec.data.dataset}, {spec.train.epochs} epochs, {seeds}"
 
 
 def _seeded_table(spec, seed_list: list[int], rows: list[dict]) -> None:
     from ..experiments.compare import aggregate, is_baseline, verdict, write_results
 
     cells = aggregate(rows)
-    title = (f"{spec.name}: {spec.model.name} on {spec.data.dataset}, {spec.train.epochs} epochs, "
-             f"seeds {','.join(map(str, seed_list))}")
+    title = _title(spec, f"seeds {','.join(map(str, seed_list))}")
     paths = write_results(cells, Path(spec.out), title, seeds=True)
     table = Table(title=f"nmtrain compare · {title}", caption="mean ± sample std over seeds; vs dense / vs best: "
                   "paired t-test over seeds, two-sided, alpha 0.05")
@@ -61,7 +65,7 @@ def _seeded_table(spec, seed_list: list[int], rows: list[dict]) -> None:
 def _run_table(spec, rows: list[dict]) -> None:
     from ..experiments.compare import write_results
 
-    title = f"{spec.name}: {spec.model.name} on {spec.data.dataset}, {spec.train.epochs} epochs, seed {spec.seed}"
+    title = _title(spec, f"seed {spec.seed}")
     paths = write_results(rows, Path(spec.out), title)
     table = Table(title=f"nmtrain compare · {title}")
     show_accel = any(r["accel"] != "none" for r in rows)       # the column only where a cell used the kernels
@@ -118,10 +122,9 @@ def _grid_line(cells, seed_list) -> str:
     def name(c) -> str:
         if not get_method(c.spec.method.name).caps.sparse:
             return c.label
-        text = c.spec.sparsity.pattern + ("-T" if c.spec.sparsity.transposable else "")
-        return f"{c.label} {parse_pattern(text).describe()}"
+        pattern = parse_pattern(c.spec.sparsity.pattern, transposable=c.spec.sparsity.transposable)
+        return f"{c.label} {pattern.describe()}"
 
     names = list(dict.fromkeys(name(c) for c in cells))
     shape = f" ({len(names)} cells x seeds {','.join(map(str, seed_list))})" if seed_list else ""
     return f"comparing {len(cells)} runs{shape}: " + ", ".join(names)
-

@@ -28,14 +28,14 @@ def _check_choice(option: str, value: str, choices: list[str]) -> None:
         raise UsageError(f"{option} {value!r} is unknown; use one of: {', '.join(choices)}")
 
 
-def _prepare_solver(state: dict, pat, layout: str, solver: str, include: list[str], exclude: list[str],
-                    keep_first_dense: bool, keep_last_dense: bool) -> float:
+def _prepare_solver(state: dict, pat, layout: str, solver: str, **rule) -> float:
     """Do the solver's one-time work before any layer is timed, and say so while it compiles; returns
-    its seconds. The selection is checked first, so bad input fails at once, not after a compile."""
+    its seconds. The selection (``rule``: as `_prune_with_progress`) is checked first, so bad input
+    fails at once, not after a compile."""
     from ..sparsity import select
     from ..sparsity.solvers import warm_up
 
-    selected = select(state, pat, layout, include, exclude, keep_first_dense, keep_last_dense).selected
+    selected = select(state, pat, layout, **rule).selected
     note = threading.Timer(_COMPILING_AFTER_S, lambda: print(
         "compiling the mask solvers (first use; cached for later runs) ...", file=sys.stderr, flush=True))
     note.start()
@@ -65,9 +65,9 @@ def _print_tables(title: str, reports: list, skipped: dict[str, str]) -> None:
         console.print(skipped_table)
 
 
-def _prune_with_progress(state: dict, pat, layout: str, solver: str, **select):
+def _prune_with_progress(state: dict, pat, layout: str, solver: str, **rule):
     """`prune_state_dict` under a progress bar (per layer, and per tile for the transposable solvers) when
-    the model is large or the solver slow; ``select`` is the layer rule (include, exclude, keep first/last)."""
+    the model is large or the solver slow; ``rule`` is the layer rule (include, exclude, keep first/last)."""
     from ..sparsity import prune_state_dict
 
     total_elements = sum(v.numel() for v in state.values())
@@ -85,7 +85,7 @@ def _prune_with_progress(state: dict, pat, layout: str, solver: str, **select):
             progress.update(tiles, completed=done, total=total, visible=True)
 
         extra = {"chunk_tiles": 256 if solver == "flow" else 1 << 16, "on_progress": on_tiles} if pat.transposable else {}
-        return prune_state_dict(state, pat, layout=layout, solver=solver, on_layer=on_layer, **select, **extra)
+        return prune_state_dict(state, pat, layout=layout, solver=solver, on_layer=on_layer, **rule, **extra)
 
 
 @user_errors
@@ -118,14 +118,10 @@ def prune(
     _check_choice("--solver", solver, [s.name for s in list_solvers()])
     _check_choice("--layout", layout, list(LAYOUTS))
     state = load_state_dict(input)
-    warm_up_seconds = 0.0
-    if pat.transposable:
-        warm_up_seconds = _prepare_solver(state, pat, layout, solver, include or [], exclude or [],
-                                          keep_first_dense, keep_last_dense)
-
-    pruned, reports, skipped = _prune_with_progress(state, pat, layout, solver, include=include or (),
-                                                    exclude=exclude or (), keep_first_dense=keep_first_dense,
-                                                    keep_last_dense=keep_last_dense)
+    rule = dict(include=include or (), exclude=exclude or (), keep_first_dense=keep_first_dense,
+                keep_last_dense=keep_last_dense)
+    warm_up_seconds = _prepare_solver(state, pat, layout, solver, **rule) if pat.transposable else 0.0
+    pruned, reports, skipped = _prune_with_progress(state, pat, layout, solver, **rule)
 
     if not all(r.valid for r in reports):  # a solver bug must never reach a user's file
         bad = [r.name for r in reports if not r.valid]

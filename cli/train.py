@@ -91,8 +91,8 @@ def resume_spec(run_dir: Path, args: list[str], method: str | None, pattern: str
 
 
 def _apply(data: dict, overrides: list[str], method: str | None, pattern: str | None, out: Path | None) -> Spec:
+    from ..experiments.build import parse_field_pattern
     from ..experiments.spec import Spec, apply_overrides, from_dict
-    from ..sparsity import PatternError, parse_pattern
 
     # Flags first, so that overrides can set the new method's parameters (--method bimask method.params.iter=50).
     if method is not None:
@@ -101,10 +101,7 @@ def _apply(data: dict, overrides: list[str], method: str | None, pattern: str | 
             section["params"] = {}
         section["name"] = method
     if pattern is not None:
-        try:
-            p = parse_pattern(pattern)
-        except PatternError as exc:
-            raise PatternError(f"--pattern: {exc}") from None
+        p = parse_field_pattern(pattern, "--pattern")
         data.setdefault("sparsity", {}).update(pattern=f"{p.n}:{p.m}")
         if p.transposable:
             data["sparsity"]["transposable"] = True

@@ -30,13 +30,18 @@ def world_size() -> int:
         return 1
 
 
+def parse_field_pattern(text: str, field: str, transposable: bool = False) -> Pattern:
+    """`parse_pattern` with the field or option at fault in front of its message (``sparsity.pattern: ...``)."""
+    try:
+        return parse_pattern(text, transposable=transposable)
+    except PatternError as exc:
+        raise PatternError(f"{field}: {exc}") from None
+
+
 def validate(spec: Spec, world: int = 1):
     """Everything about the spec that can be checked before touching data, for ``world`` processes (the
     launcher of `--nproc N` checks with world=N before it starts them): returns (pattern, method class, params)."""
-    try:
-        pattern = parse_pattern(spec.sparsity.pattern, transposable=spec.sparsity.transposable)
-    except PatternError as exc:
-        raise PatternError(f"sparsity.pattern: {exc}") from None
+    pattern = parse_field_pattern(spec.sparsity.pattern, "sparsity.pattern", spec.sparsity.transposable)
     if spec.sparsity.layout not in LAYOUTS:
         raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
     try:

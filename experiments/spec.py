@@ -330,8 +330,7 @@ def from_dict(cls: type, data: Any, where: str = "spec") -> Any:
     hints = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
-        prefix = "" if where == "spec" else f"{where}."
-        raise SpecError(f"{prefix}{unknown[0]}: unknown key; valid keys here: {', '.join(fields)}")
+        raise SpecError(f"{_path(where, unknown[0])}: unknown key; valid keys here: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(value, hints[name], _path(where, name))
@@ -405,6 +404,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 MAX_YAML_BYTES = 256 << 10
 MAX_YAML_VALUES = 10_000        # counted as if every alias were expanded
 MAX_YAML_DEPTH = 32             # levels of nesting, aliases expanded (a self-referencing alias is endless)
+
+
+def _too_long(source: str) -> SpecError:
+    return SpecError(f"{source}: over {MAX_YAML_BYTES >> 10} KiB; a spec is a few KiB")
 
 
 def _too_big(source: str) -> SpecError:
@@ -489,7 +492,7 @@ def load_yaml(text: str, source: str) -> Any:
     """The one YAML reader: ``text`` as plain data, after the checks above. ``source`` starts each
     message (``SPEC: f.yaml``). Errors of ours are SpecError; a syntax error stays a yaml.YAMLError."""
     if len(text) > MAX_YAML_BYTES:
-        raise SpecError(f"{source}: over {MAX_YAML_BYTES >> 10} KiB; a spec is a few KiB")
+        raise _too_long(source)
     try:
         loader = _BoundedLoader(text, source)
     except yaml.reader.ReaderError as exc:      # control characters: binary data that happens to be UTF-8
@@ -524,7 +527,7 @@ def _read_text(path: Path, source: str) -> str:
     except OSError as exc:
         raise SpecError(f"{source} cannot be read: {exc.strerror}") from None
     if len(raw) > MAX_YAML_BYTES:
-        raise SpecError(f"{source}: over {MAX_YAML_BYTES >> 10} KiB; a spec is a few KiB")
+        raise _too_long(source)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
