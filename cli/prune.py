@@ -28,14 +28,10 @@ def _check_choice(option: str, value: str, choices: list[str]) -> None:
         raise UsageError(f"{option} {value!r} is unknown; use one of: {', '.join(choices)}")
 
 
-def _prepare_solver(state: dict, pat, layout: str, solver: str, **rule) -> float:
-    """Do the solver's one-time work before any layer is timed, and say so while it compiles; returns
-    its seconds. The selection (``rule``: as `_prune_with_progress`) is checked first, so bad input
-    fails at once, not after a compile."""
-    from ..sparsity import select
+def _warm_up(state: dict, selected: list[str], pat, solver: str) -> float:
+    """Do the solver's one-time work before any layer is timed, and say so while it compiles; returns its seconds."""
     from ..sparsity.solvers import warm_up
 
-    selected = select(state, pat, layout, **rule).selected
     note = threading.Timer(_COMPILING_AFTER_S, lambda: print(
         "compiling the mask solvers (first use; cached for later runs) ...", file=sys.stderr, flush=True))
     note.start()
@@ -65,9 +61,9 @@ def _print_tables(title: str, reports: list, skipped: dict[str, str]) -> None:
         console.print(skipped_table)
 
 
-def _prune_with_progress(state: dict, pat, layout: str, solver: str, **rule):
-    """`prune_state_dict` under a progress bar (per layer, and per tile for the transposable solvers) when
-    the model is large or the solver slow; ``rule`` is the layer rule (include, exclude, keep first/last)."""
+def _prune_with_progress(state: dict, pat, layout: str, solver: str, selection):
+    """`prune_state_dict` of the layers in ``selection`` under a progress bar (per layer, and per tile for
+    the transposable solvers) when the model is large or the solver slow."""
     from ..sparsity import prune_state_dict
 
     total_elements = sum(v.numel() for v in state.values())
@@ -85,7 +81,8 @@ def _prune_with_progress(state: dict, pat, layout: str, solver: str, **rule):
             progress.update(tiles, completed=done, total=total, visible=True)
 
         extra = {"chunk_tiles": 256 if solver == "flow" else 1 << 16, "on_progress": on_tiles} if pat.transposable else {}
-        return prune_state_dict(state, pat, layout=layout, solver=solver, on_layer=on_layer, **rule, **extra)
+        return prune_state_dict(state, pat, layout=layout, solver=solver, on_layer=on_layer, selection=selection,
+                                **extra)
 
 
 @user_errors
@@ -106,7 +103,7 @@ def prune(
 
     The weights are chosen by training's layer rule: the first and the last (the classifier) stay dense."""
     from ..experiments.io import check_output_file, load_state_dict, save_state_dict, save_text
-    from ..sparsity import LAYOUTS, list_solvers, parse_pattern
+    from ..sparsity import LAYOUTS, list_solvers, parse_pattern, select
 
     # The outputs are checked before any work: a device, FIFO or directory there is refused, not replaced.
     check_output_file(output, "--output")
@@ -118,10 +115,10 @@ def prune(
     _check_choice("--solver", solver, [s.name for s in list_solvers()])
     _check_choice("--layout", layout, list(LAYOUTS))
     state = load_state_dict(input)
-    rule = dict(include=include or (), exclude=exclude or (), keep_first_dense=keep_first_dense,
-                keep_last_dense=keep_last_dense)
-    warm_up_seconds = _prepare_solver(state, pat, layout, solver, **rule) if pat.transposable else 0.0
-    pruned, reports, skipped = _prune_with_progress(state, pat, layout, solver, **rule)
+    # The layer rule first, once: bad input fails at once, not after the solvers compile.
+    selection = select(state, pat, layout, include or (), exclude or (), keep_first_dense, keep_last_dense)
+    warm_up_seconds = _warm_up(state, selection.selected, pat, solver) if pat.transposable else 0.0
+    pruned, reports, skipped = _prune_with_progress(state, pat, layout, solver, selection)
 
     if not all(r.valid for r in reports):  # a solver bug must never reach a user's file
         bad = [r.name for r in reports if not r.valid]

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import AccelFallbackWarning  # defined beside ExperimentError: the CLI names it without torch
-from .io import _first_line
+from .io import first_line
 from .spec import SpecError
 
 ACCEL_MODES = ("none", "semi_structured")
@@ -157,7 +157,7 @@ def _probe(device: torch.device, dtype: torch.dtype, backend: Backend,
             err = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-6)
             _PROBES[key] = None if err < 5e-2 else f"a {backend.name} probe product was off by {err:.2g} (relative)"
         except Exception as exc:   # any failure means: do not run this path here
-            _PROBES[key] = f"a {backend.name} probe product failed: {_first_line(exc)}"
+            _PROBES[key] = f"a {backend.name} probe product failed: {first_line(exc)}"
     return _PROBES[key]
 
 

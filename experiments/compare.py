@@ -26,11 +26,11 @@ from typing import IO
 
 import yaml
 
-from ..sparsity import Pattern, PatternError, parse_pattern
+from ..sparsity import parse_pattern
 from . import accel as accel_mod
 from .io import atomic_write, check_output_dir, check_output_file, save_text
 from .methods import get_method, params_dict
-from .build import validate
+from .build import parse_field_pattern, validate
 from .rundir import RunDir
 from .runner import train
 from .spec import Spec, SpecError, check_number, from_dict, read_yaml, to_dict
@@ -79,13 +79,6 @@ def split_label(label: str) -> tuple[str, str | None]:
     return method, variant or None
 
 
-def _sweep_pattern(text: str) -> Pattern:
-    try:
-        return parse_pattern(text)
-    except PatternError as exc:
-        raise PatternError(f"--patterns / sweep.patterns: {exc}") from None
-
-
 def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] | None = None) -> list[Cell]:
     """One cell per method and pattern (and per seed, when ``seeds`` is given), each validated before
     anything runs (a bad cell fails the whole grid up front). A method may be listed as ``method:variant``
@@ -103,7 +96,7 @@ def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] |
         cls = get_method(method)
         if variant is not None and label not in spec.sweep.params:
             raise SpecError(f"sweep.params: give the parameters of variant {label!r} (sweep.params.{label!r})")
-        parsed = [_sweep_pattern(text) for text in patterns]
+        parsed = [parse_field_pattern(text, "--patterns / sweep.patterns") for text in patterns]
         sparse = cls.caps.sparse
         if sparse and not cls.caps.accepts_transposable:
             # a -T pattern is a cell only for methods that take transposable masks (4:8-T beside 2:4)

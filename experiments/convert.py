@@ -43,7 +43,7 @@ import torch
 from ..sparsity import (LAYOUTS, Pattern, PatternError, fold_mask, from_matrix, nm_violation, parse_pattern,
                         shape_violation, to_matrix)
 from .errors import ExperimentError
-from .io import _first_line, atomic_write, check_output_file, load_state_dict
+from .io import first_line, atomic_write, check_output_file, load_state_dict
 from .rundir import MODEL, SUMMARY, RunDir
 
 FORMAT = "nmtrain-nm-compressed"
@@ -240,7 +240,7 @@ class _Source:
         try:                         # safetensors checks the header's JSON and that the data covers every tensor
             self.fh = safe_open(str(self.path), framework="pt")
         except Exception as exc:     # SafetensorError, OSError, ...
-            self.problem = _first_line(exc)
+            self.problem = first_line(exc)
             return False
         return True
 
@@ -262,7 +262,7 @@ class _Source:
         try:
             meta = json.loads(self.text)
         except (ValueError, RecursionError) as exc:     # RecursionError: "[[[[..." nested past Python's stack
-            self.problem = _first_line(exc)
+            self.problem = first_line(exc)
             return None
         self.problem = f"a JSON {type(meta).__name__}"
         return meta

@@ -26,7 +26,7 @@ class CheckpointError(ExperimentError):
     """An input file that is missing, unreadable or not what the command needs; one-line message."""
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -44,9 +44,9 @@ def safe_load(path: Path, field: str) -> Any:
                                   "weights-only loading (nmtrain never unpickles code)") from None
         if "Weights only load failed" in text:    # not a torch.save zip file: raw bytes or a bare pickle
             tail = text.split("WeightsUnpickler error:", 1)[-1].split("trusted source.", 1)[-1]
-            raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({_first_line(ValueError(tail))}; "
+            raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({first_line(ValueError(tail))}; "
                                   "refused by weights-only loading)") from None
-        raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({_first_line(exc)})") from None
+        raise CheckpointError(f"{field}: {path} is not a readable PyTorch file ({first_line(exc)})") from None
 
 
 def _require_file(path: Path, field: str) -> None:
@@ -93,7 +93,7 @@ def read_json_file(path: Path, field: str, lines: bool = False) -> Any:
         text = path.read_bytes().decode("utf-8")
         objects = [json.loads(line) for line in text.splitlines() if line.strip()] if lines else [json.loads(text)]
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{field}: {path} is not the JSON nmtrain writes ({_first_line(exc)})") from None
+        raise CheckpointError(f"{field}: {path} is not the JSON nmtrain writes ({first_line(exc)})") from None
     bad = next((i for i, obj in enumerate(objects) if not isinstance(obj, dict)), None)
     if bad is not None:
         where = f"line {bad + 1} holds" if lines else "holds"

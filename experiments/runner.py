@@ -57,10 +57,10 @@ from torch.nn import functional as F
 
 from ..data.loaders import set_epoch
 from ..sparsity import Pattern, fold_mask, nm_violation
-from .io import CheckpointError, _first_line, load_state_dict, state_dict_mismatch
+from .io import CheckpointError, first_line, load_state_dict, state_dict_mismatch
 from .build import Built, build, layer_plan, resolve_device, validate, world_size
 from .evaluate import evaluate
-from .methods import attach, get_method, params_dict  # noqa: F401  (get_method: tests build a method here)
+from .methods import attach, params_dict
 from .methods.ste import change_rate
 from .layers import LayerPlan
 from .models import builder_record
@@ -192,9 +192,8 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
     world = world_size()
     if world == 1 or (dist.is_available() and dist.is_initialized()):
         return _train(spec, overwrite, console, progress, resume)
-    validate(spec)
-    out = Path(spec.out)
-    RunDir(out).check_target(overwrite, resume)   # every rank, before rank 0 can write anything (init is a rendezvous)
+    validated = validate(spec)
+    RunDir(spec.out).check_target(overwrite, resume)   # every rank, before rank 0 can write anything (init is a rendezvous)
     device = resolve_device(spec.device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -202,7 +201,7 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _train(spec, overwrite, console if dist.get_rank() == 0 else None,
-                      progress and dist.get_rank() == 0, resume, checked=not resume)
+                      progress and dist.get_rank() == 0, resume, validated)
     finally:
         dist.destroy_process_group()
 
@@ -253,8 +252,8 @@ class Run:
         return _diverged(step, what, self.rd.path, self.last_ckpt_step)
 
 
-def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, checked: bool = False) -> RunResult:
-    run, ckpt = _build(spec, overwrite, resume, checked)
+def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, validated: tuple | None = None) -> RunResult:
+    run, ckpt = _build(spec, overwrite, resume, validated)
     # Rank 0 holds the directory while it writes; a new run that fails before its first checkpoint leaves nothing.
     held = contextlib.nullcontext() if not run.main else run.rd.writing() if ckpt is None else run.rd.holding()
     with held:
@@ -279,19 +278,18 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, c
 # build, restore
 
 
-def _build(spec: Spec, overwrite: bool, resume: bool, checked: bool) -> tuple[Run, Checkpoint | None]:
+def _build(spec: Spec, overwrite: bool, resume: bool, validated: tuple | None) -> tuple[Run, Checkpoint | None]:
     """Spec → device, data, model with its starting weights, layer plan and schedule length; and the
-    checkpoint to resume from (None for a new run, whose directory is checked here)."""
-    pattern, method_cls, params = validate(spec)
+    checkpoint to resume from (None for a new run). ``validated`` is `validate`'s result when `train`
+    already checked the spec and the directory (every process, before the rendezvous)."""
     rd = RunDir(spec.out)
+    if validated is None:
+        validated = validate(spec)
+        rd.check_target(overwrite, resume)      # with resume: the run files it will rewrite
+    pattern, method_cls, params = validated
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    ckpt = None
-    if resume:
-        rd.check_target(overwrite, resume=True)     # the run files it will rewrite
-        ckpt = rd.load_checkpoint()
-    elif not checked:
-        rd.check_target(overwrite)
+    ckpt = rd.load_checkpoint() if resume else None
     device = resolve_device(spec.device)
     if distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -327,7 +325,7 @@ def _load_weights(spec: Spec, rd: RunDir, model: nn.Module, ckpt: Checkpoint | N
             model.load_state_dict(ckpt.model)
         except (RuntimeError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"--resume: {rd.checkpoint} does not match model {spec.model.name} of "
-                                  f"{rd.config} ({_first_line(exc)})") from None
+                                  f"{rd.config} ({first_line(exc)})") from None
 
 
 def _equip(run: Run, method) -> None:
@@ -372,7 +370,7 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
             run.last_masks = {k: v.clone() for k, v in run.method.masks().items()}
     except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"--resume: {run.rd.checkpoint} does not fit the run in {run.rd.config} "
-                              f"({_first_line(exc)})") from None
+                              f"({first_line(exc)})") from None
     if run.step > run.total_steps:
         raise CheckpointError(f"--resume: {run.rd.checkpoint} is at step {run.step}, past the run's "
                               f"{run.total_steps} steps")

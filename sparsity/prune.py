@@ -90,14 +90,18 @@ def prune_state_dict(state: Mapping[str, torch.Tensor], pattern: Pattern, layout
                      solver: str = "exact", include: Sequence[str] = (), exclude: Sequence[str] = (),
                      keep_first_dense: bool = True, keep_last_dense: bool = True,
                      on_layer: Callable[[str, int, int], None] | None = None,
+                     selection: LayerSelection | None = None,
                      **solver_kwargs) -> tuple[dict[str, torch.Tensor], list[LayerReport], dict[str, str]]:
     """Prune the weights `select` picks from ``state``; everything else is returned unchanged.
 
     Returns (new state, one report per pruned layer, skipped name -> reason). ``on_layer(name, i,
-    total)`` is called before each layer (for progress bars). A layer's ``seconds`` is its own solve:
-    the solver's one-time work (numba compiling on first use) is done before the first layer is timed.
+    total)`` is called before each layer (for progress bars). ``selection`` is `select`'s result when
+    the caller already made it (to fail fast, or to time the warm-up); then the layer rule's arguments
+    are not read. A layer's ``seconds`` is its own solve: the solver's one-time work (numba compiling on
+    first use) is done before the first layer is timed.
     """
-    sel = select(state, pattern, layout, include, exclude, keep_first_dense, keep_last_dense)
+    sel = selection if selection is not None else select(state, pattern, layout, include, exclude,
+                                                         keep_first_dense, keep_last_dense)
     if pattern.transposable:
         for dtype, device in {(state[name].dtype, state[name].device) for name in sel.selected}:
             warm_up(solver, pattern.n, pattern.m, dtype, device)

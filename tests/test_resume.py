@@ -14,7 +14,7 @@ import yaml
 from nmtrain.cli.main import app
 from nmtrain.experiments import runner as runner_module
 from nmtrain.experiments.io import OutputError
-from nmtrain.experiments.methods import list_methods
+from nmtrain.experiments.methods import get_method, list_methods
 
 from helpers import cli, interrupt_at, resume
 
@@ -150,6 +150,6 @@ def test_an_interrupted_checkpoint_write_keeps_the_good_checkpoint(tmp_path, mon
         runner_module._save_checkpoint(out / "checkpoint.pt", model, torch.optim.SGD(model.parameters(), lr=0.1),
                                        torch.optim.lr_scheduler.LambdaLR(
                                            torch.optim.SGD(model.parameters(), lr=0.1), lambda s: 1.0),
-                                       runner_module.get_method("dense")(None, None), 99, 0)
+                                       get_method("dense")(None, None), 99, 0)
     assert (out / "checkpoint.pt").read_bytes() == good and ckpt["step"] == 5
     assert not list(out.glob(".*.tmp"))
