@@ -85,7 +85,7 @@ def _slow_first_call(fn, seconds):
 
 def test_a_layers_time_excludes_the_solvers_one_time_work(monkeypatch):
     info = solvers.get_solver("approx")
-    monkeypatch.setitem(solvers._SOLVERS, "approx", solvers.SolverInfo("approx", _slow_first_call(info.fn, 0.5),
+    monkeypatch.setitem(solvers.registry._SOLVERS, "approx", solvers.SolverInfo("approx", _slow_first_call(info.fn, 0.5),
                                                                       info.exact, info.summary))
     state = {"a.weight": torch.randn(16, 16), "b.weight": torch.randn(8, 16)}
     _, reports, _ = prune_state_dict(state, Pattern(2, 4, transposable=True), solver="approx",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register_solver, trivial_keep
+from .registry import register_solver, trivial_keep
 from .cycles import cancel_cycles, quantise, stats
 from .flow import flow_solver
 from .greedy import vectorised_approx

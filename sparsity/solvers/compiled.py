@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import register_solver, trivial_keep
+from .registry import register_solver, trivial_keep
 from .flow import flow_solver
 
 try:

@@ -14,7 +14,7 @@ import itertools
 import torch
 
 from ..diversity import transposable_count
-from . import register_solver
+from .registry import register_solver
 
 MAX_PATTERNS = 5000  # 2:4 (90), 2:5 (2,040) and every M <= 5 fit; 3:6 (297,200) does not
 _CHUNK_ELEMENTS = 1 << 24  # bound the T x P score matrix so large layers do not exhaust memory

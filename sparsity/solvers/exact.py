@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from . import compiled, register_solver
+from . import compiled
+from .registry import register_solver
 from .batched import batched_solver
 from .enumerate import enumerable, enumerate_solver
 

@@ -23,7 +23,7 @@ import functools
 import networkx as nx
 import torch
 
-from . import register_solver
+from .registry import register_solver
 
 _SCALE = 2 ** 40
 

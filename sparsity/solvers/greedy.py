@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from . import compiled, register_solver, trivial_keep
+from . import compiled
+from .registry import register_solver, trivial_keep
 from .cycles import cancel_cycles, quantise
 
 
