@@ -54,7 +54,8 @@ def _split_args(args: list[str]) -> tuple[Path | None, list[str]]:
 
 def resolve_spec(args: list[str], method: str | None, pattern: str | None, out: Path | None) -> Spec:
     """SPEC file (optional, first) + dotted overrides + the flag shortcuts, as one validated Spec."""
-    from ..experiments.spec import SPECS_DIR, read_yaml
+    from ..experiments.spec import SPECS_DIR
+    from ..experiments.yamlfile import read_yaml
 
     spec_path, overrides = _split_args(args)
     return _apply(read_yaml(spec_path or SPECS_DIR / DEFAULT_SPEC_NAME), overrides, method, pattern, out)
@@ -65,7 +66,7 @@ def resume_spec(run_dir: Path, args: list[str], method: str | None, pattern: str
 
     Overrides are accepted only when they leave the saved spec unchanged: a resumed run is the same run."""
     from ..experiments.rundir import CONFIG, RunDir
-    from ..experiments.spec import read_yaml
+    from ..experiments.yamlfile import read_yaml
 
     if not run_dir.is_dir():
         raise UsageError(f"--resume: {run_dir} is not a directory")

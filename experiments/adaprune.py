@@ -51,7 +51,8 @@ from .evaluate import evaluate
 from .layers import gemm
 from .models import builder_record
 from .rundir import CONFIG, SUMMARY, RunDir
-from .spec import Spec, SpecError, dump_spec, from_dict, read_yaml
+from .spec import Spec, SpecError, dump_spec, from_dict
+from .yamlfile import read_yaml
 
 
 class AdaPruneError(ExperimentError):

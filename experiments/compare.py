@@ -33,8 +33,9 @@ from .methods import get_method, params_dict
 from .build import parse_field_pattern, validate
 from .rundir import RunDir
 from .runner import train
-from .spec import Spec, SpecError, check_number, from_dict, read_yaml, to_dict
+from .spec import Spec, SpecError, check_number, from_dict, to_dict
 from .stats import mean, paired_test, std
+from .yamlfile import read_yaml
 
 COLUMNS = ("method", "pattern", "density", "final_accuracy", "best_accuracy", "epochs", "seed", "flops_ratio",
            "wall_seconds", "mask_change_rate", "run_dir", "accel")

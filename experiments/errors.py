@@ -11,5 +11,9 @@ class ExperimentError(ValueError):
     """A spec, run or file the experiments layer cannot use; the one-line message names the field and the fix."""
 
 
+class SpecError(ExperimentError):
+    """A spec that cannot be used; the one-line message names the field and the fix."""
+
+
 class AccelFallbackWarning(UserWarning):
     """Some layers run masked dense instead of the sparse kernels (issued once per run)."""

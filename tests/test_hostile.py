@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 from nmtrain.cli import torchrun as torchrun_module
 from nmtrain.cli import train as cli_train
 from nmtrain.cli.main import app
-from nmtrain.experiments.spec import (MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_VALUES, RULES, Spec, SpecError,
-                                      load_spec, read_yaml)
+from nmtrain.experiments.spec import RULES, Spec, SpecError, load_spec
+from nmtrain.experiments.yamlfile import MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_VALUES, read_yaml
 from nmtrain.sparsity import Pattern, PatternError, make_mask, parse_pattern
 from nmtrain.sparsity import diversity as div
 
@@ -724,7 +724,7 @@ def test_an_unreadable_image_in_an_imagefolder_is_one_line_naming_it(tmp_path, t
 
 
 # == class 4: bounded work (YAML) ==
-# Every YAML nmtrain reads goes through one reader (experiments/spec.py `load_yaml`): a regular UTF-8 text
+# Every YAML nmtrain reads goes through one reader (experiments/yamlfile.py `load_yaml`): a regular UTF-8 text
 # file of bounded size, no key twice, and a bounded number of values and levels with aliases expanded.
 
 COMPARE = ["compare", "data.dataset=synthetic", "data.batch_size=64", "model.name=mlp", "--methods", "dense,srste",

@@ -6,8 +6,8 @@ import pytest
 
 from nmtrain.experiments.methods import MethodError, build_params, get_method
 from nmtrain.experiments.runner import validate
-from nmtrain.experiments.spec import (SPECS_DIR, Spec, SpecError, dump_spec, from_dict, load_spec, read_yaml,
-                                     shipped_specs)
+from nmtrain.experiments.spec import SPECS_DIR, Spec, SpecError, dump_spec, from_dict, load_spec, shipped_specs
+from nmtrain.experiments.yamlfile import read_yaml
 from nmtrain.sparsity import PatternError
 
 ROOT = SPECS_DIR.parents[1]     # the repository: a spec's command runs from here
