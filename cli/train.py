@@ -181,7 +181,7 @@ def launch(nproc: int, args: list[str], method: str | None, pattern: str | None,
            overwrite: bool, resume: Path | None, progress: bool) -> int:
     """Check what the ``nproc`` processes would refuse, then run them; the exit code of the first that
     failed (2: bad input, 130: interrupted; see `nmtrain.cli.torchrun`)."""
-    from ..experiments.build import world_size
+    from ..experiments.distributed import world_size
 
     if not 1 <= nproc <= MAX_NPROC:
         raise UsageError(f"--nproc: give 1 to {MAX_NPROC} processes, got {nproc} (1 trains in this process; "

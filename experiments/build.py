@@ -6,7 +6,6 @@ sparse layers to each. Seeding is the caller's (training also seeds Python's `ra
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -20,14 +19,6 @@ from .layers import LayerPlan, called_layers, plan_layers
 from .methods import MethodError, build_params, get_method
 from .models import build_model, resolve_builder
 from .spec import Spec, SpecError, check_values
-
-
-def world_size() -> int:
-    """Processes in this run: ``WORLD_SIZE`` as torchrun sets it (1 when not launched by torchrun)."""
-    try:
-        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
-    except ValueError:
-        return 1
 
 
 def parse_field_pattern(text: str, field: str, transposable: bool = False) -> Pattern:

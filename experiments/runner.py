@@ -32,7 +32,8 @@ batch (``data.batch_size`` is the global batch), the model is wrapped in Distrib
 the sparse layers are routed through the method, the loss is summed over the global batch so the
 averaged gradient equals one process's, train metrics are reduced across ranks, every rank evaluates
 the full test set, and rank 0 alone writes the run directory and prints. At every eval the masks of
-every rank are compared by checksum; a divergence raises RuntimeError naming the layer.
+every rank are compared by checksum; a divergence raises RuntimeError naming the layer. What a
+process knows of the others (its rank, the group, the mask check) is `distributed.py`'s.
 """
 
 from __future__ import annotations
@@ -43,13 +44,11 @@ import math
 import random
 import signal
 import threading
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
@@ -58,7 +57,9 @@ from torch.nn import functional as F
 from ..data.loaders import set_epoch
 from ..sparsity import Pattern, fold_mask, nm_violation
 from .io import CheckpointError, first_line, load_state_dict, state_dict_mismatch
-from .build import Built, build, layer_plan, resolve_device, validate, world_size
+from .build import Built, build, layer_plan, resolve_device, validate
+from .distributed import (check_masks_agree, initialized, process_group, rank_and_world, rank_device, sum_across,
+                          world_size)
 from .evaluate import evaluate
 from .methods import attach, params_dict
 from .methods.ste import change_rate
@@ -159,51 +160,17 @@ def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def _mask_checksums(masks: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per layer (count, sum of kept indices, sum of squared kept indices mod a prime): int64, on CPU."""
-    rows = []
-    for mask in masks.values():
-        idx = torch.nonzero(mask.detach().reshape(-1).cpu()).reshape(-1).to(torch.int64)
-        rows.append(torch.stack([idx.numel() * torch.ones((), dtype=torch.int64), idx.sum(),
-                                 ((idx * idx) % 2_147_483_647).sum()]))
-    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.int64)
-
-
-def check_masks_agree(masks: dict[str, torch.Tensor], device: torch.device, step: int) -> None:
-    """All-gather a checksum of every mask and raise RuntimeError naming the first layer where ranks differ."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not masks:
-        return
-    local = _mask_checksums(masks).to(device)
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    for rank, other in enumerate(gathered[1:], start=1):
-        bad = (other != gathered[0]).any(1)
-        if bool(bad.any()):
-            name = list(masks)[int(bad.nonzero()[0])]
-            raise RuntimeError(f"masks diverged across processes at step {step}: layer {name} differs between "
-                               f"rank 0 and rank {rank}")
-
-
 def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = True, resume: bool = False) -> RunResult:
     """Train ``spec`` into the run directory ``spec.out``; with ``resume``, continue the run there from its
     checkpoint.pt (``spec`` must then be the run's saved config.yaml). Under torchrun (``WORLD_SIZE > 1``)
     every process calls this; rank 0 alone writes and prints."""
     check_flags(overwrite, resume)
-    world = world_size()
-    if world == 1 or (dist.is_available() and dist.is_initialized()):
+    if world_size() == 1 or initialized():
         return _train(spec, overwrite, console, progress, resume)
     validated = validate(spec)
     RunDir(spec.out).check_target(overwrite, resume)   # every rank, before rank 0 can write anything (init is a rendezvous)
-    device = resolve_device(spec.device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return _train(spec, overwrite, console if dist.get_rank() == 0 else None,
-                      progress and dist.get_rank() == 0, resume, validated)
-    finally:
-        dist.destroy_process_group()
+    with process_group(resolve_device(spec.device)) as rank:
+        return _train(spec, overwrite, console if rank == 0 else None, progress and rank == 0, resume, validated)
 
 
 @dataclass
@@ -287,12 +254,9 @@ def _build(spec: Spec, overwrite: bool, resume: bool, validated: tuple | None) -
         validated = validate(spec)
         rd.check_target(overwrite, resume)      # with resume: the run files it will rewrite
     pattern, method_cls, params = validated
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world = rank_and_world()
     ckpt = rd.load_checkpoint() if resume else None
-    device = resolve_device(spec.device)
-    if distributed and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = rank_device(resolve_device(spec.device))     # a multi-process CUDA run: this rank's GPU
 
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
@@ -466,7 +430,7 @@ def _loss(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, flo
     loss = loss_sum * (run.world / n_step)
     stat = torch.stack([loss_sum.detach().double(),
                         torch.tensor(float(y.shape[0]), dtype=torch.float64, device=run.device)])
-    dist.all_reduce(stat)
+    sum_across(stat)
     return loss, float(stat[0]) / float(stat[1]), n_step
 
 

@@ -76,10 +76,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
+from ..distributed import rank_mean
 from ..layers import gemm
 from . import Capabilities, Method, MethodError, register_method
 from .ste import ste_mask
@@ -260,7 +260,7 @@ class BAME(Method):
         layout, prm = self.ctx.layout, self.params
         # dW~ is no parameter gradient, so DDP does not average it: without this every rank would
         # score its own mini-batch share and choose different blocks.
-        g_full = _rank_mean(g_full)
+        g_full = rank_mean(g_full)
         mask = self._mask(name, mod)
         w = to_matrix(mod.weight.detach(), layout).float()
         g = to_matrix(g_full, layout).float()
@@ -279,7 +279,7 @@ class BAME(Method):
         if prm.regrow == "zero":
             mod.weight.masked_fill_(grown_w, 0.0)                           # regrown weights restart at 0
         if mod.weight.grad is not None:                                     # this step uses the new mask
-            g_now = _rank_mean(current[name]) if name in current else g_full
+            g_now = rank_mean(current[name]) if name in current else g_full
             mod.weight.grad.copy_(g_now * new_mask)
         self._masks[name] = new_mask
         self._osc[name] = prm.osc_decay * osc + swaps
@@ -342,15 +342,6 @@ class BAME(Method):
         self._first_phase = bool(state.get("first_phase", self.switch_step > 0))
         self._acc = {name: state["acc"][name].to(mod.weight.device)
                      for name, mod in self.ctx.layers.items() if name in state.get("acc", {})}
-
-
-def _rank_mean(t: torch.Tensor) -> torch.Tensor:
-    """``t`` averaged over the processes of a multi-process run (a new tensor); ``t`` itself otherwise."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
 
 
 def _block_swaps(wg: torch.Tensor, gg: torch.Tensor, eg: torch.Tensor, scale: float, frozen: torch.Tensor,
