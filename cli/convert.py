@@ -33,7 +33,8 @@ def convert(
     layout: Optional[str] = typer.Option(None, help="For a bare state_dict: conv grouping nhwc (default) or flatten."),
 ) -> None:
     """Convert between masked-dense, compressed N:M (safetensors) and semi-structured formats."""
-    from ..experiments.convert import convert as run_convert, semi_structured_benchmark
+    from ..experiments.convert import convert as run_convert
+    from ..experiments.semistructured import semi_structured_benchmark
     from ..experiments.io import check_output_file, save_text
 
     if to == "semi-structured":

@@ -15,5 +15,9 @@ class SpecError(ExperimentError):
     """A spec that cannot be used; the one-line message names the field and the fix."""
 
 
+class ConvertError(ExperimentError):
+    """Input `nmtrain convert` cannot use; one-line message, nothing written."""
+
+
 class AccelFallbackWarning(UserWarning):
     """Some layers run masked dense instead of the sparse kernels (issued once per run)."""

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from nmtrain.cli.main import app
-from nmtrain.experiments.convert import import_masks
+from nmtrain.experiments.mask_import import import_masks
 from nmtrain.sparsity import make_mask, nm_violation, parse_pattern
 
 runner = CliRunner()
