@@ -45,12 +45,12 @@ from torch.utils.data import DataLoader, Subset
 
 from ..sparsity import LAYOUTS, Pattern, fold_mask, from_matrix, make_mask, nm_violation, to_matrix
 from .errors import ExperimentError
-from .io import CheckpointError, load_state_dict, state_dict_mismatch
+from .io import CheckpointError, state_dict_mismatch
 from .build import build, layer_plan, resolve_device
 from .evaluate import evaluate
 from .layers import gemm
 from .models import builder_record
-from .rundir import CONFIG, SUMMARY, RunDir
+from .rundir import CONFIG, SUMMARY, RunDir, load_weights
 from .spec import Spec, SpecError, dump_spec, from_dict, read_yaml
 
 
@@ -261,7 +261,7 @@ def load_source(source: str | Path, spec_path: str | Path | None = None) -> tupl
     spec = from_dict(Spec, read_yaml(spec_path))
     if spec.sparsity.layout not in LAYOUTS:
         raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
-    state = load_state_dict(source, field="SOURCE")
+    state = load_weights(source, field="SOURCE")
     return spec, state
 
 

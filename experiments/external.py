@@ -45,7 +45,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .models import ModelError
+from .errors import ModelError
 
 TORCHVISION = "torchvision:"
 ARGUMENTS = ("num_classes", "in_channels", "image_size", "width")

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from .errors import ExperimentError
-from .io import (CheckpointError, check_output_dir, check_output_file, make_dirs, read_json_file, remove_dirs,
-                 safe_load, save_state_dict, save_text)
+from .io import (CheckpointError, check_output_dir, check_output_file, load_state_dict, make_dirs, read_json_file,
+                 remove_dirs, safe_load, save_state_dict, save_text)
 
 try:
     import fcntl
@@ -218,6 +218,26 @@ class RunDir:
 
     def load_checkpoint(self, field: str = "--resume") -> Checkpoint:
         return load_checkpoint(self.checkpoint, field)
+
+
+# -- "a state_dict file or a run directory" ----------------------------------------------------------
+# prune, adaprune, convert and model.init take either; a run directory's weights are its model.pt.
+
+
+def weights_path(path: str | os.PathLike) -> Path:
+    """Where the weights that ``path`` names lie: the file itself, or a run directory's model.pt."""
+    path = Path(path)
+    return RunDir(path).model if path.is_dir() else path
+
+
+def load_weights(path: str | os.PathLike, field: str = "INPUT") -> dict[str, torch.Tensor]:
+    """The state_dict of a ``.pt`` file or of a finished run directory (`io.load_state_dict`'s checks)."""
+    path = Path(path)
+    weights = weights_path(path)
+    if path.is_dir() and not weights.is_file():
+        raise CheckpointError(f"{field}: {path} is a directory without {MODEL}; pass a state_dict file "
+                              "or a finished run directory")
+    return load_state_dict(weights, field)
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:

@@ -57,7 +57,7 @@ from torch.nn import functional as F
 
 from ..data.loaders import set_epoch
 from ..sparsity import Pattern, fold_mask, nm_violation
-from .io import CheckpointError, first_line, load_state_dict, state_dict_mismatch
+from .io import CheckpointError, first_line, state_dict_mismatch
 from .build import Built, build, layer_plan, resolve_device, validate, world_size
 from .evaluate import evaluate
 from .methods import attach, params_dict
@@ -65,7 +65,7 @@ from .methods.ste import change_rate
 from .layers import LayerPlan
 from .models import builder_record
 from .flops import FlopCounter, macs_per_sample
-from .rundir import Checkpoint, RunDir, RunError, check_flags, save_checkpoint
+from .rundir import Checkpoint, RunDir, RunError, check_flags, load_weights, save_checkpoint
 from .spec import Spec, SpecError, dump_spec
 
 NOT_FINITE_AFTER_UPDATE = "the weights are not finite after the update"
@@ -315,7 +315,7 @@ def _build(spec: Spec, overwrite: bool, resume: bool, validated: tuple | None) -
 def _load_weights(spec: Spec, rd: RunDir, model: nn.Module, ckpt: Checkpoint | None) -> None:
     """The checkpoint's weights when resuming, else ``model.init``'s when the spec names a file."""
     if spec.model.init and ckpt is None:
-        state = load_state_dict(spec.model.init, field="model.init")
+        state = load_weights(spec.model.init, field="model.init")
         problem = state_dict_mismatch(model.state_dict(), state)
         if problem:
             raise SpecError(f"model.init: {spec.model.init} does not match model {spec.model.name}: {problem}")
