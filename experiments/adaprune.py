@@ -218,10 +218,6 @@ def reconstruct(module: nn.Module, mask: torch.Tensor, init: torch.Tensor, x: to
     return out, None if bias is None else bias.detach().clone()
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch: int, device: torch.device) -> bool:
     """Re-estimate every BatchNorm's running mean/var as the plain average over ``images``."""

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..sparsity import NOT_CALLED  # noqa: F401 (re-exported: its home before the rule moved to the engine)
 from ..sparsity import LayerInfo, Pattern, SelectOptions, select_layers
 from .errors import ExperimentError
 
