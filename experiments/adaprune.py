@@ -47,7 +47,7 @@ from ..sparsity import LAYOUTS, Pattern, fold_mask, from_matrix, make_mask, nm_v
 from .errors import ExperimentError
 from .io import CheckpointError, state_dict_mismatch
 from .build import build, layer_plan, resolve_device
-from .evaluate import evaluate
+from .evaluate import eval_mode, evaluate
 from .layers import gemm
 from .models import builder_record
 from .rundir import CONFIG, SUMMARY, RunDir, load_weights
@@ -175,17 +175,15 @@ def capture_inputs(model: nn.Module, module: nn.Module, images: torch.Tensor, ba
         raise _Stop
 
     handle = module.register_forward_pre_hook(hook)
-    was_training = model.training
-    model.eval()
     try:
-        for i in range(0, images.shape[0], batch):
-            try:
-                model(images[i:i + batch].to(device))
-            except _Stop:
-                pass
+        with eval_mode(model):
+            for i in range(0, images.shape[0], batch):
+                try:
+                    model(images[i:i + batch].to(device))
+                except _Stop:
+                    pass
     finally:
         handle.remove()
-        model.train(was_training)
     if len(captured) != -(-images.shape[0] // batch):
         raise RuntimeError("internal error: the layer did not see every calibration batch")
     return torch.cat(captured)
@@ -228,13 +226,11 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch: int, de
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None       # cumulative average
-    was_training = model.training
-    model.train()
-    for i in range(0, images.shape[0], batch):
-        model(images[i:i + batch].to(device))
+    with eval_mode(model, training=True):      # train mode: BatchNorm updates its running statistics
+        for i in range(0, images.shape[0], batch):
+            model(images[i:i + batch].to(device))
     for bn, mom in zip(bns, momenta):
         bn.momentum = mom
-    model.train(was_training)
     return True
 
 
