@@ -102,7 +102,8 @@ def prune(
     """Prune every eligible weight to N:M (or N:M-T) by magnitude; pruned entries become exact zeros.
 
     The weights are chosen by training's layer rule: the first and the last (the classifier) stay dense."""
-    from ..experiments.io import check_output_file, load_state_dict, save_state_dict, save_text
+    from ..experiments.io import check_output_file, save_state_dict, save_text
+    from ..experiments.rundir import load_weights
     from ..sparsity import LAYOUTS, list_solvers, parse_pattern, select
 
     # The outputs are checked before any work: a device, FIFO or directory there is refused, not replaced.
@@ -114,7 +115,7 @@ def prune(
     pat = parse_pattern(pattern, transposable=transposable)
     _check_choice("--solver", solver, [s.name for s in list_solvers()])
     _check_choice("--layout", layout, list(LAYOUTS))
-    state = load_state_dict(input)
+    state = load_weights(input)
     # The layer rule first, once: bad input fails at once, not after the solvers compile.
     selection = select(state, pat, layout, include or (), exclude or (), keep_first_dense, keep_last_dense)
     warm_up_seconds = _warm_up(state, selection.selected, pat, solver) if pat.transposable else 0.0

@@ -45,12 +45,12 @@ from torch.utils.data import DataLoader, Subset
 
 from ..sparsity import LAYOUTS, Pattern, fold_mask, from_matrix, make_mask, nm_violation, to_matrix
 from .errors import ExperimentError
-from .io import CheckpointError, load_state_dict, state_dict_mismatch
+from .io import CheckpointError, state_dict_mismatch
 from .build import build, layer_plan, resolve_device
-from .evaluate import evaluate
+from .evaluate import eval_mode, evaluate
 from .layers import gemm
 from .models import builder_record
-from .rundir import CONFIG, SUMMARY, RunDir
+from .rundir import CONFIG, SUMMARY, RunDir, load_weights
 from .spec import Spec, SpecError, dump_spec, from_dict
 from .yamlfile import read_yaml
 
@@ -176,17 +176,15 @@ def capture_inputs(model: nn.Module, module: nn.Module, images: torch.Tensor, ba
         raise _Stop
 
     handle = module.register_forward_pre_hook(hook)
-    was_training = model.training
-    model.eval()
     try:
-        for i in range(0, images.shape[0], batch):
-            try:
-                model(images[i:i + batch].to(device))
-            except _Stop:
-                pass
+        with eval_mode(model):
+            for i in range(0, images.shape[0], batch):
+                try:
+                    model(images[i:i + batch].to(device))
+                except _Stop:
+                    pass
     finally:
         handle.remove()
-        model.train(was_training)
     if len(captured) != -(-images.shape[0] // batch):
         raise RuntimeError("internal error: the layer did not see every calibration batch")
     return torch.cat(captured)
@@ -219,10 +217,6 @@ def reconstruct(module: nn.Module, mask: torch.Tensor, init: torch.Tensor, x: to
     return out, None if bias is None else bias.detach().clone()
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch: int, device: torch.device) -> bool:
     """Re-estimate every BatchNorm's running mean/var as the plain average over ``images``."""
@@ -233,13 +227,11 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch: int, de
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None       # cumulative average
-    was_training = model.training
-    model.train()
-    for i in range(0, images.shape[0], batch):
-        model(images[i:i + batch].to(device))
+    with eval_mode(model, training=True):      # train mode: BatchNorm updates its running statistics
+        for i in range(0, images.shape[0], batch):
+            model(images[i:i + batch].to(device))
     for bn, mom in zip(bns, momenta):
         bn.momentum = mom
-    model.train(was_training)
     return True
 
 
@@ -262,7 +254,7 @@ def load_source(source: str | Path, spec_path: str | Path | None = None) -> tupl
     spec = from_dict(Spec, read_yaml(spec_path))
     if spec.sparsity.layout not in LAYOUTS:
         raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
-    state = load_state_dict(source, field="SOURCE")
+    state = load_weights(source, field="SOURCE")
     return spec, state
 
 

@@ -353,7 +353,3 @@ def plot(rows: list[dict], path: str | IO[bytes], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
-
-
-def check_patterns(texts: list[str]) -> list[str]:
-    return [str(parse_pattern(t)) for t in texts]

@@ -22,9 +22,9 @@ import torch
 from ..sparsity import LAYOUTS, Pattern, nm_violation, parse_pattern, shape_violation
 from .compressed import LayerFormat, Loaded, read_compressed, to_compressed
 from .errors import ConvertError
-from .io import atomic_write, check_output_file, load_state_dict
+from .io import atomic_write, check_output_file
 from .mask_import import import_masks
-from .rundir import MODEL, SUMMARY, RunDir
+from .rundir import MODEL, SUMMARY, RunDir, load_weights, weights_path
 
 TARGETS = ("compressed", "dense", "semi-structured")
 
@@ -64,7 +64,7 @@ def load_source(source: str | os.PathLike, pattern: str | None = None, layout: s
         if pat is not None or layout is not None:
             raise ConvertError(f"--pattern/--layout: {source} is a run directory whose {SUMMARY} declares "
                                "each layer's pattern and layout; drop these options")
-        state = load_state_dict(source, field="SOURCE")
+        state = load_weights(source, field="SOURCE")
         try:
             declared = run.read_summary().get("sparse_layers", {}) or {}
             layers = {}
@@ -93,7 +93,7 @@ def load_source(source: str | os.PathLike, pattern: str | None = None, layout: s
             return loaded
         state = loaded.state
     else:
-        state = load_state_dict(source, field="SOURCE")
+        state = load_weights(source, field="SOURCE")
     state, notes = import_masks(state)
     if pat is None:
         return Loaded(state, {}, "state_dict", notes)
@@ -123,10 +123,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _path_bytes(path: Path) -> int:
-    if path.is_dir():
-        model = RunDir(path).model
-        return model.stat().st_size if model.is_file() else 0
-    return path.stat().st_size
+    weights = weights_path(path)            # a run directory's model.pt
+    return 0 if path.is_dir() and not weights.is_file() else weights.stat().st_size
 
 
 def convert(source: str | os.PathLike, to: str, out: str | os.PathLike | None = None, pattern: str | None = None,
@@ -141,7 +139,7 @@ def convert(source: str | os.PathLike, to: str, out: str | os.PathLike | None = 
         raise ConvertError(f"SOURCE: {source} does not exist")
     out = Path(out) if out is not None else default_out(source, to)
     check_output_file(out, "--out")            # before any work: only a regular file is replaced
-    if out.exists() and out.resolve() == (RunDir(source).model if source.is_dir() else source).resolve():
+    if out.exists() and out.resolve() == weights_path(source).resolve():
         raise ConvertError(f"--out: {out} is the source itself; choose another --out")
     loaded = load_source(source, pattern, layout)
     dense_bytes = sum(_nbytes(v) for v in loaded.state.values())

@@ -45,7 +45,8 @@ import torch
 import torchvision
 from torch import nn
 
-from .models import ModelError
+from .errors import ModelError
+from .evaluate import eval_mode
 
 TORCHVISION = "torchvision:"
 ARGUMENTS = ("num_classes", "in_channels", "image_size", "width")
@@ -227,17 +228,13 @@ def _accepted(fn: Callable[..., Any], name: str) -> tuple[str, ...]:
 def check_output(model: nn.Module, name: str, num_classes: int, in_channels: int, image_size: int,
                  fix: str) -> None:
     """One zero image through ``model`` (eval mode, no gradient) must give ``num_classes`` logits."""
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             out = model(torch.zeros(1, in_channels, image_size, image_size))
     except Exception as exc:
         raise ModelError(f"model.name: {name} fails on one {in_channels}x{image_size}x{image_size} image "
                          f"({_first_line(exc)}{_where(exc)}); make it take the dataset's images or change "
                          "data.image_size") from None
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise ModelError(f"model.name: {name} returns {got} for one image, not (1, {num_classes}) logits for "

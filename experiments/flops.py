@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .evaluate import eval_mode
+
 
 def macs_per_sample(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
     """Forward GEMM MACs of every Conv2d/Linear for one sample (measured with hooks on one pass), of
@@ -43,13 +45,10 @@ def macs_per_sample(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
             def hook(module, args, kwargs, output, _name=name):
                 macs[_name] = macs.get(_name, 0) + attention_macs(module, *_query_key(args, kwargs))
             hooks.append(mod.register_forward_hook(hook, with_kwargs=True))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             model(sample[:1])
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return macs

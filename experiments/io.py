@@ -57,15 +57,8 @@ def _require_file(path: Path, field: str) -> None:
 
 
 def load_state_dict(path: str | os.PathLike, field: str = "INPUT") -> dict[str, torch.Tensor]:
-    """A flat ``{name: Tensor}`` state_dict from a ``.pt`` file, or from a run directory's ``model.pt``."""
-    from .rundir import MODEL, RunDir     # here: rundir builds on this module
-
+    """A flat ``{name: Tensor}`` state_dict from a ``.pt`` file (a run directory's is `rundir.load_weights`)."""
     path = Path(path)
-    if path.is_dir():
-        if not RunDir(path).model.is_file():
-            raise CheckpointError(f"{field}: {path} is a directory without {MODEL}; pass a state_dict file "
-                                  "or a finished run directory")
-        path = RunDir(path).model
     _require_file(path, field)
     obj = safe_load(path, field)
     if not isinstance(obj, dict) or not obj:

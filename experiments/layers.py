@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..sparsity import NOT_CALLED  # noqa: F401 (re-exported: its home before the rule moved to the engine)
 from ..sparsity import LayerInfo, Pattern, SelectOptions, select_layers
 from .errors import ExperimentError
+from .evaluate import eval_mode
 
 
 class LayerSelectionError(ExperimentError):
@@ -44,12 +44,10 @@ def called_layers(model: nn.Module, sample: torch.Tensor) -> set[str]:
     called: set[str] = set()
     hooks = [mod.register_forward_pre_hook(lambda module, args, _name=name: called.add(_name))
              for name, mod in gemm_layers(model).items()]
-    was_training = model.training
-    model.eval()
     try:
-        model(sample)
+        with eval_mode(model):
+            model(sample)
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
     return called

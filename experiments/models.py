@@ -24,11 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .errors import ExperimentError
-
-
-class ModelError(ExperimentError):
-    """A model that cannot be built from the given spec; the one-line message names the field."""
+from .errors import ModelError
+from .external import external_builder
 
 
 Builder = Callable[..., nn.Module]
@@ -68,7 +65,6 @@ def resolve_builder(name: str) -> Builder:
     if name in _MODELS:
         return _MODELS[name].builder
     if ":" in name:
-        from .external import external_builder    # imported here: external.py imports ModelError from here
         return external_builder(name)
     raise ModelError(f"model.name: {name!r} is unknown; use one of: {', '.join(_MODELS)}; or torchvision:NAME "
                      "or package.module:function")

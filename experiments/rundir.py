@@ -5,9 +5,10 @@ compare, convert and the CLI agree on them by construction::
 
     DIR/config.yaml      the resolved spec (every default filled in)
     DIR/metrics.jsonl    one JSON line per eval
-    DIR/checkpoint.pt    a `Checkpoint`: everything a resumed run needs
+    DIR/checkpoint.pt    a `Checkpoint` (the run's `Counters` in it): everything a resumed run needs
     DIR/model.pt         the final state_dict with masks folded in
-    DIR/summary.json     what the run did; written last, so its presence means "finished"
+    DIR/summary.json     what the run did (a training run's is a `Summary`); written last, so its
+                         presence means "finished"
 
 Every file is written to a temporary name and renamed (`io.atomic_write`), so a killed run never
 leaves half a file. The rules for an output directory: a directory holding a run (a checkpoint, a
@@ -28,8 +29,8 @@ from pathlib import Path
 import torch
 
 from .errors import ExperimentError
-from .io import (CheckpointError, check_output_dir, check_output_file, make_dirs, read_json_file, remove_dirs,
-                 safe_load, save_state_dict, save_text)
+from .io import (CheckpointError, check_output_dir, check_output_file, load_state_dict, make_dirs, read_json_file,
+                 remove_dirs, safe_load, save_state_dict, save_text)
 
 try:
     import fcntl
@@ -59,9 +60,7 @@ class Checkpoint:
     method: dict                # the sparse method's state (masks, and whatever else it keeps)
     step: int                   # steps done; the data position is this step's place in its epoch
     epoch: int = 0              # step // steps_per_epoch, for a reader
-    # The run's counters so far: best, running_loss, running_n, wall, metrics_lines (lines of
-    # metrics.jsonl that belong to this checkpoint), flops, last_masks. Older checkpoints lack some.
-    run: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)   # the run's counters so far: `Counters.to_dict()`
     rng: dict = field(default_factory=dict)   # torch, python, python_gauss, cuda
 
     REQUIRED = ("model", "optimizer", "scheduler", "method", "step", "rng")
@@ -72,6 +71,77 @@ class Checkpoint:
     @classmethod
     def from_dict(cls, obj: dict) -> "Checkpoint":
         return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})
+
+    def counters(self) -> "Counters":
+        return Counters.from_dict(self.run)
+
+
+@dataclass
+class Counters:
+    """The run's counters at a checkpoint, saved as its ``run`` dict: the field names are the keys. Older
+    checkpoints lack some (the oldest all): a missing key reads as the default, and None means the
+    runner starts that counter afresh."""
+    best: float = -1.0                  # the best eval accuracy so far
+    running_loss: float = 0.0           # train loss summed since the last eval, over running_n samples
+    running_n: int = 0
+    wall: float = 0.0                   # seconds trained so far
+    metrics_lines: int | None = None    # lines of metrics.jsonl that belong to this checkpoint (None: all)
+    flops: dict[str, int] = field(default_factory=dict)   # FlopCounter's totals by attribute (empty: from 0)
+    last_masks: dict | None = None      # the masks at the last eval (None: the method's current masks)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, run: dict) -> "Counters":
+        """The counters a checkpoint's ``run`` dict holds; a value of the wrong type raises ValueError,
+        TypeError or AttributeError (the caller names the checkpoint)."""
+        keys = run.keys()           # not a mapping: AttributeError
+        return cls(**{name: read(run[name]) for name, read in _COUNTER_READERS.items() if name in keys})
+
+
+# How each saved counter is read back: the cast the file's plain values need.
+_COUNTER_READERS = {
+    "best": float, "running_loss": float, "running_n": int, "wall": float, "metrics_lines": int,
+    "flops": lambda flops: {key: int(value) for key, value in flops.items()},
+    "last_masks": lambda masks: dict(masks.items()),
+}
+
+
+@dataclass
+class Summary:
+    """summary.json of a training run: the field names are its keys, in the order written (compare,
+    convert and the CLI read them back from the file as a plain dict)."""
+    name: str
+    method: str
+    method_params: dict
+    pattern: str | None                 # None exactly for a method that masks nothing
+    density: float
+    model: str
+    dataset: str
+    seed: int
+    device: str
+    builder: dict                       # models.builder_record: model.name, its source, its arguments
+    final_accuracy: float
+    best_accuracy: float
+    final_test_loss: float
+    eval_split: str
+    epochs: float
+    steps: int
+    wall_seconds: float
+    sparse_layers: dict                 # weight name -> pattern, density, transposable, layout
+    skipped_layers: dict                # layer name -> why it stayed dense
+    train_flops: dict
+    accel: dict
+    method_fields: dict = field(default_factory=dict)   # the method's own (summary_fields), after these
+    processes: int | None = None        # a multi-process run's process count; absent from a single process's
+
+    def to_dict(self) -> dict:
+        summary = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("method_fields", "processes")}
+        summary.update(self.method_fields)
+        if self.processes is not None:
+            summary["processes"] = self.processes
+        return summary
 
 
 def _unlock(fd: int | None) -> None:
@@ -208,6 +278,7 @@ class RunDir:
         save_state_dict(state, self.model, "--out")
 
     def write_summary(self, summary: dict) -> None:
+        """``summary``: a `Summary`'s dict, or AdaPrune's (experiments/adaprune.py)."""
         save_text(json.dumps(summary, indent=2) + "\n", self.summary, "--out")
 
     def read_summary(self, field: str = "SOURCE") -> dict:
@@ -218,6 +289,26 @@ class RunDir:
 
     def load_checkpoint(self, field: str = "--resume") -> Checkpoint:
         return load_checkpoint(self.checkpoint, field)
+
+
+# -- "a state_dict file or a run directory" ----------------------------------------------------------
+# prune, adaprune, convert and model.init take either; a run directory's weights are its model.pt.
+
+
+def weights_path(path: str | os.PathLike) -> Path:
+    """Where the weights that ``path`` names lie: the file itself, or a run directory's model.pt."""
+    path = Path(path)
+    return RunDir(path).model if path.is_dir() else path
+
+
+def load_weights(path: str | os.PathLike, field: str = "INPUT") -> dict[str, torch.Tensor]:
+    """The state_dict of a ``.pt`` file or of a finished run directory (`io.load_state_dict`'s checks)."""
+    path = Path(path)
+    weights = weights_path(path)
+    if path.is_dir() and not weights.is_file():
+        raise CheckpointError(f"{field}: {path} is a directory without {MODEL}; pass a state_dict file "
+                              "or a finished run directory")
+    return load_state_dict(weights, field)
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:

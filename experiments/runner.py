@@ -56,7 +56,7 @@ from torch.nn import functional as F
 
 from ..data.loaders import set_epoch
 from ..sparsity import Pattern, fold_mask, nm_violation
-from .io import CheckpointError, first_line, load_state_dict, state_dict_mismatch
+from .io import CheckpointError, first_line, state_dict_mismatch
 from .build import Built, build, layer_plan, resolve_device, validate
 from .distributed import (check_masks_agree, initialized, process_group, rank_and_world, rank_device, sum_across,
                           world_size)
@@ -66,7 +66,7 @@ from .methods.ste import change_rate
 from .layers import LayerPlan
 from .models import builder_record
 from .flops import FlopCounter, macs_per_sample
-from .rundir import Checkpoint, RunDir, RunError, check_flags, save_checkpoint
+from .rundir import Checkpoint, Counters, RunDir, RunError, Summary, check_flags, load_weights, save_checkpoint
 from .spec import Spec, SpecError, dump_spec
 
 NOT_FINITE_AFTER_UPDATE = "the weights are not finite after the update"
@@ -279,7 +279,7 @@ def _build(spec: Spec, overwrite: bool, resume: bool, validated: tuple | None) -
 def _load_weights(spec: Spec, rd: RunDir, model: nn.Module, ckpt: Checkpoint | None) -> None:
     """The checkpoint's weights when resuming, else ``model.init``'s when the spec names a file."""
     if spec.model.init and ckpt is None:
-        state = load_state_dict(spec.model.init, field="model.init")
+        state = load_weights(spec.model.init, field="model.init")
         problem = state_dict_mismatch(model.state_dict(), state)
         if problem:
             raise SpecError(f"model.init: {spec.model.init} does not match model {spec.model.name}: {problem}")
@@ -321,15 +321,14 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
         run.optimizer.load_state_dict(ckpt.optimizer)
         run.scheduler.load_state_dict(ckpt.scheduler)
         run.method.load_state_dict(_to_device(ckpt.method, run.device))
-        counters = ckpt.run
+        counters = ckpt.counters()
         run.step = ckpt.step
-        run.best = float(counters.get("best", -1.0))
-        run.running_loss, run.running_n = float(counters.get("running_loss", 0.0)), int(counters.get("running_n", 0))
-        run.wall_before = float(counters.get("wall", 0.0))
-        for key, value in counters.get("flops", {}).items():
-            setattr(run.flops, key, int(value))
-        if "last_masks" in counters:
-            run.last_masks = {k: v.to(run.device) for k, v in counters["last_masks"].items()}
+        run.best, run.running_loss, run.running_n = counters.best, counters.running_loss, counters.running_n
+        run.wall_before = counters.wall
+        for key, value in counters.flops.items():
+            setattr(run.flops, key, value)
+        if counters.last_masks is not None:
+            run.last_masks = {k: v.to(run.device) for k, v in counters.last_masks.items()}
         else:
             run.last_masks = {k: v.clone() for k, v in run.method.masks().items()}
     except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
@@ -339,7 +338,7 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
         raise CheckpointError(f"--resume: {run.rd.checkpoint} is at step {run.step}, past the run's "
                               f"{run.total_steps} steps")
     done = run.rd.read_metrics()
-    run.metrics = done[:int(ckpt.run.get("metrics_lines", len(done)))]
+    run.metrics = done if counters.metrics_lines is None else done[:counters.metrics_lines]
     run.last_ckpt_step = run.step
     _restore_rng(ckpt.rng)      # last: building the run above may draw from the global RNGs
 
@@ -474,11 +473,11 @@ def _checkpoint(run: Run) -> None:
         raise run.diverged(run.step, "the weights are not finite")
     if run.main:
         f = run.flops
-        counters = {"best": run.best, "running_loss": run.running_loss, "running_n": run.running_n,
-                    "wall": run.wall(), "metrics_lines": len(run.metrics),
-                    "flops": {"forward": f.forward, "backward_data": f.backward_data,
-                              "backward_weight": f.backward_weight, "dense_total": f.dense_total},
-                    "last_masks": run.last_masks}
+        counters = Counters(best=run.best, running_loss=run.running_loss, running_n=run.running_n, wall=run.wall(),
+                            metrics_lines=len(run.metrics),
+                            flops={"forward": f.forward, "backward_data": f.backward_data,
+                                   "backward_weight": f.backward_weight, "dense_total": f.dense_total},
+                            last_masks=run.last_masks)
         _save_checkpoint(run.rd.checkpoint, run.model, run.optimizer, run.scheduler, run.method, run.step,
                          run.step // run.steps_per_epoch, counters)
     run.last_ckpt_step = run.step
@@ -497,22 +496,20 @@ def _finish(run: Run, final_masks: dict[str, torch.Tensor], wall: float) -> RunR
     state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
     if run.main:
         run.rd.write_model(state)
-    summary = {
-        "name": spec.name, "method": run.method_cls.name, "method_params": params_dict(run.params),
-        "pattern": None if dense else str(pattern), "density": 1.0 if dense else pattern.density,
-        "model": spec.model.name, "dataset": spec.data.dataset, "seed": spec.seed, "device": str(run.device),
-        "builder": builder_record(spec.model.name, info.num_classes, info.in_channels, info.image_size,
-                                  spec.model.width),
-        "final_accuracy": final_acc, "best_accuracy": max(run.best, final_acc), "final_test_loss": final_loss,
-        "eval_split": "test" if spec.data.holdout is None else f"holdout ({spec.data.holdout} train samples)",
-        "epochs": round(run.step / run.steps_per_epoch, 4), "steps": run.step, "wall_seconds": wall,
-        "sparse_layers": sparse_layers, "skipped_layers": run.plan.skipped if not dense else {},
-        "train_flops": run.flops.summary(),
-        "accel": method.accel_report() or {"mode": spec.accel, "sparse_layers": [], "fallback": {}},
-    }
-    summary.update(method.summary_fields())
-    if run.distributed:
-        summary["processes"] = run.world
+    summary = Summary(
+        name=spec.name, method=run.method_cls.name, method_params=params_dict(run.params),
+        pattern=None if dense else str(pattern), density=1.0 if dense else pattern.density,
+        model=spec.model.name, dataset=spec.data.dataset, seed=spec.seed, device=str(run.device),
+        builder=builder_record(spec.model.name, info.num_classes, info.in_channels, info.image_size,
+                               spec.model.width),
+        final_accuracy=final_acc, best_accuracy=max(run.best, final_acc), final_test_loss=final_loss,
+        eval_split="test" if spec.data.holdout is None else f"holdout ({spec.data.holdout} train samples)",
+        epochs=round(run.step / run.steps_per_epoch, 4), steps=run.step, wall_seconds=wall,
+        sparse_layers=sparse_layers, skipped_layers=run.plan.skipped if not dense else {},
+        train_flops=run.flops.summary(),
+        accel=method.accel_report() or {"mode": spec.accel, "sparse_layers": [], "fallback": {}},
+        method_fields=method.summary_fields(), processes=run.world if run.distributed else None,
+    ).to_dict()
     if run.main:
         run.rd.write_summary(summary)
     return RunResult(run.rd.path, summary)      # the caller shows it: `nmtrain train` a table, `compare` a line
@@ -549,11 +546,11 @@ def _diverged(step: int, what: str, out: Path, last_ckpt_step: int | None) -> Ru
 
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, method, step: int, epoch: int,
-                     run: dict | None = None) -> None:
+                     counters: Counters | None = None) -> None:
     py = random.getstate()
     save_checkpoint(path, Checkpoint(
         model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-        method=method.state_dict(), step=step, epoch=epoch, run=run or {},
+        method=method.state_dict(), step=step, epoch=epoch, run=counters.to_dict() if counters else {},
         rng={"torch": torch.get_rng_state(), "python": list(py[1]), "python_gauss": py[2],
              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}))
 

@@ -112,7 +112,6 @@ class TrainSpec:
     max_steps: Optional[int] = None     # stop early (tests, smoke runs)
     eval_interval: int = 0              # steps between evals; 0 = once per epoch
     checkpoint_interval: int = 0        # steps between checkpoints; 0 = once per epoch
-    log_interval: int = 20
 
 
 @dataclass
@@ -216,7 +215,6 @@ RULES: dict[str, Rule] = {
     "train.max_steps": at_least(1, "(null: train all epochs)"),
     "train.eval_interval": at_least(0, "(steps; 0: once per epoch)"),
     "train.checkpoint_interval": at_least(0, "(steps; 0: once per epoch)"),
-    "train.log_interval": at_least(1, "(steps)"),
     "sweep.seeds": SEED,
     "method.params.seed": SEED,
     "method.params.decay": at_least(0, "(weight decay on pruned weights)"),

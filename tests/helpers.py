@@ -24,14 +24,19 @@ QUICK = ["data.dataset=synthetic", "data.batch_size=64", "data.eval_batch_size=2
          "train.epochs=2", "optim.lr=0.05", "schedule.warmup_epochs=0", "--no-progress"]
 
 
+def run_cli(*args):
+    """``nmtrain ARGS...`` in-process (paths and numbers as strings); the click Result."""
+    return cli.invoke(app, [str(a) for a in args])
+
+
 def quick_train(out, *args):
     """``nmtrain train`` of the QUICK run into ``out``, with ``args`` added."""
-    return cli.invoke(app, ["train", *QUICK, "--out", str(out), *map(str, args)])
+    return run_cli("train", *QUICK, "--out", out, *args)
 
 
 def resume(out, *args):
     """``nmtrain train --resume out``, with ``args`` added."""
-    return cli.invoke(app, ["train", "--resume", str(out), "--no-progress", *map(str, args)])
+    return run_cli("train", "--resume", out, "--no-progress", *args)
 
 
 def interrupt_at(monkeypatch, at_step):

@@ -5,29 +5,24 @@ import json
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from nmtrain.cli.main import app
 from nmtrain.experiments.adaprune import add_back_pruned, reconstruct, relative_error
 from nmtrain.experiments.spec import Spec, from_dict
 from nmtrain.sparsity import Pattern, make_mask, nm_violation, to_matrix
 
-runner = CliRunner()
+from helpers import run_cli
+
 TRAIN = ["train", "data.dataset=synthetic", "data.batch_size=32", "data.eval_batch_size=256", "model.name=lenet5",
          "train.epochs=6", "optim.lr=0.05", "schedule.warmup_epochs=0", "--method", "unstructured",
          "--pattern", "2:4", "--no-progress"]
 FAST = ["--calib-samples", "128", "--iters", "150", "--batch", "32", "--no-progress"]
 
 
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("src") / "us50"
-    result = _run(*TRAIN, "--out", out)
+    result = run_cli(*TRAIN, "--out", out)
     assert result.exit_code == 0, result.stderr + result.stdout
     return out
 
@@ -64,7 +59,7 @@ def test_reconstruct_beats_magnitude_projection_and_keeps_the_mask():
 @pytest.mark.parametrize("pattern,extra", [("2:4", []), ("4:8", ["--transposable"]), ("2:4", ["--sequential"])])
 def test_adaprune_writes_a_valid_run_directory(source, tmp_path, pattern, extra):
     out = tmp_path / "ap"
-    result = _run("adaprune", source, "--pattern", pattern, *extra, *FAST, "--out", out)
+    result = run_cli("adaprune", source, "--pattern", pattern, *extra, *FAST, "--out", out)
     assert result.exit_code == 0, result.stderr + result.stdout
     assert "density" in result.stdout and "AdaPrune" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -97,7 +92,7 @@ def test_adaprune_writes_a_valid_run_directory(source, tmp_path, pattern, extra)
 
 def test_adaprune_from_a_state_dict_with_spec(source, tmp_path):
     out = tmp_path / "ap"
-    result = _run("adaprune", source / "model.pt", "--spec", source / "config.yaml", "--pattern", "2:4", *FAST,
+    result = run_cli("adaprune", source / "model.pt", "--spec", source / "config.yaml", "--pattern", "2:4", *FAST,
                   "--iters", "20", "--out", out)
     assert result.exit_code == 0, result.stderr
     assert (out / "model.pt").is_file()
@@ -115,7 +110,7 @@ def test_adaprune_from_a_state_dict_with_spec(source, tmp_path):
 def test_bad_input_is_one_line_and_exit_2(source, tmp_path, args, needle):
     out = tmp_path / "out"
     args = [a.format(src=source, tmp=tmp_path) for a in args]
-    result = _run("adaprune", *FAST, *args, "--out", out)
+    result = run_cli("adaprune", *FAST, *args, "--out", out)
     assert result.exit_code == 2, result.stdout
     assert result.stderr.startswith("error: ") and needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -126,9 +121,9 @@ def test_refuses_an_out_dir_holding_a_run_unless_overwrite(source, tmp_path):
     out = tmp_path / "ap"
     out.mkdir()
     (out / "summary.json").write_text("{}")
-    result = _run("adaprune", source, "--pattern", "2:4", *FAST, "--iters", "5", "--out", out)
+    result = run_cli("adaprune", source, "--pattern", "2:4", *FAST, "--iters", "5", "--out", out)
     assert result.exit_code == 2 and "--overwrite" in result.stderr
     assert (out / "summary.json").read_text() == "{}"
-    result = _run("adaprune", source, "--pattern", "2:4", *FAST, "--iters", "5", "--out", out, "--overwrite")
+    result = run_cli("adaprune", source, "--pattern", "2:4", *FAST, "--iters", "5", "--out", out, "--overwrite")
     assert result.exit_code == 0, result.stderr
     assert "accuracy_adaprune" in json.loads((out / "summary.json").read_text())

@@ -5,16 +5,10 @@ import pickle
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from nmtrain.cli.main import app
 from nmtrain.sparsity import Pattern, nm_violation
 
-runner = CliRunner()
-
-
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from helpers import run_cli
 
 
 class _Net(torch.nn.Module):
@@ -41,7 +35,7 @@ def ckpt(tmp_path):
 def test_prune_writes_a_valid_state_dict(ckpt, tmp_path, pattern, extra):
     out = tmp_path / "pruned.pt"
     report = tmp_path / "report.json"
-    result = _run("prune", ckpt, "-o", out, "--pattern", pattern, "--report", report, *extra)
+    result = run_cli("prune", ckpt, "-o", out, "--pattern", pattern, "--report", report, *extra)
     assert result.exit_code == 0, result.stderr
     before = torch.load(ckpt, weights_only=True)
     after = torch.load(out, weights_only=True)
@@ -66,7 +60,7 @@ def test_prune_writes_a_valid_state_dict(ckpt, tmp_path, pattern, extra):
 
 def test_prune_include_exclude(ckpt, tmp_path):
     out = tmp_path / "p.pt"
-    result = _run("prune", ckpt, "-o", out, "--pattern", "2:4", "--include", "fc.*", "--include", "conv.*",
+    result = run_cli("prune", ckpt, "-o", out, "--pattern", "2:4", "--include", "fc.*", "--include", "conv.*",
                   "--exclude", "conv.*", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.stderr
     rep = json.loads((tmp_path / "r.json").read_text())
@@ -77,7 +71,7 @@ def test_prune_accepts_a_run_directory(ckpt, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "model.pt").write_bytes(ckpt.read_bytes())
-    assert _run("prune", run, "-o", tmp_path / "p.pt", "--pattern", "2:4").exit_code == 0
+    assert run_cli("prune", run, "-o", tmp_path / "p.pt", "--pattern", "2:4").exit_code == 0
 
 
 def _bad_pickle(path):
@@ -137,7 +131,7 @@ def test_prune_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt, tmp_path, c
         extra = ["--transposable"]
     out = tmp_path / "out.pt"
     # the input checks are about layers training's rule keeps dense (a lone fc, the stem): prune them all
-    result = _run("prune", src, "-o", out, "--pattern", pattern, "--prune-first", "--prune-last",
+    result = run_cli("prune", src, "-o", out, "--pattern", pattern, "--prune-first", "--prune-last",
                   *extra)
     assert result.exit_code == 2
     assert needle in result.stderr
@@ -147,14 +141,14 @@ def test_prune_bad_input_is_one_line_exit_2_and_writes_nothing(ckpt, tmp_path, c
 
 
 def test_diversity_json_and_table():
-    result = _run("diversity", "--json")
+    result = run_cli("diversity", "--json")
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [r["pattern"] for r in rows] == ["unstructured", "4:8", "2:4", "4:8-T", "1:2", "2:4-T", "1:2-T"]
     by = {r["pattern"]: r for r in rows}
     assert by["2:4-T"]["count"] == str(90 ** 4) and by["4:8-T"]["count"] == "116963796250"
     assert all(r["exact"] for r in rows)
-    table = _run("diversity", "--shape", "8x16", "--density", "0.25", "--pattern", "1:4", "--pattern", "1:4-T",
+    table = run_cli("diversity", "--shape", "8x16", "--density", "0.25", "--pattern", "1:4", "--pattern", "1:4-T",
                  "--pattern", "unstructured")
     assert table.exit_code == 0
     assert table.stdout.index("unstructured") < table.stdout.index("1:4-T")
@@ -164,7 +158,7 @@ def test_diversity_json_and_table():
                                          (["--pattern", "2:3"], "not a multiple of M=3"),
                                          (["--pattern", "4:2"], "smaller than M")])
 def test_diversity_bad_input(args, needle):
-    result = _run("diversity", *args)
+    result = run_cli("diversity", *args)
     assert result.exit_code == 2 and needle in result.stderr and result.stderr.count("\n") == 1
 
 
@@ -173,10 +167,10 @@ def test_diversity_bad_input(args, needle):
                   "--out", "--overwrite"]),
     ("convert", ["--to", "--out", "--pattern", "--layout"])])
 def test_issue5_commands_show_options_and_refuse_an_empty_directory(command, options, tmp_path):
-    help_text = _run(command, "--help").stdout
+    help_text = run_cli(command, "--help").stdout
     assert all(option in help_text for option in options)
     args = {"adaprune": [tmp_path, "--pattern", "2:4"], "convert": [tmp_path, "--to", "dense"]}[command]
-    result = _run(command, *args)
+    result = run_cli(command, *args)
     assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 
@@ -186,7 +180,7 @@ def test_prune_ignores_non_finite_values_in_a_layer_it_skips(tmp_path):
     stem = torch.randn(8, 3, 3, 3)
     stem[0, 0, 0, 0] = float("nan")
     torch.save({"stem.weight": stem, "fc.weight": torch.randn(8, 8)}, tmp_path / "m.pt")
-    result = _run("prune", tmp_path / "m.pt", "-o", tmp_path / "out.pt", "--pattern", "2:4",
+    result = run_cli("prune", tmp_path / "m.pt", "-o", tmp_path / "out.pt", "--pattern", "2:4",
                   "--prune-first", "--prune-last")
     assert result.exit_code == 0, result.stderr + result.stdout
     out = torch.load(tmp_path / "out.pt", weights_only=True)

@@ -72,7 +72,7 @@ def test_the_thirteen_caught_errors_are_user_errors_and_bugs_are_not():
     from nmtrain.experiments.io import CheckpointError
     from nmtrain.experiments.layers import LayerSelectionError
     from nmtrain.experiments.methods import MethodError
-    from nmtrain.experiments.models import ModelError
+    from nmtrain.experiments.errors import ModelError
     from nmtrain.experiments.runner import Interrupted, RunError
     from nmtrain.experiments.spec import SpecError
     from nmtrain.sparsity import LayoutError, PatternError, SelectionError

@@ -6,17 +6,11 @@ import pytest
 import torch
 import torch.nn.utils.prune
 from safetensors import safe_open
-from typer.testing import CliRunner
 
-from nmtrain.cli.main import app
 from nmtrain.experiments.mask_import import import_masks
 from nmtrain.sparsity import make_mask, nm_violation, parse_pattern
 
-runner = CliRunner()
-
-
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from helpers import run_cli
 
 
 def _bits_equal(a: dict, b: dict) -> bool:
@@ -65,7 +59,7 @@ def test_compressed_round_trip_is_bit_exact(tmp_path, text, layout):
     src = tmp_path / "model.pt"
     torch.save(state, src)
     comp, back = tmp_path / "model.safetensors", tmp_path / "back.pt"
-    result = _run("convert", src, "--to", "compressed", "--out", comp, "--pattern", text, "--layout", layout)
+    result = run_cli("convert", src, "--to", "compressed", "--out", comp, "--pattern", text, "--layout", layout)
     assert result.exit_code == 0, result.stderr
     assert "ratio" in result.stdout and "density" in result.stdout
     with safe_open(str(comp), framework="pt") as fh:
@@ -79,12 +73,12 @@ def test_compressed_round_trip_is_bit_exact(tmp_path, text, layout):
         assert fh.get_tensor("conv.weight::values").shape == (16, 16 * 9 * pattern.n // pattern.m)
         assert "stem.weight" in fh.keys()
     assert comp.stat().st_size < src.stat().st_size
-    result = _run("convert", comp, "--to", "dense", "--out", back)
+    result = run_cli("convert", comp, "--to", "dense", "--out", back)
     assert result.exit_code == 0, result.stderr
     assert _bits_equal(torch.load(back, weights_only=True), state)
     # compressed -> compressed again is identical too
     again = tmp_path / "again.safetensors"
-    assert _run("convert", back, "--to", "compressed", "--out", again, "--pattern", text,
+    assert run_cli("convert", back, "--to", "compressed", "--out", again, "--pattern", text,
                 "--layout", layout).exit_code == 0
     assert again.read_bytes() == comp.read_bytes()
 
@@ -94,9 +88,9 @@ def test_round_trip_keeps_other_dtypes(tmp_path, dtype):
     pattern = parse_pattern("2:4")
     state = _state(pattern, "nhwc", dtype)
     torch.save(state, tmp_path / "m.pt")
-    assert _run("convert", tmp_path / "m.pt", "--to", "compressed", "--pattern", "2:4",
+    assert run_cli("convert", tmp_path / "m.pt", "--to", "compressed", "--pattern", "2:4",
                 "--out", tmp_path / "m.safetensors").exit_code == 0
-    assert _run("convert", tmp_path / "m.safetensors", "--to", "dense", "--out", tmp_path / "b.pt").exit_code == 0
+    assert run_cli("convert", tmp_path / "m.safetensors", "--to", "dense", "--out", tmp_path / "b.pt").exit_code == 0
     assert _bits_equal(torch.load(tmp_path / "b.pt", weights_only=True), state)
 
 
@@ -106,9 +100,9 @@ def test_pruned_negative_zero_comes_back_as_positive_zero(tmp_path):
     state = {"fc.weight": w * mask}                  # pruned negatives become -0.0
     assert torch.signbit(state["fc.weight"][~mask]).any()
     torch.save(state, tmp_path / "m.pt")
-    result = _run("convert", tmp_path / "m.pt", "--to", "compressed", "--pattern", "2:4", "--out", tmp_path / "c.safetensors")
+    result = run_cli("convert", tmp_path / "m.pt", "--to", "compressed", "--pattern", "2:4", "--out", tmp_path / "c.safetensors")
     assert result.exit_code == 0 and "-0.0" in result.stdout
-    _run("convert", tmp_path / "c.safetensors", "--to", "dense", "--out", tmp_path / "b.pt")
+    run_cli("convert", tmp_path / "c.safetensors", "--to", "dense", "--out", tmp_path / "b.pt")
     back = torch.load(tmp_path / "b.pt", weights_only=True)["fc.weight"]
     assert torch.equal(back, state["fc.weight"]) and not torch.signbit(back[~mask]).any()
 
@@ -126,9 +120,9 @@ def test_run_directory_uses_its_summary_and_a_violation_is_an_error(tmp_path):
     state = _state(pattern, "flatten")
     info = {"pattern": "2:4-T", "density": 0.5, "transposable": True, "layout": "flatten"}
     run = _run_dir(tmp_path, state, {"conv.weight": info, "fc.weight": info})
-    result = _run("convert", run, "--to", "compressed", "--out", tmp_path / "c.safetensors")
+    result = run_cli("convert", run, "--to", "compressed", "--out", tmp_path / "c.safetensors")
     assert result.exit_code == 0, result.stderr
-    assert _run("convert", tmp_path / "c.safetensors", "--to", "dense", "--out", tmp_path / "b.pt").exit_code == 0
+    assert run_cli("convert", tmp_path / "c.safetensors", "--to", "dense", "--out", tmp_path / "b.pt").exit_code == 0
     assert _bits_equal(torch.load(tmp_path / "b.pt", weights_only=True), state)
 
     bad = dict(state, **{"fc.weight": torch.randn(16, 32)})          # declared N:M, but dense
@@ -136,7 +130,7 @@ def test_run_directory_uses_its_summary_and_a_violation_is_an_error(tmp_path):
     torch.save(bad, run / "model.pt")
     for to in ("compressed", "dense"):
         out = tmp_path / f"bad-{to}"
-        result = _run("convert", run, "--to", to, "--out", out)
+        result = run_cli("convert", run, "--to", to, "--out", out)
         assert result.exit_code == 2 and "fc.weight breaks its declared pattern 2:4-T" in result.stderr
         assert result.stderr.count("\n") == 1 and not out.exists()
         assert not list(tmp_path.glob(".*.tmp"))
@@ -149,7 +143,7 @@ def test_torch_prune_pairs_import(tmp_path):
     state = net.state_dict()
     assert "0.weight_orig" in state and "0.weight_mask" in state
     torch.save(state, tmp_path / "p.pt")
-    result = _run("convert", tmp_path / "p.pt", "--to", "dense", "--out", tmp_path / "d.pt")
+    result = run_cli("convert", tmp_path / "p.pt", "--to", "dense", "--out", tmp_path / "d.pt")
     assert result.exit_code == 0, result.stderr
     assert "torch.nn.utils.prune" in result.stdout
     plain = torch.load(tmp_path / "d.pt", weights_only=True)
@@ -159,7 +153,7 @@ def test_torch_prune_pairs_import(tmp_path):
     fresh = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     fresh.load_state_dict(plain)
     # ... and straight to compressed, declaring the pattern
-    result = _run("convert", tmp_path / "p.pt", "--to", "compressed", "--pattern", "2:4", "--out", tmp_path / "c.safetensors")
+    result = run_cli("convert", tmp_path / "p.pt", "--to", "compressed", "--pattern", "2:4", "--out", tmp_path / "c.safetensors")
     assert result.exit_code == 0, result.stderr
 
 
@@ -178,12 +172,12 @@ def test_truncated_safetensors_is_one_line_exit_2(tmp_path):
     state = _state(parse_pattern("2:4"), "nhwc")
     torch.save(state, tmp_path / "m.pt")
     comp = tmp_path / "c.safetensors"
-    assert _run("convert", tmp_path / "m.pt", "--to", "compressed", "--pattern", "2:4", "--out", comp).exit_code == 0
+    assert run_cli("convert", tmp_path / "m.pt", "--to", "compressed", "--pattern", "2:4", "--out", comp).exit_code == 0
     data = comp.read_bytes()
     for cut in (len(data) // 2, 5):
         comp.write_bytes(data[:cut])
         out = tmp_path / "b.pt"
-        result = _run("convert", comp, "--to", "dense", "--out", out)
+        result = run_cli("convert", comp, "--to", "dense", "--out", out)
         assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
         assert not out.exists()
 
@@ -198,7 +192,7 @@ def test_truncated_safetensors_is_one_line_exit_2(tmp_path):
 def test_bad_options(tmp_path, args, needle):
     torch.save(_state(parse_pattern("2:4"), "nhwc"), tmp_path / "m.pt")
     out = tmp_path / "out.bin"
-    result = _run("convert", tmp_path / "m.pt", *args, "--out", out)
+    result = run_cli("convert", tmp_path / "m.pt", *args, "--out", out)
     assert result.exit_code == 2 and needle in result.stderr and result.stderr.count("\n") == 1
     assert not out.exists()
 
@@ -206,7 +200,7 @@ def test_bad_options(tmp_path, args, needle):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_semi_structured_without_cuda_says_why(tmp_path):
     torch.save(_state(parse_pattern("2:4"), "nhwc"), tmp_path / "m.pt")
-    result = _run("convert", tmp_path / "m.pt", "--to", "semi-structured", "--pattern", "2:4")
+    result = run_cli("convert", tmp_path / "m.pt", "--to", "semi-structured", "--pattern", "2:4")
     assert result.exit_code == 2 and "compute capability >= 8.0" in result.stderr and "no CUDA" in result.stderr
     assert result.stderr.count("\n") == 1
 
@@ -219,7 +213,7 @@ def test_semi_structured_on_gpu(tmp_path):
     state = {"fc.weight": w * make_mask(w, parse_pattern("2:4")), "fc.bias": torch.zeros(256)}
     torch.save(state, tmp_path / "m.pt")
     out = tmp_path / "lat.json"
-    result = _run("convert", tmp_path / "m.pt", "--to", "semi-structured", "--pattern", "2:4", "--out", out)
+    result = run_cli("convert", tmp_path / "m.pt", "--to", "semi-structured", "--pattern", "2:4", "--out", out)
     assert result.exit_code == 0, result.stderr + result.stdout
     report = json.loads(out.read_text())
     row = report["layers"]["fc.weight"]

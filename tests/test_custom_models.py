@@ -19,9 +19,10 @@ from torch import nn
 
 from nmtrain.cli.main import app
 from nmtrain.experiments.flops import macs_per_sample
-from nmtrain.experiments.layers import NOT_CALLED, called_layers, plan_layers
-from nmtrain.experiments.models import ModelError, build_model
-from nmtrain.sparsity import Pattern, nm_violation
+from nmtrain.experiments.errors import ModelError
+from nmtrain.experiments.layers import called_layers, plan_layers
+from nmtrain.experiments.models import build_model
+from nmtrain.sparsity import NOT_CALLED, Pattern, nm_violation
 
 from helpers import assert_refused, cli, interrupt_at, resume, write_imagefolder
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nmtrain.experiments.io import CheckpointError, atomic_write, load_state_dict, save_state_dict, state_dict_mismatch
+from nmtrain.experiments.rundir import load_weights
 
 
 def test_round_trip_and_weights_only(tmp_path):
@@ -28,7 +29,7 @@ def test_interrupted_write_keeps_the_old_file(tmp_path):
 
 def test_directory_without_model(tmp_path):
     with pytest.raises(CheckpointError, match="without model.pt"):
-        load_state_dict(tmp_path)
+        load_weights(tmp_path)
 
 
 def test_state_dict_mismatch_names_the_first_missing_extra_or_reshaped_entry():

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nmtrain.experiments.models import ModelError, build_model, list_models, register_model
+from nmtrain.experiments.errors import ModelError
+from nmtrain.experiments.models import build_model, list_models, register_model
 
 from helpers import method_step
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nmtrain.experiments.io import CheckpointError, OutputError
-from nmtrain.experiments.rundir import RUN_FILES, Checkpoint, RunDir, RunError, load_checkpoint
+from nmtrain.experiments.rundir import RUN_FILES, Checkpoint, Counters, RunDir, RunError, Summary, load_checkpoint
 
 from helpers import ROOT, python_files
 
@@ -161,3 +161,39 @@ def test_no_module_imports_the_runners_helpers():
             if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("runner"):
                 names = {a.name for a in node.names}
                 assert names <= {"train", "Interrupted", "RunResult", "summary_table"}, (path, names)
+
+
+def test_counters_are_saved_under_the_keys_the_runner_always_wrote(tmp_path):
+    counters = Counters(best=50.0, running_loss=1.5, running_n=3, wall=2.0, metrics_lines=1,
+                        flops={"forward": 4}, last_masks={"fc": torch.ones(2, dtype=torch.bool)})
+    saved = counters.to_dict()
+    assert list(saved) == ["best", "running_loss", "running_n", "wall", "metrics_lines", "flops", "last_masks"]
+    rd = RunDir(tmp_path)
+    rd.save_checkpoint(Checkpoint(model={}, optimizer={}, scheduler={}, method={}, step=3, run=saved))
+    back = rd.load_checkpoint().counters()
+    assert (back.best, back.running_loss, back.running_n, back.wall, back.metrics_lines, back.flops) == \
+        (50.0, 1.5, 3, 2.0, 1, {"forward": 4})
+    assert torch.equal(back.last_masks["fc"], counters.last_masks["fc"])
+
+
+def test_counters_an_old_checkpoint_lacks_read_as_the_defaults():
+    assert Counters.from_dict({}) == Counters()
+    assert Counters.from_dict({"best": 12.5}) == Counters(best=12.5)
+    assert Counters().metrics_lines is None and Counters().last_masks is None   # the runner starts them afresh
+    for bad in ({"best": "high"}, {"running_n": None}, {"flops": [1]}, {"last_masks": 3}, ["best"]):
+        with pytest.raises((ValueError, TypeError, AttributeError)):
+            Counters.from_dict(bad)
+
+
+def test_a_summary_has_its_keys_in_order_then_the_methods_then_processes():
+    summary = Summary(name="r", method="bimask", method_params={}, pattern="2:4", density=0.5, model="mlp",
+                      dataset="synthetic", seed=0, device="cpu", builder={}, final_accuracy=1.0, best_accuracy=2.0,
+                      final_test_loss=0.5, eval_split="test", epochs=1.0, steps=4, wall_seconds=0.1,
+                      sparse_layers={}, skipped_layers={}, train_flops={}, accel={},
+                      method_fields={"backward_survival": 0.5})
+    keys = ["name", "method", "method_params", "pattern", "density", "model", "dataset", "seed", "device", "builder",
+            "final_accuracy", "best_accuracy", "final_test_loss", "eval_split", "epochs", "steps", "wall_seconds",
+            "sparse_layers", "skipped_layers", "train_flops", "accel"]
+    assert list(summary.to_dict()) == keys + ["backward_survival"]
+    summary.processes = 2
+    assert list(summary.to_dict()) == keys + ["backward_survival", "processes"]

@@ -37,7 +37,6 @@ BAD_VALUES = [
     ("train.max_steps=0", "train.max_steps: must be at least 1"),
     ("train.eval_interval=-1", "train.eval_interval: must be at least 0"),
     ("train.checkpoint_interval=-2", "train.checkpoint_interval: "),
-    ("train.log_interval=0", "train.log_interval: "),
     ("data.batch_size=0", "data.batch_size: "),
     ("data.eval_batch_size=-1", "data.eval_batch_size: "),
     ("data.num_workers=-1", "data.num_workers: "),
