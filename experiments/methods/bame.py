@@ -81,7 +81,7 @@ from torch import nn
 
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
 from ..layers import gemm
-from . import Capabilities, Method, MethodError, register_method
+from .base import Capabilities, Method, MethodError, register_method
 from .ste import ste_mask
 
 REGROW = ("zero", "stale")

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
-from . import Capabilities, Method, MethodError, register_method
+from .base import Capabilities, Method, MethodError, register_method
 
 
 @dataclass

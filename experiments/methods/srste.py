@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ...sparsity import Pattern, nm_mask
-from . import Capabilities, Method, register_method
+from .base import Capabilities, Method, register_method
 from .ste import ste_mask
 
 

@@ -33,7 +33,7 @@ import torch
 
 from ...sparsity import Pattern, from_matrix, to_matrix, transposable_mask
 from ..accel import plan_accel
-from . import Capabilities, MethodError, StoredMaskMethod, register_method
+from .base import Capabilities, MethodError, StoredMaskMethod, register_method
 from .ste import change_rate, ste_mask
 
 

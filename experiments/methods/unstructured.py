@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ...sparsity import magnitude, unstructured_mask
-from . import Capabilities, MethodError, StoredMaskMethod, register_method
+from .base import Capabilities, MethodError, StoredMaskMethod, register_method
 
 
 @dataclass
