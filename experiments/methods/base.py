@@ -190,11 +190,19 @@ def get_method(name: str) -> type[Method]:
 
 
 def build_params(cls: type[Method], params: dict) -> Any:
-    from ..spec import SpecError, from_dict
+    """``cls``'s parameters from a mapping, checked: each field by its rule (experiments/rules.py), then
+    what depends on two of them (the Params class's ``check()``, where it has one)."""
+    from ..spec import ChoiceError, SpecError, from_dict
     try:
-        return from_dict(cls.Params, params, "method.params")
-    except SpecError as exc:
+        parsed = from_dict(cls.Params, params, "method.params")
+    except ChoiceError as exc:      # names the field and its choices already
+        raise MethodError(str(exc)) from None
+    except SpecError as exc:        # an unknown key or a bad number: which method's parameters
         raise MethodError(f"{exc} (method {cls.name})") from None
+    check = getattr(parsed, "check", None)
+    if check is not None:
+        check()
+    return parsed
 
 
 def params_dict(params: Any) -> dict:

@@ -33,16 +33,17 @@ import torch
 
 from ...sparsity import Pattern, from_matrix, to_matrix, transposable_mask
 from ..accel import plan_accel
+from ..rules import DECAY, STEPS, param
 from .base import Capabilities, MethodError, StoredMaskMethod, register_method
 from .ste import change_rate, ste_mask
 
 
 @dataclass
 class TransposableParams:
-    mask_interval: int = 40
+    mask_interval: int = param(40, STEPS)
     solver: Optional[str] = None        # None: sparsity.solver
     first_solver: str = "exact"         # the first mask
-    decay: float = 2e-4
+    decay: float = param(2e-4, DECAY)
     bound_pruned: bool = True           # pruned weights stay within their group's kept magnitudes (see below)
 
 
