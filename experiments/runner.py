@@ -58,7 +58,7 @@ from torch.nn import functional as F
 from ..data.loaders import set_epoch
 from ..sparsity import Pattern, fold_mask, nm_violation
 from .io import CheckpointError, first_line, load_state_dict, state_dict_mismatch
-from .build import Built, build, layer_plan, resolve_device, validate, world_size
+from .build import Built, Preflight, build, layer_plan, resolve_device, validate, world_size
 from .evaluate import evaluate
 from .methods import attach, params_dict
 from .methods.ste import change_rate
@@ -114,8 +114,7 @@ def _lr_lambda(spec: Spec, steps_per_epoch: int, total_steps: int):
     sch = spec.schedule
     warmup = int(round(sch.warmup_epochs * steps_per_epoch))
     milestones = sorted(int(round(e * steps_per_epoch)) for e in sch.milestones)
-    if sch.name not in ("cosine", "step", "constant"):
-        raise SpecError(f"schedule.name: {sch.name!r} is unknown; use cosine, step or constant")
+    # sch.name is one of its field's choices (spec.ScheduleSpec), checked by validate
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -130,13 +129,11 @@ def _lr_lambda(spec: Spec, steps_per_epoch: int, total_steps: int):
 
 
 def _optimizer(spec: Spec, model: nn.Module) -> torch.optim.Optimizer:
-    o = spec.optim
+    o = spec.optim      # o.name is sgd or adamw: its field's choices (spec.OptimSpec), checked by validate
     if o.name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                nesterov=o.nesterov and o.momentum > 0)
-    if o.name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    raise SpecError(f"optim.name: {o.name!r} is unknown; use sgd or adamw")
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
 
 
 @dataclass
@@ -184,15 +181,17 @@ def check_masks_agree(masks: dict[str, torch.Tensor], device: torch.device, step
                                f"rank 0 and rank {rank}")
 
 
-def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = True, resume: bool = False) -> RunResult:
+def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = True, resume: bool = False,
+          preflight: Preflight | None = None) -> RunResult:
     """Train ``spec`` into the run directory ``spec.out``; with ``resume``, continue the run there from its
-    checkpoint.pt (``spec`` must then be the run's saved config.yaml). Under torchrun (``WORLD_SIZE > 1``)
-    every process calls this; rank 0 alone writes and prints."""
+    checkpoint.pt (``spec`` must then be the run's saved config.yaml). ``preflight``: `validate`'s result
+    for ``spec`` when the caller has it (compare's cells), else the spec is validated here. Under torchrun
+    (``WORLD_SIZE > 1``) every process calls this; rank 0 alone writes and prints."""
     check_flags(overwrite, resume)
     world = world_size()
     if world == 1 or (dist.is_available() and dist.is_initialized()):
-        return _train(spec, overwrite, console, progress, resume)
-    validated = validate(spec)
+        return _train(spec, overwrite, console, progress, resume, preflight)
+    preflight = preflight or validate(spec)
     RunDir(spec.out).check_target(overwrite, resume)   # every rank, before rank 0 can write anything (init is a rendezvous)
     device = resolve_device(spec.device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -201,7 +200,7 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _train(spec, overwrite, console if dist.get_rank() == 0 else None,
-                      progress and dist.get_rank() == 0, resume, validated)
+                      progress and dist.get_rank() == 0, resume, preflight, target_checked=True)
     finally:
         dist.destroy_process_group()
 
@@ -252,8 +251,9 @@ class Run:
         return _diverged(step, what, self.rd.path, self.last_ckpt_step)
 
 
-def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, validated: tuple | None = None) -> RunResult:
-    run, ckpt = _build(spec, overwrite, resume, validated)
+def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, preflight: Preflight | None,
+           target_checked: bool = False) -> RunResult:
+    run, ckpt = _build(spec, overwrite, resume, preflight, target_checked)
     # Rank 0 holds the directory while it writes; a new run that fails before its first checkpoint leaves nothing.
     held = contextlib.nullcontext() if not run.main else run.rd.writing() if ckpt is None else run.rd.holding()
     with held:
@@ -278,15 +278,16 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, v
 # build, restore
 
 
-def _build(spec: Spec, overwrite: bool, resume: bool, validated: tuple | None) -> tuple[Run, Checkpoint | None]:
+def _build(spec: Spec, overwrite: bool, resume: bool, preflight: Preflight | None,
+           target_checked: bool) -> tuple[Run, Checkpoint | None]:
     """Spec → device, data, model with its starting weights, layer plan and schedule length; and the
-    checkpoint to resume from (None for a new run). ``validated`` is `validate`'s result when `train`
-    already checked the spec and the directory (every process, before the rendezvous)."""
+    checkpoint to resume from (None for a new run). ``preflight`` is `validate`'s result when the caller
+    has it; ``target_checked``: `train` already checked the directory (every process, before the rendezvous)."""
     rd = RunDir(spec.out)
-    if validated is None:
-        validated = validate(spec)
+    if preflight is None:
+        preflight = validate(spec)
+    if not target_checked:
         rd.check_target(overwrite, resume)      # with resume: the run files it will rewrite
-    pattern, method_cls, params = validated
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     ckpt = rd.load_checkpoint() if resume else None
@@ -300,15 +301,13 @@ def _build(spec: Spec, overwrite: bool, resume: bool, validated: tuple | None) -
     _load_weights(spec, rd, built.model, ckpt)
     built.model.to(device)
 
-    # Methods with column groups (Bi-Mask's backward mask) need C_out % M == 0 like transposable ones.
-    plan_pattern = Pattern(pattern.n, pattern.m, pattern.transposable or method_cls.caps.needs_column_groups)
-    plan = layer_plan(spec, built, plan_pattern, device)
+    plan = layer_plan(spec, built, preflight.layer_pattern, device)
     steps_per_epoch = len(built.train_loader)
     total_steps = spec.train.epochs * steps_per_epoch
     if spec.train.max_steps is not None:
         total_steps = min(total_steps, spec.train.max_steps)
-    run = Run(spec, rd, device, world, rank == 0, built, plan, pattern, method_cls, params, steps_per_epoch,
-              total_steps)
+    run = Run(spec, rd, device, world, rank == 0, built, plan, preflight.pattern, preflight.method, preflight.params,
+              steps_per_epoch, total_steps)
     return run, ckpt
 
 

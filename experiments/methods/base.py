@@ -64,6 +64,17 @@ class Capabilities:
                                 or self.needs_column_groups or self.accel_patterns):
             raise ValueError("Capabilities: a method that masks nothing (sparse=False) has no sparse capability")
 
+    # The one rule from capabilities to patterns: validate, the runner's layer plan and the methods ask these.
+    def mask_pattern(self, asked: Pattern) -> Pattern:
+        """The pattern this method's masks satisfy when the spec asks ``asked``: N:M-T where it needs it."""
+        return Pattern(asked.n, asked.m, transposable=True) if self.needs_transposable else asked
+
+    def layer_pattern(self, asked: Pattern) -> Pattern:
+        """The pattern a layer must fit to be sparse: M x M tiles for transposable masks, and the same
+        C_out % M == 0 for column groups (Bi-Mask's backward mask groups M output channels)."""
+        p = self.mask_pattern(asked)
+        return Pattern(p.n, p.m, transposable=p.transposable or self.needs_column_groups)
+
     def accel(self, pattern) -> bool:
         """Whether a run at ``pattern`` can use the ``accel: semi_structured`` kernels at all."""
         return (pattern.n, pattern.m) in self.accel_patterns

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from ...sparsity import Pattern, from_matrix, to_matrix, transposable_mask
+from ...sparsity import from_matrix, to_matrix, transposable_mask
 from ..accel import plan_accel
 from ..rules import DECAY, STEPS, param
 from .base import Capabilities, MethodError, StoredMaskMethod, register_method
@@ -57,7 +57,7 @@ class Transposable(StoredMaskMethod):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        self.pattern = Pattern(ctx.pattern.n, ctx.pattern.m, transposable=True)
+        self.pattern = self.caps.mask_pattern(ctx.pattern)
         self._events: list[dict] = []      # mask recomputes not yet written to metrics.jsonl
         self.accel = None
         if ctx.accel == "semi_structured":
