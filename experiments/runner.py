@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.loaders import set_epoch
-from ..sparsity import Pattern, fold_mask, nm_violation
+from ..sparsity import Pattern, nm_violation
 from .io import CheckpointError, first_line, load_state_dict, state_dict_mismatch
 from .build import Built, Preflight, build, layer_plan, resolve_device, validate, world_size
 from .evaluate import evaluate
@@ -527,7 +527,7 @@ def _finish(run: Run, final_masks: dict[str, torch.Tensor], wall: float) -> RunR
     """Fold the masks into the weights, evaluate that model, write model.pt and summary.json."""
     spec, method, info, pattern = run.spec, run.method, run.built.info, run.pattern
     dense = not run.method_cls.caps.sparse
-    sparse_layers = fold_masks(method.ctx.layers, final_masks, method.export_pattern, spec.sparsity.layout)
+    sparse_layers = fold_masks(method, final_masks, spec.sparsity.layout)
     final_acc, final_loss = evaluate(run.model, run.built.test_loader, run.device)
     state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
     if run.main:
@@ -554,13 +554,14 @@ def _finish(run: Run, final_masks: dict[str, torch.Tensor], wall: float) -> RunR
 
 
 @torch.no_grad()
-def fold_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor], export_pattern, layout: str) -> dict:
-    """Zero every pruned weight in place and check each layer against the pattern its method exports;
-    returns summary.json's ``sparse_layers`` (pattern, density, transposable, layout per weight)."""
+def fold_masks(method, masks: dict[str, torch.Tensor], layout: str) -> dict:
+    """Set every sparse layer's weight to the one its method deploys (``W * mask`` unless the method says
+    otherwise), in place, and check it against the pattern the method exports; returns summary.json's
+    ``sparse_layers`` (pattern, density, transposable, layout per weight)."""
     report = {}
-    for name, mod in layers.items():
-        mod.weight.copy_(fold_mask(mod.weight, masks[name]))      # pruned entries +0.0: exports are bit-exact
-        exp = export_pattern(name)
+    for name, mod in method.ctx.layers.items():
+        mod.weight.copy_(method.deployed_weight(name, mod, masks[name]))    # pruned entries +0.0: bit-exact exports
+        exp = method.export_pattern(name)
         if exp is not None:
             problem = nm_violation(mod.weight, exp, layout)
             if problem is not None:

@@ -15,8 +15,8 @@ Life of a training step, as the runner drives it::
     optimizer.step()
     method.after_step(step)
 
-Every method keeps the dense weight W and derives its masks from it; ``masks()`` gives the masks the
-exported model is folded with (``W * mask``).
+Every method keeps the dense weight W and derives its masks from it; ``masks()`` gives the final masks
+and ``deployed_weight()`` the weight each sparse layer exports (default ``W * mask``).
 """
 
 from .base import (GEMMS, Capabilities, Context, Method, MethodError, NoParams, StoredMaskMethod, attach,  # noqa: F401

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ...sparsity import Pattern
+from ...sparsity import Pattern, fold_mask
 from ..errors import ExperimentError
 from ..layers import gemm, route_forward, unroute_forward
 
@@ -111,6 +111,12 @@ class Method:
     def masks(self) -> dict[str, torch.Tensor]:
         """Current keep-masks of the sparse layers (empty for dense)."""
         return {}
+
+    def deployed_weight(self, name: str, module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+        """The weight the trained layer ``name`` deploys, ``mask`` being its final keep-mask: ``W * mask``
+        with pruned entries exactly +0.0 (`sparsity.fold_mask`). A method whose forward uses something
+        else than the masked W (a continuous method's scaled weight, say) returns that, masked."""
+        return fold_mask(module.weight, mask)
 
     def export_pattern(self, name: str) -> Pattern | None:
         """The pattern the exported weight of ``name`` satisfies (None: no N:M guarantee)."""
