@@ -1,7 +1,8 @@
 """Training methods: one small module each, found by name in a registry.
 
-The runner knows only the :class:`Method` interface (``base.py``, re-exported here); adding a method means adding a module
-with a ``@register_method("name")`` class that declares its :class:`Capabilities`, and nothing in the
+The runner knows only the :class:`Method` interface (``base.py``, re-exported here); adding a method means
+adding a module with a ``@register_method("name")`` class that declares its :class:`Capabilities`, and its
+name to the torch-free catalogue (``experiments/catalogue.py``); nothing in the
 runner, ``compare``, ``accel`` or the benchmarks changes: they ask ``cls.caps``, never the name.
 ``with attach(method, layers, pattern, ...) as m:`` builds a method on a model's sparse layers and
 routes their forward through it, until the block ends.
@@ -19,8 +20,12 @@ Every method keeps the dense weight W and derives its masks from it; ``masks()``
 and ``deployed_weight()`` the weight each sparse layer exports (default ``W * mask``).
 """
 
+import importlib
+
+from ..catalogue import METHODS
 from .base import (GEMMS, Capabilities, Context, Method, MethodError, NoParams, StoredMaskMethod, attach,  # noqa: F401
                    build_params, get_method, list_methods, params_dict, register_method)
 
-# Importing the modules registers them.
-from . import bame, bimask, dense, fixed, srste, transposable, unstructured  # noqa: E402,F401
+# Importing the modules the catalogue names registers them, in its order.
+for _name in METHODS:
+    importlib.import_module(f"{__name__}.{_name}")
