@@ -60,7 +60,7 @@ from ..sparsity import Pattern, nm_violation
 from .io import CheckpointError, first_line, load_state_dict, state_dict_mismatch
 from .build import Built, Preflight, build, layer_plan, resolve_device, validate, world_size
 from .evaluate import evaluate
-from .methods import attach, params_dict
+from .methods import attach, params_dict, train_step
 from .methods.ste import change_rate
 from .layers import LayerPlan
 from .models import builder_record
@@ -420,19 +420,20 @@ def _loop(run: Run, console, progress: bool) -> None:
 
 
 def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One optimizer step on the batch (x, y); returns its train loss."""
+    """One optimizer step on the batch (x, y), in the method contract's order (`train_step`); returns its
+    train loss. A non-finite loss stops the run before the backward."""
     step, method = run.step, run.method
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-    _before_step(run)
-    loss, step_loss, step_n = _loss(run, x, y)
-    if not math.isfinite(step_loss):
-        raise run.diverged(step, f"loss is {step_loss}")
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    method.after_backward(step)
-    run.optimizer.step()
-    run.scheduler.step()
-    method.after_step(step)
+    measured = {}
+
+    def loss_of() -> torch.Tensor:
+        loss, measured["loss"], measured["n"] = _loss(run, x, y)
+        if not math.isfinite(measured["loss"]):
+            raise run.diverged(step, f"loss is {measured['loss']}")
+        return loss
+
+    train_step(method, step, run.optimizer, loss_of, run.scheduler, on_mask_error=lambda exc: _mask_error(run))
+    step_loss, step_n = measured["loss"], measured["n"]
     run.flops.add_step(step_n, {n: method.densities(n, step) for n in method.ctx.layers})
     run.running_loss += step_loss * step_n
     run.running_n += step_n
@@ -440,16 +441,14 @@ def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
     return step_loss
 
 
-def _before_step(run: Run) -> None:
-    """The method's mask update; a mask solver refuses non-finite weights: that is the divergence, say so."""
-    try:
-        run.method.before_step(run.step)
-    except ValueError:
-        if _finite(run.model):
-            raise
-        if run.step == 0:
-            raise RunError("the starting weights are not finite (NaN/Inf); check model.init") from None
-        raise run.diverged(run.step - 1, NOT_FINITE_AFTER_UPDATE) from None
+def _mask_error(run: Run) -> None:
+    """A mask solver refused the weights in ``before_step``: when they are not finite, that is the
+    divergence, say so (finite ones leave the solver's error as it is)."""
+    if _finite(run.model):
+        return
+    if run.step == 0:
+        raise RunError("the starting weights are not finite (NaN/Inf); check model.init") from None
+    raise run.diverged(run.step - 1, NOT_FINITE_AFTER_UPDATE) from None
 
 
 def _loss(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float, int]:

@@ -7,13 +7,15 @@ runner, ``compare``, ``accel`` or the benchmarks changes: they ask ``cls.caps``,
 ``with attach(method, layers, pattern, ...) as m:`` builds a method on a model's sparse layers and
 routes their forward through it, until the block ends.
 
-Life of a training step, as the runner drives it::
+Life of a training step, as `step.train_step` drives it (for the runner, the tests and the benchmarks)::
 
     method.before_step(step)       # recompute masks when due
     loss = model(x) ...            # sparse layers call method.layer_forward(name, module, x)
+    optimizer.zero_grad()
     loss.backward()
     method.after_backward(step)    # adjust gradients (e.g. SR-STE's decay on pruned weights)
     optimizer.step()
+    scheduler.step()
     method.after_step(step)
 
 Every method keeps the dense weight W and derives its masks from it; ``masks()`` gives the final masks
@@ -25,6 +27,7 @@ import importlib
 from ..catalogue import METHODS
 from .base import (GEMMS, Capabilities, Context, Method, MethodError, NoParams, StoredMaskMethod, attach,  # noqa: F401
                    build_params, get_method, list_methods, params_dict, register_method)
+from .step import train_step  # noqa: F401
 
 # Importing the modules the catalogue names registers them, in its order.
 for _name in METHODS:

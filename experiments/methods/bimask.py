@@ -52,7 +52,8 @@ class BiMaskParams:
     seed: int = param(0, SEED)              # mixed with the run's seed for the permutation generator
     # random: best of greedy_num draws (the paper) | local: then row swaps (nmtrain)
     search: str = param("random", choice=Choice(SEARCHES, listed=True))
-    local_rounds: int = param(100, at_least(1))    # local: most rounds of pairwise group swaps (stops after 20 without a gain)
+    # local: most rounds of pairwise group swaps (stops after 20 without a gain)
+    local_rounds: int = param(100, at_least(1))
 
 
 PATIENCE = 20                   # local search: rounds in a row without any improving swap before it stops
