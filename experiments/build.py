@@ -53,7 +53,10 @@ class Preflight:
 
 def validate(spec: Spec, world: int = 1) -> Preflight:
     """Everything about the spec that can be checked before touching data, for ``world`` processes (the
-    launcher of `--nproc N` checks with world=N before it starts them)."""
+    launcher of `--nproc N` checks with world=N before it starts them): the pattern, layout and solver;
+    the method, its parameters (each by its field's rule, then its Params' ``check()``) and whether it
+    takes the pattern and ``accel``; every number and word of the spec by its rule (optim.name,
+    schedule.name); the global batch; the model's builder; the dataset's options."""
     asked = parse_field_pattern(spec.sparsity.pattern, "sparsity.pattern", spec.sparsity.transposable)
     if spec.sparsity.layout not in LAYOUTS:
         raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")

@@ -32,3 +32,4 @@ from .step import train_step  # noqa: F401
 # Importing the modules the catalogue names registers them, in its order.
 for _name in METHODS:
     importlib.import_module(f"{__name__}.{_name}")
+del _name
