@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nmtrain.data import build_datasets  # noqa: E402
 from nmtrain.experiments.layers import plan_layers  # noqa: E402
-from nmtrain.experiments.methods import attach  # noqa: E402
+from nmtrain.experiments.methods import attach, get_method, train_step  # noqa: E402
 from nmtrain.experiments.methods.bimask import (local_search, random_grouping_survival,  # noqa: E402
                                                 search_permutation)
 from nmtrain.experiments.models import build_model  # noqa: E402
 from nmtrain.experiments.rundir import RunDir  # noqa: E402
 from nmtrain.experiments.spec import load_spec  # noqa: E402
-from nmtrain.sparsity import Pattern, nm_mask, parse_pattern, to_matrix  # noqa: E402
+from nmtrain.sparsity import nm_mask, parse_pattern, to_matrix  # noqa: E402
 
 
 def load_run(run: Path):
@@ -46,8 +46,9 @@ def load_run(run: Path):
     ckpt = RunDir(run).load_checkpoint(field="RUN")
     model.load_state_dict(ckpt.model)
     pattern = parse_pattern(spec.sparsity.pattern)
-    plan = plan_layers(model, Pattern(pattern.n, pattern.m, True), spec.sparsity.layout, spec.sparsity.include,
-                       spec.sparsity.exclude, spec.sparsity.keep_first_dense, spec.sparsity.keep_last_dense)
+    plan = plan_layers(model, get_method("bimask").caps.layer_pattern(pattern), spec.sparsity.layout,
+                       spec.sparsity.include, spec.sparsity.exclude, spec.sparsity.keep_first_dense,
+                       spec.sparsity.keep_last_dense)
     return spec, info, model, pattern, plan
 
 
@@ -93,7 +94,7 @@ def _attached_run(spec, info, pattern, search: str, steps: int, attached: ExitSt
     """(model, method, optimizer, step times) of Bi-Mask with ``search``, attached until ``attached`` closes."""
     torch.manual_seed(0)
     model = build_model(spec.model.name, info.num_classes, info.in_channels, info.image_size, spec.model.width)
-    plan = plan_layers(model, Pattern(pattern.n, pattern.m, True), spec.sparsity.layout)
+    plan = plan_layers(model, get_method("bimask").caps.layer_pattern(pattern), spec.sparsity.layout)
     params = {**{k: v for k, v in spec.method.params.items() if k != "search"}, "search": search}
     method = attached.enter_context(attach("bimask", plan.sparse, pattern, params, layout=spec.sparsity.layout,
                                            total_steps=steps, steps_per_epoch=steps, seed=spec.seed))
@@ -106,12 +107,7 @@ def _time_steps(runs: dict, batches: list, steps: int) -> None:
         for search, (model, method, opt, times) in runs.items():
             x, y = batches[i % len(batches)]
             start = time.perf_counter()
-            method.before_step(i)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            method.after_backward(i)
-            opt.step()
+            train_step(method, i, opt, lambda: F.cross_entropy(model(x), y))
             times.append(time.perf_counter() - start)
 
 

@@ -24,7 +24,7 @@ from rich.table import Table
 from torch.nn import functional as F
 
 from nmtrain.experiments.layers import plan_layers
-from nmtrain.experiments.methods import attach, get_method, list_methods
+from nmtrain.experiments.methods import attach, get_method, list_methods, train_step
 from nmtrain.experiments.models import build_model
 from nmtrain.sparsity import parse_pattern
 
@@ -32,7 +32,7 @@ from nmtrain.sparsity import parse_pattern
 def _attached_run(name: str, args, device: torch.device, attached: ExitStack) -> tuple:
     """(model, method, optimizer, step times) of one method, attached until ``attached`` closes."""
     cls = get_method(name)
-    pattern = parse_pattern(args.pattern, transposable=cls.caps.needs_transposable)
+    pattern = cls.caps.mask_pattern(parse_pattern(args.pattern))
     torch.manual_seed(0)
     model = build_model(args.model, 10, args.channels, args.image_size).to(device)
     plan = plan_layers(model, pattern, "nhwc")
@@ -49,13 +49,7 @@ def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> 
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        method.before_step(i)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.after_backward(i)
-        opt.step()
-        method.after_step(i)
+        train_step(method, i, opt, lambda: F.cross_entropy(model(x), y))
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -37,12 +37,12 @@ def run_variant(args, name: str, bound: bool) -> list[dict]:
         f"method.params.bound_pruned={str(bound).lower()}", f"method.params.solver={args.solver}",
         f"out={Path(args.out) / name}", *args.set])
     rows = []
-    for cell in (c.spec for c in grid(spec, ["transposable"], args.patterns.split(","),
-                                       [int(s) for s in args.seeds.split(",")])):
-        summary = finished_run(cell)
+    for c in grid(spec, ["transposable"], args.patterns.split(","), [int(s) for s in args.seeds.split(",")]):
+        cell = c.spec
+        summary = finished_run(cell, c.preflight)
         if summary is None:
             try:
-                summary = train(cell, overwrite=True, progress=False).summary
+                summary = train(cell, overwrite=True, progress=False, preflight=c.preflight).summary
             except RunError as exc:          # a non-finite loss stops the run: that is a divergence
                 print(f"{cell.out}: {exc}", file=sys.stderr)
                 summary = {"final_accuracy": 0.0, "pattern": f"{cell.sparsity.pattern}-T", "seed": cell.seed}

@@ -1,9 +1,11 @@
-"""The names that help texts list, written out here so that ``--help`` imports no torch.
+"""The names that help texts list, without importing torch.
 
-The registries they mirror (`experiments.methods.list_methods`, `sparsity.list_solvers`) live in
-modules that import torch; tests/test_cli_light.py checks that these tuples equal them, in order.
+Methods come from the torch-free catalogue the method registry imports (`experiments.catalogue`).
+The solver registry (`sparsity.list_solvers`) lives in modules that import torch, so its names are
+written out here; tests/test_cli_light.py checks that these tuples equal the registries, in order.
 Input is still checked against the registries themselves when a command runs.
 """
 
-METHODS = ("bame", "bimask", "dense", "fixed", "srste", "transposable", "unstructured")
+from ..experiments.catalogue import METHODS  # noqa: F401
+
 SOLVERS = ("enumerate", "flow", "compiled", "approx", "batched", "exact")

@@ -116,14 +116,10 @@ def compare(
 
 def _grid_line(cells, seed_list) -> str:
     """``comparing 6 runs (2 cells x seeds 0,1,2): dense, srste 2:4 (density 0.50)``: each cell once."""
-    from ..experiments.methods import get_method
-    from ..sparsity import parse_pattern
-
     def name(c) -> str:
-        if not get_method(c.spec.method.name).caps.sparse:
+        if not c.preflight.method.caps.sparse:
             return c.label
-        pattern = parse_pattern(c.spec.sparsity.pattern, transposable=c.spec.sparsity.transposable)
-        return f"{c.label} {pattern.describe()}"
+        return f"{c.label} {c.preflight.asked.describe()}"
 
     names = list(dict.fromkeys(name(c) for c in cells))
     shape = f" ({len(names)} cells x seeds {','.join(map(str, seed_list))})" if seed_list else ""

@@ -7,6 +7,7 @@ sparse layers to each. Seeding is the caller's (training also seeds Python's `ra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,10 +30,25 @@ def parse_field_pattern(text: str, field: str, transposable: bool = False) -> Pa
         raise PatternError(f"{field}: {exc}") from None
 
 
-def validate(spec: Spec, world: int = 1):
+@dataclass(frozen=True)
+class Preflight:
+    """What `validate` found in a spec: the one pre-flight, made before any data is read or directory made,
+    and carried from there (compare's cells, the launcher of ``--nproc``, the runner) instead of redone."""
+    asked: Pattern              # the pattern as the spec asks it (sparsity.pattern, sparsity.transposable)
+    pattern: Pattern            # the pattern the method's masks satisfy (N:M-T where the method needs it)
+    layer_pattern: Pattern      # what a layer must fit to be sparse (the layer plan's pattern)
+    method: type                # the method's class (experiments/methods)
+    params: Any                 # the method's parameters, parsed and checked
+    world: int                  # the processes it was checked for (the global batch splits this many ways)
+
+
+def validate(spec: Spec, world: int = 1) -> Preflight:
     """Everything about the spec that can be checked before touching data, for ``world`` processes (the
-    launcher of `--nproc N` checks with world=N before it starts them): returns (pattern, method class, params)."""
-    pattern = parse_field_pattern(spec.sparsity.pattern, "sparsity.pattern", spec.sparsity.transposable)
+    launcher of `--nproc N` checks with world=N before it starts them): the pattern, layout and solver;
+    the method, its parameters (each by its field's rule, then its Params' ``check()``) and whether it
+    takes the pattern and ``accel``; every number and word of the spec by its rule (optim.name,
+    schedule.name); the global batch; the model's builder; the dataset's options."""
+    asked = parse_field_pattern(spec.sparsity.pattern, "sparsity.pattern", spec.sparsity.transposable)
     if spec.sparsity.layout not in LAYOUTS:
         raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
     try:
@@ -44,14 +60,13 @@ def validate(spec: Spec, world: int = 1):
     if spec.sparsity.transposable and not cls.caps.accepts_transposable:
         raise MethodError(f"sparsity.transposable: method {cls.name} does not use transposable masks; "
                           "use method transposable (or fixed)")
-    if cls.caps.needs_transposable:
-        pattern = Pattern(pattern.n, pattern.m, transposable=True)
+    pattern = cls.caps.mask_pattern(asked)
     accel_mod.check_spec(spec.accel, cls, pattern)
     check_values(spec)      # again, for a spec edited in code (compare's cells) rather than loaded
     check_global_batch(spec.data.batch_size, world)
     resolve_builder(spec.model.name)       # imports a user's module, checks the builder's signature
     check_options(spec.data.dataset, spec.data.options())
-    return pattern, cls, params
+    return Preflight(asked, pattern, cls.caps.layer_pattern(asked), cls, params, world)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -30,7 +30,7 @@ from ..sparsity import parse_pattern
 from . import accel as accel_mod
 from .io import atomic_write, check_output_dir, check_output_file, save_text
 from .methods import get_method, params_dict
-from .build import parse_field_pattern, validate
+from .build import Preflight, parse_field_pattern, validate
 from .rundir import RunDir
 from .runner import train
 from .spec import Spec, SpecError, check_number, from_dict, to_dict
@@ -68,9 +68,10 @@ def check_seeds(seeds: list[int]) -> list[int]:
 @dataclass
 class Cell:
     """One run of a grid: its label (a method name, or ``method:variant`` for a method with the
-    parameters ``sweep.params[label]``) and its spec."""
+    parameters ``sweep.params[label]``), its spec and what `validate` found in it (carried to the run)."""
     label: str
     spec: Spec
+    preflight: Preflight
 
 
 def split_label(label: str) -> tuple[str, str | None]:
@@ -125,8 +126,7 @@ def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] |
                 if seed is not None:
                     run = copy.deepcopy(cell)
                     run.seed, run.out = seed, str(Path(cell.out) / f"seed{seed}")
-                validate(run)
-                cells.append(Cell(label, run))
+                cells.append(Cell(label, run, validate(run)))
     return cells
 
 
@@ -135,17 +135,17 @@ def _last_change_rate(run_dir: Path) -> float | None:
     return records[-1].get("mask_change_rate") if records else None
 
 
-def finished_run(cell: Spec) -> dict | None:
+def finished_run(cell: Spec, preflight: Preflight | None = None) -> dict | None:
     """The summary of a finished run of exactly this cell's spec in its directory, else None.
 
     Finished: summary.json is there (written last). Same spec: the saved config.yaml equals the cell's
-    resolved spec, method parameters filled in as the runner saves them."""
+    resolved spec, method parameters filled in as the runner saves them. ``preflight``: the cell's
+    `validate` result (None: validated here)."""
     rd = RunDir(cell.out)
     if not rd.is_finished():
         return None
-    _, _, params = validate(cell)
     resolved = copy.deepcopy(cell)
-    resolved.method.params = params_dict(params)
+    resolved.method.params = params_dict((preflight or validate(cell)).params)
     try:
         # Through the schema, so keys added since the run was written compare at their defaults.
         saved = to_dict(from_dict(Spec, read_yaml(rd.config)))
@@ -163,13 +163,13 @@ def run_grid(cells: list[Cell], out: Path, overwrite: bool = False, console=None
     spec is read instead of trained (an interrupted grid continues where it stopped). Every output is
     checked before the first cell trains. With a ``console``, one line per finished cell; the caller
     shows the table of the whole grid, written to ``out``."""
-    finished = [finished_run(c.spec) if reuse else None for c in cells]
+    finished = [finished_run(c.spec, c.preflight) if reuse else None for c in cells]
     check_grid_targets(out, [c for c, s in zip(cells, finished) if s is None], overwrite)
     rows = []
     for i, (c, s) in enumerate(zip(cells, finished), 1):
         reused = s is not None
         if s is None:
-            s = train(c.spec, overwrite=overwrite, console=console, progress=progress).summary
+            s = train(c.spec, overwrite=overwrite, console=console, progress=progress, preflight=c.preflight).summary
         result_out = Path(c.spec.out)
         rows.append({"method": c.label, "pattern": s["pattern"] or "dense", "density": s["density"],
                      "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],

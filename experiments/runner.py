@@ -55,13 +55,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.loaders import set_epoch
-from ..sparsity import Pattern, fold_mask, nm_violation
+from ..sparsity import Pattern, nm_violation
 from .io import CheckpointError, first_line, state_dict_mismatch
-from .build import Built, build, layer_plan, resolve_device, validate
+from .build import Built, Preflight, build, layer_plan, resolve_device, validate
 from .distributed import (check_masks_agree, initialized, process_group, rank_and_world, rank_device, sum_across,
                           world_size)
 from .evaluate import evaluate
-from .methods import attach, params_dict
+from .methods import attach, params_dict, train_step
 from .methods.ste import change_rate
 from .layers import LayerPlan
 from .models import builder_record
@@ -115,8 +115,7 @@ def _lr_lambda(spec: Spec, steps_per_epoch: int, total_steps: int):
     sch = spec.schedule
     warmup = int(round(sch.warmup_epochs * steps_per_epoch))
     milestones = sorted(int(round(e * steps_per_epoch)) for e in sch.milestones)
-    if sch.name not in ("cosine", "step", "constant"):
-        raise SpecError(f"schedule.name: {sch.name!r} is unknown; use cosine, step or constant")
+    # sch.name is one of its field's choices (spec.ScheduleSpec), checked by validate
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -131,13 +130,11 @@ def _lr_lambda(spec: Spec, steps_per_epoch: int, total_steps: int):
 
 
 def _optimizer(spec: Spec, model: nn.Module) -> torch.optim.Optimizer:
-    o = spec.optim
+    o = spec.optim      # o.name is sgd or adamw: its field's choices (spec.OptimSpec), checked by validate
     if o.name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                nesterov=o.nesterov and o.momentum > 0)
-    if o.name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    raise SpecError(f"optim.name: {o.name!r} is unknown; use sgd or adamw")
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
 
 
 @dataclass
@@ -160,17 +157,20 @@ def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = True, resume: bool = False) -> RunResult:
+def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = True, resume: bool = False,
+          preflight: Preflight | None = None) -> RunResult:
     """Train ``spec`` into the run directory ``spec.out``; with ``resume``, continue the run there from its
-    checkpoint.pt (``spec`` must then be the run's saved config.yaml). Under torchrun (``WORLD_SIZE > 1``)
-    every process calls this; rank 0 alone writes and prints."""
+    checkpoint.pt (``spec`` must then be the run's saved config.yaml). ``preflight``: `validate`'s result
+    for ``spec`` when the caller has it (compare's cells), else the spec is validated here. Under torchrun
+    (``WORLD_SIZE > 1``) every process calls this; rank 0 alone writes and prints."""
     check_flags(overwrite, resume)
     if world_size() == 1 or initialized():
-        return _train(spec, overwrite, console, progress, resume)
-    validated = validate(spec)
+        return _train(spec, overwrite, console, progress, resume, preflight)
+    preflight = preflight or validate(spec)
     RunDir(spec.out).check_target(overwrite, resume)   # every rank, before rank 0 can write anything (init is a rendezvous)
     with process_group(resolve_device(spec.device)) as rank:
-        return _train(spec, overwrite, console if rank == 0 else None, progress and rank == 0, resume, validated)
+        return _train(spec, overwrite, console if rank == 0 else None, progress and rank == 0, resume, preflight,
+                      target_checked=True)
 
 
 @dataclass
@@ -219,8 +219,9 @@ class Run:
         return _diverged(step, what, self.rd.path, self.last_ckpt_step)
 
 
-def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, validated: tuple | None = None) -> RunResult:
-    run, ckpt = _build(spec, overwrite, resume, validated)
+def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, preflight: Preflight | None,
+           target_checked: bool = False) -> RunResult:
+    run, ckpt = _build(spec, overwrite, resume, preflight, target_checked)
     # Rank 0 holds the directory while it writes; a new run that fails before its first checkpoint leaves nothing.
     held = contextlib.nullcontext() if not run.main else run.rd.writing() if ckpt is None else run.rd.holding()
     with held:
@@ -245,15 +246,16 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, v
 # build, restore
 
 
-def _build(spec: Spec, overwrite: bool, resume: bool, validated: tuple | None) -> tuple[Run, Checkpoint | None]:
+def _build(spec: Spec, overwrite: bool, resume: bool, preflight: Preflight | None,
+           target_checked: bool) -> tuple[Run, Checkpoint | None]:
     """Spec → device, data, model with its starting weights, layer plan and schedule length; and the
-    checkpoint to resume from (None for a new run). ``validated`` is `validate`'s result when `train`
-    already checked the spec and the directory (every process, before the rendezvous)."""
+    checkpoint to resume from (None for a new run). ``preflight`` is `validate`'s result when the caller
+    has it; ``target_checked``: `train` already checked the directory (every process, before the rendezvous)."""
     rd = RunDir(spec.out)
-    if validated is None:
-        validated = validate(spec)
+    if preflight is None:
+        preflight = validate(spec)
+    if not target_checked:
         rd.check_target(overwrite, resume)      # with resume: the run files it will rewrite
-    pattern, method_cls, params = validated
     rank, world = rank_and_world()
     ckpt = rd.load_checkpoint() if resume else None
     device = rank_device(resolve_device(spec.device))     # a multi-process CUDA run: this rank's GPU
@@ -264,15 +266,13 @@ def _build(spec: Spec, overwrite: bool, resume: bool, validated: tuple | None) -
     _load_weights(spec, rd, built.model, ckpt)
     built.model.to(device)
 
-    # Methods with column groups (Bi-Mask's backward mask) need C_out % M == 0 like transposable ones.
-    plan_pattern = Pattern(pattern.n, pattern.m, pattern.transposable or method_cls.caps.needs_column_groups)
-    plan = layer_plan(spec, built, plan_pattern, device)
+    plan = layer_plan(spec, built, preflight.layer_pattern, device)
     steps_per_epoch = len(built.train_loader)
     total_steps = spec.train.epochs * steps_per_epoch
     if spec.train.max_steps is not None:
         total_steps = min(total_steps, spec.train.max_steps)
-    run = Run(spec, rd, device, world, rank == 0, built, plan, pattern, method_cls, params, steps_per_epoch,
-              total_steps)
+    run = Run(spec, rd, device, world, rank == 0, built, plan, preflight.pattern, preflight.method, preflight.params,
+              steps_per_epoch, total_steps)
     return run, ckpt
 
 
@@ -384,19 +384,20 @@ def _loop(run: Run, console, progress: bool) -> None:
 
 
 def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One optimizer step on the batch (x, y); returns its train loss."""
+    """One optimizer step on the batch (x, y), in the method contract's order (`train_step`); returns its
+    train loss. A non-finite loss stops the run before the backward."""
     step, method = run.step, run.method
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-    _before_step(run)
-    loss, step_loss, step_n = _loss(run, x, y)
-    if not math.isfinite(step_loss):
-        raise run.diverged(step, f"loss is {step_loss}")
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    method.after_backward(step)
-    run.optimizer.step()
-    run.scheduler.step()
-    method.after_step(step)
+    measured = {}
+
+    def loss_of() -> torch.Tensor:
+        loss, measured["loss"], measured["n"] = _loss(run, x, y)
+        if not math.isfinite(measured["loss"]):
+            raise run.diverged(step, f"loss is {measured['loss']}")
+        return loss
+
+    train_step(method, step, run.optimizer, loss_of, run.scheduler, on_mask_error=lambda exc: _mask_error(run))
+    step_loss, step_n = measured["loss"], measured["n"]
     run.flops.add_step(step_n, {n: method.densities(n, step) for n in method.ctx.layers})
     run.running_loss += step_loss * step_n
     run.running_n += step_n
@@ -404,16 +405,14 @@ def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
     return step_loss
 
 
-def _before_step(run: Run) -> None:
-    """The method's mask update; a mask solver refuses non-finite weights: that is the divergence, say so."""
-    try:
-        run.method.before_step(run.step)
-    except ValueError:
-        if _finite(run.model):
-            raise
-        if run.step == 0:
-            raise RunError("the starting weights are not finite (NaN/Inf); check model.init") from None
-        raise run.diverged(run.step - 1, NOT_FINITE_AFTER_UPDATE) from None
+def _mask_error(run: Run) -> None:
+    """A mask solver refused the weights in ``before_step``: when they are not finite, that is the
+    divergence, say so (finite ones leave the solver's error as it is)."""
+    if _finite(run.model):
+        return
+    if run.step == 0:
+        raise RunError("the starting weights are not finite (NaN/Inf); check model.init") from None
+    raise run.diverged(run.step - 1, NOT_FINITE_AFTER_UPDATE) from None
 
 
 def _loss(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float, int]:
@@ -491,7 +490,7 @@ def _finish(run: Run, final_masks: dict[str, torch.Tensor], wall: float) -> RunR
     """Fold the masks into the weights, evaluate that model, write model.pt and summary.json."""
     spec, method, info, pattern = run.spec, run.method, run.built.info, run.pattern
     dense = not run.method_cls.caps.sparse
-    sparse_layers = fold_masks(method.ctx.layers, final_masks, method.export_pattern, spec.sparsity.layout)
+    sparse_layers = fold_masks(method, final_masks, spec.sparsity.layout)
     final_acc, final_loss = evaluate(run.model, run.built.test_loader, run.device)
     state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
     if run.main:
@@ -516,13 +515,14 @@ def _finish(run: Run, final_masks: dict[str, torch.Tensor], wall: float) -> RunR
 
 
 @torch.no_grad()
-def fold_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor], export_pattern, layout: str) -> dict:
-    """Zero every pruned weight in place and check each layer against the pattern its method exports;
-    returns summary.json's ``sparse_layers`` (pattern, density, transposable, layout per weight)."""
+def fold_masks(method, masks: dict[str, torch.Tensor], layout: str) -> dict:
+    """Set every sparse layer's weight to the one its method deploys (``W * mask`` unless the method says
+    otherwise), in place, and check it against the pattern the method exports; returns summary.json's
+    ``sparse_layers`` (pattern, density, transposable, layout per weight)."""
     report = {}
-    for name, mod in layers.items():
-        mod.weight.copy_(fold_mask(mod.weight, masks[name]))      # pruned entries +0.0: exports are bit-exact
-        exp = export_pattern(name)
+    for name, mod in method.ctx.layers.items():
+        mod.weight.copy_(method.deployed_weight(name, mod, masks[name]))    # pruned entries +0.0: bit-exact exports
+        exp = method.export_pattern(name)
         if exp is not None:
             problem = nm_violation(mod.weight, exp, layout)
             if problem is not None:

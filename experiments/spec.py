@@ -12,14 +12,14 @@ Two checks stand between hostile input and a run, one mechanism each:
 * every YAML nmtrain reads (a spec, an override's value, a run's config.yaml) goes through `yamlfile.load_yaml`:
   one regular UTF-8 text file of bounded size, no key twice in a mapping, and a bounded number of
   values and levels counted as if every alias were expanded (a "billion laughs" is refused, not built);
-* every number in a spec (and in a method's parameters) is checked against its meaning by one table,
-  `RULES`, when the YAML data becomes a dataclass: before anything is built or written.
+* every number in a spec (and in a method's parameters) is checked against its meaning, and every word
+  with choices against them, when the YAML data becomes a dataclass: before anything is built or written.
+  The rules are `RULES` (the spec's sections, by dotted path) and the fields' own (`rules.param`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import SpecError
+from .rules import SEED, Choice, Rule, above, at_least, choice_of, param, rule_of
 from .yamlfile import load_yaml, read_yaml
 
 
@@ -91,7 +92,7 @@ class SparsitySpec:
 
 @dataclass
 class OptimSpec:
-    name: str = "sgd"           # sgd | adamw
+    name: str = param("sgd", choice=Choice(("sgd", "adamw")))
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -100,7 +101,7 @@ class OptimSpec:
 
 @dataclass
 class ScheduleSpec:
-    name: str = "cosine"        # cosine | step | constant
+    name: str = param("cosine", choice=Choice(("cosine", "step", "constant")))
     warmup_epochs: float = 0.0
     milestones: list[float] = field(default_factory=list)  # epochs, for step
     gamma: float = 0.1
@@ -141,56 +142,12 @@ class Spec:
 
 
 # ---------------------------------------------------------------------------------------------
-# What each number may be: one table, checked when YAML data becomes a dataclass (`from_dict`)
+# What each number may be, checked when YAML data becomes a dataclass (`from_dict`)
 
 
-@dataclass(frozen=True)
-class Rule:
-    """The range a number must lie in; ``note`` says what it means or what null does, for the message.
-    Every float must also be finite: YAML reads .nan and .inf, and float("nan") takes the string."""
-    lo: float = -math.inf
-    hi: float = math.inf
-    lo_open: bool = False       # lo itself is out (a width of 0)
-    hi_open: bool = False       # hi itself is out (momentum 1.0, seed 2**63)
-    note: str = ""
-
-    def allows(self, value: float) -> bool:
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        return ((value > self.lo if self.lo_open else value >= self.lo)
-                and (value < self.hi if self.hi_open else value <= self.hi))
-
-    def says(self) -> str:
-        lo, hi = _shown(self.lo), _shown(self.hi)
-        if self.hi == math.inf:
-            return "" if self.lo == -math.inf else f"above {lo}" if self.lo_open else f"at least {lo}"
-        return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
-
-
-def _shown(x: float) -> str:
-    if isinstance(x, int) and x >= 2 ** 32 and x & (x - 1) == 0:
-        return f"2**{x.bit_length() - 1}"
-    return f"{x:g}"
-
-
-def at_least(lo: int, note: str = "") -> Rule:
-    return Rule(lo=lo, note=note)
-
-
-def above(lo: float, note: str = "") -> Rule:
-    return Rule(lo=lo, lo_open=True, note=note)
-
-
-# torch.manual_seed and torch.Generator take seeds below 2**64, random.seed any integer; the runner and the
-# data add small offsets (seed + epoch for each epoch's shuffle, seed + 1 for the test subset), so a seed
-# below 2**63 leaves them room.
-SEED = Rule(lo=0, hi=2 ** 63, hi_open=True)
-FRACTION = Rule(lo=0, hi=1, note="(a fraction of the total steps)")
-STEPS = at_least(1, "(steps)")
-
-# Keyed by the dotted field path. ``method.params.NAME`` is that parameter in every method that has it
-# (experiments/methods/*.py): a parameter's name means the same in each. A float without an entry must
-# still be finite; tests/test_hostile.py checks that every numeric field has one.
+# Keyed by the dotted field path of the spec's own sections; a method's parameters carry theirs on their
+# fields (``param(default, rule=...)``, experiments/rules.py), as a field may (OptimSpec.name's choices).
+# A float without a rule must still be finite; tests/test_hostile.py checks that every numeric field has one.
 RULES: dict[str, Rule] = {
     "seed": SEED,
     "model.width": above(0, "(the channel multiplier)"),
@@ -216,23 +173,6 @@ RULES: dict[str, Rule] = {
     "train.eval_interval": at_least(0, "(steps; 0: once per epoch)"),
     "train.checkpoint_interval": at_least(0, "(steps; 0: once per epoch)"),
     "sweep.seeds": SEED,
-    "method.params.seed": SEED,
-    "method.params.decay": at_least(0, "(weight decay on pruned weights)"),
-    "method.params.interval": STEPS,
-    "method.params.mask_interval": STEPS,
-    "method.params.iter": STEPS,
-    "method.params.greedy_num": at_least(1, "(permutations tried per search)"),
-    "method.params.local_rounds": at_least(1),
-    "method.params.score_batches": at_least(1, "(mini-batches)"),
-    "method.params.swaps_per_block": at_least(1),
-    "method.params.switch": FRACTION,
-    "method.params.t_i": FRACTION,
-    "method.params.t_f": FRACTION,
-    "method.params.start": FRACTION,
-    "method.params.end": FRACTION,
-    "method.params.fraction": Rule(lo=0, hi=1, note="(a share of the blocks)"),
-    "method.params.osc_decay": Rule(lo=0, hi=1),
-    "method.params.freeze_threshold": above(0),
 }
 
 
@@ -240,10 +180,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_number(key: str, value: Any, shown: str | None = None, default: Any = None) -> None:
-    """``value`` (a number or a list of them) against ``RULES[key]``; the error names ``shown`` (default:
-    the key), the rule and, where the field has one, its default as the fix."""
-    rule = RULES.get(key, Rule())
+def check_number(key: str, value: Any, shown: str | None = None, default: Any = None, rule: Rule | None = None) -> None:
+    """``value`` (a number or a list of them) against ``rule`` (default: ``RULES[key]``); the error names
+    ``shown`` (default: the key), the rule and, where the field has one, its default as the fix."""
+    rule = rule or RULES.get(key, Rule())
     values = value if isinstance(value, list) else [value]
     if all(rule.allows(v) for v in values if _is_number(v)):
         return
@@ -254,16 +194,24 @@ def check_number(key: str, value: Any, shown: str | None = None, default: Any = 
     raise SpecError(f"{shown or key}: {every}must be {says or 'a number'}, got {value!r}{fix}")
 
 
+class ChoiceError(SpecError):
+    """A word that is none of its field's choices (its message names the field and the choices)."""
+
+
 def _check_fields(obj: Any, where: str) -> None:
-    """The rules on one dataclass's own numeric fields (nested sections are checked as they are built)."""
+    """The rules on one dataclass's own fields: a number's range (the field's own rule, else RULES), a
+    word's choices (nested sections are checked as they are built)."""
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
+        value, key = getattr(obj, f.name), _path(where, f.name)
         if _is_number(value) or (isinstance(value, list) and any(_is_number(v) for v in value)):
-            check_number(_path(where, f.name), value, default=f.default)
+            check_number(key, value, default=f.default, rule=rule_of(f))
+        choice = choice_of(f)
+        if choice is not None and isinstance(value, str) and choice.refusal(key, value):
+            raise ChoiceError(choice.refusal(key, value))
 
 
 def check_values(obj: Any, where: str = "spec") -> None:
-    """Every number of a dataclass tree (a Spec edited in code, say) against RULES."""
+    """Every number and word of a dataclass tree (a Spec edited in code, say) against its rules."""
     _check_fields(obj, where)
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)

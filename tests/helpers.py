@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from nmtrain.cli.main import app
 from nmtrain.experiments import runner as runner_module
+from nmtrain.experiments.methods import train_step
 
 ROOT = Path(__file__).resolve().parents[1]      # the repository
 
@@ -68,16 +69,10 @@ def write_imagefolder(root, classes=("ant", "bee", "cat"), per_class=4, side=40)
     return root
 
 
-def method_step(method, model, opt, x, y, step):
-    """The rest of training step ``step`` after ``method.before_step``, in the runner's order: cross-entropy,
-    backward, the method's hooks around the optimizer step. Returns the loss."""
-    loss = nn.functional.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    method.after_backward(step)
-    opt.step()
-    method.after_step(step)
-    return loss
+def method_step(method, model, opt, x, y, step, scheduler=None):
+    """Training step ``step`` on (x, y) as the runner drives it (`train_step`): the method's hooks in
+    their contract order around cross-entropy, backward and the optimizer step. Returns the loss."""
+    return train_step(method, step, opt, lambda: nn.functional.cross_entropy(model(x), y), scheduler)
 
 
 def python_files(*folders):

@@ -53,7 +53,6 @@ def _train_steps(method, model, steps, lr=0.05, start=0, seed=1, records=None):
     for step in range(start, start + steps):
         x = torch.randn(16, 8, 4, 4, generator=gen)
         y = torch.randint(0, 8, (16,), generator=gen)
-        method.before_step(step)
         method_step(method, model, opt, x, y, step)
         history.append({k: v.clone() for k, v in method.masks().items()})
         if records is not None and method.last.get("step") == step:

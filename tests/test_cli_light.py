@@ -45,6 +45,15 @@ def test_help_choices_equal_the_registries():
     assert choices.SOLVERS == tuple(s.name for s in list_solvers())
 
 
+def test_the_method_catalogue_is_the_registry():
+    """The torch-free catalogue names every registered method, in the registry's order, and nothing else."""
+    from nmtrain.experiments import catalogue
+    from nmtrain.experiments.methods import list_methods
+
+    assert catalogue.METHODS == tuple(list_methods())
+    assert all(cls.__module__ == f"nmtrain.experiments.methods.{name}" for name, cls in list_methods().items())
+
+
 def _value_errors_defined_in(package: str) -> list[type]:
     root = importlib.import_module(package)
     modules = [root] + [importlib.import_module(info.name)

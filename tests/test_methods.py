@@ -6,8 +6,8 @@ from torch import nn
 
 from nmtrain.experiments.flops import FlopCounter, macs_per_sample
 from nmtrain.experiments.layers import plan_layers
-from nmtrain.experiments.methods import Context, attach, build_params, get_method
-from nmtrain.sparsity import Pattern, nm_violation
+from nmtrain.experiments.methods import Capabilities, Context, Method, attach, build_params, get_method
+from nmtrain.sparsity import Pattern, fold_mask, nm_mask, nm_violation
 
 
 def _ctx(layers, pattern=Pattern(2, 4), total=10):
@@ -111,3 +111,30 @@ def test_flops_accounting_by_hand_on_a_two_layer_mlp():
     assert s["backward_weight"] == 10 * (128 + 64)
     assert s["dense_total"] == 3 * 10 * 192
     assert s["ratio"] == pytest.approx((128 * (r + 2) + 3 * 64) / (3 * 192))
+
+
+class _HalvedDeploy(Method):
+    """A test-only method that deploys something else than ``W * mask``: half of it."""
+    caps = Capabilities(sparse_gemms=("forward",))
+
+    def masks(self):
+        return {n: nm_mask(m.weight.detach(), 2, 4, "nhwc") for n, m in self.ctx.layers.items()}
+
+    def deployed_weight(self, name, module, mask):
+        return 0.5 * fold_mask(module.weight, mask)
+
+    def export_pattern(self, name):
+        return Pattern(2, 4)
+
+
+@pytest.mark.parametrize("cls,factor", [(_HalvedDeploy, 0.5), ("srste", 1.0)])
+def test_the_runner_folds_the_weight_each_method_deploys(cls, factor):
+    from nmtrain.experiments.runner import fold_masks
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    with attach(cls, {"lin": lin}, Pattern(2, 4)) as method:
+        masks = method.masks()
+        expected = factor * fold_mask(lin.weight.detach(), masks["lin"])
+        report = fold_masks(method, masks, "nhwc")
+    assert torch.equal(lin.weight.detach(), expected)
+    assert report["lin.weight"]["pattern"] == "2:4" and report["lin.weight"]["density"] == 0.5

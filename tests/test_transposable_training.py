@@ -39,8 +39,8 @@ def _run(bound: bool, steps: int = 40, interval: int = 40):
         for step in range(steps + 1):
             x = torch.randn(64, 16, generator=gen)
             y = (x @ teacher).argmax(1)
-            method.before_step(step)
             if step == steps:
+                method.before_step(step)    # the recompute, without a step after it
                 break
             method_step(method, net, opt, x, y, step)
             if step == steps - 1:      # just before the recompute: pruned weights above their group's kept ones

@@ -1,241 +1,35 @@
 """Training methods: one small module each, found by name in a registry.
 
-The runner knows only the :class:`Method` interface below; adding a method means adding a module
-with a ``@register_method("name")`` class that declares its :class:`Capabilities`, and nothing in the
+The runner knows only the :class:`Method` interface (``base.py``, re-exported here); adding a method means
+adding a module with a ``@register_method("name")`` class that declares its :class:`Capabilities`, and its
+name to the torch-free catalogue (``experiments/catalogue.py``); nothing in the
 runner, ``compare``, ``accel`` or the benchmarks changes: they ask ``cls.caps``, never the name.
 ``with attach(method, layers, pattern, ...) as m:`` builds a method on a model's sparse layers and
 routes their forward through it, until the block ends.
 
-Life of a training step, as the runner drives it::
+Life of a training step, as `step.train_step` drives it (for the runner, the tests and the benchmarks)::
 
     method.before_step(step)       # recompute masks when due
     loss = model(x) ...            # sparse layers call method.layer_forward(name, module, x)
+    optimizer.zero_grad()
     loss.backward()
     method.after_backward(step)    # adjust gradients (e.g. SR-STE's decay on pruned weights)
     optimizer.step()
+    scheduler.step()
     method.after_step(step)
 
-Every method keeps the dense weight W and derives its masks from it; ``masks()`` gives the masks the
-exported model is folded with (``W * mask``).
+Every method keeps the dense weight W and derives its masks from it; ``masks()`` gives the final masks
+and ``deployed_weight()`` the weight each sparse layer exports (default ``W * mask``).
 """
 
-from __future__ import annotations
+import importlib
 
-import dataclasses
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator
+from ..catalogue import METHODS
+from .base import (GEMMS, Capabilities, Context, Method, MethodError, NoParams, StoredMaskMethod, attach,  # noqa: F401
+                   build_params, get_method, list_methods, params_dict, register_method)
+from .step import train_step  # noqa: F401
 
-import torch
-from torch import nn
-
-from ...sparsity import Pattern
-from ..errors import ExperimentError
-from ..layers import gemm, route_forward, unroute_forward
-
-
-class MethodError(ExperimentError):
-    """A method name or parameter that cannot be used; one-line message naming the field."""
-
-
-@dataclass
-class Context:
-    """What a method needs to know about the run."""
-    layers: dict[str, nn.Module]    # the sparse layers, by module name
-    pattern: Pattern
-    layout: str
-    solver: str
-    total_steps: int
-    steps_per_epoch: int
-    accel: str = "none"             # spec.accel: "semi_structured" runs 2:4 layers on sparse kernels (experiments/accel.py)
-    seed: int = 0                   # the run's seed (spec.seed): a method's own random draws start from it
-
-
-@dataclass
-class NoParams:
-    pass
-
-
-GEMMS = ("forward", "backward_data", "weight_grad")    # a layer's three training GEMMs, as densities() orders them
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a method is, declared once per class; everything outside ``methods/`` asks this, not the name."""
-    sparse: bool = True                     # masks weights (False: the dense baseline: no pattern, no masks)
-    sparse_gemms: tuple[str, ...] = ()      # of GEMMS: those whose weight operand can be N:M (densities() < 1)
-    needs_transposable: bool = False        # its masks are always N:M-T (layers must fit M x M tiles)
-    accepts_transposable: bool = False      # sparsity.transposable: true is meaningful for it
-    needs_column_groups: bool = False       # layers need C_out % M == 0 (groups of M output channels)
-    accel_patterns: tuple[tuple[int, int], ...] = ()   # (N, M) it can run on accel: semi_structured kernels
-
-    def __post_init__(self):
-        unknown = set(self.sparse_gemms) - set(GEMMS)
-        if unknown:
-            raise ValueError(f"Capabilities.sparse_gemms: unknown GEMM(s) {sorted(unknown)}; use {GEMMS}")
-        if not self.sparse and (self.sparse_gemms or self.needs_transposable or self.accepts_transposable
-                                or self.needs_column_groups or self.accel_patterns):
-            raise ValueError("Capabilities: a method that masks nothing (sparse=False) has no sparse capability")
-
-    def accel(self, pattern) -> bool:
-        """Whether a run at ``pattern`` can use the ``accel: semi_structured`` kernels at all."""
-        return (pattern.n, pattern.m) in self.accel_patterns
-
-
-class Method:
-    name = "base"
-    Params: type = NoParams
-    caps = Capabilities()             # each registered method declares its own
-    summary = ""
-
-    def __init__(self, params: Any, ctx: Context):
-        self.params = params
-        self.ctx = ctx
-
-    # --- forward -----------------------------------------------------------------------------
-    def forward_weight(self, name: str, module: nn.Module) -> torch.Tensor:
-        return module.weight
-
-    def layer_forward(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return gemm(module, x, self.forward_weight(name, module))
-
-    # --- step hooks --------------------------------------------------------------------------
-    def before_step(self, step: int) -> None:
-        pass
-
-    def after_backward(self, step: int) -> None:
-        pass
-
-    def after_step(self, step: int) -> None:
-        pass
-
-    # --- results -----------------------------------------------------------------------------
-    def masks(self) -> dict[str, torch.Tensor]:
-        """Current keep-masks of the sparse layers (empty for dense)."""
-        return {}
-
-    def export_pattern(self, name: str) -> Pattern | None:
-        """The pattern the exported weight of ``name`` satisfies (None: no N:M guarantee)."""
-        return None
-
-    def densities(self, name: str, step: int) -> tuple[float, float, float]:
-        """Share of (forward, backward-data, backward-weight) GEMM MACs that N:M hardware must do."""
-        return 1.0, 1.0, 1.0
-
-    def pop_mask_events(self) -> list[dict]:
-        """Mask recomputes since the last call, as ``{"step", "change_rate"}`` records; the runner writes
-        them into the next metrics.jsonl line as ``mask_recomputes`` (empty: nothing to report)."""
-        return []
-
-    def metric_fields(self) -> dict[str, Any]:
-        """Extra fields for every metrics.jsonl line (e.g. Bi-Mask's ``backward_survival``)."""
-        return {}
-
-    def summary_fields(self) -> dict[str, Any]:
-        """Extra fields for summary.json."""
-        return {}
-
-    def accel_report(self) -> dict | None:
-        """Which layers ran on sparse kernels and which fell back, and why (None: no ``accel``)."""
-        return None
-
-    # --- checkpoints -------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-class StoredMaskMethod(Method):
-    """A method that holds one keep-mask per layer: computed on first use, saved in checkpoints.
-
-    Subclasses say how the first masks are made (``init_masks``) and when to recompute them.
-    """
-
-    def __init__(self, params: Any, ctx: Context):
-        super().__init__(params, ctx)
-        self._masks: dict[str, torch.Tensor] = {}
-
-    def init_masks(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def mask(self, name: str) -> torch.Tensor:
-        if not self._masks:   # first use, possibly an evaluation before the first step
-            self._masks = self.init_masks()
-        return self._masks[name]
-
-    def masks(self):
-        if not self._masks:
-            self._masks = self.init_masks()
-        return dict(self._masks)
-
-    def state_dict(self):
-        return {"masks": dict(self._masks)}
-
-    def load_state_dict(self, state):
-        self._masks = dict(state.get("masks", {}))
-
-
-_METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(name: str):
-    def decorator(cls: type[Method]) -> type[Method]:
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} is registered twice")
-        if "caps" not in vars(cls):
-            raise TypeError(f"method {name!r} must declare its capabilities (caps = Capabilities(...))")
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-    return decorator
-
-
-def list_methods() -> dict[str, type[Method]]:
-    return dict(_METHODS)
-
-
-def get_method(name: str) -> type[Method]:
-    if name not in _METHODS:
-        raise MethodError(f"method.name: {name!r} is unknown; use one of: {', '.join(_METHODS)}")
-    return _METHODS[name]
-
-
-def build_params(cls: type[Method], params: dict) -> Any:
-    from ..spec import SpecError, from_dict
-    try:
-        return from_dict(cls.Params, params, "method.params")
-    except SpecError as exc:
-        raise MethodError(f"{exc} (method {cls.name})") from None
-
-
-def params_dict(params: Any) -> dict:
-    return dataclasses.asdict(params)
-
-
-@contextmanager
-def attach(method: str | type[Method], layers: dict[str, nn.Module], pattern: Pattern, params: Any = None, *,
-           layout: str = "nhwc", solver: str = "exact", total_steps: int = 1, steps_per_epoch: int = 1,
-           accel: str = "none", seed: int = 0) -> Iterator[Method]:
-    """Build ``method`` (a class or a registered name) on the sparse ``layers`` and route their forward
-    through it; when the block ends, also by an exception, the layers' own forward is back.
-
-    ``params``: the method's Params, or a dict of them (None: the defaults). A method that masks nothing
-    (the dense baseline) gets no layers, so the model runs exactly as built.
-    """
-    cls = get_method(method) if isinstance(method, str) else method
-    if params is None or isinstance(params, dict):
-        params = build_params(cls, params or {})
-    ctx = Context(layers=layers if cls.caps.sparse else {}, pattern=pattern, layout=layout, solver=solver,
-                  total_steps=total_steps, steps_per_epoch=steps_per_epoch, accel=accel, seed=seed)
-    instance = cls(params, ctx)
-    route_forward(ctx.layers, instance)
-    try:
-        yield instance
-    finally:
-        unroute_forward(ctx.layers)
-
-
-# Importing the modules registers them.
-from . import bame, bimask, dense, fixed, srste, transposable, unstructured  # noqa: E402,F401
+# Importing the modules the catalogue names registers them, in its order.
+for _name in METHODS:
+    importlib.import_module(f"{__name__}.{_name}")
+del _name

@@ -81,7 +81,8 @@ from torch import nn
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
 from ..distributed import rank_mean
 from ..layers import gemm
-from . import Capabilities, Method, MethodError, register_method
+from ..rules import DECAY, FRACTION, STEPS, Choice, Rule, above, at_least, param
+from .base import Capabilities, Method, MethodError, register_method
 from .ste import ste_mask
 
 REGROW = ("zero", "stale")
@@ -89,17 +90,24 @@ REGROW = ("zero", "stale")
 
 @dataclass
 class BAMEParams:
-    switch: float = 0.2             # end of the SR-STE phase (dense backward), fraction of total steps
-    t_i: float = 0.0                # first adaptation, as a fraction of the run's total steps
-    t_f: float = 0.75               # mask fixed from here on (fraction of total steps)
-    interval: int = 50              # T: steps between mask updates
-    fraction: float = 0.3           # share of non-frozen blocks adapted at t_i, cosine-decayed to 0 at t_f
-    osc_decay: float = 0.9          # oscillation counter decay per update
-    freeze_threshold: float = 3.0   # blocks with counter >= this are frozen
-    swaps_per_block: int = 1        # prune-and-regrow pairs per adapted block and update
-    regrow: str = "zero"            # value of a regrown weight: zero | stale (its value when pruned)
-    score_batches: int = 1          # mini-batches of dW~ summed to score the blocks at an update
-    decay: float = 2e-4             # SR-STE's lambda_W on pruned weights in the first phase
+    switch: float = param(0.2, FRACTION)        # end of the SR-STE phase (dense backward), fraction of total steps
+    t_i: float = param(0.0, FRACTION)           # first adaptation, as a fraction of the run's total steps
+    t_f: float = param(0.75, FRACTION)          # mask fixed from here on (fraction of total steps)
+    interval: int = param(50, STEPS)            # T: steps between mask updates
+    # share of non-frozen blocks adapted at t_i, cosine-decayed to 0 at t_f
+    fraction: float = param(0.3, Rule(lo=0, hi=1, note="(a share of the blocks)"))
+    osc_decay: float = param(0.9, Rule(lo=0, hi=1))     # oscillation counter decay per update
+    freeze_threshold: float = param(3.0, above(0))      # blocks with counter >= this are frozen
+    swaps_per_block: int = param(1, at_least(1))        # prune-and-regrow pairs per adapted block and update
+    # value of a regrown weight: zero | stale (its value when pruned)
+    regrow: str = param("zero", choice=Choice(REGROW, listed=True))
+    score_batches: int = param(1, at_least(1, "(mini-batches)"))   # mini-batches of dW~ summed to score the blocks
+    decay: float = param(2e-4, DECAY)           # SR-STE's lambda_W on pruned weights in the first phase
+
+    def check(self) -> None:
+        """What depends on two parameters (each one's own range and choices are on its field)."""
+        if self.t_f < self.t_i:
+            raise MethodError(f"method.params.t_f: must not be before t_i={self.t_i}, got {self.t_f}")
 
 
 @register_method("bame")
@@ -113,12 +121,8 @@ class BAME(Method):
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
         p = params
-        # Each number's own range is checked where the parameters are loaded (spec.RULES); here, what
-        # depends on another parameter or on the pattern.
-        if p.t_f < p.t_i:
-            raise MethodError(f"method.params.t_f: must not be before t_i={p.t_i}, got {p.t_f}")
-        if p.regrow not in REGROW:
-            raise MethodError(f"method.params.regrow: must be one of {', '.join(REGROW)}, got {p.regrow!r}")
+        # The parameters were checked as they loaded (their fields' rules, BAMEParams.check); here, what
+        # depends on the pattern.
         n, m = ctx.pattern.n, ctx.pattern.m
         if p.swaps_per_block > min(n, m - n):
             raise MethodError(f"method.params.swaps_per_block: at most min(N, M-N)={min(n, m - n)} for "

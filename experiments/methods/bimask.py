@@ -37,20 +37,25 @@ from torch.nn import functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
-from . import Capabilities, Method, MethodError, register_method
+from ..rules import DECAY, SEED, STEPS, Choice, at_least, param
+from .base import Capabilities, Method, MethodError, register_method
+
+
+SEARCHES = ("random", "local")
 
 
 @dataclass
 class BiMaskParams:
-    greedy_num: int = 10        # random permutations tried per search
-    iter: int = 100             # steps between permutation searches
-    decay: float = 2e-4         # lambda_W on pruned weights
-    seed: int = 0               # mixed with the run's seed for the permutation generator
-    search: str = "random"      # random: best of greedy_num draws (the paper) | local: then row swaps (nmtrain)
-    local_rounds: int = 100     # local: most rounds of pairwise group swaps (stops after 20 without a gain)
+    greedy_num: int = param(10, at_least(1, "(permutations tried per search)"))    # random permutations per search
+    iter: int = param(100, STEPS)           # steps between permutation searches
+    decay: float = param(2e-4, DECAY)       # lambda_W on pruned weights
+    seed: int = param(0, SEED)              # mixed with the run's seed for the permutation generator
+    # random: best of greedy_num draws (the paper) | local: then row swaps (nmtrain)
+    search: str = param("random", choice=Choice(SEARCHES, listed=True))
+    # local: most rounds of pairwise group swaps (stops after 20 without a gain)
+    local_rounds: int = param(100, at_least(1))
 
 
-SEARCHES = ("random", "local")
 PATIENCE = 20                   # local search: rounds in a row without any improving swap before it stops
 
 
@@ -181,9 +186,7 @@ class BiMask(Method):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        # greedy_num, iter and local_rounds (each at least 1) are checked as the parameters load: spec.RULES
-        if params.search not in SEARCHES:
-            raise MethodError(f"method.params.search: must be one of {', '.join(SEARCHES)}, got {params.search!r}")
+        # every parameter is checked as the parameters load, by the rule on its field (build_params)
         self.perms: dict[str, torch.Tensor] = {}
         self.searches = 0
         self.last_search_step = -1

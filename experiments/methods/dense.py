@@ -1,6 +1,6 @@
 """`dense`: the baseline. No masks; every GEMM is dense."""
 
-from . import Capabilities, Method, register_method
+from .base import Capabilities, Method, register_method
 
 
 @register_method("dense")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...sparsity import make_mask
-from . import Capabilities, StoredMaskMethod, register_method
+from .base import Capabilities, StoredMaskMethod, register_method
 
 
 @register_method("fixed")

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from ...sparsity import Pattern, nm_mask
-from . import Capabilities, Method, register_method
+from ..rules import DECAY, param
+from .base import Capabilities, Method, register_method
 from .ste import ste_mask
 
 
 @dataclass
 class SRSTEParams:
-    decay: float = 2e-4        # lambda_W
+    decay: float = param(2e-4, DECAY)      # lambda_W
 
 
 @register_method("srste")

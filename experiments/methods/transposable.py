@@ -31,18 +31,19 @@ from typing import Optional
 
 import torch
 
-from ...sparsity import Pattern, from_matrix, to_matrix, transposable_mask
+from ...sparsity import from_matrix, to_matrix, transposable_mask
 from ..accel import plan_accel
-from . import Capabilities, MethodError, StoredMaskMethod, register_method
+from ..rules import DECAY, STEPS, param
+from .base import Capabilities, MethodError, StoredMaskMethod, register_method
 from .ste import change_rate, ste_mask
 
 
 @dataclass
 class TransposableParams:
-    mask_interval: int = 40
+    mask_interval: int = param(40, STEPS)
     solver: Optional[str] = None        # None: sparsity.solver
     first_solver: str = "exact"         # the first mask
-    decay: float = 2e-4
+    decay: float = param(2e-4, DECAY)
     bound_pruned: bool = True           # pruned weights stay within their group's kept magnitudes (see below)
 
 
@@ -56,7 +57,7 @@ class Transposable(StoredMaskMethod):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        self.pattern = Pattern(ctx.pattern.n, ctx.pattern.m, transposable=True)
+        self.pattern = self.caps.mask_pattern(ctx.pattern)
         self._events: list[dict] = []      # mask recomputes not yet written to metrics.jsonl
         self.accel = None
         if ctx.accel == "semi_structured":

@@ -16,16 +16,22 @@ from dataclasses import dataclass
 import torch
 
 from ...sparsity import magnitude, unstructured_mask
-from . import Capabilities, MethodError, StoredMaskMethod, register_method
+from ..rules import FRACTION, STEPS, Choice, param
+from .base import Capabilities, MethodError, StoredMaskMethod, register_method
 
 
 @dataclass
 class UnstructuredParams:
-    scope: str = "layer"       # layer | global
+    scope: str = param("layer", choice=Choice(("layer", "global")))
     gradual: bool = False
-    start: float = 0.0         # fraction of training where gradual pruning starts
-    end: float = 0.5           # ... and reaches the target density
-    interval: int = 50         # steps between mask updates when gradual
+    start: float = param(0.0, FRACTION)     # fraction of training where gradual pruning starts
+    end: float = param(0.5, FRACTION)       # ... and reaches the target density
+    interval: int = param(50, STEPS)        # steps between mask updates when gradual
+
+    def check(self) -> None:
+        """What depends on two parameters (each one's own range and choices are on its field)."""
+        if self.start > self.end:
+            raise MethodError("method.params.start/end: need 0 <= start <= end <= 1 (fractions of training)")
 
 
 @register_method("unstructured")
@@ -33,13 +39,6 @@ class Unstructured(StoredMaskMethod):
     Params = UnstructuredParams
     caps = Capabilities(sparse_gemms=("weight_grad",))     # no N:M structure: only dW, at kept entries
     summary = "magnitude pruning to density N/M, no structure (layer or global, fixed or gradual)"
-
-    def __init__(self, params, ctx):
-        super().__init__(params, ctx)
-        if params.scope not in ("layer", "global"):
-            raise MethodError(f"method.params.scope: {params.scope!r} is unknown; use layer or global")
-        if params.start > params.end:       # each in [0, 1]: spec.RULES
-            raise MethodError("method.params.start/end: need 0 <= start <= end <= 1 (fractions of training)")
 
     def target_density(self, step: int) -> float:
         final = self.ctx.pattern.density
