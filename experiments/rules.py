@@ -77,10 +77,25 @@ class Choice:
         return f"{key}: {value!r} is unknown; use {words}"
 
 
-def param(default: Any, rule: Rule | None = None, choice: Choice | None = None) -> Any:
-    """A dataclass field with its default and what it may be (a number's `Rule`, a word's `Choice`)."""
+def param(default: Any = dataclasses.MISSING, rule: Rule | None = None, choice: Choice | None = None, *,
+          default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its default (or ``default_factory``, for a list) and what it may be (a
+    number's `Rule`, a word's `Choice`)."""
     metadata = {k: v for k, v in (("rule", rule), ("choice", choice)) if v is not None}
-    return dataclasses.field(default=default, metadata=metadata)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def rules_by_path(cls: type, where: str = "") -> dict[str, Rule]:
+    """Every field rule of a dataclass tree, by dotted path (``optim.lr``); nested dataclasses are
+    followed through their fields' default factories."""
+    found = {}
+    for f in dataclasses.fields(cls):
+        key = f"{where}.{f.name}" if where else f.name
+        if rule_of(f) is not None:
+            found[key] = rule_of(f)
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            found.update(rules_by_path(f.default_factory, key))
+    return found
 
 
 def rule_of(f: dataclasses.Field) -> Rule | None:

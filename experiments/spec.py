@@ -14,7 +14,7 @@ Two checks stand between hostile input and a run, one mechanism each:
   values and levels counted as if every alias were expanded (a "billion laughs" is refused, not built);
 * every number in a spec (and in a method's parameters) is checked against its meaning, and every word
   with choices against them, when the YAML data becomes a dataclass: before anything is built or written.
-  The rules are `RULES` (the spec's sections, by dotted path) and the fields' own (`rules.param`).
+  The rules sit on the fields (`rules.param`), the spec's sections' and a method's parameters' alike.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from typing import Any, Optional
 import yaml
 
 from .errors import SpecError
-from .rules import SEED, Choice, Rule, above, at_least, choice_of, param, rule_of
+from .rules import SEED, Choice, Rule, above, at_least, choice_of, param, rule_of, rules_by_path
 from .yamlfile import load_yaml, read_yaml
 
 
 @dataclass
 class ModelSpec:
     name: str = "lenet5"        # registry model, torchvision:NAME or package.module:function (external.py)
-    width: float = 1.0          # channel multiplier (2.0 = Bi-Mask's 2x-wide ResNet-32)
+    width: float = param(1.0, above(0, "(the channel multiplier)"))   # channel multiplier (2.0 = Bi-Mask's 2x-wide ResNet-32)
     init: Optional[str] = None  # start from these weights (a state_dict file or a run directory)
 
 
@@ -44,20 +44,24 @@ class ModelSpec:
 class DataSpec:
     dataset: str = "fashion_mnist"
     root: Optional[str] = None  # None: the dataset's default location
-    batch_size: int = 128
-    eval_batch_size: int = 512
+    batch_size: int = param(128, at_least(1))
+    eval_batch_size: int = param(512, at_least(1))
     augment: bool = False
-    train_subset: Optional[int] = None
-    test_subset: Optional[int] = None
-    holdout: Optional[int] = None   # train samples held out and evaluated instead of the test split
+    train_subset: Optional[int] = param(None, at_least(1, "(null: the whole split)"))
+    test_subset: Optional[int] = param(None, at_least(1, "(null: the whole split)"))
+    holdout: Optional[int] = param(None, at_least(1, "(null: evaluate on the test split)"))   # train samples held out and evaluated instead of the test split
     download: bool = False      # CIFAR only, and only when asked
-    num_workers: int = 0
-    image_size: Optional[int] = None        # pixels a side, resized to (imagefolder, cifar*); None: the dataset's own
-    mean: Optional[list[float]] = None      # per-channel normalisation; None: the dataset's own statistics
-    std: Optional[list[float]] = None
+    num_workers: int = param(0, at_least(0, "(0: load in the main process)"))
+    # pixels a side, resized to (imagefolder, cifar*); None: the dataset's own. Below 8 pixels little is left
+    # to convolve; the upper bound catches a typo (2240) before it asks for a batch no memory holds (256
+    # images of 3 x 1024 x 1024 floats are 3 GB already)
+    image_size: Optional[int] = param(None, Rule(lo=8, hi=1024, note="pixels (null: the dataset's own size)"))
+    # per-channel normalisation; None: the dataset's own statistics
+    mean: Optional[list[float]] = param(None, Rule(note="(one per image channel)"))
+    std: Optional[list[float]] = param(None, above(0, "(it divides the pixels)"))
 
     def __post_init__(self) -> None:
-        # The list's shape; each value's range is in RULES (data.mean, data.std).
+        # The list's shape; each value's range is on its field (data.mean, data.std).
         # Whether the dataset takes an option, and mean/std's length (its channel count), the dataset checks.
         for name in ("mean", "std"):
             if getattr(self, name) == []:
@@ -93,26 +97,26 @@ class SparsitySpec:
 @dataclass
 class OptimSpec:
     name: str = param("sgd", choice=Choice(("sgd", "adamw")))
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: float = param(0.1, above(0, "(the step size)"))
+    momentum: float = param(0.9, Rule(lo=0, hi=1, hi_open=True))
+    weight_decay: float = param(5e-4, at_least(0))
     nesterov: bool = False
 
 
 @dataclass
 class ScheduleSpec:
     name: str = param("cosine", choice=Choice(("cosine", "step", "constant")))
-    warmup_epochs: float = 0.0
-    milestones: list[float] = field(default_factory=list)  # epochs, for step
-    gamma: float = 0.1
+    warmup_epochs: float = param(0.0, at_least(0))
+    milestones: list[float] = param(rule=at_least(0, "(epochs)"), default_factory=list)  # epochs, for step
+    gamma: float = param(0.1, above(0, "(the learning rate's factor at each milestone)"))
 
 
 @dataclass
 class TrainSpec:
-    epochs: int = 1
-    max_steps: Optional[int] = None     # stop early (tests, smoke runs)
-    eval_interval: int = 0              # steps between evals; 0 = once per epoch
-    checkpoint_interval: int = 0        # steps between checkpoints; 0 = once per epoch
+    epochs: int = param(1, at_least(1))
+    max_steps: Optional[int] = param(None, at_least(1, "(null: train all epochs)"))     # stop early (tests, smoke runs)
+    eval_interval: int = param(0, at_least(0, "(steps; 0: once per epoch)"))
+    checkpoint_interval: int = param(0, at_least(0, "(steps; 0: once per epoch)"))
 
 
 @dataclass
@@ -121,13 +125,13 @@ class SweepSpec:
     methods: list[str] = field(default_factory=list)
     patterns: list[str] = field(default_factory=list)
     params: dict = field(default_factory=dict)   # method name -> method.params for that method's cells
-    seeds: list[int] = field(default_factory=list)   # run every cell once per seed (empty: once, with `seed`)
+    seeds: list[int] = param(rule=SEED, default_factory=list)  # run every cell once per seed (empty: once, with `seed`)
 
 
 @dataclass
 class Spec:
     name: str = "experiment"
-    seed: int = 0
+    seed: int = param(0, SEED)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     accel: str = "none"                 # none | semi_structured (2:4 sparse kernels, transposable 2:4 only)
     out: str = "runs/experiment"
@@ -145,35 +149,11 @@ class Spec:
 # What each number may be, checked when YAML data becomes a dataclass (`from_dict`)
 
 
-# Keyed by the dotted field path of the spec's own sections; a method's parameters carry theirs on their
-# fields (``param(default, rule=...)``, experiments/rules.py), as a field may (OptimSpec.name's choices).
-# A float without a rule must still be finite; tests/test_hostile.py checks that every numeric field has one.
-RULES: dict[str, Rule] = {
-    "seed": SEED,
-    "model.width": above(0, "(the channel multiplier)"),
-    "data.batch_size": at_least(1),
-    "data.eval_batch_size": at_least(1),
-    "data.train_subset": at_least(1, "(null: the whole split)"),
-    "data.test_subset": at_least(1, "(null: the whole split)"),
-    "data.holdout": at_least(1, "(null: evaluate on the test split)"),
-    "data.num_workers": at_least(0, "(0: load in the main process)"),
-    # below 8 pixels little is left to convolve; the upper bound catches a typo (2240) before it asks for
-    # a batch no memory holds (256 images of 3 x 1024 x 1024 floats are 3 GB already)
-    "data.image_size": Rule(lo=8, hi=1024, note="pixels (null: the dataset's own size)"),
-    "data.mean": Rule(note="(one per image channel)"),
-    "data.std": above(0, "(it divides the pixels)"),
-    "optim.lr": above(0, "(the step size)"),
-    "optim.momentum": Rule(lo=0, hi=1, hi_open=True),
-    "optim.weight_decay": at_least(0),
-    "schedule.warmup_epochs": at_least(0),
-    "schedule.milestones": at_least(0, "(epochs)"),
-    "schedule.gamma": above(0, "(the learning rate's factor at each milestone)"),
-    "train.epochs": at_least(1),
-    "train.max_steps": at_least(1, "(null: train all epochs)"),
-    "train.eval_interval": at_least(0, "(steps; 0: once per epoch)"),
-    "train.checkpoint_interval": at_least(0, "(steps; 0: once per epoch)"),
-    "sweep.seeds": SEED,
-}
+# Every number's rule sits on its field (``param(default, rule)``, experiments/rules.py): the spec's
+# sections here, a method's parameters on its Params. A float without a rule must still be finite;
+# tests/hostile/test_spec_values.py checks that every numeric field has one. RULES is the index of the
+# spec's own, by dotted path, for a value checked outside its dataclass (compare's --seeds).
+RULES: dict[str, Rule] = rules_by_path(Spec)
 
 
 def _is_number(value: Any) -> bool:
@@ -199,7 +179,7 @@ class ChoiceError(SpecError):
 
 
 def _check_fields(obj: Any, where: str) -> None:
-    """The rules on one dataclass's own fields: a number's range (the field's own rule, else RULES), a
+    """The rules on one dataclass's own fields: a number's range, a
     word's choices (nested sections are checked as they are built)."""
     for f in dataclasses.fields(obj):
         value, key = getattr(obj, f.name), _path(where, f.name)
@@ -262,6 +242,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise SpecError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
+# Keys nmtrain once wrote and no longer has, read and dropped: every run directory's config.yaml holds
+# every key of its day (resume, adaprune and compare --reuse read it back), and shipped specs copied by
+# users held them too. Each was read by nothing when it went, so dropping it changes no run.
+RETIRED = frozenset({"train.log_interval"})
+
+
 def from_dict(cls: type, data: Any, where: str = "spec") -> Any:
     """Build dataclass ``cls`` from a mapping; unknown keys and wrong types are errors."""
     if data is None:
@@ -270,6 +256,7 @@ def from_dict(cls: type, data: Any, where: str = "spec") -> Any:
         raise SpecError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    data = {k: v for k, v in data.items() if _path(where, k) not in RETIRED}
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise SpecError(f"{_path(where, unknown[0])}: unknown key; valid keys here: {', '.join(fields)}")

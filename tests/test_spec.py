@@ -110,3 +110,16 @@ def test_every_shipped_spec_is_valid_and_documents_its_command(path, monkeypatch
 def test_shipped_specs_cover_the_recipes():
     names = {p.name for p in shipped_specs()}
     assert {"fmnist_quick.yaml", "cifar10_resnet32.yaml", "imagenet_resnet50.yaml", "custom_model.yaml"} <= names
+
+
+def test_a_retired_key_is_read_and_dropped(tmp_path):
+    # A run directory's config.yaml of an older nmtrain holds train.log_interval (every default was
+    # written); resume, adaprune and compare --reuse read it back, so it must still load, as no key.
+    old = tmp_path / "config.yaml"
+    old.write_text("seed: 3\ntrain:\n  epochs: 2\n  log_interval: 20\n")
+    spec = load_spec(old)
+    assert spec.seed == 3 and spec.train.epochs == 2
+    assert "log_interval" not in dump_spec(spec)
+    assert load_spec(None, ["train.log_interval=5"]) == load_spec(None)
+    with pytest.raises(SpecError, match=r"train.log_intervall: unknown key"):
+        load_spec(None, ["train.log_intervall=5"])
