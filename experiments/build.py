@@ -63,6 +63,9 @@ def validate(spec: Spec, world: int = 1) -> Preflight:
     pattern = cls.caps.mask_pattern(asked)
     accel_mod.check_spec(spec.accel, cls, pattern)
     check_values(spec)      # again, for a spec edited in code (compare's cells) rather than loaded
+    if spec.schedule.min_lr > spec.optim.lr:
+        raise SpecError(f"schedule.min_lr: {spec.schedule.min_lr:g} is above optim.lr {spec.optim.lr:g}; the cosine "
+                        "decays from optim.lr down to min_lr")
     check_global_batch(spec.data.batch_size, world)
     resolve_builder(spec.model.name)       # imports a user's module, checks the builder's signature
     check_options(spec.data.dataset, spec.data.options())

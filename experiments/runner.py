@@ -113,7 +113,8 @@ class _DeferSigint:
 
 def _lr_lambda(spec: Spec, steps_per_epoch: int, total_steps: int):
     sch = spec.schedule
-    warmup = int(round(sch.warmup_epochs * steps_per_epoch))
+    warmup = sch.warmup_steps or int(round(sch.warmup_epochs * steps_per_epoch))
+    floor = sch.min_lr / spec.optim.lr      # cosine ends at min_lr (validate: not above optim.lr)
     milestones = sorted(int(round(e * steps_per_epoch)) for e in sch.milestones)
     # sch.name is one of its field's choices (spec.ScheduleSpec), checked by validate
 
@@ -122,7 +123,7 @@ def _lr_lambda(spec: Spec, steps_per_epoch: int, total_steps: int):
             return (step + 1) / warmup
         if sch.name == "cosine":
             span = max(total_steps - warmup, 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
         if sch.name == "step":
             return sch.gamma ** sum(step >= m for m in milestones)
         return 1.0
@@ -131,10 +132,14 @@ def _lr_lambda(spec: Spec, steps_per_epoch: int, total_steps: int):
 
 def _optimizer(spec: Spec, model: nn.Module) -> torch.optim.Optimizer:
     o = spec.optim      # o.name is sgd or adamw: its field's choices (spec.OptimSpec), checked by validate
+    params = list(model.parameters())
+    if o.decay_params == "matrices":    # one group decays (matrices and embeddings), one does not (biases, norms)
+        params = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if o.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                nesterov=o.nesterov and o.momentum > 0)
-    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
 
 @dataclass
@@ -396,7 +401,8 @@ def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
             raise run.diverged(step, f"loss is {measured['loss']}")
         return loss
 
-    train_step(method, step, run.optimizer, loss_of, run.scheduler, on_mask_error=lambda exc: _mask_error(run))
+    train_step(method, step, run.optimizer, loss_of, run.scheduler, on_mask_error=lambda exc: _mask_error(run),
+               clip=run.spec.optim.grad_clip)
     step_loss, step_n = measured["loss"], measured["n"]
     run.flops.add_step(step_n, {n: method.densities(n, step) for n in method.ctx.layers})
     run.running_loss += step_loss * step_n

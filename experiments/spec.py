@@ -101,14 +101,29 @@ class OptimSpec:
     momentum: float = param(0.9, Rule(lo=0, hi=1, hi_open=True))
     weight_decay: float = param(5e-4, at_least(0))
     nesterov: bool = False
+    betas: list[float] = param(rule=Rule(lo=0, hi=1, hi_open=True), default_factory=lambda: [0.9, 0.999])  # adamw
+    # which parameters weight_decay applies to: all, or the matrices alone (weights of Linear/Conv and
+    # embeddings; no decay on biases and norms, as nanoGPT and most transformer recipes)
+    decay_params: str = param("all", choice=Choice(("all", "matrices")))
+    grad_clip: Optional[float] = param(None, above(0, "(the gradients' total norm is clipped to it; null: no clipping)"))
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise SpecError(f"optim.betas: give two values (beta1, beta2), got {self.betas!r}")
 
 
 @dataclass
 class ScheduleSpec:
     name: str = param("cosine", choice=Choice(("cosine", "step", "constant")))
     warmup_epochs: float = param(0.0, at_least(0))
+    warmup_steps: int = param(0, at_least(0, "(optimizer steps; 0: warmup_epochs decides)"))
+    min_lr: float = param(0.0, at_least(0, "(the learning rate cosine ends at)"))
     milestones: list[float] = param(rule=at_least(0, "(epochs)"), default_factory=list)  # epochs, for step
     gamma: float = param(0.1, above(0, "(the learning rate's factor at each milestone)"))
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps and self.warmup_epochs:
+            raise SpecError("schedule.warmup_steps, schedule.warmup_epochs: both set; give the warmup in one of them")
 
 
 @dataclass
