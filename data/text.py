@@ -65,20 +65,25 @@ class TokenWindows(Dataset):
 # reading: bounded, regular files only
 
 
-def read_bounded(path: Path, budget: int, shown: str) -> bytes:
-    """The bytes of the regular file ``path``, at most ``budget`` of them; else a one-line DatasetError."""
+def read_bounded(path: Path, budget: int, shown: str, too_big: str, fix: str) -> bytes:
+    """The bytes of the regular file ``path``, at most ``budget`` of them; else a one-line DatasetError naming
+    data.root and ``shown`` (``too_big``: what is wrong when it is longer; ``fix``: what to do). The kind is
+    checked before opening: opening a FIFO would block until something writes to it."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DatasetError(f"data.root: {shown} is not a regular file (a device or a pipe?); {fix}")
         with open(path, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise DatasetError(f"data.root: {shown} is not a regular file; point data.root at text files")
             data = fh.read(budget + 1)
     except OSError as exc:
-        raise DatasetError(f"data.root: {shown} cannot be read ({exc.strerror or exc}); check the path "
-                           "and its permissions") from None
+        raise DatasetError(f"data.root: {shown} cannot be read ({exc.strerror or exc}); {fix}") from None
     if len(data) > budget:
-        raise DatasetError(f"data.root: the text is over {MAX_TEXT_BYTES >> 20} MiB (at {shown}); "
-                           "use a smaller corpus")
+        raise DatasetError(f"data.root: {too_big}; {fix}")
     return data
+
+
+def _read_text_file(path: Path, budget: int) -> bytes:
+    return read_bounded(path, budget, str(path), f"the text is over {MAX_TEXT_BYTES >> 20} MiB (at {path})",
+                        "use a smaller corpus")
 
 
 def read_text_files(root: str | None) -> tuple[list[tuple[str, bytes]], str]:
@@ -90,7 +95,7 @@ def read_text_files(root: str | None) -> tuple[list[tuple[str, bytes]], str]:
         raise DatasetError(f"data.root: {root} does not exist; point it at a UTF-8 text file or a folder of "
                            ".txt files")
     if not path.is_dir():
-        return [(path.name, read_bounded(path, MAX_TEXT_BYTES, str(path)))], str(path.resolve())
+        return [(path.name, _read_text_file(path, MAX_TEXT_BYTES))], str(path.resolve())
     names = []
     with os.scandir(path) as entries:
         for entry in entries:
@@ -104,7 +109,7 @@ def read_text_files(root: str | None) -> tuple[list[tuple[str, bytes]], str]:
                            ".txt files in it or point data.root at one file")
     parts, left = [], MAX_TEXT_BYTES
     for name in sorted(names):
-        data = read_bounded(path / name, left, str(path / name))
+        data = _read_text_file(path / name, left)
         parts.append((name, data))
         left -= len(data)
     return parts, str(path.resolve())
