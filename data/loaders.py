@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .registry import DatasetError, positive_int
 
+CHUNK = 1 << 16     # indices turned into Python ints at a time
+
 
 class EpochSampler(Sampler[int]):
     """A shuffle whose epoch ``e`` order is ``randperm(n)`` under ``manual_seed(seed + e)``.
@@ -44,31 +46,42 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def order(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.size, generator=gen).tolist()
+        return self._permutation(epoch).tolist()
 
-    def _share(self, indices: list[int]) -> list[int]:
-        """This rank's contiguous share of every global batch of ``indices``."""
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.size, generator=gen)
+
+    def _share(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of every global batch of ``indices``: the same slice of every full
+        batch, then its slice of the last, shorter one."""
         if self.world == 1:
             return indices
-        b, w, r = self.batch_size, self.world, self.rank
-        mine: list[int] = []
-        for lo in range(0, len(indices), b):
-            chunk = indices[lo:lo + b]
-            q, extra = divmod(len(chunk), w)
-            a = r * q + min(r, extra)
-            mine.extend(chunk[a:a + q + (r < extra)])
-        return mine
+        b = self.batch_size
+        full = len(indices) // b * b
+        return torch.cat([indices[:full].view(-1, b)[:, self._slice(b)].reshape(-1),
+                          indices[full:][self._slice(len(indices) - full)]])
+
+    def _slice(self, n: int) -> slice:
+        """This rank's part of a batch of ``n``: ``n // world`` each, the first ``n % world`` ranks one more."""
+        q, extra = divmod(n, self.world)
+        a = self.rank * q + min(self.rank, extra)
+        return slice(a, a + q + (self.rank < extra))
 
     def __len__(self) -> int:
+        count = self.size - self.start
         if self.world == 1:
-            return self.size - self.start
-        return len(self._share(list(range(self.size - self.start))))
+            return count
+        full, last = divmod(count, self.batch_size)
+        part = self._slice(self.batch_size)
+        return full * (part.stop - part.start) + len(range(last)[self._slice(last)])
 
     def __iter__(self) -> Iterator[int]:
-        indices = self._share(self.order(self.epoch)[self.start:])
+        # The epoch's order stays a tensor and becomes Python ints a chunk at a time: a text corpus has
+        # millions of windows, and a run often stops long before an epoch ends (a list of 4.5M ints is 160 MB).
+        indices = self._share(self._permutation(self.epoch)[self.start:])
         self.epoch, self.start = self.epoch + 1, 0
-        return iter(indices)
+        return (i for chunk in indices.split(CHUNK) for i in chunk.tolist())
 
 
 def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:

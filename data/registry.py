@@ -43,6 +43,13 @@ class DatasetInfo:
 
     ``train_size``/``test_size`` are the sizes of the datasets `build_datasets` returned, i.e. after
     ``train_subset``/``test_subset`` were applied.
+
+    ``task`` says what a sample is: ``"classification"`` (an image and its label) or ``"language_model"``
+    (two token windows, the second the first shifted by one; data/text.py). A language-model dataset
+    fills ``vocab_size``, ``block_size`` (the window length), ``tokenizer`` (its JSON record,
+    data/tokenizer.py) and ``corpus`` (what text it read, its sha256 and the split), and sets
+    ``num_classes = vocab_size``, ``in_channels = 1``, ``image_size = block_size``, so code that reads
+    those still gets the sizes it needs. The defaults leave the image datasets as they were.
     """
 
     name: str
@@ -51,6 +58,11 @@ class DatasetInfo:
     image_size: int
     train_size: int
     test_size: int
+    task: str = "classification"
+    vocab_size: int = 0
+    block_size: int = 0
+    tokenizer: dict | None = None
+    corpus: dict | None = None
 
 
 Builder = Callable[..., tuple[Dataset, Dataset, DatasetInfo]]
@@ -151,6 +163,9 @@ def build_datasets(name: str, root: str | None = None, augment: bool = False,
     check_options(name, options)
     entry = _DATASETS[name]
     train, test, info = entry.builder(root, augment=augment, download=download, seed=seed, **options)
+    if holdout is not None and info.task != "classification":
+        raise DatasetError("data.holdout: a language-model dataset evaluates on its validation split (the last "
+                           "10% of the text); its training windows overlap, so none can be held out; use null")
     # Different streams per split, so the two subsets are not the same index pattern.
     train = seeded_subset(train, train_subset, seed, "data.train_subset")
     if holdout is not None:

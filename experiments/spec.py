@@ -59,6 +59,11 @@ class DataSpec:
     # per-channel normalisation; None: the dataset's own statistics
     mean: Optional[list[float]] = param(None, Rule(note="(one per image channel)"))
     std: Optional[list[float]] = param(None, above(0, "(it divides the pixels)"))
+    # Language-model datasets (shakespeare, text; data/text.py) only, so null means theirs: the char tokenizer
+    # (byte: 256 symbols, any text) and 64 tokens of context. Set, an image dataset refuses them as any option
+    # it does not take. The choices are data/tokenizer.py's TOKENIZERS, spelled here so the spec needs no torch.
+    tokenizer: Optional[str] = param(None, choice=Choice(("char", "byte")))
+    block_size: Optional[int] = param(None, Rule(lo=1, hi=65_536, note="tokens of context (null: 64)"))
 
     def __post_init__(self) -> None:
         # The list's shape; each value's range is on its field (data.mean, data.std).
@@ -72,8 +77,10 @@ class DataSpec:
                             "per image channel")
 
     def options(self) -> dict[str, Any]:
-        """The dataset builder's options this spec sets (image_size, mean, std); unset ones keep its defaults."""
-        return {k: getattr(self, k) for k in ("image_size", "mean", "std") if getattr(self, k) is not None}
+        """The dataset builder's options this spec sets (image_size, mean, std; tokenizer, block_size); unset
+        ones keep its defaults, and a set one the dataset does not take is refused (`data.check_options`)."""
+        return {k: getattr(self, k) for k in ("image_size", "mean", "std", "tokenizer", "block_size")
+                if getattr(self, k) is not None}
 
 
 @dataclass
