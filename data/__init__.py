@@ -14,8 +14,8 @@ Samples are ``(float image tensor C x H x W, normalised; int label)``. Registere
 Bad input raises `DatasetError` (a ValueError) with one line naming the spec field and the fix.
 """
 
-from .registry import (DatasetError, DatasetInfo, build_datasets, check_options, list_datasets, register_dataset,
-                       seeded_subset)
+from .registry import (DatasetError, DatasetInfo, build_datasets, check_options, dataset_task, list_datasets,
+                       register_dataset, seeded_subset)
 from .loaders import build_loaders, check_global_batch
 
 # Importing the modules registers their datasets, in this order (fashion_mnist first: the default).
@@ -28,5 +28,5 @@ DEFAULT_DATASET = "fashion_mnist"
 
 __all__ = [
     "DEFAULT_DATASET", "DatasetError", "DatasetInfo", "build_datasets", "build_loaders", "check_global_batch",
-    "check_options", "list_datasets", "register_dataset", "seeded_subset",
+    "check_options", "dataset_task", "list_datasets", "register_dataset", "seeded_subset",
 ]
