@@ -175,8 +175,8 @@ class UserBuilder(ExternalBuilder):
         for field, default in SPEC_DEFAULTS.items():
             if field in dims and dims[field] != default and field not in self.accepts:
                 raise ModelError(f"model.{field}: {self.name} takes no {field} argument, so {field} {dims[field]} "
-                                 f"would be ignored; leave model.{field} at {default} or give the builder a "
-                                 f"{field} parameter")
+                                 f"would be ignored; leave model.{field} at {default} or give the builder the "
+                                 f"parameter {field}")
         return {k: dims[k] for k in self.accepts}
 
     def record(self, **dims: Any) -> dict:
