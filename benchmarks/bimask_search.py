@@ -42,7 +42,7 @@ from nmtrain.sparsity import nm_mask, parse_pattern, to_matrix  # noqa: E402
 def load_run(run: Path):
     spec = load_spec(RunDir(run).config)
     _, _, info = build_datasets(spec.data.dataset, root=spec.data.root, seed=spec.seed, **spec.data.options())
-    model = build_model(spec.model.name, info.num_classes, info.in_channels, info.image_size, spec.model.width)
+    model = build_model(spec.model.name, info, spec.model)
     ckpt = RunDir(run).load_checkpoint(field="RUN")
     model.load_state_dict(ckpt.model)
     pattern = parse_pattern(spec.sparsity.pattern)
@@ -93,7 +93,7 @@ def step_times(run: Path, steps: int) -> dict:
 def _attached_run(spec, info, pattern, search: str, steps: int, attached: ExitStack) -> tuple:
     """(model, method, optimizer, step times) of Bi-Mask with ``search``, attached until ``attached`` closes."""
     torch.manual_seed(0)
-    model = build_model(spec.model.name, info.num_classes, info.in_channels, info.image_size, spec.model.width)
+    model = build_model(spec.model.name, info, spec.model)
     plan = plan_layers(model, get_method("bimask").caps.layer_pattern(pattern), spec.sparsity.layout)
     params = {**{k: v for k, v in spec.method.params.items() if k != "search"}, "search": search}
     method = attached.enter_context(attach("bimask", plan.sparse, pattern, params, layout=spec.sparsity.layout,

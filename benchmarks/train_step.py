@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from nmtrain.experiments.layers import plan_layers
 from nmtrain.experiments.methods import attach, get_method, list_methods, train_step
-from nmtrain.experiments.models import build_model
+from nmtrain.experiments.models import image_model
 from nmtrain.sparsity import parse_pattern
 
 
@@ -34,7 +34,7 @@ def _attached_run(name: str, args, device: torch.device, attached: ExitStack) ->
     cls = get_method(name)
     pattern = cls.caps.mask_pattern(parse_pattern(args.pattern))
     torch.manual_seed(0)
-    model = build_model(args.model, 10, args.channels, args.image_size).to(device)
+    model = image_model(args.model, 10, args.channels, args.image_size).to(device)
     plan = plan_layers(model, pattern, "nhwc")
     method = attached.enter_context(attach(cls, plan.sparse, pattern, total_steps=args.steps,
                                            steps_per_epoch=args.steps))

@@ -15,6 +15,7 @@ from .adaprune import adaprune
 from .convert import convert
 from .help import Command, Group
 from .prune import prune
+from .sample import sample
 from .train import train
 
 app = typer.Typer(
@@ -26,7 +27,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for _command in (prune, diversity, train, compare, adaprune, convert):
+for _command in (prune, diversity, train, compare, adaprune, convert, sample):
     app.command(cls=Command)(_command)
 
 

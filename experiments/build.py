@@ -13,12 +13,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import DatasetInfo, build_datasets, build_loaders, check_global_batch, check_options
+from ..data import DatasetInfo, build_datasets, build_loaders, check_global_batch, check_options, dataset_task
 from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, parse_pattern
 from . import accel as accel_mod
 from .layers import LayerPlan, called_layers, plan_layers
 from .methods import MethodError, build_params, get_method
-from .models import build_model, resolve_builder
+from .models import build_model, check_model_sizes, resolve_builder
 from .spec import Spec, SpecError, check_values
 
 
@@ -47,7 +47,8 @@ def validate(spec: Spec, world: int = 1) -> Preflight:
     launcher of `--nproc N` checks with world=N before it starts them): the pattern, layout and solver;
     the method, its parameters (each by its field's rule, then its Params' ``check()``) and whether it
     takes the pattern and ``accel``; every number and word of the spec by its rule (optim.name,
-    schedule.name); the global batch; the model's builder; the dataset's options."""
+    schedule.name); the global batch; the model's builder, that it serves the dataset's task (known from
+    the dataset's registry entry) and takes the spec's model sizes; the dataset's options."""
     asked = parse_field_pattern(spec.sparsity.pattern, "sparsity.pattern", spec.sparsity.transposable)
     if spec.sparsity.layout not in LAYOUTS:
         raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
@@ -67,7 +68,9 @@ def validate(spec: Spec, world: int = 1) -> Preflight:
         raise SpecError(f"schedule.min_lr: {spec.schedule.min_lr:g} is above optim.lr {spec.optim.lr:g}; the cosine "
                         "decays from optim.lr down to min_lr")
     check_global_batch(spec.data.batch_size, world)
-    resolve_builder(spec.model.name)       # imports a user's module, checks the builder's signature
+    task = dataset_task(spec.data.dataset)
+    resolve_builder(spec.model.name, task)     # imports a user's module, checks the builder's signature and task
+    check_model_sizes(spec.model.name, task, spec.model)
     check_options(spec.data.dataset, spec.data.options())
     return Preflight(asked, pattern, cls.caps.layer_pattern(asked), cls, params, world)
 
@@ -104,16 +107,22 @@ def build(spec: Spec, augment: bool, holdout: int | None, rank: int = 0, world: 
     train_loader, test_loader = build_loaders(train_ds, test_ds, batch_size=spec.data.batch_size, seed=spec.seed,
                                               num_workers=spec.data.num_workers,
                                               eval_batch_size=spec.data.eval_batch_size, rank=rank, world=world)
-    model = build_model(spec.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
-                        image_size=info.image_size, width=spec.model.width)
+    model = build_model(spec.model.name, info, spec.model)
     return Built(train_ds, test_ds, info, train_loader, test_loader, model)
+
+
+def example_input(info: DatasetInfo, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One input the model takes, for probing it (which layers run, their MACs): a window of zero tokens
+    for a language model, a zero image otherwise."""
+    if info.task == "language_model":
+        return torch.zeros(1, info.block_size, dtype=torch.long, device=device)
+    return torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
 
 
 def layer_plan(spec: Spec, built: Built, pattern: Pattern, device: torch.device) -> LayerPlan:
     """The sparse layers of ``built.model`` (already on ``device``) for ``pattern`` by the spec's sparsity
     section; a layer whose forward does not run on one image is never sparse (see `called_layers`)."""
-    info, sparsity = built.info, spec.sparsity
-    called = called_layers(built.model, torch.zeros(1, info.in_channels, info.image_size, info.image_size,
-                                                    device=device))
+    sparsity = spec.sparsity
+    called = called_layers(built.model, example_input(built.info, device))
     return plan_layers(built.model, pattern, sparsity.layout, sparsity.include, sparsity.exclude,
                        sparsity.keep_first_dense, sparsity.keep_last_dense, called)

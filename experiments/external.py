@@ -3,7 +3,7 @@
     model.name: torchvision:resnet18      a classification builder of torchvision.models, random init
     model.name: my_models:small_cnn       a function (or class) of your own, in an importable module
 
-Both become builders with the registry's signature ``(num_classes, in_channels, image_size, width)``
+Both become builders called as the registry's are, by keyword with the task's `ARGUMENTS`
 (`models.resolve_builder` turns ``model.name`` into one), so training, resume, AdaPrune and the layer
 plan treat them as registry models, rebuilt from ``model.name`` in config.yaml alone.
 
@@ -19,14 +19,19 @@ output variance at init is that of the 3-channel layer. A ``model.init`` file th
 rebuilt layer.
 
 **Your own builder.** ``package.module:function`` is imported with importlib, so the module must be
-importable: on PYTHONPATH or, with the `nmtrain` command, in the current directory. It is called by
-keyword with those of ``num_classes``, ``in_channels``, ``image_size`` and ``width`` that its signature
-accepts (all four if it takes ``**kwargs``); its other parameters need defaults. It runs after
+importable: on PYTHONPATH or, with the `nmtrain` command, in the current directory. It is built for the
+dataset's task and called by keyword with those of the task's arguments that its signature accepts (all
+of them if it takes ``**kwargs``); its other parameters need defaults. An image classifier gets
+``num_classes``, ``in_channels``, ``image_size`` and ``width``; a language model ``vocab_size``,
+``block_size``, ``n_layer``, ``n_head``, ``n_embd``, ``dropout`` and ``bias``. A size the spec sets
+away from its default that the builder does not take is refused rather than ignored. It runs after
 ``torch.manual_seed(seed)``, so an init drawn from torch's RNG is the same in every run of a spec.
 
-Every model built here is checked on one zero image (eval mode, no gradient): it must return a tensor
-of ``num_classes`` logits. An unknown name, an import error, a signature nmtrain cannot call, an
-exception in the builder or in that forward, a wrong output: each is a one-line `ModelError`.
+Every model built here is checked before anything is trained (eval mode, no gradient): an image
+classifier on one zero image, which must give ``num_classes`` logits; a language model on one window of
+``block_size`` zero tokens, which must give logits of shape (1, block_size, vocab_size). An unknown
+name, an import error, a signature nmtrain cannot call, an exception in the builder or in that forward,
+a wrong output: each is a one-line `ModelError`.
 """
 
 from __future__ import annotations
@@ -49,7 +54,14 @@ from .errors import ModelError
 from .evaluate import eval_mode
 
 TORCHVISION = "torchvision:"
-ARGUMENTS = ("num_classes", "in_channels", "image_size", "width")
+# What a builder of each task is called with (by keyword), and each argument's default in the spec (a
+# builder that does not take an argument set away from its default would silently ignore it).
+ARGUMENTS = {
+    "classification": ("num_classes", "in_channels", "image_size", "width"),
+    "language_model": ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias"),
+}
+SPEC_DEFAULTS = {"width": 1.0, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0, "bias": False}
+TASK_WORDS = {"classification": "image classification", "language_model": "language modelling"}
 _LIBRARIES = tuple(str(Path(m.__file__).parent) for m in (torch, torchvision))
 
 
@@ -68,23 +80,25 @@ def _where(exc: BaseException) -> str:
 
 
 class ExternalBuilder(ABC):
-    """A builder from outside the registry, called like a registry builder; subclasses say with what."""
+    """A builder from outside the registry, called like a registry builder (by keyword with the task's
+    `ARGUMENTS`); subclasses say what ``fn`` is called with."""
 
     name: str                   # model.name
     fn: Callable[..., Any]      # what builds the model
     source: str                 # where it comes from, for summary.json
+    task: str = "classification"
     fix_classes = "return one logit per class"
 
     @abstractmethod
-    def arguments(self, num_classes: int, in_channels: int, image_size: int, width: float) -> dict:
-        """The keyword arguments ``fn`` is called with for these dimensions."""
+    def arguments(self, dims: dict[str, Any]) -> dict:
+        """The keyword arguments ``fn`` is called with for these dimensions (the task's `ARGUMENTS`)."""
 
-    def adapt(self, model: nn.Module, in_channels: int) -> nn.Module:
-        """The built model made fit for ``in_channels``-channel images (as it is, unless a subclass knows how)."""
+    def adapt(self, model: nn.Module, dims: dict[str, Any]) -> nn.Module:
+        """The built model made fit for the data (as it is, unless a subclass knows how)."""
         return model
 
-    def __call__(self, num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
-        kwargs = self.arguments(num_classes, in_channels, image_size, width)
+    def __call__(self, **dims: Any) -> nn.Module:
+        kwargs = self.arguments(dims)
         try:
             model = self.fn(**kwargs)
         except Exception as exc:   # the builder is someone else's code: any failure is the spec's to fix
@@ -92,14 +106,17 @@ class ExternalBuilder(ABC):
             raise ModelError(f"model.name: {self.name}({shown}) raised {_first_line(exc)}{_where(exc)}") from None
         if not isinstance(model, nn.Module):
             raise ModelError(f"model.name: {self.name} returned a {type(model).__name__}, not a torch.nn.Module")
-        model = self.adapt(model, in_channels)
-        check_output(model, self.name, num_classes, in_channels, image_size, self.fix_classes)
+        model = self.adapt(model, dims)
+        if self.task == "language_model":
+            check_lm_output(model, self.name, dims["vocab_size"], dims["block_size"])
+        else:
+            check_output(model, self.name, dims["num_classes"], dims["in_channels"], dims["image_size"],
+                         self.fix_classes)
         return model
 
-    def record(self, num_classes: int, in_channels: int, image_size: int, width: float) -> dict:
+    def record(self, **dims: Any) -> dict:
         """What summary.json keeps about the builder, so that a run can be re-run exactly."""
-        return {"name": self.name, "source": self.source,
-                "arguments": self.arguments(num_classes, in_channels, image_size, width)}
+        return {"name": self.name, "source": self.source, "arguments": self.arguments(dims)}
 
 
 class TorchvisionBuilder(ExternalBuilder):
@@ -117,11 +134,12 @@ class TorchvisionBuilder(ExternalBuilder):
         self.fn = torchvision.models.get_model_builder(model)
         self.source = f"torchvision {torchvision.__version__}: torchvision.models.{model}"
 
-    def arguments(self, num_classes: int, in_channels: int, image_size: int, width: float) -> dict:
-        if width != 1.0:
+    def arguments(self, dims: dict[str, Any]) -> dict:
+        if dims["width"] != 1.0:
             raise ModelError(f"model.width: {self.name} is torchvision's fixed-width model and takes only "
-                             f"width 1.0, got {width}")
-        kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
+                             f"width 1.0, got {dims['width']}")
+        image_size = dims["image_size"]
+        kwargs: dict[str, Any] = {"weights": None, "num_classes": dims["num_classes"]}
         if self.model.startswith("vit_"):         # position embeddings sized for the image
             kwargs["image_size"] = image_size
         elif self.model.startswith("maxvit_"):    # attention grids sized for the image
@@ -130,13 +148,14 @@ class TorchvisionBuilder(ExternalBuilder):
             kwargs.update(aux_logits=False, init_weights=True)
         return kwargs
 
-    def adapt(self, model: nn.Module, in_channels: int) -> nn.Module:
-        return model if in_channels == 3 else first_conv_for(model, in_channels, self.name)
+    def adapt(self, model: nn.Module, dims: dict[str, Any]) -> nn.Module:
+        channels = dims["in_channels"]
+        return model if channels == 3 else first_conv_for(model, channels, self.name)
 
-    def record(self, num_classes: int, in_channels: int, image_size: int, width: float) -> dict:
-        record = super().record(num_classes, in_channels, image_size, width)
-        if in_channels != 3:
-            record["adapted"] = f"first Conv2d rebuilt for {in_channels} input channel(s)"
+    def record(self, **dims: Any) -> dict:
+        record = super().record(**dims)
+        if dims["in_channels"] != 3:
+            record["adapted"] = f"first Conv2d rebuilt for {dims['in_channels']} input channel(s)"
         return record
 
 
@@ -145,30 +164,33 @@ class UserBuilder(ExternalBuilder):
 
     fix_classes = "give the builder a num_classes parameter"
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str, task: str = "classification") -> None:
+        self.name, self.task = name, task
         self.fn, self.source = _import(name)
-        self.accepts = _accepted(self.fn, name)
+        self.accepts = _accepted(self.fn, name, ARGUMENTS[task])
         if "num_classes" in self.accepts:
             self.fix_classes = "return one logit per class"
 
-    def arguments(self, num_classes: int, in_channels: int, image_size: int, width: float) -> dict:
-        if width != 1.0 and "width" not in self.accepts:
-            raise ModelError(f"model.width: {self.name} takes no width argument, so width {width} would be "
-                             "ignored; leave model.width at 1.0 or give the builder a width parameter")
-        given = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size, "width": width}
-        return {k: given[k] for k in self.accepts}
+    def arguments(self, dims: dict[str, Any]) -> dict:
+        for field, default in SPEC_DEFAULTS.items():
+            if field in dims and dims[field] != default and field not in self.accepts:
+                raise ModelError(f"model.{field}: {self.name} takes no {field} argument, so {field} {dims[field]} "
+                                 f"would be ignored; leave model.{field} at {default} or give the builder the "
+                                 f"parameter {field}")
+        return {k: dims[k] for k in self.accepts}
 
-    def record(self, num_classes: int, in_channels: int, image_size: int, width: float) -> dict:
-        record = super().record(num_classes, in_channels, image_size, width)
+    def record(self, **dims: Any) -> dict:
+        record = super().record(**dims)
         if Path(self.source).is_file():     # which version of the file built the run
             record["sha256"] = hashlib.sha256(Path(self.source).read_bytes()).hexdigest()
         return record
 
 
-def external_builder(name: str) -> ExternalBuilder:
-    """The builder of a ``model.name`` that holds a colon: ``torchvision:NAME`` or ``package.module:function``."""
-    return TorchvisionBuilder(name) if name.startswith(TORCHVISION) else UserBuilder(name)
+def external_builder(name: str, task: str = "classification") -> ExternalBuilder:
+    """The builder of a ``model.name`` that holds a colon, for a dataset of ``task``: ``torchvision:NAME``
+    (image classification only; `models.resolve_builder` refuses it for another task) or
+    ``package.module:function``."""
+    return TorchvisionBuilder(name) if name.startswith(TORCHVISION) else UserBuilder(name, task)
 
 
 def _dotted(text: str) -> bool:
@@ -206,23 +228,23 @@ def _import(name: str) -> tuple[Callable[..., Any], str]:
     return fn, getattr(module, "__file__", None) or module_name
 
 
-def _accepted(fn: Callable[..., Any], name: str) -> tuple[str, ...]:
-    """Which of ARGUMENTS ``fn`` takes by keyword; a parameter nmtrain cannot fill is an error."""
+def _accepted(fn: Callable[..., Any], name: str, arguments: tuple[str, ...]) -> tuple[str, ...]:
+    """Which of ``arguments`` (the task's) ``fn`` takes by keyword; a parameter nmtrain cannot fill is an error."""
+    listed = ", ".join(arguments[:-1]) + f" and {arguments[-1]}"
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         raise ModelError(f"model.name: {name} has no signature nmtrain can read; wrap it in a Python function "
-                         "of num_classes, in_channels, image_size, width") from None
+                         f"of {', '.join(arguments)}") from None
     if any(p.kind is p.VAR_KEYWORD for p in params):
-        return ARGUMENTS
+        return arguments
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     needed = [p.name for p in params if p.default is p.empty and p.kind is not p.VAR_POSITIONAL
-              and not (p.name in ARGUMENTS and p.name in named)]
+              and not (p.name in arguments and p.name in named)]
     if needed:
         raise ModelError(f"model.name: {name} requires {', '.join(needed)}, which nmtrain cannot pass: it passes "
-                         "only num_classes, in_channels, image_size and width (by keyword, those the builder "
-                         f"takes); give {', '.join(needed)} a default")
-    return tuple(a for a in ARGUMENTS if a in named)
+                         f"only {listed} (by keyword, those the builder takes); give {', '.join(needed)} a default")
+    return tuple(a for a in arguments if a in named)
 
 
 def check_output(model: nn.Module, name: str, num_classes: int, in_channels: int, image_size: int,
@@ -239,6 +261,23 @@ def check_output(model: nn.Module, name: str, num_classes: int, in_channels: int
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise ModelError(f"model.name: {name} returns {got} for one image, not (1, {num_classes}) logits for "
                          f"the dataset's {num_classes} classes; {fix}")
+
+
+def check_lm_output(model: nn.Module, name: str, vocab_size: int, block_size: int) -> None:
+    """One window of ``block_size`` zero tokens through ``model`` (eval mode, no gradient) must give logits
+    of shape (1, block_size, vocab_size): tokens in, a score for every next token at every position out."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = model(torch.zeros(1, block_size, dtype=torch.long))
+    except Exception as exc:
+        raise ModelError(f"model.name: {name} fails on one window of {block_size} tokens, a (1, {block_size}) "
+                         f"LongTensor ({_first_line(exc)}{_where(exc)}); make it take token ids (data.block_size "
+                         "sets the window)") from None
+    want = (1, block_size, vocab_size)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or not out.is_floating_point():
+        got = f"{out.dtype} of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise ModelError(f"model.name: {name} returns {got} for one window of {block_size} tokens, not float "
+                         f"logits of shape {want}; return one logit per vocabulary entry at every position")
 
 
 def first_conv_for(model: nn.Module, in_channels: int, name: str) -> nn.Module:

@@ -54,17 +54,26 @@ def called_layers(model: nn.Module, sample: torch.Tensor) -> set[str]:
 
 
 def describe_layers(model: nn.Module, called: set[str] | None = None) -> list[LayerInfo]:
-    """The engine's description of every Conv2d/Linear, in model order (``called``: None means all run)."""
-    return [LayerInfo(name, tuple(mod.weight.shape), groups=getattr(mod, "groups", None),
-                      called=None if called is None else name in called)
-            for name, mod in gemm_layers(model).items()]
+    """The engine's description of every Conv2d/Linear, in model order (``called``: None means all run),
+    and of every nn.Embedding as a lookup: a language model's token embedding is its first layer, so the
+    first/last rule keeps it (not the first block's qkv) dense, as `nmtrain prune` does on its state_dict,
+    where the embedding's weight is the first 2-D tensor. Image models have no embedding: unchanged."""
+    described = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            described.append(LayerInfo(name, tuple(mod.weight.shape), lookup=True))
+        elif isinstance(mod, (nn.Linear, nn.Conv2d)):
+            described.append(LayerInfo(name, tuple(mod.weight.shape), groups=getattr(mod, "groups", None),
+                                       called=None if called is None else name in called))
+    return described
 
 
 def plan_layers(model: nn.Module, pattern: Pattern, layout: str, include: list[str] = (),
                 exclude: list[str] = (), keep_first_dense: bool = True, keep_last_dense: bool = True,
                 called: set[str] | None = None) -> LayerPlan:
     """Which layers are sparse. ``called`` (from `called_layers`; None: all) are the layers whose forward runs."""
-    layers = gemm_layers(model)
+    layers = {name: mod for name, mod in model.named_modules()
+              if isinstance(mod, (nn.Linear, nn.Conv2d, nn.Embedding))}
     names = list(layers)
     for glob in include:
         if not any(fnmatch.fnmatchcase(n, glob) for n in names):
@@ -73,7 +82,7 @@ def plan_layers(model: nn.Module, pattern: Pattern, layout: str, include: list[s
     options = SelectOptions(pattern, layout, tuple(include), tuple(exclude), keep_first_dense, keep_last_dense)
     sel = select_layers(describe_layers(model, called), options)
     for name, (constraint, problem) in sel.refused.items():
-        if constraint == "called":
+        if constraint in ("called", "lookup"):
             raise LayerSelectionError(f"sparsity.include: layer {name} cannot be trained sparse: {problem}")
         raise LayerSelectionError(f"sparsity.include: layer {name} {tuple(layers[name].weight.shape)} cannot hold "
                                   f"{pattern.describe()}: {problem}")

@@ -1,23 +1,25 @@
-"""The model registry for `nmtrain train`: small vision models sized for N:M sparsity.
+"""The model registry for `nmtrain train`: small vision models sized for N:M sparsity, and a GPT.
 
-    model = build_model("resnet32", num_classes=10, in_channels=3, image_size=32, width=2.0)
+    model = build_model("resnet32", info, model_spec)   # info: the dataset's DatasetInfo; model_spec: spec.model
+    model = image_model("resnet32", num_classes=10, in_channels=3, image_size=32, width=2.0)
 
-Every model takes ``in_channels`` (1 for Fashion-MNIST) and ``image_size`` and ends in
-``num_classes`` logits. ``width`` scales the channel/hidden widths of the models defined here;
-scaled widths are rounded to multiples of 8 (16 for the MLP) so that every layer after the first
-still splits into whole N:M groups for M up to 8 (16 for the MLP).
+A model serves one task, as a dataset does. An image classifier takes ``in_channels`` (1 for
+Fashion-MNIST) and ``image_size`` and ends in ``num_classes`` logits; ``width`` scales the channel/hidden
+widths of the models defined here, rounded to multiples of 8 (16 for the MLP) so that every layer after
+the first still splits into whole N:M groups for M up to 8 (16 for the MLP). A language model maps
+tokens (B, T) to logits (B, T, vocab_size) and is sized by model.n_layer, n_head, n_embd (gpt.py).
 
-Register more with ``@register_model("name")``; the first docstring line is the description
-`list_models()` shows. Beside registry names, ``model.name`` takes ``torchvision:NAME`` and
-``package.module:function`` (experiments/external.py). Unknown names and bad arguments raise
-`ModelError` with one line.
+Register more with ``@register_model("name")`` (``task="language_model"`` for a language model); the
+first docstring line is the description `list_models()` shows. Beside registry names, ``model.name``
+takes ``torchvision:NAME`` and ``package.module:function`` (experiments/external.py). Unknown names, bad
+arguments and a model paired with a dataset of another task raise `ModelError` with one line.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 import torchvision
 
 from .errors import ModelError
-from .external import external_builder
+from .external import ARGUMENTS, TASK_WORDS, external_builder
+from .gpt import GPT
 
 
 Builder = Callable[..., nn.Module]
@@ -36,18 +39,25 @@ class _Entry:
     name: str
     builder: Builder
     summary: str
+    task: str = "classification"
 
 
 _MODELS: dict[str, _Entry] = {}
 
 
-def register_model(name: str, summary: str | None = None) -> Callable[[Builder], Builder]:
-    """Register ``builder(num_classes, in_channels, image_size, width) -> nn.Module`` under ``name``."""
+def register_model(name: str, summary: str | None = None,
+                   task: str = "classification") -> Callable[[Builder], Builder]:
+    """Register a builder under ``name``, called by keyword with the task's arguments (`ARGUMENTS`):
+    ``(num_classes, in_channels, image_size, width)`` for image classification, ``(vocab_size,
+    block_size, n_layer, n_head, n_embd, dropout, bias)`` for a language model."""
+    if task not in ARGUMENTS:
+        raise ValueError(f"model {name!r}: task {task!r} is unknown; use one of {', '.join(ARGUMENTS)}")
+
     def decorator(builder: Builder) -> Builder:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
         doc = inspect.getdoc(builder) or name
-        _MODELS[name] = _Entry(name, builder, summary or doc.splitlines()[0])
+        _MODELS[name] = _Entry(name, builder, summary or doc.splitlines()[0], task)
         return builder
     return decorator
 
@@ -57,38 +67,102 @@ def list_models() -> dict[str, str]:
     return {entry.name: entry.summary for entry in _MODELS.values()}
 
 
-def resolve_builder(name: str) -> Builder:
-    """The builder ``model.name`` names: a registry model, ``torchvision:NAME`` or ``package.module:function``.
+def model_task(name: str) -> str | None:
+    """The task ``model.name`` serves: a registry model's own, classification for torchvision; None for
+    ``package.module:function``, which is built for the dataset's task (and checked on it)."""
+    if name in _MODELS:
+        return _MODELS[name].task
+    return "classification" if name.startswith("torchvision:") else None
+
+
+def resolve_builder(name: str, task: str = "classification") -> Builder:
+    """The builder ``model.name`` names for a dataset of ``task``: a registry model, ``torchvision:NAME``
+    or ``package.module:function``. A model of another task than the dataset's is refused.
 
     Imports a user's module and checks the builder's signature, without building anything: the runner
     calls it when it validates a spec."""
     if name in _MODELS:
-        return _MODELS[name].builder
-    if ":" in name:
-        return external_builder(name)
-    raise ModelError(f"model.name: {name!r} is unknown; use one of: {', '.join(_MODELS)}; or torchvision:NAME "
-                     "or package.module:function")
+        builder = _MODELS[name].builder
+    elif ":" in name:
+        builder = external_builder(name, task)
+    else:
+        raise ModelError(f"model.name: {name!r} is unknown; use one of: {', '.join(_MODELS)}; or torchvision:NAME "
+                         "or package.module:function")
+    own = model_task(name)
+    if own is not None and own != task:
+        kind = "a language model" if own == "language_model" else "an image classifier"
+        fix = ("a text dataset (shakespeare, text) or model.name gpt" if task == "language_model" else
+               "an image dataset (fashion_mnist, cifar10, imagefolder, ...) or an image model")
+        raise ModelError(f"model.name: {name} is {kind}; the dataset is {TASK_WORDS[task]}; use {fix}")
+    return builder
 
 
-def build_model(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
-    """A freshly initialised ``name`` for ``in_channels`` x ``image_size`` x ``image_size`` inputs."""
+# The spec's sizes that only the other task's models take, with their defaults: set away from the default
+# for a model that takes none of them, they would be ignored, so they are refused.
+_OTHER_TASKS_SIZES = {
+    "classification": {"n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0, "bias": False},
+    "language_model": {"width": 1.0},
+}
+
+
+def check_model_sizes(name: str, task: str, model_spec: Any) -> None:
+    """Refuse a size of the other task's models set away from its default: an image model takes no
+    n_layer, a language model no width. Needs no data (`build.validate` calls it)."""
+    for field, default in _OTHER_TASKS_SIZES[task].items():
+        value = getattr(model_spec, field)
+        if value != default:
+            kind = "a language model" if task == "language_model" else "an image classifier"
+            raise ModelError(f"model.{field}: {name} is {kind}, which takes no {field}; leave model.{field} "
+                             f"at {default} (got {value!r})")
+
+
+def model_arguments(name: str, info: Any, model_spec: Any) -> dict:
+    """The keyword arguments a builder gets for ``info`` (a DatasetInfo) and ``model_spec`` (spec.model)."""
+    task = getattr(info, "task", "classification")
+    check_model_sizes(name, task, model_spec)
+    if task == "language_model":
+        return {"vocab_size": info.vocab_size, "block_size": info.block_size, "n_layer": model_spec.n_layer,
+                "n_head": model_spec.n_head, "n_embd": model_spec.n_embd, "dropout": float(model_spec.dropout),
+                "bias": bool(model_spec.bias)}
+    return {"num_classes": info.num_classes, "in_channels": info.in_channels, "image_size": info.image_size,
+            "width": model_spec.width}
+
+
+def build_model(name: str, info: Any, model_spec: Any) -> nn.Module:
+    """A freshly initialised ``name`` for the dataset ``info`` describes, sized by ``model_spec``: the one
+    entry point for both tasks (training, AdaPrune, the layer plan and `nmtrain sample` build here)."""
+    task = getattr(info, "task", "classification")
+    arguments = model_arguments(name, info, model_spec)
+    if task != "language_model":
+        return image_model(name, **arguments)
+    for field in ("vocab_size", "block_size"):
+        value = arguments[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"model.name: {name} needs a positive {field}, got {value!r}")
+    return resolve_builder(name, task)(**arguments)
+
+
+def image_model(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+    """A freshly initialised image classifier ``name`` for ``in_channels`` x ``image_size`` x ``image_size``."""
     builder = resolve_builder(name)
     for field, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ModelError(f"model.{field}: must be a positive integer, got {value!r}")
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
         raise ModelError(f"model.width: must be a positive number, got {width!r}")
-    return builder(num_classes, in_channels, image_size, float(width))
+    return builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=float(width))
 
 
-def builder_record(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> dict:
+def builder_record(name: str, info: Any, model_spec: Any) -> dict:
     """summary.json's ``builder``: model.name, where its code comes from and the arguments it was built with."""
-    builder = resolve_builder(name)
+    task = getattr(info, "task", "classification")
+    arguments = model_arguments(name, info, model_spec)
+    if task != "language_model":
+        arguments["width"] = float(arguments["width"])
+    builder = resolve_builder(name, task)
     if hasattr(builder, "record"):
-        return builder.record(num_classes, in_channels, image_size, float(width))
-    return {"name": name, "source": "nmtrain registry (experiments/models.py)",
-            "arguments": {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
-                          "width": float(width)}}
+        return builder.record(**arguments)
+    return {"name": name, "source": "nmtrain registry (experiments/models.py)", "arguments": arguments}
 
 
 def scaled(channels: int, width: float, multiple: int = 8) -> int:
@@ -385,3 +459,12 @@ def vit_tiny(num_classes: int, in_channels: int, image_size: int, width: float) 
     (28 px images) or 8 px (32 px); 16 px patches from 64 px up."""
     patch = {28: 7, 32: 8}.get(image_size, 16 if image_size >= 64 else 4)
     return VisionTransformer(num_classes, in_channels, image_size, scaled(64, width, multiple=64), 4, patch)
+
+
+# --- GPT (a nanoGPT-style decoder; experiments/gpt.py) -------------------------------------------------
+
+@register_model("gpt", task="language_model")
+def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int, dropout: float,
+        bias: bool) -> nn.Module:
+    """GPT: n_layer pre-norm blocks of n_embd (fused qkv, 4x GELU MLP), learned positions, tied head."""
+    return GPT(vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias)

@@ -9,6 +9,8 @@ compare, convert and the CLI agree on them by construction::
     DIR/model.pt         the final state_dict with masks folded in
     DIR/summary.json     what the run did (a training run's is a `Summary`); written last, so its
                          presence means "finished"
+    DIR/tokenizer.json   a language-model run's tokenizer record ({"kind": "char", "chars": ...} or
+                         {"kind": "byte"}), written at run start: `nmtrain sample` reads it
 
 Every file is written to a temporary name and renamed (`io.atomic_write`), so a killed run never
 leaves half a file. The rules for an output directory: a directory holding a run (a checkpoint, a
@@ -42,6 +44,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 SUMMARY = "summary.json"
+TOKENIZER = "tokenizer.json"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, MODEL, SUMMARY)
 PROGRESS_FILES = (CHECKPOINT, MODEL, SUMMARY)     # a run with one of these has something to resume or keep
 
@@ -180,6 +183,10 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.path / SUMMARY
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / TOKENIZER
 
     # -- the rules for an output directory ---------------------------------------------------------
 

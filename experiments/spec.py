@@ -38,6 +38,20 @@ class ModelSpec:
     name: str = "lenet5"        # registry model, torchvision:NAME or package.module:function (external.py)
     width: float = param(1.0, above(0, "(the channel multiplier)"))   # channel multiplier (2.0 = Bi-Mask's 2x-wide ResNet-32)
     init: Optional[str] = None  # start from these weights (a state_dict file or a run directory)
+    # The size of a language model (gpt, or your own): image models take none of these. The bounds catch a
+    # typo before it asks for more memory than a machine has (n_embd 65536 is 4 GB per block already).
+    n_layer: int = param(4, Rule(lo=1, hi=256, note="(transformer blocks)"))
+    n_head: int = param(4, Rule(lo=1, hi=1024, note="(attention heads; n_embd must divide by it)"))
+    n_embd: int = param(128, Rule(lo=1, hi=65536, note="(the embedding width)"))
+    dropout: float = param(0.0, Rule(lo=0, hi=1, hi_open=True, note="(the share of activations dropped)"))
+    bias: bool = False          # biases in the Linear layers and LayerNorms (nanoGPT's default is without)
+
+    def __post_init__(self) -> None:
+        # Every head gets n_embd / n_head dimensions: checked here, as the spec loads, before any data is read.
+        ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (self.n_embd, self.n_head))
+        if ints and self.n_embd % self.n_head:
+            raise SpecError(f"model.n_embd: {self.n_embd} does not divide into model.n_head={self.n_head} heads; "
+                            f"make n_embd a multiple of n_head (e.g. {self.n_head * max(1, self.n_embd // self.n_head)})")
 
 
 @dataclass

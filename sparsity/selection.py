@@ -22,6 +22,7 @@ from .layout import shape_violation
 from .pattern import Pattern
 
 NOT_CALLED = "its forward never runs (the parent reads .weight itself, as nn.MultiheadAttention does)"
+LOOKUP = "embedding: a table lookup, no GEMM to make N:M sparse"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class LayerInfo:
     shape: tuple[int, ...]          # the weight's shape: (out, in) or (out, in/groups, kh, kw)
     groups: Optional[int] = None    # conv groups; None when unknown (a state_dict has no modules)
     called: Optional[bool] = None   # whether the layer's own forward runs; None when unknown
+    # A table lookup (a token embedding): a model's first layer for the first/last rule, never sparse (no
+    # GEMM). Its place makes the first GEMM after it (a GPT's first qkv) sparse like the rest of its kind.
+    lookup: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ CONSTRAINTS: list[tuple[str, Check, bool]] = [
     ("exclude", lambda l, i, n, o: f"excluded by {o.exclude_field}" if _matches(l.name, o.exclude) else None,
         False),
     ("called", lambda l, i, n, o: NOT_CALLED if l.called is False else None, True),
+    ("lookup", lambda l, i, n, o: LOOKUP if l.lookup else None, True),
     ("first", lambda l, i, n, o: "first layer kept dense" if o.keep_first_dense and i == 0 else None, False),
     ("last", lambda l, i, n, o: "classifier kept dense" if o.keep_last_dense and i == n - 1 else None, False),
     ("groups", lambda l, i, n, o: f"grouped conv (groups={l.groups}) has no dense GEMM operand"

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from nmtrain.cli.main import app
 from nmtrain.experiments.flops import macs_per_sample
 from nmtrain.experiments.methods import Context, MethodError, attach, build_params, get_method
-from nmtrain.experiments.models import build_model
+from nmtrain.experiments.models import image_model
 from nmtrain.sparsity import Pattern, nm_mask, nm_violation
 
 from helpers import method_step
@@ -303,7 +303,7 @@ def test_cli_run_is_sparser_than_srste(tmp_path):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["method"]["updates"] == 2                       # steps 4 and 8 (t_f = 12)
     # split the counted MACs into the dense layers (3F each) and the sparse ones
-    model = build_model("mlp", num_classes=10, in_channels=1, image_size=28, width=1.0)
+    model = image_model("mlp", num_classes=10, in_channels=1, image_size=28, width=1.0)
     macs = macs_per_sample(model, torch.zeros(1, 1, 28, 28))
     sparse = set(summary["sparse_layers"])
     f_sparse = sum(f for n, f in macs.items() if f"{n}.weight" in sparse)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from nmtrain.cli.main import app
 from nmtrain.experiments.flops import macs_per_sample
 from nmtrain.experiments.methods import Context, MethodError, attach, build_params, get_method
-from nmtrain.experiments.models import build_model
+from nmtrain.experiments.models import image_model
 from nmtrain.sparsity import Pattern, nm_mask, nm_violation
 
 
@@ -158,7 +158,7 @@ def test_training_flops_count_each_phase_as_it_ran(tmp_path):
     assert result.exit_code == 0, result.stderr + result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 16
-    model = build_model("mlp", num_classes=10, in_channels=1, image_size=28, width=1.0)
+    model = image_model("mlp", num_classes=10, in_channels=1, image_size=28, width=1.0)
     macs = macs_per_sample(model, torch.zeros(1, 1, 28, 28))
     sparse = set(summary["sparse_layers"])
     f_s = sum(f for n, f in macs.items() if f"{n}.weight" in sparse)

@@ -32,7 +32,7 @@ def test_help_imports_neither_torch_nor_torchvision():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(report["codes"]) == {"", "prune", "diversity", "train", "compare", "adaprune", "convert"}
+    assert set(report["codes"]) == {"", "prune", "diversity", "train", "compare", "adaprune", "convert", "sample"}
     assert all(code == 0 for code in report["codes"].values()), report["codes"]
     assert report["loaded"] == []
 

@@ -21,7 +21,7 @@ from nmtrain.cli.main import app
 from nmtrain.experiments.flops import macs_per_sample
 from nmtrain.experiments.errors import ModelError
 from nmtrain.experiments.layers import called_layers, plan_layers
-from nmtrain.experiments.models import build_model
+from nmtrain.experiments.models import image_model
 from nmtrain.sparsity import NOT_CALLED, Pattern, nm_violation
 
 from helpers import assert_refused, cli, interrupt_at, resume, write_imagefolder
@@ -134,7 +134,7 @@ def test_torchvision_resnet18_trains_on_a_small_imagefolder_at_a_small_image_siz
     data = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]
     assert (data["image_size"], data["mean"], data["std"]) == (16, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
     # The FLOPs are those of 16-pixel images: 1 epoch of 12 images through the 16-pixel network.
-    macs = macs_per_sample(build_model("torchvision:resnet18", 3, 3, 16), torch.zeros(1, 3, 16, 16))
+    macs = macs_per_sample(image_model("torchvision:resnet18", 3, 3, 16), torch.zeros(1, 3, 16, 16))
     assert summary["train_flops"]["dense_total"] == 3 * 12 * sum(macs.values())
     assert len(summary["sparse_layers"]) == 19 and set(summary["skipped_layers"]) == {"conv1", "fc"}
 
@@ -143,7 +143,7 @@ def test_model_init_loads_a_local_weights_file_and_names_the_first_mismatch(tmp_
     root = write_imagefolder(tmp_path / "images")
     data = ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=16", "data.batch_size=4"]
     torch.manual_seed(5)
-    weights = build_model("torchvision:resnet18", 3, 3, 16).state_dict()      # "pretrained", saved locally
+    weights = image_model("torchvision:resnet18", 3, 3, 16).state_dict()      # "pretrained", saved locally
     torch.save(weights, tmp_path / "resnet18.pt")
     ok = _train(tmp_path / "run", "model.name=torchvision:resnet18", *data, f"model.init={tmp_path / 'resnet18.pt'}",
                 "optim.lr=1e-30", "optim.weight_decay=0", "--method", "dense", "--no-progress")
@@ -166,11 +166,11 @@ def test_a_torchvision_model_takes_grey_images_through_its_rebuilt_first_conv():
     torch.manual_seed(0)
     reference = torchvision.models.resnet18(weights=None, num_classes=10)
     torch.manual_seed(0)
-    model = build_model("torchvision:resnet18", 10, 1, 28)
+    model = image_model("torchvision:resnet18", 10, 1, 28)
     assert model.conv1.in_channels == 1 and model.conv1.kernel_size == (7, 7)       # torchvision's own stem
     assert torch.equal(model.conv1.weight, reference.conv1.weight[:, :1] * math.sqrt(3))
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
-    vit = build_model("torchvision:vit_b_32", 4, 3, 64)                             # sized for 64-pixel images
+    vit = image_model("torchvision:vit_b_32", 4, 3, 64)                             # sized for 64-pixel images
     assert vit.image_size == 64 and vit(torch.randn(1, 3, 64, 64)).shape == (1, 4)
 
 
@@ -255,4 +255,4 @@ def test_bad_data_values_are_one_line_errors(tmp_path):
 
 def test_a_builders_own_failure_is_a_model_error_outside_the_cli_too(usernet):
     with pytest.raises(ModelError, match=r"^model.name: usernet:fails\(num_classes=3\) raised ValueError"):
-        build_model("usernet:fails", 3, 1, 8)
+        image_model("usernet:fails", 3, 1, 8)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nmtrain.experiments.layers import called_layers, plan_layers
-from nmtrain.experiments.models import build_model
+from nmtrain.experiments.models import image_model
 from nmtrain.sparsity import (NOT_CALLED, FoldError, LayerInfo, Pattern, SelectOptions, fold_mask, select,
                               select_layers)
 from nmtrain.sparsity.selection import CONSTRAINTS
@@ -21,6 +21,7 @@ _CASES = {
     "include": (LayerInfo("x", (8, 8)), dict(include=("stem", "head")), "sparsity.include"),
     "exclude": (LayerInfo("x", (8, 8)), dict(exclude=("x",)), "sparsity.exclude"),
     "called": (LayerInfo("x", (8, 8), called=False), {}, "forward never runs"),
+    "lookup": (LayerInfo("x", (8, 8), lookup=True), {}, "table lookup"),
     "first": (LayerInfo("x", (8, 8)), {}, "first layer"),
     "last": (LayerInfo("x", (8, 8)), {}, "classifier"),
     "groups": (LayerInfo("x", (8, 4, 3, 3), groups=2), {}, "grouped conv"),
@@ -69,7 +70,7 @@ def test_prune_names_its_own_options():
 def test_training_and_prune_choose_the_same_layers(model, pattern):
     in_channels = 1 if model == "lenet5" else 3
     size = 28 if model == "lenet5" else 32
-    net = build_model(model, num_classes=10, in_channels=in_channels, image_size=size)
+    net = image_model(model, num_classes=10, in_channels=in_channels, image_size=size)
     called = called_layers(net, torch.zeros(1, in_channels, size, size))
     plan = plan_layers(net, pattern, "nhwc", called=called)
     sel = select(net.state_dict(), pattern, "nhwc")
