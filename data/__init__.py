@@ -10,6 +10,7 @@ Samples are ``(float image tensor C x H x W, normalised; int label)``. Registere
 - ``cifar10``, ``cifar100``: torchvision, from a local folder; downloaded only with ``download=True``.
 - ``imagefolder``: ImageNet-layout ``root/train/<class>/`` + ``root/val/<class>/``.
 - ``synthetic``: generated, tiny, deterministic and learnable; what the tests train on.
+- ``synthetic_text``: a generated token stream (a seeded Markov chain) for the language-model task's tests.
 
 Bad input raises `DatasetError` (a ValueError) with one line naming the spec field and the fix.
 """

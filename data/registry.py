@@ -43,6 +43,13 @@ class DatasetInfo:
 
     ``train_size``/``test_size`` are the sizes of the datasets `build_datasets` returned, i.e. after
     ``train_subset``/``test_subset`` were applied.
+
+    ``task`` names what the data teaches (experiments/tasks): ``classification`` (images and labels) or
+    ``language_model`` (token windows and their next tokens). A language-model dataset sets
+    ``num_classes = vocab_size``, ``in_channels = 1`` and ``image_size = block_size``, so code that reads
+    those still runs; ``tokenizer`` is its JSON-able tokenizer record (``{"kind": "char", "chars": ...}``
+    or ``{"kind": "byte"}``; None: the data are token ids already), ``corpus`` what the text was (name,
+    sha256, files, characters, train/val tokens, split rule).
     """
 
     name: str
@@ -51,6 +58,11 @@ class DatasetInfo:
     image_size: int
     train_size: int
     test_size: int
+    task: str = "classification"
+    vocab_size: int = 0
+    block_size: int = 0
+    tokenizer: dict | None = None
+    corpus: dict | None = None
 
 
 Builder = Callable[..., tuple[Dataset, Dataset, DatasetInfo]]
