@@ -513,7 +513,7 @@ def _finish(run: Run, final_masks: dict[str, torch.Tensor], wall: float) -> RunR
         builder=builder_record(spec.model.name, info.num_classes, info.in_channels, info.image_size,
                                spec.model.width),
         results=run.task.summary_fields(final, run.best),
-        eval_split="test" if spec.data.holdout is None else f"holdout ({spec.data.holdout} train samples)",
+        eval_split=run.task.split if spec.data.holdout is None else f"holdout ({spec.data.holdout} train samples)",
         epochs=round(run.step / run.steps_per_epoch, 4), steps=run.step, wall_seconds=wall,
         sparse_layers=sparse_layers, skipped_layers=run.plan.skipped if not dense else {},
         train_flops=run.flops.summary(),

@@ -44,6 +44,7 @@ class Task:
     lower_is_better: bool = False       # the primary metric's direction (also the tables' and the tests')
     best_metric: str = ""               # the metric the run's "best" tracks (same direction as ``primary``)
     worst: float = 0.0                  # "best" before the first eval
+    split: str = "test"                 # the split the test loader holds (summary.json's eval_split)
     short: str = ""                     # the primary metric in the progress bar ("acc", "ppl")
     axis_label: str = ""                # the compare plot's y axis
     columns: tuple[Column, ...] = ()    # compare's and `nmtrain train`'s columns; the first is the primary

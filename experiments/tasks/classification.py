@@ -22,6 +22,7 @@ class Classification(Task):
     lower_is_better = False
     best_metric = "accuracy"
     worst = -1.0                        # below any accuracy: the first eval sets it
+    split = "test"                    # what the test loader holds: the test split
     short = "acc"
     axis_label = "final test accuracy (%)"
     columns = (Column("final_accuracy", "final acc", 2, "%"), Column("best_accuracy", "best acc", 2, "%"))

@@ -31,6 +31,7 @@ class LanguageModel(Task):
     lower_is_better = True
     best_metric = "val_loss"            # the best perplexity is exp() of it
     worst = math.inf
+    split = "validation"              # what the test loader holds: the validation split (the last 10% of the text)
     short = "ppl"
     axis_label = "final validation perplexity (lower is better)"
     columns = (Column("final_perplexity", "final ppl", 3), Column("final_val_loss", "val loss", 4))
