@@ -103,7 +103,7 @@ def compare(
     reuse: bool = typer.Option(False, help="Read, instead of retraining, every cell whose directory already holds a finished run of the same spec (an interrupted grid continues)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Train every method at every pattern; write one table as rich output, CSV, JSON and a PNG of accuracy vs FLOPs."""
+    """Train every method at every pattern; write one table as rich output, CSV, JSON and a PNG of the task's metric (accuracy, perplexity) vs FLOPs."""
     from ..experiments.compare import grid, run_grid
 
     resolved = resolve_spec(spec_args(spec, overrides), None, None, out)
