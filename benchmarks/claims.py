@@ -4,7 +4,8 @@
 
 For each grid (`nmtrain compare SPEC --seeds ...`, e.g. the shipped reproduction specs) it prints one
 markdown row per claim: the two cells compared, their means, the mean per-seed difference, p, and the
-verdict — "holds" when the claim's direction is met or the difference is within noise where the claim is
+verdict (on the grid's primary metric: final accuracy, or final perplexity for a language-model grid, "above"
+meaning better) — "holds" when the claim's direction is met or the difference is within noise where the claim is
 "about equal", "does not hold" when the paired test separates the cells the wrong way. Claims:
 
 - Hubara et al.: transposable 4:8-T is about as accurate as (row-wise) 2:4 — 4:8-T vs SR-STE 2:4.
@@ -22,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nmtrain.experiments.stats import paired_test  # noqa: E402
+from nmtrain.experiments.tasks import task_of_row  # noqa: E402
 
 # (claim, cell A, cell B, kind): "equal" holds unless the test separates A and B; "at_least" holds unless A
 # is separated below B. Cells are (method, pattern) as compare.json names them.
@@ -35,27 +37,31 @@ CLAIMS = [
 
 
 def verdicts(rows: list[dict]) -> list[dict]:
+    """One verdict per claim whose two cells are in the grid, judged on the task's primary metric (final
+    accuracy; final perplexity for a language-model grid, where lower is better)."""
+    task = task_of_row(rows[0])
+    key = task.columns[0].key
     by = {(r["method"], r["pattern"]): r for r in rows}
     out = []
     for claim, a, b, kind in CLAIMS:
         if a not in by or b not in by:
             continue
         ra, rb = by[a], by[b]
-        test = paired_test({r["seed"]: r["final_accuracy"] for r in ra["runs"]},
-                           {r["seed"]: r["final_accuracy"] for r in rb["runs"]})
+        test = paired_test({r["seed"]: r[key] for r in ra["runs"]}, {r["seed"]: r[key] for r in rb["runs"]})
         separated = test.within_noise is False
+        above = task.gain(test.difference, 0.0) > 0         # A better than B, in the metric's direction
         if kind == "equal":
             holds = not separated
-            words = "holds (within noise)" if holds else f"does not hold ({'above' if test.difference > 0 else 'below'})"
+            words = "holds (within noise)" if holds else f"does not hold ({'above' if above else 'below'})"
         else:
-            holds = not (separated and test.difference < 0)
+            holds = not (separated and not above)
             words = ("holds" + (" (above)" if separated else " (within noise)")) if holds else "does not hold (below)"
         if "FLOPs" in claim:
             fewer = ra["flops_ratio"] < rb["flops_ratio"]
             words += f"; FLOPs {ra['flops_ratio'] / rb['flops_ratio']:.2f}x of {b[0]}" + ("" if fewer else " (not fewer)")
             holds = holds and fewer
         out.append({"claim": claim, "a": f"{a[0]} {a[1]}", "b": f"{b[0]} {b[1]}",
-                    "mean_a": ra["final_accuracy_mean"], "mean_b": rb["final_accuracy_mean"],
+                    "mean_a": ra[f"{key}_mean"], "mean_b": rb[f"{key}_mean"],
                     "difference": test.difference, "p_value": test.p_value, "holds": holds, "verdict": words})
     return out
 

@@ -43,6 +43,7 @@ def adaprune(
     The method, with the add-back rule: docs/methods.md#adaprune.
     """
     from ..experiments.adaprune import AdaPruneSettings, adaprune as run_adaprune
+    from ..experiments.tasks import get_task
     from ..sparsity import parse_pattern
 
     pat = parse_pattern(pattern, transposable=transposable)
@@ -62,11 +63,12 @@ def adaprune(
                       f"{r.error_magnitude:.4g}", f"{r.error_adaprune:.4g}", f"{r.seconds:.1f} s")
     console.print(table)
 
-    acc = Table(title="test accuracy")
+    task = get_task(s.get("task", "classification"))
+    acc = Table(title="test accuracy" if task.primary == "accuracy" else f"validation {task.primary}")
     for col in ("original", "magnitude", "AdaPrune", "recovered", "BN re-estimated", "wall"):
         acc.add_column(col, justify="right")
     rec = s["recovered"]
-    acc.add_row(f"{s['accuracy_original']:.2f}%", f"{s['accuracy_magnitude']:.2f}%", f"{s['accuracy_adaprune']:.2f}%",
+    acc.add_row(*(task.format(s[f"{task.primary}_{stage}"]) for stage in ("original", "magnitude", "adaprune")),
                 "–" if rec is None else f"{100 * rec:.0f}%", "yes" if s["batchnorm_recalibrated"] else "no BN",
                 f"{s['wall_seconds']:.1f} s")
     console.print(acc)

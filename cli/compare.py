@@ -43,39 +43,45 @@ def _title(spec, seeds: str) -> str:
 
 def _seeded_table(spec, seed_list: list[int], rows: list[dict]) -> None:
     from ..experiments.compare import aggregate, is_baseline, verdict, write_results
+    from ..experiments.tasks import task_of_row
 
     cells = aggregate(rows)
+    task = task_of_row(rows[0])
+    metric = task.columns[0]
     title = _title(spec, f"seeds {','.join(map(str, seed_list))}")
     paths = write_results(cells, Path(spec.out), title, seeds=True)
     table = Table(title=f"nmtrain compare · {title}", caption="mean ± sample std over seeds; vs dense / vs best: "
                   "paired t-test over seeds, two-sided, alpha 0.05")
-    for col in ("method", "pattern", "density", "seeds", "final acc", "vs dense", "vs best", "train FLOPs vs dense",
+    for col in ("method", "pattern", "density", "seeds", metric.label, "vs dense", "vs best", "train FLOPs vs dense",
                 "wall"):
         table.add_column(col, justify="left" if col in ("method", "pattern", "vs dense", "vs best") else "right")
     for c in cells:
-        sd = c["final_accuracy_std"]
+        sd, low = c[f"{metric.key}_std"], task.lower_is_better
         table.add_row(c["method"], c["pattern"], f"{c['density']:.3f}", str(c["n_seeds"]),
-                      f"{c['final_accuracy_mean']:.2f}" + ("" if sd is None else f" ± {sd:.2f}") + "%",
-                      verdict(c["vs_dense"], "dense" if is_baseline(c) else "–"),
-                      verdict(c["vs_best"], "best"), f"{c['flops_ratio']:.3f}", f"{c['wall_seconds_mean']:.1f} s")
+                      f"{c[f'{metric.key}_mean']:.{metric.digits}f}"
+                      + ("" if sd is None else f" ± {sd:.{metric.digits}f}") + metric.unit,
+                      verdict(c["vs_dense"], "dense" if is_baseline(c) else "–", low),
+                      verdict(c["vs_best"], "best", low), f"{c['flops_ratio']:.3f}", f"{c['wall_seconds_mean']:.1f} s")
     console.print(table)
     _wrote(paths)
 
 
 def _run_table(spec, rows: list[dict]) -> None:
     from ..experiments.compare import write_results
+    from ..experiments.tasks import task_of_row
 
     title = _title(spec, f"seed {spec.seed}")
     paths = write_results(rows, Path(spec.out), title)
     table = Table(title=f"nmtrain compare · {title}")
     show_accel = any(r["accel"] != "none" for r in rows)       # the column only where a cell used the kernels
-    cols = ("method", "pattern", "density", "final acc", "best acc", "train FLOPs vs dense", "wall", "mask change")
+    metrics = task_of_row(rows[0]).columns
+    cols = ("method", "pattern", "density", *(c.label for c in metrics), "train FLOPs vs dense", "wall", "mask change")
     for col in cols + (("accel",) if show_accel else ()):
         table.add_column(col, justify="left" if col in ("method", "pattern", "accel") else "right")
     for r in rows:
         mcr = r["mask_change_rate"]
-        table.add_row(r["method"], r["pattern"], f"{r['density']:.3f}", f"{r['final_accuracy']:.2f}%",
-                      f"{r['best_accuracy']:.2f}%", f"{r['flops_ratio']:.3f}", f"{r['wall_seconds']:.1f} s",
+        table.add_row(r["method"], r["pattern"], f"{r['density']:.3f}", *(c.format(r[c.key]) for c in metrics),
+                      f"{r['flops_ratio']:.3f}", f"{r['wall_seconds']:.1f} s",
                       "–" if mcr is None else f"{mcr:.4f}", *((r["accel"],) if show_accel else ()))
     console.print(table)
     _wrote(paths)
@@ -97,7 +103,7 @@ def compare(
     reuse: bool = typer.Option(False, help="Read, instead of retraining, every cell whose directory already holds a finished run of the same spec (an interrupted grid continues)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Train every method at every pattern; write one table as rich output, CSV, JSON and a PNG of accuracy vs FLOPs."""
+    """Train every method at every pattern; write one table as rich output, CSV, JSON and a PNG of the task's metric (accuracy, perplexity) vs FLOPs."""
     from ..experiments.compare import grid, run_grid
 
     resolved = resolve_spec(spec_args(spec, overrides), None, None, out)

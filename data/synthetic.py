@@ -55,3 +55,58 @@ def synthetic(root: str | None, *, augment: bool, download: bool, seed: int, num
     info = DatasetInfo("synthetic", num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                        train_size=train_size, test_size=test_size)
     return train, test, info
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Windows of ``block_size`` tokens of a stream and their next tokens: item i is ``(x, y)`` with
+    ``x = tokens[s : s + block]``, ``y = tokens[s + 1 : s + block + 1]``, ``s = i * stride``. Stride 1
+    gives every offset (a train split), stride ``block_size`` non-overlapping windows (a validation split)."""
+
+    def __init__(self, tokens: torch.Tensor, block_size: int, stride: int):
+        self.tokens, self.block_size, self.stride = tokens, block_size, stride
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - self.block_size - 1) // self.stride + 1
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        s = i * self.stride
+        return self.tokens[s:s + self.block_size], self.tokens[s + 1:s + self.block_size + 1]
+
+
+MAX_SYNTHETIC_TOKENS = 10_000_000
+
+
+@register_dataset("synthetic_text", task="language_model")
+def synthetic_text(root: str | None, *, augment: bool, download: bool, seed: int, vocab_size: int = 16,
+                   block_size: int = 8, train_tokens: int = 2048, val_tokens: int = 512, tokenizer: str = "char"):
+    """A generated token stream (vocab 16, context 8, 2048/512 tokens): a seeded Markov chain; no files."""
+    # Each token is followed by one of two tokens the seed picks, at random: about ln 2 nats per token
+    # are left to a model that learned the table, ln(vocab_size) to one that learned nothing. `tokenizer`
+    # is accepted (data.tokenizer is passed to every text dataset) and has nothing to do: these are ids.
+    del root, augment, download, tokenizer
+    for name, value in (("vocab_size", vocab_size), ("block_size", block_size), ("train_tokens", train_tokens),
+                        ("val_tokens", val_tokens)):
+        positive_int(f"data.{name}", value)
+    if train_tokens + val_tokens > MAX_SYNTHETIC_TOKENS:
+        raise DatasetError(f"data.train_tokens: at most {MAX_SYNTHETIC_TOKENS} tokens in all, "
+                           f"got {train_tokens + val_tokens}")
+    if min(train_tokens, val_tokens) <= block_size:
+        raise DatasetError(f"data.block_size: {block_size} leaves no window in {min(train_tokens, val_tokens)} "
+                           "tokens; use a smaller block_size or more tokens")
+    generator = torch.Generator().manual_seed(seed)
+    follow = torch.randint(0, vocab_size, (vocab_size, 2), generator=generator)
+    coins = torch.randint(0, 2, (train_tokens + val_tokens,), generator=generator).tolist()
+    stream = [int(torch.randint(0, vocab_size, (1,), generator=generator))]
+    for coin in coins[1:]:
+        stream.append(int(follow[stream[-1], coin]))
+    tokens = torch.tensor(stream, dtype=torch.long)
+    train = TokenWindows(tokens[:train_tokens], block_size, 1)
+    val = TokenWindows(tokens[train_tokens:], block_size, block_size)
+    info = DatasetInfo("synthetic_text", num_classes=vocab_size, in_channels=1, image_size=block_size,
+                       train_size=len(train), test_size=len(val), task="language_model", vocab_size=vocab_size,
+                       block_size=block_size,
+                       corpus={"name": "synthetic_text", "seed": seed, "train_tokens": train_tokens,
+                               "val_tokens": val_tokens, "split": "first train_tokens train, the rest validate"})
+    return train, val, info

@@ -26,8 +26,10 @@ Two ways to get the inputs ``X``:
   to set up (one pass of the partly pruned model per layer) and can overfit a small calibration set.
 
 Afterwards batch-norm statistics (if the model has any) are re-estimated on the calibration set.
-Accuracy is reported for the original model, for plain magnitude projection (step 1 alone, original
-batch-norm statistics) and after AdaPrune, all on the test split.
+The task's primary metric (`tasks/`: accuracy of an image classifier, perplexity of a language model)
+is reported for the original model, for plain magnitude projection (step 1 alone, original batch-norm
+statistics) and after AdaPrune, all on the test (validation) split. A language model's calibration
+samples are token windows of the training split.
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ from ..sparsity import LAYOUTS, Pattern, fold_mask, from_matrix, make_mask, nm_v
 from .errors import ExperimentError
 from .io import CheckpointError, state_dict_mismatch
 from .build import build, layer_plan, resolve_device
-from .evaluate import eval_mode, evaluate
+from .evaluate import eval_mode
 from .layers import gemm
 from .models import builder_record
 from .rundir import CONFIG, SUMMARY, RunDir, load_weights
 from .spec import Spec, SpecError, dump_spec, from_dict
+from .tasks import Task, get_task
 from .yamlfile import read_yaml
 
 
@@ -265,7 +268,7 @@ def default_out(source: str | Path, pattern: Pattern) -> Path:
 
 
 def calibration_images(train_ds, n: int, seed: int) -> torch.Tensor:
-    """``n`` train images (without augmentation) chosen by ``seed``, as one tensor."""
+    """``n`` train inputs (images without augmentation, or token windows) chosen by ``seed``, as one tensor."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train_ds), generator=g)[:n].tolist()
     loader = DataLoader(Subset(train_ds, idx), batch_size=256, shuffle=False)
@@ -306,35 +309,37 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
     names = list(plan.sparse)
     n_calib = min(settings.calib_samples, len(built.train_ds))
     calib = calibration_images(built.train_ds, n_calib, spec.seed)
+    task = get_task(built.info.task)
 
-    acc = {"original": evaluate(original, built.test_loader, device)[0]}
+    measured = {"original": task.evaluate(original, built.test_loader, device)}
     # Masks by magnitude, once, from the original weights (the same in both modes).
     orig_mods = dict(original.named_modules())
     masks = {name: make_mask(orig_mods[name].weight.detach(), pattern, layout, settings.solver) for name in names}
-    acc["magnitude"] = _masked_accuracy(original, masks, built.test_loader, device)
+    measured["magnitude"] = _masked_metrics(task, original, masks, built.test_loader, device)
 
     pruned = copy.deepcopy(original)
     results = _reconstruct_layers(original, pruned, masks, calib, settings, layout, spec.seed, device,
                                   console, progress)
     bn = recalibrate_batchnorm(pruned, calib, spec.data.batch_size, device)
     pruned.eval()
-    acc["adaprune"] = evaluate(pruned, built.test_loader, device)[0]
+    measured["adaprune"] = task.evaluate(pruned, built.test_loader, device)
     sparse_layers = _check_sparse(pruned, masks, pattern, layout)
-    summary = _summary(spec, source, settings, built.info, device, n_calib, bn, acc, results, sparse_layers,
-                       plan.skipped, time.perf_counter() - start)
+    summary = _summary(spec, source, settings, built.info, device, n_calib, bn, task, measured, results,
+                       sparse_layers, plan.skipped, time.perf_counter() - start)
     _write(out, pruned, spec, source, pattern, summary)
     return AdaPruneResult(out, summary, results)
 
 
-def _masked_accuracy(original: nn.Module, masks: dict[str, torch.Tensor], loader, device: torch.device) -> float:
-    """Test accuracy of plain magnitude projection: ``original``'s weights with ``masks`` folded in."""
+def _masked_metrics(task: Task, original: nn.Module, masks: dict[str, torch.Tensor], loader,
+                    device: torch.device) -> dict[str, float]:
+    """The task's metrics of plain magnitude projection: ``original``'s weights with ``masks`` folded in."""
     magnitude_model = copy.deepcopy(original)
     mods = dict(magnitude_model.named_modules())
     with torch.no_grad():
         for name, mask in masks.items():
             w = mods[name].weight
             w.copy_(fold_mask(w, mask))
-    return evaluate(magnitude_model, loader, device)[0]
+    return task.evaluate(magnitude_model, loader, device)
 
 
 def _reconstruct_layers(original: nn.Module, pruned: nn.Module, masks: dict[str, torch.Tensor], calib: torch.Tensor,
@@ -412,11 +417,14 @@ def _check_sparse(pruned: nn.Module, masks: dict[str, torch.Tensor], pattern: Pa
 
 
 def _summary(spec: Spec, source, settings: AdaPruneSettings, info, device: torch.device, n_calib: int, bn: bool,
-             acc: dict[str, float], results: list[LayerResult], sparse_layers: dict, skipped: dict,
+             task: Task, measured: dict[str, dict], results: list[LayerResult], sparse_layers: dict, skipped: dict,
              wall: float) -> dict:
-    """summary.json of an AdaPrune run: the source, the settings, the three accuracies, per-layer errors."""
+    """summary.json of an AdaPrune run: the source, the settings, the task's primary metric of the original,
+    the magnitude-pruned and the AdaPruned model (``accuracy_original``, ...; ``perplexity_original``, ...),
+    the final model's keys, the share of the loss to magnitude pruning recovered, per-layer errors."""
     pattern, layout = settings.pattern, spec.sparsity.layout
-    lost = acc["original"] - acc["magnitude"]
+    value = {stage: metrics[task.primary] for stage, metrics in measured.items()}
+    lost = task.gain(value["original"], value["magnitude"])
     return {
         "name": f"{spec.name}-adaprune", "method": "adaprune", "source": str(source),
         "pattern": str(pattern), "density": pattern.density, "transposable": pattern.transposable,
@@ -426,15 +434,14 @@ def _summary(spec: Spec, source, settings: AdaPruneSettings, info, device: torch
         "lr_weight": settings.lr_weight, "lr_bias": settings.lr_bias, "sequential": settings.sequential,
         "mode": "sequential" if settings.sequential else "parallel", "add_back": "group L1-preserving rescale" if settings.add_back else "none",
         "batchnorm_recalibrated": bn,
-        "accuracy_original": acc["original"], "accuracy_magnitude": acc["magnitude"],
-        "accuracy_adaprune": acc["adaprune"],
-        "final_accuracy": acc["adaprune"],
-        "recovered": (acc["adaprune"] - acc["magnitude"]) / lost if lost > 0 else None,
+        **{f"{task.primary}_{stage}": v for stage, v in value.items()},
+        **task.final_fields(measured["adaprune"]),
+        "recovered": task.gain(value["adaprune"], value["magnitude"]) / lost if lost > 0 else None,
         "wall_seconds": wall,
         "layers": {r.name: {"shape": list(r.shape), "error_magnitude": r.error_magnitude,
                             "error_init": r.error_init, "error_adaprune": r.error_adaprune, "seconds": r.seconds}
                    for r in results},
-        "sparse_layers": sparse_layers, "skipped_layers": skipped,
+        "sparse_layers": sparse_layers, "skipped_layers": skipped, "task": task.name,
     }
 
 

@@ -20,6 +20,7 @@ from .layers import LayerPlan, called_layers, plan_layers
 from .methods import MethodError, build_params, get_method
 from .models import build_model, check_model_sizes, resolve_builder
 from .spec import Spec, SpecError, check_values
+from .tasks import get_task
 
 
 def parse_field_pattern(text: str, field: str, transposable: bool = False) -> Pattern:
@@ -111,18 +112,10 @@ def build(spec: Spec, augment: bool, holdout: int | None, rank: int = 0, world: 
     return Built(train_ds, test_ds, info, train_loader, test_loader, model)
 
 
-def example_input(info: DatasetInfo, device: torch.device | str = "cpu") -> torch.Tensor:
-    """One input the model takes, for probing it (which layers run, their MACs): a window of zero tokens
-    for a language model, a zero image otherwise."""
-    if info.task == "language_model":
-        return torch.zeros(1, info.block_size, dtype=torch.long, device=device)
-    return torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
-
-
 def layer_plan(spec: Spec, built: Built, pattern: Pattern, device: torch.device) -> LayerPlan:
     """The sparse layers of ``built.model`` (already on ``device``) for ``pattern`` by the spec's sparsity
     section; a layer whose forward does not run on one image is never sparse (see `called_layers`)."""
     sparsity = spec.sparsity
-    called = called_layers(built.model, example_input(built.info, device))
+    called = called_layers(built.model, get_task(built.info.task).example_input(built.info, device))
     return plan_layers(built.model, pattern, sparsity.layout, sparsity.include, sparsity.exclude,
                        sparsity.keep_first_dense, sparsity.keep_last_dense, called)

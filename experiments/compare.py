@@ -4,8 +4,12 @@ Each cell is an ordinary `train` run in ``OUT/<method>-<N>of<M>`` (dense runs on
 so every cell has its own complete run directory. A spec's ``accel`` (real 2:4 kernels) applies to the
 cells that can use it (transposable at 2:4-T); the others, the dense baseline among them, run with
 ``accel: none``, and the ``accel`` column says which did. The comparison is written as
-``OUT/compare.csv``, ``OUT/compare.json`` and ``OUT/compare.png`` (accuracy against training
-FLOPs relative to dense, one marker per method, one colour per pattern).
+``OUT/compare.csv``, ``OUT/compare.json`` and ``OUT/compare.png`` (the task's primary metric against
+training FLOPs relative to dense, one marker per method, one colour per pattern).
+
+The metric is the task's (``experiments/tasks``): an image grid's columns are final and best accuracy
+(higher is better), a language-model grid's final perplexity and validation loss (lower is better);
+"best" and the verdict's "above"/"below" (better/worse) follow the primary metric's direction.
 
 With seeds (``--seeds 0,1,2`` or ``sweep.seeds``) every cell runs once per seed, each an ordinary run
 directory ``OUT/<cell>/seed<k>``; the outputs then hold one row per method and pattern with the mean
@@ -35,18 +39,25 @@ from .rundir import RunDir
 from .runner import train
 from .spec import Spec, SpecError, check_number, from_dict, to_dict
 from .stats import mean, paired_test, std
+from .tasks import Task, get_task, task_of_row
 from .yamlfile import read_yaml
 
-COLUMNS = ("method", "pattern", "density", "final_accuracy", "best_accuracy", "epochs", "seed", "flops_ratio",
-           "wall_seconds", "mask_change_rate", "run_dir", "accel")
+def run_columns(task: Task) -> tuple[str, ...]:
+    """A single-seed grid's CSV columns: one row per run, the task's two metrics after the pattern."""
+    return ("method", "pattern", "density", *(c.key for c in task.columns), "epochs", "seed", "flops_ratio",
+            "wall_seconds", "mask_change_rate", "run_dir", "accel")
+
+
+def seed_columns(task: Task) -> tuple[str, ...]:
+    """A seeded grid's CSV columns: the primary metric's mean and std, the second metric's mean."""
+    primary, second = (c.key for c in task.columns)
+    return ("method", "pattern", "density", "n_seeds", "seeds", f"{primary}_mean", f"{primary}_std",
+            f"{second}_mean", "flops_ratio", "wall_seconds_mean", "mask_change_rate_mean",
+            "vs_dense_difference", "vs_dense_p", "vs_dense", "vs_best_difference", "vs_best_p", "vs_best", "accel")
 
 
 RESULT_FILES = ("compare.csv", "compare.json", "compare.png", "mask_change.png")     # in the grid's directory
 
-SEED_COLUMNS = ("method", "pattern", "density", "n_seeds", "seeds", "final_accuracy_mean", "final_accuracy_std",
-                "best_accuracy_mean", "flops_ratio", "wall_seconds_mean", "mask_change_rate_mean",
-                "vs_dense_difference", "vs_dense_p", "vs_dense", "vs_best_difference", "vs_best_p", "vs_best",
-                "accel")
 MAX_SEEDS = 100
 
 
@@ -171,8 +182,9 @@ def run_grid(cells: list[Cell], out: Path, overwrite: bool = False, console=None
         if s is None:
             s = train(c.spec, overwrite=overwrite, console=console, progress=progress, preflight=c.preflight).summary
         result_out = Path(c.spec.out)
+        task = get_task(s.get("task", "classification"))      # summaries written before tasks: images
         rows.append({"method": c.label, "pattern": s["pattern"] or "dense", "density": s["density"],
-                     "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
+                     **{col.key: s[col.key] for col in task.columns},
                      "epochs": s["epochs"], "seed": s["seed"], "flops_ratio": s["train_flops"]["ratio"],
                      "wall_seconds": s["wall_seconds"], "mask_change_rate": _last_change_rate(result_out),
                      "run_dir": str(result_out), "accel": s["accel"]["mode"]})
@@ -201,30 +213,35 @@ def cell_line(row: dict, i: int, total: int, reused: bool) -> str:
     """``[2/6] srste 2:4 (density 0.50) seed 0: final acc 89.60%, wall 23.1 s`` for one finished cell."""
     cell = row["method"] if is_baseline(row) else f"{row['method']} {parse_pattern(row['pattern']).describe()}"
     where = f"reusing the finished run in {row['run_dir']}" if reused else row["run_dir"]
-    return (f"[{i}/{total}] {cell} seed {row['seed']}: final acc {row['final_accuracy']:.2f}%, "
+    task = task_of_row(row)
+    return (f"[{i}/{total}] {cell} seed {row['seed']}: final {task.short} {task.format(row[task.columns[0].key])}, "
             f"wall {row['wall_seconds']:.1f} s · {where}")
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
     """Per-seed run rows -> one row per (method, pattern): mean and sample std over the seeds, and a
-    paired t-test against dense and against the best cell (highest mean final accuracy)."""
+    paired t-test against dense and against the best cell (the best mean of the task's primary metric:
+    the highest final accuracy, the lowest final perplexity)."""
+    task = task_of_row(rows[0])
+    primary, second = (c.key for c in task.columns)
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         cells.setdefault((r["method"], r["pattern"]), []).append(r)
     out = []
     for (method, pattern), runs in cells.items():
-        accs = [r["final_accuracy"] for r in runs]
+        values = [r[primary] for r in runs]
         rates = [r["mask_change_rate"] for r in runs if r["mask_change_rate"] is not None]
         out.append({"method": method, "pattern": pattern, "density": runs[0]["density"],
                     "seeds": [r["seed"] for r in runs], "n_seeds": len(runs),
-                    "final_accuracy_mean": mean(accs), "final_accuracy_std": std(accs),
-                    "best_accuracy_mean": mean([r["best_accuracy"] for r in runs]),
+                    f"{primary}_mean": mean(values), f"{primary}_std": std(values),
+                    f"{second}_mean": mean([r[second] for r in runs]),
                     "flops_ratio": mean([r["flops_ratio"] for r in runs]),
                     "wall_seconds_mean": mean([r["wall_seconds"] for r in runs]),
                     "mask_change_rate_mean": mean(rates) if rates else None,
                     "accel": runs[0]["accel"], "runs": runs})
-    by_seed = [{r["seed"]: r["final_accuracy"] for r in row["runs"]} for row in out]
-    best = max(range(len(out)), key=lambda i: out[i]["final_accuracy_mean"])
+    by_seed = [{r["seed"]: r[primary] for r in row["runs"]} for row in out]
+    pick = min if task.lower_is_better else max
+    best = pick(range(len(out)), key=lambda i: out[i][f"{primary}_mean"])
     dense = next((i for i, row in enumerate(out) if is_baseline(row)), None)
     for i, row in enumerate(out):
         row["vs_best"] = None if i == best else paired_test(by_seed[i], by_seed[best]).to_dict()
@@ -233,25 +250,29 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def verdict(test: dict | None, reference: str) -> str:
-    """A comparison in words: "best" / "dense" (the reference itself), "within noise", "+0.42 (p=0.01)"."""
+def verdict(test: dict | None, reference: str, lower_is_better: bool = False) -> str:
+    """A comparison in words: "best" / "dense" (the reference itself), "within noise", "above (+0.42, p=0.010)".
+    "above" is better and "below" worse in the metric's direction: with ``lower_is_better`` (perplexity)
+    a negative difference is "above"."""
     if test is None:
         return reference
     if test["within_noise"] is None:
         return f"{test['difference']:+.2f} (1 seed: untested)"
     if test["within_noise"]:
         return "within noise"
-    return f"{'above' if test['difference'] > 0 else 'below'} ({test['difference']:+.2f}, p={test['p_value']:.3f})"
+    better = test["difference"] < 0 if lower_is_better else test["difference"] > 0
+    return f"{'above' if better else 'below'} ({test['difference']:+.2f}, p={test['p_value']:.3f})"
 
 
 def _seed_csv_row(row: dict) -> dict:
-    flat = {k: row[k] for k in SEED_COLUMNS if k in row}
+    task = task_of_row(row)
+    flat = {k: row[k] for k in seed_columns(task) if k in row}
     flat["seeds"] = " ".join(str(s) for s in row["seeds"])
     for key, ref in (("vs_dense", "dense"), ("vs_best", "best")):
         test = row[key]
         flat[f"{key}_difference"] = None if test is None else test["difference"]
         flat[f"{key}_p"] = None if test is None else test["p_value"]
-        flat[key] = verdict(test, ref if key == "vs_best" or is_baseline(row) else "–")
+        flat[key] = verdict(test, ref if key == "vs_best" or is_baseline(row) else "–", task.lower_is_better)
     return flat
 
 
@@ -259,7 +280,8 @@ def write_results(rows: list[dict], out: Path, title: str, seeds: bool = False) 
     """Single-seed grids write one row per run (``rows``); seeded grids (``seeds``) write the rows of
     :func:`aggregate` (one per method and pattern, per-seed rows under ``runs``)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SEED_COLUMNS if seeds else COLUMNS)
+    task = task_of_row(rows[0]) if rows else get_task("classification")
+    writer = csv.DictWriter(buf, fieldnames=seed_columns(task) if seeds else run_columns(task))
     writer.writeheader()
     writer.writerows([_seed_csv_row(r) for r in rows] if seeds else rows)
     paths = {"csv": out / "compare.csv", "json": out / "compare.json", "png": out / "compare.png"}
@@ -328,21 +350,23 @@ def plot(rows: list[dict], path: str | IO[bytes], title: str) -> None:
     patterns = list(dict.fromkeys(base(r["pattern"]) for r in rows))
     colours = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    seeded = bool(rows) and "final_accuracy_mean" in rows[0]
+    task = task_of_row(rows[0]) if rows else get_task("classification")
+    key = task.columns[0].key
+    seeded = bool(rows) and f"{key}_mean" in rows[0]
     for r in rows:
         mi, pi = methods.index(r["method"]), patterns.index(base(r["pattern"]))
-        y = r["final_accuracy_mean"] if seeded else r["final_accuracy"]
-        if seeded and r["final_accuracy_std"] is not None:      # error bar: one sample std over the seeds
-            ax.errorbar(r["flops_ratio"], y, yerr=r["final_accuracy_std"], color=colours(pi % 10),
+        y = r[f"{key}_mean"] if seeded else r[key]
+        if seeded and r[f"{key}_std"] is not None:      # error bar: one sample std over the seeds
+            ax.errorbar(r["flops_ratio"], y, yerr=r[f"{key}_std"], color=colours(pi % 10),
                         capsize=3, linewidth=1, zorder=2)
         ax.scatter(r["flops_ratio"], y, marker=markers[mi % len(markers)], s=70,
                    color=colours(pi % 10), edgecolor="black", linewidth=0.5, zorder=3)
     ax.set_xlabel("training GEMM MACs relative to dense (as run on N:M sparse tensor cores)")
     if seeded:
         n = sorted({r["n_seeds"] for r in rows})
-        ax.set_ylabel(f"final test accuracy (%), mean ± std over {'/'.join(map(str, n))} seeds")
+        ax.set_ylabel(f"{task.axis_label}, mean ± std over {'/'.join(map(str, n))} seeds")
     else:
-        ax.set_ylabel("final test accuracy (%)")
+        ax.set_ylabel(task.axis_label)
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3, zorder=0)
     handles = [plt.Line2D([], [], marker=markers[i % len(markers)], linestyle="", color="grey", label=m)

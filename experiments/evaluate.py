@@ -1,4 +1,5 @@
-"""Accuracy and loss of a model on a loader: how training, AdaPrune and their reports measure a model.
+"""Accuracy and loss of an image classifier on a loader: the classification task's measure (experiments/tasks/
+classification.py; a language model's is in tasks/language_model.py).
 
 Also `eval_mode`, the one way nmtrain runs a model in another mode for a while (measuring it, probing
 its layers, recalibrating its BatchNorm) and hands it back in the mode it had.
@@ -28,7 +29,7 @@ def eval_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
-    """(accuracy in %, mean loss) on a loader."""
+    """(accuracy in %, mean loss per sample) of a classifier on a loader."""
     correct = total = 0
     loss_sum = 0.0
     with eval_mode(model):

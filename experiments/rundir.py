@@ -45,7 +45,7 @@ CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 SUMMARY = "summary.json"
 TOKENIZER = "tokenizer.json"
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, MODEL, SUMMARY)
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, MODEL, SUMMARY, TOKENIZER)
 PROGRESS_FILES = (CHECKPOINT, MODEL, SUMMARY)     # a run with one of these has something to resume or keep
 
 
@@ -84,8 +84,8 @@ class Counters:
     """The run's counters at a checkpoint, saved as its ``run`` dict: the field names are the keys. Older
     checkpoints lack some (the oldest all): a missing key reads as the default, and None means the
     runner starts that counter afresh."""
-    best: float = -1.0                  # the best eval accuracy so far
-    running_loss: float = 0.0           # train loss summed since the last eval, over running_n samples
+    best: float = -1.0                  # the best eval of the task's best_metric so far (accuracy, val_loss)
+    running_loss: float = 0.0           # train loss summed since the last eval, over running_n targets
     running_n: int = 0
     wall: float = 0.0                   # seconds trained so far
     metrics_lines: int | None = None    # lines of metrics.jsonl that belong to this checkpoint (None: all)
@@ -114,7 +114,8 @@ _COUNTER_READERS = {
 @dataclass
 class Summary:
     """summary.json of a training run: the field names are its keys, in the order written (compare,
-    convert and the CLI read them back from the file as a plain dict)."""
+    convert and the CLI read them back from the file as a plain dict), with the task's keys
+    (``results``) after ``builder``, then the method's own, ``processes``, ``task`` and ``corpus``."""
     name: str
     method: str
     method_params: dict
@@ -125,9 +126,6 @@ class Summary:
     seed: int
     device: str
     builder: dict                       # models.builder_record: model.name, its source, its arguments
-    final_accuracy: float
-    best_accuracy: float
-    final_test_loss: float
     eval_split: str
     epochs: float
     steps: int
@@ -136,14 +134,30 @@ class Summary:
     skipped_layers: dict                # layer name -> why it stayed dense
     train_flops: dict
     accel: dict
+    # The task's keys (tasks/*.py summary_fields): final_accuracy, best_accuracy, final_test_loss of an
+    # image classifier; final_val_loss, final_perplexity, final_bpc, best_val_loss of a language model.
+    results: dict = field(default_factory=dict)
+    final_accuracy: float | None = None     # classification's three keys, also taken as arguments
+    best_accuracy: float | None = None
+    final_test_loss: float | None = None
     method_fields: dict = field(default_factory=dict)   # the method's own (summary_fields), after these
     processes: int | None = None        # a multi-process run's process count; absent from a single process's
+    task: str | None = None             # the run's task (tasks/); absent when None
+    corpus: dict | None = None          # a language model's corpus record (DatasetInfo.corpus); absent when None
+
+    _HEAD = ("name", "method", "method_params", "pattern", "density", "model", "dataset", "seed", "device", "builder")
+    _CLASSIFICATION = ("final_accuracy", "best_accuracy", "final_test_loss")
+    _TAIL = ("eval_split", "epochs", "steps", "wall_seconds", "sparse_layers", "skipped_layers", "train_flops", "accel")
 
     def to_dict(self) -> dict:
-        summary = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("method_fields", "processes")}
+        summary = {name: getattr(self, name) for name in self._HEAD}
+        summary.update({k: getattr(self, k) for k in self._CLASSIFICATION if getattr(self, k) is not None})
+        summary.update(self.results)
+        summary.update({name: getattr(self, name) for name in self._TAIL})
         summary.update(self.method_fields)
-        if self.processes is not None:
-            summary["processes"] = self.processes
+        for name in ("processes", "task", "corpus"):
+            if getattr(self, name) is not None:
+                summary[name] = getattr(self, name)
         return summary
 
 
@@ -287,6 +301,9 @@ class RunDir:
     def write_summary(self, summary: dict) -> None:
         """``summary``: a `Summary`'s dict, or AdaPrune's (experiments/adaprune.py)."""
         save_text(json.dumps(summary, indent=2) + "\n", self.summary, "--out")
+
+    def write_tokenizer(self, record: dict) -> None:
+        save_text(json.dumps(record, indent=2) + "\n", self.tokenizer, "--out")
 
     def read_summary(self, field: str = "SOURCE") -> dict:
         return read_json_file(self.summary, field)

@@ -4,13 +4,18 @@ It knows nothing about any particular method: it builds data, model and optimize
 routes the sparse layers' forward through the method found by name, and records what happened::
 
     DIR/config.yaml      the resolved spec (every default filled in)
-    DIR/metrics.jsonl    one line per eval: step, epoch, loss, test_loss, accuracy, lr, mask_change_rate
+    DIR/metrics.jsonl    one line per eval: step, epoch, loss, the task's metrics (test_loss, accuracy of an
+                         image classifier; val_loss, perplexity, bpc of a language model), lr, mask_change_rate
                          (and mask_recomputes: step and change rate of each mask recompute since the last line)
+    DIR/tokenizer.json   a language-model run's tokenizer, written at its start
     DIR/checkpoint.pt    model, optimizer, scheduler, method state (masks), RNG states, step, and the
-                         run's counters (best accuracy, running loss, FLOPs, wall time, metrics lines)
+                         run's counters (best accuracy or val loss, running loss, FLOPs, wall time, metrics lines)
     DIR/model.pt         final state_dict with masks folded in: pruned weights exactly zero
     DIR/summary.json     method, pattern, accuracies, wall time, sparse layers, training FLOPs, accel, and
                          the model's builder (model.name, its source file or library, its arguments)
+
+What a batch means is the run's task (`tasks/`, from the dataset): its loss, how many targets a batch
+holds (the running train loss is per target: per image, or per token), its metrics and which way is better.
 
 The run goes in named phases, each a function below: `_build` (spec → device, data, model, layer
 plan, schedule length), `_equip` (with the method attached: optimizer, scheduler, FLOP counter),
@@ -52,7 +57,6 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
-from torch.nn import functional as F
 
 from ..data.loaders import set_epoch
 from ..sparsity import Pattern, nm_violation
@@ -60,7 +64,6 @@ from .io import CheckpointError, first_line, state_dict_mismatch
 from .build import Built, Preflight, build, layer_plan, resolve_device, validate
 from .distributed import (check_masks_agree, initialized, process_group, rank_and_world, rank_device, sum_across,
                           world_size)
-from .evaluate import evaluate
 from .methods import attach, params_dict, train_step
 from .methods.ste import change_rate
 from .layers import LayerPlan
@@ -68,6 +71,7 @@ from .models import builder_record
 from .flops import FlopCounter, macs_per_sample
 from .rundir import Checkpoint, Counters, RunDir, RunError, Summary, check_flags, load_weights, save_checkpoint
 from .spec import Spec, SpecError, dump_spec
+from .tasks import Task, get_task
 
 NOT_FINITE_AFTER_UPDATE = "the weights are not finite after the update"
 
@@ -188,6 +192,7 @@ class Run:
     world: int                      # processes (1 unless launched by torchrun)
     main: bool                      # rank 0: the one process that writes and prints
     built: Built                    # datasets, loaders, model
+    task: Task                      # what a batch means: loss, targets, metrics (the dataset's task)
     plan: LayerPlan
     pattern: Pattern
     method_cls: type
@@ -200,8 +205,8 @@ class Run:
     scheduler: object = None
     flops: FlopCounter = None
     step: int = 0
-    best: float = -1.0
-    running_loss: float = 0.0       # train loss summed since the last eval, over running_n samples
+    best: float = -1.0              # the task's best_metric at its best so far (`_build` starts it at the task's worst)
+    running_loss: float = 0.0       # train loss summed since the last eval, over running_n targets
     running_n: int = 0
     wall_before: float = 0.0        # seconds trained before this process (a resumed run)
     start: float = 0.0              # perf_counter when this process started training
@@ -276,8 +281,9 @@ def _build(spec: Spec, overwrite: bool, resume: bool, preflight: Preflight | Non
     total_steps = spec.train.epochs * steps_per_epoch
     if spec.train.max_steps is not None:
         total_steps = min(total_steps, spec.train.max_steps)
-    run = Run(spec, rd, device, world, rank == 0, built, plan, preflight.pattern, preflight.method, preflight.params,
-              steps_per_epoch, total_steps)
+    task = get_task(built.info.task)
+    run = Run(spec, rd, device, world, rank == 0, built, task, plan, preflight.pattern, preflight.method,
+              preflight.params, steps_per_epoch, total_steps, best=task.worst)
     return run, ckpt
 
 
@@ -318,6 +324,8 @@ def _start(run: Run) -> None:
     resolved.method.params = params_dict(run.params)
     if run.main:
         run.rd.write_config(dump_spec(resolved))
+        if run.built.info.tokenizer is not None:       # how the run's token ids read as text (nmtrain sample)
+            run.rd.write_tokenizer(run.built.info.tokenizer)
 
 
 def _restore(run: Run, ckpt: Checkpoint) -> None:
@@ -356,14 +364,14 @@ def _loop(run: Run, console, progress: bool) -> None:
     """Train from ``run.step`` to the last step. A first Ctrl-C is deferred to the end of the step,
     which is then checkpointed; a second stops at once and keeps the last checkpoint."""
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
+                   TextColumn("loss {task.fields[loss]:.4f}  {task.fields[metric]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress)
     run.start = time.perf_counter()
     in_step = False
     try:
         with bar, _DeferSigint() as sigint:
             task = bar.add_task(f"{run.spec.name} · {run.method_cls.name}", total=run.total_steps,
-                                completed=run.step, loss=float("nan"), acc="–")
+                                completed=run.step, loss=float("nan"), metric=f"{run.task.short} –")
             run.model.train()
             while run.step < run.total_steps:
                 epoch = run.step // run.steps_per_epoch    # a resumed epoch skips the batches already done
@@ -374,9 +382,9 @@ def _loop(run: Run, console, progress: bool) -> None:
                     in_step = True
                     step_loss = _train_step(run, x, y)
                     bar.update(task, advance=1, loss=step_loss)
-                    acc = _after_step(run)
-                    if acc is not None:
-                        bar.update(task, acc=f"{acc:.2f}%")
+                    metrics = _after_step(run)
+                    if metrics is not None:
+                        bar.update(task, metric=f"{run.task.short} {run.task.format(metrics[run.task.primary])}")
                     in_step = False
                     if sigint.requested:
                         raise KeyboardInterrupt
@@ -396,17 +404,17 @@ def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
     measured = {}
 
     def loss_of() -> torch.Tensor:
-        loss, measured["loss"], measured["n"] = _loss(run, x, y)
+        loss, measured["loss"], measured["n"], measured["targets"] = _loss(run, x, y)
         if not math.isfinite(measured["loss"]):
             raise run.diverged(step, f"loss is {measured['loss']}")
         return loss
 
     train_step(method, step, run.optimizer, loss_of, run.scheduler, on_mask_error=lambda exc: _mask_error(run),
                clip=run.spec.optim.grad_clip)
-    step_loss, step_n = measured["loss"], measured["n"]
-    run.flops.add_step(step_n, {n: method.densities(n, step) for n in method.ctx.layers})
-    run.running_loss += step_loss * step_n
-    run.running_n += step_n
+    step_loss, step_n, step_targets = measured["loss"], measured["n"], measured["targets"]
+    run.flops.add_step(step_n, {n: method.densities(n, step) for n in method.ctx.layers})    # per sample
+    run.running_loss += step_loss * step_targets
+    run.running_n += step_targets
     run.step += 1
     return step_loss
 
@@ -421,43 +429,46 @@ def _mask_error(run: Run) -> None:
     raise run.diverged(run.step - 1, NOT_FINITE_AFTER_UPDATE) from None
 
 
-def _loss(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """(loss to backpropagate, the step's mean train loss, samples in the step)."""
+def _loss(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float, int, int]:
+    """(loss to backpropagate, the step's mean train loss per target, samples and targets in the step)."""
+    task = run.task
     if not run.distributed:
-        loss = F.cross_entropy(run.net(x), y)
-        return loss, loss.item(), y.shape[0]   # one host sync per step
-    # Sum over this rank's share, scaled so that DDP's gradient average is the mean over the global
-    # batch (exact also for the epoch's last, unevenly split batch).
+        loss = task.loss(run.net, x, y)
+        return loss, loss.item(), y.shape[0], task.targets(y)   # one host sync per step
+    # Sum over this rank's targets (labels, or tokens), scaled so that DDP's gradient average is the
+    # mean over the global batch's targets (exact also for the epoch's last, unevenly split batch).
     global_batch = run.spec.data.batch_size
     n_step = min(global_batch, len(run.built.train_ds) - (run.step % run.steps_per_epoch) * global_batch)
-    loss_sum = F.cross_entropy(run.net(x), y, reduction="sum")
-    loss = loss_sum * (run.world / n_step)
+    n_targets = n_step * (task.targets(y) // y.shape[0])        # every sample holds as many targets
+    loss_sum = task.loss(run.net, x, y, reduction="sum")
+    loss = loss_sum * (run.world / n_targets)
     stat = torch.stack([loss_sum.detach().double(),
-                        torch.tensor(float(y.shape[0]), dtype=torch.float64, device=run.device)])
+                        torch.tensor(float(task.targets(y)), dtype=torch.float64, device=run.device)])
     sum_across(stat)
-    return loss, float(stat[0]) / float(stat[1]), n_step
+    return loss, float(stat[0]) / float(stat[1]), n_step, n_targets
 
 
-def _after_step(run: Run) -> float | None:
-    """Evaluate and checkpoint when their intervals (or the last step) come; returns the accuracy if evaluated."""
+def _after_step(run: Run) -> dict[str, float] | None:
+    """Evaluate and checkpoint when their intervals (or the last step) come; returns the metrics if evaluated."""
     step, spe = run.step, run.steps_per_epoch
     do_eval = step % (run.spec.train.eval_interval or spe) == 0 or step == run.total_steps
     do_ckpt = step % (run.spec.train.checkpoint_interval or spe) == 0 or step == run.total_steps
     if (do_eval or do_ckpt) and not _finite(run.model):
         raise run.diverged(step - 1, NOT_FINITE_AFTER_UPDATE)
-    acc = _evaluate_step(run) if do_eval else None
+    metrics = _evaluate_step(run) if do_eval else None
     if do_ckpt:
         _checkpoint(run)
-    return acc
+    return metrics
 
 
-def _evaluate_step(run: Run) -> float:
-    """Test accuracy and loss, one line of metrics.jsonl; the running train loss starts again."""
-    acc, test_loss = evaluate(run.model, run.built.test_loader, run.device)
+def _evaluate_step(run: Run) -> dict[str, float]:
+    """The task's metrics on the test (validation) loader, one line of metrics.jsonl; the running train
+    loss starts again."""
+    metrics = run.task.evaluate(run.model, run.built.test_loader, run.device)
     masks = run.method.masks()
     check_masks_agree(masks, run.device, run.step)
     record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
-              "loss": run.running_loss / max(run.running_n, 1), "test_loss": test_loss, "accuracy": acc,
+              "loss": run.running_loss / max(run.running_n, 1), **metrics,
               "lr": run.optimizer.param_groups[0]["lr"], "mask_change_rate": change_rate(run.last_masks, masks)}
     record.update(run.method.metric_fields())
     events = run.method.pop_mask_events()
@@ -465,11 +476,11 @@ def _evaluate_step(run: Run) -> float:
         record["mask_recomputes"] = events
     run.last_masks = {k: v.clone() for k, v in masks.items()}
     run.running_loss, run.running_n = 0.0, 0
-    run.best = max(run.best, acc)
+    run.best = run.task.best(run.best, metrics)
     run.metrics.append(record)
     if run.main:
         run.rd.write_metrics(run.metrics)
-    return acc
+    return metrics
 
 
 def _checkpoint(run: Run) -> None:
@@ -497,7 +508,7 @@ def _finish(run: Run, final_masks: dict[str, torch.Tensor], wall: float) -> RunR
     spec, method, info, pattern = run.spec, run.method, run.built.info, run.pattern
     dense = not run.method_cls.caps.sparse
     sparse_layers = fold_masks(method, final_masks, spec.sparsity.layout)
-    final_acc, final_loss = evaluate(run.model, run.built.test_loader, run.device)
+    final = run.task.evaluate(run.model, run.built.test_loader, run.device)
     state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
     if run.main:
         run.rd.write_model(state)
@@ -506,13 +517,14 @@ def _finish(run: Run, final_masks: dict[str, torch.Tensor], wall: float) -> RunR
         pattern=None if dense else str(pattern), density=1.0 if dense else pattern.density,
         model=spec.model.name, dataset=spec.data.dataset, seed=spec.seed, device=str(run.device),
         builder=builder_record(spec.model.name, info, spec.model),
-        final_accuracy=final_acc, best_accuracy=max(run.best, final_acc), final_test_loss=final_loss,
-        eval_split="test" if spec.data.holdout is None else f"holdout ({spec.data.holdout} train samples)",
+        results=run.task.summary_fields(final, run.best),
+        eval_split=run.task.split if spec.data.holdout is None else f"holdout ({spec.data.holdout} train samples)",
         epochs=round(run.step / run.steps_per_epoch, 4), steps=run.step, wall_seconds=wall,
         sparse_layers=sparse_layers, skipped_layers=run.plan.skipped if not dense else {},
         train_flops=run.flops.summary(),
         accel=method.accel_report() or {"mode": spec.accel, "sparse_layers": [], "fallback": {}},
         method_fields=method.summary_fields(), processes=run.world if run.distributed else None,
+        task=run.task.name, corpus=info.corpus,
     ).to_dict()
     if run.main:
         run.rd.write_summary(summary)
@@ -569,13 +581,15 @@ def _restore_rng(rng: dict) -> None:
 
 
 def summary_table(summary: dict) -> Table:
+    """`nmtrain train`'s table: the task's columns (final and best accuracy; perplexity and val loss)."""
     f = summary["train_flops"]
+    columns = get_task(summary.get("task", "classification")).columns
     table = Table(title=f"nmtrain train · {summary['name']}")
-    for col in ("method", "pattern", "density", "final acc", "best acc", "epochs", "wall", "train FLOPs vs dense",
+    for col in ("method", "pattern", "density", *(c.label for c in columns), "epochs", "wall", "train FLOPs vs dense",
                 "sparse layers"):
         table.add_column(col, justify="right" if col not in ("method", "pattern") else "left")
     table.add_row(summary["method"], summary["pattern"] or "–", f"{summary['density']:.2f}",
-                  f"{summary['final_accuracy']:.2f}%", f"{summary['best_accuracy']:.2f}%", f"{summary['epochs']:g}",
+                  *(c.format(summary[c.key]) for c in columns), f"{summary['epochs']:g}",
                   f"{summary['wall_seconds']:.1f} s", f"{f['ratio']:.3f} ({f['dense_over_run']:.2f}x fewer)",
                   str(len(summary["sparse_layers"])))
     return table

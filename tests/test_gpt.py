@@ -11,7 +11,8 @@ from torch import nn
 
 from nmtrain.data import DatasetInfo, register_dataset
 from nmtrain.data import registry as data_registry
-from nmtrain.experiments.build import example_input, validate
+from nmtrain.experiments.build import validate
+from nmtrain.experiments.tasks import get_task
 from nmtrain.experiments.errors import ModelError
 from nmtrain.experiments.flops import macs_per_sample
 from nmtrain.experiments.gpt import GPT
@@ -98,7 +99,7 @@ def test_init_is_nanogpts():
 
 def test_flops_count_the_attention_products_dense():
     model = tiny()
-    macs = macs_per_sample(model, example_input(lm_info(), "cpu"))
+    macs = macs_per_sample(model, get_task("language_model").example_input(lm_info(), "cpu"))
     d = 32
     for i in range(2):
         assert macs[f"blocks.{i}.attn"] == 2 * T * T * d                 # Q K^T and A V
@@ -111,7 +112,7 @@ def test_flops_count_the_attention_products_dense():
 
 def test_every_block_linear_is_sparse_embedding_and_head_dense():
     model = tiny()
-    plan = plan_layers(model, Pattern(2, 4), "nhwc", called=called_layers(model, example_input(lm_info())))
+    plan = plan_layers(model, Pattern(2, 4), "nhwc", called=called_layers(model, get_task("language_model").example_input(lm_info(), "cpu")))
     assert list(plan.sparse) == [f"blocks.{i}.{layer}" for i in range(2)
                                  for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
     assert "table lookup" in plan.skipped["wte"] and "kept dense" in plan.skipped["head"]
