@@ -206,7 +206,7 @@ class TinyLM(nn.Module):
     def __init__(self, vocab, width=32):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
-        self.inp = nn.Linear(width, width)          # the first Linear: dense
+        self.inp = nn.Linear(width, width)          # sparse: the embedding is the first layer (a lookup, dense)
         self.hidden = nn.Linear(width, width)       # sparse
         self.head = nn.Linear(width, vocab)         # the last: dense
 
@@ -217,7 +217,7 @@ class TinyLM(nn.Module):
 @pytest.fixture(scope="module")
 def tiny_lm():
     """``model.name=tiny_lm`` for this module's runs: registered, then removed from the registry."""
-    models.register_model("tiny_lm")(lambda num_classes, in_channels, image_size, width: TinyLM(num_classes))
+    models.register_model("tiny_lm", task="language_model")(lambda vocab_size, **sizes: TinyLM(vocab_size))
     yield "tiny_lm"
     models._MODELS.pop("tiny_lm")
 
@@ -251,7 +251,7 @@ def test_a_language_model_run_records_perplexity(lm_run):
     # The chain leaves ln 2 nats per token to learn; a uniform guess costs ln 16 = 2.77.
     assert s["final_val_loss"] < 1.2 < math.log(16) and s["final_perplexity"] == pytest.approx(math.exp(s["final_val_loss"]))
     assert s["best_val_loss"] == min(r["val_loss"] for r in lines) <= s["final_val_loss"] + 1e-9
-    assert list(s["sparse_layers"]) == ["hidden.weight"]
+    assert list(s["sparse_layers"]) == ["inp.weight", "hidden.weight"]
     assert s["train_flops"]["ratio"] < 1.0
     assert "final ppl" in result.stdout and "val loss" in result.stdout
     assert not (out / "tokenizer.json").exists()        # token ids already: no tokenizer to record
@@ -280,7 +280,8 @@ def test_a_language_model_run_writes_its_tokenizer(tiny_lm, tmp_path, monkeypatc
         train, val, info = entry.builder(root, **kwargs)
         return train, val, replace(info, tokenizer={"kind": "char", "chars": "abcdefghijklmnop"})
     monkeypatch.setitem(data_registry._DATASETS, "synthetic_text", data_registry._Entry("synthetic_text",
-                                                                                         with_tokenizer, "t"))
+                                                                                         with_tokenizer, "t",
+                                                                                         "language_model"))
     out = tmp_path / "run"
     result = run_cli("train", *LM_RUN, "train.max_steps=2", "--out", out)
     assert result.exit_code == 0, result.stderr

@@ -190,8 +190,9 @@ def test_the_real_corpus_when_make_install_fetched_it():
 # --- bad input through the CLI: one line, exit 2, nothing written --------------------------------
 
 def refused(tmp_path, needle, *args):
+    """``nmtrain train`` of the GPT (``args`` may name another model) refused with ``needle``, nothing written."""
     before = snapshot(tmp_path)
-    result = run_cli("train", "--out", tmp_path / "run", "--no-progress", *args)
+    result = run_cli("train", "--out", tmp_path / "run", "--no-progress", "model.name=gpt", *args)
     assert_refused(result, needle, before, snapshot(tmp_path))
 
 
@@ -228,8 +229,9 @@ def test_unknown_tokenizer_bad_block_size_and_options_an_image_dataset_does_not_
             "data.tokenizer=bpe")
     refused(tmp_path, "data.block_size: must be in [1, 65536]", "data.dataset=text", root, "data.block_size=0")
     refused(tmp_path, "data.block_size: not an option of dataset 'synthetic'", "data.dataset=synthetic",
-            "data.block_size=32")
-    refused(tmp_path, "data.tokenizer: not an option of dataset 'fashion_mnist'", "data.tokenizer=char")
+            "data.block_size=32", "model.name=mlp")
+    refused(tmp_path, "data.tokenizer: not an option of dataset 'fashion_mnist'", "data.tokenizer=char",
+            "model.name=lenet5")
     refused(tmp_path, "data.holdout: a language-model dataset", "data.dataset=text", root, "data.holdout=5")
     with pytest.raises(DatasetError, match=r"^data\.tokenizer: 'bpe' is unknown"):
         build_datasets("shakespeare", root=str(tmp_path / "nothing-read"), tokenizer="bpe")
