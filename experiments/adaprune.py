@@ -326,7 +326,7 @@ def adaprune(source: str | Path, settings: AdaPruneSettings, spec_path: str | Pa
     sparse_layers = _check_sparse(pruned, masks, pattern, layout)
     summary = _summary(spec, source, settings, built.info, device, n_calib, bn, task, measured, results,
                        sparse_layers, plan.skipped, time.perf_counter() - start)
-    _write(out, pruned, spec, source, pattern, summary)
+    _write(out, pruned, spec, source, pattern, summary, built.info.tokenizer)
     return AdaPruneResult(out, summary, results)
 
 
@@ -445,10 +445,13 @@ def _summary(spec: Spec, source, settings: AdaPruneSettings, info, device: torch
     }
 
 
-def _write(out: Path, pruned: nn.Module, spec: Spec, source, pattern: Pattern, summary: dict) -> None:
+def _write(out: Path, pruned: nn.Module, spec: Spec, source, pattern: Pattern, summary: dict,
+           tokenizer: dict | None) -> None:
     # Held while written, and all or nothing: a failed write (a full disk) removes the files before it.
     with RunDir(out).writing() as rd:
         rd.write_model({k: v.detach().cpu() for k, v in pruned.state_dict().items()})
+        if tokenizer is not None:       # a language model's vocabulary: `nmtrain sample` reads it from the run
+            rd.write_tokenizer(tokenizer)
         # The source's spec names model and data; AdaPrune's own settings are in summary.json.
         rd.write_config(f"# spec of the source model ({source}); AdaPrune {pattern.describe()} settings: {SUMMARY}\n"
                         + dump_spec(spec))
