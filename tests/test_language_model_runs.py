@@ -40,7 +40,14 @@ def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("lm")
     root = corpus(base / "text")
     out = base / "srste"
-    result = run_cli("train", *lm_args(root), "--method", "srste", "--pattern", "2:4", "--out", out)
+    # one intra-op thread, as every test runs (conftest): a module fixture is built before the function
+    # fixtures, and the resume test compares bit for bit with a run of its own
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_cli("train", *lm_args(root), "--method", "srste", "--pattern", "2:4", "--out", out)
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.stderr + result.stdout
     return root, out
 
