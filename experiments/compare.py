@@ -364,7 +364,7 @@ def plot(rows: list[dict], path: str | IO[bytes], title: str) -> None:
     ax.set_xlabel("training GEMM MACs relative to dense (as run on N:M sparse tensor cores)")
     if seeded:
         n = sorted({r["n_seeds"] for r in rows})
-        ax.set_ylabel(f"{task.axis_label}, mean ± std over {'/'.join(map(str, n))} seeds")
+        ax.set_ylabel(f"{task.axis_label}\nmean ± std over {'/'.join(map(str, n))} seeds")
     else:
         ax.set_ylabel(task.axis_label)
     ax.set_title(title, fontsize=9)

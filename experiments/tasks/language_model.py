@@ -33,7 +33,7 @@ class LanguageModel(Task):
     worst = math.inf
     split = "validation"              # what the test loader holds: the validation split (the last 10% of the text)
     short = "ppl"
-    axis_label = "final validation perplexity (lower is better)"
+    axis_label = "validation perplexity (lower is better)"
     columns = (Column("final_perplexity", "final ppl", 3), Column("final_val_loss", "val loss", 4))
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
