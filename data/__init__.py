@@ -14,7 +14,7 @@ Samples are ``(float image tensor C x H x W, normalised; int label)``. Registere
 - ``text``: your own UTF-8 text, a file or a folder of .txt files (data/text.py).
 - ``synthetic_text``: a generated token stream (a seeded Markov chain) for the language-model task's tests.
 
-Those two are for language models (`DatasetInfo.task` is ``"language_model"``): samples are ``(x, y)``,
+The last three are for language models (`DatasetInfo.task` is ``"language_model"``): samples are ``(x, y)``,
 windows of ``block_size`` token ids and the same shifted by one; ``tokenizer`` (char or byte) and
 ``block_size`` are their options, and `data.tokenizer` rebuilds a tokenizer from a run's record.
 

@@ -175,10 +175,10 @@ def build_datasets(name: str, root: str | None = None, augment: bool = False,
     """
     check_options(name, options)
     entry = _DATASETS[name]
-    train, test, info = entry.builder(root, augment=augment, download=download, seed=seed, **options)
-    if holdout is not None and info.task != "classification":
+    if holdout is not None and entry.task != "classification":     # known before any data is read
         raise DatasetError("data.holdout: a language-model dataset evaluates on its validation split (the last "
                            "10% of the text); its training windows overlap, so none can be held out; use null")
+    train, test, info = entry.builder(root, augment=augment, download=download, seed=seed, **options)
     # Different streams per split, so the two subsets are not the same index pattern.
     train = seeded_subset(train, train_subset, seed, "data.train_subset")
     if holdout is not None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .memory import TensorImageDataset
 from .registry import DatasetError, DatasetInfo, positive_int, register_dataset
+from .text import TokenWindows
 
 
 def _balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -55,24 +56,6 @@ def synthetic(root: str | None, *, augment: bool, download: bool, seed: int, num
     info = DatasetInfo("synthetic", num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                        train_size=train_size, test_size=test_size)
     return train, test, info
-
-
-class TokenWindows(torch.utils.data.Dataset):
-    """Windows of ``block_size`` tokens of a stream and their next tokens: item i is ``(x, y)`` with
-    ``x = tokens[s : s + block]``, ``y = tokens[s + 1 : s + block + 1]``, ``s = i * stride``. Stride 1
-    gives every offset (a train split), stride ``block_size`` non-overlapping windows (a validation split)."""
-
-    def __init__(self, tokens: torch.Tensor, block_size: int, stride: int):
-        self.tokens, self.block_size, self.stride = tokens, block_size, stride
-
-    def __len__(self) -> int:
-        return (len(self.tokens) - self.block_size - 1) // self.stride + 1
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        s = i * self.stride
-        return self.tokens[s:s + self.block_size], self.tokens[s + 1:s + self.block_size + 1]
 
 
 MAX_SYNTHETIC_TOKENS = 10_000_000

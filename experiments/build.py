@@ -34,7 +34,9 @@ def parse_field_pattern(text: str, field: str, transposable: bool = False) -> Pa
 @dataclass(frozen=True)
 class Preflight:
     """What `validate` found in a spec: the one pre-flight, made before any data is read or directory made,
-    and carried from there (compare's cells, the launcher of ``--nproc``, the runner) instead of redone."""
+    and carried from there (compare's cells into the runner) instead of redone. The ``--nproc`` launcher
+    checks with the processes' world before it starts them; each process, a fresh interpreter, checks again
+    for the world it runs in."""
     asked: Pattern              # the pattern as the spec asks it (sparsity.pattern, sparsity.transposable)
     pattern: Pattern            # the pattern the method's masks satisfy (N:M-T where the method needs it)
     layer_pattern: Pattern      # what a layer must fit to be sparse (the layer plan's pattern)
@@ -92,7 +94,7 @@ def resolve_device(name: str) -> torch.device:
 class Built:
     train_ds: Dataset
     test_ds: Dataset
-    info: DatasetInfo           # num_classes, in_channels, image_size
+    info: DatasetInfo           # the task, and its sizes (classes and image, or vocabulary and context)
     train_loader: DataLoader
     test_loader: DataLoader
     model: nn.Module            # freshly initialised, on the CPU
@@ -100,7 +102,7 @@ class Built:
 
 def build(spec: Spec, augment: bool, holdout: int | None, rank: int = 0, world: int = 1) -> Built:
     """The spec's datasets (``augment``: training's augmentation; ``holdout``: train samples held out
-    for evaluation), their loaders (rank ``rank`` of ``world``) and a new model for their images."""
+    for evaluation), their loaders (rank ``rank`` of ``world``) and a new model for their data."""
     train_ds, test_ds, info = build_datasets(spec.data.dataset, root=spec.data.root, augment=augment,
                                              train_subset=spec.data.train_subset, test_subset=spec.data.test_subset,
                                              download=spec.data.download, seed=spec.seed, holdout=holdout,

@@ -92,7 +92,7 @@ def _mask_checksums(masks: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def check_masks_agree(masks: dict[str, torch.Tensor], device: torch.device, step: int) -> None:
     """All-gather a checksum of every mask and raise RuntimeError naming the first layer where ranks differ."""
-    if not initialized() or dist.get_world_size() == 1 or not masks:
+    if not active() or not masks:
         return
     local = _mask_checksums(masks).to(device)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]

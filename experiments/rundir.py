@@ -137,21 +137,16 @@ class Summary:
     # The task's keys (tasks/*.py summary_fields): final_accuracy, best_accuracy, final_test_loss of an
     # image classifier; final_val_loss, final_perplexity, final_bpc, best_val_loss of a language model.
     results: dict = field(default_factory=dict)
-    final_accuracy: float | None = None     # classification's three keys, also taken as arguments
-    best_accuracy: float | None = None
-    final_test_loss: float | None = None
     method_fields: dict = field(default_factory=dict)   # the method's own (summary_fields), after these
     processes: int | None = None        # a multi-process run's process count; absent from a single process's
     task: str | None = None             # the run's task (tasks/); absent when None
     corpus: dict | None = None          # a language model's corpus record (DatasetInfo.corpus); absent when None
 
     _HEAD = ("name", "method", "method_params", "pattern", "density", "model", "dataset", "seed", "device", "builder")
-    _CLASSIFICATION = ("final_accuracy", "best_accuracy", "final_test_loss")
     _TAIL = ("eval_split", "epochs", "steps", "wall_seconds", "sparse_layers", "skipped_layers", "train_flops", "accel")
 
     def to_dict(self) -> dict:
         summary = {name: getattr(self, name) for name in self._HEAD}
-        summary.update({k: getattr(self, k) for k in self._CLASSIFICATION if getattr(self, k) is not None})
         summary.update(self.results)
         summary.update({name: getattr(self, name) for name in self._TAIL})
         summary.update(self.method_fields)

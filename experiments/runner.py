@@ -175,7 +175,7 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
     check_flags(overwrite, resume)
     if world_size() == 1 or initialized():
         return _train(spec, overwrite, console, progress, resume, preflight)
-    preflight = preflight or validate(spec)
+    preflight = preflight or validate(spec, world_size())
     RunDir(spec.out).check_target(overwrite, resume)   # every rank, before rank 0 can write anything (init is a rendezvous)
     with process_group(resolve_device(spec.device)) as rank:
         return _train(spec, overwrite, console if rank == 0 else None, progress and rank == 0, resume, preflight,
@@ -313,8 +313,8 @@ def _equip(run: Run, method) -> None:
     run.optimizer = _optimizer(spec, run.model)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer,
                                                       _lr_lambda(spec, run.steps_per_epoch, run.total_steps))
-    sample = next(iter(run.built.test_loader))[0].to(run.device)
-    run.flops = FlopCounter(macs_per_sample(run.model, sample))
+    # MACs depend on shapes alone: the task's probe input, not a batch loaded from the test split
+    run.flops = FlopCounter(macs_per_sample(run.model, run.task.example_input(run.built.info, run.device)))
     run.last_masks = {k: v.clone() for k, v in method.masks().items()}
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data import DatasetInfo, dataset_task
 from ..data.text import DEFAULT_BLOCK_SIZE
+from ..data.tokenizer import from_record
 from .convert import load_source
 from .errors import ExperimentError
 from .evaluate import eval_mode
@@ -30,59 +31,16 @@ from .spec import Spec, from_dict
 from .yamlfile import read_yaml
 
 MAX_TOKENS = 100_000        # --tokens: a page of text is ~3,000; the bound stops a typo from running for hours
-MAX_VOCAB = 1 << 20         # characters in a char vocabulary: far above any text's, far below what exhausts memory
-BYTE_VOCAB = 256
 
 
 class SampleError(ExperimentError):
     """A run, weights file or option `nmtrain sample` cannot use; one-line message."""
 
 
-# -- the tokenizer record (tokenizer.json) ----------------------------------------------------------
-
-def read_tokenizer(path: Path) -> dict:
-    """The run's tokenizer record, checked: ``{"kind": "char", "chars": <distinct characters in id order>}``
-    or ``{"kind": "byte"}``. The file is read by the one bounded JSON reader."""
-    record = read_json_file(path, "RUN")
-    kind = record.get("kind")
-    if kind == "byte":
-        return {"kind": "byte"}
-    if kind != "char":
-        raise SampleError(f"RUN: {path} names tokenizer kind {kind!r}; nmtrain writes char or byte")
-    chars = record.get("chars")
-    if not isinstance(chars, str) or not chars or len(chars) > MAX_VOCAB or len(set(chars)) != len(chars):
-        raise SampleError(f"RUN: {path} holds no char vocabulary nmtrain writes (chars must be 1 to {MAX_VOCAB} "
-                          "distinct characters)")
-    return {"kind": "char", "chars": chars}
-
-
-def vocab_size(record: dict) -> int:
-    return BYTE_VOCAB if record["kind"] == "byte" else len(record["chars"])
-
-
-def encode(record: dict, text: str) -> list[int]:
-    """``text`` as token ids; characters outside a char vocabulary are a SampleError naming them."""
-    if record["kind"] == "byte":
-        return list(text.encode("utf-8"))
-    index = {c: i for i, c in enumerate(record["chars"])}
-    missing = sorted({c for c in text if c not in index})
-    if missing:
-        shown = ", ".join(repr(c) for c in missing[:10]) + (" ..." if len(missing) > 10 else "")
-        raise SampleError(f"--prompt: {len(missing)} character(s) are not in the run's vocabulary of "
-                          f"{len(index)} (from its training text): {shown}; leave them out")
-    return [index[c] for c in text]
-
-
-def decode(record: dict, ids: list[int]) -> str:
-    if record["kind"] == "byte":     # a window may end inside a multi-byte character: shown as U+FFFD
-        return bytes(ids).decode("utf-8", errors="replace")
-    return "".join(record["chars"][i] for i in ids)
-
-
 # -- the model -----------------------------------------------------------------------------------
 
 def load_language_model(run: str | Path, weights: str | Path | None = None) -> tuple[nn.Module, dict, Spec]:
-    """(the run's model with its weights, in eval mode on the CPU; its tokenizer record; its spec)."""
+    """(the run's model with its weights, in eval mode on the CPU; its tokenizer; its spec)."""
     rd = RunDir(run)
     if not rd.path.is_dir() or not rd.config.is_file():
         raise SampleError(f"RUN: {rd.path} is not a run directory (no {CONFIG}); pass the directory of "
@@ -95,17 +53,18 @@ def load_language_model(run: str | Path, weights: str | Path | None = None) -> t
     if not rd.tokenizer.is_file():
         raise SampleError(f"RUN: {rd.path} has no {TOKENIZER}, so its vocabulary is unknown; it is not a "
                           "language-model run of nmtrain")
-    record = read_tokenizer(rd.tokenizer)
-    size, block = vocab_size(record), spec.data.block_size or DEFAULT_BLOCK_SIZE
+    # the run's tokenizer record, read by the one bounded JSON reader and checked as data/tokenizer.py reads any
+    tokenizer = from_record(read_json_file(rd.tokenizer, "RUN"), f"RUN: {rd.tokenizer}")
+    size, block = tokenizer.vocab_size, spec.data.block_size or DEFAULT_BLOCK_SIZE
     info = DatasetInfo(spec.data.dataset, num_classes=size, in_channels=1, image_size=block, train_size=0,
-                       test_size=0, task=task, vocab_size=size, block_size=block, tokenizer=record)
+                       test_size=0, task=task, vocab_size=size, block_size=block, tokenizer=tokenizer.record())
     model = build_model(spec.model.name, info, spec.model)
     state, source = _weights(rd, weights)
     problem = state_dict_mismatch(model.state_dict(), state)
     if problem:
         raise SampleError(f"{source}: does not match model {spec.model.name} of {rd.config}: {problem}")
     model.load_state_dict(state)
-    return model.eval(), record, spec
+    return model.eval(), tokenizer, spec
 
 
 def _weights(rd: RunDir, weights: str | Path | None) -> tuple[dict[str, torch.Tensor], str]:
@@ -157,7 +116,7 @@ def sample_run(run: str | Path, prompt: str, tokens: int, temperature: float = 1
     check_options(tokens, temperature, top_k)
     if not prompt:
         raise SampleError("--prompt: give at least one character to continue from (e.g. --prompt 'ROMEO:')")
-    model, record, spec = load_language_model(run, weights)
-    ids = encode(record, prompt)
+    model, tokenizer, spec = load_language_model(run, weights)
+    ids = tokenizer.encode(prompt, "--prompt").tolist()
     new = generate(model, ids, tokens, spec.data.block_size or DEFAULT_BLOCK_SIZE, temperature, top_k, seed)
-    return prompt + decode(record, new)
+    return prompt + tokenizer.decode(new)

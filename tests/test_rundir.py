@@ -187,8 +187,8 @@ def test_counters_an_old_checkpoint_lacks_read_as_the_defaults():
 
 def test_a_summary_has_its_keys_in_order_then_the_methods_then_processes():
     summary = Summary(name="r", method="bimask", method_params={}, pattern="2:4", density=0.5, model="mlp",
-                      dataset="synthetic", seed=0, device="cpu", builder={}, final_accuracy=1.0, best_accuracy=2.0,
-                      final_test_loss=0.5, eval_split="test", epochs=1.0, steps=4, wall_seconds=0.1,
+                      dataset="synthetic", seed=0, device="cpu", builder={},
+                      results={"final_accuracy": 1.0, "best_accuracy": 2.0, "final_test_loss": 0.5}, eval_split="test", epochs=1.0, steps=4, wall_seconds=0.1,
                       sparse_layers={}, skipped_layers={}, train_flops={}, accel={},
                       method_fields={"backward_survival": 0.5})
     keys = ["name", "method", "method_params", "pattern", "density", "model", "dataset", "seed", "device", "builder",
