@@ -240,8 +240,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
                     "mask_change_rate_mean": mean(rates) if rates else None,
                     "accel": runs[0]["accel"], "runs": runs})
     by_seed = [{r["seed"]: r[primary] for r in row["runs"]} for row in out]
-    pick = min if task.lower_is_better else max
-    best = pick(range(len(out)), key=lambda i: out[i][f"{primary}_mean"])
+    best = 0                    # the first of the best means, in the metric's direction (Task.better)
+    for i, row in enumerate(out):
+        if task.better(row[f"{primary}_mean"], out[best][f"{primary}_mean"]):
+            best = i
     dense = next((i for i, row in enumerate(out) if is_baseline(row)), None)
     for i, row in enumerate(out):
         row["vs_best"] = None if i == best else paired_test(by_seed[i], by_seed[best]).to_dict()

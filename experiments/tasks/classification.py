@@ -44,5 +44,5 @@ class Classification(Task):
         return {"final_accuracy": final["accuracy"]}
 
     def summary_fields(self, final: dict[str, float], best: float) -> dict[str, float]:
-        return {"final_accuracy": final["accuracy"], "best_accuracy": max(best, final["accuracy"]),
+        return {"final_accuracy": final["accuracy"], "best_accuracy": self.best(best, final),
                 "final_test_loss": final["test_loss"]}

@@ -60,7 +60,7 @@ class LanguageModel(Task):
                 "final_bpc": final["bpc"]}
 
     def summary_fields(self, final: dict[str, float], best: float) -> dict[str, float]:
-        return {**self.final_fields(final), "best_val_loss": min(best, final["val_loss"])}
+        return {**self.final_fields(final), "best_val_loss": self.best(best, final)}
 
 
 def measures(val_loss: float) -> dict[str, float]:
