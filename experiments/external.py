@@ -52,6 +52,7 @@ from torch import nn
 
 from .errors import ModelError
 from .evaluate import eval_mode
+from .spec import MODEL_SIZES
 
 TORCHVISION = "torchvision:"
 # What a builder of each task is called with (by keyword), and each argument's default in the spec (a
@@ -60,7 +61,7 @@ ARGUMENTS = {
     "classification": ("num_classes", "in_channels", "image_size", "width"),
     "language_model": ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias"),
 }
-SPEC_DEFAULTS = {"width": 1.0, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0, "bias": False}
+SPEC_DEFAULTS = MODEL_SIZES     # the spec's sizes and their defaults (ModelSpec)
 TASK_WORDS = {"classification": "image classification", "language_model": "language modelling"}
 _LIBRARIES = tuple(str(Path(m.__file__).parent) for m in (torch, torchvision))
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torchvision
 
 from .errors import ModelError
-from .external import ARGUMENTS, TASK_WORDS, external_builder
+from .external import ARGUMENTS, SPEC_DEFAULTS, TASK_WORDS, external_builder
 from .gpt import GPT
 
 
@@ -99,10 +99,8 @@ def resolve_builder(name: str, task: str = "classification") -> Builder:
 
 # The spec's sizes that only the other task's models take, with their defaults: set away from the default
 # for a model that takes none of them, they would be ignored, so they are refused.
-_OTHER_TASKS_SIZES = {
-    "classification": {"n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0, "bias": False},
-    "language_model": {"width": 1.0},
-}
+_OTHER_TASKS_SIZES = {task: {k: v for k, v in SPEC_DEFAULTS.items() if k not in taken}
+                      for task, taken in ARGUMENTS.items()}
 
 
 def check_model_sizes(name: str, task: str, model_spec: Any) -> None:

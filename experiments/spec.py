@@ -54,6 +54,10 @@ class ModelSpec:
                             f"make n_embd a multiple of n_head (e.g. {self.n_head * max(1, self.n_embd // self.n_head)})")
 
 
+# The model sizes a builder may take, with their defaults: read off ModelSpec, so they are written once.
+MODEL_SIZES = {f.name: f.default for f in dataclasses.fields(ModelSpec) if f.name not in ("name", "init")}
+
+
 @dataclass
 class DataSpec:
     dataset: str = "fashion_mnist"
