@@ -125,13 +125,14 @@ def _tokens(parts: list[tuple[str, bytes]], raw: bytes, kind: str, where: str) -
     if kind == "byte":
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
         return data.to(torch.int32), Tokenizer("byte")
+    texts = []
     for name, data in parts:       # each file on its own, so that the message names the file and its offset
         try:
-            data.decode("utf-8")
+            texts.append(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise DatasetError(f"data.root: {where}{name} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
                                "re-encode it as UTF-8 or use data.tokenizer=byte") from None
-    codes = code_points(raw.decode("utf-8"))
+    codes = code_points("\n".join(texts))     # the files decoded once: their join is ``raw`` decoded
     tokenizer = char_tokenizer(codes)
     return ids_of(codes, tokenizer.chars, "data.root"), tokenizer
 
@@ -156,7 +157,7 @@ def language_model_datasets(name: str, parts: list[tuple[str, bytes]], tokenizer
                                f"split has {len(held)} tokens and one block needs {block_size + 1}; give a longer "
                                "text or a smaller data.block_size")
     corpus = {"name": name, **source, "files": [n for n, _ in parts], "sha256": hashlib.sha256(raw).hexdigest(),
-              "bytes": len(raw), "characters": _characters(raw), "tokens": len(tokens),
+              "bytes": len(raw), "characters": len(tokens) if kind == "char" else _characters(raw), "tokens": len(tokens),
               "train_tokens": len(train), "val_tokens": len(val), "split": SPLIT_RULE}
     train_ds, val_ds = TokenWindows(train, block_size, 1), TokenWindows(val, block_size, block_size)
     info = DatasetInfo(name, num_classes=tok.vocab_size, in_channels=1, image_size=block_size,

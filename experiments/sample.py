@@ -55,7 +55,7 @@ def load_language_model(run: str | Path, weights: str | Path | None = None) -> t
                           "language-model run of nmtrain")
     # the run's tokenizer record, read by the one bounded JSON reader and checked as data/tokenizer.py reads any
     tokenizer = from_record(read_json_file(rd.tokenizer, "RUN"), f"RUN: {rd.tokenizer}")
-    size, block = tokenizer.vocab_size, spec.data.block_size or DEFAULT_BLOCK_SIZE
+    size, block = tokenizer.vocab_size, context(spec)
     info = DatasetInfo(spec.data.dataset, num_classes=size, in_channels=1, image_size=block, train_size=0,
                        test_size=0, task=task, vocab_size=size, block_size=block, tokenizer=tokenizer.record())
     model = build_model(spec.model.name, info, spec.model)
@@ -65,6 +65,11 @@ def load_language_model(run: str | Path, weights: str | Path | None = None) -> t
         raise SampleError(f"{source}: does not match model {spec.model.name} of {rd.config}: {problem}")
     model.load_state_dict(state)
     return model.eval(), tokenizer, spec
+
+
+def context(spec: Spec) -> int:
+    """The run's context length: data.block_size, or the text datasets' default when the spec left it null."""
+    return spec.data.block_size or DEFAULT_BLOCK_SIZE
 
 
 def _weights(rd: RunDir, weights: str | Path | None) -> tuple[dict[str, torch.Tensor], str]:
@@ -118,5 +123,5 @@ def sample_run(run: str | Path, prompt: str, tokens: int, temperature: float = 1
         raise SampleError("--prompt: give at least one character to continue from (e.g. --prompt 'ROMEO:')")
     model, tokenizer, spec = load_language_model(run, weights)
     ids = tokenizer.encode(prompt, "--prompt").tolist()
-    new = generate(model, ids, tokens, spec.data.block_size or DEFAULT_BLOCK_SIZE, temperature, top_k, seed)
+    new = generate(model, ids, tokens, context(spec), temperature, top_k, seed)
     return prompt + tokenizer.decode(new)
