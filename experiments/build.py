@@ -64,6 +64,9 @@ def validate(spec: Spec, world: int = 1) -> Preflight:
     if spec.sparsity.transposable and not cls.caps.accepts_transposable:
         raise MethodError(f"sparsity.transposable: method {cls.name} does not use transposable masks; "
                           "use method transposable (or fixed)")
+    if cls.caps.optimizers and spec.optim.name not in cls.caps.optimizers:
+        raise MethodError(f"optim.name: method {cls.name} needs optim.name {' or '.join(cls.caps.optimizers)}, "
+                          f"not {spec.optim.name!r}")
     pattern = cls.caps.mask_pattern(asked)
     accel_mod.check_spec(spec.accel, cls, pattern)
     check_values(spec)      # again, for a spec edited in code (compare's cells) rather than loaded

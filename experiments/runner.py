@@ -311,6 +311,7 @@ def _equip(run: Run, method) -> None:
         run.net = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     run.optimizer = _optimizer(spec, run.model)
+    method.bind_optimizer(run.optimizer)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer,
                                                       _lr_lambda(spec, run.steps_per_epoch, run.total_steps))
     # MACs depend on shapes alone: the task's probe input, not a batch loaded from the test split

@@ -27,7 +27,7 @@ import importlib
 from ..catalogue import METHODS
 from .base import (GEMMS, Capabilities, Context, Method, MethodError, NoParams, StoredMaskMethod, attach,  # noqa: F401
                    build_params, get_method, list_methods, params_dict, register_method)
-from .step import train_step  # noqa: F401
+from .loop import train_step  # noqa: F401
 
 # Importing the modules the catalogue names registers them, in its order.
 for _name in METHODS:

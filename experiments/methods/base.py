@@ -55,6 +55,7 @@ class Capabilities:
     accepts_transposable: bool = False      # sparsity.transposable: true is meaningful for it
     needs_column_groups: bool = False       # layers need C_out % M == 0 (groups of M output channels)
     accel_patterns: tuple[tuple[int, int], ...] = ()   # (N, M) it can run on accel: semi_structured kernels
+    optimizers: tuple[str, ...] = ()        # the optim.name values it works with (empty: any)
 
     def __post_init__(self):
         unknown = set(self.sparse_gemms) - set(GEMMS)
@@ -95,7 +96,18 @@ class Method:
         return module.weight
 
     def layer_forward(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return gemm(module, x, self.forward_weight(name, module))
+        return self.sparse_gemm(name, module, x, self.forward_weight(name, module))
+
+    def sparse_gemm(self, name: str, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's own operation with ``weight``: where a method's forward ends. (A method with
+        ``mvue_dw`` takes its weight gradient through the MVUE 2:4 sample of dY here.)"""
+        return gemm(module, x, weight)
+
+    # --- the optimizer -----------------------------------------------------------------------
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once the run's optimizer exists, before its state is loaded on a resume: a method that
+        reads or changes the optimizer's state (STEP's frozen second moment) keeps the reference and reads
+        the state lazily, in its step hooks."""
 
     # --- step hooks --------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
