@@ -138,6 +138,11 @@ class Method:
         """Share of (forward, backward-data, backward-weight) GEMM MACs that N:M hardware must do."""
         return 1.0, 1.0, 1.0
 
+    def wgrad_density(self) -> float:
+        """The weight-gradient GEMM's density: 0.5 where the method's ``mvue_dw`` parameter is on (its dY
+        sampled 2:4 along the tokens), else dense. Methods' ``densities()`` use it for their third entry."""
+        return 0.5 if getattr(self.params, "mvue_dw", False) else 1.0
+
     def pop_mask_events(self) -> list[dict]:
         """Mask recomputes since the last call, as ``{"step", "change_rate"}`` records; the runner writes
         them into the next metrics.jsonl line as ``mask_recomputes`` (empty: nothing to report)."""
