@@ -11,6 +11,10 @@ meaning better) — "holds" when the claim's direction is met or the difference 
 - Hubara et al.: transposable 4:8-T is about as accurate as (row-wise) 2:4 — 4:8-T vs SR-STE 2:4.
 - Zhang et al.: Bi-Mask is at least as accurate as transposable masks at the same density (2:4, 1:4).
 - Yang et al.: BAME matches SR-STE (2:4, 1:4) at fewer training FLOPs.
+- The frontier grids (`*_frontier.yaml`): Hu et al. (S-STE) at least as accurate as SR-STE (2:4, 1:4); Hu et al.
+  (masked decay, transposable 2:4 pre-training) about as accurate as dense; Lu et al. (STEP) at least as
+  accurate as SR-STE under AdamW (2:4, 1:4); Bambhaniya et al. (progressive gradient flow) at least as
+  accurate as SR-STE at 1:8.
 A claim whose cells are not in the grid is skipped.
 """
 
@@ -33,6 +37,12 @@ CLAIMS = [
     ("Bi-Mask ≥ transposable at 1:4 (Zhang et al.)", ("bimask", "1:4"), ("transposable", "1:4-T"), "at_least"),
     ("BAME ≈ SR-STE at 2:4, fewer FLOPs (Yang et al.)", ("bame", "2:4"), ("srste", "2:4"), "equal"),
     ("BAME ≈ SR-STE at 1:4, fewer FLOPs (Yang et al.)", ("bame", "1:4"), ("srste", "1:4"), "equal"),
+    ("S-STE ≥ SR-STE at 2:4 (Hu et al. 2024)", ("sste", "2:4"), ("srste", "2:4"), "at_least"),
+    ("S-STE ≥ SR-STE at 1:4 (Hu et al. 2024)", ("sste", "1:4"), ("srste", "1:4"), "at_least"),
+    ("masked decay 2:4-T ≈ dense (Hu et al. 2024)", ("maskdecay", "2:4-T"), ("dense", "dense"), "equal"),
+    ("STEP ≥ SR-STE at 2:4, AdamW (Lu et al.)", ("step", "2:4"), ("srste", "2:4"), "at_least"),
+    ("STEP ≥ SR-STE at 1:4, AdamW (Lu et al.)", ("step", "1:4"), ("srste", "1:4"), "at_least"),
+    ("PGF ≥ SR-STE at 1:8 (Bambhaniya et al.)", ("pgf", "1:8"), ("srste", "1:8"), "at_least"),
 ]
 
 

@@ -96,7 +96,7 @@ def compare(
     spec: Optional[str] = spec_argument(),
     overrides: Optional[List[str]] = overrides_argument(),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods, e.g. dense,srste,bimask; method:variant for a method with the parameters sweep.params['method:variant'] (default: the spec's sweep.methods)."),
-    patterns: Optional[str] = typer.Option(None, help="Comma-separated N:M patterns (N kept of M), e.g. 2:4,1:4 (default: sweep.patterns)."),
+    patterns: Optional[str] = typer.Option(None, help="Comma-separated N:M patterns (N kept of M), e.g. 2:4,1:4 (default: sweep.patterns, and sweep.patterns_of per method)."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2: every cell runs once per seed; the outputs show mean ± std and a paired test against dense and the best cell (default: sweep.seeds, else one run with `seed`)."),
     out: Optional[Path] = typer.Option(None, help="Directory for the grid's runs and compare.csv/json/png (default: the spec's out)."),
     overwrite: bool = typer.Option(False, help="Replace runs already in the output directory."),
@@ -109,7 +109,7 @@ def compare(
     resolved = resolve_spec(spec_args(spec, overrides), None, None, out)
     seed_list = _seeds(seeds) if seeds is not None else (resolved.sweep.seeds or None)
     cells = grid(resolved, _split(methods) or resolved.sweep.methods, _split(patterns) or resolved.sweep.patterns,
-                 seed_list)
+                 seed_list, None if patterns else resolved.sweep.patterns_of)
     console.print(_grid_line(cells, seed_list))
     if reuse and overwrite:
         raise UsageError("--reuse and --overwrite: choose one (reuse keeps finished runs, overwrite retrains them)")

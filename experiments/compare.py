@@ -92,11 +92,21 @@ def split_label(label: str) -> tuple[str, str | None]:
     return method, variant or None
 
 
-def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] | None = None) -> list[Cell]:
+def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] | None = None,
+         patterns_of: dict | None = None) -> list[Cell]:
     """One cell per method and pattern (and per seed, when ``seeds`` is given), each validated before
     anything runs (a bad cell fails the whole grid up front). A method may be listed as ``method:variant``
     beside ``method``: the variant's parameters are ``sweep.params["method:variant"]`` (e.g.
-    ``bimask:local`` with ``{search: local}``), its directories ``method-variant-...``."""
+    ``bimask:local`` with ``{search: local}``), its directories ``method-variant-...``. ``patterns_of``
+    (``sweep.patterns_of``) gives a method label patterns of its own in place of ``patterns`` (PGF at 1:8
+    beside everyone's 2:4 and 1:4)."""
+    patterns_of = dict(patterns_of or {})
+    known = list(dict.fromkeys([*spec.sweep.methods, *methods]))     # a grid cut down by --methods keeps them
+    for label, own in patterns_of.items():
+        if label not in known:
+            raise SpecError(f"sweep.patterns_of: {label!r} is not one of the grid's methods ({', '.join(known)})")
+        if not isinstance(own, list) or not own or not all(isinstance(t, str) for t in own):
+            raise SpecError(f"sweep.patterns_of.{label}: give a list of patterns such as ['2:4', '1:8']")
     if seeds is not None:
         seeds = check_seeds(seeds)
     if not methods or not patterns:
@@ -109,7 +119,7 @@ def grid(spec: Spec, methods: list[str], patterns: list[str], seeds: list[int] |
         cls = get_method(method)
         if variant is not None and label not in spec.sweep.params:
             raise SpecError(f"sweep.params: give the parameters of variant {label!r} (sweep.params.{label!r})")
-        parsed = [parse_field_pattern(text, "--patterns / sweep.patterns") for text in patterns]
+        parsed = [parse_field_pattern(text, "--patterns / sweep.patterns") for text in patterns_of.get(label, patterns)]
         sparse = cls.caps.sparse
         if sparse and not cls.caps.accepts_transposable:
             # a -T pattern is a cell only for methods that take transposable masks (4:8-T beside 2:4)

@@ -165,6 +165,7 @@ class SweepSpec:
     methods: list[str] = field(default_factory=list)
     patterns: list[str] = field(default_factory=list)
     params: dict = field(default_factory=dict)   # method name -> method.params for that method's cells
+    patterns_of: dict = field(default_factory=dict)   # method label -> its own patterns (default: patterns)
     seeds: list[int] = param(rule=SEED, default_factory=list)  # run every cell once per seed (empty: once, with `seed`)
 
 

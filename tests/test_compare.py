@@ -256,3 +256,21 @@ def test_the_grid_line_names_each_cell_once_with_its_density():
     cells = grid(spec, ["dense", "fixed"], ["2:4", "4:8-T"], [0, 1])
     assert _grid_line(cells, [0, 1]) == ("comparing 6 runs (3 cells x seeds 0,1): dense, fixed 2:4 (density 0.50), "
                                          "fixed 4:8-T (density 0.50)")
+
+
+def test_sweep_patterns_of_gives_a_method_its_own_patterns(tmp_path):
+    from nmtrain.experiments.compare import grid
+    from nmtrain.experiments.spec import load_spec
+
+    spec = load_spec(None, ["data.dataset=synthetic", f"out={tmp_path}",
+                            "sweep.patterns_of={transposable: ['1:8']}"])
+    cells = grid(spec, ["dense", "srste", "transposable"], ["2:4", "1:4"], None, spec.sweep.patterns_of)
+    got = [(c.label, c.spec.sparsity.pattern) for c in cells]
+    assert got == [("dense", "2:4"), ("srste", "2:4"), ("srste", "1:4"), ("transposable", "1:8")]
+    for bad, needle in [("{bimask: ['1:8']}", "sweep.patterns_of: 'bimask' is not one of"),
+                        ("{srste: '1:8'}", "sweep.patterns_of.srste: give a list"),
+                        ("{srste: ['5:4']}", "5:4")]:
+        spec = load_spec(None, ["data.dataset=synthetic", f"out={tmp_path}", f"sweep.patterns_of={bad}"])
+        with pytest.raises(Exception) as exc:
+            grid(spec, ["dense", "srste"], ["2:4"], None, spec.sweep.patterns_of)
+        assert needle in str(exc.value)
