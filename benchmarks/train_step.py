@@ -7,6 +7,11 @@ step, transposable every `mask_interval` steps, so the run covers at least one i
 
     python benchmarks/train_step.py                      # LeNet-5, Fashion-MNIST-sized batches, 2:4
     python benchmarks/train_step.py --model resnet20 --image-size 32 --channels 3 --device cuda
+    python benchmarks/train_step.py --optim adamw --methods dense,srste,srste:mvue,sste,maskdecay,step,pgf
+
+A method written ``name:mvue`` runs with ``mvue_dw: true`` (``name:no-mvue``: false), ``name:key=value``
+with that parameter; ``--optim adamw`` (AdamW, as STEP needs) in place of SGD. Each row also gives the
+training FLOPs of its timed steps relative to dense (`Method.densities`, the runner's FlopCounter).
 """
 
 from __future__ import annotations
@@ -23,29 +28,49 @@ from rich.console import Console
 from rich.table import Table
 from torch.nn import functional as F
 
+from nmtrain.experiments.flops import FlopCounter, macs_per_sample
 from nmtrain.experiments.layers import plan_layers
 from nmtrain.experiments.methods import attach, get_method, list_methods, train_step
 from nmtrain.experiments.models import image_model
 from nmtrain.sparsity import parse_pattern
 
 
-def _attached_run(name: str, args, device: torch.device, attached: ExitStack) -> tuple:
-    """(model, method, optimizer, step times) of one method, attached until ``attached`` closes."""
+def _label_params(label: str) -> tuple[str, dict]:
+    """``srste:mvue`` → ("srste", {"mvue_dw": True}); ``step:window=5`` → ("step", {"window": 5})."""
+    name, _, variant = label.partition(":")
+    if not variant:
+        return name, {}
+    if variant in ("mvue", "no-mvue"):
+        return name, {"mvue_dw": variant == "mvue"}
+    key, _, value = variant.partition("=")
+    return name, {key: type(getattr(get_method(name).Params(), key))(value)}
+
+
+def _attached_run(label: str, args, device: torch.device, attached: ExitStack) -> tuple:
+    """(model, method, optimizer, step times, FLOP counter) of one method, attached until ``attached`` closes."""
+    name, params = _label_params(label)
     cls = get_method(name)
     pattern = cls.caps.mask_pattern(parse_pattern(args.pattern))
     torch.manual_seed(0)
     model = image_model(args.model, 10, args.channels, args.image_size).to(device)
     plan = plan_layers(model, pattern, "nhwc")
-    method = attached.enter_context(attach(cls, plan.sparse, pattern, total_steps=args.steps,
-                                           steps_per_epoch=args.steps))
-    return model, method, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), []
+    method = attached.enter_context(attach(cls, plan.sparse, pattern, params, total_steps=args.steps + 5,
+                                           steps_per_epoch=args.steps + 5))
+    if args.optim == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    method.bind_optimizer(opt)
+    probe = torch.zeros(1, args.channels, args.image_size, args.image_size, device=device)
+    return model, method, opt, [], FlopCounter(macs_per_sample(model, probe))
 
 
 def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> None:
     """Interleaved training steps of every run; each run's step times (after 5 warm-up steps) are appended."""
     def step(name: str, i: int) -> float:
-        model, method, opt, _ = runs[name]
+        model, method, opt, _, flops = runs[name]
         x, y = batches[i % len(batches)]
+        flops.add_step(len(x), {n: method.densities(n, i) for n in method.ctx.layers})
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -71,6 +96,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(list_methods()))
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--optim", default="sgd", choices=("sgd", "adamw"))
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -81,25 +107,27 @@ def main() -> None:
         runs = {name: _attached_run(name, args, device, attached) for name in args.methods.split(",")}
         _time_steps(runs, batches, args.steps, device)
     # the reference is the dense baseline (the method that masks nothing), when it is in the list
-    baseline = next((name for name in runs if not get_method(name).caps.sparse), None)
+    baseline = next((name for name in runs if not get_method(_label_params(name)[0]).caps.sparse), None)
     dense = statistics.median(runs[baseline][3]) if baseline else None
-    table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {device} "
+    table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {args.optim}, {device} "
                         f"({torch.get_num_threads()} threads), {args.steps} interleaved steps")
-    for col in ("method", "median ms / step", "vs dense", "mean ms / step", "vs dense ", "mean vs srste"):
+    for col in ("method", "median ms / step", "vs dense", "mean ms / step", "vs dense ", "mean vs srste",
+                "train FLOPs"):
         table.add_column(col, justify="right")
     rows = []
     dense_mean = statistics.fmean(runs[baseline][3]) if baseline else None
     srste_mean = statistics.fmean(runs["srste"][3]) if "srste" in runs else None
-    for name, (_, _, _, times) in runs.items():
+    for name, (_, _, _, times, flops) in runs.items():
         # the median is the typical step; the mean also carries the occasional mask recomputation
         med, mean = statistics.median(times), statistics.fmean(times)
         rows.append({"method": name, "median_ms": med * 1000, "median_vs_dense": med / dense if dense else None,
                      "mean_ms": mean * 1000, "mean_vs_dense": mean / dense_mean if dense_mean else None,
-                     "mean_vs_srste": mean / srste_mean if srste_mean else None})
+                     "mean_vs_srste": mean / srste_mean if srste_mean else None,
+                     "flops_ratio": flops.summary()["ratio"]})
         table.add_row(name, f"{med * 1000:.2f}", f"{med / dense:.2f}x" if dense else "–",
                       f"{mean * 1000:.2f}", f"{mean / dense_mean:.2f}x" if dense_mean else "–",
-                      f"{mean / srste_mean:.2f}x" if srste_mean else "–")
-    Console(width=120).print(table)
+                      f"{mean / srste_mean:.2f}x" if srste_mean else "–", f"{flops.summary()['ratio']:.3f}")
+    Console(width=140).print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_step.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
