@@ -69,6 +69,9 @@ def validate(spec: Spec, world: int = 1) -> Preflight:
                           f"not {spec.optim.name!r}")
     pattern = cls.caps.mask_pattern(asked)
     accel_mod.check_spec(spec.accel, cls, pattern)
+    if spec.accel != "none" and getattr(params, "mvue_dw", False):
+        raise MethodError(f"method.params.mvue_dw: the accel: {spec.accel} kernels compute the weight gradient "
+                          "dense; use mvue_dw=false, or accel=none")
     check_values(spec)      # again, for a spec edited in code (compare's cells) rather than loaded
     if spec.schedule.min_lr > spec.optim.lr:
         raise SpecError(f"schedule.min_lr: {spec.schedule.min_lr:g} is above optim.lr {spec.optim.lr:g}; the cosine "

@@ -4,9 +4,11 @@ Each Conv2d/Linear does one GEMM of ``F`` MACs per sample forward; backward-data
 each cost ``F`` again when dense. A method says, per layer and step, which share of each GEMM N:M
 sparse tensor cores must do (``Method.densities``): an operand counts as sparse only where it is N:M
 along that GEMM's reduction dimension (forward: along K; backward-data: along C_out), and the weight
-gradient counts as sparse only where the method needs it at kept entries alone. With density r on
-the sparse layers this gives SR-STE ``F(r + 2)``, transposable and Bi-Mask ``F(2r + 1)``, fully
-sparse ``3rF``; dense layers add ``3F_d``. (By the papers' convention, the first layer's
+gradient counts as sparse only where the method needs it at kept entries alone, or at 0.5 where it
+takes the MVUE 2:4 sample of dY along the tokens (``method.params.mvue_dw``, methods/wgrad.py). With
+density r on the sparse layers this gives SR-STE ``F(r + 2)`` (``F(r + 1.5)`` with mvue_dw),
+transposable and Bi-Mask ``F(2r + 1)`` (transposable ``F(2r + 0.5)`` with mvue_dw), fully sparse
+``3rF``; dense layers add ``3F_d``. (By the papers' convention, the first layer's
 backward-data GEMM is counted too, although autograd skips it.)
 """
 

@@ -7,6 +7,7 @@ from .diversity import Diversity, pattern_diversity, rank, transposable_count, u
 from .errors import SparsityError
 from .fold import FoldError, fold_mask
 from .layout import LAYOUTS, LayoutError, from_matrix, require_fits, shape_violation, to_matrix
+from .mvue import is_mvue24, mvue24, mvue24_keep_probability, mvue24_variance, mvue24_violation
 from .nm import is_valid, kept_share, magnitude, nm_mask, nm_violation, unstructured_mask
 from .pattern import Pattern, PatternError, parse_pattern
 from .prune import LayerReport, SelectionError, make_mask, prune_state_dict, select
@@ -17,7 +18,8 @@ from .transposable import pruned_magnitude, tile_scores, transposable_mask
 __all__ = [
     "Diversity", "FoldError", "LAYOUTS", "LayerInfo", "LayerReport", "LayerSelection", "LayoutError", "NOT_CALLED",
     "Pattern", "PatternError", "SelectOptions", "SelectionError", "SparsityError",
-    "fold_mask", "from_matrix", "get_solver", "is_valid", "kept_share", "list_solvers", "magnitude", "make_mask",
+    "fold_mask", "from_matrix", "get_solver", "is_mvue24", "is_valid", "kept_share", "list_solvers", "magnitude",
+    "make_mask", "mvue24", "mvue24_keep_probability", "mvue24_variance", "mvue24_violation",
     "nm_mask", "nm_violation", "parse_pattern", "pattern_diversity", "prune_state_dict", "pruned_magnitude",
     "rank", "register_solver", "require_fits", "select", "select_layers", "shape_violation", "tile_scores",
     "to_matrix", "transposable_count", "transposable_mask", "unstructured_diversity", "unstructured_mask",

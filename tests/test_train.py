@@ -66,7 +66,7 @@ def test_overrides_reach_the_saved_config_and_output_dir_is_protected(tmp_path):
     result, out = _train(tmp_path, "--method", "srste", "method.params.decay=0.001", "train.max_steps=3")
     assert result.exit_code == 0, result.stderr
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["method"]["params"] == {"decay": 0.001} and config["train"]["max_steps"] == 3
+    assert config["method"]["params"] == {"decay": 0.001, "mvue_dw": False} and config["train"]["max_steps"] == 3
     again, _ = _train(tmp_path, "--method", "srste", "train.max_steps=3")
     assert again.exit_code == 2 and "already holds a run" in again.stderr
     assert (out / "config.yaml").read_text() == yaml.safe_dump(config, sort_keys=False)

@@ -326,12 +326,13 @@ class BAME(Method):
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self):
-        return {"masks": dict(self._masks), "osc": dict(self._osc), "updates": self.updates,
+        return {**super().state_dict(), "masks": dict(self._masks), "osc": dict(self._osc), "updates": self.updates,
                 "swaps_total": self.swaps_total, "last": dict(self.last),
                 "scored_share": dict(self._scored_share), "acc": dict(self._acc),
                 "first_phase": self._first_phase}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self._masks = dict(state.get("masks", {}))
         self._osc = dict(state.get("osc", {}))
         for name, mod in self.ctx.layers.items():

@@ -19,6 +19,7 @@ from torch import nn
 from ...sparsity import Pattern, fold_mask
 from ..errors import ExperimentError
 from ..layers import gemm, route_forward, unroute_forward
+from .wgrad import WeightGradSampler, mvue_gemm
 
 
 class MethodError(ExperimentError):
@@ -90,6 +91,7 @@ class Method:
     def __init__(self, params: Any, ctx: Context):
         self.params = params
         self.ctx = ctx
+        self._wgrad: WeightGradSampler | None = None    # the MVUE weight gradients' draws, made on first use
 
     # --- forward -----------------------------------------------------------------------------
     def forward_weight(self, name: str, module: nn.Module) -> torch.Tensor:
@@ -99,9 +101,18 @@ class Method:
         return self.sparse_gemm(name, module, x, self.forward_weight(name, module))
 
     def sparse_gemm(self, name: str, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The layer's own operation with ``weight``: where a method's forward ends. (A method with
-        ``mvue_dw`` takes its weight gradient through the MVUE 2:4 sample of dY here.)"""
+        """The layer's own operation with ``weight``: where a method's forward ends. A method whose
+        ``mvue_dw`` parameter is on takes its weight gradient as ``MVUE(dYᵀ) X`` here (methods/wgrad.py);
+        without a backward to come (no grad mode) the plain operation is the same forward."""
+        if getattr(self.params, "mvue_dw", False) and torch.is_grad_enabled():
+            return mvue_gemm(module, x, weight, self.wgrad_sampler().generator)
         return gemm(module, x, weight)
+
+    def wgrad_sampler(self) -> WeightGradSampler:
+        """The source of the MVUE weight gradients' draws, seeded from the run's seed (ctx.seed)."""
+        if self._wgrad is None:
+            self._wgrad = WeightGradSampler(self.ctx.seed)
+        return self._wgrad
 
     # --- the optimizer -----------------------------------------------------------------------
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -161,11 +172,15 @@ class Method:
         return None
 
     # --- checkpoints -------------------------------------------------------------------------
+    # Subclasses add their own entries to these and call them (super()): the base class keeps the MVUE
+    # weight gradients' generator states, so that a resumed run draws what the uninterrupted one drew.
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        rng = self._wgrad.state_dict() if self._wgrad is not None else {}
+        return {"wgrad_rng": rng} if rng else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        if state.get("wgrad_rng"):
+            self.wgrad_sampler().load_state_dict(state["wgrad_rng"])
 
 
 class StoredMaskMethod(Method):
@@ -192,9 +207,10 @@ class StoredMaskMethod(Method):
         return dict(self._masks)
 
     def state_dict(self):
-        return {"masks": dict(self._masks)}
+        return {**super().state_dict(), "masks": dict(self._masks)}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self._masks = dict(state.get("masks", {}))
 
 

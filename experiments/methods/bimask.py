@@ -281,9 +281,11 @@ class BiMask(Method):
         return r, r, 1.0
 
     def state_dict(self):
-        return {"perms": dict(self.perms), "searches": self.searches, "last_search_step": self.last_search_step}
+        return {**super().state_dict(), "perms": dict(self.perms), "searches": self.searches,
+                "last_search_step": self.last_search_step}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.perms = dict(state.get("perms", {}))
         self.searches = int(state.get("searches", 0))
         self.last_search_step = int(state.get("last_search_step", -1))

@@ -5,6 +5,10 @@ weights. The gradient with respect to ``W~`` passes straight through to all of `
 ``decay * (1 - E) * W`` (lambda_W = 2e-4). Only the forward GEMM is N:M sparse: the backward-data
 product ``dY W~`` needs W~ N:M along C_out, which a row-wise mask is not, and the weight gradient is
 dense. Training MACs: F * (r + 2).
+
+``mvue_dw: true`` (*nmtrain*, off by default: Zhou et al. train with the dense weight gradient) takes the
+weight gradient as ``MVUE(dYᵀ) X`` (Hu et al. 2024; methods/wgrad.py): an unbiased 2:4 sample along the
+tokens, so that GEMM counts at density 0.5 and training MACs are F * (r + 1.5).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .ste import ste_mask
 @dataclass
 class SRSTEParams:
     decay: float = param(2e-4, DECAY)      # lambda_W
+    mvue_dw: bool = False                  # weight gradient from the MVUE 2:4 sample of dY (methods/wgrad.py)
 
 
 @register_method("srste")
@@ -44,4 +49,4 @@ class SRSTE(Method):
         return Pattern(self.ctx.pattern.n, self.ctx.pattern.m)
 
     def densities(self, name, step):
-        return self.ctx.pattern.density, 1.0, 1.0
+        return self.ctx.pattern.density, 1.0, self.wgrad_density()

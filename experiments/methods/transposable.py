@@ -7,6 +7,11 @@ recomputes it every ``mask_interval`` (40) iterations with the 2-approximation; 
 approximation; set ``solver: approx`` for the paper's recipe. Weight gradient straight through to
 all weights, with the SR-STE decay on pruned ones. Training MACs: F * (2r + 1).
 
+``mvue_dw: true`` (*nmtrain*, off by default: Hubara et al. keep the weight gradient dense) takes the
+weight gradient as ``MVUE(dYᵀ) X`` (Hu et al. 2024, who pair it with a transposable mask;
+methods/wgrad.py): an unbiased 2:4 sample along the tokens, so all three GEMMs take an N:M operand and
+training MACs are F * (2r + 0.5). Not with ``accel: semi_structured``, whose kernels compute dW dense.
+
 Pruned weights are bounded (``bound_pruned``, *nmtrain*, default on). Between two recomputes the mask is
 fixed, and a pruned weight's straight-through gradient does not depend on its own value (it is masked
 out of the loss): it integrates the same push for ``mask_interval`` steps, with momentum, and the decay
@@ -45,6 +50,7 @@ class TransposableParams:
     first_solver: str = "exact"         # the first mask
     decay: float = param(2e-4, DECAY)
     bound_pruned: bool = True           # pruned weights stay within their group's kept magnitudes (see below)
+    mvue_dw: bool = False               # weight gradient from the MVUE 2:4 sample of dY (methods/wgrad.py)
 
 
 @register_method("transposable")
@@ -63,6 +69,9 @@ class Transposable(StoredMaskMethod):
         if ctx.accel == "semi_structured":
             if not self.caps.accel(self.pattern):
                 raise MethodError(f"accel: semi_structured needs pattern 2:4, not {self.pattern}")
+            if params.mvue_dw:
+                raise MethodError("method.params.mvue_dw: the accel: semi_structured kernels compute the weight "
+                                  "gradient dense; use mvue_dw=false, or accel=none")   # as build.py refuses it
             self.accel = plan_accel(ctx.layers)
 
     @torch.no_grad()
@@ -116,7 +125,7 @@ class Transposable(StoredMaskMethod):
 
     def densities(self, name, step):
         r = self.pattern.density
-        return r, r, 1.0
+        return r, r, self.wgrad_density()
 
 
 @torch.no_grad()
