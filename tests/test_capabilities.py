@@ -58,11 +58,16 @@ def test_capabilities_refuse_unknown_gemms_and_a_dense_method_with_sparse_featur
         Capabilities(sparse=False, sparse_gemms=("forward",))
 
 
+# Parameters that bring a declared sparse GEMM within these 10 steps: pgf's MDGF forward is dense while
+# the pruned weights' mask value is above 0, which with the default per-step decay takes ~10^4 steps.
+SPARSE_WITHIN_10_STEPS = {"pgf": {"fine_tune": 0.5}}
+
+
 @pytest.mark.parametrize("name", sorted(list_methods()))
 def test_declared_sparse_gemms_agree_with_the_densities(name):
     """A GEMM not declared sparse is dense at every step; a declared one is below 1 at some step."""
     model = _model()
-    with _attach(name, model) as method:
+    with _attach(name, model, **SPARSE_WITHIN_10_STEPS.get(name, {})) as method:
         seen = {gemm: 1.0 for gemm in GEMMS}
         x = torch.randn(4, 16)
         for step in range(10):

@@ -66,6 +66,12 @@ BAD_METHOD_PARAMS = [
     (["--method", "transposable", "method.params.decay=inf"], "method.params.decay: "),
     (["--method", "unstructured", "method.params.start=-0.1"], "method.params.start: "),
     (["--method", "unstructured", "method.params.interval=0"], "method.params.interval: "),
+    (["--method", "pgf", "method.params.schedule=sdfg"], "method.params.schedule: "),
+    (["--method", "pgf", "method.params.decay=cosine"], "method.params.decay: "),
+    (["--method", "pgf", "method.params.decay_coef=0"], "method.params.decay_coef: "),
+    (["--method", "pgf", "method.params.dense=1.5"], "method.params.dense: "),
+    (["--method", "pgf", "method.params.dense=0.6", "method.params.fine_tune=0.6"], "method.params.fine_tune: "),
+    (["--method", "sste", "method.params.mvue_dw=3"], "method.params.mvue_dw: "),
 ]
 
 
