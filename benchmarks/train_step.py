@@ -38,7 +38,13 @@ def _attached_run(name: str, args, device: torch.device, attached: ExitStack) ->
     plan = plan_layers(model, pattern, "nhwc")
     method = attached.enter_context(attach(cls, plan.sparse, pattern, total_steps=args.steps,
                                            steps_per_epoch=args.steps))
-    return model, method, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), []
+    # SGD, or AdamW for a method that takes nothing else (STEP); bound as the runner binds it
+    if cls.caps.optimizers and "sgd" not in cls.caps.optimizers:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    method.bind_optimizer(opt)
+    return model, method, opt, []
 
 
 def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> None:

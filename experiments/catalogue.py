@@ -5,4 +5,4 @@ registered under it; the registry imports exactly these modules (``methods/__ini
 them (``cli/choices.py``) without importing torch. Adding a method is its module plus its name here.
 """
 
-METHODS = ("bame", "bimask", "dense", "fixed", "srste", "transposable", "unstructured")
+METHODS = ("bame", "bimask", "dense", "fixed", "maskdecay", "srste", "step", "transposable", "unstructured")

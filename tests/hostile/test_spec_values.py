@@ -66,6 +66,11 @@ BAD_METHOD_PARAMS = [
     (["--method", "transposable", "method.params.decay=inf"], "method.params.decay: "),
     (["--method", "unstructured", "method.params.start=-0.1"], "method.params.start: "),
     (["--method", "unstructured", "method.params.interval=0"], "method.params.interval: "),
+    (["--method", "maskdecay", "method.params.alpha=-1e-4"], "method.params.alpha: "),
+    (["--method", "maskdecay", "method.params.dense_finetune=1.5"], "method.params.dense_finetune: "),
+    (["--method", "step", "optim.name=adamw", "method.params.window=0"], "method.params.window: "),
+    (["--method", "step", "optim.name=adamw", "method.params.threshold=0"], "method.params.threshold: "),
+    (["--method", "step", "optim.name=adamw", "method.params.t_max=nan"], "method.params.t_max: "),
 ]
 
 
