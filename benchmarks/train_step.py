@@ -56,7 +56,8 @@ def _attached_run(label: str, args, device: torch.device, attached: ExitStack) -
     plan = plan_layers(model, pattern, "nhwc")
     method = attached.enter_context(attach(cls, plan.sparse, pattern, params, total_steps=args.steps + 5,
                                            steps_per_epoch=args.steps + 5))
-    if args.optim == "adamw":
+    # --optim, or AdamW for a method that takes nothing else (STEP); bound as the runner binds it
+    if args.optim == "adamw" or (cls.caps.optimizers and "sgd" not in cls.caps.optimizers):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

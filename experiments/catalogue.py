@@ -5,4 +5,5 @@ registered under it; the registry imports exactly these modules (``methods/__ini
 them (``cli/choices.py``) without importing torch. Adding a method is its module plus its name here.
 """
 
-METHODS = ("bame", "bimask", "dense", "fixed", "pgf", "srste", "sste", "transposable", "unstructured")
+METHODS = ("bame", "bimask", "dense", "fixed", "maskdecay", "pgf", "srste", "sste", "step", "transposable",
+           "unstructured")

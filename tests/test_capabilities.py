@@ -144,9 +144,10 @@ def test_attach_takes_a_name_or_a_class_and_params_as_a_dict():
 
 # A method-name comparison: a method (`method`, `method_cls.name`, `name`, `row["method"]`) compared with a
 # registered name (`method != "dense"`, `"srste" == cls.name`). Other labels that happen to be spelt like a
-# method (a benchmark's GEMM mode "dense", convert's `--to dense`) are not methods and do not match.
+# method (a benchmark's GEMM mode "dense", convert's `--to dense`, the schedule `sch.name == "step"`) are
+# not methods and do not match.
 _NAMES = "|".join(sorted(list_methods()))
-_METHOD = r"""(\bmethod\w*|\bname|\[["']method["']\])"""
+_METHOD = r"""(\bmethod\w*|(?<!sch\.)(?<!schedule\.)\bname|\[["']method["']\])"""
 _COMPARISON = re.compile(rf"""{_METHOD}\s*(==|!=)\s*["']({_NAMES})["']"""
                          rf"""|["']({_NAMES})["']\s*(==|!=)\s*[\w.]*{_METHOD}""")
 

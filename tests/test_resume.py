@@ -28,8 +28,13 @@ def _run(out, *extra):
 
 
 def _method_args(method):
-    """Method state that changes within 24 steps: Bi-Mask re-searches permutations, BaME swaps and counts."""
-    extra = {"bimask": ["method.params.iter=4"], "bame": ["method.params.interval=2"]}
+    """Method state that changes within 24 steps: Bi-Mask re-searches permutations, BaME swaps and counts,
+    maskdecay recomputes its mask (and fine-tunes dense from step 20), STEP (Adam only) fills its AutoSwitch
+    window and switches after step 12 (the cap), after the interruption at step 10."""
+    extra = {"bimask": ["method.params.iter=4"], "bame": ["method.params.interval=2"],
+             "maskdecay": ["method.params.mask_interval=4"],
+             "step": ["optim.name=adamw", "optim.lr=0.005", "method.params.window=4", "method.params.t_min=0.5",
+                      "method.params.t_max=0.5"]}
     return ["--method", method, "--pattern", "2:4", *extra.get(method, [])]
 
 

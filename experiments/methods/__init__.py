@@ -7,7 +7,7 @@ runner, ``compare``, ``accel`` or the benchmarks changes: they ask ``cls.caps``,
 ``with attach(method, layers, pattern, ...) as m:`` builds a method on a model's sparse layers and
 routes their forward through it, until the block ends.
 
-Life of a training step, as `step.train_step` drives it (for the runner, the tests and the benchmarks)::
+Life of a training step, as `loop.train_step` drives it (for the runner, the tests and the benchmarks)::
 
     method.before_step(step)       # recompute masks when due
     loss = model(x) ...            # sparse layers call method.layer_forward(name, module, x)

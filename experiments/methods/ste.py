@@ -22,7 +22,8 @@ class _STEMask(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         weight, mask = ctx.saved_tensors
         if ctx.decay:
-            grad = grad + ctx.decay * (~mask) * weight
+            # weight first: ``decay * (~mask)`` would be a float32 tensor, rounding decay for a float64 weight
+            grad = grad + ctx.decay * (weight * ~mask)
         return grad, None, None
 
 

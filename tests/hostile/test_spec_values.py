@@ -72,6 +72,11 @@ BAD_METHOD_PARAMS = [
     (["--method", "pgf", "method.params.dense=1.5"], "method.params.dense: "),
     (["--method", "pgf", "method.params.dense=0.6", "method.params.fine_tune=0.6"], "method.params.fine_tune: "),
     (["--method", "sste", "method.params.mvue_dw=3"], "method.params.mvue_dw: "),
+    (["--method", "maskdecay", "method.params.alpha=-1e-4"], "method.params.alpha: "),
+    (["--method", "maskdecay", "method.params.dense_finetune=1.5"], "method.params.dense_finetune: "),
+    (["--method", "step", "optim.name=adamw", "method.params.window=0"], "method.params.window: "),
+    (["--method", "step", "optim.name=adamw", "method.params.threshold=0"], "method.params.threshold: "),
+    (["--method", "step", "optim.name=adamw", "method.params.t_max=nan"], "method.params.t_max: "),
 ]
 
 
