@@ -5,6 +5,7 @@ its unbiasedness and variance over 10,000 draws, and the layers' backward: dX an
 unbiased 2:4 sample along the tokens, the draws seeded by the run and restored by ``--resume``.
 """
 
+import dataclasses
 import json
 import math
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from nmtrain.experiments.layers import gemm
-from nmtrain.experiments.methods import attach, get_method
+from nmtrain.experiments.methods import attach, get_method, list_methods
 from nmtrain.experiments.methods.ste import ste_mask
 from nmtrain.experiments.methods.wgrad import WeightGradSampler, mvue_gemm
 from nmtrain.sparsity import Pattern, is_mvue24, mvue24, mvue24_keep_probability, mvue24_variance, mvue24_violation
@@ -303,9 +304,18 @@ def test_mvue_dw_is_refused_with_the_sparse_kernels(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("method", ["srste", "transposable"])
+MVUE_METHODS = sorted(name for name, cls in list_methods().items()
+                      if "mvue_dw" in {f.name for f in dataclasses.fields(cls.Params)})
+
+
+def test_the_methods_that_take_mvue_dw():
+    assert MVUE_METHODS == ["maskdecay", "srste", "sste", "transposable"]
+
+
+@pytest.mark.parametrize("method", MVUE_METHODS)
 def test_ctrl_c_then_resume_with_mvue_dw_is_bit_identical(tmp_path, monkeypatch, method):
-    extra = ["--method", method, "--pattern", "2:4", "method.params.mvue_dw=true"]
+    own = {"maskdecay": ["method.params.mask_interval=4", "method.params.dense_finetune=0.25"]}
+    extra = ["--method", method, "--pattern", "2:4", "method.params.mvue_dw=true", *own.get(method, [])]
     ref = _run(tmp_path / "ref", *extra)
     assert ref.exit_code == 0, ref.stderr
     with monkeypatch.context() as m:

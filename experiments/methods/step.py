@@ -199,10 +199,11 @@ class STEP(Method):
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self):
-        return {"switch_step": self.switch_step, "switch_reason": self.switch_reason,
+        return {**super().state_dict(), "switch_step": self.switch_step, "switch_reason": self.switch_reason,
                 "window_z": list(self.window_z), "v_change": self.v_change}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.switch_step = state.get("switch_step")
         self.switch_reason = state.get("switch_reason")
         self.window_z = [float(z) for z in state.get("window_z", [])]
