@@ -116,9 +116,10 @@ class _DecayedMask(torch.autograd.Function):
     """``W * (E + (1 - E) * v)`` forward; the gradient passes to every weight unchanged."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
-        # = W * (E + (1 - E) v) bit for bit: kept entries W * 1, pruned ones W * v
-        return torch.where(mask, weight, weight * value)
+    def forward(ctx, weight: torch.Tensor, kept: torch.Tensor, value: float) -> torch.Tensor:
+        # = W * (E + (1 - E) v) bit for bit: kept entries W * 1, pruned ones W * v. Not a fold (v is
+        # above 0 but in SDGF and the fine-tune): the export folds through sparsity.fold_mask.
+        return torch.where(kept, weight, weight * value)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
