@@ -7,6 +7,8 @@ from .diversity import Diversity, pattern_diversity, rank, transposable_count, u
 from .errors import SparsityError
 from .fold import FoldError, fold_mask
 from .layout import LAYOUTS, LayoutError, from_matrix, require_fits, shape_violation, to_matrix
+from .learned import (MAX_CANDIDATES, candidate_count, candidate_masks, choice_of, from_groups, gumbel_noise,
+                      hard_mask, masks_from_choice, prior_logits, soft_mask, to_groups)
 from .mvue import is_mvue24, mvue24, mvue24_keep_probability, mvue24_variance, mvue24_violation
 from .nm import is_valid, kept_share, magnitude, nm_mask, nm_violation, unstructured_mask
 from .pattern import Pattern, PatternError, parse_pattern
@@ -16,11 +18,13 @@ from .solvers import get_solver, list_solvers, register_solver
 from .transposable import pruned_magnitude, tile_scores, transposable_mask
 
 __all__ = [
-    "Diversity", "FoldError", "LAYOUTS", "LayerInfo", "LayerReport", "LayerSelection", "LayoutError", "NOT_CALLED",
-    "Pattern", "PatternError", "SelectOptions", "SelectionError", "SparsityError",
-    "fold_mask", "from_matrix", "get_solver", "is_mvue24", "is_valid", "kept_share", "list_solvers", "magnitude",
-    "make_mask", "mvue24", "mvue24_keep_probability", "mvue24_variance", "mvue24_violation",
-    "nm_mask", "nm_violation", "parse_pattern", "pattern_diversity", "prune_state_dict", "pruned_magnitude",
-    "rank", "register_solver", "require_fits", "select", "select_layers", "shape_violation", "tile_scores",
-    "to_matrix", "transposable_count", "transposable_mask", "unstructured_diversity", "unstructured_mask",
+    "Diversity", "FoldError", "LAYOUTS", "LayerInfo", "LayerReport", "LayerSelection", "LayoutError",
+    "MAX_CANDIDATES", "NOT_CALLED", "Pattern", "PatternError", "SelectOptions", "SelectionError", "SparsityError",
+    "candidate_count", "candidate_masks", "choice_of", "fold_mask", "from_groups", "from_matrix", "get_solver",
+    "gumbel_noise", "hard_mask", "is_mvue24", "is_valid", "kept_share", "list_solvers", "magnitude", "make_mask",
+    "masks_from_choice", "mvue24", "mvue24_keep_probability", "mvue24_variance", "mvue24_violation", "nm_mask",
+    "nm_violation", "parse_pattern", "pattern_diversity", "prior_logits", "prune_state_dict", "pruned_magnitude",
+    "rank", "register_solver", "require_fits", "select", "select_layers", "shape_violation", "soft_mask",
+    "tile_scores", "to_groups", "to_matrix", "transposable_count", "transposable_mask", "unstructured_diversity",
+    "unstructured_mask",
 ]
