@@ -9,6 +9,8 @@ from .fold import FoldError, fold_mask
 from .layout import LAYOUTS, LayoutError, from_matrix, require_fits, shape_violation, to_matrix
 from .mvue import is_mvue24, mvue24, mvue24_keep_probability, mvue24_variance, mvue24_violation
 from .nm import is_valid, kept_share, magnitude, nm_mask, nm_violation, unstructured_mask
+from .oneshot import (Hessian, OneShotError, choose_by_score, conv_rows, linear_rows, reconstruction_error, sparsegpt,
+                      sq_norms, wanda_mask, wanda_saliency)
 from .pattern import Pattern, PatternError, parse_pattern
 from .prune import LayerReport, SelectionError, make_mask, prune_state_dict, select
 from .selection import NOT_CALLED, LayerInfo, LayerSelection, SelectOptions, select_layers
@@ -16,11 +18,13 @@ from .solvers import get_solver, list_solvers, register_solver
 from .transposable import pruned_magnitude, tile_scores, transposable_mask
 
 __all__ = [
-    "Diversity", "FoldError", "LAYOUTS", "LayerInfo", "LayerReport", "LayerSelection", "LayoutError", "NOT_CALLED",
-    "Pattern", "PatternError", "SelectOptions", "SelectionError", "SparsityError",
-    "fold_mask", "from_matrix", "get_solver", "is_mvue24", "is_valid", "kept_share", "list_solvers", "magnitude",
-    "make_mask", "mvue24", "mvue24_keep_probability", "mvue24_variance", "mvue24_violation",
-    "nm_mask", "nm_violation", "parse_pattern", "pattern_diversity", "prune_state_dict", "pruned_magnitude",
-    "rank", "register_solver", "require_fits", "select", "select_layers", "shape_violation", "tile_scores",
-    "to_matrix", "transposable_count", "transposable_mask", "unstructured_diversity", "unstructured_mask",
+    "Diversity", "FoldError", "Hessian", "LAYOUTS", "LayerInfo", "LayerReport", "LayerSelection", "LayoutError",
+    "NOT_CALLED", "OneShotError", "Pattern", "PatternError", "SelectOptions", "SelectionError", "SparsityError",
+    "choose_by_score", "conv_rows", "fold_mask", "from_matrix", "get_solver", "is_mvue24", "is_valid",
+    "kept_share", "linear_rows", "list_solvers", "magnitude", "make_mask", "mvue24", "mvue24_keep_probability",
+    "mvue24_variance", "mvue24_violation", "nm_mask", "nm_violation", "parse_pattern", "pattern_diversity",
+    "prune_state_dict", "pruned_magnitude", "rank", "reconstruction_error", "register_solver", "require_fits",
+    "select", "select_layers", "shape_violation", "sparsegpt", "sq_norms", "tile_scores", "to_matrix",
+    "transposable_count", "transposable_mask", "unstructured_diversity", "unstructured_mask", "wanda_mask",
+    "wanda_saliency",
 ]
