@@ -36,6 +36,10 @@ def adaprune(
                                             "rescaled to carry each group's pruned |w|; default: --add-back."),
     blocksize: Optional[int] = typer.Option(None, help="SparseGPT: columns per block of lazy updates, a multiple of M; default 128 (or the multiple of M below it)."),
     percdamp: Optional[float] = typer.Option(None, help="SparseGPT: dampening, the share of the mean Hessian diagonal added to it; default 0.01."),
+    learn_steps: Optional[int] = typer.Option(None, help="learned: Adam steps on the mask logits over the calibration batches; default 200."),
+    learn_lr: Optional[float] = typer.Option(None, help="learned: learning rate of the mask logits (cosine to a tenth); default 5e-4."),
+    prior: Optional[str] = typer.Option(None, help="learned: the one-shot method whose mask the logits start from: magnitude (default), wanda or sparsegpt."),
+    prior_strength: Optional[float] = typer.Option(None, help="learned: how strongly the logits start on the prior's mask (MaskLLM's --prior-strength); default 3."),
     solver: str = typer.Option("exact", help=f"Transposable mask solver for N:M-T: {', '.join(SOLVERS)}."),
     spec: Optional[Path] = typer.Option(None, help="Spec giving model and data for a bare state_dict (default: SOURCE/config.yaml)."),
     out: Optional[Path] = typer.Option(None, help="Output run directory (default: beside SOURCE, named SOURCE-METHOD-2of4; -4of8T for 4:8-T)."),
@@ -64,7 +68,8 @@ def adaprune(
 
     pat = parse_pattern(pattern, transposable=transposable)
     given = {"iters": iters, "batch": batch, "lr_weight": lr_weight, "lr_bias": lr_bias, "sequential": sequential,
-             "add_back": add_back, "blocksize": blocksize, "percdamp": percdamp}
+             "add_back": add_back, "blocksize": blocksize, "percdamp": percdamp, "learn_steps": learn_steps,
+             "learn_lr": learn_lr, "prior": prior, "prior_strength": prior_strength}
     settings = ConversionSettings(pattern=pat, method=method, calib_samples=calib_samples, calib_seed=calib_seed,
                                   finetune=finetune, solver=solver,
                                   options={k: v for k, v in given.items() if v is not None})

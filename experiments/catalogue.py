@@ -13,4 +13,4 @@ METHODS = ("bame", "bimask", "dense", "fixed", "maskdecay", "pgf", "srste", "sst
 # use; one that is absent from an installation is refused in one line).
 ONESHOT_METHODS = ("magnitude", "adaprune", "wanda", "sparsegpt", "learned")
 ONESHOT_MODULES = {"magnitude": "oneshot.methods", "adaprune": "oneshot.methods", "wanda": "oneshot.methods",
-                   "sparsegpt": "oneshot.methods", "learned": "learned_masks"}
+                   "sparsegpt": "oneshot.methods", "learned": "oneshot.learned"}

@@ -175,11 +175,55 @@ def test_bad_options_are_refused_in_one_line(sources, tmp_path, args, needle):
     assert_refused(result, needle, before, snapshot(tmp_path))
 
 
-@pytest.mark.skipif(available("learned"), reason="the learned-mask module is installed")
-def test_learned_is_refused_where_its_module_is_absent(sources, tmp_path):
+@pytest.mark.parametrize("args,needle", [
+    (["--prior", "bogus"], "--prior: 'bogus' is unknown"),
+    (["--learn-steps", "0"], "--learn-steps: "),
+    (["--learn-lr", "0"], "--learn-lr: "),
+    (["--prior-strength", "-1"], "--prior-strength: "),
+    (["--pattern", "4:8-T"], "4:8-T"),                    # 116,963,796,250 candidate tiles: refused, one line
+])
+def test_learned_refuses_bad_options_in_one_line(sources, tmp_path, args, needle):
+    before = snapshot(tmp_path)
+    result = run_cli("adaprune", sources["gpt"], "--pattern", "2:4", "--method", "learned", "--out", tmp_path / "o",
+                     "--no-progress", *args)
+    assert_refused(result, needle, before, snapshot(tmp_path))
+
+
+def test_an_absent_optional_method_is_refused_in_one_line(sources, tmp_path, monkeypatch):
+    monkeypatch.delitem(registry._METHODS, "learned", raising=False)
+    monkeypatch.setitem(catalogue.ONESHOT_MODULES, "learned", "oneshot.not_installed")
+    monkeypatch.setattr(registry, "ONESHOT_MODULES", catalogue.ONESHOT_MODULES)
+    assert not available("learned")
     before = snapshot(tmp_path)
     result = run_cli("adaprune", sources["mlp"], "--pattern", "2:4", "--method", "learned", "--out", tmp_path / "o")
     assert_refused(result, "--method: learned is not available", before, snapshot(tmp_path))
+
+
+# -- learned masks ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "2:4-T"])
+@pytest.mark.parametrize("source", ["mlp", "gpt"])
+def test_learned_masks_convert_a_tiny_model_without_changing_kept_weights(sources, tmp_path, source, pattern):
+    out = tmp_path / "out"
+    result = _convert(sources[source], out, "--pattern", pattern, "--method", "learned", "--learn-steps", "6")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    s, state, original = _check_run(sources[source], out, parse_pattern(pattern))
+    assert s["method"] == "learned" and s["learned_steps"] == 6 and s["learned_seconds"] > 0
+    assert s["method_params"] == {"learn_steps": 6, "learn_lr": 5e-4, "prior": "magnitude", "prior_strength": 3.0}
+    assert 0.0 <= s["learned_changed_vs_prior"] <= 1.0 and s["learned_candidates"] == (90 if "T" in pattern else 6)
+    for name in s["sparse_layers"]:                   # weights frozen: every kept entry is the source's
+        kept = state[name] != 0
+        assert torch.equal(state[name][kept], original[name][kept])
+
+
+def test_learned_masks_start_from_another_methods_prior(sources, tmp_path):
+    out = tmp_path / "out"
+    result = _convert(sources["gpt"], out, "--pattern", "2:4", "--method", "learned", "--learn-steps", "3",
+                      "--prior", "wanda", "--finetune", "--iters", "5")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    s, _, _ = _check_run(sources["gpt"], out, Pattern(2, 4))
+    assert s["method_params"]["prior"] == "wanda" and s["finetune"]["iters"] == 5 and "perplexity_finetune" in s
 
 
 # -- Ctrl-C leaves nothing ------------------------------------------------------------------------------
