@@ -16,6 +16,12 @@ from .errors import user_errors
 _FIT = "in AdaPrune's fit (--method adaprune, --finetune)"
 
 
+# The options that belong to one method or another (each its params' field of that name; refused with
+# one line by a method that has no such field).
+METHOD_OPTIONS = ("iters", "batch", "lr_weight", "lr_bias", "sequential", "add_back", "blocksize", "percdamp",
+                  "learn_steps", "learn_lr", "prior", "prior_strength")
+
+
 @user_errors
 def adaprune(
     source: Path = typer.Argument(..., help="A run directory of `nmtrain train`, or a state_dict with --spec."),
@@ -48,31 +54,24 @@ def adaprune(
 ) -> None:
     """Convert a dense or unstructured-sparse model to N:M (or N:M-T) with a one-shot method.
 
-    Methods: magnitude (largest |w|), adaprune (the default: magnitude mask, pruned magnitude added
-    back, then Adam fits each layer's kept weights and bias to its original output on calibration
-    data), wanda (|w|·||x||, no weight update), sparsegpt (mask every M columns by w²/[H⁻¹]², the
-    pruning error compensated through the inverse Hessian), learned (masks learned on the task's loss,
-    weights frozen). Wanda and SparseGPT take the layers in order, each on the inputs of the
-    already-converted model. For N:M-T every method picks its mask with the transposable solver on its
-    own saliency. --finetune follows any method but adaprune with AdaPrune's fit, masks fixed.
-    Calibration samples come from the training split; the metric is measured on data.holdout's
-    samples when the source's spec sets it, else on the test (validation) split. BatchNorm statistics
-    are re-estimated on the calibration set. Writes model.pt, config.yaml (the source's spec) and
-    summary.json (method, parameters, calibration, per-layer errors, the metric of the original, of
-    magnitude projection, after the method and after the fine-tune); Ctrl-C leaves nothing.
-
-    The methods, their sources and defaults: docs/methods.md#one-shot-conversion.
+    Methods: magnitude (largest |w|), adaprune (the default: magnitude mask, pruned magnitude added back,
+    then Adam fits each layer's kept weights and bias to its original output), wanda (|w|·||x||),
+    sparsegpt (mask every M columns by w²/[H⁻¹]², error compensated through the inverse Hessian), learned
+    (masks learned on the task's loss, weights frozen). For N:M-T each picks its mask with the
+    transposable solver on its own saliency; --finetune follows any but adaprune with AdaPrune's fit.
+    Calibration samples come from the training split; the metric is measured on data.holdout's samples
+    when the source's spec sets it, else on the test (validation) split. Writes model.pt, config.yaml
+    and summary.json (method, parameters, calibration, per-layer errors, the metric before and after);
+    Ctrl-C leaves nothing. Methods, sources and defaults: docs/methods.md#one-shot-conversion.
     """
     from ..experiments.oneshot import ConversionSettings, convert
     from ..sparsity import parse_pattern
 
-    pat = parse_pattern(pattern, transposable=transposable)
-    given = {"iters": iters, "batch": batch, "lr_weight": lr_weight, "lr_bias": lr_bias, "sequential": sequential,
-             "add_back": add_back, "blocksize": blocksize, "percdamp": percdamp, "learn_steps": learn_steps,
-             "learn_lr": learn_lr, "prior": prior, "prior_strength": prior_strength}
-    settings = ConversionSettings(pattern=pat, method=method, calib_samples=calib_samples, calib_seed=calib_seed,
-                                  finetune=finetune, solver=solver,
-                                  options={k: v for k, v in given.items() if v is not None})
+    given = locals()        # the methods' own options, by their params' field names; unset ones are None
+    options = {name: given[name] for name in METHOD_OPTIONS if given[name] is not None}
+    settings = ConversionSettings(pattern=parse_pattern(pattern, transposable=transposable), method=method,
+                                  calib_samples=calib_samples, calib_seed=calib_seed, finetune=finetune,
+                                  solver=solver, options=options)
     try:
         result = convert(source, settings, spec_path=spec, out=out, overwrite=overwrite, console=console,
                          progress=progress)

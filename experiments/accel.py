@@ -296,7 +296,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = (g_c.t() @ x_c).to(weight.dtype)
             if ctx.decay:   # SR-STE's decay on the pruned weights, as in ste._STEMask
-                grad_w = grad_w + ctx.decay * (~mask) * weight
+                grad_w = grad_w + ctx.decay * (weight * ~mask)     # weight first: decay not rounded to float32
         if ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None
