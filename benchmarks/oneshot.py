@@ -35,7 +35,7 @@ from nmtrain.experiments.catalogue import ONESHOT_METHODS
 from nmtrain.experiments.errors import ExperimentError
 from nmtrain.experiments.layers import LayerSelectionError
 from nmtrain.experiments.oneshot import ConversionSettings, ReconstructParams, available, convert, get_oneshot
-from nmtrain.experiments.oneshot.registry import field_names
+from nmtrain.experiments.oneshot.registry import ConversionError, field_names, make_params
 from nmtrain.experiments.tasks import get_task
 from nmtrain.sparsity import SparsityError, parse_pattern
 
@@ -96,6 +96,14 @@ def run_grid(args: argparse.Namespace, console) -> list[dict]:
 
 def _one(source_name: str, source: Path, settings: ConversionSettings, console) -> dict:
     label = f"{source_name} {settings.method} {settings.pattern} seed {settings.calib_seed}"
+    try:        # a pattern the method refuses outright (learned masks at 4:8-T: too many candidate tiles)
+        method = get_oneshot(settings.method)
+        make_params(method.params, {k: v for k, v in settings.options.items() if k in field_names(method.params)},
+                    settings.pattern)
+    except ConversionError as exc:
+        console.print(f"{label}: skipped ({exc})")
+        return {"source": source_name, "method": settings.method, "pattern": str(settings.pattern),
+                "seed": settings.calib_seed, "skipped": str(exc)}
     try:
         s = convert(source, settings, progress=False, write=False).summary
     except LayerSelectionError as exc:        # a pattern no layer of this model can hold

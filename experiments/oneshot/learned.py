@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...sparsity import Pattern, fold_mask
+from ...sparsity import Pattern, PatternError, fold_mask
+from ...sparsity.learned import check_candidates
 from ..learned_masks import LearnedError, LearnedSettings, learn_masks
 from .registry import ConversionError, Job, Outcome, get_oneshot, make_params, register_oneshot
 
@@ -32,6 +33,10 @@ class LearnedParams:
     prior_strength: float = 3.0     # MaskLLM's --prior-strength
 
     def check(self, pattern: Pattern) -> None:
+        try:        # a family of candidates too large to enumerate (4:8-T) is refused before any work
+            check_candidates(pattern.n, pattern.m, pattern.transposable)
+        except PatternError as exc:
+            raise ConversionError(f"--pattern: --method learned: {exc}") from None
         if self.prior not in PRIORS:
             raise ConversionError(f"--prior: {self.prior!r} is unknown; use one of: {', '.join(PRIORS)}")
         try:
