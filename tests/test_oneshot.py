@@ -345,3 +345,43 @@ def test_the_benchmark_runs_in_seconds_and_writes_its_table(sources, tmp_path, m
     rows = list(csv.DictReader((out / "oneshot.csv").open()))
     assert len(rows) == len(data["rows"]) and {"mean", "std", "recovered_mean", "seconds_mean"} <= set(rows[0])
     assert text.count("\n| mlp |") == len(data["rows"])
+
+
+def test_layer_errors_in_one_pass_equal_a_pass_per_layer_with_in_place_activations():
+    """Every layer's error from one hooked pass of each model equals the direct per-layer computation
+    (capture the layer's inputs, apply both weights), also where an in-place ReLU follows a layer."""
+    import copy
+    from nmtrain.experiments.oneshot.calibration import capture_inputs, layer_errors
+    from nmtrain.experiments.oneshot.registry import Calibration
+
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Linear(32, 32), nn.ReLU(inplace=True),
+                             nn.Linear(32, 4))
+    model = copy.deepcopy(original)
+    masks = {}
+    with torch.no_grad():
+        for name in ("0", "2"):
+            masks[name] = torch.rand_like(model.get_submodule(name).weight) > 0.5
+            model.get_submodule(name).weight.mul_(masks[name])
+    calib = Calibration(torch.randn(100, 16), torch.zeros(100, dtype=torch.long), 0, 32)
+    torch.set_grad_enabled(False)       # plain arithmetic below (restored by the finally)
+    try:
+        _compare_layer_errors(original, model, masks, calib, layer_errors, capture_inputs)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _compare_layer_errors(original, model, masks, calib, layer_errors, capture_inputs):
+    for sequential in (False, True):
+        got = layer_errors(original, model, ["0", "2"], calib, sequential, torch.device("cpu"), masks)
+        for name in ("0", "2"):
+            orig, mod = original.get_submodule(name), model.get_submodule(name)
+            x0 = capture_inputs(original, orig, calib.inputs, calib.batch, "cpu").double()
+            x = capture_inputs(model, mod, calib.inputs, calib.batch, "cpu").double() if sequential else x0
+            y = x0 @ orig.weight.double().t() + orig.bias.double()
+            den = float(y.pow(2).sum())
+            want = float((x @ mod.weight.double().t() + mod.bias.double() - y).pow(2).sum()) / den
+            plain = orig.weight.double() * masks[name]
+            magnitude = float((x @ plain.t() + orig.bias.double() - y).pow(2).sum()) / den
+            assert got[name]["error"] == pytest.approx(want, rel=1e-5), (sequential, name)
+            assert got[name]["magnitude"] == pytest.approx(magnitude, rel=1e-5), (sequential, name)

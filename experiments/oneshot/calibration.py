@@ -99,6 +99,7 @@ def layer_targets(original: nn.Module, name: str, calib: Calibration,
     return x, y
 
 
+@torch.no_grad()
 def layer_errors(original: nn.Module, model: nn.Module, names: list[str], calib: Calibration, sequential: bool,
                  device: torch.device, masks: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
     """Each layer's relative reconstruction error ``||layer(X) - Y||^2 / ||Y||^2`` on the calibration inputs.
@@ -107,17 +108,54 @@ def layer_errors(original: nn.Module, model: nn.Module, names: list[str], calib:
     on: ``model``'s inputs to it when ``sequential`` (upstream layers already converted), else the original
     model's. ``error`` is ``model``'s layer; with ``masks``, ``magnitude`` is the original weight with the
     mask folded in (plain magnitude projection, original bias) on the same ``X``.
+
+    One pass of each model over the calibration batches serves every layer (hooks on all of them; only
+    the current batch's ``Y`` is held), not a pass per layer: a 16-layer GPT spent 70 of its conversion's
+    100 seconds here when every layer ran the model again.
     """
-    errors = {}
-    for name in names:
-        x_orig, y = layer_targets(original, name, calib, device)
-        x = capture_inputs(model, model.get_submodule(name), calib.inputs, calib.batch, device) if sequential else x_orig
+    sums = {name: {"error": 0.0, "magnitude": 0.0, "y": 0.0} for name in names}
+    plain = {} if masks is None else {n: fold_mask(original.get_submodule(n).weight.detach(), masks[n]) for n in names}
+    targets: dict[str, torch.Tensor] = {}
+
+    def add(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         mod, orig = model.get_submodule(name), original.get_submodule(name)
-        row = {"error": relative_error(mod, x, y, mod.weight.detach(), mod.bias, calib.batch)}
+        row = sums[name]
+        row["error"] += float((gemm(mod, x, mod.weight.detach(), mod.bias) - y).double().pow(2).sum())
         if masks is not None:
-            plain = fold_mask(orig.weight.detach(), masks[name])
-            row["magnitude"] = relative_error(orig, x, y, plain, orig.bias, calib.batch)
-        errors[name] = row
+            row["magnitude"] += float((gemm(orig, x, plain[name], orig.bias) - y).double().pow(2).sum())
+        row["y"] += float(y.double().pow(2).sum())
+
+    def on_original(name):
+        def hook(_mod, args, out):
+            if sequential:
+                targets[name] = out.detach().clone()    # this batch's Y (a copy: an in-place ReLU changes it)
+            else:
+                add(name, args[0].detach(), out.detach())
+        return hook
+
+    def on_model(name):
+        def hook(_mod, args, _out):
+            add(name, args[0].detach(), targets.pop(name))
+        return hook
+
+    handles = [original.get_submodule(n).register_forward_hook(on_original(n)) for n in names]
+    if sequential:
+        handles += [model.get_submodule(n).register_forward_hook(on_model(n)) for n in names]
+    try:
+        with eval_mode(original), eval_mode(model):
+            for x, _ in calib.batches(device):
+                original(x)
+                if sequential:
+                    model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    errors = {}
+    for name, row in sums.items():
+        den = row["y"]
+        errors[name] = {"error": row["error"] / den if den > 0 else row["error"]}
+        if masks is not None:
+            errors[name]["magnitude"] = row["magnitude"] / den if den > 0 else row["magnitude"]
     return errors
 
 
