@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ...sparsity import Pattern, fold_mask
+from ...sparsity import Pattern, fold_mask, nm_mask
 from ..errors import ExperimentError
 from ..layers import gemm, route_forward, unroute_forward
 from .wgrad import WeightGradSampler, mvue_gemm
@@ -134,6 +134,11 @@ class Method:
     def masks(self) -> dict[str, torch.Tensor]:
         """Current keep-masks of the sparse layers (empty for dense)."""
         return {}
+
+    def row_masks(self, pattern: Pattern) -> dict[str, torch.Tensor]:
+        """Every sparse layer's row-wise N:M magnitude mask of its current weights (``pattern`` along K)."""
+        return {name: nm_mask(mod.weight.detach(), pattern.n, pattern.m, self.ctx.layout)
+                for name, mod in self.ctx.layers.items()}
 
     def deployed_weight(self, name: str, module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
         """The weight the trained layer ``name`` deploys, ``mask`` being its final keep-mask: ``W * mask``

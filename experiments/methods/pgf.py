@@ -177,9 +177,7 @@ class PGF(Method):
 
     # --- results ----------------------------------------------------------------------------------
     def masks(self):
-        p = self.pattern
-        return {name: nm_mask(mod.weight.detach(), p.n, p.m, self.ctx.layout)
-                for name, mod in self.ctx.layers.items()}
+        return self.row_masks(self.pattern)
 
     def export_pattern(self, name):
         return self.pattern

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...sparsity import Pattern, fold_mask, from_matrix, nm_mask, to_matrix
+from ...sparsity import Pattern, fold_mask, from_matrix, to_matrix
 from .base import Capabilities, Method, register_method
 
 
@@ -132,9 +132,7 @@ class SSTE(Method):
         return fold_mask(self.forward_weight(name, module), mask)
 
     def masks(self):
-        p = self.pattern
-        return {name: nm_mask(mod.weight.detach(), p.n, p.m, self.ctx.layout)
-                for name, mod in self.ctx.layers.items()}
+        return self.row_masks(self.pattern)
 
     def export_pattern(self, name):
         return self.pattern
