@@ -94,6 +94,12 @@ def run_grid(args: argparse.Namespace, console) -> list[dict]:
     return records
 
 
+def _skipped(source_name: str, settings: ConversionSettings, label: str, why: Exception, console) -> dict:
+    console.print(f"{label}: skipped ({why})")
+    return {"source": source_name, "method": settings.method, "pattern": str(settings.pattern),
+            "seed": settings.calib_seed, "skipped": str(why)}
+
+
 def _one(source_name: str, source: Path, settings: ConversionSettings, console) -> dict:
     label = f"{source_name} {settings.method} {settings.pattern} seed {settings.calib_seed}"
     try:        # a pattern the method refuses outright (learned masks at 4:8-T: too many candidate tiles)
@@ -101,15 +107,11 @@ def _one(source_name: str, source: Path, settings: ConversionSettings, console) 
         make_params(method.params, {k: v for k, v in settings.options.items() if k in field_names(method.params)},
                     settings.pattern)
     except ConversionError as exc:
-        console.print(f"{label}: skipped ({exc})")
-        return {"source": source_name, "method": settings.method, "pattern": str(settings.pattern),
-                "seed": settings.calib_seed, "skipped": str(exc)}
+        return _skipped(source_name, settings, label, exc, console)
     try:
         s = convert(source, settings, progress=False, write=False).summary
     except LayerSelectionError as exc:        # a pattern no layer of this model can hold
-        console.print(f"{label}: skipped ({exc})")
-        return {"source": source_name, "method": settings.method, "pattern": str(settings.pattern),
-                "seed": settings.calib_seed, "skipped": str(exc)}
+        return _skipped(source_name, settings, label, exc, console)
     task = get_task(s["task"])
     record = {"source": source_name, "method": settings.method, "pattern": str(settings.pattern),
               "seed": settings.calib_seed, "task": s["task"], "metric": task.primary,

@@ -19,6 +19,7 @@ from torch import nn
 from ...sparsity import Pattern, fold_mask, nm_mask
 from ..errors import ExperimentError
 from ..layers import gemm, route_forward, unroute_forward
+from .ste import change_rate
 from .wgrad import WeightGradSampler, mvue_gemm
 
 
@@ -217,6 +218,35 @@ class StoredMaskMethod(Method):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self._masks = dict(state.get("masks", {}))
+
+
+class RecomputedMaskMethod(StoredMaskMethod):
+    """A stored mask recomputed every few steps (transposable, maskdecay): each recompute's flip rate, the
+    share of mask entries that changed, goes to metrics.jsonl ``mask_recomputes`` and into checkpoints."""
+
+    def __init__(self, params: Any, ctx: Context):
+        super().__init__(params, ctx)
+        self._events: list[dict] = []       # mask recomputes not yet written to metrics.jsonl
+
+    def recompute_when_due(self, step: int, interval: int, compute) -> None:
+        """The first masks at the first step; then ``compute()`` at every step that ``interval`` divides
+        (step 0 keeps the first masks), recording the change."""
+        if not self._masks:
+            self._masks = self.init_masks()
+        elif step % interval == 0 and step > 0:
+            old, self._masks = self._masks, compute()
+            self._events.append({"step": step, "change_rate": change_rate(old, self._masks)})
+
+    def pop_mask_events(self):
+        events, self._events = self._events, []
+        return events
+
+    def state_dict(self):
+        return {**super().state_dict(), "events": list(self._events)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self._events = [dict(e) for e in state.get("events", [])]
 
 
 _METHODS: dict[str, type[Method]] = {}

@@ -55,8 +55,8 @@ import torch
 from ...sparsity import transposable_mask
 from ..layers import gemm
 from ..rules import DECAY, FRACTION, STEPS, param
-from .base import Capabilities, StoredMaskMethod, register_method
-from .ste import change_rate, ste_mask
+from .base import Capabilities, RecomputedMaskMethod, register_method
+from .ste import ste_mask
 
 
 @dataclass
@@ -68,7 +68,7 @@ class MaskDecayParams:
 
 
 @register_method("maskdecay")
-class MaskDecay(StoredMaskMethod):
+class MaskDecay(RecomputedMaskMethod):
     Params = MaskDecayParams
     caps = Capabilities(sparse_gemms=("forward", "backward_data", "weight_grad"), needs_transposable=True,
                         accepts_transposable=True)
@@ -80,7 +80,6 @@ class MaskDecay(StoredMaskMethod):
         self.pattern = self.caps.mask_pattern(ctx.pattern)
         self.dense_start = ctx.total_steps - int(round(params.dense_finetune * ctx.total_steps))
         self._dense = False                 # in the dense fine-tune (from before_step(dense_start) on)
-        self._events: list[dict] = []       # mask recomputes not yet written to metrics.jsonl
 
     # --- masks ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -102,12 +101,7 @@ class MaskDecay(StoredMaskMethod):
         if self.in_dense_phase(step):
             self._dense = True
             return
-        if not self._masks:
-            self._masks = self.init_masks()
-        elif step % self.params.mask_interval == 0 and step > 0:    # step 0 keeps the first mask
-            old = self._masks
-            self._masks = self.init_masks()
-            self._events.append({"step": step, "change_rate": change_rate(old, self._masks)})
+        self.recompute_when_due(step, self.params.mask_interval, self.init_masks)
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
@@ -137,20 +131,15 @@ class MaskDecay(StoredMaskMethod):
         r = self.pattern.density
         return r, r, self.wgrad_density()
 
-    def pop_mask_events(self):
-        events, self._events = self._events, []
-        return events
-
     def summary_fields(self):
         return {"dense_finetune_step": self.dense_start if self.dense_start < self.ctx.total_steps else None}
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self):
-        return {**super().state_dict(), "events": list(self._events), "dense": self._dense}
+        return {**super().state_dict(), "dense": self._dense}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self._events = [dict(e) for e in state.get("events", [])]
         self._dense = bool(state.get("dense", False))
 
 

@@ -43,7 +43,7 @@ class SRSTE(Method):
         return ste_mask(module.weight, self._mask(module), self.params.decay)
 
     def masks(self):
-        return {name: self._mask(mod) for name, mod in self.ctx.layers.items()}
+        return self.row_masks(self.ctx.pattern)
 
     def export_pattern(self, name):
         return Pattern(self.ctx.pattern.n, self.ctx.pattern.m)

@@ -183,7 +183,7 @@ class STEP(Method):
 
     # --- results -----------------------------------------------------------------------------
     def masks(self):
-        return {name: self._mask(mod) for name, mod in self.ctx.layers.items()}
+        return self.row_masks(self.pattern)
 
     def export_pattern(self, name):
         return self.pattern

@@ -39,8 +39,8 @@ import torch
 from ...sparsity import from_matrix, to_matrix, transposable_mask
 from ..accel import plan_accel
 from ..rules import DECAY, STEPS, param
-from .base import Capabilities, MethodError, StoredMaskMethod, register_method
-from .ste import change_rate, ste_mask
+from .base import Capabilities, MethodError, RecomputedMaskMethod, register_method
+from .ste import ste_mask
 
 
 @dataclass
@@ -54,7 +54,7 @@ class TransposableParams:
 
 
 @register_method("transposable")
-class Transposable(StoredMaskMethod):
+class Transposable(RecomputedMaskMethod):
     Params = TransposableParams
     # W~ and W~^T both N:M: the only method whose masks the 2:4 kernels can run in both GEMMs
     caps = Capabilities(sparse_gemms=("forward", "backward_data"), needs_transposable=True,
@@ -64,7 +64,6 @@ class Transposable(StoredMaskMethod):
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
         self.pattern = self.caps.mask_pattern(ctx.pattern)
-        self._events: list[dict] = []      # mask recomputes not yet written to metrics.jsonl
         self.accel = None
         if ctx.accel == "semi_structured":
             if not self.caps.accel(self.pattern):
@@ -83,24 +82,9 @@ class Transposable(StoredMaskMethod):
     def init_masks(self):
         return self._compute(self.params.first_solver)
 
-    def before_step(self, step: int) -> None:
-        if not self._masks:
-            self._masks = self.init_masks()
-        elif step % self.params.mask_interval == 0 and step > 0:   # step 0 keeps the first (exact) mask
-            old = self._masks
-            self._masks = self._compute(self.params.solver or self.ctx.solver)
-            self._events.append({"step": step, "change_rate": change_rate(old, self._masks)})
-
-    def pop_mask_events(self):
-        events, self._events = self._events, []
-        return events
-
-    def state_dict(self):
-        return {**super().state_dict(), "events": list(self._events)}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self._events = [dict(e) for e in state.get("events", [])]
+    def before_step(self, step: int) -> None:     # the first (exact) mask, then the solver's every interval
+        self.recompute_when_due(step, self.params.mask_interval,
+                                lambda: self._compute(self.params.solver or self.ctx.solver))
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
