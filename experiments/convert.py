@@ -144,16 +144,22 @@ def convert(source: str | os.PathLike, to: str, out: str | os.PathLike | None = 
     loaded = load_source(source, pattern, layout)
     dense_bytes = sum(_nbytes(v) for v in loaded.state.values())
     if to == "compressed":
-        tensors, metadata, lost = to_compressed(loaded)
-        from safetensors.torch import save
-        atomic_write(out, lambda fh: fh.write(save(tensors, metadata=metadata)), "--out")
-        stored = sum(_nbytes(v) for v in tensors.values())
+        stored, lost = write_compressed(out, loaded, "--out")
     else:
         state = {k: v.detach().contiguous() for k, v in loaded.state.items()}
         atomic_write(out, lambda fh: torch.save(state, fh), "--out")
         lost, stored = 0, dense_bytes
     return ConvertReport(out, _path_bytes(source), out.stat().st_size, dense_bytes, stored, loaded.layers, lost,
                          loaded.imported, loaded.skipped)
+
+
+def write_compressed(out: Path, loaded: Loaded, field: str) -> tuple[int, int]:
+    """Write ``loaded`` as nmtrain's compressed safetensors file at ``out`` (atomically); returns (bytes of
+    the stored tensors, count of pruned -0.0 made +0.0). `nmtrain convert` and `Sparsified.export` write here."""
+    tensors, metadata, lost = to_compressed(loaded)
+    from safetensors.torch import save
+    atomic_write(out, lambda fh: fh.write(save(tensors, metadata=metadata)), field)
+    return sum(_nbytes(v) for v in tensors.values()), lost
 
 
 def default_out(source: Path, to: str) -> Path:

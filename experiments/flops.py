@@ -32,9 +32,7 @@ def macs_per_sample(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Conv2d)):
             def hook(module, inputs, output, _name=name):
-                per_out = module.in_features if isinstance(module, nn.Linear) else \
-                    module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-                macs[_name] = macs.get(_name, 0) + output.numel() // output.shape[0] * per_out
+                macs[_name] = macs.get(_name, 0) + layer_macs(module, output) // output.shape[0]
             hooks.append(mod.register_forward_hook(hook))
         elif hasattr(mod, "matmul_macs"):
             # products of two activations (attention's Q K^T and A V): dense GEMMs with no weight
@@ -54,6 +52,13 @@ def macs_per_sample(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
         for h in hooks:
             h.remove()
     return macs
+
+
+def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward call of a Linear or Conv2d that produced ``output``."""
+    per_out = module.in_features if isinstance(module, nn.Linear) else \
+        module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+    return output.numel() * per_out
 
 
 def _query_key(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,13 +83,17 @@ class FlopCounter:
 
     def add_step(self, batch: int, densities: dict[str, tuple[float, float, float]]) -> None:
         """Account one training step of ``batch`` samples; layers missing from ``densities`` are dense."""
-        for name, f in self.macs.items():
+        self.add_macs({name: batch * f for name, f in self.macs.items()}, densities)
+
+    def add_macs(self, macs: dict[str, int], densities: dict[str, tuple[float, float, float]]) -> None:
+        """Account one training step whose forward GEMMs did ``macs`` by layer (`nmtrain.sparsify` measures
+        them on the step's own forward passes); layers missing from ``densities`` are dense."""
+        for name, f in macs.items():
             df, dd, dw = densities.get(name, (1.0, 1.0, 1.0))
-            macs = batch * f
-            self.forward += round(macs * df)
-            self.backward_data += round(macs * dd)
-            self.backward_weight += round(macs * dw)
-            self.dense_total += 3 * macs
+            self.forward += round(f * df)
+            self.backward_data += round(f * dd)
+            self.backward_weight += round(f * dw)
+            self.dense_total += 3 * f
 
     def summary(self) -> dict:
         total = self.forward + self.backward_data + self.backward_weight

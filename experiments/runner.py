@@ -59,16 +59,17 @@ from rich.table import Table
 from torch import nn
 
 from ..data.loaders import set_epoch
-from ..sparsity import Pattern, nm_violation
+from ..sparsity import Pattern
 from .io import CheckpointError, first_line, state_dict_mismatch
 from .build import Built, Preflight, build, layer_plan, resolve_device, validate
-from .distributed import (check_masks_agree, initialized, process_group, rank_and_world, rank_device, sum_across,
+from .distributed import (initialized, process_group, rank_and_world, rank_device, sum_across,
                           world_size)
-from .methods import attach, params_dict, train_step
+from .methods import params_dict
 from .methods.ste import change_rate
 from .layers import LayerPlan
 from .models import builder_record
 from .flops import FlopCounter, macs_per_sample
+from .sparsify import Sparsified, attach_method
 from .rundir import Checkpoint, Counters, RunDir, RunError, Summary, check_flags, load_weights, save_checkpoint
 from .spec import Spec, SpecError, dump_spec
 from .tasks import Task, get_task
@@ -152,16 +153,6 @@ class RunResult:
     summary: dict
 
 
-def _to_device(obj, device: torch.device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
-    return obj
-
-
 def _finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -200,6 +191,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     method: object = None
+    handle: Sparsified = None       # the method attached as `nmtrain.sparsify` attaches it (its hooks, its steps)
     net: nn.Module = None           # the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer = None
     scheduler: object = None
@@ -235,11 +227,14 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, p
     # Rank 0 holds the directory while it writes; a new run that fails before its first checkpoint leaves nothing.
     held = contextlib.nullcontext() if not run.main else run.rd.writing() if ckpt is None else run.rd.holding()
     with held:
-        # The sparse layers' forward runs through the method until the block ends (before the fold in `_finish`).
-        with attach(run.method_cls, run.plan.sparse, run.pattern, run.params, layout=spec.sparsity.layout,
-                    solver=spec.sparsity.solver, total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
-                    accel=spec.accel, seed=spec.seed) as method:
-            _equip(run, method)
+        # The method, as `nmtrain.sparsify` attaches it in a user's loop: the sparse layers' forward runs
+        # through it and its per-step work in the optimizer's hooks, until `remove` folds the masks in (or
+        # the block ends).
+        optimizer = _optimizer(spec, run.model)
+        with attach_method(run.model, run.method_cls, run.params, run.plan, run.pattern, optimizer,
+                           layout=spec.sparsity.layout, solver=spec.sparsity.solver, total_steps=run.total_steps,
+                           steps_per_epoch=run.steps_per_epoch, accel=spec.accel, seed=spec.seed) as handle:
+            _equip(run, handle)
             if ckpt is None:
                 _start(run)
             else:
@@ -247,9 +242,9 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, p
             _loop(run, console, progress)
             wall = run.wall()
             # Evaluate what a user deploys: the masks folded into plain weights.
-            final_masks = method.masks()
-            check_masks_agree(final_masks, run.device, run.step)
-        return _finish(run, final_masks, wall)
+            handle.check_ranks()
+            sparse_layers = handle.remove()
+        return _finish(run, sparse_layers, wall)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,15 +298,15 @@ def _load_weights(spec: Spec, rd: RunDir, model: nn.Module, ckpt: Checkpoint | N
                                   f"{rd.config} ({first_line(exc)})") from None
 
 
-def _equip(run: Run, method) -> None:
-    """What needs the attached method: the DDP wrapper, optimizer, schedule and FLOP counter."""
+def _equip(run: Run, handle: Sparsified) -> None:
+    """What needs the attached method: the DDP wrapper, schedule and FLOP counter."""
     spec = run.spec
-    run.method, run.net = method, run.model
+    method = run.method = handle.method
+    run.handle, run.net, run.optimizer = handle, run.model, handle.optimizer
+    handle.stepper.on_mask_error = lambda exc: _mask_error(run)
     if run.distributed:   # after routing: DDP's forward then runs the method's sparse forward
         run.net = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    run.optimizer = _optimizer(spec, run.model)
-    method.bind_optimizer(run.optimizer)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer,
                                                       _lr_lambda(spec, run.steps_per_epoch, run.total_steps))
     # MACs depend on shapes alone: the task's probe input, not a batch loaded from the test split
@@ -334,7 +329,7 @@ def _restore(run: Run, ckpt: Checkpoint) -> None:
     try:
         run.optimizer.load_state_dict(ckpt.optimizer)
         run.scheduler.load_state_dict(ckpt.scheduler)
-        run.method.load_state_dict(_to_device(ckpt.method, run.device))
+        run.handle.load_state_dict({"method": ckpt.method, "step": ckpt.step})
         counters = ckpt.counters()
         run.step = ckpt.step
         run.best, run.running_loss, run.running_n = counters.best, counters.running_loss, counters.running_n
@@ -398,21 +393,21 @@ def _loop(run: Run, console, progress: bool) -> None:
 
 
 def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One optimizer step on the batch (x, y), in the method contract's order (`train_step`); returns its
+    """One optimizer step on the batch (x, y), the method's hooks keeping the contract's order; returns its
     train loss. A non-finite loss stops the run before the backward."""
     step, method = run.step, run.method
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-    measured = {}
-
-    def loss_of() -> torch.Tensor:
-        loss, measured["loss"], measured["n"], measured["targets"] = _loss(run, x, y)
-        if not math.isfinite(measured["loss"]):
-            raise run.diverged(step, f"loss is {measured['loss']}")
-        return loss
-
-    train_step(method, step, run.optimizer, loss_of, run.scheduler, on_mask_error=lambda exc: _mask_error(run),
-               clip=run.spec.optim.grad_clip)
-    step_loss, step_n, step_targets = measured["loss"], measured["n"], measured["targets"]
+    # The plain loop of a user's own: the method's work runs in its hooks (docs/api.md); the schedule last.
+    loss, step_loss, step_n, step_targets = _loss(run, x, y)
+    if not math.isfinite(step_loss):
+        raise run.diverged(step, f"loss is {step_loss}")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.spec.optim.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
+                                       run.spec.optim.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
     run.flops.add_step(step_n, {n: method.densities(n, step) for n in method.ctx.layers})    # per sample
     run.running_loss += step_loss * step_targets
     run.running_n += step_targets
@@ -467,7 +462,7 @@ def _evaluate_step(run: Run) -> dict[str, float]:
     loss starts again."""
     metrics = run.task.evaluate(run.model, run.built.test_loader, run.device)
     masks = run.method.masks()
-    check_masks_agree(masks, run.device, run.step)
+    run.handle.check_ranks()
     record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
               "loss": run.running_loss / max(run.running_n, 1), **metrics,
               "lr": run.optimizer.param_groups[0]["lr"], "mask_change_rate": change_rate(run.last_masks, masks)}
@@ -495,7 +490,8 @@ def _checkpoint(run: Run) -> None:
                             flops={"forward": f.forward, "backward_data": f.backward_data,
                                    "backward_weight": f.backward_weight, "dense_total": f.dense_total},
                             last_masks=run.last_masks)
-        _save_checkpoint(run.rd.checkpoint, run.model, run.optimizer, run.scheduler, run.method, run.step,
+        _save_checkpoint(run.rd.checkpoint, run.model, run.optimizer, run.scheduler, run.handle.state_dict()["method"],
+                         run.step,
                          run.step // run.steps_per_epoch, counters)
     run.last_ckpt_step = run.step
 
@@ -504,11 +500,11 @@ def _checkpoint(run: Run) -> None:
 # finish
 
 
-def _finish(run: Run, final_masks: dict[str, torch.Tensor], wall: float) -> RunResult:
-    """Fold the masks into the weights, evaluate that model, write model.pt and summary.json."""
+def _finish(run: Run, sparse_layers: dict, wall: float) -> RunResult:
+    """Evaluate the model with the masks folded in (``sparse_layers``: `Sparsified.remove`'s report), write
+    model.pt and summary.json."""
     spec, method, info, pattern = run.spec, run.method, run.built.info, run.pattern
     dense = not run.method_cls.caps.sparse
-    sparse_layers = fold_masks(method, final_masks, spec.sparsity.layout)
     final = run.task.evaluate(run.model, run.built.test_loader, run.device)
     state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
     if run.main:
@@ -532,25 +528,6 @@ def _finish(run: Run, final_masks: dict[str, torch.Tensor], wall: float) -> RunR
     return RunResult(run.rd.path, summary)      # the caller shows it: `nmtrain train` a table, `compare` a line
 
 
-@torch.no_grad()
-def fold_masks(method, masks: dict[str, torch.Tensor], layout: str) -> dict:
-    """Set every sparse layer's weight to the one its method deploys (``W * mask`` unless the method says
-    otherwise), in place, and check it against the pattern the method exports; returns summary.json's
-    ``sparse_layers`` (pattern, density, transposable, layout per weight)."""
-    report = {}
-    for name, mod in method.ctx.layers.items():
-        mod.weight.copy_(method.deployed_weight(name, mod, masks[name]))    # pruned entries +0.0: bit-exact exports
-        exp = method.export_pattern(name)
-        if exp is not None:
-            problem = nm_violation(mod.weight, exp, layout)
-            if problem is not None:
-                raise RuntimeError(f"internal error: {name}.weight breaks {exp} after training: {problem}")
-        report[f"{name}.weight"] = {"pattern": None if exp is None else str(exp),
-                                    "density": float(masks[name].float().mean()),
-                                    "transposable": bool(exp and exp.transposable), "layout": layout}
-    return report
-
-
 def _last_good(out: Path, last_ckpt_step: int | None) -> str:
     if last_ckpt_step is None:
         return "checkpoint: none was written yet"
@@ -563,12 +540,12 @@ def _diverged(step: int, what: str, out: Path, last_ckpt_step: int | None) -> Ru
                     "(lower optim.lr)")
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, method, step: int, epoch: int,
+def _save_checkpoint(path: Path, model, optimizer, scheduler, method_state: dict, step: int, epoch: int,
                      counters: Counters | None = None) -> None:
     py = random.getstate()
     save_checkpoint(path, Checkpoint(
         model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-        method=method.state_dict(), step=step, epoch=epoch, run=counters.to_dict() if counters else {},
+        method=method_state, step=step, epoch=epoch, run=counters.to_dict() if counters else {},
         rng={"torch": torch.get_rng_state(), "python": list(py[1]), "python_gauss": py[2],
              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}))
 

@@ -129,7 +129,7 @@ class _HalvedDeploy(Method):
 
 @pytest.mark.parametrize("cls,factor", [(_HalvedDeploy, 0.5), ("srste", 1.0)])
 def test_the_runner_folds_the_weight_each_method_deploys(cls, factor):
-    from nmtrain.experiments.runner import fold_masks
+    from nmtrain.experiments.sparsify import fold_masks
     torch.manual_seed(0)
     lin = nn.Linear(8, 4)
     with attach(cls, {"lin": lin}, Pattern(2, 4)) as method:

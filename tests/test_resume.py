@@ -155,6 +155,6 @@ def test_an_interrupted_checkpoint_write_keeps_the_good_checkpoint(tmp_path, mon
         runner_module._save_checkpoint(out / "checkpoint.pt", model, torch.optim.SGD(model.parameters(), lr=0.1),
                                        torch.optim.lr_scheduler.LambdaLR(
                                            torch.optim.SGD(model.parameters(), lr=0.1), lambda s: 1.0),
-                                       get_method("dense")(None, None), 99, 0)
+                                       get_method("dense")(None, None).state_dict(), 99, 0)
     assert (out / "checkpoint.pt").read_bytes() == good and ckpt["step"] == 5
     assert not list(out.glob(".*.tmp"))

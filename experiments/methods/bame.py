@@ -114,7 +114,7 @@ class BAMEParams:
 class BAME(Method):
     Params = BAMEParams
     # all three from the switch on (backward-data by the paper's convention, see above)
-    caps = Capabilities(sparse_gemms=("forward", "backward_data", "weight_grad"))
+    caps = Capabilities(sparse_gemms=("forward", "backward_data", "weight_grad"), scheduled=True)
     summary = ("BAME: sparse forward and backward; loss-aware prune-and-regrow in selected N:M blocks "
                "between t_i and t_f, oscillating blocks frozen")
 

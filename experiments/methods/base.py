@@ -58,6 +58,7 @@ class Capabilities:
     needs_column_groups: bool = False       # layers need C_out % M == 0 (groups of M output channels)
     accel_patterns: tuple[tuple[int, int], ...] = ()   # (N, M) it can run on accel: semi_structured kernels
     optimizers: tuple[str, ...] = ()        # the optim.name values it works with (empty: any)
+    scheduled: bool = False                 # its work follows the run's length (ctx.total_steps): phases, ramps
 
     def __post_init__(self):
         unknown = set(self.sparse_gemms) - set(GEMMS)
@@ -294,25 +295,32 @@ def params_dict(params: Any) -> dict:
     return dataclasses.asdict(params)
 
 
-@contextmanager
-def attach(method: str | type[Method], layers: dict[str, nn.Module], pattern: Pattern, params: Any = None, *,
-           layout: str = "nhwc", solver: str = "exact", total_steps: int = 1, steps_per_epoch: int = 1,
-           accel: str = "none", seed: int = 0) -> Iterator[Method]:
-    """Build ``method`` (a class or a registered name) on the sparse ``layers`` and route their forward
-    through it; when the block ends, also by an exception, the layers' own forward is back.
-
-    ``params``: the method's Params, or a dict of them (None: the defaults). A method that masks nothing
-    (the dense baseline) gets no layers, so the model runs exactly as built.
-    """
+def build_method(method: str | type[Method], layers: dict[str, nn.Module], pattern: Pattern, params: Any = None, *,
+                 layout: str = "nhwc", solver: str = "exact", total_steps: int = 1, steps_per_epoch: int = 1,
+                 accel: str = "none", seed: int = 0) -> Method:
+    """``method`` (a class or a registered name) built on the sparse ``layers``, not yet routed (`attach` and
+    `nmtrain.sparsify` route them). ``params``: the method's Params, or a dict of them (None: the defaults).
+    A method that masks nothing (the dense baseline) gets no layers, so the model runs exactly as built."""
     cls = get_method(method) if isinstance(method, str) else method
     if params is None or isinstance(params, dict):
         params = build_params(cls, params or {})
     ctx = Context(layers=layers if cls.caps.sparse else {}, pattern=pattern, layout=layout, solver=solver,
                   total_steps=total_steps, steps_per_epoch=steps_per_epoch, accel=accel, seed=seed)
-    instance = cls(params, ctx)
-    route_forward(ctx.layers, instance)
+    return cls(params, ctx)
+
+
+@contextmanager
+def attach(method: str | type[Method], layers: dict[str, nn.Module], pattern: Pattern, params: Any = None, *,
+           layout: str = "nhwc", solver: str = "exact", total_steps: int = 1, steps_per_epoch: int = 1,
+           accel: str = "none", seed: int = 0) -> Iterator[Method]:
+    """Build ``method`` (a class or a registered name) on the sparse ``layers`` and route their forward
+    through it (`build_method`); when the block ends, also by an exception, the layers' own forward is back.
+    """
+    instance = build_method(method, layers, pattern, params, layout=layout, solver=solver, total_steps=total_steps,
+                            steps_per_epoch=steps_per_epoch, accel=accel, seed=seed)
+    route_forward(instance.ctx.layers, instance)
     try:
         yield instance
     finally:
-        unroute_forward(ctx.layers)
+        unroute_forward(instance.ctx.layers)
 

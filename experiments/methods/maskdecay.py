@@ -71,7 +71,7 @@ class MaskDecayParams:
 class MaskDecay(RecomputedMaskMethod):
     Params = MaskDecayParams
     caps = Capabilities(sparse_gemms=("forward", "backward_data", "weight_grad"), needs_transposable=True,
-                        accepts_transposable=True)
+                        accepts_transposable=True, scheduled=True)
     summary = ("Hu et al.: transposable N:M mask every mask_interval steps, masked decay after clipping, "
                "MVUE weight gradient, dense fine-tune at the end")
 

@@ -133,7 +133,7 @@ def decayed_mask(weight: torch.Tensor, mask: torch.Tensor, value: float) -> torc
 @register_method("pgf")
 class PGF(Method):
     Params = PGFParams
-    caps = Capabilities(sparse_gemms=("forward",))
+    caps = Capabilities(sparse_gemms=("forward",), scheduled=True)
     summary = "progressive gradient flow: pruned weights' mask value decays (mdgf) or the pattern steps down (sdgf)"
 
     def __init__(self, params, ctx):

@@ -88,7 +88,7 @@ class STEPParams:
 @register_method("step")
 class STEP(Method):
     Params = STEPParams
-    caps = Capabilities(sparse_gemms=("forward",), optimizers=("adamw",))
+    caps = Capabilities(sparse_gemms=("forward",), optimizers=("adamw",), scheduled=True)
     summary = ("STEP: dense AdamW until its second moment settles (AutoSwitch), then N:M masks learned "
                "SR-STE-style with the frozen second moment as preconditioner")
 

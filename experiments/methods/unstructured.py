@@ -37,7 +37,7 @@ class UnstructuredParams:
 @register_method("unstructured")
 class Unstructured(StoredMaskMethod):
     Params = UnstructuredParams
-    caps = Capabilities(sparse_gemms=("weight_grad",))     # no N:M structure: only dW, at kept entries
+    caps = Capabilities(sparse_gemms=("weight_grad",), scheduled=True)     # no N:M structure: only dW, at kept entries
     summary = "magnitude pruning to density N/M, no structure (layer or global, fixed or gradual)"
 
     def target_density(self, step: int) -> float:

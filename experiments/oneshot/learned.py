@@ -51,7 +51,7 @@ class LearnedParams:
                                prior_strength=self.prior_strength)
 
 
-@register_oneshot("learned", params=LearnedParams, title="learned",
+@register_oneshot("learned", params=LearnedParams, title="learned", needs_loss=True,
                   summary="MaskLLM-style: logits over the candidate masks of each group (M x M tile for N:M-T), "
                           "Gumbel-softmax on the task's loss, weights frozen, argmax deployed (Fang et al., 2024)")
 def learned(job: Job, params: LearnedParams) -> Outcome:

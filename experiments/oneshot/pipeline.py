@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 from torch import nn
 
-from ...sparsity import LAYOUTS, Pattern, fold_mask, get_solver, make_mask, nm_violation
+from ...sparsity import LAYOUTS, Pattern, fold_mask, nm_violation
 from ..build import build, layer_plan, resolve_device
 from ..io import CheckpointError, make_dirs, remove_dirs, state_dict_mismatch
 from ..rundir import CONFIG, SUMMARY, RunDir, load_weights
@@ -37,46 +37,10 @@ from ..tasks import get_task
 from ..yamlfile import read_yaml
 from .calibration import calibration_set, layer_errors, recalibrate_batchnorm
 from .reconstruct import ReconstructParams, fit_layers
-from .registry import ConversionError, Job, OneShotMethod, Outcome, field_names, flag, get_oneshot, make_params
+from .inplace import make_job, run_method
+from .registry import ConversionError, Job, OneShotMethod, Outcome
+from .settings import ConversionSettings  # noqa: F401  (where the CLI and benchmarks import it from)
 from .report import Stage, build_summary
-
-
-@dataclass
-class ConversionSettings:
-    """What ``nmtrain adaprune`` is asked: the pattern, the method, its calibration and its options.
-
-    ``options`` holds the method's and ``--finetune``'s choices by field name (``{"blocksize": 64}``), only
-    those given: each goes to the params that have the field; one neither uses is refused."""
-    pattern: Pattern
-    method: str = "adaprune"
-    calib_samples: int = 1000
-    calib_seed: int = 0
-    finetune: bool = False
-    solver: str = "exact"       # the transposable solver of N:M-T masks
-    options: dict = field(default_factory=dict)
-
-    def resolve(self) -> tuple[OneShotMethod, Any, ReconstructParams | None]:
-        """(the method, its params, the fine-tune's params or None), every value checked; one line on bad input."""
-        for name, value, low in (("--calib-samples", self.calib_samples, 1), ("--calib-seed", self.calib_seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConversionError(f"{name}: must be an integer >= {low}, got {value!r}")
-        try:
-            get_solver(self.solver)
-        except ValueError as exc:
-            raise ConversionError(f"--solver: {exc}") from None
-        method = get_oneshot(self.method)
-        if self.finetune and method.reconstructs:
-            raise ConversionError(f"--finetune: --method {method.name} already fits the kept weights; use --finetune "
-                                  "with magnitude, wanda, sparsegpt or learned")
-        used = field_names(method.params) | (field_names(ReconstructParams) if self.finetune else set())
-        for name in self.options:
-            if name not in used:
-                hint = (" (it sets the fit of --method adaprune and of --finetune; add --finetune)"
-                        if name in field_names(ReconstructParams) else "")
-                raise ConversionError(f"{flag(name)}: --method {method.name} does not use it{hint}")
-        params = make_params(method.params, self.options, self.pattern)
-        finetune = make_params(ReconstructParams, self.options, self.pattern) if self.finetune else None
-        return method, params, finetune
 
 
 @dataclass
@@ -172,14 +136,8 @@ def _set_up(spec: Spec, state: dict, settings: ConversionSettings, bar) -> _Setu
     plan = layer_plan(spec, built, settings.pattern, device)
     names = list(plan.sparse)
     calib = calibration_set(built.train_ds, min(settings.calib_samples, len(built.train_ds)), settings.calib_seed)
-    layout = spec.sparsity.layout
-    prior = {name: make_mask(original.get_submodule(name).weight.detach(), settings.pattern, layout, settings.solver)
-             for name in names}
-    model = copy.deepcopy(original)
-    job = Job(original=original, model=model, layers={name: model.get_submodule(name) for name in names},
-              pattern=settings.pattern, layout=layout, solver=settings.solver, calib=calib,
-              task=get_task(built.info.task), prior=prior, device=device,
-              generator=torch.Generator().manual_seed(settings.calib_seed), progress=bar)
+    job = make_job(original, copy.deepcopy(original), names, settings.pattern, spec.sparsity.layout, settings.solver,
+                   calib, get_task(built.info.task), device, settings.calib_seed, bar)
     return _Setup(spec, built, original, names, plan.skipped, job)
 
 
@@ -197,9 +155,8 @@ def _one_shot(setup: _Setup, method: OneShotMethod, params: Any) -> Stage:
     """Run the method on the job, then measure: per-layer errors, BatchNorm re-estimated, the task's metrics."""
     job = setup.job
     t0 = time.perf_counter()
-    outcome = method.fn(job, params)
+    outcome = run_method(job, method, params)
     seconds = time.perf_counter() - t0
-    _check_outcome(job, outcome, method.name)
     errors = layer_errors(job.original, job.model, setup.names, job.calib, method.sequential(params), job.device,
                           masks=job.prior)
     bn = recalibrate_batchnorm(job.model, job.calib.inputs, setup.spec.data.batch_size, job.device)
@@ -218,17 +175,6 @@ def _finetune(setup: _Setup, masks: dict[str, torch.Tensor], params: Reconstruct
     metrics = job.task.evaluate(job.model, setup.built.test_loader, job.device)
     return Stage("finetune", Outcome(masks=masks, layer_fields=fitted), seconds, errors, bn, metrics,
                  params.sequential)
-
-
-def _check_outcome(job: Job, outcome: Outcome, method: str) -> None:
-    """A method's masks: one per planned layer, each exactly N:M (N:M-T), the weights zero off the mask."""
-    if set(outcome.masks) != set(job.layers):
-        raise RuntimeError(f"internal error: method {method} returned masks for {sorted(outcome.masks)}, "
-                           f"not for the planned layers {list(job.layers)}")
-    for name, mask in outcome.masks.items():
-        problem = nm_violation(mask, job.pattern, job.layout, exact=True)
-        if problem is not None or mask.shape != job.layers[name].weight.shape:
-            raise RuntimeError(f"internal error: method {method}'s mask of {name} is not {job.pattern}: {problem}")
 
 
 def _check_sparse(model: nn.Module, masks: dict[str, torch.Tensor], pattern: Pattern, layout: str) -> dict:

@@ -14,7 +14,8 @@ the layer plan, the calibration batches (inputs and targets, from the training s
 loss, a prior mask per layer (magnitude's), the device, a seeded generator and a progress bar. Its
 ``params`` are a dataclass whose fields are its choices, each a CLI option of ``nmtrain adaprune`` named
 ``--field-name``, with the reference's defaults, checked by ``check(pattern)`` (one line naming the
-option); `NoParams` when it has none. ``sequential(params)`` says whether a layer sees the inputs of the
+option); `NoParams` when it has none. ``needs_loss`` says that it learns on the task's loss (so the
+calibration batches need targets). ``sequential(params)`` says whether a layer sees the inputs of the
 already-converted model (its per-layer errors are measured on those), and ``reconstructs`` that it fits
 the kept weights itself (so ``--finetune`` would repeat it and is refused).
 
@@ -113,20 +114,21 @@ class OneShotMethod:
     reconstructs: bool
     title: str                  # as tables print it ("SparseGPT")
     summary: str
+    needs_loss: bool = False    # it learns on the task's loss (so on calibration targets), not on layer outputs
 
 
 _METHODS: dict[str, OneShotMethod] = {}
 
 
 def register_oneshot(name: str, *, params: type = NoParams, sequential: Callable[[Any], bool] = lambda p: False,
-                     reconstructs: bool = False, title: str | None = None, summary: str = ""):
+                     reconstructs: bool = False, title: str | None = None, summary: str = "", needs_loss: bool = False):
     """Register ``fn(job, params) -> Outcome`` as the one-shot method ``name`` (one of the catalogue's)."""
     def decorator(fn: Callable[[Job, Any], Outcome]) -> Callable[[Job, Any], Outcome]:
         if name in _METHODS:
             raise ValueError(f"one-shot method {name!r} is registered twice")
         if name not in ONESHOT_METHODS:
             raise ValueError(f"one-shot method {name!r}: add it to experiments/catalogue.py ONESHOT_METHODS")
-        _METHODS[name] = OneShotMethod(name, fn, params, sequential, reconstructs, title or name, summary)
+        _METHODS[name] = OneShotMethod(name, fn, params, sequential, reconstructs, title or name, summary, needs_loss)
         return fn
     return decorator
 
