@@ -30,7 +30,7 @@ Patterns and solvers:
     Pattern(n, m, transposable=False), parse_pattern("2:4" or "4:8-T"), list_solvers()
 """
 
-from .sparsity import (Diversity, Pattern, SparsityError, fold_mask, is_valid, kept_share, list_solvers,  # noqa: F401
+from nmtrain.sparsity import (Diversity, Pattern, SparsityError, fold_mask, is_valid, kept_share, list_solvers,  # noqa: F401
                         make_mask, nm_mask, nm_violation, parse_pattern, pattern_diversity, rank, transposable_count,
                         transposable_mask, unstructured_diversity, unstructured_mask)
 

@@ -166,6 +166,7 @@ def _counted(family: str, density: float, log10: float, count) -> Diversity:
 
 
 def unstructured_diversity(rows: int, cols: int, density: float | Fraction) -> Diversity:
+    """Mask diversity of unstructured sparsity at ``density`` on an R x C block: C(R·C, density·R·C)."""
     check_block(rows, cols)
     total = rows * cols
     kept = check_density(density) * total

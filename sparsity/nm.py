@@ -88,4 +88,6 @@ def nm_violation(tensor: torch.Tensor, pattern: Pattern, layout: str = "nhwc",
 
 
 def is_valid(tensor: torch.Tensor, pattern: Pattern, layout: str = "nhwc", exact: bool = False) -> bool:
+    """Whether ``tensor`` (a bool mask, or weights whose zeros are the pruned entries) satisfies ``pattern``
+    (`nm_violation` says why not)."""
     return nm_violation(tensor, pattern, layout, exact) is None

@@ -6,7 +6,7 @@ from pathlib import Path
 from helpers import ROOT
 
 DOC = ROOT / "docs" / "methods.md"
-FOLDERS = ("cli", "experiments", "sparsity", "data", "tests", "benchmarks", "docs")
+FOLDERS = ("api", "cli", "experiments", "sparsity", "data", "tests", "benchmarks", "docs")
 TOP_FILES = ("README.md", "Makefile", "pyproject.toml")
 SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".txt"}
 CITATION = re.compile(r"docs/methods\.md#([\w-]+)")

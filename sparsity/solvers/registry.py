@@ -37,6 +37,7 @@ def register_solver(name: str, *, exact: bool, summary: str) -> Callable[[Solver
 
 
 def list_solvers() -> list[SolverInfo]:
+    """Every registered transposable-mask solver (name, whether it is exact, its summary), in order."""
     return list(_SOLVERS.values())
 
 
