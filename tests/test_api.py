@@ -300,3 +300,25 @@ def test_import_nmtrain_is_light_and_lists_its_names():
         assert getattr(nmtrain, name) is not None
     for name in nmtrain.masks.__all__:
         assert getattr(nmtrain.masks, name).__doc__ or name in ("SparsityError",), name
+
+
+@pytest.mark.parametrize("method, options", [("sparsegpt", []), ("adaprune", ["--iters", "20", "--batch", "32"])])
+def test_oneshot_is_what_nmtrain_adaprune_runs(tmp_path, method, options):
+    from nmtrain.experiments.oneshot.calibration import calibration_set
+    assert run_cli("train", *QUICK, "--method", "dense", "--out", tmp_path / "dense").exit_code == 0
+    result = run_cli("adaprune", tmp_path / "dense", "--pattern", "2:4", "--method", method, "--calib-samples", 300,
+                     "--calib-seed", 5, *options, "--out", tmp_path / "cli", "--no-progress")
+    assert result.exit_code == 0, result.output
+    spec = from_dict(Spec, yaml.safe_load((tmp_path / "dense" / "config.yaml").read_text()))
+    torch.manual_seed(spec.seed)
+    built = build(spec, augment=False, holdout=None)
+    model = built.model
+    model.load_state_dict(torch.load(tmp_path / "dense" / "model.pt", weights_only=True))
+    calib = calibration_set(built.train_ds, 300, 5)           # the sample the CLI draws from the training split
+    batches = [(calib.inputs[i:i + calib.batch], calib.targets[i:i + calib.batch])
+               for i in range(0, len(calib), calib.batch)]
+    api_options = {o.lstrip("-"): int(v) for o, v in zip(options[::2], options[1::2])}
+    nmtrain.oneshot(model, batches, method=method, pattern="2:4", seed=5, **api_options)
+    converted = torch.load(tmp_path / "cli" / "model.pt", weights_only=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, converted[key]), key
