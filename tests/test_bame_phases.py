@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from nmtrain.cli.main import app
 from nmtrain.experiments.flops import macs_per_sample
-from nmtrain.experiments.methods import Context, MethodError, attach, build_params, get_method
+from nmtrain.experiments.methods import Context, MethodError, Stepper, attach, build_params, get_method
 from nmtrain.experiments.models import image_model
 from nmtrain.sparsity import Pattern, nm_mask, nm_violation
 
@@ -27,14 +27,16 @@ def _bame_attached(layers, total=20, pattern=Pattern(2, 4), **params):
 
 
 def _step(method, lin, opt, step, x, y):
-    method.before_step(step)
+    """One step in the contract's order (`Stepper`); returns the gradient the optimizer steps with."""
+    stepper = Stepper(method, step)
+    stepper.begin()
     loss = nn.functional.cross_entropy(lin(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    method.after_backward(step)
+    stepper.before_update()                 # SR-STE's decay, then after_backward
     grad = lin.weight.grad.clone()
     opt.step()
-    method.after_step(step)
+    stepper.after_update()
     return grad
 
 

@@ -89,6 +89,7 @@ def test_decay_on_pruned_weights_and_checkpoint_state():
         method.before_step(0)
         x = torch.zeros(1, 8)                    # no data gradient: only the decay remains
         lin(x).sum().backward()
+        method.add_pruned_decay()                # once per optimizer step (loop.Stepper), not in the backward
         fmask = method.masks()["lin"]
         assert torch.allclose(lin.weight.grad, 0.5 * (~fmask) * lin.weight.detach())
         state = method.state_dict()

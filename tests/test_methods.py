@@ -29,12 +29,14 @@ def test_srste_update_equals_the_formula():
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[0.1, -0.5, 0.3, 0.2]]))
     w0 = lin.weight.detach().clone()
-    with _attached("srste", {"lin": lin}, decay=0.01):
+    with _attached("srste", {"lin": lin}, decay=0.01) as method:
         x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
         y = lin(x)
         # forward uses W~ = E * W with E keeping |-0.5| and |0.3|
         assert y.item() == pytest.approx(-0.5 * 2 + 0.3 * 3)
         y.sum().backward()
+        assert torch.equal(lin.weight.grad, x)          # the backward: straight through
+        method.add_pruned_decay()                       # once per optimizer step, before it (loop.Stepper)
         e = torch.tensor([[False, True, True, False]])
         expected_grad = x + 0.01 * (~e) * w0           # straight-through + lambda_W (1 - E) W
         assert torch.allclose(lin.weight.grad, expected_grad)

@@ -177,6 +177,7 @@ def test_forward_dense_while_dense_evaluation_and_sparse_phase_nm_with_the_srste
         out = lin(x)
         assert torch.equal(out, F.linear(x, w * e, lin.bias))
         out.pow(2).sum().backward()
+        method.add_pruned_decay()                                              # once per step (loop.Stepper)
         wt = (w * e).requires_grad_()
         (dwt,) = torch.autograd.grad(F.linear(x, wt, lin.bias.detach()).pow(2).sum(), [wt])
         want = dwt + 0.01 * (1 - e.double()) * w                              # straight through + SR-STE decay

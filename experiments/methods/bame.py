@@ -83,7 +83,6 @@ from ..distributed import rank_mean
 from ..layers import gemm
 from ..rules import DECAY, FRACTION, STEPS, Choice, Rule, above, at_least, param
 from .base import Capabilities, Method, MethodError, register_method
-from .ste import ste_mask
 
 REGROW = ("zero", "stale")
 
@@ -203,7 +202,7 @@ class BAME(Method):
     # --- forward -----------------------------------------------------------------------------
     def forward_weight(self, name, module):
         if self._first_phase:
-            return ste_mask(module.weight, self._mask(name, module), self.params.decay)
+            return self.masked_with_decay(name, module, self._mask(name, module), self.params.decay)
         return module.weight * self._mask(name, module)
 
     def layer_forward(self, name, module, x):

@@ -19,7 +19,7 @@ from torch import nn
 from ...sparsity import Pattern, fold_mask, nm_mask
 from ..errors import ExperimentError
 from ..layers import gemm, route_forward, unroute_forward
-from .ste import change_rate
+from .ste import change_rate, ste_mask
 from .wgrad import WeightGradSampler, mvue_gemm
 
 
@@ -94,6 +94,7 @@ class Method:
         self.params = params
         self.ctx = ctx
         self._wgrad: WeightGradSampler | None = None    # the MVUE weight gradients' draws, made on first use
+        self._decay: dict[str, tuple[torch.Tensor, float]] = {}     # this step's SR-STE decays: mask, lambda_W
 
     # --- forward -----------------------------------------------------------------------------
     def forward_weight(self, name: str, module: nn.Module) -> torch.Tensor:
@@ -115,6 +116,32 @@ class Method:
         if self._wgrad is None:
             self._wgrad = WeightGradSampler(self.ctx.seed)
         return self._wgrad
+
+    # --- SR-STE's decay on pruned weights ----------------------------------------------------
+    def masked_with_decay(self, name: str, module: nn.Module, mask: torch.Tensor, decay: float) -> torch.Tensor:
+        """``W ⊙ mask`` with the straight-through gradient (all of W learns), and SR-STE's ``decay · (1 − mask) ⊙ W``
+        noted for `add_pruned_decay`: added to W's gradient once per optimizer step."""
+        self.note_decay(name, module, mask, decay)
+        return ste_mask(module.weight, mask)
+
+    def note_decay(self, name: str, module: nn.Module, mask: torch.Tensor, decay: float) -> None:
+        """Note that this training forward of ``name`` used ``mask`` with SR-STE's ``decay`` (a method whose own
+        GEMM stands in for the straight-through mask, Bi-Mask's, calls this itself)."""
+        if decay and torch.is_grad_enabled() and module.weight.requires_grad:
+            self._decay[name] = (mask, decay)
+
+    def add_pruned_decay(self) -> None:
+        """``grad += decay · (1 − mask) ⊙ W`` on the layers whose training forward noted one, once per optimizer
+        step, just before ``after_backward`` (`loop.Stepper`): after every backward of the step (so gradient
+        accumulation adds it once), after the caller's gradient clipping (so the clip bounds the loss's
+        gradient alone, as Hu et al. add theirs "after clipping") and after AMP's unscaling. With one backward
+        and no clip, the gradient is the one Zhou et al.'s backward returns, bit for bit."""
+        pending, self._decay = self._decay, {}
+        for name, (mask, decay) in pending.items():
+            weight = self.ctx.layers[name].weight
+            if weight.grad is not None:
+                # weight first: ``decay * (~mask)`` would be a float32 tensor, rounding decay for a float64 weight
+                weight.grad.add_(decay * (weight.detach() * ~mask))
 
     # --- the optimizer -----------------------------------------------------------------------
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

@@ -240,7 +240,8 @@ class BiMask(Method):
             if module.padding_mode != "zeros":
                 raise MethodError(f"bimask: layer {name} uses padding_mode={module.padding_mode!r}; only zeros")
             conv = (module.stride, module.padding, module.dilation, module.groups)
-        y = _BiMaskGEMM.apply(x, module.weight, fmask, bmask, self.params.decay, conv)
+        self.note_decay(name, module, fmask, self.params.decay)      # SR-STE's decay: in add_pruned_decay
+        y = _BiMaskGEMM.apply(x, module.weight, fmask, bmask, 0.0, conv)
         if module.bias is not None:
             y = y + (module.bias if conv is None else module.bias.view(1, -1, 1, 1))
         return y

@@ -55,8 +55,10 @@ class Stepper:
         self.begun = True
 
     def before_update(self) -> None:
-        """``after_backward(step)``: the gradients are final (accumulated, clipped), the weights not yet changed."""
+        """SR-STE's decay on pruned weights (``add_pruned_decay``), then ``after_backward(step)``: the loss's
+        gradients are final (accumulated, clipped, unscaled), the weights not yet changed."""
         self.begin()
+        self.method.add_pruned_decay()
         self.method.after_backward(self.step)
 
     def after_update(self) -> None:

@@ -20,7 +20,6 @@ import torch
 from ...sparsity import Pattern, nm_mask
 from ..rules import DECAY, param
 from .base import Capabilities, Method, register_method
-from .ste import ste_mask
 
 
 @dataclass
@@ -40,7 +39,7 @@ class SRSTE(Method):
         return nm_mask(module.weight.detach(), p.n, p.m, self.ctx.layout)
 
     def forward_weight(self, name, module):
-        return ste_mask(module.weight, self._mask(module), self.params.decay)
+        return self.masked_with_decay(name, module, self._mask(module), self.params.decay)
 
     def masks(self):
         return self.row_masks(self.ctx.pattern)

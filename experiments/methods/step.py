@@ -69,7 +69,6 @@ from torch import nn
 from ...sparsity import Pattern, nm_mask
 from ..rules import DECAY, FRACTION, above, at_least, param
 from .base import Capabilities, Method, MethodError, register_method
-from .ste import ste_mask
 
 
 @dataclass
@@ -179,7 +178,7 @@ class STEP(Method):
     def forward_weight(self, name, module):
         if module.training and not self.switched:   # the dense phase trains dense; evaluation is N:M
             return module.weight
-        return ste_mask(module.weight, self._mask(module), self.params.decay)
+        return self.masked_with_decay(name, module, self._mask(module), self.params.decay)
 
     # --- results -----------------------------------------------------------------------------
     def masks(self):

@@ -40,7 +40,6 @@ from ...sparsity import from_matrix, to_matrix, transposable_mask
 from ..accel import plan_accel
 from ..rules import DECAY, STEPS, param
 from .base import Capabilities, MethodError, RecomputedMaskMethod, register_method
-from .ste import ste_mask
 
 
 @dataclass
@@ -93,13 +92,14 @@ class Transposable(RecomputedMaskMethod):
                 bound_pruned(mod.weight, self._masks[name], self.pattern.m, self.ctx.layout)
 
     def forward_weight(self, name, module):
-        return ste_mask(module.weight, self.mask(name), self.params.decay)
+        return self.masked_with_decay(name, module, self.mask(name), self.params.decay)
 
     def layer_forward(self, name, module, x):
         sparse = self.accel.sparse.get(name) if self.accel is not None else None
         if sparse is None:      # masked dense: W~ = W * E through the layer's own GEMM
             return super().layer_forward(name, module, x)
-        return sparse(x, module.weight, module.bias, self.mask(name), self.params.decay)
+        self.note_decay(name, module, self.mask(name), self.params.decay)
+        return sparse(x, module.weight, module.bias, self.mask(name))
 
     def accel_report(self):
         return None if self.accel is None else self.accel.report()
