@@ -49,8 +49,17 @@ class SparsifyError(ExperimentError):
     """A bad argument to `nmtrain.sparsify`, `nmtrain.prune`, `nmtrain.oneshot` or a handle; one line."""
 
 
-COMPILE_REFUSED = ("model: nmtrain.sparsify does not run under torch.compile (its per-step hooks are Python "
-                   "side effects); train the sparsified model uncompiled")
+COMPILE_REFUSED = ("model: a sparsified model does not train under torch.compile (the method's per-step hooks are "
+                   "Python side effects); train it uncompiled (evaluation may be compiled)")
+
+
+@torch.compiler.disable(reason=COMPILE_REFUSED)
+def _refuse_compiled() -> None:
+    # Called from a hook that dynamo is tracing: disabled, so dynamo breaks the graph and runs it eagerly,
+    # and its exception reaches the caller. Raised in the traced code itself, dynamo would take it for a
+    # failure to trace, drop the hook's frame back to eager, where is_compiling() is False: training would
+    # go on half compiled, never refused.
+    raise SparsifyError(COMPILE_REFUSED)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,11 +68,12 @@ COMPILE_REFUSED = ("model: nmtrain.sparsify does not run under torch.compile (it
 
 def unwrap(model: nn.Module, field: str = "model") -> nn.Module:
     """The module whose layers are sparse: DistributedDataParallel's ``.module``; a compiled model is refused."""
-    if hasattr(model, "_orig_mod"):          # torch.compile's OptimizedModule
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    # torch.compile(model)'s OptimizedModule, or a model.compile()'d in place (also under DDP)
+    if hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None:
         raise SparsifyError(f"{field}: a torch.compile'd model cannot be sparsified; pass the model itself "
                             "(and train it uncompiled)")
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
     if not isinstance(model, nn.Module):
         raise SparsifyError(f"{field}: expected a torch.nn.Module, got {type(model).__name__}")
     return model
@@ -207,8 +217,8 @@ class Sparsified:
     def _on_forward(self, module: nn.Module, args) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
-        if torch.compiler.is_compiling():
-            raise SparsifyError(COMPILE_REFUSED)
+        if torch.compiler.is_compiling():        # dynamo tracing a training forward: refuse (see _refuse_compiled)
+            _refuse_compiled()
         self.stepper.begin()
 
     def _count(self, name: str, module: nn.Module, out: torch.Tensor) -> None:
