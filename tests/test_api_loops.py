@@ -253,9 +253,6 @@ def test_gradient_accumulation_is_one_method_step_per_optimizer_step():
         torch.testing.assert_close(_weights(model)[key], value, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason="SR-STE's decay is added in every backward (methods/ste.py _STEMask), so k "
-                                       "micro-batches add it k times: with 2, every step moves pruned weights by one "
-                                       "more lr * 2e-4 * W; 1.6e-5 (1.3e-4 relative) off the full batch in 4 steps")
 def test_gradient_accumulation_adds_sr_stes_decay_once_per_step():
     model, _, _ = _accumulate(micro=2)
     full, _, _ = _accumulate(micro=1)
@@ -267,21 +264,23 @@ CLIP = 0.02
 
 
 def _clipped_run(method: str, **params):
-    """Three steps with the gradients' norm clipped to CLIP before opt.step(); records, at every
-    ``after_backward``, the total norm it finds and the one it leaves, and the norm before the clip."""
+    """Three steps with the gradients' norm clipped to CLIP before opt.step(); records, when the method's
+    per-step gradient work starts inside opt.step() (SR-STE's decay, then ``after_backward``), the total
+    norm it finds, the gradients and weights then, and the norm it leaves."""
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     handle = nmtrain.sparsify(model, method, "2:4", opt, **params)
     seen = []
-    original = handle.method.after_backward
+    original = handle.stepper.before_update
 
-    def after_backward(step):
-        before = {n: p.grad.clone() for n, p in model.named_parameters()}
-        seen.append({"in": _grad_norm(model.parameters()), "before": before})
-        original(step)
+    def before_update():
+        seen.append({"in": _grad_norm(model.parameters()),
+                     "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+                     "weights": {n: p.detach().clone() for n, p in model.named_parameters()}})
+        original()
         seen[-1]["out"] = _grad_norm(model.parameters())
 
-    handle.method.after_backward = after_backward
+    handle.stepper.before_update = before_update
     unclipped = []
     for x, y in _batches(3, seed=2):
         opt.zero_grad()
@@ -291,48 +290,24 @@ def _clipped_run(method: str, **params):
     return model, handle, seen, unclipped
 
 
-def _first_gradients(decay: float) -> dict[str, torch.Tensor]:
-    """The unclipped gradients of `_clipped_run`'s first step, SR-STE with ``decay``."""
-    model = _mlp()
-    nmtrain.sparsify(model, "srste", "2:4", torch.optim.SGD(model.parameters(), lr=0.1), decay=decay)
-    x, y = _batches(3, seed=2)[0]
-    F.cross_entropy(model(x), y).backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def test_after_backward_runs_after_the_users_clip():
-    _, handle, seen, unclipped = _clipped_run("srste")
+@pytest.mark.parametrize("method, params, term, mask_of", [
+    # SR-STE's decay, lambda_W = 2e-4, on the forward's mask: the magnitude mask of the weights then
+    ("srste", {}, lambda w, mask: 2e-4 * w * ~mask, lambda handle, layer, w: nm_mask(w, 2, 4)),
+    # maskdecay's masked decay, in after_backward, on its stored mask (recomputed every step here)
+    ("maskdecay", {"total_steps": 100, "alpha": 0.05, "mask_interval": 1}, lambda w, mask: 0.05 * w * ~mask,
+     lambda handle, layer, w: handle.masks()[layer])])
+def test_a_methods_own_gradient_term_is_added_after_the_users_clip(method, params, term, mask_of):
+    _, handle, seen, unclipped = _clipped_run(method, **params)
     assert handle.step == 3 and len(seen) == 3
     assert min(unclipped) > 5 * CLIP                           # the clip did cut every step
     for s in seen:
-        assert abs(s["in"] - CLIP) < 1e-5                     # the method saw the clipped gradients
-        assert s["out"] == s["in"]                             # and SR-STE adds nothing there
-    # SR-STE's decay on pruned weights comes with the backward, so the user's clip scales it too
-    plain, decayed = _first_gradients(0.0), _first_gradients(2e-4)
-    w0 = _mlp()
-    for layer in ("2", "4"):
-        w = w0.get_parameter(f"{layer}.weight").detach()
-        torch.testing.assert_close(decayed[f"{layer}.weight"] - plain[f"{layer}.weight"],
-                                   2e-4 * w * ~nm_mask(w, 2, 4), rtol=1e-3, atol=1e-9)
-    coef = CLIP / (_grad_norm_of(decayed.values()) + 1e-6)   # clip_grad_norm_'s factor
-    for name, grad in decayed.items():
-        torch.testing.assert_close(seen[0]["before"][name], grad * coef, rtol=1e-5, atol=1e-9)
-
-
-def test_a_methods_own_gradient_term_is_added_after_the_clip():
-    # maskdecay's masked decay g += alpha (1 - E) W runs in after_backward: after the clip, not clipped
-    alpha = 0.05
-    model, handle, seen, _ = _clipped_run("maskdecay", total_steps=100, alpha=alpha, mask_interval=1)
-    for s in seen:
-        assert abs(s["in"] - CLIP) < 1e-5 and s["out"] > s["in"]
-    # the last step's term, exactly: the weights before that step are the weights now minus its update
-    last = seen[-1]
-    for layer, mask in handle.masks().items():
-        mod = handle.layers[layer]
-        grad = mod.weight.grad
-        weight_then = mod.weight.detach() + 0.1 * grad
-        torch.testing.assert_close(grad - last["before"][f"{layer}.weight"], alpha * weight_then * ~mask,
-                                   rtol=1e-4, atol=1e-7)
+        assert abs(s["in"] - CLIP) < 1e-5 and s["out"] > s["in"]      # clipped in; the term added, unclipped
+    last = seen[-1]                                             # the last step's gradients are still in .grad
+    for layer, mod in handle.layers.items():
+        key = f"{layer}.weight"
+        w = last["weights"][key]
+        torch.testing.assert_close(mod.weight.grad, last["grads"][key] + term(w, mask_of(handle, layer, w)),
+                                   rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,9 +376,6 @@ def test_cuda_float16_autocast_with_grad_scaler():
     _check_scaled_run(*_scaled_run("cuda", torch.float16))
 
 
-@pytest.mark.xfail(strict=True, reason="SR-STE's decay is added inside the backward, to the scaled gradient, "
-                                       "so GradScaler's unscale divides it by the loss scale: at 2**10 it is "
-                                       "2e-4/1024 and a step moves pruned weights up to 4.7e-6 less")
 def test_grad_scaler_leaves_sr_stes_decay_unscaled():
     def one_step(scale):
         model = _mlp()

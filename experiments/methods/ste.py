@@ -4,6 +4,11 @@ Forward: ``W~ = E * W``. Backward: the gradient with respect to ``W~`` passes st
 all of ``W`` (pruned weights keep learning, so masks can change), plus ``decay * (1 - E) * W`` on the
 pruned weights, which pulls them towards zero and so stabilises the mask. With ``decay = 0`` this is
 plain STE.
+
+The methods call it with ``decay = 0`` (`Method.masked_with_decay`) and add the decay once per optimizer
+step instead (`Method.add_pruned_decay`): added in the backward, it would be added once per micro-batch
+under gradient accumulation, divided by AMP's loss scale, and clipped with the loss's gradient. The
+``decay`` argument stays as the formula's transcription (the sparse kernels' tests compare with it).
 """
 
 from __future__ import annotations
