@@ -8,6 +8,7 @@
     nmtrain.prune(model, pattern="4:8", transposable=True)              # one-shot, in place
     nmtrain.oneshot(model, calib_batches, method="sparsegpt", pattern="2:4")
     nmtrain.masks.transposable_mask(weight, 2, 4)                       # the engine's mask functions
+    model.load_state_dict(nmtrain.load_compressed("model.safetensors"))  # an export, read back dense
 
 Every public name is listed in ``__all__`` and documented in docs/api.md; everything else in the
 package (``nmtrain.experiments``, ``nmtrain.sparsity``, ...) is private and may change. The names load
@@ -29,13 +30,14 @@ _EXPORTS = {
     "prune": ("nmtrain.experiments.oneshot.inplace", "prune"),
     "oneshot": ("nmtrain.experiments.oneshot.inplace", "oneshot"),
     "OneShotResult": ("nmtrain.experiments.oneshot.inplace", "OneShotResult"),
+    "load_compressed": ("nmtrain.experiments.convert", "load_compressed"),
     "ExperimentError": ("nmtrain.experiments.errors", "ExperimentError"),
     "SparsityError": ("nmtrain.sparsity.errors", "SparsityError"),
     "METHODS": ("nmtrain.experiments.catalogue", "METHODS"),
     "ONESHOT_METHODS": ("nmtrain.experiments.catalogue", "ONESHOT_METHODS"),
 }
 
-__all__ = ["sparsify", "Sparsified", "prune", "oneshot", "OneShotResult", "masks", "ExperimentError",
+__all__ = ["sparsify", "Sparsified", "prune", "oneshot", "OneShotResult", "load_compressed", "masks", "ExperimentError",
            "SparsityError", "METHODS", "ONESHOT_METHODS", "__version__"]
 
 

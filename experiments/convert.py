@@ -162,6 +162,19 @@ def write_compressed(out: Path, loaded: Loaded, field: str) -> tuple[int, int]:
     return sum(_nbytes(v) for v in tensors.values()), lost
 
 
+def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The dense state_dict of an nmtrain compressed safetensors file (`Sparsified.export`'s, ``nmtrain
+    convert``'s): every N:M layer decompressed, after the untrusting reader has checked the whole file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"path: {path} " + ("is not a file" if path.exists() else "does not exist"))
+    loaded = read_compressed(path)
+    if loaded.kind != "compressed":
+        raise ConvertError(f"path: {path} is a plain safetensors file, not an nmtrain compressed one; "
+                           "read it with safetensors.torch.load_file")
+    return loaded.state
+
+
 def default_out(source: Path, to: str) -> Path:
     suffix = ".safetensors" if to == "compressed" else (".json" if to == "semi-structured" else ".pt")
     if source.is_dir():

@@ -79,6 +79,25 @@ def unwrap(model: nn.Module, field: str = "model") -> nn.Module:
     return model
 
 
+def globs(value, field: str) -> list[str]:
+    """``include``/``exclude``: a sequence of fnmatch globs; one string is one glob (not its characters)."""
+    if isinstance(value, str):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise SparsifyError(f"{field}: expected a list of glob strings, got {type(value).__name__}") from None
+    if not all(isinstance(item, str) for item in items):
+        raise SparsifyError(f"{field}: expected a list of glob strings, got {items!r}"[:200])
+    return items
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise SparsifyError(f"seed: must be an integer in [0, 2**63), got {seed!r}"[:200])
+    return seed
+
+
 def check_engine_args(layout: str, solver: str) -> None:
     if layout not in LAYOUTS:
         raise SpecError(f"sparsity.layout: {layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
@@ -105,8 +124,8 @@ def select_layers(model: nn.Module, pattern: Pattern, *, layout: str = "nhwc", i
         called = called_layers(model, example_input)
     else:
         called = static_called(model)
-    return plan_layers(model, pattern, layout, list(include), list(exclude), keep_first_dense, keep_last_dense,
-                       called)
+    return plan_layers(model, pattern, layout, globs(include, "sparsity.include"), globs(exclude, "sparsity.exclude"),
+                       keep_first_dense, keep_last_dense, called)
 
 
 def _check_optimizer(cls, optimizer, plan: LayerPlan) -> None:
@@ -140,8 +159,13 @@ def sparsify(model: nn.Module, method: str = "srste", pattern: str = "2:4",
     ``example_input`` one batch the model takes (then a layer whose forward does not run on it stays dense).
     Bad arguments raise `nmtrain.ExperimentError` (or `nmtrain.SparsityError` for a pattern), one line each."""
     model = unwrap(model)
+    attached = [name for name, mod in gemm_layers(model).items() if "forward" in vars(mod)]
+    if attached:
+        raise SparsifyError(f"model: it is already sparsified (layer {attached[0]} runs through a method); call "
+                            "remove() or detach() on that handle first")
     cls = get_method(method)
     parsed = build_params(cls, params)
+    check_seed(seed)
     asked = parse_field_pattern(pattern, "sparsity.pattern", transposable)
     if transposable and not cls.caps.accepts_transposable:
         raise MethodError(f"sparsity.transposable: method {cls.name} does not use transposable masks; "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from .errors import SparsityError, shown
-from .pattern import Pattern, parse_pattern
+from .pattern import Pattern, as_pattern, parse_pattern
 
 
 # -- limits: each bounds the work of one call (times measured on one core of a shared 2-core machine) --
@@ -177,7 +177,8 @@ def unstructured_diversity(rows: int, cols: int, density: float | Fraction) -> D
 
 
 def pattern_diversity(rows: int, cols: int, pattern: Pattern) -> Diversity:
-    """Mask diversity of ``pattern`` on an R x C block (groups of M along each row of C)."""
+    """Mask diversity of ``pattern`` (a Pattern or "2:4-T") on an R x C block (groups of M along each row of C)."""
+    pattern = as_pattern(pattern)
     check_block(rows, cols)
     n, m = pattern.n, pattern.m
     if cols % m:

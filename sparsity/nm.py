@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from .layout import from_matrix, require_fits, to_matrix
-from .pattern import Pattern
+from .errors import SparsityError
+from .pattern import Pattern, as_pattern
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,8 +36,8 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "nhwc") -> torch
 
 def unstructured_mask(weight: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``round(density * numel)`` largest-magnitude weights of the tensor, anywhere."""
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise SparsityError(f"density: must be in (0, 1], got {density!r}")
     scores = magnitude(weight).reshape(-1)
     k = int(round(density * scores.numel()))
     keep = torch.zeros_like(scores, dtype=torch.bool)
@@ -47,6 +48,8 @@ def unstructured_mask(weight: torch.Tensor, density: float) -> torch.Tensor:
 
 def kept_share(weight: torch.Tensor, mask: torch.Tensor) -> float:
     """Share of the total |W| that the mask keeps (1.0 for an all-zero weight)."""
+    if mask.shape != weight.shape:
+        raise SparsityError(f"mask: shape {tuple(mask.shape)} is not the weight's {tuple(weight.shape)}")
     scores = magnitude(weight).double()
     total = scores.sum().item()
     return 1.0 if total == 0 else (scores * mask).sum().item() / total
@@ -68,6 +71,7 @@ def nm_violation(tensor: torch.Tensor, pattern: Pattern, layout: str = "nhwc",
     mask functions promise). Transposable patterns are checked along K and along C_out. Returns None
     when the tensor is valid, else a one-line description of the first violated group.
     """
+    pattern = as_pattern(pattern)
     require_fits(tensor.shape, pattern, layout)
     nz = to_matrix(tensor != 0, layout).to(torch.int32)
     n, m = pattern.n, pattern.m

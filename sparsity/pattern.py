@@ -86,3 +86,12 @@ def parse_pattern(text: str, transposable: bool = False) -> Pattern:
         raise PatternError(f"pattern {clip(text)!r}: N and M have at most {MAX_M_DIGITS} digits "
                            f"(M is at most 2**20 = {MAX_M})")
     return Pattern(int(n), int(m), transposable or match.group(3) is not None)
+
+
+def as_pattern(pattern: "Pattern | str", field: str = "pattern") -> Pattern:
+    """``pattern`` as a `Pattern`: one already, or a string ``parse_pattern`` reads ("2:4", "4:8-T")."""
+    if isinstance(pattern, Pattern):
+        return pattern
+    if isinstance(pattern, str):
+        return parse_pattern(pattern)
+    raise PatternError(f"{field}: expected a Pattern or a string like '2:4', got {type(pattern).__name__}")

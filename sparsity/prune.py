@@ -15,7 +15,7 @@ import torch
 from .errors import SparsityError
 from .fold import fold_mask
 from .nm import kept_share, nm_mask, nm_violation, unstructured_mask
-from .pattern import Pattern
+from .pattern import Pattern, as_pattern
 from .selection import LayerInfo, LayerSelection, SelectOptions, select_layers
 from .solvers import warm_up
 from .transposable import transposable_mask
@@ -27,7 +27,8 @@ class SelectionError(SparsityError):
 
 def make_mask(weight: torch.Tensor, pattern: Pattern, layout: str = "nhwc", solver: str = "exact",
               **solver_kwargs) -> torch.Tensor:
-    """The N:M (or N:M-T, via ``solver``) mask of ``weight`` by magnitude."""
+    """The N:M (or N:M-T, via ``solver``) mask of ``weight`` by magnitude (``pattern``: a Pattern or "2:4")."""
+    pattern = as_pattern(pattern)
     if pattern.transposable:
         return transposable_mask(weight, pattern.n, pattern.m, solver=solver, layout=layout, **solver_kwargs)
     return nm_mask(weight, pattern.n, pattern.m, layout=layout)

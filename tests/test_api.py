@@ -171,6 +171,10 @@ def test_export_writes_the_convert_format_with_the_deployed_weights(tmp_path):
     report = handle.remove()
     loaded = read_compressed(path)
     assert loaded.kind == "compressed"
+    state = nmtrain.load_compressed(path)                                   # the public reader: dense
+    assert state.keys() == loaded.state.keys() and all(torch.equal(state[k], loaded.state[k]) for k in state)
+    with pytest.raises(nmtrain.ExperimentError, match="^path: .* does not exist"):
+        nmtrain.load_compressed(tmp_path / "missing.safetensors")
     assert set(loaded.layers) == set(report) == {"3.weight", "5.weight"}
     assert all(str(fmt.pattern) == "4:8-T" for fmt in loaded.layers.values())
     for key, value in model.state_dict().items():
@@ -322,3 +326,31 @@ def test_oneshot_is_what_nmtrain_adaprune_runs(tmp_path, method, options):
     converted = torch.load(tmp_path / "cli" / "model.pt", weights_only=True)
     for key, value in model.state_dict().items():
         assert torch.equal(value, converted[key]), key
+
+
+def test_sparsify_twice_and_odd_arguments_are_refused_or_read_as_meant():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = nmtrain.sparsify(model, "srste", "2:4", opt, include="3")          # one glob string: one glob
+    assert list(handle.layers) == ["3"]
+    with pytest.raises(nmtrain.ExperimentError, match="^model: it is already sparsified \\(layer 3"):
+        nmtrain.sparsify(model, "srste", "2:4", opt)
+    handle.remove()
+    for seed in (-1, "a", 2 ** 63, True):
+        with pytest.raises(nmtrain.ExperimentError, match="^seed: must be an integer"):
+            nmtrain.sparsify(model, "srste", "2:4", opt, seed=seed)
+    nmtrain.sparsify(model, "srste", "2:4", opt).remove()        # removed handles leave the model free
+
+
+def test_the_mask_functions_raise_the_engines_error():
+    w = torch.randn(8, 8)
+    assert nmtrain.masks.is_valid(nmtrain.masks.nm_mask(w, 2, 4), "2:4")     # a pattern string is read
+    assert nmtrain.masks.make_mask(w, "2:4-T").sum() == 32
+    assert nmtrain.masks.pattern_diversity(4, 8, "2:4").count == 6 ** 8
+    for call, message in [(lambda: nmtrain.masks.transposable_mask(w, 2, 4, solver="nope"), "solver 'nope' is unknown"),
+                          (lambda: nmtrain.masks.unstructured_mask(w, 1.5), "density: must be in (0, 1]"),
+                          (lambda: nmtrain.masks.kept_share(w, w[:4] > 0), "mask: shape (4, 8)"),
+                          (lambda: nmtrain.masks.nm_violation(w, 24), "pattern: expected a Pattern")]:
+        with pytest.raises(nmtrain.SparsityError, match=message.replace("(", "\\(").replace(")", "\\)")
+                           .replace("[", "\\[").replace("]", "\\]")):
+            call()

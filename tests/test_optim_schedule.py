@@ -54,6 +54,7 @@ class _Probe(Method):
     caps = Capabilities(sparse=False)
 
     def __init__(self, model):
+        super().__init__(None, None)
         self.model, self.norms = model, []
 
     def after_backward(self, step):

@@ -24,7 +24,7 @@ from torch import nn
 from ...sparsity import Pattern, fold_mask, make_mask, nm_violation
 from ..build import parse_field_pattern
 from ..evaluate import eval_mode
-from ..sparsify import SparsifyError, check_engine_args, select_layers, unwrap
+from ..sparsify import SparsifyError, check_engine_args, check_seed, select_layers, unwrap
 from .calibration import recalibrate_batchnorm
 from .reconstruct import fit_layers
 from .registry import Calibration, Job, OneShotMethod, Outcome
@@ -143,6 +143,7 @@ def oneshot(model: nn.Module, calibration: Iterable, *, method: str = "adaprune"
     model = unwrap(model)
     pat = parse_field_pattern(pattern, "--pattern", transposable)
     check_engine_args(layout, solver)
+    check_seed(seed)
     settings = ConversionSettings(pat, method, calib_samples=1, calib_seed=seed, finetune=finetune, solver=solver,
                                   options=dict(options))
     chosen, params, ft_params = settings.resolve()
@@ -159,7 +160,8 @@ def oneshot(model: nn.Module, calibration: Iterable, *, method: str = "adaprune"
                        Progress(disable=True))
         outcome = run_method(job, chosen, params)
         if ft_params is not None:
-            outcome.layer_fields.update(fit_layers(job, outcome.masks, ft_params, "fine-tune"))
+            for name, fields in fit_layers(job, outcome.masks, ft_params, "fine-tune").items():
+                outcome.layer_fields[name] = {**outcome.layer_fields.get(name, {}), **fields}
         bn = recalibrate_bn and recalibrate_batchnorm(model, calib.inputs, calib.batch, device)
     return OneShotResult(outcome.masks, dict(plan.skipped), outcome.fields, outcome.layer_fields,
                          time.perf_counter() - start, bn)

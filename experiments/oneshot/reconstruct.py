@@ -45,7 +45,7 @@ class ReconstructParams:
         for name in ("lr_weight", "lr_bias"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConversionError(f"{name}: must be positive, got {value!r}")
+                raise ConversionError(f"--{name.replace('_', '-')}: must be positive, got {value!r}")
         if not isinstance(self.sequential, bool):
             raise ConversionError(f"--sequential: must be true or false, got {self.sequential!r}")
 

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import SparsityError
 from ..nm import score_dtype
 
 SolverFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -51,7 +52,7 @@ def trivial_keep(scores: torch.Tensor, n: int) -> torch.Tensor | None:
 
 def get_solver(name: str) -> SolverInfo:
     if name not in _SOLVERS:
-        raise ValueError(f"solver {name!r} is unknown; use one of: {', '.join(_SOLVERS)}")
+        raise SparsityError(f"solver {name!r} is unknown; use one of: {', '.join(_SOLVERS)}")
     return _SOLVERS[name]
 
 
