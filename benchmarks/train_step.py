@@ -2,8 +2,10 @@
 
 Each method trains the same model on the same fixed batches; steps are interleaved round-robin
 (method A step, method B step, ...) so that machine noise hits every method alike, and the median
-step time is reported with its ratio to dense. Mask recomputation is part of the step (SR-STE every
-step, transposable every `mask_interval` steps, so the run covers at least one interval).
+step time is reported with its ratio to dense. Each method is attached by `nmtrain.sparsify` and
+stepped by a plain loop, as `nmtrain train` and a user's own loop run it: the hooks' cost is in the
+step. Mask recomputation is part of the step (SR-STE every step, transposable every `mask_interval`
+steps, so the run covers at least one interval).
 
     python benchmarks/train_step.py                      # LeNet-5, Fashion-MNIST-sized batches, 2:4
     python benchmarks/train_step.py --model resnet20 --image-size 32 --channels 3 --device cuda
@@ -11,7 +13,8 @@ step, transposable every `mask_interval` steps, so the run covers at least one i
 
 A method written ``name:mvue`` runs with ``mvue_dw: true`` (``name:no-mvue``: false), ``name:key=value``
 with that parameter; ``--optim adamw`` (AdamW, as STEP needs) in place of SGD. Each row also gives the
-training FLOPs of its timed steps relative to dense (`Method.densities`, the runner's FlopCounter).
+training FLOPs of its timed steps relative to dense (the handle's `flops()`: `Method.densities` on the
+MACs of the steps' own forwards).
 """
 
 from __future__ import annotations
@@ -28,11 +31,9 @@ from rich.console import Console
 from rich.table import Table
 from torch.nn import functional as F
 
-from nmtrain.experiments.flops import FlopCounter, macs_per_sample
-from nmtrain.experiments.layers import plan_layers
-from nmtrain.experiments.methods import attach, get_method, list_methods, train_step
+import nmtrain
+from nmtrain.experiments.methods import get_method, list_methods
 from nmtrain.experiments.models import image_model
-from nmtrain.sparsity import parse_pattern
 
 
 def _label_params(label: str) -> tuple[str, dict]:
@@ -47,35 +48,34 @@ def _label_params(label: str) -> tuple[str, dict]:
 
 
 def _attached_run(label: str, args, device: torch.device, attached: ExitStack) -> tuple:
-    """(model, method, optimizer, step times, FLOP counter) of one method, attached until ``attached`` closes."""
+    """(model, handle, optimizer, step times) of one method, attached by `nmtrain.sparsify` until ``attached``
+    closes."""
     name, params = _label_params(label)
     cls = get_method(name)
-    pattern = cls.caps.mask_pattern(parse_pattern(args.pattern))
     torch.manual_seed(0)
     model = image_model(args.model, 10, args.channels, args.image_size).to(device)
-    plan = plan_layers(model, pattern, "nhwc")
-    method = attached.enter_context(attach(cls, plan.sparse, pattern, params, total_steps=args.steps + 5,
-                                           steps_per_epoch=args.steps + 5))
-    # --optim, or AdamW for a method that takes nothing else (STEP); bound as the runner binds it
+    # --optim, or AdamW for a method that takes nothing else (STEP)
     if args.optim == "adamw" or (cls.caps.optimizers and "sgd" not in cls.caps.optimizers):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    method.bind_optimizer(opt)
-    probe = torch.zeros(1, args.channels, args.image_size, args.image_size, device=device)
-    return model, method, opt, [], FlopCounter(macs_per_sample(model, probe))
+    handle = attached.enter_context(nmtrain.sparsify(model, name, args.pattern, opt, total_steps=args.steps + 5,
+                                                     **params))
+    return model, handle, opt, []
 
 
 def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> None:
     """Interleaved training steps of every run; each run's step times (after 5 warm-up steps) are appended."""
     def step(name: str, i: int) -> float:
-        model, method, opt, _, flops = runs[name]
+        model, _, opt, _ = runs[name]
         x, y = batches[i % len(batches)]
-        flops.add_step(len(x), {n: method.densities(n, i) for n in method.ctx.layers})
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_step(method, i, opt, lambda: F.cross_entropy(model(x), y))
+        loss = F.cross_entropy(model(x), y)         # the plain loop: the method's work runs in its hooks
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -118,16 +118,17 @@ def main() -> None:
     rows = []
     dense_mean = statistics.fmean(runs[baseline][3]) if baseline else None
     srste_mean = statistics.fmean(runs["srste"][3]) if "srste" in runs else None
-    for name, (_, _, _, times, flops) in runs.items():
+    for name, (_, handle, _, times) in runs.items():
+        flops = handle.flops()
         # the median is the typical step; the mean also carries the occasional mask recomputation
         med, mean = statistics.median(times), statistics.fmean(times)
         rows.append({"method": name, "median_ms": med * 1000, "median_vs_dense": med / dense if dense else None,
                      "mean_ms": mean * 1000, "mean_vs_dense": mean / dense_mean if dense_mean else None,
                      "mean_vs_srste": mean / srste_mean if srste_mean else None,
-                     "flops_ratio": flops.summary()["ratio"]})
+                     "flops_ratio": flops["ratio"]})
         table.add_row(name, f"{med * 1000:.2f}", f"{med / dense:.2f}x" if dense else "–",
                       f"{mean * 1000:.2f}", f"{mean / dense_mean:.2f}x" if dense_mean else "–",
-                      f"{mean / srste_mean:.2f}x" if srste_mean else "–", f"{flops.summary()['ratio']:.3f}")
+                      f"{mean / srste_mean:.2f}x" if srste_mean else "–", f"{flops['ratio']:.3f}")
     Console(width=140).print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
