@@ -31,18 +31,25 @@ def transposable_mask(weight: torch.Tensor, n: int, m: int, solver: str = "exact
     """
     pattern = Pattern(n, m, transposable=True)
     require_fits(weight.shape, pattern, layout)
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError("transposable_mask: the weight has NaN/Inf entries; a magnitude mask is undefined for them")
     solve = get_solver(solver).fn
-    matrix = to_matrix(magnitude(weight), layout)
+    scores = magnitude(weight)
+    # the largest |w| is NaN or Inf when any is: one reduction, where isfinite().all() writes a mask first
+    if scores.numel() and not bool(torch.isfinite(scores.max())):
+        raise ValueError("transposable_mask: the weight has NaN/Inf entries; a magnitude mask is undefined for them")
+    matrix = to_matrix(scores, layout)
     tiles = to_tiles(matrix, m)
     total = tiles.shape[0]
     step = chunk_tiles or total or 1
-    keep = torch.empty(tiles.shape, dtype=torch.bool, device=tiles.device)
-    for start in range(0, total, step):
-        keep[start:start + step] = solve(tiles[start:start + step], n)
+    if step >= total:       # one piece: the solver's own result, not a copy of it
+        keep = solve(tiles, n)
         if on_progress is not None:
-            on_progress(min(start + step, total), total)
+            on_progress(total, total)
+    else:
+        keep = torch.empty(tiles.shape, dtype=torch.bool, device=tiles.device)
+        for start in range(0, total, step):
+            keep[start:start + step] = solve(tiles[start:start + step], n)
+            if on_progress is not None:
+                on_progress(min(start + step, total), total)
     return from_matrix(from_tiles(keep, *matrix.shape), weight.shape, layout)
 
 
