@@ -18,9 +18,10 @@ What a batch means is the run's task (`tasks/`, from the dataset): its loss, how
 holds (the running train loss is per target: per image, or per token), its metrics and which way is better.
 
 The run goes in named phases, each a function below: `_build` (spec → device, data, model, layer
-plan, schedule length), `_equip` (with the method attached: optimizer, scheduler, FLOP counter),
-`_start` or `_restore`, `_loop` (`_train_step`, then `_after_step`: `_evaluate_step` and
-`_checkpoint` at their intervals) and `_finish` (fold the masks, write model.pt and summary.json).
+plan, schedule length); the optimizer, and the method attached as `nmtrain.sparsify` attaches it
+(`attach_method`); `_equip` (what needs them: the DDP wrapper, scheduler, FLOP counter); `_start` or
+`_restore`; `_loop` (`_train_step`, then `_after_step`: `_evaluate_step` and `_checkpoint` at their
+intervals); the masks folded in (`Sparsified.remove`); `_finish` (write model.pt and summary.json).
 File names and checkpoint keys are `rundir.py`'s. Every file is written to a temporary name and
 renamed, so a killed run never leaves half a file.
 
