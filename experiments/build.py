@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import DatasetInfo, build_datasets, build_loaders, check_global_batch, check_options, dataset_task
 from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, parse_pattern
 from . import accel as accel_mod
-from .layers import LayerPlan, called_layers, plan_layers
+from .layers import LayerPlan, choose_layers
 from .methods import MethodError, build_params, get_method
 from .models import build_model, check_model_sizes, resolve_builder
 from .spec import Spec, SpecError, check_values
@@ -45,6 +45,27 @@ class Preflight:
     world: int                  # the processes it was checked for (the global batch splits this many ways)
 
 
+def check_engine_args(layout: str, solver: str) -> None:
+    """``sparsity.layout`` and ``sparsity.solver``: names the engine knows (a spec's, or `nmtrain.sparsify`'s)."""
+    if layout not in LAYOUTS:
+        raise SpecError(f"sparsity.layout: {layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
+    try:
+        get_solver(solver)
+    except ValueError as exc:
+        raise SpecError(f"sparsity.solver: {exc}") from None
+
+
+def check_method_fits(cls: type, transposable: bool, optimizer: str) -> None:
+    """Whether method ``cls`` takes transposable masks when asked, and the optimizer ``optimizer`` (its
+    ``optim.name``: ``sgd``, ``adamw``; `nmtrain.sparsify` gives its optimizer's class name, lower case)."""
+    if transposable and not cls.caps.accepts_transposable:
+        raise MethodError(f"sparsity.transposable: method {cls.name} does not use transposable masks; "
+                          "use method transposable (or fixed)")
+    if cls.caps.optimizers and optimizer not in cls.caps.optimizers:
+        raise MethodError(f"optim.name: method {cls.name} needs optim.name {' or '.join(cls.caps.optimizers)}, "
+                          f"not {optimizer!r}")
+
+
 def validate(spec: Spec, world: int = 1) -> Preflight:
     """Everything about the spec that can be checked before touching data, for ``world`` processes (the
     launcher of `--nproc N` checks with world=N before it starts them): the pattern, layout and solver;
@@ -53,20 +74,10 @@ def validate(spec: Spec, world: int = 1) -> Preflight:
     schedule.name); the global batch; the model's builder, that it serves the dataset's task (known from
     the dataset's registry entry) and takes the spec's model sizes; the dataset's options."""
     asked = parse_field_pattern(spec.sparsity.pattern, "sparsity.pattern", spec.sparsity.transposable)
-    if spec.sparsity.layout not in LAYOUTS:
-        raise SpecError(f"sparsity.layout: {spec.sparsity.layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
-    try:
-        get_solver(spec.sparsity.solver)
-    except ValueError as exc:
-        raise SpecError(f"sparsity.solver: {exc}") from None
+    check_engine_args(spec.sparsity.layout, spec.sparsity.solver)
     cls = get_method(spec.method.name)
     params = build_params(cls, spec.method.params)
-    if spec.sparsity.transposable and not cls.caps.accepts_transposable:
-        raise MethodError(f"sparsity.transposable: method {cls.name} does not use transposable masks; "
-                          "use method transposable (or fixed)")
-    if cls.caps.optimizers and spec.optim.name not in cls.caps.optimizers:
-        raise MethodError(f"optim.name: method {cls.name} needs optim.name {' or '.join(cls.caps.optimizers)}, "
-                          f"not {spec.optim.name!r}")
+    check_method_fits(cls, spec.sparsity.transposable, spec.optim.name)
     pattern = cls.caps.mask_pattern(asked)
     accel_mod.check_spec(spec.accel, cls, pattern)
     if spec.accel != "none" and getattr(params, "mvue_dw", False):
@@ -123,7 +134,7 @@ def build(spec: Spec, augment: bool, holdout: int | None, rank: int = 0, world: 
 def layer_plan(spec: Spec, built: Built, pattern: Pattern, device: torch.device) -> LayerPlan:
     """The sparse layers of ``built.model`` (already on ``device``) for ``pattern`` by the spec's sparsity
     section; a layer whose forward does not run on one image is never sparse (see `called_layers`)."""
-    sparsity = spec.sparsity
-    called = called_layers(built.model, get_task(built.info.task).example_input(built.info, device))
-    return plan_layers(built.model, pattern, sparsity.layout, sparsity.include, sparsity.exclude,
-                       sparsity.keep_first_dense, sparsity.keep_last_dense, called)
+    s = spec.sparsity
+    return choose_layers(built.model, pattern, layout=s.layout, include=s.include, exclude=s.exclude,
+                         keep_first_dense=s.keep_first_dense, keep_last_dense=s.keep_last_dense,
+                         example_input=get_task(built.info.task).example_input(built.info, device))

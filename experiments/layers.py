@@ -92,6 +92,38 @@ def plan_layers(model: nn.Module, pattern: Pattern, layout: str, include: list[s
     return LayerPlan({name: layers[name] for name in sel.selected}, sel.skipped)
 
 
+def static_called(model: nn.Module) -> set[str]:
+    """Without an example input: every Conv2d/Linear but those whose parent multiplies by their ``.weight``
+    itself (nn.MultiheadAttention's ``out_proj``), which a routed forward would never see."""
+    bypassed = {f"{name}.out_proj" if name else "out_proj" for name, mod in model.named_modules()
+                if isinstance(mod, nn.MultiheadAttention)}
+    return set(gemm_layers(model)) - bypassed
+
+
+def _globs(value, field: str) -> list[str]:
+    """``include``/``exclude``: a sequence of fnmatch globs; one string is one glob (not its characters)."""
+    if isinstance(value, str):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise LayerSelectionError(f"{field}: expected a list of glob strings, got {type(value).__name__}") from None
+    if not all(isinstance(item, str) for item in items):
+        raise LayerSelectionError(f"{field}: expected a list of glob strings, got {items!r}"[:200])
+    return items
+
+
+def choose_layers(model: nn.Module, pattern: Pattern, *, layout: str = "nhwc", include=(), exclude=(),
+                  keep_first_dense: bool = True, keep_last_dense: bool = True, example_input=None) -> LayerPlan:
+    """The layers training makes sparse for ``pattern`` (the layer pattern: M x M tiles where the method needs
+    them): `plan_layers` on the layers whose forward runs, by `called_layers` on ``example_input`` when
+    there is one, else by `static_called`. The runner (the task's probe input), `nmtrain.sparsify`,
+    `nmtrain.prune` and `nmtrain.oneshot` all choose here."""
+    called = called_layers(model, example_input) if example_input is not None else static_called(model)
+    return plan_layers(model, pattern, layout, _globs(include, "sparsity.include"), _globs(exclude, "sparsity.exclude"),
+                       keep_first_dense, keep_last_dense, called)
+
+
 _OWN_BIAS = object()
 
 

@@ -234,7 +234,8 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, p
         optimizer = _optimizer(spec, run.model)
         with attach_method(run.model, run.method_cls, run.params, run.plan, run.pattern, optimizer,
                            layout=spec.sparsity.layout, solver=spec.sparsity.solver, total_steps=run.total_steps,
-                           steps_per_epoch=run.steps_per_epoch, accel=spec.accel, seed=spec.seed) as handle:
+                           steps_per_epoch=run.steps_per_epoch, accel=spec.accel, seed=spec.seed,
+                           count_flops=False) as handle:       # the run's FlopCounter counts the global batch
             _equip(run, handle)
             if ckpt is None:
                 _start(run)
@@ -463,7 +464,7 @@ def _evaluate_step(run: Run) -> dict[str, float]:
     loss starts again."""
     metrics = run.task.evaluate(run.model, run.built.test_loader, run.device)
     masks = run.method.masks()
-    run.handle.check_ranks()
+    run.handle.check_ranks(masks)
     record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
               "loss": run.running_loss / max(run.running_n, 1), **metrics,
               "lr": run.optimizer.param_groups[0]["lr"], "mask_change_rate": change_rate(run.last_masks, masks)}

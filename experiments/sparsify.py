@@ -6,7 +6,7 @@
         opt.zero_grad(); loss.backward(); opt.step()
     handle.remove()                          # masks folded into the weights: pruned entries exactly 0
 
-The layers are chosen by the rule training uses (`layers.plan_layers`: every Conv2d and Linear but the
+The layers are chosen by the rule training uses (`layers.choose_layers`: every Conv2d and Linear but the
 first and the last, those that hold the pattern, ``include``/``exclude`` globs), their forward is routed
 through the method (`methods.build_method`, the runner's own), and its per-step work runs from hooks, one
 `methods.Stepper` keeping the order of the method contract:
@@ -32,17 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sparsity import LAYOUTS, Pattern, get_solver, nm_violation
-from .build import parse_field_pattern
+from ..sparsity import Pattern, nm_violation
+from .build import check_engine_args, check_method_fits, parse_field_pattern
 from .compressed import LayerFormat, Loaded
 from .convert import write_compressed
 from .distributed import check_masks_agree
 from .errors import ExperimentError
 from .flops import FlopCounter, layer_macs
 from .io import check_output_file, first_line
-from .layers import LayerPlan, called_layers, gemm_layers, plan_layers, route_forward, unroute_forward
-from .methods import MethodError, Stepper, build_method, build_params, get_method, params_dict
-from .spec import SpecError
+from .layers import LayerPlan, choose_layers, gemm_layers, route_forward, unroute_forward
+from .methods import Stepper, build_method, build_params, get_method, params_dict
 
 
 class SparsifyError(ExperimentError):
@@ -79,63 +78,16 @@ def unwrap(model: nn.Module, field: str = "model") -> nn.Module:
     return model
 
 
-def globs(value, field: str) -> list[str]:
-    """``include``/``exclude``: a sequence of fnmatch globs; one string is one glob (not its characters)."""
-    if isinstance(value, str):
-        return [value]
-    try:
-        items = list(value)
-    except TypeError:
-        raise SparsifyError(f"{field}: expected a list of glob strings, got {type(value).__name__}") from None
-    if not all(isinstance(item, str) for item in items):
-        raise SparsifyError(f"{field}: expected a list of glob strings, got {items!r}"[:200])
-    return items
-
-
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise SparsifyError(f"seed: must be an integer in [0, 2**63), got {seed!r}"[:200])
     return seed
 
 
-def check_engine_args(layout: str, solver: str) -> None:
-    if layout not in LAYOUTS:
-        raise SpecError(f"sparsity.layout: {layout!r} is unknown; use one of: {', '.join(LAYOUTS)}")
-    try:
-        get_solver(solver)
-    except ValueError as exc:
-        raise SpecError(f"sparsity.solver: {exc}") from None
-
-
-def static_called(model: nn.Module) -> set[str]:
-    """Without an example input: every Conv2d/Linear but those whose parent multiplies by their ``.weight``
-    itself (nn.MultiheadAttention's ``out_proj``), which a routed forward would never see."""
-    bypassed = {f"{name}.out_proj" if name else "out_proj" for name, mod in model.named_modules()
-                if isinstance(mod, nn.MultiheadAttention)}
-    return set(gemm_layers(model)) - bypassed
-
-
-def select_layers(model: nn.Module, pattern: Pattern, *, layout: str = "nhwc", include=(), exclude=(),
-                  keep_first_dense: bool = True, keep_last_dense: bool = True,
-                  example_input: Any = None) -> LayerPlan:
-    """The layers training would make sparse for ``pattern`` (the layer pattern: M x M tiles where the method
-    needs them). With ``example_input``, a layer whose forward does not run on it is never sparse."""
-    if example_input is not None:
-        called = called_layers(model, example_input)
-    else:
-        called = static_called(model)
-    return plan_layers(model, pattern, layout, globs(include, "sparsity.include"), globs(exclude, "sparsity.exclude"),
-                       keep_first_dense, keep_last_dense, called)
-
-
-def _check_optimizer(cls, optimizer, plan: LayerPlan) -> None:
+def _check_optimizer(optimizer, plan: LayerPlan) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise SparsifyError(f"optimizer: expected the torch.optim.Optimizer that steps the model, got "
                             f"{type(optimizer).__name__}")
-    name = type(optimizer).__name__.lower()
-    if cls.caps.optimizers and name not in cls.caps.optimizers:
-        raise MethodError(f"optim.name: method {cls.name} needs optim.name {' or '.join(cls.caps.optimizers)}, "
-                          f"not {name!r}")
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for layer, mod in plan.sparse.items():
         if id(mod.weight) not in held:
@@ -167,9 +119,6 @@ def sparsify(model: nn.Module, method: str = "srste", pattern: str = "2:4",
     parsed = build_params(cls, params)
     check_seed(seed)
     asked = parse_field_pattern(pattern, "sparsity.pattern", transposable)
-    if transposable and not cls.caps.accepts_transposable:
-        raise MethodError(f"sparsity.transposable: method {cls.name} does not use transposable masks; "
-                          "use method transposable (or fixed)")
     check_engine_args(layout, solver)
     if total_steps is None and cls.caps.scheduled:
         raise SparsifyError(f"total_steps: method {cls.name} follows the run's length (its phases and ramps); "
@@ -177,25 +126,30 @@ def sparsify(model: nn.Module, method: str = "srste", pattern: str = "2:4",
     total = 1 if total_steps is None else total_steps
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
         raise SparsifyError(f"total_steps: must be an integer >= 1, got {total_steps!r}")
-    plan = select_layers(model, cls.caps.layer_pattern(asked), layout=layout, include=include, exclude=exclude,
-                         keep_first_dense=keep_first_dense, keep_last_dense=keep_last_dense,
-                         example_input=example_input) if cls.caps.sparse else LayerPlan({}, {})
     if optimizer is None:
         raise SparsifyError("optimizer: pass the optimizer that steps the model (the method's per-step work "
                             "runs inside its step())")
-    _check_optimizer(cls, optimizer, plan)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise SparsifyError(f"optimizer: expected the torch.optim.Optimizer that steps the model, got "
+                            f"{type(optimizer).__name__}")
+    check_method_fits(cls, transposable, type(optimizer).__name__.lower())
+    plan = choose_layers(model, cls.caps.layer_pattern(asked), layout=layout, include=include, exclude=exclude,
+                         keep_first_dense=keep_first_dense, keep_last_dense=keep_last_dense,
+                         example_input=example_input) if cls.caps.sparse else LayerPlan({}, {})
+    _check_optimizer(optimizer, plan)
     return attach_method(model, cls, parsed, plan, cls.caps.mask_pattern(asked), optimizer, layout=layout,
                          solver=solver, total_steps=total, steps_per_epoch=total, seed=seed)
 
 
 def attach_method(model: nn.Module, cls, params, plan: LayerPlan, pattern: Pattern, optimizer, *, layout: str,
-                  solver: str, total_steps: int, steps_per_epoch: int, accel: str = "none",
-                  seed: int = 0) -> "Sparsified":
+                  solver: str, total_steps: int, steps_per_epoch: int, accel: str = "none", seed: int = 0,
+                  count_flops: bool = True) -> "Sparsified":
     """The method on ``plan``'s layers of ``model``, hooked into ``optimizer``: `sparsify` after its checks,
-    and the runner with the plan and parameters its spec's pre-flight validated."""
+    and the runner with the plan and parameters its spec's pre-flight validated. ``count_flops=False``: no
+    MAC-counting hooks (the runner counts the global batch of all its processes itself)."""
     method = build_method(cls, plan.sparse, pattern, params, layout=layout, solver=solver, total_steps=total_steps,
                           steps_per_epoch=steps_per_epoch, accel=accel, seed=seed)
-    return Sparsified(model, method, plan, optimizer)
+    return Sparsified(model, method, plan, optimizer, count_flops)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,7 +173,8 @@ class Sparsified:
     and why, ``step`` the optimizer steps taken. Usable as a context manager: leaving the block detaches
     the method (without folding) unless `remove` already did."""
 
-    def __init__(self, model: nn.Module, method, plan: LayerPlan, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: nn.Module, method, plan: LayerPlan, optimizer: torch.optim.Optimizer,
+                 count_flops: bool = True):
         self.model, self.method, self.optimizer = model, method, optimizer
         self.layers, self.skipped = dict(method.ctx.layers), dict(plan.skipped)
         self.stepper = Stepper(method)
@@ -230,7 +185,7 @@ class Sparsified:
         route_forward(self.layers, method)
         for mod in self.layers.values():
             self._hooks.append(mod.register_forward_pre_hook(self._on_forward))
-        for name, mod in gemm_layers(model).items():
+        for name, mod in (gemm_layers(model) if count_flops else {}).items():
             self._hooks.append(mod.register_forward_hook(
                 lambda module, args, out, _name=name: self._count(_name, module, out)))
         method.bind_optimizer(optimizer)
@@ -268,11 +223,12 @@ class Sparsified:
         """Every sparse layer's current keep-mask (bool, the weight's shape), by layer name."""
         return self.method.masks()
 
-    def check_ranks(self) -> None:
+    def check_ranks(self, masks: dict[str, torch.Tensor] | None = None) -> None:
         """Under DistributedDataParallel: raise RuntimeError naming the first layer whose mask differs
         between rank 0 and another rank (nothing to check in a single process). `nmtrain train` runs this at
-        every evaluation; call it where a run of yours would want to know."""
-        masks = self.masks()
+        every evaluation; call it where a run of yours would want to know. ``masks``: `masks()`'s result when
+        you have it already (None: taken here)."""
+        masks = self.masks() if masks is None else masks
         device = next(iter(masks.values())).device if masks else torch.device("cpu")
         check_masks_agree(masks, device, self.step)
 

@@ -4,7 +4,7 @@ conversion methods of ``nmtrain adaprune``, on a calibration iterable of the cal
     masks = nmtrain.prune(model, pattern="4:8", transposable=True)           # in place
     result = nmtrain.oneshot(model, calib_batches, method="sparsegpt", pattern="2:4")
 
-Both choose the layers by training's rule (`sparsify.select_layers`) and change the model in place. The
+Both choose the layers by training's rule (`layers.choose_layers`) and change the model in place. The
 conversion is the one ``nmtrain adaprune`` runs (pipeline.py builds its `Job` with `make_job` and runs a
 method with `run_method`, as `oneshot` does): the method's mask and weights, then, with ``finetune``,
 AdaPrune's fit of the kept weights, then the BatchNorm statistics re-estimated on the calibration inputs.
@@ -22,9 +22,10 @@ from rich.progress import Progress
 from torch import nn
 
 from ...sparsity import Pattern, fold_mask, make_mask, nm_violation
-from ..build import parse_field_pattern
 from ..evaluate import eval_mode
-from ..sparsify import SparsifyError, check_engine_args, check_seed, select_layers, unwrap
+from ..build import check_engine_args, parse_field_pattern
+from ..layers import choose_layers
+from ..sparsify import SparsifyError, check_seed, unwrap
 from .calibration import recalibrate_batchnorm
 from .reconstruct import fit_layers
 from .registry import Calibration, Job, OneShotMethod, Outcome
@@ -49,7 +50,7 @@ def prune(model: nn.Module, pattern: str = "2:4", *, transposable: bool = False,
     model = unwrap(model)
     pat = parse_field_pattern(pattern, "sparsity.pattern", transposable)
     check_engine_args(layout, solver)
-    plan = select_layers(model, pat, layout=layout, include=include, exclude=exclude,
+    plan = choose_layers(model, pat, layout=layout, include=include, exclude=exclude,
                          keep_first_dense=keep_first_dense, keep_last_dense=keep_last_dense,
                          example_input=example_input)
     masks = {}
@@ -151,7 +152,7 @@ def oneshot(model: nn.Module, calibration: Iterable, *, method: str = "adaprune"
     if chosen.needs_loss and (loss is None or not has_targets):
         raise SparsifyError(f"loss: method {chosen.name} learns its masks on the task's loss; pass loss=fn(output, "
                             "target) and (inputs, targets) calibration batches")
-    plan = select_layers(model, pat, layout=layout, include=include, exclude=exclude,
+    plan = choose_layers(model, pat, layout=layout, include=include, exclude=exclude,
                          keep_first_dense=keep_first_dense, keep_last_dense=keep_last_dense, example_input=example_input)
     device, start = _model_device(model), time.perf_counter()
     with eval_mode(model):
