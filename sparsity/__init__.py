@@ -6,7 +6,7 @@ Masks are plain bool tensors of the weight's shape (True = kept). N is the numbe
 from .diversity import Diversity, pattern_diversity, rank, transposable_count, unstructured_diversity
 from .errors import SparsityError
 from .fold import FoldError, fold_mask
-from .layout import LAYOUTS, LayoutError, from_matrix, require_fits, shape_violation, to_matrix
+from .layout import LAYOUTS, LayoutError, from_matrix, grouped, require_fits, shape_violation, to_matrix
 from .learned import (MAX_CANDIDATES, candidate_count, candidate_masks, choice_of, from_groups, gumbel_noise,
                       hard_mask, masks_from_choice, prior_logits, soft_mask, to_groups)
 from .mvue import is_mvue24, mvue24, mvue24_keep_probability, mvue24_variance, mvue24_violation
@@ -23,7 +23,7 @@ __all__ = [
     "Diversity", "FoldError", "Hessian", "LAYOUTS", "LayerInfo", "LayerReport", "LayerSelection", "LayoutError",
     "MAX_CANDIDATES", "NOT_CALLED", "OneShotError", "Pattern", "PatternError", "SelectOptions", "SelectionError",
     "SparsityError", "candidate_count", "candidate_masks", "choice_of", "choose_by_score", "conv_rows",
-    "fold_mask", "from_groups", "from_matrix", "get_solver", "gumbel_noise", "hard_mask", "is_mvue24", "is_valid",
+    "fold_mask", "from_groups", "from_matrix", "get_solver", "grouped", "gumbel_noise", "hard_mask", "is_mvue24", "is_valid",
     "kept_share", "linear_rows", "list_solvers", "magnitude", "make_mask", "masks_from_choice", "mvue24",
     "mvue24_keep_probability", "mvue24_variance", "mvue24_violation", "nm_mask", "nm_violation", "parse_pattern",
     "pattern_diversity", "prior_logits", "prune_state_dict", "pruned_magnitude", "rank", "reconstruction_error",

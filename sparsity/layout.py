@@ -101,6 +101,21 @@ def from_matrix(matrix: torch.Tensor, shape: Sequence[int], layout: str = "nhwc"
     return matrix.reshape(shape)
 
 
+def grouped(tensor: torch.Tensor, m: int, layout: str = "nhwc") -> tuple[torch.Tensor, int]:
+    """``tensor`` (a weight, or a mask of its shape) with its groups of M along K as one dimension, and that
+    dimension: ``(C_out, K/M, M)``, dim 2, for a Linear or a ``flatten`` conv; ``(C_out, C_in/M, M, kh, kw)``,
+    dim 2, for an ``nhwc`` conv. Always a view (no copy, unlike ``to_matrix`` for ``nhwc``), so per-group
+    reductions and in-place edits work on the tensor itself; ``view``'s RuntimeError where the memory order
+    allows none (a ``flatten`` view of a channels-last conv weight)."""
+    check_layout(layout)
+    if tensor.dim() == 4 and layout == "nhwc":
+        c_out, c_in, kh, kw = tensor.shape
+        return tensor.view(c_out, c_in // m, m, kh, kw), 2
+    if tensor.dim() not in (2, 4):
+        raise LayoutError(f"a {tensor.dim()}-D tensor has no N:M layout (only 2-D and 4-D weights do)")
+    return tensor.view(tensor.shape[0], -1, m), 2
+
+
 def to_tiles(matrix: torch.Tensor, m: int) -> torch.Tensor:
     """``R x K`` matrix -> ``(R/m * K/m, m, m)`` tiles of m consecutive rows and m consecutive columns."""
     r, k = matrix.shape

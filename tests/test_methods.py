@@ -140,3 +140,19 @@ def test_the_runner_folds_the_weight_each_method_deploys(cls, factor):
         report = fold_masks(method, masks, "nhwc")
     assert torch.equal(lin.weight.detach(), expected)
     assert report["lin.weight"]["pattern"] == "2:4" and report["lin.weight"]["density"] == 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_pruned_decay_is_the_sr_ste_formula_bit_for_bit(dtype):
+    """`pruned_decay` (two tensor operations) against ``decay · (W · ¬mask)``, as transcribed from Zhou et al.:
+    random, tied and signed-zero weights, and the zero's sign on kept entries."""
+    from nmtrain.experiments.methods.base import pruned_decay
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 32, generator=g).to(dtype)
+    w[0] = 0.5
+    w[1, :16], w[1, 16:] = 0.0, -0.0
+    mask = torch.rand(32, 32, generator=g) < 0.5
+    for decay in (2e-4, 1.0, 3e-7):
+        got, want = pruned_decay(w, mask, decay), decay * (w * ~mask)
+        assert got.dtype == want.dtype == dtype
+        assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from nmtrain.cli.main import app
 from nmtrain.experiments.methods import attach
 from nmtrain.experiments.methods.transposable import bound_pruned
-from nmtrain.sparsity import Pattern, to_matrix
+from nmtrain.sparsity import Pattern, from_matrix, nm_mask, to_matrix
 
 from helpers import ROOT, method_step
 
@@ -117,3 +117,48 @@ def test_stability_benchmark_runs_both_variants_and_reuses_finished_runs(tmp_pat
     stamp = model.stat().st_mtime_ns
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and model.stat().st_mtime_ns == stamp      # finished runs are reused
+
+
+def _bound_formula(weight, mask, m, layout):
+    """The clamp as first written (GEMM-view copies, kept entries restored by a select): the transcription
+    the in-place version must equal bit for bit."""
+    w, e = to_matrix(weight, layout), to_matrix(mask, layout)
+    rows, k = w.shape
+    wg, eg = w.reshape(rows, k // m, m), e.reshape(rows, k // m, m)
+    cap = torch.where(eg, wg.abs(), torch.zeros((), dtype=w.dtype)).amax(-1, keepdim=True)
+    return from_matrix(torch.where(eg, wg, wg.clamp(-cap, cap)).reshape(rows, k), weight.shape, layout)
+
+
+@pytest.mark.parametrize("shape,layout,channels_last", [((8, 16), "nhwc", False), ((8, 8, 3, 3), "nhwc", False),
+                                                        ((8, 8, 3, 3), "flatten", False),
+                                                        ((8, 8, 3, 3), "nhwc", True), ((8, 8, 3, 3), "flatten", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bound_pruned_in_place_equals_the_formula_bit_for_bit(shape, layout, channels_last, dtype):
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(shape, generator=g) * 3).to(dtype)
+    flat = w.view(-1)
+    flat[1::4] = -flat[0::4]                                         # tied magnitudes within groups
+    # an N:M mask (2 kept of every 4 along K), drawn at random rather than by magnitude
+    mask = nm_mask(torch.rand(shape, generator=g), 2, 4, layout)
+    w[~mask & (torch.rand(shape, generator=g) < 0.3)] = -0.0          # signed zeros among the pruned
+    if channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    want = _bound_formula(w.clone(), mask, 4, layout)
+    ptr = w.data_ptr()
+    bound_pruned(w, mask, 4, layout)
+    assert w.data_ptr() == ptr                                       # in place
+    assert torch.equal(w, want) and torch.equal(torch.signbit(w), torch.signbit(want))
+
+
+def test_grouped_is_a_view_with_the_groups_of_m_along_k():
+    from nmtrain.sparsity import grouped
+    conv = torch.arange(4 * 8 * 3 * 3, dtype=torch.float32).reshape(4, 8, 3, 3)
+    g, dim = grouped(conv, 4, "nhwc")
+    assert g.data_ptr() == conv.data_ptr() and dim == 2 and g.shape == (4, 2, 4, 3, 3)
+    # a group is 4 consecutive input channels at one tap: the nhwc matrix's groups of 4 along K
+    assert torch.equal(g.movedim(2, -1).permute(0, 2, 3, 1, 4).reshape(4, -1, 4),
+                       to_matrix(conv, "nhwc").reshape(4, -1, 4))
+    g, dim = grouped(conv, 4, "flatten")
+    assert torch.equal(g, to_matrix(conv, "flatten").reshape(4, -1, 4)) and g.data_ptr() == conv.data_ptr()
+    with pytest.raises(RuntimeError):
+        grouped(conv.contiguous(memory_format=torch.channels_last), 4, "flatten")

@@ -140,8 +140,7 @@ class Method:
         for name, (mask, decay) in pending.items():
             weight = self.ctx.layers[name].weight
             if weight.grad is not None:
-                # weight first: ``decay * (~mask)`` would be a float32 tensor, rounding decay for a float64 weight
-                weight.grad.add_(decay * (weight.detach() * ~mask))
+                weight.grad.add_(pruned_decay(weight.detach(), mask, decay))
 
     # --- the optimizer -----------------------------------------------------------------------
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -350,4 +349,18 @@ def attach(method: str | type[Method], layers: dict[str, nn.Module], pattern: Pa
         yield instance
     finally:
         unroute_forward(instance.ctx.layers)
+
+
+def pruned_decay(weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
+    """SR-STE's ``decay · (1 − mask) ⊙ W``, bit for bit, in two tensor operations where the formula takes three.
+
+    ``W · where(mask, 0, decay)`` rounds ``W·decay`` once, as ``decay · (W · ¬mask)`` does, and gives a kept
+    entry ``W · (+0)``: the zero of W's sign, as ``decay · (W · 0)``. ``decay`` is rounded to W's type either
+    way (a scalar meets a tensor in the tensor's type); for half precision, where the scalar product is
+    taken in float32 first, the formula itself runs.
+    """
+    if weight.dtype not in (torch.float32, torch.float64):
+        return decay * (weight * ~mask)
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    return weight * torch.where(mask, zero, torch.full((), decay, dtype=weight.dtype, device=weight.device))
 

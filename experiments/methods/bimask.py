@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.grad import conv2d_input, conv2d_weight
+from torch.nn.modules.utils import _pair
 
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
 from ..rules import DECAY, SEED, STEPS, Choice, at_least, param
@@ -170,8 +170,11 @@ class _BiMaskGEMM(torch.autograd.Function):
             grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         else:
             stride, padding, dilation, groups = ctx.conv
-            grad_x = conv2d_input(x.shape, w_b, grad, stride, padding, dilation, groups)
-            grad_w = conv2d_weight(x, weight.shape, grad, stride, padding, dilation, groups)
+            # one call for both: what torch.nn.grad's conv2d_input and conv2d_weight each make with one output
+            # asked for (dW does not read the weight, so passing W * B_b for dX leaves it as it was)
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad, x, w_b, None, _pair(stride), _pair(padding), _pair(dilation), False, [0], groups,
+                (True, True, False))
         if ctx.decay:
             grad_w = grad_w + ctx.decay * (~fmask) * weight
         return grad_x, grad_w, None, None, None, None

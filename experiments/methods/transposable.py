@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from ...sparsity import from_matrix, to_matrix, transposable_mask
+from ...sparsity import grouped, transposable_mask
 from ..accel import plan_accel
 from ..rules import DECAY, STEPS, param
 from .base import Capabilities, MethodError, RecomputedMaskMethod, register_method
@@ -115,11 +115,19 @@ class Transposable(RecomputedMaskMethod):
 @torch.no_grad()
 def bound_pruned(weight: torch.Tensor, mask: torch.Tensor, m: int, layout: str) -> None:
     """Clamp, in place, every pruned weight's magnitude to the largest kept magnitude of its group of M
-    (along K, GEMM view); kept weights and signs are untouched."""
-    w = to_matrix(weight, layout)
-    e = to_matrix(mask.to(weight.device), layout)
-    rows, k = w.shape
-    wg, eg = w.reshape(rows, k // m, m), e.reshape(rows, k // m, m)
-    cap = torch.where(eg, wg.abs(), torch.zeros((), dtype=w.dtype, device=w.device)).amax(-1, keepdim=True)
-    clamped = torch.where(eg, wg, wg.clamp(-cap, cap)).reshape(rows, k)
-    weight.copy_(from_matrix(clamped, weight.shape, layout))
+    (along K, GEMM view); kept weights and signs are untouched.
+
+    It runs after every optimizer step, so it works on the weight itself (`grouped` views, no copies): one
+    clamp of the whole group to ±cap leaves the kept weights as they are, since |kept| <= cap by definition.
+    (Only where every kept weight of a group is exactly 0 may a pruned zero come out with the other sign.)
+    """
+    try:
+        wg, dim = grouped(weight, m, layout)
+    except RuntimeError:        # a memory order with no grouped view: edit a contiguous copy, copy it back
+        copy = weight.contiguous()
+        bound_pruned(copy, mask.contiguous(), m, layout)
+        weight.copy_(copy)
+        return
+    eg, _ = grouped(mask.to(weight.device).contiguous(), m, layout)
+    cap = torch.where(eg, wg.abs(), torch.zeros((), dtype=wg.dtype, device=wg.device)).amax(dim, keepdim=True)
+    wg.clamp_(-cap, cap)
