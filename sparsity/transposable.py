@@ -31,26 +31,43 @@ def transposable_mask(weight: torch.Tensor, n: int, m: int, solver: str = "exact
     """
     pattern = Pattern(n, m, transposable=True)
     require_fits(weight.shape, pattern, layout)
-    solve = get_solver(solver).fn
-    scores = magnitude(weight)
-    # the largest |w| is NaN or Inf when any is: one reduction, where isfinite().all() writes a mask first
-    if scores.numel() and not bool(torch.isfinite(scores.max())):
-        raise ValueError("transposable_mask: the weight has NaN/Inf entries; a magnitude mask is undefined for them")
-    matrix = to_matrix(scores, layout)
-    tiles = to_tiles(matrix, m)
-    total = tiles.shape[0]
+    info = get_solver(solver)
+    matrix = to_matrix(weight.detach(), layout)
+    # a solver that reads its tiles from the matrix itself, or the (T, M, M) batch of |W| tiles
+    job = (info.matrix(matrix, n, m) if info.matrix is not None else None) or _Tiles(info.fn, matrix, n, m)
+    total = job.total
     step = chunk_tiles or total or 1
-    if step >= total:       # one piece: the solver's own result, not a copy of it
-        keep = solve(tiles, n)
+    for start in range(0, total, step):
+        job.run(start, min(start + step, total))
         if on_progress is not None:
-            on_progress(total, total)
-    else:
-        keep = torch.empty(tiles.shape, dtype=torch.bool, device=tiles.device)
-        for start in range(0, total, step):
-            keep[start:start + step] = solve(tiles[start:start + step], n)
-            if on_progress is not None:
-                on_progress(min(start + step, total), total)
-    return from_matrix(from_tiles(keep, *matrix.shape), weight.shape, layout)
+            on_progress(min(start + step, total), total)
+    if not total and on_progress is not None:
+        on_progress(0, 0)
+    return from_matrix(job.keep(), weight.shape, layout)
+
+
+class _Tiles:
+    """The generic path (a `TileJob`): |W| of the matrix as a (T, M, M) batch, each range of tiles given to
+    the solver's function."""
+
+    def __init__(self, solve, matrix: torch.Tensor, n: int, m: int):
+        scores = magnitude(matrix)
+        # the largest |w| is NaN or Inf when any is: one reduction, where isfinite().all() writes a mask first
+        if scores.numel() and not bool(torch.isfinite(scores.max())):
+            raise ValueError("transposable_mask: the weight has NaN/Inf entries; a magnitude mask is undefined for them")
+        self.solve, self.n, self.shape = solve, n, matrix.shape
+        self.tiles = to_tiles(scores, m)
+        self.total = self.tiles.shape[0]
+        self.parts: list[torch.Tensor] = []
+
+    def run(self, first: int, last: int) -> None:
+        self.parts.append(self.solve(self.tiles[first:last], self.n))
+
+    def keep(self) -> torch.Tensor:
+        # one piece: the solver's own result, not a copy of it
+        keep = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts) if self.parts else \
+            torch.zeros(self.tiles.shape, dtype=torch.bool, device=self.tiles.device)
+        return from_tiles(keep, *self.shape)
 
 
 def tile_scores(weight: torch.Tensor, m: int, layout: str = "nhwc") -> torch.Tensor:

@@ -274,3 +274,66 @@ def test_exact_uses_the_compiled_path_on_cpu(monkeypatch):
     assert calls == [4]
     get_solver("exact").fn(torch.rand(4, 4, 4), 2)     # 2:4 enumerates (one matmul)
     assert calls == [4]
+
+
+# --- the matrix path: the compiled kernel reads its tiles from the GEMM view itself ------------------
+
+from nmtrain.sparsity import from_matrix, to_matrix  # noqa: E402
+from nmtrain.sparsity.solvers.enumerate import enumerable  # noqa: E402
+
+
+def _tile_path(weight: torch.Tensor, n: int, m: int, solver: str, layout: str = "nhwc") -> torch.Tensor:
+    """transposable_mask as it was before the matrix path: |W| tiles through the solver's function."""
+    from nmtrain.sparsity.layout import from_tiles
+    matrix = to_matrix(weight, layout)
+    keep = get_solver(solver).fn(tile_scores(weight, m, layout), n)
+    return from_matrix(from_tiles(keep, *matrix.shape), weight.shape, layout)
+
+
+@pytest.mark.parametrize("shape,layout", [((64, 96), "nhwc"), ((32, 16, 3, 3), "nhwc"), ((32, 16, 3, 3), "flatten")])
+@pytest.mark.parametrize("solver", ["exact", "approx", "compiled"])
+def test_the_matrix_path_is_the_tile_path_bit_for_bit(shape, layout, solver):
+    gen = torch.Generator().manual_seed(len(shape) + len(solver))
+    w = torch.randn(shape, generator=gen)
+    tied = torch.randint(-2, 3, shape, generator=gen).float()           # many equal magnitudes, signed zeros
+    for weight in (w, tied, w.half()):
+        for n, m in ((4, 8), (2, 8), (8, 16), (3, 4)):
+            if shape[0] % m or (shape[1] % m):
+                continue
+            info = get_solver(solver)
+            enumerates = solver == "exact" and enumerable(m, n)          # exact's tile path: one matmul
+            assert (info.matrix(to_matrix(weight, layout), n, m) is None) == enumerates
+            got = transposable_mask(weight, n, m, solver=solver, layout=layout)
+            assert torch.equal(got, _tile_path(weight, n, m, solver, layout)), (solver, n, m, weight.dtype)
+            chunked = transposable_mask(weight, n, m, solver=solver, layout=layout, chunk_tiles=5)
+            assert torch.equal(got, chunked)
+
+
+def test_the_matrix_path_sends_flagged_tiles_to_flow(monkeypatch):
+    w = torch.randn(16, 24, generator=torch.Generator().manual_seed(5))
+    real = compiled.solve_range
+
+    def flag_two(w_np, n, m, exact, keep, outcome, first, last):
+        real(w_np, n, m, exact, keep, outcome, first, last)
+        for t in (1, 4):
+            if first <= t < last:
+                keep[(t // 3) * 8:(t // 3) * 8 + 8, (t % 3) * 8:(t % 3) * 8 + 8] = False    # garbage
+                outcome[t] = 1
+    monkeypatch.setattr(compiled, "solve_range", flag_two)
+    keep = transposable_mask(w, 4, 8, solver="exact")
+    assert compiled.stats["fallback"] == 2
+    scores = tile_scores(w, 8)
+    mine = tile_scores(keep.float(), 8) > 0
+    _assert_valid(mine, 4)
+    assert torch.allclose(pruned_magnitude(scores, mine), pruned_magnitude(scores, flow(scores, 4)))
+
+
+def test_the_matrix_path_refuses_nan_and_inf_and_serves_cpu_only():
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w = torch.randn(16, 16)
+        w[9, 3] = bad
+        for solver in ("exact", "approx", "compiled"):
+            with pytest.raises(ValueError, match="NaN/Inf"):
+                transposable_mask(w, 4, 8, solver=solver)
+    assert compiled.on_matrix(torch.randn(8, 8, device="meta"), 4, 8, exact=True) is None
+    assert compiled.on_matrix(torch.randn(64, 64), 4, 64, exact=True) is None          # M > MAX_M: tiles

@@ -361,6 +361,7 @@ def pruned_decay(weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torc
     """
     if weight.dtype not in (torch.float32, torch.float64):
         return decay * (weight * ~mask)
-    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-    return weight * torch.where(mask, zero, torch.full((), decay, dtype=weight.dtype, device=weight.device))
+    kept, zero = mask, torch.zeros((), dtype=weight.dtype, device=weight.device)
+    rate = torch.where(kept, zero, torch.full((), decay, dtype=weight.dtype, device=weight.device))  # per entry
+    return weight * rate
 

@@ -25,7 +25,8 @@ from .enumerate import enumerable, enumerate_solver
 
 @register_solver("exact", exact=True,
                  summary="optimal mask, fastest exact path: enumeration for small M (2:4); else compiled "
-                         "cycle cancelling on CPU, batched on GPU")
+                         "cycle cancelling on CPU, batched on GPU",
+                 matrix=lambda matrix, n, m: None if enumerable(m, n) else compiled.on_matrix(matrix, n, m, exact=True))
 def exact_solver(scores: torch.Tensor, n: int) -> torch.Tensor:
     m = scores.shape[-1]
     if enumerable(m, n):

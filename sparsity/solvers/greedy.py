@@ -146,7 +146,8 @@ def vectorised_approx(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 @register_solver("approx", exact=False,
                  summary="greedy 2-approximation (Algorithm 1) completed to exactly N per row/column; "
-                         "compiled per tile on CPU, vectorised tensor code on GPU")
+                         "compiled per tile on CPU, vectorised tensor code on GPU",
+                 matrix=lambda matrix, n, m: compiled.on_matrix(matrix, n, m, exact=False))
 def approx_solver(scores: torch.Tensor, n: int) -> torch.Tensor:
     m = scores.shape[-1]
     trivial = trivial_keep(scores, n)

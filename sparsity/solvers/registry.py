@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -17,22 +17,40 @@ from ..nm import score_dtype
 SolverFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
+class TileJob(Protocol):
+    """A solver's work on one GEMM-view matrix: ``run(first, last)`` solves tiles ``first..last-1`` (row-major
+    M x M tiles), ``keep()`` is the bool mask of the matrix's shape once every tile has run."""
+    total: int
+
+    def run(self, first: int, last: int) -> None: ...
+
+    def keep(self) -> torch.Tensor: ...
+
+
+# (signed GEMM-view matrix, n, m) -> a job on the matrix itself, or None where the solver wants tiles
+MatrixFn = Callable[[torch.Tensor, int, int], Optional[TileJob]]
+
+
 @dataclass(frozen=True)
 class SolverInfo:
     name: str
     fn: SolverFn
     exact: bool
     summary: str
+    # Optional: the solver works on the matrix in place of a (T, M, M) batch of |W| tiles (the compiled
+    # solvers read their tiles from it): no |W| tensor and no tile copies, which small layers notice most.
+    matrix: Optional[MatrixFn] = None
 
 
 _SOLVERS: dict[str, SolverInfo] = {}
 
 
-def register_solver(name: str, *, exact: bool, summary: str) -> Callable[[SolverFn], SolverFn]:
+def register_solver(name: str, *, exact: bool, summary: str,
+                    matrix: Optional[MatrixFn] = None) -> Callable[[SolverFn], SolverFn]:
     def decorator(fn: SolverFn) -> SolverFn:
         if name in _SOLVERS:
             raise ValueError(f"solver {name!r} is registered twice")
-        _SOLVERS[name] = SolverInfo(name, fn, exact, summary)
+        _SOLVERS[name] = SolverInfo(name, fn, exact, summary, matrix)
         return fn
     return decorator
 
