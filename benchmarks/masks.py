@@ -11,6 +11,7 @@ against the exact masks of the same tiles.
 
     python benchmarks/masks.py                      # CPU, 2:4-T 4:8-T 8:16-T 16:32-T
     python benchmarks/masks.py --device cuda
+    python benchmarks/masks.py --sizes 4096,8192 --no-resnet --solvers exact,approx --repeat 3
 
 Writes bench-results/masks.json and masks.csv. Ratios are measured side by side in this run.
 """
@@ -58,9 +59,9 @@ def timed(fn, device: str, repeat: int):
     return result, best
 
 
-def weights(device: str) -> dict[str, torch.Tensor]:
+def weights(device: str, sizes: list[int]) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    out = {"4096x4096 randn": torch.randn(4096, 4096)}
+    out = {f"{size}x{size} randn": torch.randn(size, size) for size in sizes}
     layer4 = torchvision.models.resnet50().layer4  # random init: the shapes are what matter here
     out["resnet50 layer4.0.conv2 512x512x3x3"] = layer4[0].conv2.weight.detach().clone()
     out["resnet50 layer4.0.conv3 2048x512x1x1"] = layer4[0].conv3.weight.detach().clone()
@@ -74,13 +75,22 @@ def main() -> None:
     parser.add_argument("--patterns", default="2:4,4:8,8:16,16:32", help="comma-separated N:M (all run transposable)")
     parser.add_argument("--flow-tiles", type=int, default=200, help="tiles the networkx flow solver runs on")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per measurement (best is kept)")
+    parser.add_argument("--sizes", default="4096", help="comma-separated sides of the square random weights")
+    parser.add_argument("--solvers", default="", help="comma-separated solvers to time (exact and approx always run)")
+    parser.add_argument("--no-resnet", action="store_true", help="only the square weights")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
     console = Console(width=160)
     device = args.device
     rows = []
     solvers = [s.name for s in list_solvers() if s.name != "flow"]
-    for wname, w in weights(device).items():
+    if args.solvers:
+        wanted = args.solvers.split(",")
+        solvers = [s for s in solvers if s in wanted or s in ("exact", "approx")]     # the ratios need both
+    chosen = weights(device, [int(x) for x in args.sizes.split(",")])
+    if args.no_resnet:
+        chosen = {k: v for k, v in chosen.items() if not k.startswith("resnet50")}
+    for wname, w in chosen.items():
         for text in args.patterns.split(","):
             n, m = (int(x) for x in text.split(":"))
             base, t_row = timed(lambda: nm_mask(w, n, m), device, args.repeat)
@@ -98,7 +108,7 @@ def main() -> None:
                     note = f"flow fallback tiles: {batched.stats['fallback']}"
                 rows.append(dict(weight=wname, pattern=f"{n}:{m}-T", solver=solver, seconds=t, note=note,
                                  kept=kept_share(w, masks[solver])))
-                if solver == "approx" and device == "cpu":
+                if solver == "approx" and device == "cpu" and (not args.solvers or "tensor" in args.solvers):
                     tiles = tile_scores(w, m)
                     keep, t = timed(lambda: vectorised_approx(tiles, n), device, args.repeat)
                     rows.append(dict(weight=wname, pattern=f"{n}:{m}-T", solver="approx (tensor path)", seconds=t,

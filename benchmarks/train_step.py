@@ -10,11 +10,20 @@ steps, so the run covers at least one interval).
     python benchmarks/train_step.py                      # LeNet-5, Fashion-MNIST-sized batches, 2:4
     python benchmarks/train_step.py --model resnet20 --image-size 32 --channels 3 --device cuda
     python benchmarks/train_step.py --optim adamw --methods dense,srste,srste:mvue,sste,maskdecay,step,pgf
+    python benchmarks/train_step.py --model vit_tiny --optim adamw      # the ViT-Tiny of the image tasks
+    python benchmarks/train_step.py --model gpt --optim adamw --batch 16  # the GPT of the language-model task
 
 A method written ``name:mvue`` runs with ``mvue_dw: true`` (``name:no-mvue``: false), ``name:key=value``
 with that parameter; ``--optim adamw`` (AdamW, as STEP needs) in place of SGD. Each row also gives the
 training FLOPs of its timed steps relative to dense (the handle's `flops()`: `Method.densities` on the
-MACs of the steps' own forwards).
+MACs of the steps' own forwards), and the memory a step holds at the end of its forward relative to dense:
+the bytes of parameters, gradients, optimizer state, the method's own tensors (its `state_dict`) and every
+tensor autograd saved for the backward, each storage counted once (``held_bytes``). That is the step's
+peak on any device short of the allocator's own slack, and on a CPU, where torch keeps no peak counter,
+the number a run can give.
+
+``--model gpt`` trains the language-model task's GPT (4 layers, 128 wide, 4 heads, 64-token windows, a
+byte vocabulary) on random tokens, with the loss of the next token.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from torch.nn import functional as F
 
 import nmtrain
 from nmtrain.experiments.methods import get_method, list_methods
+from nmtrain.experiments.gpt import GPT
 from nmtrain.experiments.models import image_model
 
 
@@ -47,13 +57,69 @@ def _label_params(label: str) -> tuple[str, dict]:
     return name, {key: type(getattr(get_method(name).Params(), key))(value)}
 
 
+GPT_SHAPE = {"vocab_size": 256, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0,
+             "bias": False}
+
+
+def _model(args, device: torch.device) -> torch.nn.Module:
+    if args.model == "gpt":
+        return GPT(**GPT_SHAPE).to(device)
+    return image_model(args.model, 10, args.channels, args.image_size).to(device)
+
+
+def _batches(args, device: torch.device) -> list:
+    if args.model == "gpt":
+        shape = (args.batch, GPT_SHAPE["block_size"])
+        return [(torch.randint(0, GPT_SHAPE["vocab_size"], shape, device=device),
+                 torch.randint(0, GPT_SHAPE["vocab_size"], shape, device=device)) for _ in range(4)]
+    return [(torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device),
+             torch.randint(0, 10, (args.batch,), device=device)) for _ in range(4)]
+
+
+def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = model(x)                      # (batch, classes) or (batch, tokens, vocabulary)
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def held_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, handle, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes held at the end of a training forward: parameters, gradients, optimizer state, the method's
+    tensors and what autograd saved for the backward, each storage once."""
+    storages: dict[int, int] = {}
+    alive: list[torch.Tensor] = []      # a storage is told apart by its address only while it is alive
+
+    def note(t) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            alive.append(t)
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+
+    def pack(t):
+        note(t)
+        return t
+
+    for p in model.parameters():
+        note(p)
+        note(p.grad)
+    for state in opt.state.values():
+        for value in state.values():
+            note(value)
+    for value in handle.state_dict().values():
+        for t in (value.values() if isinstance(value, dict) else [value]):
+            note(t)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _loss(model, x, y)
+    loss.backward()                     # the graph is freed; the step is not taken
+    opt.zero_grad(set_to_none=False)
+    return sum(storages.values())
+
+
 def _attached_run(label: str, args, device: torch.device, attached: ExitStack) -> tuple:
     """(model, handle, optimizer, step times) of one method, attached by `nmtrain.sparsify` until ``attached``
     closes."""
     name, params = _label_params(label)
     cls = get_method(name)
     torch.manual_seed(0)
-    model = image_model(args.model, 10, args.channels, args.image_size).to(device)
+    model = _model(args, device)
     # --optim, or AdamW for a method that takes nothing else (STEP)
     if args.optim == "adamw" or (cls.caps.optimizers and "sgd" not in cls.caps.optimizers):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -72,7 +138,7 @@ def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> 
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)         # the plain loop: the method's work runs in its hooks
+        loss = _loss(model, x, y)                   # the plain loop: the method's work runs in its hooks
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -102,18 +168,18 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    batches = [(torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device),
-                torch.randint(0, 10, (args.batch,), device=device)) for _ in range(4)]
+    batches = _batches(args, device)
     with ExitStack() as attached:      # every model's forward runs through its method while it is timed
         runs = {name: _attached_run(name, args, device, attached) for name in args.methods.split(",")}
         _time_steps(runs, batches, args.steps, device)
+        held = {name: held_bytes(model, opt, handle, *batches[0]) for name, (model, handle, opt, _) in runs.items()}
     # the reference is the dense baseline (the method that masks nothing), when it is in the list
     baseline = next((name for name in runs if not get_method(_label_params(name)[0]).caps.sparse), None)
     dense = statistics.median(runs[baseline][3]) if baseline else None
     table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {args.optim}, {device} "
                         f"({torch.get_num_threads()} threads), {args.steps} interleaved steps")
     for col in ("method", "median ms / step", "vs dense", "mean ms / step", "vs dense ", "mean vs srste",
-                "train FLOPs"):
+                "train FLOPs", "held MB", "memory vs dense"):
         table.add_column(col, justify="right")
     rows = []
     dense_mean = statistics.fmean(runs[baseline][3]) if baseline else None
@@ -125,10 +191,12 @@ def main() -> None:
         rows.append({"method": name, "median_ms": med * 1000, "median_vs_dense": med / dense if dense else None,
                      "mean_ms": mean * 1000, "mean_vs_dense": mean / dense_mean if dense_mean else None,
                      "mean_vs_srste": mean / srste_mean if srste_mean else None,
-                     "flops_ratio": flops["ratio"]})
+                     "flops_ratio": flops["ratio"], "held_bytes": held[name],
+                     "memory_vs_dense": held[name] / held[baseline] if baseline else None})
         table.add_row(name, f"{med * 1000:.2f}", f"{med / dense:.2f}x" if dense else "–",
                       f"{mean * 1000:.2f}", f"{mean / dense_mean:.2f}x" if dense_mean else "–",
-                      f"{mean / srste_mean:.2f}x" if srste_mean else "–", f"{flops['ratio']:.3f}")
+                      f"{mean / srste_mean:.2f}x" if srste_mean else "–", f"{flops['ratio']:.3f}",
+                      f"{held[name] / 2**20:.1f}", f"{held[name] / held[baseline]:.2f}x" if baseline else "–")
     Console(width=140).print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

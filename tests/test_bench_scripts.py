@@ -1,0 +1,65 @@
+"""The measuring code of the speed benchmarks (their numbers go to the README, so their arithmetic is tested;
+the timings themselves are not, as the brief asks): `train_step.held_bytes` against a hand count, and both
+scripts end to end on tiny settings."""
+
+import importlib.util
+import json
+import sys
+
+import torch
+from torch import nn
+
+from helpers import ROOT
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Handle:                       # what held_bytes reads of a handle: its state
+    def state_dict(self):
+        return {"masks": {"0": torch.ones(4, 8, dtype=torch.bool)}, "step": 3}
+
+
+def test_held_bytes_counts_parameters_gradients_state_and_saved_tensors_once():
+    bench = _load("train_step")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(5, 8), torch.randint(0, 4, (5,))
+    bench._loss(model, x, y).backward()
+    opt.step()                                           # momentum buffer: 4x8 floats
+    got = bench.held_bytes(model, opt, _Handle(), x, y)
+    weight = grad = momentum = 4 * 8 * 4
+    mask = 4 * 8                                         # bool
+    # saved for the backward: x (5x8) by the Linear (not the weight: x needs no gradient); the log-softmax
+    # (5x4), which its own backward and the NLL loss's both save (one storage); the targets (5 int64); the
+    # NLL loss's total weight (a float32 scalar)
+    saved = 5 * 8 * 4 + 5 * 4 * 4 + 5 * 8 + 4
+    assert got == weight + grad + momentum + mask + saved
+
+
+def test_train_step_benchmark_runs_and_writes_memory_ratios(tmp_path, monkeypatch):
+    bench = _load("train_step")
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--model", "mlp", "--image-size", "8", "--batch", "8",
+                                      "--steps", "2", "--methods", "dense,srste", "--out", str(tmp_path)])
+    bench.main()
+    rows = {r["method"]: r for r in json.loads((tmp_path / "train_step.json").read_text())["rows"]}
+    assert rows["dense"]["memory_vs_dense"] == 1.0
+    assert rows["srste"]["memory_vs_dense"] > 1.0        # SR-STE's autograd keeps its mask for the backward
+    assert rows["srste"]["flops_ratio"] < 1.0
+
+
+def test_masks_benchmark_runs_on_a_small_square_weight(tmp_path, monkeypatch):
+    bench = _load("masks")
+    monkeypatch.setattr(sys, "argv", ["masks.py", "--sizes", "64", "--no-resnet", "--patterns", "4:8",
+                                      "--solvers", "exact,approx", "--flow-tiles", "8", "--out", str(tmp_path)])
+    bench.main()
+    rows = json.loads((tmp_path / "masks.json").read_text())["rows"]
+    solvers = {r["solver"] for r in rows}
+    assert {"row-wise top-k (not -T)", "exact", "approx", "flow (networkx)"} <= solvers and "batched" not in solvers
+    flow = next(r for r in rows if r["solver"] == "flow (networkx)")
+    assert "exact - flow pruned |W| on them: +0.00e+00" in flow["note"]
