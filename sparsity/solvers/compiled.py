@@ -56,7 +56,8 @@ except ImportError:  # pragma: no cover - numba is a dependency; without it the 
 
 _SCALE = float(1 << 40)
 _LARGEST = float(np.finfo(np.float64).max)
-_CHUNK = 1024           # tiles per parallel task: scratch buffers are allocated once per task
+_CHUNK = 1024           # most tiles per parallel task (scratch buffers are allocated once per task)
+_MIN_CHUNK = 64         # fewest: a small layer is still spread over every thread
 _APPROX, _EXACT = 0, 1
 _BIG = np.iinfo(np.int64).max // 4    # above any label: labels are sums of at most 2M costs <= 2**40
 _OK, _FLOW, _NOT_FINITE = 0, 1, 2     # per-tile outcome codes of ``_solve``
@@ -367,12 +368,12 @@ if numba is not None:
         return pruned >= 2 * max(low_rows, low_cols)
 
     @njit(parallel=True, cache=True)
-    def _solve(w, m, n, mode, keep, outcome, first, last):
+    def _solve(w, m, n, mode, keep, outcome, first, last, chunk):
         """Tiles ``first..last-1`` of the matrix ``w`` (row-major: tile t is rows (t // (K/M)) * M... and
         columns (t % (K/M)) * M... of it), their masks written into ``keep`` (w's shape), one outcome code
         per tile into ``outcome``."""
         per_band = w.shape[1] // m
-        for task in prange((last - first + _CHUNK - 1) // _CHUNK):
+        for task in prange((last - first + chunk - 1) // chunk):
             q = np.empty((m, m), np.int64)
             k = np.empty((m, m), np.bool_)
             rc = np.empty(m, np.int64)
@@ -386,7 +387,7 @@ if numba is not None:
             fresh = np.empty(2 * m, np.bool_)
             col_best = np.empty(m, np.int64)
             col_arg = np.empty(m, np.int64)
-            for t in range(first + task * _CHUNK, min(last, first + (task + 1) * _CHUNK)):
+            for t in range(first + task * chunk, min(last, first + (task + 1) * chunk)):
                 r0 = (t // per_band) * m
                 c0 = (t % per_band) * m
                 if not _quantise(w[r0:r0 + m, c0:c0 + m], q):
@@ -425,9 +426,12 @@ def solve_range(w: np.ndarray, n: int, m: int, exact: bool, keep: np.ndarray, ou
     if numba is None:
         raise RuntimeError("the compiled solvers need numba (pip install numba)")
     threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    workers = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(workers)
+    # about 8 tasks per thread (so uneven tiles even out), within [_MIN_CHUNK, _CHUNK] tiles each
+    chunk = min(_CHUNK, max(_MIN_CHUNK, -(-(last - first) // (8 * workers))))
     try:
-        _solve(w, m, n, _EXACT if exact else _APPROX, keep, outcome, first, last)
+        _solve(w, m, n, _EXACT if exact else _APPROX, keep, outcome, first, last, chunk)
     finally:
         # numba's first parallel launch starts its OpenMP pool with every core, and the OpenMP
         # runtime it shares with torch then reports that count to torch: a run limited to one
