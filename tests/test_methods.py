@@ -156,3 +156,22 @@ def test_pruned_decay_is_the_sr_ste_formula_bit_for_bit(dtype):
         got, want = pruned_decay(w, mask, decay), decay * (w * ~mask)
         assert got.dtype == want.dtype == dtype
         assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+def test_mask_as_casts_a_mask_once_it_is_used_twice_and_again_when_it_changes():
+    """`Method.mask_as`: the bool mask in the weight's type, kept from its second use on, recast when the mask is
+    another tensor or was edited in place; multiplying by it is multiplying by the bool mask, bit for bit."""
+    layer = nn.Linear(8, 4)
+    method = _method("fixed", {"fc": layer})
+    weight = layer.weight
+    mask = torch.rand(4, 8, generator=torch.Generator().manual_seed(0)) < 0.5
+    first = method.mask_as("fc", mask, weight)
+    assert first.dtype == weight.dtype and torch.equal(weight * first, weight * mask)
+    second = method.mask_as("fc", mask, weight)
+    assert method.mask_as("fc", mask, weight) is second                   # kept from the second use
+    mask[0, 0] = not bool(mask[0, 0])                                      # edited in place: recast
+    third = method.mask_as("fc", mask, weight)
+    assert third is not second and torch.equal(third, mask.to(weight.dtype))
+    fresh = [method.mask_as("fc", mask.clone(), weight) for _ in range(3)]  # a new mask each time: never kept
+    assert method._cast["fc"][2] is None and all(torch.equal(f, mask.float()) for f in fresh)
+    assert method.mask_as("fc", mask, weight.double()).dtype == torch.float64

@@ -95,6 +95,7 @@ class Method:
         self.ctx = ctx
         self._wgrad: WeightGradSampler | None = None    # the MVUE weight gradients' draws, made on first use
         self._decay: dict[str, tuple[torch.Tensor, float]] = {}     # this step's SR-STE decays: mask, lambda_W
+        self._cast: dict[str, tuple] = {}       # mask_as: per layer (mask, its version, its cast or None)
 
     # --- forward -----------------------------------------------------------------------------
     def forward_weight(self, name: str, module: nn.Module) -> torch.Tensor:
@@ -122,7 +123,26 @@ class Method:
         """``W ⊙ mask`` with the straight-through gradient (all of W learns), and SR-STE's ``decay · (1 − mask) ⊙ W``
         noted for `add_pruned_decay`: added to W's gradient once per optimizer step."""
         self.note_decay(name, module, mask, decay)
-        return ste_mask(module.weight, mask)
+        return ste_mask(module.weight, self.mask_as(name, mask, module.weight))
+
+    def mask_as(self, name: str, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The bool ``mask`` in ``weight``'s type, cast once per mask rather than once per use.
+
+        ``W * mask`` with a bool mask makes a float copy of the mask on every call, in the forward and again
+        in the backward: a copy per layer per step, most of the per-step cost of a method whose mask stays
+        fixed between updates. Multiplying by the cast is the same multiply (1.0 and 0.0), bit for bit. The
+        cast is kept from a mask's second use on (a mask made afresh every step, SR-STE's, is never kept: it
+        would only hold memory) and redone when the mask is another tensor or was changed in place (its
+        version counter)."""
+        if torch.compiler.is_compiling():       # traced (a compiled evaluation): a plain cast, no Python state
+            return mask.to(device=weight.device, dtype=weight.dtype)
+        seen = self._cast.get(name)
+        same = seen is not None and seen[0] is mask and seen[1] == mask._version
+        if same and seen[2] is not None and seen[2].dtype == weight.dtype and seen[2].device == weight.device:
+            return seen[2]
+        cast = mask.to(device=weight.device, dtype=weight.dtype)
+        self._cast[name] = (mask, mask._version, cast if same else None)
+        return cast
 
     def note_decay(self, name: str, module: nn.Module, mask: torch.Tensor, decay: float) -> None:
         """Note that this training forward of ``name`` used ``mask`` with SR-STE's ``decay`` (a method whose own

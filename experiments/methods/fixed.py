@@ -28,7 +28,7 @@ class Fixed(StoredMaskMethod):
         self.masks()    # computed once, at the first step, from the weights the run starts with
 
     def forward_weight(self, name, module):
-        return module.weight * self.mask(name)
+        return module.weight * self.mask_as(name, self.mask(name), module.weight)
 
     def export_pattern(self, name):
         return self.ctx.pattern

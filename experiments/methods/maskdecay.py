@@ -114,7 +114,8 @@ class MaskDecay(RecomputedMaskMethod):
 
     # --- forward -----------------------------------------------------------------------------
     def forward_weight(self, name, module):
-        return ste_mask(module.weight, self.mask(name))     # W ⊙ E, dW straight through to all of W
+        # W ⊙ E, dW straight through to all of W
+        return ste_mask(module.weight, self.mask_as(name, self.mask(name), module.weight))
 
     def layer_forward(self, name, module, x):
         if self._dense:     # a plain dense layer: its own GEMM, no mask, no MVUE

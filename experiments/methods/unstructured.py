@@ -70,7 +70,7 @@ class Unstructured(StoredMaskMethod):
             self._masks = self._compute(step)
 
     def forward_weight(self, name, module):
-        return module.weight * self.mask(name)
+        return module.weight * self.mask_as(name, self.mask(name), module.weight)
 
     def densities(self, name, step):
         return 1.0, 1.0, self.target_density(step)

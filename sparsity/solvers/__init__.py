@@ -5,11 +5,16 @@ magnitudes, one M x M tile per row of T) and ``n``, return a bool tensor of the 
 **exactly** ``n`` entries in every row and every column of every tile, trying to maximise the kept
 score. ``exact`` solvers reach the optimum on every tile; ``approx`` ones may not.
 
+A solver may also take the layer's GEMM-view matrix itself (``register_solver(..., matrix=fn)``, ``fn(matrix,
+n, m)`` returning a ``TileJob`` or None): the compiled solvers read their tiles from it, so
+``transposable_mask`` makes no |W| tensor and no tile copies for them. Results are the same either way.
+
 Register a new one with ``@register_solver("name", exact=..., summary=...)``; ``list_solvers()``
 lists them (the CLI checks ``--solver`` against it; its help lists ``cli/choices.py``, tested equal).
 """
 
-from .registry import SolverFn, SolverInfo, get_solver, list_solvers, register_solver, trivial_keep, warm_up  # noqa: F401
+from .registry import (SolverFn, SolverInfo, TileJob, get_solver, list_solvers, register_solver,  # noqa: F401
+                       trivial_keep, warm_up)
 
 # Importing the modules registers their solvers.
 from . import enumerate as _enumerate  # noqa: E402,F401

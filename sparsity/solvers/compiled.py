@@ -61,7 +61,8 @@ _MIN_CHUNK = 64         # fewest: a small layer is still spread over every threa
 _APPROX, _EXACT = 0, 1
 _BIG = np.iinfo(np.int64).max // 4    # above any label: labels are sums of at most 2M costs <= 2**40
 _OK, _FLOW, _NOT_FINITE = 0, 1, 2     # per-tile outcome codes of ``_solve``
-MAX_M = 45              # M * M flat indices must fit the 11 low bits of the greedy's sort key
+MAX_M = 45              # a tile's row and column fit 6 bits each, the greedy's sort key's 12 low bits
+_POS = (1 << 12) - 1
 
 
 def available() -> bool:
@@ -94,13 +95,13 @@ if numba is not None:
     def _greedy(q, n, keep, rc, cc, key):
         """Algorithm 1; leaves the tile's entries sorted ascending in ``key`` (for ``_lemma1_at_risk``)."""
         m = q.shape[0]
-        low = m * m - 1
         for i in range(m):
             for j in range(m):
-                # score and flat index in one int64 (q <= 2**40, index < 2**10): ascending keys order by
-                # score, and among equal scores the lower flat index sorts later, so walking from the
-                # end visits descending scores with the lower index first
-                key[i * m + j] = (q[i, j] << 11) | (low - (i * m + j))
+                # score and position in one int64 (q <= 2**40; the position (i << 6) | j, in 12 bits,
+                # orders like the flat index i*M + j and decodes with shifts, not a division by M):
+                # ascending keys order by score, and among equal scores the lower position sorts later,
+                # so walking from the end visits descending scores with the lower index first
+                key[i * m + j] = (q[i, j] << 12) | (_POS - ((i << 6) | j))
         if m * m <= 64:
             # insertion sort: measured faster than the library sort on 16 and 64 keys
             for i in range(1, m * m):
@@ -114,9 +115,9 @@ if numba is not None:
             key.sort()
         kept = 0
         for s in range(m * m - 1, -1, -1):
-            flat = low - (key[s] & 2047)
-            r = flat // m
-            c = flat % m
+            pos = _POS - (key[s] & _POS)
+            r = pos >> 6
+            c = pos & 63
             if rc[r] < n and cc[c] < n:
                 keep[r, c] = True
                 rc[r] += 1
@@ -143,12 +144,12 @@ if numba is not None:
         for i in range(m):
             for j in range(m):
                 slot = buckets - 1 - min((q[i, j] * buckets) >> 40, buckets - 1)
-                order[cnt[slot]] = i * m + j
+                order[cnt[slot]] = (i << 6) | j          # decoded with shifts, not a division by M
                 cnt[slot] += 1
         kept = 0
         for s in range(buckets):
-            r = order[s] // m
-            c = order[s] - r * m
+            r = order[s] >> 6
+            c = order[s] & 63
             if rc[r] < n and cc[c] < n:
                 keep[r, c] = True
                 rc[r] += 1
@@ -354,11 +355,10 @@ if numba is not None:
         low_cols = 0
         rc[:] = 0
         cc[:] = 0
-        low = m * m - 1
         for s in range(m * m):
-            flat = low - (key[s] & 2047)
-            r = flat // m
-            c = flat % m
+            pos = _POS - (key[s] & _POS)
+            r = pos >> 6
+            c = pos & 63
             if rc[r] < m - n:
                 rc[r] += 1
                 low_rows += q[r, c]
