@@ -165,13 +165,14 @@ def test_mask_as_casts_a_mask_once_it_is_used_twice_and_again_when_it_changes():
     method = _method("fixed", {"fc": layer})
     weight = layer.weight
     mask = torch.rand(4, 8, generator=torch.Generator().manual_seed(0)) < 0.5
-    first = method.mask_as("fc", mask, weight)
-    assert first.dtype == weight.dtype and torch.equal(weight * first, weight * mask)
+    assert method.mask_as("fc", mask, weight) is mask                      # first use: the bool mask itself
     second = method.mask_as("fc", mask, weight)
+    assert second.dtype == weight.dtype and torch.equal(weight * second, weight * mask)
     assert method.mask_as("fc", mask, weight) is second                   # kept from the second use
     mask[0, 0] = not bool(mask[0, 0])                                      # edited in place: recast
     third = method.mask_as("fc", mask, weight)
     assert third is not second and torch.equal(third, mask.to(weight.dtype))
-    fresh = [method.mask_as("fc", mask.clone(), weight) for _ in range(3)]  # a new mask each time: never kept
-    assert method._cast["fc"][2] is None and all(torch.equal(f, mask.float()) for f in fresh)
+    fresh = [mask.clone() for _ in range(3)]                                # a new mask each time: never cast
+    assert all(method.mask_as("fc", f, weight) is f for f in fresh) and method._cast["fc"][2] is None
+    method.mask_as("fc", mask, weight)
     assert method.mask_as("fc", mask, weight.double()).dtype == torch.float64

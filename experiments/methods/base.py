@@ -126,22 +126,26 @@ class Method:
         return ste_mask(module.weight, self.mask_as(name, mask, module.weight))
 
     def mask_as(self, name: str, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The bool ``mask`` in ``weight``'s type, cast once per mask rather than once per use.
+        """``mask`` to multiply ``weight`` by: from its second use on, the bool mask cast to the weight's type,
+        once per mask rather than once per use.
 
         ``W * mask`` with a bool mask makes a float copy of the mask on every call, in the forward and again
         in the backward: a copy per layer per step, most of the per-step cost of a method whose mask stays
         fixed between updates. Multiplying by the cast is the same multiply (1.0 and 0.0), bit for bit. The
-        cast is kept from a mask's second use on (a mask made afresh every step, SR-STE's, is never kept: it
-        would only hold memory) and redone when the mask is another tensor or was changed in place (its
-        version counter)."""
+        first use gets the bool mask back (a mask made afresh every step, SR-STE's, is never cast here: that
+        would only hold memory, 4 bytes a weight where autograd saved 1); the cast is redone when the mask is
+        another tensor or was changed in place (its version counter)."""
         if torch.compiler.is_compiling():       # traced (a compiled evaluation): a plain cast, no Python state
             return mask.to(device=weight.device, dtype=weight.dtype)
         seen = self._cast.get(name)
         same = seen is not None and seen[0] is mask and seen[1] == mask._version
         if same and seen[2] is not None and seen[2].dtype == weight.dtype and seen[2].device == weight.device:
             return seen[2]
+        if not same:                            # first use: the bool mask itself (the multiply casts it)
+            self._cast[name] = (mask, mask._version, None)
+            return mask
         cast = mask.to(device=weight.device, dtype=weight.dtype)
-        self._cast[name] = (mask, mask._version, cast if same else None)
+        self._cast[name] = (mask, mask._version, cast)
         return cast
 
     def note_decay(self, name: str, module: nn.Module, mask: torch.Tensor, decay: float) -> None:
