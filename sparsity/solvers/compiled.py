@@ -91,6 +91,16 @@ if numba is not None:
                 q[i, j] = np.int64(np.rint(abs(np.float64(w[i, j])) / top * _SCALE)) if top > 0.0 else 0
         return True
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _admit(r, c, n, keep, rc, cc):
+        """Algorithm 1's step: keep (r, c) if its row and its column both have fewer than n kept; 1 if kept."""
+        if rc[r] < n and cc[c] < n:
+            keep[r, c] = True
+            rc[r] += 1
+            cc[c] += 1
+            return 1
+        return 0
+
     @njit(cache=True, nogil=True)
     def _greedy(q, n, keep, rc, cc, key):
         """Algorithm 1; leaves the tile's entries sorted ascending in ``key`` (for ``_lemma1_at_risk``)."""
@@ -116,15 +126,9 @@ if numba is not None:
         kept = 0
         for s in range(m * m - 1, -1, -1):
             pos = _POS - (key[s] & _POS)
-            r = pos >> 6
-            c = pos & 63
-            if rc[r] < n and cc[c] < n:
-                keep[r, c] = True
-                rc[r] += 1
-                cc[c] += 1
-                kept += 1
-                if kept == m * n:
-                    break
+            kept += _admit(pos >> 6, pos & 63, n, keep, rc, cc)
+            if kept == m * n:
+                break
 
     @njit(cache=True, nogil=True)
     def _bucket_greedy(q, n, keep, rc, cc, order, cnt):
@@ -148,15 +152,9 @@ if numba is not None:
                 cnt[slot] += 1
         kept = 0
         for s in range(buckets):
-            r = order[s] >> 6
-            c = order[s] & 63
-            if rc[r] < n and cc[c] < n:
-                keep[r, c] = True
-                rc[r] += 1
-                cc[c] += 1
-                kept += 1
-                if kept == m * n:
-                    break
+            kept += _admit(order[s] >> 6, order[s] & 63, n, keep, rc, cc)
+            if kept == m * n:
+                break
 
     @njit(cache=True, nogil=True)
     def _augment(q, n, keep, rc, cc, gain, parent, seen, fresh, col_best, col_arg):
