@@ -19,6 +19,7 @@ from .layout import from_matrix, from_tiles, require_fits, to_matrix, to_tiles
 from .nm import magnitude
 from .pattern import Pattern
 from .solvers import get_solver
+from .solvers.registry import NOT_FINITE
 
 
 def transposable_mask(weight: torch.Tensor, n: int, m: int, solver: str = "exact", layout: str = "nhwc",
@@ -54,7 +55,7 @@ class _Tiles:
         scores = magnitude(matrix)
         # the largest |w| is NaN or Inf when any is: one reduction, where isfinite().all() writes a mask first
         if scores.numel() and not bool(torch.isfinite(scores.max())):
-            raise ValueError("transposable_mask: the weight has NaN/Inf entries; a magnitude mask is undefined for them")
+            raise ValueError(f"transposable_mask: {NOT_FINITE}")
         self.solve, self.n, self.shape = solve, n, matrix.shape
         self.tiles = to_tiles(scores, m)
         self.total = self.tiles.shape[0]

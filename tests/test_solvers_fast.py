@@ -250,15 +250,13 @@ def test_compiled_exact_beats_or_ties_approx_and_takes_fp16():
 
 def test_compiled_flagged_tiles_are_solved_by_flow(monkeypatch):
     scores = torch.rand(6, 8, 8, generator=torch.Generator().manual_seed(8))
-    real = compiled.solve_tiles
+    real = compiled.solve_range
 
-    def flag_two(s, n, exact):
-        keep, failed = real(s, n, exact)
-        keep[1:3] = False            # a "failed" tile's mask is garbage; the wrapper must not keep it
-        failed[1:3] = True
-        return keep, failed
-
-    monkeypatch.setattr(compiled, "solve_tiles", flag_two)
+    def flag_two(w_np, n, m, exact, keep, outcome, first, last):
+        real(w_np, n, m, exact, keep, outcome, first, last)
+        keep[8:24] = False           # tiles 1 and 2 (rows 8..23 of the 48 x 8 view): a "failed" tile's mask
+        outcome[1:3] = 1             # is garbage; the wrapper must not keep it
+    monkeypatch.setattr(compiled, "solve_range", flag_two)
     keep = compiled_exact(scores, 4)
     assert compiled.stats["fallback"] == 2
     _assert_valid(keep, 4)

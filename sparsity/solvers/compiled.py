@@ -45,7 +45,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .registry import register_solver, trivial_keep
+from .registry import NOT_FINITE, register_solver, trivial_keep
 from .flow import flow_solver
 
 try:
@@ -410,8 +410,6 @@ if numba is not None:
                         keep[r0 + i, c0 + j] = k[i, j]
 
 
-NOT_FINITE = "the weight has NaN/Inf entries; a magnitude mask is undefined for them"
-
 # Counters of the last call, for benchmarks and tests: tiles solved by ``flow`` because the compiled
 # solver flagged them (it has stayed 0 in every test and benchmark).
 stats: dict[str, int] = {"fallback": 0}
@@ -452,7 +450,7 @@ class MatrixJob:
         self.matrix, self.device = w.contiguous(), matrix.device
         self.n, self.m, self.exact = n, m, exact
         self.total = rows // m * (cols // m)
-        self._keep = np.zeros((rows, cols), dtype=np.bool_)
+        self._keep = np.empty((rows, cols), dtype=np.bool_)     # every tile's run writes its mask
         self._outcome = np.zeros(self.total, dtype=np.int8)
         stats["fallback"] = 0
 
@@ -491,18 +489,17 @@ def solve_tiles(scores: torch.Tensor, n: int, exact: bool) -> tuple[torch.Tensor
     job = MatrixJob(scores.reshape(t * m, m), n, m, exact)
     outcome = job.solve(0, t)
     if (outcome == _NOT_FINITE).any():
-        raise ValueError(f"the scores have NaN/Inf entries; {NOT_FINITE}")
+        raise ValueError(f"compiled solver: {NOT_FINITE}")
     return job.keep().view(t, m, m), torch.from_numpy(outcome == _FLOW).to(scores.device)
 
 
 def compiled_keep(scores: torch.Tensor, n: int, exact: bool) -> torch.Tensor:
-    """``solve_tiles`` with the flagged tiles solved by ``flow`` (exact either way)."""
-    keep, failed = solve_tiles(scores, n, exact)
-    stats["fallback"] = int(failed.sum())
-    if stats["fallback"]:
-        idx = failed.nonzero().squeeze(1)
-        keep[idx] = flow_solver(scores[idx], n)
-    return keep
+    """Masks for a (T, M, M) batch, the flagged tiles solved by ``flow`` (exact either way): a ``MatrixJob`` on
+    the batch seen as a ``T*M x M`` matrix."""
+    t, m, _ = scores.shape
+    job = MatrixJob(scores.reshape(t * m, m), n, m, exact)
+    job.run(0, t)
+    return job.keep().view(t, m, m)
 
 
 def on_matrix(matrix: torch.Tensor, n: int, m: int, exact: bool) -> MatrixJob | None:

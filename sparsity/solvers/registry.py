@@ -16,6 +16,9 @@ from ..nm import score_dtype
 
 SolverFn = Callable[[torch.Tensor, int], torch.Tensor]
 
+# why no mask is made for a weight with a NaN or Inf (whichever path finds it)
+NOT_FINITE = "the weight has NaN/Inf entries; a magnitude mask is undefined for them"
+
 
 class TileJob(Protocol):
     """A solver's work on one GEMM-view matrix: ``run(first, last)`` solves tiles ``first..last-1`` (row-major
