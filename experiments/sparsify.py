@@ -84,10 +84,7 @@ def check_seed(seed) -> int:
     return seed
 
 
-def _check_optimizer(optimizer, plan: LayerPlan) -> None:
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise SparsifyError(f"optimizer: expected the torch.optim.Optimizer that steps the model, got "
-                            f"{type(optimizer).__name__}")
+def _check_optimizer_holds(optimizer: torch.optim.Optimizer, plan: LayerPlan) -> None:
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for layer, mod in plan.sparse.items():
         if id(mod.weight) not in held:
@@ -136,7 +133,7 @@ def sparsify(model: nn.Module, method: str = "srste", pattern: str = "2:4",
     plan = choose_layers(model, cls.caps.layer_pattern(asked), layout=layout, include=include, exclude=exclude,
                          keep_first_dense=keep_first_dense, keep_last_dense=keep_last_dense,
                          example_input=example_input) if cls.caps.sparse else LayerPlan({}, {})
-    _check_optimizer(optimizer, plan)
+    _check_optimizer_holds(optimizer, plan)
     return attach_method(model, cls, parsed, plan, cls.caps.mask_pattern(asked), optimizer, layout=layout,
                          solver=solver, total_steps=total, steps_per_epoch=total, seed=seed)
 

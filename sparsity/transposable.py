@@ -65,9 +65,10 @@ class _Tiles:
         self.parts.append(self.solve(self.tiles[first:last], self.n))
 
     def keep(self) -> torch.Tensor:
+        if not self.parts:                      # no tiles
+            return torch.zeros(self.shape, dtype=torch.bool, device=self.tiles.device)
         # one piece: the solver's own result, not a copy of it
-        keep = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts) if self.parts else \
-            torch.zeros(self.tiles.shape, dtype=torch.bool, device=self.tiles.device)
+        keep = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
         return from_tiles(keep, *self.shape)
 
 

@@ -157,6 +157,6 @@ def test_the_compiled_solver_leaves_torchs_thread_count_as_it_found_it():
     if not compiled.available():
         pytest.skip("numba is not installed")
     torch.set_num_threads(1)                   # conftest restores the suite's setting afterwards
-    keep, _ = compiled.solve_tiles(torch.rand(3000, 8, 8), 4, exact=True)
+    keep = compiled.compiled_keep(torch.rand(3000, 8, 8), 4, exact=True)
     assert keep.shape == (3000, 8, 8)
     assert torch.get_num_threads() == 1

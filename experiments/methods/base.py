@@ -375,17 +375,16 @@ def attach(method: str | type[Method], layers: dict[str, nn.Module], pattern: Pa
         unroute_forward(instance.ctx.layers)
 
 
-def pruned_decay(weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
+def pruned_decay(weight: torch.Tensor, keep: torch.Tensor, decay: float) -> torch.Tensor:
     """SR-STE's ``decay · (1 − mask) ⊙ W``, bit for bit, in two tensor operations where the formula takes three.
 
-    ``W · where(mask, 0, decay)`` rounds ``W·decay`` once, as ``decay · (W · ¬mask)`` does, and gives a kept
+    ``W · where(keep, 0, decay)`` rounds ``W·decay`` once, as ``decay · (W · ¬keep)`` does, and gives a kept
     entry ``W · (+0)``: the zero of W's sign, as ``decay · (W · 0)``. ``decay`` is rounded to W's type either
     way (a scalar meets a tensor in the tensor's type); for half precision, where the scalar product is
     taken in float32 first, the formula itself runs.
     """
     if weight.dtype not in (torch.float32, torch.float64):
-        return decay * (weight * ~mask)
-    kept, zero = mask, torch.zeros((), dtype=weight.dtype, device=weight.device)
-    rate = torch.where(kept, zero, torch.full((), decay, dtype=weight.dtype, device=weight.device))  # per entry
-    return weight * rate
+        return decay * (weight * ~keep)
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    return weight * torch.where(keep, zero, torch.full((), decay, dtype=weight.dtype, device=weight.device))
 

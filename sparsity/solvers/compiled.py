@@ -454,16 +454,12 @@ class MatrixJob:
         self._outcome = np.zeros(self.total, dtype=np.int8)
         stats["fallback"] = 0
 
-    def solve(self, first: int, last: int) -> np.ndarray:
-        """The kernel alone on a range of tiles; their outcome codes."""
-        solve_range(self.matrix.numpy(), self.n, self.m, self.exact, self._keep, self._outcome, first, last)
-        return self._outcome[first:last]
-
     def run(self, first: int, last: int) -> None:
         if self.n in (0, self.m):
             self._keep[:] = self.n == self.m
             return
-        outcome = self.solve(first, last)
+        solve_range(self.matrix.numpy(), self.n, self.m, self.exact, self._keep, self._outcome, first, last)
+        outcome = self._outcome[first:last]
         if (outcome == _NOT_FINITE).any():
             raise ValueError(f"transposable_mask: {NOT_FINITE}")
         flagged = np.nonzero(outcome == _FLOW)[0] + first
@@ -480,17 +476,6 @@ class MatrixJob:
 
     def keep(self) -> torch.Tensor:
         return torch.from_numpy(self._keep).to(self.device)
-
-
-def solve_tiles(scores: torch.Tensor, n: int, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks for a (T, M, M) batch of scores, and a bool per tile that needs ``flow`` (no fallback run):
-    the kernel on the batch seen as a ``T*M x M`` matrix, whose tiles are the batch's."""
-    t, m, _ = scores.shape
-    job = MatrixJob(scores.reshape(t * m, m), n, m, exact)
-    outcome = job.solve(0, t)
-    if (outcome == _NOT_FINITE).any():
-        raise ValueError(f"compiled solver: {NOT_FINITE}")
-    return job.keep().view(t, m, m), torch.from_numpy(outcome == _FLOW).to(scores.device)
 
 
 def compiled_keep(scores: torch.Tensor, n: int, exact: bool) -> torch.Tensor:
