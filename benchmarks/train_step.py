@@ -12,6 +12,12 @@ steps, so the run covers at least one interval).
     python benchmarks/train_step.py --optim adamw --methods dense,srste,srste:mvue,sste,maskdecay,step,pgf
     python benchmarks/train_step.py --model vit_tiny --optim adamw      # the ViT-Tiny of the image tasks
     python benchmarks/train_step.py --model gpt --optim adamw --batch 16  # the GPT of the language-model task
+    python benchmarks/train_step.py --compile --methods dense,fixed,srste   # eager and torch.compile'd, side by side
+
+``--compile`` times every method twice, eagerly and as ``name+compile``: the model under ``torch.compile``
+(``--backend``, default inductor), the step begun eagerly first (``handle.begin_step()``, as ``train.compile: true`` runs it); a
+compiled row's "vs dense" is against ``dense+compile``. Its first steps compile: the warm-up steps, untimed.
+A method that cannot train compiled (``Method.compile_problem``) is left out of the compiled rows.
 
 A method written ``name:mvue`` runs with ``mvue_dw: true`` (``name:no-mvue``: false), ``name:key=value``
 with that parameter; ``--optim adamw`` (AdamW, as STEP needs) in place of SGD. Each row also gives the
@@ -113,10 +119,13 @@ def held_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, handle, x: to
     return sum(storages.values())
 
 
+COMPILED = "+compile"
+
+
 def _attached_run(label: str, args, device: torch.device, attached: ExitStack) -> tuple:
-    """(model, handle, optimizer, step times) of one method, attached by `nmtrain.sparsify` until ``attached``
-    closes."""
-    name, params = _label_params(label)
+    """(model to step, handle, optimizer, step times) of one method, attached by `nmtrain.sparsify` until
+    ``attached`` closes; the model to step is compiled for a ``name+compile`` label."""
+    name, params = _label_params(label.removesuffix(COMPILED))
     cls = get_method(name)
     torch.manual_seed(0)
     model = _model(args, device)
@@ -127,17 +136,33 @@ def _attached_run(label: str, args, device: torch.device, attached: ExitStack) -
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     handle = attached.enter_context(nmtrain.sparsify(model, name, args.pattern, opt, total_steps=args.steps + 5,
                                                      **params))
-    return model, handle, opt, []
+    return (torch.compile(model, backend=args.backend) if label.endswith(COMPILED) else model), handle, opt, []
+
+
+def _labels(args) -> list[str]:
+    """The runs: every method of --methods, and with --compile its compiled twin where the method compiles."""
+    labels = args.methods.split(",")
+    if not args.compile:
+        return labels
+    compiles = [label for label in labels
+                if get_method(_label_params(label)[0]).compile_problem(_params_of(label)) is None]
+    return labels + [label + COMPILED for label in compiles]
+
+
+def _params_of(label: str):
+    name, params = _label_params(label)
+    return get_method(name).Params(**params)
 
 
 def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> None:
     """Interleaved training steps of every run; each run's step times (after 5 warm-up steps) are appended."""
     def step(name: str, i: int) -> float:
-        model, _, opt, _ = runs[name]
+        model, handle, opt, _ = runs[name]
         x, y = batches[i % len(batches)]
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
+        handle.begin_step()                         # what a compiled forward needs; else the first layer's hook
         loss = _loss(model, x, y)                   # the plain loop: the method's work runs in its hooks
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -153,6 +178,45 @@ def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> 
                 runs[name][3].append(t)
 
 
+def _same_mode(runs: dict, reference: str | None, name: str) -> str | None:
+    """``reference``'s run in ``name``'s mode (compiled or eager), if it was timed."""
+    if reference is None:
+        return None
+    twin = reference + COMPILED if name.endswith(COMPILED) else reference
+    return twin if twin in runs else None
+
+
+def _report(args, runs: dict, held: dict, device: torch.device) -> tuple[Table, list[dict]]:
+    """The table and the JSON rows: every run's median and mean step, against dense (and SR-STE) timed in the
+    same mode, its training FLOPs and memory against dense."""
+    # the reference is the dense baseline (the method that masks nothing), when it is in the list
+    baseline = next((name for name in runs if not get_method(_label_params(name)[0]).caps.sparse), None)
+    table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {args.optim}, {device} "
+                        f"({torch.get_num_threads()} threads), {args.steps} interleaved steps")
+    for col in ("method", "median ms / step", "vs dense", "mean ms / step", "vs dense ", "mean vs srste",
+                "train FLOPs", "held MB", "memory vs dense"):
+        table.add_column(col, justify="right")
+    rows = []
+    for name, (_, handle, _, times) in runs.items():
+        flops = handle.flops()
+        base, srste = _same_mode(runs, baseline, name), _same_mode(runs, "srste", name)
+        # the median is the typical step; the mean also carries the occasional mask recomputation
+        med, mean = statistics.median(times), statistics.fmean(times)
+        dense = statistics.median(runs[base][3]) if base else None
+        dense_mean = statistics.fmean(runs[base][3]) if base else None
+        srste_mean = statistics.fmean(runs[srste][3]) if srste else None
+        rows.append({"method": name, "median_ms": med * 1000, "median_vs_dense": med / dense if dense else None,
+                     "mean_ms": mean * 1000, "mean_vs_dense": mean / dense_mean if dense_mean else None,
+                     "mean_vs_srste": mean / srste_mean if srste_mean else None,
+                     "flops_ratio": flops["ratio"], "held_bytes": held[name],
+                     "memory_vs_dense": held[name] / held[base] if base else None})
+        table.add_row(name, f"{med * 1000:.2f}", f"{med / dense:.2f}x" if dense else "–",
+                      f"{mean * 1000:.2f}", f"{mean / dense_mean:.2f}x" if dense_mean else "–",
+                      f"{mean / srste_mean:.2f}x" if srste_mean else "–", f"{flops['ratio']:.3f}",
+                      f"{held[name] / 2**20:.1f}", f"{held[name] / held[base]:.2f}x" if base else "–")
+    return table, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="lenet5")
@@ -165,38 +229,27 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--optim", default="sgd", choices=("sgd", "adamw"))
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--compile", action="store_true", help="also time every method under torch.compile")
+    parser.add_argument("--backend", default="inductor", help="torch.compile's backend for --compile")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.compile:
+        # Every compiled model here runs the same code objects (the model class's forward, the routed layers'
+        # forward, the hooks): each model's graphs count towards dynamo's per-code-object recompile limit,
+        # past which it runs the rest eagerly without a word. Room for every run's graphs (a run alone, as
+        # `nmtrain train` has it, needs one per phase).
+        torch._dynamo.config.recompile_limit = 64 * len(_labels(args))
+        torch._dynamo.config.accumulated_recompile_limit = 64 * len(_labels(args))
     torch.manual_seed(0)
     batches = _batches(args, device)
     with ExitStack() as attached:      # every model's forward runs through its method while it is timed
-        runs = {name: _attached_run(name, args, device, attached) for name in args.methods.split(",")}
+        runs = {name: _attached_run(name, args, device, attached) for name in _labels(args)}
         _time_steps(runs, batches, args.steps, device)
-        held = {name: held_bytes(model, opt, handle, *batches[0]) for name, (model, handle, opt, _) in runs.items()}
-    # the reference is the dense baseline (the method that masks nothing), when it is in the list
-    baseline = next((name for name in runs if not get_method(_label_params(name)[0]).caps.sparse), None)
-    dense = statistics.median(runs[baseline][3]) if baseline else None
-    table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {args.optim}, {device} "
-                        f"({torch.get_num_threads()} threads), {args.steps} interleaved steps")
-    for col in ("method", "median ms / step", "vs dense", "mean ms / step", "vs dense ", "mean vs srste",
-                "train FLOPs", "held MB", "memory vs dense"):
-        table.add_column(col, justify="right")
-    rows = []
-    dense_mean = statistics.fmean(runs[baseline][3]) if baseline else None
-    srste_mean = statistics.fmean(runs["srste"][3]) if "srste" in runs else None
-    for name, (_, handle, _, times) in runs.items():
-        flops = handle.flops()
-        # the median is the typical step; the mean also carries the occasional mask recomputation
-        med, mean = statistics.median(times), statistics.fmean(times)
-        rows.append({"method": name, "median_ms": med * 1000, "median_vs_dense": med / dense if dense else None,
-                     "mean_ms": mean * 1000, "mean_vs_dense": mean / dense_mean if dense_mean else None,
-                     "mean_vs_srste": mean / srste_mean if srste_mean else None,
-                     "flops_ratio": flops["ratio"], "held_bytes": held[name],
-                     "memory_vs_dense": held[name] / held[baseline] if baseline else None})
-        table.add_row(name, f"{med * 1000:.2f}", f"{med / dense:.2f}x" if dense else "–",
-                      f"{mean * 1000:.2f}", f"{mean / dense_mean:.2f}x" if dense_mean else "–",
-                      f"{mean / srste_mean:.2f}x" if srste_mean else "–", f"{flops['ratio']:.3f}",
-                      f"{held[name] / 2**20:.1f}", f"{held[name] / held[baseline]:.2f}x" if baseline else "–")
+        held = {}
+        for name, (model, handle, opt, _) in runs.items():
+            handle.begin_step()             # as a step does: a compiled forward needs it begun
+            held[name] = held_bytes(model, opt, handle, *batches[0])
+    table, rows = _report(args, runs, held, device)
     Console(width=140).print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

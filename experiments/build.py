@@ -66,6 +66,19 @@ def check_method_fits(cls: type, transposable: bool, optimizer: str) -> None:
                           f"not {optimizer!r}")
 
 
+def _check_compile(spec: Spec, cls: type, params) -> None:
+    """``train.compile: true`` where the run cannot be compiled: the method's reason (`Method.compile_problem`),
+    or accel kernels (semi-structured tensors under dynamo are not tested here: no GPU in CI)."""
+    if not spec.train.compile:
+        return
+    problem = cls.compile_problem(params)
+    if problem is not None:
+        raise MethodError(f"train.compile: {problem}")
+    if spec.accel != "none":
+        raise MethodError(f"train.compile: accel: {spec.accel} does not run compiled (its sparse-tensor kernels are "
+                          "untested under torch.compile); use accel=none, or train.compile=false")
+
+
 def validate(spec: Spec, world: int = 1) -> Preflight:
     """Everything about the spec that can be checked before touching data, for ``world`` processes (the
     launcher of `--nproc N` checks with world=N before it starts them): the pattern, layout and solver;
@@ -83,6 +96,7 @@ def validate(spec: Spec, world: int = 1) -> Preflight:
     if spec.accel != "none" and getattr(params, "mvue_dw", False):
         raise MethodError(f"method.params.mvue_dw: the accel: {spec.accel} kernels compute the weight gradient "
                           "dense; use mvue_dw=false, or accel=none")
+    _check_compile(spec, cls, params)
     check_values(spec)      # again, for a spec edited in code (compare's cells) rather than loaded
     if spec.schedule.min_lr > spec.optim.lr:
         raise SpecError(f"schedule.min_lr: {spec.schedule.min_lr:g} is above optim.lr {spec.optim.lr:g}; the cosine "

@@ -309,6 +309,12 @@ def _equip(run: Run, handle: Sparsified) -> None:
     if run.distributed:   # after routing: DDP's forward then runs the method's sparse forward
         run.net = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if spec.train.compile:
+        # Each run starts dynamo afresh: compare runs its cells in one process, and compiled frames cached
+        # for an earlier cell's model would count towards the recompile limit, past which dynamo falls
+        # back to eager without a word.
+        torch._dynamo.reset()
+        run.net = torch.compile(run.net)      # the training forward and backward; evaluation stays eager
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer,
                                                       _lr_lambda(spec, run.steps_per_epoch, run.total_steps))
     # MACs depend on shapes alone: the task's probe input, not a batch loaded from the test split
@@ -400,6 +406,9 @@ def _train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
     step, method = run.step, run.method
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
     # The plain loop of a user's own: the method's work runs in its hooks (docs/api.md); the schedule last.
+    # The step is begun here, eagerly, as a compiled forward needs (train.compile; elsewhere the same call
+    # the first sparse layer's forward would make).
+    run.handle.begin_step()
     loss, step_loss, step_n, step_targets = _loss(run, x, y)
     if not math.isfinite(step_loss):
         raise run.diverged(step, f"loss is {step_loss}")

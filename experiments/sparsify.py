@@ -18,6 +18,12 @@ through the method (`methods.build_method`, the runner's own), and its per-step 
   ``scaler.step(opt)`` unscales the gradients first, and a step it skips (inf/NaN) is not a step here either;
 - ``after_step`` in ``optimizer.step()``'s post-hook, then the step counter moves on.
 
+Under ``torch.compile`` the model trains compiled when each step is begun eagerly, before the compiled
+forward (``handle.begin_step()``; `nmtrain train`'s ``train.compile: true`` does it): ``before_step`` is
+Python (mask solvers, schedules) and runs there, and the traced pre-hook finds the step begun and adds
+nothing to the graph. A compiled training forward of a step not begun, or of a method that cannot be
+traced (`Method.compile_problem`: the MVUE weight gradient's own generator), raises one line instead.
+
 `nmtrain train` is a client of the same code: its runner builds its `Sparsified` with `attach_method`
 (the layer plan it validated before reading data) and drives it with a plain loop. So a user's loop and
 ``nmtrain train`` on the same model, data, seed and method end with bit-identical weights
@@ -48,17 +54,18 @@ class SparsifyError(ExperimentError):
     """A bad argument to `nmtrain.sparsify`, `nmtrain.prune`, `nmtrain.oneshot` or a handle; one line."""
 
 
-COMPILE_REFUSED = ("model: a sparsified model does not train under torch.compile (the method's per-step hooks are "
-                   "Python side effects); train it uncompiled (evaluation may be compiled)")
+COMPILE_REFUSED = ("model: a sparsified model trains under torch.compile only with each step begun first: call "
+                   "handle.begin_step() before the compiled forward (or train it uncompiled)")
 
 
-@torch.compiler.disable(reason=COMPILE_REFUSED)
-def _refuse_compiled() -> None:
+@torch.compiler.disable(reason="nmtrain refuses this compiled training forward: call handle.begin_step() before "
+                               "it, with a method whose compile_problem() is None")
+def _refuse_compiled(message: str = COMPILE_REFUSED) -> None:
     # Called from a hook that dynamo is tracing: disabled, so dynamo breaks the graph and runs it eagerly,
     # and its exception reaches the caller. Raised in the traced code itself, dynamo would take it for a
     # failure to trace, drop the hook's frame back to eager, where is_compiling() is False: training would
     # go on half compiled, never refused.
-    raise SparsifyError(COMPILE_REFUSED)
+    raise SparsifyError(message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,8 +78,8 @@ def unwrap(model: nn.Module, field: str = "model") -> nn.Module:
         model = model.module
     # torch.compile(model)'s OptimizedModule, or a model.compile()'d in place (also under DDP)
     if hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None:
-        raise SparsifyError(f"{field}: a torch.compile'd model cannot be sparsified; pass the model itself "
-                            "(and train it uncompiled)")
+        raise SparsifyError(f"{field}: a torch.compile'd model cannot be sparsified; sparsify the model itself, "
+                            "then compile it (docs/api.md#torchcompile)")
     if not isinstance(model, nn.Module):
         raise SparsifyError(f"{field}: expected a torch.nn.Module, got {type(model).__name__}")
     return model
@@ -193,8 +200,24 @@ class Sparsified:
     def _on_forward(self, module: nn.Module, args) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
-        if torch.compiler.is_compiling():        # dynamo tracing a training forward: refuse (see _refuse_compiled)
-            _refuse_compiled()
+        if torch.compiler.is_compiling():
+            # dynamo tracing a training forward: the step must have begun eagerly (begin_step), and the
+            # method's forward must trace; else refuse (see _refuse_compiled). Traced with the step begun,
+            # this hook adds nothing to the graph, only a guard on ``begun``.
+            problem = self.method.compile_problem(self.method.params)
+            if problem is not None:
+                _refuse_compiled(f"model: {problem}")
+            if not self.stepper.begun:
+                _refuse_compiled()
+            return
+        self.stepper.begin()
+
+    def begin_step(self) -> None:
+        """Begin the optimizer step now: the method's ``before_step`` (masks recomputed when due), which
+        otherwise runs at the step's first training forward. Needed each step before the forward of a
+        model compiled by ``torch.compile``, where that work cannot run (it is Python: mask solvers,
+        schedules); harmless anywhere else (once per step, whoever calls first)."""
+        self._require_attached("begin_step")
         self.stepper.begin()
 
     def _count(self, name: str, module: nn.Module, out: torch.Tensor) -> None:

@@ -157,6 +157,9 @@ class TrainSpec:
     max_steps: Optional[int] = param(None, at_least(1, "(null: train all epochs)"))     # stop early (tests, smoke runs)
     eval_interval: int = param(0, at_least(0, "(steps; 0: once per epoch)"))
     checkpoint_interval: int = param(0, at_least(0, "(steps; 0: once per epoch)"))
+    # The training forward and backward under torch.compile (inductor); the method's per-step work stays
+    # eager. Refused at load for what cannot be traced (Method.compile_problem) and for accel kernels.
+    compile: bool = False
 
 
 @dataclass

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -51,6 +52,25 @@ def test_train_step_benchmark_runs_and_writes_memory_ratios(tmp_path, monkeypatc
     assert rows["dense"]["memory_vs_dense"] == 1.0
     assert rows["srste"]["memory_vs_dense"] > 1.0        # SR-STE's autograd keeps its mask for the backward
     assert rows["srste"]["flops_ratio"] < 1.0
+
+
+def test_train_step_benchmark_times_compiled_twins_against_compiled_dense(tmp_path, monkeypatch):
+    bench = _load("train_step")
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--model", "mlp", "--image-size", "8", "--batch", "8",
+                                      "--steps", "2", "--methods", "dense,srste,srste:mvue", "--compile",
+                                      "--backend", "aot_eager", "--out", str(tmp_path)])
+    torch._dynamo.reset()
+    try:
+        bench.main()
+    finally:
+        torch._dynamo.reset()
+    rows = {r["method"]: r for r in json.loads((tmp_path / "train_step.json").read_text())["rows"]}
+    # the MVUE weight gradient cannot compile (Method.compile_problem): no compiled twin
+    assert set(rows) == {"dense", "srste", "srste:mvue", "dense+compile", "srste+compile"}
+    assert rows["dense+compile"]["median_vs_dense"] == 1.0          # compiled rows against compiled dense
+    assert rows["srste+compile"]["median_vs_dense"] == pytest.approx(rows["srste+compile"]["median_ms"]
+                                                                     / rows["dense+compile"]["median_ms"])
+    assert rows["srste+compile"]["flops_ratio"] == rows["srste"]["flops_ratio"]
 
 
 def test_masks_benchmark_runs_on_a_small_square_weight(tmp_path, monkeypatch):

@@ -29,8 +29,8 @@ set, README "BAME ablation"). Phase 2, every step::
   fractions of the run's total steps, rounded to steps; the window opens at ``max(t_i, switch)``).
 - Update steps (*nmtrain*): ``start + k*T`` for k >= 1 and strictly before ``t_f``, ``start`` the
   window's opening. Only at these steps (and the ``score_batches - 1`` steps before each) the dense
-  ``dW~`` is read (a retained gradient on ``W~``); its pruned entries are used only for the blocks
-  that may be adapted (the non-frozen ones). The update runs in ``after_backward``,
+  ``dW~`` is read (the gradient of a leaf of -0.0s added to ``W~``); its pruned entries are used only
+  for the blocks that may be adapted (the non-frozen ones). The update runs in ``after_backward``,
   *before* the optimizer step, so the step already uses the new mask: the weight gradient is reset
   to ``dW~ * E_new``, and a regrown weight (set to 0, see below) moves by its exact gradient at once.
 - LMA (*nmtrain*): first-order Taylor saliencies. Pruning kept weight ``i`` changes the loss by about
@@ -132,7 +132,9 @@ class BAME(Method):
         self.t_f_step = max(int(round(p.t_f * ctx.total_steps)), self.t_i_step)
         self._masks: dict[str, torch.Tensor] = {}
         self._osc: dict[str, torch.Tensor] = {}           # (C_out, K/M) per layer, GEMM view
-        self._pending: dict[str, list[torch.Tensor]] | None = None   # retained W~ at an update step
+        # At a scoring step, one probe per layer: -0.0s added to W~, whose gradient is the dense dW~
+        # (`layer_forward`); None at other steps.
+        self._pending: dict[str, torch.Tensor] | None = None
         self._pending_step = -1
         self._acc: dict[str, torch.Tensor] = {}           # dW~ summed over the scoring batches so far
         self._scoring: dict[str, float] = {}              # non-frozen share while scoring, by layer
@@ -208,8 +210,12 @@ class BAME(Method):
     def layer_forward(self, name, module, x):
         w = self.forward_weight(name, module)
         if self._pending is not None and w.requires_grad:
-            w.retain_grad()            # dense dW~, read in after_backward at this update step only
-            self._pending.setdefault(name, []).append(w)
+            # The dense dW~, read in after_backward at a scoring step only, as the gradient of a leaf of
+            # -0.0s added to W~: ``w + (-0.0)`` is ``w`` bit for bit (−0 included), and the leaf's gradient
+            # is dW~, summed over the step's forwards (gradient accumulation). Not ``w.retain_grad()``:
+            # torch.compile cannot trace that (a graph break per layer, a recompile per layer name). The
+            # probes are made in before_step, eagerly: a leaf cannot be made inside a compiled graph.
+            w = w + self._pending[name]
         return gemm(module, x, w)
 
     # --- step hooks --------------------------------------------------------------------------
@@ -222,22 +228,22 @@ class BAME(Method):
         if not self._masks:
             self._init_masks()
         if self.is_scoring_step(step):
-            self._pending, self._pending_step = {}, step
+            self._pending, self._pending_step = self._probes(), step
             self._scoring_step = step
             self._scoring = {name: float((self._osc[name] < self.params.freeze_threshold).float().mean())
                              for name in self.ctx.layers}
         else:
             self._pending, self._pending_step = None, -1
 
+    def _probes(self) -> dict[str, torch.Tensor]:
+        """Per layer, a leaf of -0.0s shaped like its weight, whose gradient will be the dense dW~."""
+        return {name: torch.full_like(mod.weight, -0.0, requires_grad=True) for name, mod in self.ctx.layers.items()}
+
     def after_backward(self, step: int) -> None:
         pending, self._pending = self._pending, None
         if pending is None or step != self._pending_step:
             return
-        grads = {}
-        for name in self.ctx.layers:
-            gs = [t.grad for t in pending.get(name, []) if t.grad is not None]
-            if gs:
-                grads[name] = torch.stack(gs).sum(0) if len(gs) > 1 else gs[0]
+        grads = {name: probe.grad for name, probe in pending.items() if probe.grad is not None}
         for name, g in grads.items():
             self._acc[name] = self._acc[name] + g if name in self._acc else g.clone()
         if self.is_update_step(step):

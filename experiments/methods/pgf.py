@@ -116,7 +116,7 @@ class _DecayedMask(torch.autograd.Function):
     """``W * (E + (1 - E) * v)`` forward; the gradient passes to every weight unchanged."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, kept: torch.Tensor, value: float) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, kept: torch.Tensor, value) -> torch.Tensor:
         # = W * (E + (1 - E) v) bit for bit: kept entries W * 1, pruned ones W * v. Not a fold (v is
         # above 0 but in SDGF and the fine-tune): the export folds through sparsity.fold_mask.
         return torch.where(kept, weight, weight * value)
@@ -126,7 +126,8 @@ class _DecayedMask(torch.autograd.Function):
         return grad, None, None
 
 
-def decayed_mask(weight: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
+def decayed_mask(weight: torch.Tensor, mask: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
+    """``W * (E + (1 - E) * value)``, straight through; ``value`` a float or a 0-dim tensor (`PGF._value`)."""
     return _DecayedMask.apply(weight, mask, value)
 
 
@@ -148,6 +149,13 @@ class PGF(Method):
         else:
             self.stages, self.starts = [self.pattern.n], [self.dense_steps]
         self._step = 0          # the step the forward is at (set by before_step)
+        # What the forward reads, set by before_step: N of its pattern (None: dense) and the pruned weights'
+        # value as a 0-dim float64 tensor. A tensor, not a float, so that a compiled forward (train.compile)
+        # takes it as an input: a new value every step would otherwise be a new graph every step. float64
+        # keeps ``W * value`` what it is with the Python float, bit for bit (a 0-dim tensor is a scalar to
+        # type promotion: W's type stays, and the value is rounded to it as the float would be).
+        self._kept: int | None = self.kept_at(0)
+        self._value = torch.tensor(self.value_at(0), dtype=torch.float64)
 
     # --- schedule ---------------------------------------------------------------------------------
     def kept_at(self, step: int) -> int | None:
@@ -167,13 +175,15 @@ class PGF(Method):
     # --- forward ----------------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
         self._step = step
+        self._kept = self.kept_at(step)
+        device = next(iter(self.ctx.layers.values())).weight.device
+        self._value = torch.tensor(self.value_at(step), dtype=torch.float64, device=device)
 
     def forward_weight(self, name, module):
-        kept = self.kept_at(self._step)
-        if kept is None:
+        if self._kept is None:
             return module.weight
-        mask = nm_mask(module.weight.detach(), kept, self.pattern.m, self.ctx.layout)
-        return decayed_mask(module.weight, mask, self.value_at(self._step))
+        mask = nm_mask(module.weight.detach(), self._kept, self.pattern.m, self.ctx.layout)
+        return decayed_mask(module.weight, mask, self._value)
 
     # --- results ----------------------------------------------------------------------------------
     def masks(self):
