@@ -1,11 +1,14 @@
 """The enumeration solver (2:4-T, and every M x M family with few masks) keeps the float64 optimum on every
-tile, though it scores in float32: checked against a direct float64 transcription (score every valid
-mask of every tile, take the best), on random and on tied magnitudes."""
+tile: checked against a direct float64 transcription (score every valid mask of every tile, take the
+best), on random and on tied magnitudes; and its compiled CPU path keeps the same masks, ties included."""
 
 import pytest
 import torch
 
-from nmtrain.sparsity.solvers.enumerate import enumerate_solver, patterns
+from nmtrain.masks import transposable_mask
+from nmtrain.sparsity.layout import from_tiles, to_tiles
+from nmtrain.sparsity.solvers import compiled, get_solver
+from nmtrain.sparsity.solvers.enumerate import enumerable, enumerate_solver, patterns
 
 
 def _optimum(scores: torch.Tensor, n: int) -> torch.Tensor:
@@ -47,3 +50,63 @@ def test_tied_magnitudes_reach_the_optimum_and_are_deterministic(values):
     keep = enumerate_solver(scores, 2)
     assert torch.equal(_kept(scores, keep), _optimum(scores, 2))
     assert torch.equal(keep, enumerate_solver(scores.clone(), 2))    # the same choice among tied masks
+
+
+# ------------------------------------------------------------------------------------------------
+# The compiled enumeration (a CPU layer's matrix through `transposable_mask`): the tensor path's masks,
+# ties included
+
+
+def _tensor_path(matrix: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The product-and-argmax enumeration on the matrix's tiles, back in the matrix's shape."""
+    return from_tiles(enumerate_solver(to_tiles(matrix.abs(), m), n), *matrix.shape)
+
+
+def _matrices(m: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (16 * m, 24 * m)
+    return {
+        "random": torch.randn(shape, generator=g),
+        "wide range": torch.randn(shape, generator=g) * torch.exp(4 * torch.randn(shape, generator=g)),
+        "integers (ties)": torch.randint(-3, 4, shape, generator=g).float(),
+        "two values (ties)": torch.tensor([0.5, -1.0])[torch.randint(0, 2, shape, generator=g)],
+        "zeros": torch.zeros(shape),
+        "nearly tied": (1e6 + torch.rand(shape, generator=g, dtype=torch.float64) * 4e-2).float(),
+        "float64": torch.randn(shape, generator=g, dtype=torch.float64),
+        "bfloat16": torch.randn(shape, generator=g).to(torch.bfloat16),
+    }
+
+
+ENUMERABLE = [(m, n) for m in (2, 3, 4, 5, 6) for n in range(1, m) if enumerable(m, n)]
+
+
+@pytest.mark.skipif(not compiled.available(), reason="the compiled enumeration needs numba")
+@pytest.mark.parametrize("m, n", ENUMERABLE)
+def test_compiled_enumeration_keeps_the_tensor_paths_masks(m, n):
+    assert get_solver("enumerate").matrix(torch.zeros(m, m), n, m) is not None     # the compiled path serves
+    for name, matrix in _matrices(m, seed=m * 10 + n).items():
+        for solver in ("enumerate", "exact"):
+            got = transposable_mask(matrix, n, m, solver=solver)
+            assert torch.equal(got, _tensor_path(matrix, n, m)), (name, solver)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="the compiled enumeration needs numba")
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_compiled_enumeration_refuses_a_weight_that_is_not_finite(value):
+    matrix = torch.randn(64, 64)
+    matrix[37, 5] = value                    # one entry: the other patterns of its tile still have finite sums
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        transposable_mask(matrix, 2, 4)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="the compiled enumeration needs numba")
+def test_compiled_enumeration_does_not_depend_on_the_thread_count_or_the_chunks():
+    matrix = torch.randn(256, 512, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = transposable_mask(matrix, 2, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, transposable_mask(matrix, 2, 4))
+    assert torch.equal(one, transposable_mask(matrix, 2, 4, chunk_tiles=77))

@@ -415,10 +415,9 @@ if numba is not None:
 stats: dict[str, int] = {"fallback": 0}
 
 
-def solve_range(w: np.ndarray, n: int, m: int, exact: bool, keep: np.ndarray, outcome: np.ndarray,
-                first: int, last: int) -> None:
-    """Run the kernel on tiles ``first..last-1`` of the CPU matrix ``w``, with as many threads as torch uses
-    (``torch.set_num_threads``), so a process that limits torch limits this too."""
+def parallel_tiles(kernel, first: int, last: int, *args) -> None:
+    """``kernel(*args, first, last, chunk)``: a parallel kernel over tiles ``first..last-1``, with as many
+    threads as torch uses (``torch.set_num_threads``), so a process that limits torch limits this too."""
     if numba is None:
         raise RuntimeError("the compiled solvers need numba (pip install numba)")
     threads = torch.get_num_threads()
@@ -427,7 +426,7 @@ def solve_range(w: np.ndarray, n: int, m: int, exact: bool, keep: np.ndarray, ou
     # about 8 tasks per thread (so uneven tiles even out), within [_MIN_CHUNK, _CHUNK] tiles each
     chunk = min(_CHUNK, max(_MIN_CHUNK, -(-(last - first) // (8 * workers))))
     try:
-        _solve(w, m, n, _EXACT if exact else _APPROX, keep, outcome, first, last, chunk)
+        kernel(*args, first, last, chunk)
     finally:
         # numba's first parallel launch starts its OpenMP pool with every core, and the OpenMP
         # runtime it shares with torch then reports that count to torch: a run limited to one
@@ -435,12 +434,20 @@ def solve_range(w: np.ndarray, n: int, m: int, exact: bool, keep: np.ndarray, ou
         torch.set_num_threads(threads)
 
 
-class MatrixJob:
-    """The compiled solver on a layer's GEMM-view matrix (``C_out x K``, signed weights, any float type):
-    ``run(first, last)`` solves a range of its M x M tiles (row-major), ``keep()`` is the bool mask of the
-    matrix's shape. Tiles the kernel flags are solved by ``flow``; a NaN or Inf raises ValueError."""
+def solve_range(w: np.ndarray, n: int, m: int, exact: bool, keep: np.ndarray, outcome: np.ndarray,
+                first: int, last: int) -> None:
+    """The greedy (+ cycle cancelling when ``exact``) kernel on tiles ``first..last-1`` of the CPU matrix ``w``."""
+    parallel_tiles(_solve, first, last, w, m, n, _EXACT if exact else _APPROX, keep, outcome)
 
-    def __init__(self, matrix: torch.Tensor, n: int, m: int, exact: bool):
+
+class MatrixJob:
+    """A compiled solver on a layer's GEMM-view matrix (``C_out x K``, signed weights, any float type):
+    ``run(first, last)`` solves a range of its M x M tiles (row-major), ``keep()`` is the bool mask of the
+    matrix's shape. Tiles the kernel flags are solved by ``flow``; a NaN or Inf raises ValueError.
+    ``solve(w, n, m, keep, outcome, first, last)`` is the kernel's range function; by default the greedy
+    (``exact``: with cycle cancelling) of `solve_range` (`enumerate.py` passes its enumeration)."""
+
+    def __init__(self, matrix: torch.Tensor, n: int, m: int, exact: bool, solve=None):
         rows, cols = matrix.shape
         if rows % m or cols % m:
             raise ValueError(f"the matrix {rows}x{cols} is not made of {m}x{m} tiles")
@@ -448,7 +455,10 @@ class MatrixJob:
         if w.dtype not in (torch.float32, torch.float64):
             w = w.float()                    # fp16/bf16 upcast exactly
         self.matrix, self.device = w.contiguous(), matrix.device
-        self.n, self.m, self.exact = n, m, exact
+        self.n, self.m = n, m
+        # solve_range looked up at each call (tests replace it to flag tiles)
+        self.solve = solve or (lambda w, n, m, keep, outcome, first, last:
+                               solve_range(w, n, m, exact, keep, outcome, first, last))
         self.total = rows // m * (cols // m)
         self._keep = np.empty((rows, cols), dtype=np.bool_)     # every tile's run writes its mask
         self._outcome = np.zeros(self.total, dtype=np.int8)
@@ -458,7 +468,7 @@ class MatrixJob:
         if self.n in (0, self.m):
             self._keep[:] = self.n == self.m
             return
-        solve_range(self.matrix.numpy(), self.n, self.m, self.exact, self._keep, self._outcome, first, last)
+        self.solve(self.matrix.numpy(), self.n, self.m, self._keep, self._outcome, first, last)
         outcome = self._outcome[first:last]
         if (outcome == _NOT_FINITE).any():
             raise ValueError(f"transposable_mask: {NOT_FINITE}")
