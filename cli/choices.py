@@ -9,4 +9,4 @@ Input is still checked against the registries themselves when a command runs.
 
 from ..experiments.catalogue import METHODS, ONESHOT_METHODS  # noqa: F401
 
-SOLVERS = ("enumerate", "flow", "compiled", "approx", "batched", "exact")
+SOLVERS = ("flow", "compiled", "enumerate", "approx", "batched", "exact")

@@ -77,8 +77,8 @@ def patterns(m: int, n: int) -> torch.Tensor:
 
 
 @register_solver("enumerate", exact=True,
-                 summary="score every valid tile mask with one matmul and take the best (M x M with few masks, "
-                         "e.g. 2:4); numba-compiled per tile on a CPU",
+                 summary="score every valid tile mask and take the best (M x M with few masks, e.g. 2:4): "
+                         "numba-compiled per tile on a CPU, one matmul elsewhere",
                  matrix=lambda matrix, n, m: on_matrix(matrix, n, m))
 def enumerate_solver(scores: torch.Tensor, n: int) -> torch.Tensor:
     t, m, _ = scores.shape
