@@ -334,3 +334,23 @@ def test_the_matrix_path_refuses_nan_and_inf_and_serves_cpu_only():
                 transposable_mask(w, 4, 8, solver=solver)
     assert compiled.on_matrix(torch.randn(8, 8, device="meta"), 4, 8, exact=True) is None
     assert compiled.on_matrix(torch.randn(64, 64), 4, 64, exact=True) is None          # M > MAX_M: tiles
+
+
+@pytest.mark.skipif(not compiled.available(), reason="needs numba")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_warm_up_runs_the_path_transposable_mask_takes(monkeypatch, dtype):
+    # exact 2:4's matrix path is the compiled enumeration: warming up the tile function would leave its
+    # first compile (or cache load) inside the first layer's time
+    from nmtrain.sparsity.solvers import enumerate as enumeration
+    from nmtrain.sparsity.solvers import warm_up
+    calls = []
+    real = enumeration._enumerate_range
+
+    def counting(*args):
+        calls.append(args[0].dtype)
+        real(*args)
+
+    monkeypatch.setattr(enumeration, "_enumerate_range", counting)
+    warm_up("exact", 2, 4, dtype)
+    assert len(calls) == 1       # the kernel saw the weight's own type (half precision upcast to float32)
+    assert str(calls[0]) == ("float64" if dtype == torch.float64 else "float32")

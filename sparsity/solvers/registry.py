@@ -83,10 +83,16 @@ def warm_up(name: str, n: int, m: int, dtype: torch.dtype = torch.float32, devic
     A solver's first call in a process can do one-time work: the compiled solvers compile their numba
     kernels on first use after an install (about 10 s; numba caches them on disk, so later processes
     only load them), enumeration builds its table of tile masks. Calling this first keeps that work
-    out of the time measured for a layer. ``dtype`` is the weight's: the tile has the dtype ``magnitude``
-    ranks it in (float32 for half precision).
+    out of the time measured for a layer. ``dtype`` is the weight's: a matrix path gets a tile of it, the
+    tile function one in the dtype ``magnitude`` ranks it in (float32 for half precision).
     """
-    tile = torch.arange(m * m, dtype=score_dtype(dtype), device=device).reshape(1, m, m)  # distinct, no RNG draw
+    info = get_solver(name)
+    values = torch.arange(m * m, device=device)                  # distinct, no RNG draw
     start = time.perf_counter()
-    get_solver(name).fn(tile, n)
+    # the path transposable_mask takes: the solver's matrix path where it serves, else its tile function
+    job = info.matrix(values.to(dtype).reshape(m, m), n, m) if info.matrix is not None else None
+    if job is not None:
+        job.run(0, job.total)
+    else:
+        info.fn(values.to(score_dtype(dtype)).reshape(1, m, m), n)
     return time.perf_counter() - start
