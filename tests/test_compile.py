@@ -21,7 +21,7 @@ from nmtrain.experiments.methods import get_method
 from nmtrain.experiments.sparsify import COMPILE_REFUSED
 
 from helpers import quick_train
-from test_step_identity import STEPS, VARIANTS, _model
+from test_step_identity import STEPS, VARIANTS, _model, setup_variant
 
 
 @pytest.fixture(autouse=True)
@@ -39,16 +39,7 @@ def _params(method: str, params: dict):
 def _train(name: str, compiled: bool) -> tuple[dict, dict, int]:
     """`test_step_identity`'s run of variant ``name``, eagerly or compiled with aot_eager: (weights, masks,
     graphs compiled)."""
-    method, pattern, params = VARIANTS[name]
-    g = torch.Generator().manual_seed(7)
-    batches = [(torch.randn(16, 8, 4, 4, generator=g), torch.randint(0, 8, (16,), generator=g)) for _ in range(STEPS)]
-    torch.manual_seed(0)
-    model = _model()
-    if "adamw" in get_method(method).caps.optimizers:
-        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    handle = nmtrain.sparsify(model, method, pattern, opt, total_steps=STEPS, seed=3, **params)
+    model, opt, handle, batches = setup_variant(name)
     graphs = []
 
     def counting(gm, example_inputs):

@@ -58,21 +58,28 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:32]
 
 
-def run_variant(name: str) -> dict[str, str]:
+def setup_variant(name: str) -> tuple:
+    """(model, optimizer, handle, batches) of variant ``name``: sparsified, before its first step (also
+    tests/test_compile.py's runs)."""
     method, pattern, params = VARIANTS[name]
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(16, 8, 4, 4, generator=g), torch.randint(0, 8, (16,), generator=g))
+               for _ in range(STEPS)]
+    torch.manual_seed(0)
+    model = _model()
+    if "adamw" in get_method(method).caps.optimizers:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    handle = nmtrain.sparsify(model, method, pattern, opt, total_steps=STEPS, seed=3, **params)
+    return model, opt, handle, batches
+
+
+def run_variant(name: str) -> dict[str, str]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        g = torch.Generator().manual_seed(7)
-        batches = [(torch.randn(16, 8, 4, 4, generator=g), torch.randint(0, 8, (16,), generator=g))
-                   for _ in range(STEPS)]
-        torch.manual_seed(0)
-        model = _model()
-        if "adamw" in get_method(method).caps.optimizers:
-            opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-        else:
-            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        handle = nmtrain.sparsify(model, method, pattern, opt, total_steps=STEPS, seed=3, **params)
+        model, opt, handle, batches = setup_variant(name)
         model.train()
         for x, y in batches:
             loss = F.cross_entropy(model(x), y)
