@@ -2,10 +2,12 @@
 tile: checked against a direct float64 transcription (score every valid mask of every tile, take the
 best), on random and on tied magnitudes; and its compiled CPU path keeps the same masks, ties included."""
 
+from fractions import Fraction
+
 import pytest
 import torch
 
-from nmtrain.masks import transposable_mask
+from nmtrain.masks import Pattern, nm_violation, transposable_mask
 from nmtrain.sparsity.layout import from_tiles, to_tiles
 from nmtrain.sparsity.solvers import compiled, get_solver
 from nmtrain.sparsity.solvers.enumerate import enumerable, enumerate_solver, patterns
@@ -72,7 +74,6 @@ def _matrices(m: int, seed: int) -> dict[str, torch.Tensor]:
         "two values (ties)": torch.tensor([0.5, -1.0])[torch.randint(0, 2, shape, generator=g)],
         "zeros": torch.zeros(shape),
         "nearly tied": (1e6 + torch.rand(shape, generator=g, dtype=torch.float64) * 4e-2).float(),
-        "float64": torch.randn(shape, generator=g, dtype=torch.float64),
         "bfloat16": torch.randn(shape, generator=g).to(torch.bfloat16),
     }
 
@@ -110,3 +111,30 @@ def test_compiled_enumeration_does_not_depend_on_the_thread_count_or_the_chunks(
         torch.set_num_threads(threads)
     assert torch.equal(one, transposable_mask(matrix, 2, 4))
     assert torch.equal(one, transposable_mask(matrix, 2, 4, chunk_tiles=77))
+
+
+def _exact_kept(matrix: torch.Tensor, keep: torch.Tensor, m: int) -> list[Fraction]:
+    """Per tile, the kept magnitude as an exact rational sum."""
+    tiles, kept = to_tiles(matrix.abs().double(), m), to_tiles(keep, m)
+    return [sum((Fraction(v) for v in t[k].tolist()), Fraction(0)) for t, k in zip(tiles, kept)]
+
+
+@pytest.mark.skipif(not compiled.available(), reason="the compiled enumeration needs numba")
+@pytest.mark.parametrize("kind", ["span over 2^26", "float64"])
+def test_where_the_sums_round_both_paths_keep_the_optimum_to_within_the_rounding(kind):
+    # magnitudes 1 or (1..2)·2^-40 in one tile: float64 sums of 8 of them round, so the two paths' orders
+    # of addition can tell exact ties (and near-ties) apart differently; float64 weights round likewise
+    g = torch.Generator().manual_seed(3)
+    shape = (64, 64)
+    if kind == "float64":
+        matrix = torch.randn(shape, generator=g, dtype=torch.float64)
+    else:
+        small = (1 + torch.rand(shape, generator=g)) * 2.0 ** -40
+        matrix = torch.where(torch.rand(shape, generator=g) < 0.5, torch.ones(shape), small)
+    pats = patterns(4, 2)
+    best = [max(sum((Fraction(v) for v, p in zip(t.reshape(-1).tolist(), pat.tolist()) if p), Fraction(0))
+                for pat in pats) for t in to_tiles(matrix.abs().double(), 4)]
+    for keep in (transposable_mask(matrix, 2, 4), _tensor_path(matrix, 2, 4)):
+        assert nm_violation(keep, Pattern(2, 4, transposable=True), exact=True) is None
+        for got, opt in zip(_exact_kept(matrix, keep, 4), best):
+            assert opt - got <= opt * Fraction(2) ** -50        # within a few float64 roundings of the sum

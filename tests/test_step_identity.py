@@ -58,10 +58,10 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:32]
 
 
-def setup_variant(name: str) -> tuple:
-    """(model, optimizer, handle, batches) of variant ``name``: sparsified, before its first step (also
-    tests/test_compile.py's runs)."""
-    method, pattern, params = VARIANTS[name]
+def setup_variant(name: str, variants: dict = VARIANTS) -> tuple:
+    """(model, optimizer, handle, batches) of variant ``name`` of ``variants``: sparsified, before its first
+    step (also tests/test_compile.py's runs)."""
+    method, pattern, params = variants[name]
     g = torch.Generator().manual_seed(7)
     batches = [(torch.randn(16, 8, 4, 4, generator=g), torch.randint(0, 8, (16,), generator=g))
                for _ in range(STEPS)]

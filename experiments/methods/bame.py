@@ -214,7 +214,8 @@ class BAME(Method):
             # -0.0s added to W~: ``w + (-0.0)`` is ``w`` bit for bit (−0 included), and the leaf's gradient
             # is dW~, summed over the step's forwards (gradient accumulation). Not ``w.retain_grad()``:
             # torch.compile cannot trace that (a graph break per layer, a recompile per layer name). The
-            # probes are made in before_step, eagerly: a leaf cannot be made inside a compiled graph.
+            # probes are made in before_step, eagerly: a leaf cannot be made inside a compiled graph. At a
+            # scoring step each holds one weight-sized tensor more than retain_grad did (the probe itself).
             w = w + self._pending[name]
         return gemm(module, x, w)
 

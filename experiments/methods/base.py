@@ -169,11 +169,12 @@ class Method:
     # --- torch.compile -----------------------------------------------------------------------
     @classmethod
     def compile_problem(cls, params: Any) -> str | None:
-        """Why this method with ``params`` cannot train under ``torch.compile``, in one line naming the parameter
-        and the fix (the caller puts its own field first); None when it can (its step begun eagerly: `Sparsified.begin_step`). Every method's forward
-        traces as one graph with its masks as inputs, compiled bit for bit as eager under ``aot_eager``
-        (tests/test_compile.py), except the MVUE weight gradient: its draws come from the method's own
-        ``torch.Generator``, which dynamo cannot trace (a graph break per layer, its backward run eagerly)."""
+        """Why this method with ``params`` cannot train under ``torch.compile``, in one line naming the
+        parameter and the fix (the caller puts its own field first); None when it can, its step begun eagerly
+        (`Sparsified.begin_step`). Every method's forward traces as one graph per phase with its masks as
+        inputs, and trains compiled bit for bit as eager under ``aot_eager`` (tests/test_compile.py), except
+        the MVUE weight gradient: its draws come from the method's own ``torch.Generator``, which dynamo
+        cannot trace (a graph break per layer, its backward run eagerly)."""
         if getattr(params, "mvue_dw", False):
             return (f"{cls.name} with mvue_dw: true cannot train compiled: the MVUE weight gradient draws from the "
                     "method's own torch.Generator, which torch.compile cannot trace; set mvue_dw: false, or train "

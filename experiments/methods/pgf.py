@@ -150,10 +150,11 @@ class PGF(Method):
             self.stages, self.starts = [self.pattern.n], [self.dense_steps]
         self._step = 0          # the step the forward is at (set by before_step)
         # What the forward reads, set by before_step: N of its pattern (None: dense) and the pruned weights'
-        # value as a 0-dim float64 tensor. A tensor, not a float, so that a compiled forward (train.compile)
-        # takes it as an input: a new value every step would otherwise be a new graph every step. float64
-        # keeps ``W * value`` what it is with the Python float, bit for bit (a 0-dim tensor is a scalar to
-        # type promotion: W's type stays, and the value is rounded to it as the float would be).
+        # value, as a 0-dim float64 CPU tensor filled in place. A tensor, not a float, so that a compiled
+        # forward (train.compile) takes it as an input: a new float every step would be a new graph every
+        # step. A 0-dim float64 CPU tensor is what a Python float becomes in ``W * value`` (a CPU scalar, on
+        # any device, that leaves W's type as it is): the product is the float's, bit for bit; on the CPU no
+        # device copy or sync per step, and any layer's device takes it.
         self._kept: int | None = self.kept_at(0)
         self._value = torch.tensor(self.value_at(0), dtype=torch.float64)
 
@@ -176,8 +177,7 @@ class PGF(Method):
     def before_step(self, step: int) -> None:
         self._step = step
         self._kept = self.kept_at(step)
-        device = next(iter(self.ctx.layers.values())).weight.device
-        self._value = torch.tensor(self.value_at(step), dtype=torch.float64, device=device)
+        self._value.fill_(self.value_at(step))
 
     def forward_weight(self, name, module):
         if self._kept is None:

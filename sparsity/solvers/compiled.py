@@ -60,7 +60,7 @@ _CHUNK = 1024           # most tiles per parallel task (scratch buffers are allo
 _MIN_CHUNK = 64         # fewest: a small layer is still spread over every thread
 _APPROX, _EXACT = 0, 1
 _BIG = np.iinfo(np.int64).max // 4    # above any label: labels are sums of at most 2M costs <= 2**40
-_OK, _FLOW, _NOT_FINITE = 0, 1, 2     # per-tile outcome codes of ``_solve``
+_OK, _FLOW, _NOT_FINITE = 0, 1, 2     # per-tile outcome codes of ``_solve`` (and of any kernel `MatrixJob` runs)
 MAX_M = 45              # a tile's row and column fit 6 bits each, the greedy's sort key's 12 low bits
 _POS = (1 << 12) - 1
 
@@ -445,9 +445,10 @@ class MatrixJob:
     ``run(first, last)`` solves a range of its M x M tiles (row-major), ``keep()`` is the bool mask of the
     matrix's shape. Tiles the kernel flags are solved by ``flow``; a NaN or Inf raises ValueError.
     ``solve(w, n, m, keep, outcome, first, last)`` is the kernel's range function; by default the greedy
-    (``exact``: with cycle cancelling) of `solve_range` (`enumerate.py` passes its enumeration)."""
+    (``exact``: with cycle cancelling) of `solve_range`; `enumerate.py` passes its enumeration (``exact``
+    then unused)."""
 
-    def __init__(self, matrix: torch.Tensor, n: int, m: int, exact: bool, solve=None):
+    def __init__(self, matrix: torch.Tensor, n: int, m: int, exact: bool = True, solve=None):
         rows, cols = matrix.shape
         if rows % m or cols % m:
             raise ValueError(f"the matrix {rows}x{cols} is not made of {m}x{m} tiles")

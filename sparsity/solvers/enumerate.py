@@ -15,12 +15,13 @@ than float32 was the other way round. Ties go to the first best pattern in a fix
 For 4:8 there are 116,963,796,250 valid 8x8 masks, so this path stops at ``MAX_PATTERNS``.
 
 On a CPU with numba, a layer's matrix takes the compiled enumeration (`on_matrix`): the same patterns in
-the same order, each scored as the sum of its rows' kept pairs (per row, the C(M, N) sums of N entries
+the same order, each scored as the sum of its rows' kept sums (per row, the C(M, N) sums of N entries
 first, then M of those per pattern: 6 and 90 x 4 additions for 2:4, where the product takes 90 x 16),
-the first best kept, read straight from the matrix tile by tile over torch's threads. The kept sums are
-the same exact float64 sums, so the masks are the tensor path's, ties included (tests/test_enumerate_exact.py);
-only a float64 weight, whose sums round, could resolve a near-tie within that rounding the other way.
-Small layers gain most: no matrix product to set up, no copies (64x64: 3x faster).
+the first best kept, read from the matrix itself, a task's tiles along the vector lanes. Where a tile's
+kept sums are exact (above), they are the product's sums whatever the order of the additions, so the
+masks are the product's, ties included (tests/test_enumerate_exact.py). Where they round (magnitudes
+spanning over 2^26 in one tile, or float64 weights), the two add in other orders: both keep the
+optimum to within that rounding, and a tie or a near-tie inside it can go either way.
 """
 
 from __future__ import annotations
@@ -115,14 +116,17 @@ def row_choices(m: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(combos, dtype=np.int64).reshape(-1, n), rows_of, bits
 
 
+_LARGEST = float(np.finfo(np.float64).max)
+
 if njit is not None:
 
     @njit(parallel=True, cache=True)
-    def _enumerate_tiles(w, m, combos, rows_of, bits, keep, outcome, first, last, chunk):
+    def _enumerate_tiles(w, m, combos, rows_of, bits, not_finite, keep, outcome, first, last, chunk):
         """Tiles ``first..last-1`` of the matrix ``w`` (row-major, as `compiled._solve`): each tile's best
         pattern (the first of the highest kept sum) written into ``keep``; a tile holding a NaN or Inf gets
-        outcome `compiled._NOT_FINITE`. A task's tiles are laid out along the last axis, so that the
-        per-pattern sums and the running best run as vector code across tiles."""
+        the outcome code ``not_finite`` (an argument, not a global of another module: numba's cache would
+        keep a stale copy). A task's tiles are laid out along the last axis, so that the per-pattern sums
+        and the running best run as vector code across tiles."""
         per_band = w.shape[1] // m
         n_combos, n = combos.shape
         for task in prange((last - first + chunk - 1) // chunk):
@@ -140,7 +144,7 @@ if njit is not None:
                 for i in range(m):
                     for j in range(m):
                         v = abs(np.float64(w[r0 + i, c0 + j]))
-                        finite[k] &= v <= compiled._LARGEST      # False for Inf and for NaN
+                        finite[k] &= v <= _LARGEST      # False for Inf and for NaN
                         a[i * m + j, k] = v
             for i in range(m):
                 for c in range(n_combos):
@@ -159,7 +163,7 @@ if njit is not None:
                 r0 = ((lo + k) // per_band) * m
                 c0 = ((lo + k) % per_band) * m
                 if not finite[k]:
-                    outcome[lo + k] = compiled._NOT_FINITE
+                    outcome[lo + k] = not_finite
                     continue
                 for i in range(m):
                     for j in range(m):
@@ -168,12 +172,13 @@ if njit is not None:
 
 def _enumerate_range(w, n: int, m: int, keep, outcome, first: int, last: int) -> None:
     combos, rows_of, bits = row_choices(m, n)
-    compiled.parallel_tiles(_enumerate_tiles, first, last, w, m, combos, rows_of, bits, keep, outcome)
+    compiled.parallel_tiles(_enumerate_tiles, first, last, w, m, combos, rows_of, bits, compiled._NOT_FINITE,
+                            keep, outcome)
 
 
 def on_matrix(matrix: torch.Tensor, n: int, m: int) -> "compiled.MatrixJob | None":
     """The compiled enumeration of a CPU matrix (numba present, the pattern enumerable), else None (the
     tensor path then serves)."""
-    if matrix.device.type != "cpu" or njit is None or not enumerable(m, n) or n in (0, m):
+    if matrix.device.type != "cpu" or njit is None or not enumerable(m, n):
         return None
-    return compiled.MatrixJob(matrix, n, m, exact=True, solve=_enumerate_range)
+    return compiled.MatrixJob(matrix, n, m, solve=_enumerate_range)
