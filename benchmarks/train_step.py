@@ -50,17 +50,19 @@ import nmtrain
 from nmtrain.experiments.methods import get_method, list_methods
 from nmtrain.experiments.gpt import GPT
 from nmtrain.experiments.models import image_model
+from nmtrain.experiments.spec import apply_overrides
 
 
 def _label_params(label: str) -> tuple[str, dict]:
-    """``srste:mvue`` → ("srste", {"mvue_dw": True}); ``step:window=5`` → ("step", {"window": 5})."""
+    """``srste:mvue`` → ("srste", {"mvue_dw": True}); ``step:window=5`` → ("step", {"window": 5});
+    ``transposable:bound_pruned=false`` → ("transposable", {"bound_pruned": False})."""
     name, _, variant = label.partition(":")
     if not variant:
         return name, {}
     if variant in ("mvue", "no-mvue"):
         return name, {"mvue_dw": variant == "mvue"}
-    key, _, value = variant.partition("=")
-    return name, {key: type(getattr(get_method(name).Params(), key))(value)}
+    # the value read as `nmtrain train method.params.key=value` reads it (``false`` is False, not "false")
+    return name, apply_overrides({}, [f"method.params.{variant}"])["method"]["params"]
 
 
 GPT_SHAPE = {"vocab_size": 256, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0,

@@ -83,3 +83,12 @@ def test_masks_benchmark_runs_on_a_small_square_weight(tmp_path, monkeypatch):
     assert {"row-wise top-k (not -T)", "exact", "approx", "flow (networkx)"} <= solvers and "batched" not in solvers
     flow = next(r for r in rows if r["solver"] == "flow (networkx)")
     assert "exact - flow pruned |W| on them: +0.00e+00" in flow["note"]
+
+
+def test_method_labels_read_their_values_as_the_cli_does():
+    bench = _load("train_step")
+    assert bench._label_params("transposable:bound_pruned=false") == ("transposable", {"bound_pruned": False})
+    assert bench._label_params("step:window=5") == ("step", {"window": 5})
+    assert bench._label_params("transposable:decay=0.0") == ("transposable", {"decay": 0.0})
+    assert bench._label_params("srste:mvue") == ("srste", {"mvue_dw": True})
+    assert bench._label_params("dense") == ("dense", {})
