@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ...sparsity import Pattern, fold_mask, nm_mask
+from ...sparsity.fused import add_pruned_decay_
 from ..errors import ExperimentError
 from ..layers import gemm, route_forward, unroute_forward
 from .ste import change_rate, ste_mask
@@ -163,7 +164,8 @@ class Method:
         pending, self._decay = self._decay, {}
         for name, (mask, decay) in pending.items():
             weight = self.ctx.layers[name].weight
-            if weight.grad is not None:
+            # one fused pass on a CPU layer (sparsity.fused: the same arithmetic), else the tensor formula
+            if weight.grad is not None and not add_pruned_decay_(weight.grad, weight.detach(), mask, decay):
                 weight.grad.add_(pruned_decay(weight.detach(), mask, decay))
 
     # --- torch.compile -----------------------------------------------------------------------

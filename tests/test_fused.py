@@ -1,0 +1,61 @@
+"""The fused CPU kernel of a training step (`sparsity.fused`) against the tensor formula it replaces, bit for
+bit: SR-STE's decay added to a gradient (`methods.base.pruned_decay`, then ``add_``), on random,
+signed-zero and non-finite inputs; and where it does not serve, nothing changed and False."""
+
+import pytest
+import torch
+
+from nmtrain.experiments.methods.base import pruned_decay
+from nmtrain.sparsity.fused import MAX_ENTRIES, add_pruned_decay_, njit
+
+pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits: equal bits, not equal values (-0.0 is not +0.0, NaN is itself)."""
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+def _inputs(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=dtype)
+    w.view(-1)[::7] = 0.0
+    w.view(-1)[3::11] = -0.0
+    grad = torch.randn(shape, generator=g, dtype=dtype)
+    grad.view(-1)[::5] = -0.0
+    grad.view(-1)[1::13] = 0.0
+    keep = torch.rand(shape, generator=g) < 0.5
+    return w, grad, keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(32, 64), (16, 8, 3, 3)])
+def test_fused_decay_is_the_formula_bit_for_bit(dtype, shape):
+    for seed, decay in ((0, 2e-4), (1, 0.3), (2, 1e-30)):
+        w, grad, keep = _inputs(shape, dtype, seed)
+        w.view(-1)[5] = float("nan")
+        w.view(-1)[9] = float("inf")
+        want = grad.clone().add_(pruned_decay(w, keep, decay))
+        got = grad.clone()
+        assert add_pruned_decay_(got, w, keep, decay)
+        assert torch.equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize("case", ["float16", "not contiguous", "too large", "mask of another shape", "float mask"])
+def test_where_the_kernels_do_not_serve_nothing_changes(case):
+    w, grad, keep = _inputs((8, 16), torch.float32, 3)
+    if case == "float16":
+        w, grad = w.half(), grad.half()
+    elif case == "not contiguous":
+        w, grad, keep = w.t(), grad.t(), keep.t()
+    elif case == "too large":
+        w, grad, keep = (torch.zeros(MAX_ENTRIES + 4), torch.zeros(MAX_ENTRIES + 4),
+                         torch.zeros(MAX_ENTRIES + 4, dtype=torch.bool))
+        w, grad, keep = w.view(-1, 4), grad.view(-1, 4), keep.view(-1, 4)
+    elif case == "mask of another shape":
+        keep = keep.reshape(16, 8)
+    else:
+        keep = keep.float()
+    before_w, before_g = w.clone(), grad.clone()
+    assert not add_pruned_decay_(grad, w, keep, 0.1)
+    assert torch.equal(w, before_w) and torch.equal(grad, before_g)
