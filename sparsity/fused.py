@@ -34,7 +34,8 @@ MAX_ENTRIES = 1 << 20
 def _served(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
     return (njit is not None and first.numel() <= MAX_ENTRIES and first.dtype in (torch.float32, torch.float64)
-            and all(t.device.type == "cpu" and t.is_contiguous() and t.shape == first.shape for t in tensors))
+            and all(t.device.type == "cpu" and t.is_contiguous() and t.shape == first.shape and not t.requires_grad
+                    for t in tensors))      # a gradient made with create_graph=True stays autograd's
 
 
 if njit is not None:

@@ -41,7 +41,8 @@ def test_fused_decay_is_the_formula_bit_for_bit(dtype, shape):
         assert torch.equal(_bits(got), _bits(want))
 
 
-@pytest.mark.parametrize("case", ["float16", "not contiguous", "too large", "mask of another shape", "float mask"])
+@pytest.mark.parametrize("case", ["float16", "not contiguous", "too large", "mask of another shape", "float mask",
+                                  "gradient in a graph"])
 def test_where_the_kernels_do_not_serve_nothing_changes(case):
     w, grad, keep = _inputs((8, 16), torch.float32, 3)
     if case == "float16":
@@ -54,8 +55,10 @@ def test_where_the_kernels_do_not_serve_nothing_changes(case):
         w, grad, keep = w.view(-1, 4), grad.view(-1, 4), keep.view(-1, 4)
     elif case == "mask of another shape":
         keep = keep.reshape(16, 8)
+    elif case == "gradient in a graph":      # backward(create_graph=True): the gradient requires grad
+        grad = grad.requires_grad_()
     else:
         keep = keep.float()
-    before_w, before_g = w.clone(), grad.clone()
+    before_w, before_g = w.clone(), grad.detach().clone()
     assert not add_pruned_decay_(grad, w, keep, 0.1)
-    assert torch.equal(w, before_w) and torch.equal(grad, before_g)
+    assert torch.equal(w, before_w) and torch.equal(grad.detach(), before_g)
