@@ -1,21 +1,19 @@
-"""A fused CPU kernel for the mask arithmetic of a training step: SR-STE's decay added to a gradient,
-``grad += decay · (1 − keep) ⊙ W``, in one pass over a layer where the tensor formula takes three tensor
-operations (`methods.base.pruned_decay`, then ``add_``).
+"""Fused CPU kernels for the mask arithmetic of a training step: SR-STE's decay added to a gradient,
+``grad += decay · (1 − keep) ⊙ W`` (`methods.base.pruned_decay`, then ``add_``: three tensor operations),
+and the bound on pruned weights (`methods.transposable.bound_pruned`: five), each one pass over a layer.
 
 Why: on a CPU every tensor operation on more than torch's parallel grain (32K entries) wakes the thread
 pool, tens of microseconds each under ``OMP_WAIT_POLICY=PASSIVE``; on a transformer's small layers those
-wake-ups, not the arithmetic, are most of what the decay costs (measured: about 0.06x to 0.08x of a GPT
-step against dense; one serial pass over a 64K-entry layer takes about 40 microseconds, the three
-operations about 120-200).
+wake-ups, not the arithmetic, are most of what the two cost (measured on the GPT: decay 0.06x to 0.08x of a
+step against dense, bound 0.09x). On a 64K-entry layer one serial pass takes about 40 µs (decay) and 70 µs
+(bound), the tensor operations about 120-200 µs and 230 µs.
 
-`add_pruned_decay_` does the work and returns True where the kernel serves: CPU tensors of float32 or
-float64, contiguous, of at most `MAX_ENTRIES` entries (above that, the tensor operations' own threads
-win), numba present. Otherwise it changes nothing and returns False, and the caller runs the formula. The
-kernel computes what the formula computes, bit for bit: the same IEEE operations in the same order, each
-rounded in the tensor's type (numba contracts no multiply-add unless asked), checked against the formula
-on random, signed-zero and non-finite inputs (tests/test_fused.py) and by tests/test_step_identity.py.
-(The bound on pruned weights was tried too: a serial kernel took 0.8-0.95x the tensor path's time, not
-worth a second path.)
+Each function does its work and returns True where its kernel serves: CPU tensors of float32 or float64,
+contiguous, of at most `MAX_ENTRIES` entries (above that, the tensor operations' own threads win), numba
+present. Otherwise it changes nothing and returns False, and the caller runs the formula. The kernels
+compute what the formulas compute, bit for bit: the same IEEE operations, each rounded in the tensor's
+type (numba contracts no multiply-add unless asked), checked against the formulas on random, signed-zero
+and non-finite inputs (tests/test_fused.py) and by tests/test_step_identity.py.
 """
 
 from __future__ import annotations
@@ -47,6 +45,49 @@ if njit is not None:
             grad[i] = grad[i] + weight[i] * factors[0 if keep[i] else 1]
 
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _at(a, i, b, m, b_n):
+        return (a * m + i) * b_n + b
+
+    @njit(cache=True, nogil=True)
+    def _bound(flat, keep, a_n, m, b_n, caps):
+        """``flat`` and ``keep``: flat views of (A, M, B) tensors, groups along axis 1. False, with nothing
+        changed, where a weight is NaN or a group's cap is 0 (there torch's clamp picks NaN bits and signed
+        zeros its own way: the caller's tensor formula decides); else every weight clamped to [-cap, cap]
+        of its group, True. Every value stays in the tensor's type (``zero`` is one of it). The innermost
+        loop runs over neighbouring groups, branch-free, so that it vectorises: over A for a Linear
+        (B = 1), over the kernel taps B for an nhwc conv."""
+        zero = caps[0] - caps[0]
+        caps[:] = zero
+        special = False
+        lanes_a = b_n == 1
+        for i in range(m):
+            for a in range(a_n if lanes_a else 0):
+                v = abs(flat[_at(a, i, 0, m, 1)])
+                special |= v != v
+                caps[a] = max(caps[a], v if keep[_at(a, i, 0, m, 1)] else zero)
+        for a in range(0 if lanes_a else a_n):
+            for i in range(m):
+                for b in range(b_n):
+                    v = abs(flat[_at(a, i, b, m, b_n)])
+                    special |= v != v
+                    caps[a * b_n + b] = max(caps[a * b_n + b], v if keep[_at(a, i, b, m, b_n)] else zero)
+        for j in range(a_n * b_n):
+            special |= caps[j] == zero
+        if special:
+            return False
+        for i in range(m):
+            for a in range(a_n if lanes_a else 0):
+                at = _at(a, i, 0, m, 1)
+                flat[at] = min(max(flat[at], -caps[a]), caps[a])      # within [-cap, cap]: as it is, -0.0 too
+        for a in range(0 if lanes_a else a_n):
+            for i in range(m):
+                for b in range(b_n):
+                    at = _at(a, i, b, m, b_n)
+                    flat[at] = min(max(flat[at], -caps[a * b_n + b]), caps[a * b_n + b])
+        return True
+
+
 def add_pruned_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, decay: float) -> bool:
     """``grad += decay · (1 − keep) ⊙ weight`` in place, as ``grad.add_(pruned_decay(weight, keep, decay))``
     computes it, where the kernel serves (True); else nothing changed (False)."""
@@ -56,3 +97,17 @@ def add_pruned_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tens
     factors = np.array([0.0, decay], dtype=np.float32 if weight.dtype == torch.float32 else np.float64)
     _add_decay(grad.view(-1).numpy(), weight.detach().view(-1).numpy(), keep.view(-1).numpy(), factors)
     return True
+
+
+def clamp_pruned_(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str) -> bool:
+    """Clamp, in place, every weight of each group of M along K (GEMM view) to ± the largest kept magnitude
+    of its group, as ``transposable.bound_pruned``'s tensor formula does, where the kernel serves (True);
+    else nothing changed (False), also where a weight is NaN or a group's largest kept magnitude is 0."""
+    if not (_served(weight.detach(), keep) and keep.dtype == torch.bool and weight.dim() in (2, 4)):
+        return False
+    # (A, M, B), groups along axis 1: a Linear's or a flatten conv's rows cut in M-runs (B = 1), an nhwc
+    # conv's groups of M input channels at each kernel tap (B = kh*kw)
+    b = weight.shape[2] * weight.shape[3] if weight.dim() == 4 and layout == "nhwc" else 1
+    a = weight.numel() // (m * b)
+    flat = weight.detach().view(-1).numpy()
+    return bool(_bound(flat, keep.view(-1).numpy(), a, m, b, np.empty(a * b, dtype=flat.dtype)))

@@ -1,12 +1,14 @@
-"""The fused CPU kernel of a training step (`sparsity.fused`) against the tensor formula it replaces, bit for
-bit: SR-STE's decay added to a gradient (`methods.base.pruned_decay`, then ``add_``), on random,
-signed-zero and non-finite inputs; and where it does not serve, nothing changed and False."""
+"""The fused CPU kernels of a training step (`sparsity.fused`) against the tensor formulas they replace, bit
+for bit: SR-STE's decay added to a gradient (`methods.base.pruned_decay`, then ``add_``) and the bound on
+pruned weights (`methods.transposable.bound_pruned`'s tensor path), on random, signed-zero and
+non-finite inputs; and where they do not serve, nothing changed and False."""
 
 import pytest
 import torch
 
 from nmtrain.experiments.methods.base import pruned_decay
-from nmtrain.sparsity.fused import MAX_ENTRIES, add_pruned_decay_, njit
+from nmtrain.sparsity import grouped, nm_mask
+from nmtrain.sparsity.fused import MAX_ENTRIES, add_pruned_decay_, clamp_pruned_, njit
 
 pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
 
@@ -41,6 +43,47 @@ def test_fused_decay_is_the_formula_bit_for_bit(dtype, shape):
         assert torch.equal(_bits(got), _bits(want))
 
 
+def _bound_formula(w: torch.Tensor, keep: torch.Tensor, m: int, layout: str) -> torch.Tensor:
+    """`bound_pruned`'s tensor path, on a copy."""
+    out = w.clone()
+    wg, dim = grouped(out, m, layout)
+    eg, _ = grouped(keep, m, layout)
+    cap = torch.where(eg, wg.abs(), torch.zeros((), dtype=wg.dtype)).amax(dim, keepdim=True)
+    wg.clamp_(-cap, cap)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, layout", [((32, 64), "nhwc"), ((16, 8, 3, 3), "nhwc"), ((16, 8, 3, 3), "flatten")])
+@pytest.mark.parametrize("m, n", [(4, 2), (8, 2)])
+def test_fused_bound_is_the_formula_bit_for_bit(dtype, shape, layout, m, n):
+    g = torch.Generator().manual_seed(m + n)
+    w = torch.randn(shape, generator=g, dtype=dtype)
+    keep = nm_mask(w, n, m, layout)
+    w = w * torch.where(keep, 1.0, 5.0).to(dtype)          # pruned weights outgrow the kept ones
+    w[~keep & (torch.rand(shape, generator=g) < 0.1)] = -0.0
+    w[~keep & (torch.rand(shape, generator=g) < 0.05)] = float("inf")   # clamped to the cap either way
+    w[~keep & (torch.rand(shape, generator=g) < 0.05)] = -float("inf")
+    want = _bound_formula(w, keep, m, layout)
+    got = w.clone()
+    assert clamp_pruned_(got, keep, m, layout)
+    assert torch.equal(_bits(got), _bits(want))
+    assert not torch.equal(_bits(got), _bits(w))              # it did clamp
+
+
+@pytest.mark.parametrize("special", ["kept all zero", "kept NaN", "pruned NaN"])
+def test_a_nan_or_a_group_whose_cap_is_zero_is_left_to_the_formula(special):
+    w = torch.randn(8, 16)
+    keep = nm_mask(w, 2, 4)
+    if special == "kept all zero":          # every kept weight of one group
+        w[3, :4] = torch.where(keep[3, :4], torch.tensor(0.0), w[3, :4])
+    else:
+        w[3, :4] = torch.where(keep[3, :4] == (special == "kept NaN"), torch.tensor(float("nan")), w[3, :4])
+    before = w.clone()
+    assert not clamp_pruned_(w, keep, 4, "nhwc")
+    assert torch.equal(_bits(w), _bits(before))
+
+
 @pytest.mark.parametrize("case", ["float16", "not contiguous", "too large", "mask of another shape", "float mask",
                                   "gradient in a graph"])
 def test_where_the_kernels_do_not_serve_nothing_changes(case):
@@ -61,4 +104,5 @@ def test_where_the_kernels_do_not_serve_nothing_changes(case):
         keep = keep.float()
     before_w, before_g = w.clone(), grad.detach().clone()
     assert not add_pruned_decay_(grad, w, keep, 0.1)
+    assert not clamp_pruned_(w, keep, 4, "nhwc")
     assert torch.equal(w, before_w) and torch.equal(grad.detach(), before_g)

@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 from ...sparsity import grouped, transposable_mask
+from ...sparsity.fused import clamp_pruned_
 from ..accel import plan_accel
 from ..rules import DECAY, STEPS, param
 from .base import Capabilities, MethodError, RecomputedMaskMethod, register_method
@@ -120,7 +121,10 @@ def bound_pruned(weight: torch.Tensor, mask: torch.Tensor, m: int, layout: str) 
     It runs after every optimizer step, so it works on the weight itself (`grouped` views, no copies): one
     clamp of the whole group to ±cap leaves the kept weights as they are, since |kept| <= cap by definition.
     (Only where every kept weight of a group is exactly 0 may a pruned zero come out with the other sign.)
+    On a CPU layer one fused pass does it (`sparsity.fused.clamp_pruned_`: the same result).
     """
+    if clamp_pruned_(weight, mask, m, layout):
+        return
     try:
         wg, dim = grouped(weight, m, layout)
     except RuntimeError:        # a memory order with no grouped view: edit a contiguous copy, copy it back
