@@ -21,6 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import SparsityError
+from .layout import grouped
+
 try:
     from numba import njit
 except ImportError:  # pragma: no cover - numba is a dependency; without it the tensor formulas serve
@@ -54,11 +57,11 @@ if njit is not None:
         """``flat`` and ``keep``: flat views of (A, M, B) tensors, groups along axis 1. False, with nothing
         changed, where a weight is NaN or a group's cap is 0 (there torch's clamp picks NaN bits and signed
         zeros its own way: the caller's tensor formula decides); else every weight clamped to [-cap, cap]
-        of its group, True. Every value stays in the tensor's type (``zero`` is one of it). The innermost
+        of its group, True. ``caps`` arrives zeroed: its first entry is a zero of the tensor's type, so every
+        value stays in that type. The innermost
         loop runs over neighbouring groups, branch-free, so that it vectorises: over A for a Linear
         (B = 1), over the kernel taps B for an nhwc conv."""
-        zero = caps[0] - caps[0]
-        caps[:] = zero
+        zero = caps[0]
         special = False
         lanes_a = b_n == 1
         for i in range(m):
@@ -96,6 +99,7 @@ def add_pruned_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tens
     # the kept entries' factor +0 and the pruned ones' decay, both in the weight's type, as the formula's where
     factors = np.array([0.0, decay], dtype=np.float32 if weight.dtype == torch.float32 else np.float64)
     _add_decay(grad.view(-1).numpy(), weight.detach().view(-1).numpy(), keep.view(-1).numpy(), factors)
+    torch.autograd.graph.increment_version(grad)      # written through numpy, as add_ would count it
     return True
 
 
@@ -103,11 +107,19 @@ def clamp_pruned_(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str)
     """Clamp, in place, every weight of each group of M along K (GEMM view) to ± the largest kept magnitude
     of its group, as ``transposable.bound_pruned``'s tensor formula does, where the kernel serves (True);
     else nothing changed (False), also where a weight is NaN or a group's largest kept magnitude is 0."""
-    if not (_served(weight.detach(), keep) and keep.dtype == torch.bool and weight.dim() in (2, 4)):
+    if not (_served(weight.detach(), keep) and keep.dtype == torch.bool and weight.numel() > 0):
+        return False
+    try:
+        grouped(weight.detach(), m, layout)     # the layout and the groups' fit, checked as the formula's are
+    except (RuntimeError, SparsityError):
         return False
     # (A, M, B), groups along axis 1: a Linear's or a flatten conv's rows cut in M-runs (B = 1), an nhwc
     # conv's groups of M input channels at each kernel tap (B = kh*kw)
     b = weight.shape[2] * weight.shape[3] if weight.dim() == 4 and layout == "nhwc" else 1
     a = weight.numel() // (m * b)
     flat = weight.detach().view(-1).numpy()
-    return bool(_bound(flat, keep.view(-1).numpy(), a, m, b, np.empty(a * b, dtype=flat.dtype)))
+    if not _bound(flat, keep.view(-1).numpy(), a, m, b, np.zeros(a * b, dtype=flat.dtype)):
+        return False
+    # written through numpy: tell autograd and version-keyed caches (accel's compressed operands) it changed
+    torch.autograd.graph.increment_version(weight)
+    return True

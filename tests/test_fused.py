@@ -106,3 +106,21 @@ def test_where_the_kernels_do_not_serve_nothing_changes(case):
     assert not add_pruned_decay_(grad, w, keep, 0.1)
     assert not clamp_pruned_(w, keep, 4, "nhwc")
     assert torch.equal(w, before_w) and torch.equal(grad.detach(), before_g)
+
+
+def test_the_kernels_count_as_in_place_changes():
+    # written through numpy: the version counters still move (autograd's checks, accel's operand cache)
+    w, grad, keep = _inputs((8, 16), torch.float32, 4)
+    keep = nm_mask(w, 2, 4)
+    w = w * torch.where(keep, 1.0, 5.0)
+    versions = w._version, grad._version
+    assert clamp_pruned_(w, keep, 4, "nhwc") and add_pruned_decay_(grad, w, keep, 0.1)
+    assert w._version > versions[0] and grad._version > versions[1]
+
+
+@pytest.mark.parametrize("shape, layout", [((4, 6), "nhwc"), ((4, 6, 1, 1), "nhwc"), ((4, 8), "nchw")])
+def test_the_bound_leaves_what_has_no_groups_of_m_to_the_formula(shape, layout):
+    w = torch.randn(shape)
+    before = w.clone()
+    assert not clamp_pruned_(w, torch.ones(shape, dtype=torch.bool), 4, layout)
+    assert torch.equal(w, before)
