@@ -1,12 +1,19 @@
 """Fused CPU kernels for the mask arithmetic of a training step: SR-STE's decay added to a gradient,
 ``grad += decay · (1 − keep) ⊙ W`` (`methods.base.pruned_decay`, then ``add_``: three tensor operations),
-and the bound on pruned weights (`methods.transposable.bound_pruned`: five), each one pass over a layer.
+the bound on pruned weights (`methods.transposable.bound_pruned`: five), and the row-wise N:4 mask that
+SR-STE and its kin recompute every step (`nm.nm_mask`: |W|, topk, a zero-filled mask and a scatter),
+each one pass over a layer.
 
 Why: on a CPU every tensor operation on more than torch's parallel grain (32K entries) wakes the thread
 pool, tens of microseconds each under ``OMP_WAIT_POLICY=PASSIVE``; on a transformer's small layers those
-wake-ups, not the arithmetic, are most of what the two cost (measured on the GPT: decay 0.06x to 0.08x of a
-step against dense, bound 0.09x). On a 64K-entry layer one serial pass takes about 40 µs (decay) and 70 µs
-(bound), the tensor operations about 120-200 µs and 230 µs.
+wake-ups, not the arithmetic, are most of what they cost (measured on the GPT: decay 0.06x to 0.08x of a
+step against dense, bound 0.09x). On a 64K-entry layer one serial pass takes about 40 µs (decay), 70 µs
+(bound) and 20 µs (N:4 mask), the tensor operations about 120-200 µs, 230 µs and 550 µs.
+
+The N:4 mask keeps what ``topk`` keeps, ties included, without knowing topk's algorithm: a comparison
+sort's choice among four values depends only on their weak order (which are equal, which greater), so a
+table from each of the 75 weak orders to the kept four bits, filled once by running ``torch.topk`` itself
+on one representative of each, reproduces this build of torch's choices on every group.
 
 Each function does its work and returns True where its kernel serves: CPU tensors of float32 or float64,
 contiguous, of at most `MAX_ENTRIES` entries (above that, the tensor operations' own threads win), numba
@@ -17,6 +24,8 @@ and non-finite inputs (tests/test_fused.py) and by tests/test_step_identity.py.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -123,3 +132,64 @@ def clamp_pruned_(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str)
     # written through numpy: tell autograd and version-keyed caches (accel's compressed operands) it changed
     torch.autograd.graph.increment_version(weight)
     return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Row-wise N:4 masks (SR-STE's every step): topk's choice, from a table topk itself fills
+
+if njit is not None:
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _order4(a0, a1, a2, a3):
+        """The weak order of four values as a code < 3**6: per pair (i < j), 0 if a_i < a_j, 1 if equal, 2
+        if a_i > a_j. A comparison sort's choice among them depends on nothing else."""
+        code = 0
+        for x, y in ((a0, a1), (a0, a2), (a0, a3), (a1, a2), (a1, a3), (a2, a3)):
+            code = code * 3 + (2 if x > y else (1 if x == y else 0))
+        return code
+
+    @njit(cache=True, nogil=True)
+    def _mask4(weight, n, table, keep):
+        """``keep``: per group of 4 consecutive |w| of the flat ``weight``, ``table[n - 1, order]``'s 4 bits.
+        False, with ``keep`` partly written, where a weight is NaN (topk ranks NaN its own way)."""
+        for g in range(weight.shape[0] // 4):
+            a0, a1 = abs(weight[4 * g]), abs(weight[4 * g + 1])
+            a2, a3 = abs(weight[4 * g + 2]), abs(weight[4 * g + 3])
+            if a0 != a0 or a1 != a1 or a2 != a2 or a3 != a3:
+                return False
+            bits = table[n - 1, _order4(a0, a1, a2, a3)]
+            for i in range(4):
+                keep[4 * g + i] = (bits >> i) & 1
+        return True
+
+
+_TABLE4: np.ndarray | None = None
+
+
+def _table4() -> np.ndarray:
+    """(3, 3**6) uint8: for N = 1, 2, 3, the 4 bits topk(N) keeps for every weak order of 4 values, found by
+    running torch.topk itself on one representative of each (ranks 0..3 in every assignment): the kernel
+    then keeps, on every group and tied ones included, what topk keeps in this build of torch."""
+    global _TABLE4
+    if _TABLE4 is None:
+        reps = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=torch.float32)     # (256, 4)
+        table = np.zeros((3, 3 ** 6), dtype=np.uint8)
+        codes = [_order4(*row) for row in reps.tolist()]
+        for n in (1, 2, 3):
+            kept = torch.zeros_like(reps, dtype=torch.bool).scatter_(-1, reps.topk(n, dim=-1).indices, True)
+            for code, row in zip(codes, kept.tolist()):
+                table[n - 1, code] = sum(1 << i for i, k in enumerate(row) if k)
+        _TABLE4 = table
+    return _TABLE4
+
+
+def nm4_mask(matrix: torch.Tensor, n: int) -> torch.Tensor | None:
+    """The row-wise N:4 keep-mask of a GEMM-view ``matrix`` (groups of 4 consecutive entries along K), as
+    ``topk(n)`` over each group keeps it, ties included; None where the kernel does not serve (then the
+    caller's topk runs): not a CPU float32/float64 contiguous matrix, more than `MAX_ENTRIES` entries, a NaN."""
+    if not (_served(matrix) and matrix.shape[-1] % 4 == 0 and 1 <= n <= 3 and not matrix.requires_grad):
+        return None
+    keep = torch.empty(matrix.shape, dtype=torch.bool)
+    if not _mask4(matrix.view(-1).numpy(), n, _table4(), keep.view(-1).numpy()):
+        return None
+    return keep

@@ -1,14 +1,18 @@
 """The fused CPU kernels of a training step (`sparsity.fused`) against the tensor formulas they replace, bit
 for bit: SR-STE's decay added to a gradient (`methods.base.pruned_decay`, then ``add_``) and the bound on
 pruned weights (`methods.transposable.bound_pruned`'s tensor path), on random, signed-zero and
-non-finite inputs; and where they do not serve, nothing changed and False."""
+non-finite inputs; the row-wise N:4 mask against topk's, ties included; and where they do not serve,
+nothing changed and False (None)."""
+
+import itertools
 
 import pytest
 import torch
 
 from nmtrain.experiments.methods.base import pruned_decay
 from nmtrain.sparsity import grouped, nm_mask
-from nmtrain.sparsity.fused import MAX_ENTRIES, add_pruned_decay_, clamp_pruned_, njit
+from nmtrain.sparsity import nm as nm_module
+from nmtrain.sparsity.fused import MAX_ENTRIES, add_pruned_decay_, clamp_pruned_, njit, nm4_mask
 
 pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
 
@@ -124,3 +128,47 @@ def test_the_bound_leaves_what_has_no_groups_of_m_to_the_formula(shape, layout):
     before = w.clone()
     assert not clamp_pruned_(w, torch.ones(shape, dtype=torch.bool), 4, layout)
     assert torch.equal(w, before)
+
+
+# ------------------------------------------------------------------------------------------------
+# Row-wise N:4 masks: what topk keeps, ties included
+
+
+def _topk_mask(matrix: torch.Tensor, n: int) -> torch.Tensor:
+    groups = matrix.abs().reshape(matrix.shape[0], -1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return keep.reshape(matrix.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["random", "integers (ties)", "signed zeros and ones", "every weak order"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_the_n4_kernel_keeps_what_topk_keeps(dtype, kind, n):
+    g = torch.Generator().manual_seed(n)
+    if kind == "random":
+        matrix = torch.randn(64, 128, generator=g, dtype=dtype)
+    elif kind == "integers (ties)":
+        matrix = torch.randint(-2, 3, (64, 128), generator=g).to(dtype)
+    elif kind == "signed zeros and ones":
+        matrix = torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=dtype)[torch.randint(0, 4, (64, 128), generator=g)]
+    else:                           # one group per assignment of ranks 0..3: every order, every tie
+        matrix = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=dtype).reshape(16, 64)
+    keep = nm4_mask(matrix, n)
+    assert keep is not None and torch.equal(keep, _topk_mask(matrix, n))
+
+
+@pytest.mark.parametrize("shape, layout", [((32, 64), "nhwc"), ((16, 8, 3, 3), "nhwc"), ((16, 8, 3, 3), "flatten")])
+def test_nm_mask_at_m4_is_topks_mask_in_every_layout(monkeypatch, shape, layout):
+    w = torch.randint(-2, 3, shape, generator=torch.Generator().manual_seed(1)).float()
+    fast = nm_mask(w, 2, 4, layout)
+    monkeypatch.setattr(nm_module, "nm4_mask", lambda matrix, n: None)     # the topk path
+    assert torch.equal(fast, nm_mask(w, 2, 4, layout))
+
+
+def test_the_n4_kernel_leaves_nan_and_what_it_does_not_serve_to_topk():
+    matrix = torch.randn(8, 16)
+    matrix[2, 5] = float("nan")
+    assert nm4_mask(matrix, 2) is None
+    assert nm4_mask(torch.randn(8, 16).half(), 2) is None
+    assert nm4_mask(torch.randn(16, 8).t(), 2) is None
