@@ -31,7 +31,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "nhwc") -> torch
     about 30 ns a group."""
     pattern = Pattern(n, m)
     require_fits(weight.shape, pattern, layout)
-    if m == 4:
+    if m == 4 and not torch.compiler.is_compiling():     # traced (train.compile): topk, the same mask
         keep = nm4_mask(to_matrix(weight.detach(), layout), n)
         if keep is not None:
             return from_matrix(keep, weight.shape, layout)
