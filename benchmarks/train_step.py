@@ -146,14 +146,13 @@ def _labels(args) -> list[str]:
     labels = args.methods.split(",")
     if not args.compile:
         return labels
-    compiles = [label for label in labels
-                if get_method(_label_params(label)[0]).compile_problem(_params_of(label)) is None]
-    return labels + [label + COMPILED for label in compiles]
+    return labels + [label + COMPILED for label in labels if _compiles(label)]
 
 
-def _params_of(label: str):
+def _compiles(label: str) -> bool:
     name, params = _label_params(label)
-    return get_method(name).Params(**params)
+    cls = get_method(name)
+    return cls.compile_problem(cls.Params(**params)) is None
 
 
 def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> None:
@@ -235,17 +234,18 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend for --compile")
     args = parser.parse_args()
     device = torch.device(args.device)
+    labels = _labels(args)
     if args.compile:
         # Every compiled model here runs the same code objects (the model class's forward, the routed layers'
         # forward, the hooks): each model's graphs count towards dynamo's per-code-object recompile limit,
         # past which it runs the rest eagerly without a word. Room for every run's graphs (a run alone, as
         # `nmtrain train` has it, needs one per phase).
-        torch._dynamo.config.recompile_limit = 64 * len(_labels(args))
-        torch._dynamo.config.accumulated_recompile_limit = 64 * len(_labels(args))
+        torch._dynamo.config.recompile_limit = 64 * len(labels)
+        torch._dynamo.config.accumulated_recompile_limit = 64 * len(labels)
     torch.manual_seed(0)
     batches = _batches(args, device)
     with ExitStack() as attached:      # every model's forward runs through its method while it is timed
-        runs = {name: _attached_run(name, args, device, attached) for name in _labels(args)}
+        runs = {name: _attached_run(name, args, device, attached) for name in labels}
         _time_steps(runs, batches, args.steps, device)
         held = {}
         for name, (model, handle, opt, _) in runs.items():

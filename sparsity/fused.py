@@ -26,6 +26,7 @@ and non-finite inputs (tests/test_fused.py) and by tests/test_step_identity.py.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -57,46 +58,32 @@ if njit is not None:
         for i in range(grad.shape[0]):
             grad[i] = grad[i] + weight[i] * factors[0 if keep[i] else 1]
 
-
-    @njit(cache=True, nogil=True, inline="always")
-    def _at(a, i, b, m, b_n):
-        return (a * m + i) * b_n + b
-
     @njit(cache=True, nogil=True)
     def _bound(flat, keep, a_n, m, b_n, caps):
-        """``flat`` and ``keep``: flat views of (A, M, B) tensors, groups along axis 1. False, with nothing
-        changed, where a weight is NaN or a group's cap is 0 (there torch's clamp picks NaN bits and signed
-        zeros its own way: the caller's tensor formula decides); else every weight clamped to [-cap, cap]
-        of its group, True. ``caps`` arrives zeroed: its first entry is a zero of the tensor's type, so every
-        value stays in that type. The innermost
-        loop runs over neighbouring groups, branch-free, so that it vectorises: over A for a Linear
-        (B = 1), over the kernel taps B for an nhwc conv."""
+        """``flat`` and ``keep``: flat views of (A, M, B) tensors, groups along axis 1 (entry (a, i, b) at
+        ``(a*M + i)*B + b``; its group's cap at ``a*B + b``). False, with nothing changed, where a weight is
+        NaN or a group's cap is 0 (there torch's clamp picks NaN bits and signed zeros its own way: the
+        caller's tensor formula decides); else every weight clamped to [-cap, cap] of its group, True.
+        ``caps`` arrives zeroed: its first entry is a zero of the tensor's type, so every value stays in that
+        type. The innermost loop runs over the groups of one (i, b), branch-free, so that it vectorises."""
         zero = caps[0]
         special = False
-        lanes_a = b_n == 1
         for i in range(m):
-            for a in range(a_n if lanes_a else 0):
-                v = abs(flat[_at(a, i, 0, m, 1)])
-                special |= v != v
-                caps[a] = max(caps[a], v if keep[_at(a, i, 0, m, 1)] else zero)
-        for a in range(0 if lanes_a else a_n):
-            for i in range(m):
-                for b in range(b_n):
-                    v = abs(flat[_at(a, i, b, m, b_n)])
+            for b in range(b_n):
+                for a in range(a_n):
+                    at = (a * m + i) * b_n + b
+                    v = abs(flat[at])
                     special |= v != v
-                    caps[a * b_n + b] = max(caps[a * b_n + b], v if keep[_at(a, i, b, m, b_n)] else zero)
+                    caps[a * b_n + b] = max(caps[a * b_n + b], v if keep[at] else zero)
         for j in range(a_n * b_n):
             special |= caps[j] == zero
         if special:
             return False
         for i in range(m):
-            for a in range(a_n if lanes_a else 0):
-                at = _at(a, i, 0, m, 1)
-                flat[at] = min(max(flat[at], -caps[a]), caps[a])      # within [-cap, cap]: as it is, -0.0 too
-        for a in range(0 if lanes_a else a_n):
-            for i in range(m):
-                for b in range(b_n):
-                    at = _at(a, i, b, m, b_n)
+            for b in range(b_n):
+                for a in range(a_n):
+                    at = (a * m + i) * b_n + b
+                    # within [-cap, cap] a weight stays as it is, -0.0 included
                     flat[at] = min(max(flat[at], -caps[a * b_n + b]), caps[a * b_n + b])
         return True
 
@@ -164,31 +151,26 @@ if njit is not None:
         return True
 
 
-_TABLE4: np.ndarray | None = None
-
-
+@functools.lru_cache(maxsize=None)
 def _table4() -> np.ndarray:
     """(3, 3**6) uint8: for N = 1, 2, 3, the 4 bits topk(N) keeps for every weak order of 4 values, found by
     running torch.topk itself on one representative of each (ranks 0..3 in every assignment): the kernel
     then keeps, on every group and tied ones included, what topk keeps in this build of torch."""
-    global _TABLE4
-    if _TABLE4 is None:
-        reps = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=torch.float32)     # (256, 4)
-        table = np.zeros((3, 3 ** 6), dtype=np.uint8)
-        codes = [_order4(*row) for row in reps.tolist()]
-        for n in (1, 2, 3):
-            kept = torch.zeros_like(reps, dtype=torch.bool).scatter_(-1, reps.topk(n, dim=-1).indices, True)
-            for code, row in zip(codes, kept.tolist()):
-                table[n - 1, code] = sum(1 << i for i, k in enumerate(row) if k)
-        _TABLE4 = table
-    return _TABLE4
+    reps = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=torch.float32)     # (256, 4)
+    table = np.zeros((3, 3 ** 6), dtype=np.uint8)
+    codes = [_order4(*row) for row in reps.tolist()]
+    for n in (1, 2, 3):
+        kept = torch.zeros_like(reps, dtype=torch.bool).scatter_(-1, reps.topk(n, dim=-1).indices, True)
+        for code, row in zip(codes, kept.tolist()):
+            table[n - 1, code] = sum(1 << i for i, k in enumerate(row) if k)
+    return table
 
 
 def nm4_mask(matrix: torch.Tensor, n: int) -> torch.Tensor | None:
     """The row-wise N:4 keep-mask of a GEMM-view ``matrix`` (groups of 4 consecutive entries along K), as
     ``topk(n)`` over each group keeps it, ties included; None where the kernel does not serve (then the
     caller's topk runs): not a CPU float32/float64 contiguous matrix, more than `MAX_ENTRIES` entries, a NaN."""
-    if not (_served(matrix) and matrix.shape[-1] % 4 == 0 and 1 <= n <= 3 and not matrix.requires_grad):
+    if not (_served(matrix) and matrix.shape[-1] % 4 == 0 and 1 <= n <= 3):
         return None
     keep = torch.empty(matrix.shape, dtype=torch.bool)
     if not _mask4(matrix.view(-1).numpy(), n, _table4(), keep.view(-1).numpy()):

@@ -164,9 +164,10 @@ class Method:
         pending, self._decay = self._decay, {}
         for name, (mask, decay) in pending.items():
             weight = self.ctx.layers[name].weight
+            w = weight.detach()
             # one fused pass on a CPU layer (sparsity.fused: the same arithmetic), else the tensor formula
-            if weight.grad is not None and not add_pruned_decay_(weight.grad, weight.detach(), mask, decay):
-                weight.grad.add_(pruned_decay(weight.detach(), mask, decay))
+            if weight.grad is not None and not add_pruned_decay_(weight.grad, w, mask, decay):
+                weight.grad.add_(pruned_decay(w, mask, decay))
 
     # --- torch.compile -----------------------------------------------------------------------
     @classmethod
