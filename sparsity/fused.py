@@ -2,7 +2,7 @@
 ``grad += decay · (1 − keep) ⊙ W`` (`methods.base.pruned_decay`, then ``add_``: three tensor operations),
 the bound on pruned weights (`methods.transposable.bound_pruned`: five), and the row-wise N:4 mask that
 SR-STE and its kin recompute every step (`nm.nm_mask`: |W|, topk, a zero-filled mask and a scatter),
-each one pass over a layer.
+and the masked weight ``W ⊙ E`` itself with its masked gradient (`masked`), each one pass over a layer.
 
 Why: on a CPU every tensor operation on more than torch's parallel grain (32K entries) wakes the thread
 pool, tens of microseconds each under ``OMP_WAIT_POLICY=PASSIVE``; on a transformer's small layers those
@@ -120,6 +120,55 @@ def clamp_pruned_(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str)
     # written through numpy: tell autograd and version-keyed caches (accel's compressed operands) it changed
     torch.autograd.graph.increment_version(weight)
     return True
+
+
+# ------------------------------------------------------------------------------------------------
+# The masked weight W ⊙ E of every forward (and the masked gradient dW~ ⊙ E of the backward)
+
+if njit is not None:
+
+    @njit(cache=True, nogil=True)
+    def _product(out, values, keep, factors):
+        # values * keep: a bool keep multiplies by factors[1] = 1 or factors[0] = 0, in the values' type, which
+        # is what ``values * keep`` does once torch has cast the bool to it; a float keep multiplies itself
+        for i in range(values.shape[0]):
+            out[i] = values[i] * factors[1 if keep[i] else 0]
+
+    @njit(cache=True, nogil=True)
+    def _product_same(out, values, keep):
+        for i in range(values.shape[0]):
+            out[i] = values[i] * keep[i]
+
+
+# torch's at::internal::GRAIN_SIZE: a tensor operation on fewer entries runs on the calling thread alone
+GRAIN = 32768
+
+
+def multiplies_bool(values: torch.Tensor, keep: torch.Tensor) -> bool:
+    """Whether `masked` serves ``values * keep`` with ``keep`` a bool mask at or above the grain: there a float
+    copy of the mask gains nothing (the bool is also a quarter of the bytes to read) and only holds memory."""
+    return keep.dtype == torch.bool and values.numel() >= GRAIN and _served(values.detach(), keep)
+
+
+def masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+    """``values * keep`` as a new tensor, one serial pass, bit for bit the product (``keep``: a bool mask or a
+    mask of ``values``' own type, 1.0 and 0.0); None where the kernel does not serve, and the caller multiplies.
+
+    Why: the masked weight is made in every training forward and the masked gradient in every backward; on
+    a CPU a product above the grain wakes the thread pool, and a bool mask is first cast to a float copy.
+    On a 384x128 weight: about 14 µs here, against 50 µs (float mask) and 95 µs (bool mask) for ``*``. Below
+    the grain a float mask's product is already serial and faster through torch (3 µs): left to it."""
+    if not (_served(values, keep) and keep.dtype in (torch.bool, values.dtype)):
+        return None
+    if keep.dtype != torch.bool and values.numel() < GRAIN:
+        return None
+    out = torch.empty_like(values)
+    flat_out, flat_values, flat_keep = out.view(-1).numpy(), values.view(-1).numpy(), keep.view(-1).numpy()
+    if keep.dtype == torch.bool:
+        _product(flat_out, flat_values, flat_keep, np.array([0.0, 1.0], dtype=flat_values.dtype))
+    else:
+        _product_same(flat_out, flat_values, flat_keep)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The fused CPU kernels of a training step (`sparsity.fused`) against the tensor formulas they replace, bit
 for bit: SR-STE's decay added to a gradient (`methods.base.pruned_decay`, then ``add_``) and the bound on
 pruned weights (`methods.transposable.bound_pruned`'s tensor path), on random, signed-zero and
-non-finite inputs; the row-wise N:4 mask against topk's, ties included; and where they do not serve,
+non-finite inputs; the masked weight ``W * mask`` and its masked gradient against autograd's own product; the row-wise N:4 mask against topk's, ties included; and where they do not serve,
 nothing changed and False (None)."""
 
 import itertools
@@ -12,7 +12,8 @@ import torch
 from nmtrain.experiments.methods.base import pruned_decay
 from nmtrain.sparsity import grouped, nm_mask
 from nmtrain.sparsity import nm as nm_module
-from nmtrain.sparsity.fused import MAX_ENTRIES, add_pruned_decay_, clamp_pruned_, njit, nm4_mask
+from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask
+from nmtrain.sparsity.fused import GRAIN, MAX_ENTRIES, add_pruned_decay_, clamp_pruned_, masked, multiplies_bool, njit, nm4_mask
 
 pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
 
@@ -172,3 +173,80 @@ def test_the_n4_kernel_leaves_nan_and_what_it_does_not_serve_to_topk():
     assert nm4_mask(matrix, 2) is None
     assert nm4_mask(torch.randn(8, 16).half(), 2) is None
     assert nm4_mask(torch.randn(16, 8).t(), 2) is None
+
+
+def _specials(t: torch.Tensor) -> torch.Tensor:
+    flat = t.view(-1)
+    flat[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1e-40], dtype=t.dtype)
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(8, 16), (384, 128), (16, 8, 3, 3), (4096, 12)])   # below and above the grain
+@pytest.mark.parametrize("mask_type", ["bool", "same float"])
+def test_the_fused_product_is_the_product_bit_for_bit(dtype, shape, mask_type):
+    w, _, keep = _inputs(shape, dtype, 5)
+    w = _specials(w)
+    mask = keep if mask_type == "bool" else keep.to(dtype)
+    out = masked(w, mask)
+    if mask_type == "same float" and w.numel() < GRAIN:
+        assert out is None                       # below the grain torch's own product is serial and faster
+        return
+    assert out is not None and out.dtype == dtype and out.shape == w.shape
+    assert torch.equal(_bits(out), _bits(w * mask))
+    assert multiplies_bool(w, keep) == (w.numel() >= GRAIN)
+
+
+@pytest.mark.parametrize("case", ["float16", "not contiguous", "too large", "mask of another shape",
+                                  "mask of another float type", "requires grad"])
+def test_where_the_fused_product_does_not_serve_the_tensor_product_does(case):
+    w, _, keep = _inputs((8, 16), torch.float32, 6)
+    if case == "float16":
+        w = w.half()
+    elif case == "not contiguous":
+        w, keep = w.t(), keep.t()
+    elif case == "too large":
+        w, keep = torch.ones(MAX_ENTRIES + 4), torch.ones(MAX_ENTRIES + 4, dtype=torch.bool)
+    elif case == "mask of another shape":
+        keep = keep.reshape(16, 8)
+    elif case == "mask of another float type":
+        keep = keep.double()
+    else:
+        w.requires_grad_()
+    assert masked(w, keep) is None
+    if case != "mask of another shape":
+        assert torch.equal(product(w.detach(), keep), w.detach() * keep)
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (384, 128)])
+@pytest.mark.parametrize("mask_type", ["bool", "float"])
+def test_masked_weight_and_ste_mask_give_autograds_values_and_gradients(shape, mask_type):
+    w, grad, keep = _inputs(shape, torch.float32, 7)
+    mask = keep if mask_type == "bool" else keep.float()
+    for fn, expected_grad in ((masked_weight, grad * mask), (ste_mask, grad)):
+        leaf = w.clone().requires_grad_()
+        out = fn(leaf, mask)
+        assert torch.equal(_bits(out.detach()), _bits(w * mask))
+        out.backward(grad)
+        assert torch.equal(_bits(leaf.grad), _bits(expected_grad))
+    # autograd's reference, ``W * mask``, for the masked gradient itself
+    leaf = w.clone().requires_grad_()
+    (leaf * mask).backward(grad)
+    reference = leaf.grad
+    leaf = w.clone().requires_grad_()
+    masked_weight(leaf, mask).backward(grad)
+    assert torch.equal(_bits(leaf.grad), _bits(reference))
+
+
+def test_a_graph_building_backward_keeps_the_masked_product_differentiable():
+    # create_graph=True: the masked gradient is itself differentiated (a gradient penalty), so it stays autograd's
+    w, _, keep = _inputs((384, 128), torch.float32, 8)
+    x = torch.randn(4, 128)
+    for fn in (masked_weight, lambda a, b: a * b):
+        leaf = w.clone().requires_grad_()
+        (g,) = torch.autograd.grad((x @ fn(leaf, keep).t()).square().sum(), leaf, create_graph=True)
+        g.square().sum().backward()
+        if fn is masked_weight:
+            ours = leaf.grad
+        else:
+            assert torch.equal(ours, leaf.grad)

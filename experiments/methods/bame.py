@@ -83,6 +83,7 @@ from ..distributed import rank_mean
 from ..layers import gemm
 from ..rules import DECAY, FRACTION, STEPS, Choice, Rule, above, at_least, param
 from .base import Capabilities, Method, MethodError, register_method
+from .ste import masked_weight
 
 REGROW = ("zero", "stale")
 
@@ -205,7 +206,7 @@ class BAME(Method):
     def forward_weight(self, name, module):
         if self._first_phase:
             return self.masked_with_decay(name, module, self._mask(name, module), self.params.decay)
-        return module.weight * self._mask(name, module)
+        return masked_weight(module.weight, self._mask(name, module))
 
     def layer_forward(self, name, module, x):
         w = self.forward_weight(name, module)

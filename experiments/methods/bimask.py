@@ -39,6 +39,7 @@ from torch.nn.modules.utils import _pair
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
 from ..rules import DECAY, SEED, STEPS, Choice, at_least, param
 from .base import Capabilities, Method, MethodError, register_method
+from .ste import masked_weight, product
 
 
 SEARCHES = ("random", "local")
@@ -155,7 +156,7 @@ class _BiMaskGEMM(torch.autograd.Function):
     def forward(ctx, x, weight, fmask, bmask, decay, conv):
         ctx.save_for_backward(x, weight, fmask, bmask)
         ctx.decay, ctx.conv = decay, conv
-        w_f = weight * fmask
+        w_f = product(weight, fmask)
         if conv is None:
             return F.linear(x, w_f)
         stride, padding, dilation, groups = conv
@@ -164,7 +165,7 @@ class _BiMaskGEMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, fmask, bmask = ctx.saved_tensors
-        w_b = weight * bmask
+        w_b = product(weight, bmask)
         if ctx.conv is None:
             grad_x = grad @ w_b
             grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
@@ -250,7 +251,7 @@ class BiMask(Method):
         return y
 
     def forward_weight(self, name, module):
-        return module.weight * self._masks_of(name, module)[0]
+        return masked_weight(module.weight, self._masks_of(name, module)[0])
 
     def masks(self):
         return {name: self._masks_of(name, mod)[0] for name, mod in self.ctx.layers.items()}

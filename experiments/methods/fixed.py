@@ -11,6 +11,7 @@ import torch
 
 from ...sparsity import make_mask
 from .base import Capabilities, StoredMaskMethod, register_method
+from .ste import masked_weight
 
 
 @register_method("fixed")
@@ -28,7 +29,7 @@ class Fixed(StoredMaskMethod):
         self.masks()    # computed once, at the first step, from the weights the run starts with
 
     def forward_weight(self, name, module):
-        return module.weight * self.mask_as(name, self.mask(name), module.weight)
+        return masked_weight(module.weight, self.mask_as(name, self.mask(name), module.weight))
 
     def export_pattern(self, name):
         return self.ctx.pattern

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ...sparsity.fused import masked
+
 
 class _STEMask(torch.autograd.Function):
     @staticmethod
@@ -32,8 +34,49 @@ class _STEMask(torch.autograd.Function):
         return grad, None, None
 
 
+class _Masked(torch.autograd.Function):
+    """``W * mask`` through `product`; the gradient straight through (``straight``) or masked, ``dW~ * mask``,
+    which is what autograd's own ``W * mask`` returns."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, straight: bool) -> torch.Tensor:
+        ctx.straight = straight
+        if not straight:
+            ctx.save_for_backward(mask)
+        return product(weight, mask)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.straight:
+            return grad, None, None
+        (mask,) = ctx.saved_tensors
+        return product(grad, mask), None, None      # a graph-building grad (create_graph) takes the tensor path
+
+
+def product(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values * mask``, in one serial pass on a CPU layer (`sparsity.fused.masked`: no thread wake-up, no cast
+    of a bool mask), bit for bit; elsewhere, and traced by torch.compile, the tensor product."""
+    if torch.compiler.is_compiling():
+        return values * mask
+    # with grad mode off nothing records the product, so the kernel may serve a tensor that requires grad
+    # (a weight, in a Function's forward or backward); with it on (create_graph) the product stays autograd's
+    out = masked(values if torch.is_grad_enabled() else values.detach(), mask)
+    return values * mask if out is None else out
+
+
 def ste_mask(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0) -> torch.Tensor:
-    return _STEMask.apply(weight, mask, decay)
+    """``W * mask`` forward, the gradient straight through (plus SR-STE's ``decay`` term where it is given)."""
+    if decay or torch.compiler.is_compiling():      # traced: the plain Function, which dynamo reads through
+        return _STEMask.apply(weight, mask, decay)
+    return _Masked.apply(weight, mask, True)
+
+
+def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``W * mask`` with autograd's gradient of it, ``dW~ * mask``: the pruned weights get none. The same
+    values as ``weight * mask`` forward and backward, each product in one pass on a CPU layer."""
+    if torch.compiler.is_compiling():
+        return weight * mask
+    return _Masked.apply(weight, mask, False)
 
 
 def change_rate(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:

@@ -18,6 +18,7 @@ import torch
 from ...sparsity import magnitude, unstructured_mask
 from ..rules import FRACTION, STEPS, Choice, param
 from .base import Capabilities, MethodError, StoredMaskMethod, register_method
+from .ste import masked_weight
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Unstructured(StoredMaskMethod):
             self._masks = self._compute(step)
 
     def forward_weight(self, name, module):
-        return module.weight * self.mask_as(name, self.mask(name), module.weight)
+        return masked_weight(module.weight, self.mask_as(name, self.mask(name), module.weight))
 
     def densities(self, name, step):
         return 1.0, 1.0, self.target_density(step)
