@@ -200,16 +200,47 @@ if njit is not None:
         return True
 
 
+    @njit(cache=True, nogil=True)
+    def _column4(scores, fmask, perm, n, table, keep):
+        """``keep[perm[4g + i], c]``: per group g of 4 permuted rows and per column c, ``table[n - 1, order]``'s
+        bit i of the values ``scores * fmask`` there, and ``fmask`` itself. False, with ``keep`` partly
+        written, where a value is NaN (an Inf score times a pruned 0)."""
+        factors = np.zeros(2, dtype=scores.dtype)
+        factors[1] = 1
+        for g in range(scores.shape[0] // 4):
+            r0, r1, r2, r3 = perm[4 * g], perm[4 * g + 1], perm[4 * g + 2], perm[4 * g + 3]
+            for c in range(scores.shape[1]):
+                k0, k1, k2, k3 = fmask[r0, c], fmask[r1, c], fmask[r2, c], fmask[r3, c]
+                # ``scores * fmask`` as torch computes it: times 1 or 0 in the scores' type
+                a0, a1 = scores[r0, c] * factors[1 if k0 else 0], scores[r1, c] * factors[1 if k1 else 0]
+                a2, a3 = scores[r2, c] * factors[1 if k2 else 0], scores[r3, c] * factors[1 if k3 else 0]
+                if a0 != a0 or a1 != a1 or a2 != a2 or a3 != a3:
+                    return False
+                bits = table[n - 1, _order4(a0, a1, a2, a3)]
+                keep[r0, c] = k0 and (bits & 1) != 0
+                keep[r1, c] = k1 and (bits & 2) != 0
+                keep[r2, c] = k2 and (bits & 4) != 0
+                keep[r3, c] = k3 and (bits & 8) != 0
+        return True
+
+
 @functools.lru_cache(maxsize=None)
-def _table4() -> np.ndarray:
+def _table4(dim: int = -1) -> np.ndarray:
     """(3, 3**6) uint8: for N = 1, 2, 3, the 4 bits topk(N) keeps for every weak order of 4 values, found by
-    running torch.topk itself on one representative of each (ranks 0..3 in every assignment): the kernel
-    then keeps, on every group and tied ones included, what topk keeps in this build of torch."""
+    running torch.topk itself on one representative of each (ranks 0..3 in every assignment), along the last
+    dimension (``dim=-1``: each group contiguous) or along dimension 1 of a (groups, 4, 1) tensor (``dim=1``:
+    the groups strided, as a column-wise top-k runs): the kernel then keeps, on every group and tied ones
+    included, what topk keeps in this build of torch."""
     reps = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=torch.float32)     # (256, 4)
     table = np.zeros((3, 3 ** 6), dtype=np.uint8)
     codes = [_order4(*row) for row in reps.tolist()]
     for n in (1, 2, 3):
-        kept = torch.zeros_like(reps, dtype=torch.bool).scatter_(-1, reps.topk(n, dim=-1).indices, True)
+        if dim == -1:
+            kept = torch.zeros_like(reps, dtype=torch.bool).scatter_(-1, reps.topk(n, dim=-1).indices, True)
+        else:
+            strided = reps.unsqueeze(-1)
+            kept = torch.zeros_like(strided, dtype=torch.bool).scatter_(1, strided.topk(n, dim=1).indices, True)
+            kept = kept.squeeze(-1)
         for code, row in zip(codes, kept.tolist()):
             table[n - 1, code] = sum(1 << i for i, k in enumerate(row) if k)
     return table
@@ -223,5 +254,23 @@ def nm4_mask(matrix: torch.Tensor, n: int) -> torch.Tensor | None:
         return None
     keep = torch.empty(matrix.shape, dtype=torch.bool)
     if not _mask4(matrix.view(-1).numpy(), n, _table4(), keep.view(-1).numpy()):
+        return None
+    return keep
+
+
+def column_nm4_mask(scores: torch.Tensor, fmask: torch.Tensor, perm: torch.Tensor, n: int) -> torch.Tensor | None:
+    """Bi-Mask's backward mask at M = 4 in one pass: per group of 4 rows of a (rows x cols) ``scores`` matrix
+    taken in the order ``perm`` and per column, the entries ``topk(n, dim=1)`` keeps among ``scores * fmask``,
+    ties included, and of those only what ``fmask`` keeps, written back at the rows' own places. That is
+    ``methods.bimask.backward_mask``'s tensor formula (a product, two gathers, topk along a strided dimension,
+    a zero-filled mask, a scatter, an and, a scatter back), bit for bit. None where the kernel does not serve:
+    not a CPU float32/float64 contiguous matrix of at most `MAX_ENTRIES` entries with a bool ``fmask`` of its
+    shape and a CPU int64 ``perm`` of its rows, rows not in groups of 4, n outside 1..3, or a NaN value."""
+    if not (_served(scores, fmask) and scores.dim() == 2 and fmask.dtype == torch.bool and scores.shape[0] % 4 == 0
+            and 1 <= n <= 3 and perm.device.type == "cpu" and perm.dtype == torch.int64
+            and perm.shape == (scores.shape[0],)):
+        return None
+    keep = torch.empty(scores.shape, dtype=torch.bool)
+    if not _column4(scores.numpy(), fmask.numpy(), perm.contiguous().numpy(), n, _table4(1), keep.numpy()):
         return None
     return keep

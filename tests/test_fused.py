@@ -13,7 +13,8 @@ from nmtrain.experiments.methods.base import pruned_decay
 from nmtrain.sparsity import grouped, nm_mask
 from nmtrain.sparsity import nm as nm_module
 from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask
-from nmtrain.sparsity.fused import GRAIN, MAX_ENTRIES, add_pruned_decay_, clamp_pruned_, masked, multiplies_bool, njit, nm4_mask
+from nmtrain.sparsity.fused import (GRAIN, MAX_ENTRIES, add_pruned_decay_, clamp_pruned_, column_nm4_mask, masked,
+                                    multiplies_bool, njit, nm4_mask)
 
 pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
 
@@ -250,3 +251,55 @@ def test_a_graph_building_backward_keeps_the_masked_product_differentiable():
             ours = leaf.grad
         else:
             assert torch.equal(ours, leaf.grad)
+
+
+def _backward_mask_formula(fmask: torch.Tensor, scores: torch.Tensor, perm: torch.Tensor, n: int) -> torch.Tensor:
+    """`methods.bimask.backward_mask`'s tensor formula at M = 4, transcribed."""
+    rows, cols = scores.shape
+    s = (scores * fmask)[perm].reshape(rows // 4, 4, cols)
+    keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(n, dim=1).indices, True).reshape(rows, cols)
+    keep &= fmask[perm]
+    out = torch.empty_like(keep)
+    out[perm] = keep
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["random", "integers (ties)", "kept zeros and infinities", "every weak order"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_the_column_n4_kernel_is_bimasks_backward_mask_bit_for_bit(dtype, kind, n):
+    g = torch.Generator().manual_seed(n)
+    if kind == "every weak order":          # each column of 4 rows one of the 256 rank assignments
+        w = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=dtype).t().repeat(2, 1)
+    elif kind == "integers (ties)":
+        w = torch.randint(-3, 4, (64, 40), generator=g).to(dtype)
+    else:
+        w = torch.randn(64, 40, generator=g, dtype=dtype)
+        if kind == "kept zeros and infinities":
+            w.view(-1)[::5] = 0.0
+            w.view(-1)[1::9] = -0.0
+            w.view(-1)[2::17] = float("inf")
+    scores = w.abs()
+    for seed in range(3):
+        fmask = torch.rand(w.shape, generator=torch.Generator().manual_seed(seed)) < 0.6
+        if kind == "kept zeros and infinities":
+            fmask.view(-1)[2::17] = True     # an Inf times a pruned 0 is NaN: left to the formula below
+        perm = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(10 + seed))
+        expected = _backward_mask_formula(fmask, scores, perm, n)
+        fused = column_nm4_mask(scores, fmask, perm, n)
+        assert fused is not None and torch.equal(fused, expected)
+
+
+def test_the_column_n4_kernel_leaves_nan_and_what_it_does_not_serve_to_the_formula():
+    scores = torch.rand(8, 12)
+    fmask, perm = torch.rand(8, 12) < 0.5, torch.randperm(8)
+    assert column_nm4_mask(scores, fmask, perm, 2) is not None
+    nan = scores.clone()
+    nan[3, 4] = float("nan")
+    inf_pruned = scores.clone()
+    inf_pruned[0, 0], fmask_pruned = float("inf"), fmask.clone()
+    fmask_pruned[0, 0] = False                      # Inf * 0 is NaN
+    for args in ((nan, fmask, perm, 2), (inf_pruned, fmask_pruned, perm, 2), (scores.half(), fmask, perm, 2),
+                 (scores.t(), fmask.t(), perm, 2), (scores[:6], fmask[:6], perm[:6], 2), (scores, fmask, perm, 4),
+                 (scores, fmask.float(), perm, 2), (scores, fmask, perm.int(), 2)):
+        assert column_nm4_mask(*args) is None

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
+from ...sparsity.fused import column_nm4_mask
 from ..rules import DECAY, SEED, STEPS, Choice, at_least, param
 from .base import Capabilities, Method, MethodError, register_method
 from .ste import masked_weight, product
@@ -62,6 +63,9 @@ PATIENCE = 20                   # local search: rounds in a row without any impr
 
 def backward_mask(fmask_matrix: torch.Tensor, scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """``B_b`` of a GEMM-view matrix (C_out x K): column-wise top-n of ``scores * B_f`` per M permuted rows."""
+    fused = column_nm4_mask(scores, fmask_matrix, perm, n) if m == 4 else None     # one pass on a CPU
+    if fused is not None:
+        return fused
     rows, cols = scores.shape
     s = (scores * fmask_matrix)[perm]                                   # permuted rows
     groups = s.reshape(rows // m, m, cols)
