@@ -203,7 +203,7 @@ if njit is not None:
     @njit(cache=True, nogil=True)
     def _column4(scores, fmask, perm, n, table, keep):
         """``keep[perm[4g + i], c]``: per group g of 4 permuted rows and per column c, ``table[n - 1, order]``'s
-        bit i of the values ``scores * fmask`` there, and ``fmask`` itself. False, with ``keep`` partly
+        bit i of the values ``|scores| * fmask`` there, and ``fmask`` itself. False, with ``keep`` partly
         written, where a value is NaN (an Inf score times a pruned 0)."""
         factors = np.zeros(2, dtype=scores.dtype)
         factors[1] = 1
@@ -211,9 +211,9 @@ if njit is not None:
             r0, r1, r2, r3 = perm[4 * g], perm[4 * g + 1], perm[4 * g + 2], perm[4 * g + 3]
             for c in range(scores.shape[1]):
                 k0, k1, k2, k3 = fmask[r0, c], fmask[r1, c], fmask[r2, c], fmask[r3, c]
-                # ``scores * fmask`` as torch computes it: times 1 or 0 in the scores' type
-                a0, a1 = scores[r0, c] * factors[1 if k0 else 0], scores[r1, c] * factors[1 if k1 else 0]
-                a2, a3 = scores[r2, c] * factors[1 if k2 else 0], scores[r3, c] * factors[1 if k3 else 0]
+                # ``|scores| * fmask`` as torch computes it: times 1 or 0 in the scores' type
+                a0, a1 = abs(scores[r0, c]) * factors[1 if k0 else 0], abs(scores[r1, c]) * factors[1 if k1 else 0]
+                a2, a3 = abs(scores[r2, c]) * factors[1 if k2 else 0], abs(scores[r3, c]) * factors[1 if k3 else 0]
                 if a0 != a0 or a1 != a1 or a2 != a2 or a3 != a3:
                     return False
                 bits = table[n - 1, _order4(a0, a1, a2, a3)]
@@ -260,7 +260,8 @@ def nm4_mask(matrix: torch.Tensor, n: int) -> torch.Tensor | None:
 
 def column_nm4_mask(scores: torch.Tensor, fmask: torch.Tensor, perm: torch.Tensor, n: int) -> torch.Tensor | None:
     """Bi-Mask's backward mask at M = 4 in one pass: per group of 4 rows of a (rows x cols) ``scores`` matrix
-    taken in the order ``perm`` and per column, the entries ``topk(n, dim=1)`` keeps among ``scores * fmask``,
+    (magnitudes, or the signed weights: the kernel takes |·|, which is exact and leaves magnitudes as they are)
+    taken in the order ``perm`` and per column, the entries ``topk(n, dim=1)`` keeps among ``|scores| * fmask``,
     ties included, and of those only what ``fmask`` keeps, written back at the rows' own places. That is
     ``methods.bimask.backward_mask``'s tensor formula (a product, two gathers, topk along a strided dimension,
     a zero-filled mask, a scatter, an and, a scatter back), bit for bit. None where the kernel does not serve:

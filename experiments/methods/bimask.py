@@ -201,10 +201,11 @@ class BiMask(Method):
         self.survival: dict[str, float] = {}      # share of forward-kept weights kept by B_b, per layer
 
     def _matrices(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GEMM views of the forward mask and of the (signed) weight."""
         p = self.ctx.pattern
         w = module.weight.detach()
         fmask = nm_mask(w, p.n, p.m, self.ctx.layout)
-        return to_matrix(fmask, self.ctx.layout), to_matrix(w.abs(), self.ctx.layout)
+        return to_matrix(fmask, self.ctx.layout), to_matrix(w, self.ctx.layout)
 
     def _generator_seed(self, index: int) -> int:
         """One 63-bit seed per (run seed, params.seed, layer, search): distinct runs, distinct draws."""
@@ -219,8 +220,8 @@ class BiMask(Method):
         p = self.ctx.pattern
         for index, (name, mod) in enumerate(self.ctx.layers.items()):
             gen = torch.Generator().manual_seed(self._generator_seed(index))
-            fm, scores = self._matrices(mod)
-            perm, kept = search_permutation(fm, scores, p.n, p.m, self.params.greedy_num, gen)
+            fm, w = self._matrices(mod)
+            perm, kept = search_permutation(fm, w.abs(), p.n, p.m, self.params.greedy_num, gen)
             if self.params.search == "local":
                 perm, kept = local_search(fm, perm, p.n, p.m, gen, self.params.local_rounds)
             self.perms[name] = perm
@@ -236,8 +237,12 @@ class BiMask(Method):
         p = self.ctx.pattern
         if name not in self.perms:
             self._search(0)
-        fm, scores = self._matrices(module)
-        bm = backward_mask(fm, scores, self.perms[name].to(fm.device), p.n, p.m)
+        fm, w = self._matrices(module)
+        perm = self.perms[name].to(fm.device)
+        # at M = 4 on a CPU one pass straight from the signed weights (it takes |W| itself), else the formula
+        bm = column_nm4_mask(w, fm, perm, p.n) if p.m == 4 else None
+        if bm is None:
+            bm = backward_mask(fm, w.abs(), perm, p.n, p.m)
         shape = module.weight.shape
         return from_matrix(fm, shape, self.ctx.layout), from_matrix(bm, shape, self.ctx.layout)
 
