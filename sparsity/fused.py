@@ -2,7 +2,8 @@
 ``grad += decay · (1 − keep) ⊙ W`` (`methods.base.pruned_decay`, then ``add_``: three tensor operations),
 the bound on pruned weights (`methods.transposable.bound_pruned`: five), and the row-wise N:4 mask that
 SR-STE and its kin recompute every step (`nm.nm_mask`: |W|, topk, a zero-filled mask and a scatter),
-and the masked weight ``W ⊙ E`` itself with its masked gradient (`masked`), each one pass over a layer.
+the masked weight ``W ⊙ E`` itself with its masked gradient (`masked`), Bi-Mask's backward mask
+(`column_nm4_mask`) and S-STE's soft-thresholded weight (`soft_threshold4`), each one pass over a layer.
 
 Why: on a CPU every tensor operation on more than torch's parallel grain (32K entries) wakes the thread
 pool, tens of microseconds each under ``OMP_WAIT_POLICY=PASSIVE``; on a transformer's small layers those
@@ -229,6 +230,30 @@ if njit is not None:
         return not nan
 
 
+    @njit(cache=True, nogil=True)
+    def _soft4(weight, n, scale, out):
+        """S-STE's ``beta * S(W)`` per group of 4 consecutive weights of the flat ``weight``: t the (n+1)-th
+        largest |w| (a sorting network of min/max: no index, so ties cannot matter), ``sign(w) * (|w| - t)``
+        above t, +0.0 at or below it, times ``scale[0]``; ``scale[1]`` is a zero of the type. False where a
+        weight is NaN (``out`` then garbage)."""
+        nan = False
+        for g in range(weight.shape[0] // 4):
+            a0, a1 = abs(weight[4 * g]), abs(weight[4 * g + 1])
+            a2, a3 = abs(weight[4 * g + 2]), abs(weight[4 * g + 3])
+            nan |= (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
+            hi01, lo01, hi23, lo23 = max(a0, a1), min(a0, a1), max(a2, a3), min(a2, a3)
+            mid_hi, mid_lo = min(hi01, hi23), max(lo01, lo23)
+            # descending: max(hi01, hi23), max(mid_hi, mid_lo), min(mid_hi, mid_lo), min(lo01, lo23)
+            t = max(mid_hi, mid_lo) if n == 1 else (min(mid_hi, mid_lo) if n == 2 else min(lo01, lo23))
+            for i in range(4):
+                v = weight[4 * g + i]
+                a = abs(v)
+                # sign(w) * (|w| - t) is exact negation for w < 0 (|w| > t >= 0, so w is not 0)
+                s = (a - t if v > 0 else -(a - t)) if a > t else scale[1]
+                out[4 * g + i] = scale[0] * s
+        return not nan
+
+
 @functools.lru_cache(maxsize=None)
 def _table4(dim: int = -1) -> np.ndarray:
     """(3, 3**6) uint8: for N = 1, 2, 3, the 4 bits topk(N) keeps for every weak order of 4 values, found by
@@ -280,3 +305,18 @@ def column_nm4_mask(scores: torch.Tensor, fmask: torch.Tensor, perm: torch.Tenso
     if not _column4(scores.numpy(), fmask.numpy(), perm.contiguous().numpy(), n, _table4(1), keep.numpy()):
         return None
     return keep
+
+
+def soft_threshold4(matrix: torch.Tensor, n: int, scale: torch.Tensor) -> torch.Tensor | None:
+    """S-STE's forward weight at M = 4, ``scale * S(W)`` of a GEMM-view ``matrix`` (groups of 4 consecutive
+    entries along K), in one pass: `methods.sste.soft_threshold`'s tensor formula (|W|, topk's values, a
+    compare, sign, a difference, a product, a where) and the product by ``scale`` (a 0-dim tensor of the
+    matrix's type), bit for bit. None where the kernel does not serve (as `nm4_mask`, or a NaN weight)."""
+    if not (_served(matrix) and matrix.shape[-1] % 4 == 0 and 1 <= n <= 3 and scale.dim() == 0
+            and scale.dtype == matrix.dtype):
+        return None
+    flat = matrix.view(-1).numpy()
+    out = torch.empty_like(matrix)
+    if not _soft4(flat, n, np.array([scale.item(), 0.0], dtype=flat.dtype), out.view(-1).numpy()):
+        return None
+    return out

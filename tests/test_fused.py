@@ -12,9 +12,10 @@ import torch
 from nmtrain.experiments.methods.base import pruned_decay
 from nmtrain.sparsity import grouped, nm_mask
 from nmtrain.sparsity import nm as nm_module
+from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_threshold
 from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask
 from nmtrain.sparsity.fused import (GRAIN, MAX_ENTRIES, add_pruned_decay_, clamp_pruned_, column_nm4_mask, masked,
-                                    multiplies_bool, njit, nm4_mask)
+                                    multiplies_bool, njit, nm4_mask, soft_threshold4)
 
 pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
 
@@ -303,3 +304,39 @@ def test_the_column_n4_kernel_leaves_nan_and_what_it_does_not_serve_to_the_formu
                  (scores.t(), fmask.t(), perm, 2), (scores[:6], fmask[:6], perm[:6], 2), (scores, fmask, perm, 4),
                  (scores, fmask.float(), perm, 2), (scores, fmask, perm.int(), 2)):
         assert column_nm4_mask(*args) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["random", "integers (ties)", "signed zeros and infinities", "every weak order"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_the_soft_threshold_kernel_is_sstes_formula_bit_for_bit(dtype, kind, n):
+    g = torch.Generator().manual_seed(20 + n)
+    if kind == "every weak order":
+        w = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=dtype).reshape(16, 64)
+        w = w * torch.where(torch.rand(w.shape, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    elif kind == "integers (ties)":
+        w = torch.randint(-3, 4, (48, 64), generator=g).to(dtype)
+    else:
+        w = torch.randn(48, 64, generator=g, dtype=dtype)
+        if kind == "signed zeros and infinities":
+            w.view(-1)[::5] = 0.0
+            w.view(-1)[1::7] = -0.0
+            w.view(-1)[2::19] = float("inf")
+            w.view(-1)[3::23] = -float("inf")
+    for beta in (0.73, 1.0, 3.1e-3):
+        scale = torch.tensor(beta, dtype=dtype)
+        expected = scale * soft_threshold(w, n, 4)
+        fused = soft_threshold4(w, n, scale)
+        assert fused is not None and torch.equal(_bits(fused), _bits(expected))
+    assert soft_threshold4(torch.full((4, 8), float("nan")), n, torch.tensor(1.0)) is None
+    assert soft_threshold4(w.t(), n, torch.tensor(1.0, dtype=dtype)) is None          # not contiguous
+    assert soft_threshold4(w, n, torch.tensor(1.0, dtype=torch.float16)) is None      # a scale of another type
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (16, 8, 3, 3)])
+def test_sstes_forward_weight_is_the_formula_in_every_layout(shape):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(30))
+    beta = torch.tensor(0.61)
+    for layout in ("nhwc", "flatten"):
+        expected = beta * soft_threshold(w, 2, 4, layout)
+        assert torch.equal(_bits(scaled_soft_threshold(w, beta, 2, 4, layout)), _bits(expected))
