@@ -3,7 +3,8 @@
 the bound on pruned weights (`methods.transposable.bound_pruned`: five), and the row-wise N:4 mask that
 SR-STE and its kin recompute every step (`nm.nm_mask`: |W|, topk, a zero-filled mask and a scatter),
 the masked weight ``W ⊙ E`` itself with its masked gradient (`masked`), Bi-Mask's backward mask
-(`column_nm4_mask`) and S-STE's soft-thresholded weight (`soft_threshold4`), each one pass over a layer.
+(`column_nm4_mask`), S-STE's soft-thresholded weight (`soft_threshold4`) and PGF's decayed mask
+(`decayed`), each one pass over a layer.
 
 Why: on a CPU every tensor operation on more than torch's parallel grain (32K entries) wakes the thread
 pool, tens of microseconds each under ``OMP_WAIT_POLICY=PASSIVE``; on a transformer's small layers those
@@ -140,6 +141,13 @@ if njit is not None:
         for i in range(values.shape[0]):
             out[i] = values[i] * keep[i]
 
+    @njit(cache=True, nogil=True)
+    def _decayed(out, values, keep, value):
+        # torch.where(keep, values, values * value): value[0] already in the values' type, as torch's CPU
+        # product takes a scalar operand (converted to the type it computes in, then one multiply)
+        for i in range(values.shape[0]):
+            out[i] = values[i] if keep[i] else values[i] * value[0]
+
 
 # torch's at::internal::GRAIN_SIZE: a tensor operation on fewer entries runs on the calling thread alone
 GRAIN = 32768
@@ -169,6 +177,18 @@ def masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
         _product(flat_out, flat_values, flat_keep, np.array([0.0, 1.0], dtype=flat_values.dtype))
     else:
         _product_same(flat_out, flat_values, flat_keep)
+    return out
+
+
+def decayed(values: torch.Tensor, keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor | None:
+    """PGF's forward weight ``torch.where(keep, values, values * value)`` (``value`` a 0-dim CPU tensor, the
+    pruned weights' mask value) as a new tensor, one serial pass, bit for bit; None where the kernel does not
+    serve (as `masked`, with a bool ``keep``; any size: the where and the product are two tensor passes)."""
+    if not (_served(values, keep) and keep.dtype == torch.bool and value.dim() == 0 and value.device.type == "cpu"):
+        return None
+    out = torch.empty_like(values)
+    flat = values.view(-1).numpy()
+    _decayed(out.view(-1).numpy(), flat, keep.view(-1).numpy(), np.array([value.item()], dtype=flat.dtype))
     return out
 
 

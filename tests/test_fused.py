@@ -14,7 +14,7 @@ from nmtrain.sparsity import grouped, nm_mask
 from nmtrain.sparsity import nm as nm_module
 from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_threshold
 from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask
-from nmtrain.sparsity.fused import (GRAIN, MAX_ENTRIES, add_pruned_decay_, clamp_pruned_, column_nm4_mask, masked,
+from nmtrain.sparsity.fused import (GRAIN, MAX_ENTRIES, add_pruned_decay_, clamp_pruned_, column_nm4_mask, decayed, masked,
                                     multiplies_bool, njit, nm4_mask, soft_threshold4)
 
 pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
@@ -340,3 +340,18 @@ def test_sstes_forward_weight_is_the_formula_in_every_layout(shape):
     for layout in ("nhwc", "flatten"):
         expected = beta * soft_threshold(w, 2, 4, layout)
         assert torch.equal(_bits(scaled_soft_threshold(w, beta, 2, 4, layout)), _bits(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(16, 32), (384, 128)])
+def test_the_decayed_kernel_is_pgfs_where_bit_for_bit(dtype, shape):
+    g = torch.Generator().manual_seed(40)
+    for trial in range(20):
+        w, _, keep = _inputs(shape, dtype, 40 + trial)
+        w = _specials(w * float(10.0 ** torch.randint(-30, 30, (1,), generator=g).item()))
+        # PGF's value: a 0-dim float64 CPU tensor, one step's exp(-c t) (any float64; 0 and 1 at the ends)
+        value = torch.tensor((0.0, 1.0, torch.rand((), generator=g, dtype=torch.float64).item() ** 3)[trial % 3],
+                             dtype=torch.float64)
+        out = decayed(w, keep, value)
+        assert out is not None and torch.equal(_bits(out), _bits(torch.where(keep, w, w * value)))
+    assert decayed(w, keep.float(), value) is None and decayed(w.t(), keep.t(), value) is None

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 import torch
 
 from ...sparsity import Pattern, nm_mask
+from ...sparsity.fused import decayed
 from ..rules import FRACTION, Choice, above, param
 from .base import Capabilities, Method, MethodError, register_method
 
@@ -118,7 +119,12 @@ class _DecayedMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, kept: torch.Tensor, value) -> torch.Tensor:
         # = W * (E + (1 - E) v) bit for bit: kept entries W * 1, pruned ones W * v. Not a fold (v is
-        # above 0 but in SDGF and the fine-tune): the export folds through sparsity.fold_mask.
+        # above 0 but in SDGF and the fine-tune): the export folds through sparsity.fold_mask. On a CPU layer
+        # one compiled pass (sparsity.fused.decayed), the same bits; traced by torch.compile, the formula.
+        if isinstance(value, torch.Tensor) and not torch.compiler.is_compiling():
+            out = decayed(weight.detach(), kept, value)
+            if out is not None:
+                return out
         return torch.where(kept, weight, weight * value)
 
     @staticmethod
