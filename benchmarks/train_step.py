@@ -5,7 +5,9 @@ Each method trains the same model on the same fixed batches; steps are interleav
 step time is reported with its ratio to dense. Each method is attached by `nmtrain.sparsify` and
 stepped by a plain loop, as `nmtrain train` and a user's own loop run it: the hooks' cost is in the
 step. Mask recomputation is part of the step (SR-STE every step, transposable every `mask_interval`
-steps, so the run covers at least one interval).
+steps, so the run covers at least one interval). Beside the whole run's median ratio, the timed steps are
+cut into ``--blocks`` consecutive blocks (default 4) and the mean ± sample sd of the blocks' median ratios is
+reported: the noise of the run itself, against which a difference from 1.00x or from a target is judged.
 
     python benchmarks/train_step.py                      # LeNet-5, Fashion-MNIST-sized batches, 2:4
     python benchmarks/train_step.py --model resnet20 --image-size 32 --channels 3 --device cuda
@@ -187,6 +189,16 @@ def _same_mode(runs: dict, reference: str | None, name: str) -> str | None:
     return twin if twin in runs else None
 
 
+def block_ratios(times: list[float], dense: list[float], blocks: int) -> list[float]:
+    """The median-step ratio to dense in each of ``blocks`` consecutive runs of interleaved steps: their spread
+    is the run's own noise (the machine drifts over a run; the steps of one block ran side by side)."""
+    size = min(len(times), len(dense)) // blocks
+    if size == 0:
+        return []
+    return [statistics.median(times[b * size:(b + 1) * size]) / statistics.median(dense[b * size:(b + 1) * size])
+            for b in range(blocks)]
+
+
 def _report(args, runs: dict, held: dict, device: torch.device) -> tuple[Table, list[dict]]:
     """The table and the JSON rows: every run's median and mean step, against dense (and SR-STE) timed in the
     same mode, its training FLOPs and memory against dense."""
@@ -194,8 +206,8 @@ def _report(args, runs: dict, held: dict, device: torch.device) -> tuple[Table, 
     baseline = next((name for name in runs if not get_method(_label_params(name)[0]).caps.sparse), None)
     table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {args.optim}, {device} "
                         f"({torch.get_num_threads()} threads), {args.steps} interleaved steps")
-    for col in ("method", "median ms / step", "vs dense", "mean ms / step", "vs dense ", "mean vs srste",
-                "train FLOPs", "held MB", "memory vs dense"):
+    for col in ("method", "median ms / step", "vs dense", f"± sd ({args.blocks} blocks)", "mean ms / step",
+                "vs dense ", "mean vs srste", "train FLOPs", "held MB", "memory vs dense"):
         table.add_column(col, justify="right")
     rows = []
     for name, (_, handle, _, times) in runs.items():
@@ -206,12 +218,17 @@ def _report(args, runs: dict, held: dict, device: torch.device) -> tuple[Table, 
         dense = statistics.median(runs[base][3]) if base else None
         dense_mean = statistics.fmean(runs[base][3]) if base else None
         srste_mean = statistics.fmean(runs[srste][3]) if srste else None
+        blocks = block_ratios(times, runs[base][3], args.blocks) if base else []
+        spread = statistics.stdev(blocks) if len(blocks) > 1 else None
         rows.append({"method": name, "median_ms": med * 1000, "median_vs_dense": med / dense if dense else None,
+                     "block_ratios": blocks, "block_ratio_mean": statistics.fmean(blocks) if blocks else None,
+                     "block_ratio_sd": spread,
                      "mean_ms": mean * 1000, "mean_vs_dense": mean / dense_mean if dense_mean else None,
                      "mean_vs_srste": mean / srste_mean if srste_mean else None,
                      "flops_ratio": flops["ratio"], "held_bytes": held[name],
                      "memory_vs_dense": held[name] / held[base] if base else None})
         table.add_row(name, f"{med * 1000:.2f}", f"{med / dense:.2f}x" if dense else "–",
+                      f"{statistics.fmean(blocks):.3f} ± {spread:.3f}" if spread is not None else "–",
                       f"{mean * 1000:.2f}", f"{mean / dense_mean:.2f}x" if dense_mean else "–",
                       f"{mean / srste_mean:.2f}x" if srste_mean else "–", f"{flops['ratio']:.3f}",
                       f"{held[name] / 2**20:.1f}", f"{held[name] / held[base]:.2f}x" if base else "–")
@@ -232,6 +249,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--compile", action="store_true", help="also time every method under torch.compile")
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend for --compile")
+    parser.add_argument("--blocks", type=int, default=4,
+                        help="cut the timed steps in this many consecutive blocks and report the mean ± sd of "
+                             "their median ratios to dense (the run's own noise)")
     args = parser.parse_args()
     device = torch.device(args.device)
     labels = _labels(args)

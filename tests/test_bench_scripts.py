@@ -54,6 +54,20 @@ def test_train_step_benchmark_runs_and_writes_memory_ratios(tmp_path, monkeypatc
     assert rows["srste"]["flops_ratio"] < 1.0
 
 
+def test_train_step_benchmark_reports_the_spread_of_its_blocks(tmp_path, monkeypatch):
+    bench = _load("train_step")
+    # by hand: 8 steps in 2 blocks, the method twice dense's time in the first block and equal in the second
+    assert bench.block_ratios([2, 2, 2, 2, 1, 1, 1, 1], [1] * 8, 2) == [2.0, 1.0]
+    assert bench.block_ratios([1, 1, 1], [1, 1, 1], 4) == []          # fewer steps than blocks: no spread
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--model", "mlp", "--image-size", "8", "--batch", "8",
+                                      "--steps", "6", "--blocks", "3", "--methods", "dense,srste",
+                                      "--out", str(tmp_path)])
+    bench.main()
+    rows = {r["method"]: r for r in json.loads((tmp_path / "train_step.json").read_text())["rows"]}
+    assert rows["dense"]["block_ratios"] == [1.0, 1.0, 1.0] and rows["dense"]["block_ratio_sd"] == 0.0
+    assert len(rows["srste"]["block_ratios"]) == 3 and rows["srste"]["block_ratio_sd"] >= 0.0
+
+
 def test_train_step_benchmark_times_compiled_twins_against_compiled_dense(tmp_path, monkeypatch):
     bench = _load("train_step")
     monkeypatch.setattr(sys, "argv", ["train_step.py", "--model", "mlp", "--image-size", "8", "--batch", "8",
