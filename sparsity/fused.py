@@ -3,8 +3,8 @@
 the bound on pruned weights (`methods.transposable.bound_pruned`: five), and the row-wise N:4 mask that
 SR-STE and its kin recompute every step (`nm.nm_mask`: |W|, topk, a zero-filled mask and a scatter),
 the masked weight ``W ⊙ E`` itself with its masked gradient (`masked`), Bi-Mask's backward mask
-(`column_nm4_mask`), S-STE's soft-thresholded weight (`soft_threshold4`) and PGF's decayed mask
-(`decayed`), each one pass over a layer.
+(`column_nm4_mask`), S-STE's soft-thresholded weight (`soft_threshold4`), PGF's decayed mask
+(`decayed`) and the MVUE 2:4 sample of a weight gradient's dYᵀ (`mvue24_sample`), each one pass.
 
 Why: on a CPU every tensor operation on more than torch's parallel grain (32K entries) wakes the thread
 pool, tens of microseconds each under ``OMP_WAIT_POLICY=PASSIVE``; on a transformer's small layers those
@@ -274,6 +274,50 @@ if njit is not None:
         return not nan
 
 
+    @njit(cache=True, nogil=True, error_model="numpy")       # IEEE division: x / 0 is Inf or NaN, not an error
+    def _mvue(x, u, eps, out, kept):
+        """`mvue.mvue24`'s sample of the float32 rows of ``x`` (groups of 4 along a row) from its uniforms ``u``
+        laid out (groups, 2, rows), into ``out``: every quantity in the formula's order and in float32
+        (``eps``: EPS in float32, as the tensor operation takes the Python float), the two cumulative sums
+        accumulated in float64 and rounded to float32, as torch's CPU cumsum does. Per group of 4 columns
+        the rows are one branch-free loop (x is dYᵀ: along its rows dY is contiguous), so that it
+        vectorises; its 4 values per row go through ``kept`` (4, rows) to their places in ``out``."""
+        zero = np.float32(0.0)
+        rows = x.shape[0]
+        for g in range(x.shape[1] // 4):
+            for r in range(rows):
+                x0, x1, x2, x3 = x[r, 4 * g], x[r, 4 * g + 1], x[r, 4 * g + 2], x[r, 4 * g + 3]
+                a0, a1, a2, a3 = abs(x0) + eps, abs(x1) + eps, abs(x2) + eps, abs(x3) + eps
+                total = ((a0 + a1) + a2) + a3
+                t0, t1, t2, t3 = a0 / total, a1 / total, a2 / total, a3 / total
+                k0, k1, k2, k3 = t0 / (total - a0), t1 / (total - a1), t2 / (total - a2), t3 / (total - a3)
+                sk = ((k0 + k1) + k2) + k3
+                # the first index: how many of the cumulative t_0, t_0 + t_1, t_0 + t_1 + t_2 are <= u0
+                u0, u1 = u[g, 0, r], u[g, 1, r]
+                d0 = np.float64(t0)
+                d1 = d0 + np.float64(t1)
+                d2 = d1 + np.float64(t2)
+                first = (np.int32(np.float32(d0) <= u0) + np.int32(np.float32(d1) <= u0)
+                         + np.int32(np.float32(d2) <= u0))
+                # the second: among the other three by a (the first's weight 0), against u1 * their total
+                e0 = np.float64(zero if first == 0 else a0)
+                e1 = e0 + np.float64(zero if first == 1 else a1)
+                e2 = e1 + np.float64(zero if first == 2 else a2)
+                threshold = u1 * np.float32(e2 + np.float64(zero if first == 3 else a3))
+                second = (np.int32(np.float32(e0) <= threshold) + np.int32(np.float32(e1) <= threshold)
+                          + np.int32(np.float32(e2) <= threshold))
+                second -= np.int32(second == first)
+                y0, y1 = x0 / (t0 + a0 * (sk - k0)), x1 / (t1 + a1 * (sk - k1))
+                y2, y3 = x2 / (t2 + a2 * (sk - k2)), x3 / (t3 + a3 * (sk - k3))
+                kept[0, r] = y0 if (first == 0) | (second == 0) else zero
+                kept[1, r] = y1 if (first == 1) | (second == 1) else zero
+                kept[2, r] = y2 if (first == 2) | (second == 2) else zero
+                kept[3, r] = y3 if (first == 3) | (second == 3) else zero
+            for r in range(rows):
+                for i in range(4):
+                    out[r, 4 * g + i] = kept[i, r]
+
+
 @functools.lru_cache(maxsize=None)
 def _table4(dim: int = -1) -> np.ndarray:
     """(3, 3**6) uint8: for N = 1, 2, 3, the 4 bits topk(N) keeps for every weak order of 4 values, found by
@@ -339,4 +383,23 @@ def soft_threshold4(matrix: torch.Tensor, n: int, scale: torch.Tensor) -> torch.
     out = torch.empty_like(matrix)
     if not _soft4(flat, n, np.array([scale.item(), 0.0], dtype=flat.dtype), out.view(-1).numpy()):
         return None
+    return out
+
+
+def mvue24_sample(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """`mvue.mvue24`'s 2:4 sample of a 2-D float32 CPU ``x`` (any strides: the weight gradient samples
+    ``dYᵀ``, a transposed view) along its rows, from the uniforms ``u`` it drew (rows, groups, 2), in one
+    pass: the formula's 25 tensor operations, bit for bit, into a new contiguous tensor. None where the
+    kernel does not serve: not float32, a row not in groups of 4, more than `MAX_ENTRIES` entries."""
+    if not (x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] % 4 == 0
+            and x.numel() <= MAX_ENTRIES and njit is not None and not x.requires_grad
+            and u.dtype == x.dtype and u.shape == (x.shape[0], x.shape[1] // 4, 2) and u.is_contiguous()):
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    if x.stride(0) != 1:            # rows laid out apart (a conv's dY, reshaped): one copy puts them along rows
+        x = x.t().contiguous().t()
+    # the uniforms along the rows too (a copy of half an entry per entry), so that the kernel's row loop reads
+    # every operand contiguously
+    along_rows = u.permute(1, 2, 0).contiguous().numpy()
+    _mvue(x.numpy(), along_rows, np.float32(eps), out.numpy(), np.empty((4, x.shape[0]), dtype=np.float32))
     return out

@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .fused import mvue24_sample
+
 EPS = 1.19209e-07       # _MVUE24_approx's eps
 GROUP = 4
 
@@ -92,8 +94,12 @@ def mvue24(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.T
     order consumes its generator identically."""
     k = x.shape[-1]
     g = _groups(x)
-    a, t, p = _weights_and_probabilities(g)
     u = torch.rand((*g.shape[:-1], 2), generator=generator, device=g.device, dtype=g.dtype)
+    # a CPU matrix: the same sample from the same uniforms in one compiled pass (sparsity.fused), bit for bit
+    sampled = mvue24_sample(x, u, EPS)
+    if sampled is not None:
+        return sampled
+    a, t, p = _weights_and_probabilities(g)
     # First index: the first i with u0 < t_0 + ... + t_i; past t_0 + t_1 + t_2 it is 3.
     first = (torch.cumsum(t[..., :3], -1) <= u[..., :1]).sum(-1, keepdim=True)
     index = torch.arange(GROUP, device=g.device)

@@ -11,11 +11,12 @@ import torch
 
 from nmtrain.experiments.methods.base import pruned_decay
 from nmtrain.sparsity import grouped, nm_mask
+from nmtrain.sparsity import mvue as mvue_module
 from nmtrain.sparsity import nm as nm_module
 from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_threshold
 from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask
 from nmtrain.sparsity.fused import (GRAIN, MAX_ENTRIES, add_pruned_decay_, clamp_pruned_, column_nm4_mask, decayed, masked,
-                                    multiplies_bool, njit, nm4_mask, soft_threshold4)
+                                    multiplies_bool, mvue24_sample, njit, nm4_mask, soft_threshold4)
 
 pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
 
@@ -355,3 +356,49 @@ def test_the_decayed_kernel_is_pgfs_where_bit_for_bit(dtype, shape):
         out = decayed(w, keep, value)
         assert out is not None and torch.equal(_bits(out), _bits(torch.where(keep, w, w * value)))
     assert decayed(w, keep.float(), value) is None and decayed(w.t(), keep.t(), value) is None
+
+
+def _mvue_formula(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`mvue24` with its compiled pass turned off: the tensor formula alone."""
+    saved = mvue_module.mvue24_sample
+    mvue_module.mvue24_sample = lambda *args: None
+    try:
+        return mvue_module.mvue24(x, generator)
+    finally:
+        mvue_module.mvue24_sample = saved
+
+
+@pytest.mark.parametrize("kind", ["random", "wide magnitudes", "zeros", "integers (ties)", "infinities and NaN"])
+@pytest.mark.parametrize("layout", ["dY transposed (Linear)", "rows contiguous (conv)"])
+def test_the_mvue_kernel_draws_the_formulas_sample_bit_for_bit(kind, layout):
+    g = torch.Generator().manual_seed(50)
+    dy = torch.randn(256, 96, generator=g)
+    if kind == "wide magnitudes":
+        dy = dy * torch.exp(torch.randn(dy.shape, generator=g) * 20)
+    elif kind == "zeros":
+        dy.view(-1)[::3] = 0.0
+        dy.view(-1)[1::5] = -0.0
+        dy[:, :8] = 0.0                                  # whole groups of 4 zeros: the eps-only distribution
+    elif kind == "integers (ties)":
+        dy = torch.randint(-2, 3, dy.shape, generator=g).float()
+    elif kind == "infinities and NaN":
+        dy.view(-1)[::7] = float("inf")
+        dy.view(-1)[1::11] = float("nan")
+    x = dy.t() if layout.startswith("dY") else dy.t().contiguous()
+    for seed in range(3):
+        got = mvue_module.mvue24(x, torch.Generator().manual_seed(seed))
+        assert got.is_contiguous()
+        assert torch.equal(_bits(got), _bits(_mvue_formula(x, torch.Generator().manual_seed(seed))))
+    # the generators end in the same state: the kernel consumes the draws the formula does
+    a, b = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    mvue_module.mvue24(x, a)
+    _mvue_formula(x, b)
+    assert torch.equal(a.get_state(), b.get_state())
+
+
+def test_the_mvue_kernel_leaves_what_it_does_not_serve_to_the_formula():
+    u = torch.rand(8, 4, 2)
+    assert mvue24_sample(torch.randn(16, 8).t(), u, 1e-7) is not None
+    for x, uu in ((torch.randn(16, 8, dtype=torch.float64).t(), u.double()), (torch.randn(18, 8).t(), torch.rand(8, 5, 2)),
+                  (torch.randn(16, 8).half().t(), u.half()), (torch.randn(2, 16, 8), u)):
+        assert mvue24_sample(x, uu, 1e-7) is None
