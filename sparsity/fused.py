@@ -61,6 +61,12 @@ if njit is not None:
             grad[i] = grad[i] + weight[i] * factors[0 if keep[i] else 1]
 
     @njit(cache=True, nogil=True)
+    def _masked_decay(grad, weight, keep, factor):
+        # torch.where(keep, grad, grad + alpha * weight): the product and the sum each rounded, as two operations
+        for i in range(grad.shape[0]):
+            grad[i] = grad[i] if keep[i] else grad[i] + factor[0] * weight[i]
+
+    @njit(cache=True, nogil=True)
     def _bound(flat, keep, a_n, m, b_n, caps):
         """``flat`` and ``keep``: flat views of (A, M, B) tensors, groups along axis 1 (entry (a, i, b) at
         ``(a*M + i)*B + b``; its group's cap at ``a*B + b``). False, with nothing changed, where a weight is
@@ -99,6 +105,18 @@ def add_pruned_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tens
     factors = np.array([0.0, decay], dtype=np.float32 if weight.dtype == torch.float32 else np.float64)
     _add_decay(grad.view(-1).numpy(), weight.detach().view(-1).numpy(), keep.view(-1).numpy(), factors)
     torch.autograd.graph.increment_version(grad)      # written through numpy, as add_ would count it
+    return True
+
+
+def add_masked_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, alpha: float) -> bool:
+    """``grad = torch.where(keep, grad, grad + alpha * weight)`` in place (masked decay's formula: the kept
+    entries' gradient bit-untouched, -0.0 included), where the kernel serves (True); else nothing changed."""
+    if not (_served(grad, weight.detach(), keep) and grad.dtype == weight.dtype and keep.dtype == torch.bool):
+        return False
+    # alpha in the weight's type, as torch's product takes a Python float
+    factor = np.array([alpha], dtype=np.float32 if weight.dtype == torch.float32 else np.float64)
+    _masked_decay(grad.view(-1).numpy(), weight.detach().view(-1).numpy(), keep.view(-1).numpy(), factor)
+    torch.autograd.graph.increment_version(grad)
     return True
 
 

@@ -15,7 +15,7 @@ from nmtrain.sparsity import mvue as mvue_module
 from nmtrain.sparsity import nm as nm_module
 from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_threshold
 from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask
-from nmtrain.sparsity.fused import (GRAIN, MAX_ENTRIES, add_pruned_decay_, clamp_pruned_, column_nm4_mask, decayed, masked,
+from nmtrain.sparsity.fused import (GRAIN, MAX_ENTRIES, add_masked_decay_, add_pruned_decay_, clamp_pruned_, column_nm4_mask, decayed, masked,
                                     multiplies_bool, mvue24_sample, njit, nm4_mask, soft_threshold4)
 
 pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
@@ -402,3 +402,17 @@ def test_the_mvue_kernel_leaves_what_it_does_not_serve_to_the_formula():
     for x, uu in ((torch.randn(16, 8, dtype=torch.float64).t(), u.double()), (torch.randn(18, 8).t(), torch.rand(8, 5, 2)),
                   (torch.randn(16, 8).half().t(), u.half()), (torch.randn(2, 16, 8), u)):
         assert mvue24_sample(x, uu, 1e-7) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(32, 64), (16, 8, 3, 3)])
+def test_the_masked_decay_kernel_is_the_formula_bit_for_bit(dtype, shape):
+    for seed, alpha in ((0, 6e-5), (1, 0.3), (2, 1e-30)):
+        w, grad, keep = _inputs(shape, dtype, 60 + seed)
+        w, grad = _specials(w), _specials(grad.flip(0).contiguous())
+        expected = torch.where(keep, grad, grad + alpha * w)
+        version = grad._version
+        assert add_masked_decay_(grad, w, keep, alpha)
+        assert torch.equal(_bits(grad), _bits(expected)) and grad._version > version
+    flip = (grad.transpose(0, 1), w.transpose(0, 1), keep.transpose(0, 1))          # not contiguous
+    assert not add_masked_decay_(grad, w, keep.float(), alpha) and not add_masked_decay_(*flip, alpha)

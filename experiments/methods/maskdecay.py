@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from ...sparsity import transposable_mask
+from ...sparsity.fused import add_masked_decay_
 from ..layers import gemm
 from ..rules import DECAY, FRACTION, STEPS, param
 from .base import Capabilities, RecomputedMaskMethod, register_method
@@ -149,4 +150,5 @@ def masked_decay_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, 
     """``grad += alpha * (1 - mask) * weight`` in place (the authors' ``masked_add_``): pruned entries
     only, kept entries bit-untouched."""
     keep = mask.to(grad.device)
-    grad.copy_(torch.where(keep, grad, grad + alpha * weight.detach()))
+    if not add_masked_decay_(grad, weight, keep, alpha):        # one compiled pass on a CPU layer, else:
+        grad.copy_(torch.where(keep, grad, grad + alpha * weight.detach()))
