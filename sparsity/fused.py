@@ -150,14 +150,9 @@ if njit is not None:
     @njit(cache=True, nogil=True)
     def _product(out, values, keep, factors):
         # values * keep: a bool keep multiplies by factors[1] = 1 or factors[0] = 0, in the values' type, which
-        # is what ``values * keep`` does once torch has cast the bool to it; a float keep multiplies itself
+        # is what ``values * keep`` does once torch has cast the bool to it
         for i in range(values.shape[0]):
             out[i] = values[i] * factors[1 if keep[i] else 0]
-
-    @njit(cache=True, nogil=True)
-    def _product_same(out, values, keep):
-        for i in range(values.shape[0]):
-            out[i] = values[i] * keep[i]
 
     @njit(cache=True, nogil=True)
     def _decayed(out, values, keep, value):
@@ -169,34 +164,20 @@ if njit is not None:
 
 _MVUE_BLOCK = 16        # groups of 4 columns per block of `_mvue` (64 floats a row: whole cache lines)
 
-# torch's at::internal::GRAIN_SIZE: a tensor operation on fewer entries runs on the calling thread alone
-GRAIN = 32768
-
-
-def multiplies_bool(values: torch.Tensor, keep: torch.Tensor) -> bool:
-    """Whether `masked` serves ``values * keep`` with ``keep`` a bool mask at or above the grain: there a float
-    copy of the mask gains nothing (the bool is also a quarter of the bytes to read) and only holds memory."""
-    return keep.dtype == torch.bool and values.numel() >= GRAIN and _served(values.detach(), keep)
-
-
 def masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
-    """``values * keep`` as a new tensor, one serial pass, bit for bit the product (``keep``: a bool mask or a
-    mask of ``values``' own type, 1.0 and 0.0); None where the kernel does not serve, and the caller multiplies.
+    """``values * keep`` for a bool ``keep`` as a new tensor, one serial pass, bit for bit the product; None
+    where the kernel does not serve, and the caller multiplies.
 
-    Why: the masked weight is made in every training forward and the masked gradient in every backward; on
-    a CPU a product above the grain wakes the thread pool, and a bool mask is first cast to a float copy.
-    On a 384x128 weight: about 14 µs here, against 50 µs (float mask) and 95 µs (bool mask) for ``*``. Below
-    the grain a float mask's product is already serial and faster through torch (3 µs): left to it."""
-    if not (_served(values, keep) and keep.dtype in (torch.bool, values.dtype)):
-        return None
-    if keep.dtype != torch.bool and values.numel() < GRAIN:
+    Why: ``W * E`` with a bool mask first makes a float copy of the mask, then multiplies, each operation
+    above torch's parallel grain waking the thread pool: about 95 µs on a 384x128 weight, against 14 µs here.
+    That is the case of a mask made afresh every step (SR-STE's and its kin's, Bi-Mask's, BAME's). A
+    persistent mask is cast once (`Method.mask_as`) and multiplied by torch on both threads, which measured
+    faster end to end than this serial pass once the weight has left the cache: a float mask is left to it."""
+    if not (_served(values, keep) and keep.dtype == torch.bool):
         return None
     out = torch.empty_like(values)
-    flat_out, flat_values, flat_keep = out.view(-1).numpy(), values.view(-1).numpy(), keep.view(-1).numpy()
-    if keep.dtype == torch.bool:
-        _product(flat_out, flat_values, flat_keep, np.array([0.0, 1.0], dtype=flat_values.dtype))
-    else:
-        _product_same(flat_out, flat_values, flat_keep)
+    flat_values = values.view(-1).numpy()
+    _product(out.view(-1).numpy(), flat_values, keep.view(-1).numpy(), np.array([0.0, 1.0], dtype=flat_values.dtype))
     return out
 
 

@@ -206,7 +206,8 @@ class BAME(Method):
     def forward_weight(self, name, module):
         if self._first_phase:
             return self.masked_with_decay(name, module, self._mask(name, module), self.params.decay)
-        return masked_weight(module.weight, self._mask(name, module))
+        # a mask held between updates: cast once (mask_as), as fixed's
+        return masked_weight(module.weight, self.mask_as(name, self._mask(name, module), module.weight))
 
     def layer_forward(self, name, module, x):
         w = self.forward_weight(name, module)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...sparsity import Pattern, fold_mask, nm_mask
-from ...sparsity.fused import add_pruned_decay_, multiplies_bool
+from ...sparsity.fused import add_pruned_decay_
 from ..errors import ExperimentError
 from ..layers import gemm, route_forward, unroute_forward
 from .ste import change_rate, ste_mask
@@ -135,13 +135,11 @@ class Method:
         fixed between updates. Multiplying by the cast is the same multiply (1.0 and 0.0), bit for bit. The
         first use gets the bool mask back (a mask made afresh every step, SR-STE's, is never cast here: that
         would only hold memory, 4 bytes a weight where autograd saved 1); the cast is redone when the mask is
-        another tensor or was changed in place (its version counter). A CPU layer at or above torch's parallel
-        grain always gets the bool mask: its product is one fused pass that reads the bool directly
-        (`sparsity.fused.masked`), so a float copy would only hold memory."""
+        another tensor or was changed in place (its version counter). (A bool mask's product on a CPU layer
+        is one fused pass, `sparsity.fused.masked`; for a persistent mask the cast and torch's own product on
+        every thread measured faster end to end.)"""
         if torch.compiler.is_compiling():       # traced (a compiled evaluation): a plain cast, no Python state
             return mask.to(device=weight.device, dtype=weight.dtype)
-        if multiplies_bool(weight, mask):       # a CPU layer's fused product takes the bool mask as it is
-            return mask
         seen = self._cast.get(name)
         same = seen is not None and seen[0] is mask and seen[1] == mask._version
         if same and seen[2] is not None and seen[2].dtype == weight.dtype and seen[2].device == weight.device:

@@ -73,8 +73,10 @@ def ste_mask(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0) -> to
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``W * mask`` with autograd's gradient of it, ``dW~ * mask``: the pruned weights get none. The same
-    values as ``weight * mask`` forward and backward, each product in one pass on a CPU layer."""
-    if torch.compiler.is_compiling():
+    values as ``weight * mask`` forward and backward; with a bool mask each product is one pass on a CPU
+    layer (`product`). A mask already cast to the weight's type (`Method.mask_as`) takes autograd's own
+    product: its C++ node costs less than a Python Function's, and there is no cast to spare."""
+    if torch.compiler.is_compiling() or mask.dtype != torch.bool:
         return weight * mask
     return _Masked.apply(weight, mask, False)
 
