@@ -261,26 +261,39 @@ def _backward_mask_formula(fmask: torch.Tensor, scores: torch.Tensor, perm: torc
     return out
 
 
+N4_KINDS = ["random", "integers (ties)", "signed zeros and infinities", "every weak order"]
+
+
+def _n4_weights(kind: str, dtype: torch.dtype, shape: tuple[int, int], seed: int, along_columns: bool) -> torch.Tensor:
+    """Weights for the N:4 kernels: random, small integers (ties), signed zeros and ±Inf, or every one of the
+    256 rank assignments of 4 values (with random signs), laid along the rows or along the columns."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "every weak order":
+        ranks = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=dtype)          # (256, 4)
+        w = ranks.t().repeat(2, 1) if along_columns else ranks.reshape(16, 64)
+        return w * torch.where(torch.rand(w.shape, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    if kind == "integers (ties)":
+        return torch.randint(-3, 4, shape, generator=g).to(dtype)
+    w = torch.randn(shape, generator=g, dtype=dtype)
+    if kind == "signed zeros and infinities":
+        w.view(-1)[::5] = 0.0
+        w.view(-1)[1::7] = -0.0
+        w.view(-1)[2::17] = float("inf")
+        w.view(-1)[3::23] = -float("inf")
+    return w
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kind", ["random", "integers (ties)", "kept zeros and infinities", "every weak order"])
+@pytest.mark.parametrize("kind", N4_KINDS)
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_the_column_n4_kernel_is_bimasks_backward_mask_bit_for_bit(dtype, kind, n):
-    g = torch.Generator().manual_seed(n)
-    if kind == "every weak order":          # each column of 4 rows one of the 256 rank assignments
-        w = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=dtype).t().repeat(2, 1)
-    elif kind == "integers (ties)":
-        w = torch.randint(-3, 4, (64, 40), generator=g).to(dtype)
-    else:
-        w = torch.randn(64, 40, generator=g, dtype=dtype)
-        if kind == "kept zeros and infinities":
-            w.view(-1)[::5] = 0.0
-            w.view(-1)[1::9] = -0.0
-            w.view(-1)[2::17] = float("inf")
+    w = _n4_weights(kind, dtype, (64, 40), n, along_columns=True)
     scores = w.abs()
     for seed in range(3):
         fmask = torch.rand(w.shape, generator=torch.Generator().manual_seed(seed)) < 0.6
-        if kind == "kept zeros and infinities":
+        if kind == "signed zeros and infinities":
             fmask.view(-1)[2::17] = True     # an Inf times a pruned 0 is NaN: left to the formula below
+            fmask.view(-1)[3::23] = True
         perm = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(10 + seed))
         expected = _backward_mask_formula(fmask, scores, perm, n)
         fused = column_nm4_mask(scores, fmask, perm, n)
@@ -303,22 +316,10 @@ def test_the_column_n4_kernel_leaves_nan_and_what_it_does_not_serve_to_the_formu
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kind", ["random", "integers (ties)", "signed zeros and infinities", "every weak order"])
+@pytest.mark.parametrize("kind", N4_KINDS)
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_the_soft_threshold_kernel_is_sstes_formula_bit_for_bit(dtype, kind, n):
-    g = torch.Generator().manual_seed(20 + n)
-    if kind == "every weak order":
-        w = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=dtype).reshape(16, 64)
-        w = w * torch.where(torch.rand(w.shape, generator=g) < 0.5, -1.0, 1.0).to(dtype)
-    elif kind == "integers (ties)":
-        w = torch.randint(-3, 4, (48, 64), generator=g).to(dtype)
-    else:
-        w = torch.randn(48, 64, generator=g, dtype=dtype)
-        if kind == "signed zeros and infinities":
-            w.view(-1)[::5] = 0.0
-            w.view(-1)[1::7] = -0.0
-            w.view(-1)[2::19] = float("inf")
-            w.view(-1)[3::23] = -float("inf")
+    w = _n4_weights(kind, dtype, (48, 64), 20 + n, along_columns=False)
     for beta in (0.73, 1.0, 3.1e-3):
         scale = torch.tensor(beta, dtype=dtype)
         expected = scale * soft_threshold(w, n, 4)
