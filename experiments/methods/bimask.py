@@ -62,13 +62,14 @@ PATIENCE = 20                   # local search: rounds in a row without any impr
 
 
 def backward_mask(fmask_matrix: torch.Tensor, scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """``B_b`` of a GEMM-view matrix (C_out x K): column-wise top-n of ``scores * B_f`` per M permuted rows."""
+    """``B_b`` of a GEMM-view matrix (C_out x K): column-wise top-n of ``|scores| * B_f`` per M permuted rows
+    (``scores``: the magnitudes, or the signed weights themselves)."""
     # one compiled pass on a CPU (eager: torch.compile traces the formula)
     fused = column_nm4_mask(scores, fmask_matrix, perm, n) if m == 4 and not torch.compiler.is_compiling() else None
     if fused is not None:
         return fused
     rows, cols = scores.shape
-    s = (scores * fmask_matrix)[perm]                                   # permuted rows
+    s = (scores.abs() * fmask_matrix)[perm]                             # permuted rows
     groups = s.reshape(rows // m, m, cols)
     top = groups.topk(n, dim=1).indices
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top, True).reshape(rows, cols)
@@ -240,10 +241,7 @@ class BiMask(Method):
             self._search(0)
         fm, w = self._matrices(module)
         perm = self.perms[name].to(fm.device)
-        # at M = 4 on a CPU one pass straight from the signed weights (it takes |W| itself), else the formula
-        bm = column_nm4_mask(w, fm, perm, p.n) if p.m == 4 and not torch.compiler.is_compiling() else None
-        if bm is None:
-            bm = backward_mask(fm, w.abs(), perm, p.n, p.m)
+        bm = backward_mask(fm, w, perm, p.n, p.m)          # straight from the signed weights: it takes |W|
         shape = module.weight.shape
         return from_matrix(fm, shape, self.ctx.layout), from_matrix(bm, shape, self.ctx.layout)
 
