@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; without it the 
     njit = None
 
 MAX_ENTRIES = 1 << 20
+_MVUE_BLOCK = 16        # groups of 4 columns per block of `_mvue` (64 floats a row: whole cache lines)
 
 
 def _served(*tensors: torch.Tensor) -> bool:
@@ -162,8 +163,6 @@ if njit is not None:
             out[i] = values[i] if keep[i] else values[i] * value[0]
 
 
-_MVUE_BLOCK = 16        # groups of 4 columns per block of `_mvue` (64 floats a row: whole cache lines)
-
 def masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
     """``values * keep`` for a bool ``keep`` as a new tensor, one serial pass, bit for bit the product; None
     where the kernel does not serve, and the caller multiplies.
@@ -225,7 +224,6 @@ if njit is not None:
             keep[4 * g + 3] = (bits & 8) != 0
         return not nan
 
-
     @njit(cache=True, nogil=True)
     def _column4(scores, fmask, perm, n, table, keep):
         """``keep[perm[4g + i], c]``: per group g of 4 permuted rows and per column c, ``table[n - 1, order]``'s
@@ -250,7 +248,6 @@ if njit is not None:
                 keep[r3, c] = k3 & ((bits & 8) != 0)
         return not nan
 
-
     @njit(cache=True, nogil=True)
     def _soft4(weight, n, scale, out):
         """S-STE's ``beta * S(W)`` per group of 4 consecutive weights of the flat ``weight``: t the (n+1)-th
@@ -273,7 +270,6 @@ if njit is not None:
                 s = (a - t if v > 0 else -(a - t)) if a > t else scale[1]
                 out[4 * g + i] = scale[0] * s
         return not nan
-
 
     @njit(cache=True, nogil=True)
     def _along_rows(u, out):
