@@ -219,16 +219,17 @@ def _report(args, runs: dict, held: dict, device: torch.device) -> tuple[Table, 
         dense_mean = statistics.fmean(runs[base][3]) if base else None
         srste_mean = statistics.fmean(runs[srste][3]) if srste else None
         blocks = block_ratios(times, runs[base][3], args.blocks) if base else []
+        block_mean = statistics.fmean(blocks) if blocks else None
         spread = statistics.stdev(blocks) if len(blocks) > 1 else None
         rows.append({"method": name, "median_ms": med * 1000, "median_vs_dense": med / dense if dense else None,
-                     "block_ratios": blocks, "block_ratio_mean": statistics.fmean(blocks) if blocks else None,
+                     "block_ratios": blocks, "block_ratio_mean": block_mean,
                      "block_ratio_sd": spread,
                      "mean_ms": mean * 1000, "mean_vs_dense": mean / dense_mean if dense_mean else None,
                      "mean_vs_srste": mean / srste_mean if srste_mean else None,
                      "flops_ratio": flops["ratio"], "held_bytes": held[name],
                      "memory_vs_dense": held[name] / held[base] if base else None})
         table.add_row(name, f"{med * 1000:.2f}", f"{med / dense:.2f}x" if dense else "–",
-                      f"{statistics.fmean(blocks):.3f} ± {spread:.3f}" if spread is not None else "–",
+                      f"{block_mean:.3f} ± {spread:.3f}" if spread is not None else "–",
                       f"{mean * 1000:.2f}", f"{mean / dense_mean:.2f}x" if dense_mean else "–",
                       f"{mean / srste_mean:.2f}x" if srste_mean else "–", f"{flops['ratio']:.3f}",
                       f"{held[name] / 2**20:.1f}", f"{held[name] / held[base]:.2f}x" if base else "–")

@@ -18,9 +18,10 @@ sort's choice among four values depends only on their weak order (which are equa
 table from each of the 75 weak orders to the kept four bits, filled once by running ``torch.topk`` itself
 on one representative of each, reproduces this build of torch's choices on every group.
 
-Each function does its work and returns True where its kernel serves: CPU tensors of float32 or float64,
-contiguous, of at most `MAX_ENTRIES` entries (above that, the tensor operations' own threads win), numba
-present. Otherwise it changes nothing and returns False, and the caller runs the formula. The kernels
+Each function does its work where its kernel serves: CPU tensors of float32 or float64 (the MVUE sample:
+float32), contiguous (the MVUE sample: any strides), of at most `MAX_ENTRIES` entries (above that, the
+tensor operations' own threads win), numba present. There an in-place one returns True and one that makes
+a tensor returns it; otherwise it changes nothing and returns False or None, and the caller runs the formula. The kernels
 compute what the formulas compute, bit for bit: the same IEEE operations, each rounded in the tensor's
 type (numba contracts no multiply-add unless asked), checked against the formulas on random, signed-zero
 and non-finite inputs (tests/test_fused.py) and by tests/test_step_identity.py.

@@ -19,38 +19,37 @@ from ...sparsity.fused import masked
 
 
 class _STEMask(torch.autograd.Function):
+    """``W * mask`` through `product`; the gradient straight through, plus the decay term where one is given
+    (only then is anything saved for the backward)."""
+
     @staticmethod
     def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
-        ctx.save_for_backward(weight, mask)
         ctx.decay = decay
-        return weight * mask
+        if decay:
+            ctx.save_for_backward(weight, mask)
+        return product(weight, mask)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        weight, mask = ctx.saved_tensors
         if ctx.decay:
+            weight, mask = ctx.saved_tensors
             # weight first: ``decay * (~mask)`` would be a float32 tensor, rounding decay for a float64 weight
             grad = grad + ctx.decay * (weight * ~mask)
         return grad, None, None
 
 
 class _Masked(torch.autograd.Function):
-    """``W * mask`` through `product`; the gradient straight through (``straight``) or masked, ``dW~ * mask``,
-    which is what autograd's own ``W * mask`` returns."""
+    """``W * mask`` through `product`, with autograd's masked gradient ``dW~ * mask``."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, straight: bool) -> torch.Tensor:
-        ctx.straight = straight
-        if not straight:
-            ctx.save_for_backward(mask)
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
         return product(weight, mask)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if ctx.straight:
-            return grad, None, None
         (mask,) = ctx.saved_tensors
-        return product(grad, mask), None, None      # a graph-building grad (create_graph) takes the tensor path
+        return product(grad, mask), None            # a graph-building grad (create_graph) takes the tensor path
 
 
 def product(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -66,9 +65,7 @@ def product(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def ste_mask(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0) -> torch.Tensor:
     """``W * mask`` forward, the gradient straight through (plus SR-STE's ``decay`` term where it is given)."""
-    if decay or torch.compiler.is_compiling():      # traced: the plain Function, which dynamo reads through
-        return _STEMask.apply(weight, mask, decay)
-    return _Masked.apply(weight, mask, True)
+    return _STEMask.apply(weight, mask, decay)
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -78,7 +75,7 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     product: its C++ node costs less than a Python Function's, and there is no cast to spare."""
     if torch.compiler.is_compiling() or mask.dtype != torch.bool:
         return weight * mask
-    return _Masked.apply(weight, mask, False)
+    return _Masked.apply(weight, mask)
 
 
 def change_rate(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:
