@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; without it the 
 
 MAX_ENTRIES = 1 << 20
 _MVUE_BLOCK = 16        # groups of 4 columns per block of `_mvue` (64 floats a row: whole cache lines)
+_RANK_BLOCK = 256       # groups of 4 per block of `_mask4`: a block with a tie is read again from the table
 
 
 def _served(*tensors: torch.Tensor) -> bool:
@@ -54,19 +55,28 @@ def _served(*tensors: torch.Tensor) -> bool:
                     for t in tensors))      # a gradient made with create_graph=True stays autograd's
 
 
+def _bytes(keep: torch.Tensor) -> np.ndarray:
+    """A bool mask's flat bytes (0 or 1) as numpy uint8: a kernel that reads a bool mask as bytes and computes
+    with them as numbers vectorises, where reading numpy bools (or indexing with them) kept its loop scalar:
+    2-3x slower on the GPT's layers."""
+    return keep.view(torch.uint8).view(-1).numpy()
+
+
 if njit is not None:
 
     @njit(cache=True, nogil=True)
     def _add_decay(grad, weight, keep, factors):
         # grad += weight * (0 if kept else decay): `methods.base.pruned_decay`'s product, then ``add_``
+        kept, pruned = factors[0], factors[1]
         for i in range(grad.shape[0]):
-            grad[i] = grad[i] + weight[i] * factors[0 if keep[i] else 1]
+            grad[i] = grad[i] + weight[i] * (kept if keep[i] else pruned)
 
     @njit(cache=True, nogil=True)
     def _masked_decay(grad, weight, keep, factor):
         # torch.where(keep, grad, grad + alpha * weight): the product and the sum each rounded, as two operations
+        alpha = factor[0]
         for i in range(grad.shape[0]):
-            grad[i] = grad[i] if keep[i] else grad[i] + factor[0] * weight[i]
+            grad[i] = grad[i] if keep[i] else grad[i] + alpha * weight[i]
 
     @njit(cache=True, nogil=True)
     def _bound(flat, keep, a_n, m, b_n, caps):
@@ -105,7 +115,7 @@ def add_pruned_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tens
         return False
     # the kept entries' factor +0 and the pruned ones' decay, both in the weight's type, as the formula's where
     factors = np.array([0.0, decay], dtype=np.float32 if weight.dtype == torch.float32 else np.float64)
-    _add_decay(grad.view(-1).numpy(), weight.detach().view(-1).numpy(), keep.view(-1).numpy(), factors)
+    _add_decay(grad.view(-1).numpy(), weight.detach().view(-1).numpy(), _bytes(keep), factors)
     torch.autograd.graph.increment_version(grad)      # written through numpy, as add_ would count it
     return True
 
@@ -117,7 +127,7 @@ def add_masked_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tens
         return False
     # alpha in the weight's type, as torch's product takes a Python float
     factor = np.array([alpha], dtype=np.float32 if weight.dtype == torch.float32 else np.float64)
-    _masked_decay(grad.view(-1).numpy(), weight.detach().view(-1).numpy(), keep.view(-1).numpy(), factor)
+    _masked_decay(grad.view(-1).numpy(), weight.detach().view(-1).numpy(), _bytes(keep), factor)
     torch.autograd.graph.increment_version(grad)
     return True
 
@@ -150,18 +160,19 @@ def clamp_pruned_(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str)
 if njit is not None:
 
     @njit(cache=True, nogil=True)
-    def _product(out, values, keep, factors):
-        # values * keep: a bool keep multiplies by factors[1] = 1 or factors[0] = 0, in the values' type, which
-        # is what ``values * keep`` does once torch has cast the bool to it
+    def _product(out, values, keep):
+        # values * keep: the keep byte (0 or 1) converted to the values' type, which is what ``values * keep``
+        # does once torch has cast the bool to it
         for i in range(values.shape[0]):
-            out[i] = values[i] * factors[1 if keep[i] else 0]
+            out[i] = values[i] * values.dtype.type(keep[i])
 
     @njit(cache=True, nogil=True)
     def _decayed(out, values, keep, value):
         # torch.where(keep, values, values * value): value[0] already in the values' type, as torch's CPU
         # product takes a scalar operand (converted to the type it computes in, then one multiply)
+        v = value[0]
         for i in range(values.shape[0]):
-            out[i] = values[i] if keep[i] else values[i] * value[0]
+            out[i] = values[i] if keep[i] else values[i] * v
 
 
 def masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
@@ -177,7 +188,7 @@ def masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
         return None
     out = torch.empty_like(values)
     flat_values = values.view(-1).numpy()
-    _product(out.view(-1).numpy(), flat_values, keep.view(-1).numpy(), np.array([0.0, 1.0], dtype=flat_values.dtype))
+    _product(out.view(-1).numpy(), flat_values, _bytes(keep))
     return out
 
 
@@ -189,7 +200,7 @@ def decayed(values: torch.Tensor, keep: torch.Tensor, value: torch.Tensor) -> to
         return None
     out = torch.empty_like(values)
     flat = values.view(-1).numpy()
-    _decayed(out.view(-1).numpy(), flat, keep.view(-1).numpy(), np.array([value.item()], dtype=flat.dtype))
+    _decayed(out.view(-1).numpy(), flat, _bytes(keep), np.array([value.item()], dtype=flat.dtype))
     return out
 
 
@@ -207,47 +218,98 @@ if njit is not None:
             code = code * 3 + (np.int64(x > y) * 2 + np.int64(x == y))     # arithmetic, not branches
         return code
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _exceeded4(a0, a1, a2, a3):
+        """For each of four values, how many of the other three exceed it (int32s): topk(n) keeps exactly those
+        exceeded by fewer than n wherever the four are distinct, and that is arithmetic, which vectorises."""
+        g0 = np.int32(a1 > a0) + np.int32(a2 > a0) + np.int32(a3 > a0)
+        g1 = np.int32(a0 > a1) + np.int32(a2 > a1) + np.int32(a3 > a1)
+        g2 = np.int32(a0 > a2) + np.int32(a1 > a2) + np.int32(a3 > a2)
+        g3 = np.int32(a0 > a3) + np.int32(a1 > a3) + np.int32(a2 > a3)
+        return g0, g1, g2, g3
+
     @njit(cache=True, nogil=True)
-    def _mask4(weight, n, table, keep):
-        """``keep``: per group of 4 consecutive |w| of the flat ``weight``, ``table[n - 1, order]``'s 4 bits.
-        False where a weight is NaN (topk ranks NaN its own way; ``keep`` is then garbage). The NaN test is a
-        flag read after the loop, not an exit from it: a loop without exits runs 1.3-2.7x faster here."""
-        nan = False
-        row = table[n - 1]
+    def _rank_pass(weight, n, keep):
+        """Per group of 4 consecutive |w| of the flat ``weight``, the bytes of the entries fewer than ``n`` of
+        the others exceed. Returns flags: 1 if two values of a group are equal (there topk's own tie choice
+        decides, which only the table knows), 2 if a value is NaN. Branch-free, so that it vectorises."""
+        tie = nan = np.int32(0)
         for g in range(weight.shape[0] // 4):
             a0, a1 = abs(weight[4 * g]), abs(weight[4 * g + 1])
             a2, a3 = abs(weight[4 * g + 2]), abs(weight[4 * g + 3])
-            nan |= (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
-            bits = row[_order4(a0, a1, a2, a3)]
-            keep[4 * g] = (bits & 1) != 0
-            keep[4 * g + 1] = (bits & 2) != 0
-            keep[4 * g + 2] = (bits & 4) != 0
-            keep[4 * g + 3] = (bits & 8) != 0
-        return not nan
+            nan |= np.int32(a0 != a0) | np.int32(a1 != a1) | np.int32(a2 != a2) | np.int32(a3 != a3)
+            tie |= (np.int32(a0 == a1) | np.int32(a0 == a2) | np.int32(a0 == a3) | np.int32(a1 == a2)
+                    | np.int32(a1 == a3) | np.int32(a2 == a3))
+            g0, g1, g2, g3 = _exceeded4(a0, a1, a2, a3)
+            keep[4 * g], keep[4 * g + 1] = np.uint8(g0 < n), np.uint8(g1 < n)
+            keep[4 * g + 2], keep[4 * g + 3] = np.uint8(g2 < n), np.uint8(g3 < n)
+        return tie | (nan << 1)
+
+    @njit(cache=True, nogil=True)
+    def _mask4(weight, n, table, keep, out):
+        """``keep`` (bytes): per group of 4 consecutive |w| of the flat ``weight``, ``table[n - 1, order]``'s 4
+        bits. Ranked by arithmetic (`_rank_pass`) a block of groups at a time; a block where two values of a
+        group are equal is then read from the table, group by group (the table's gather keeps a loop scalar:
+        3x slower). False where a weight is NaN (topk ranks NaN its own way; ``keep`` is then garbage). The
+        NaN test is a flag read after the loop, not an exit from it: loops without exits run faster here.
+        ``out``, unless empty: ``weight * keep`` too (`_product`), block by block while the block is in cache."""
+        nan = np.int32(0)
+        product = out.shape[0] > 0
+        row = table[n - 1]
+        groups = weight.shape[0] // 4
+        for start in range(0, groups, _RANK_BLOCK):
+            stop = min(start + _RANK_BLOCK, groups)
+            # the block as views: indices from 0 let the compiler see the groups' stride and vectorise
+            flags = _rank_pass(weight[4 * start:4 * stop], n, keep[4 * start:4 * stop])
+            nan |= flags >> 1
+            if flags & 1:
+                for g in range(start, stop):
+                    bits = row[_order4(abs(weight[4 * g]), abs(weight[4 * g + 1]), abs(weight[4 * g + 2]),
+                                       abs(weight[4 * g + 3]))]
+                    keep[4 * g], keep[4 * g + 1] = bits & 1, (bits >> 1) & 1
+                    keep[4 * g + 2], keep[4 * g + 3] = (bits >> 2) & 1, (bits >> 3) & 1
+            if product:
+                _product(out[4 * start:4 * stop], weight[4 * start:4 * stop], keep[4 * start:4 * stop])
+        return nan == 0
 
     @njit(cache=True, nogil=True)
     def _column4(scores, fmask, perm, n, table, keep):
-        """``keep[perm[4g + i], c]``: per group g of 4 permuted rows and per column c, ``table[n - 1, order]``'s
-        bit i of the values ``|scores| * fmask`` there, and ``fmask`` itself. False where a value is NaN (an Inf
-        score times a pruned 0; ``keep`` is then garbage); as in `_mask4`, a flag, not an exit."""
-        factors = np.zeros(2, dtype=scores.dtype)
-        factors[1] = 1
-        nan = False
+        """``keep[perm[4g + i], c]`` (bytes, as ``fmask``): per group g of 4 permuted rows and per column c,
+        ``table[n - 1, order]``'s bit i of the values ``|scores| * fmask`` there, and ``fmask`` itself. Ranked
+        by arithmetic along the columns (as `_mask4`); a group of rows where a kept value equals another of its
+        column is then read again from the table. Equal values that ``fmask`` prunes on both sides (the many
+        zeros it makes) need no table: whichever topk picks, the and with ``fmask`` drops it. False where a
+        value is NaN (an Inf score times a pruned 0; ``keep`` is then garbage); as in `_mask4`, a flag."""
+        nan = np.int32(0)
         row = table[n - 1]
+        one = scores.dtype.type(1)
         for g in range(scores.shape[0] // 4):
             r0, r1, r2, r3 = perm[4 * g], perm[4 * g + 1], perm[4 * g + 2], perm[4 * g + 3]
+            s0, s1, s2, s3 = scores[r0], scores[r1], scores[r2], scores[r3]
+            f0, f1, f2, f3 = fmask[r0], fmask[r1], fmask[r2], fmask[r3]
+            o0, o1, o2, o3 = keep[r0], keep[r1], keep[r2], keep[r3]
+            tie = np.int32(0)
             for c in range(scores.shape[1]):
-                k0, k1, k2, k3 = fmask[r0, c], fmask[r1, c], fmask[r2, c], fmask[r3, c]
+                k0, k1, k2, k3 = f0[c], f1[c], f2[c], f3[c]
                 # ``|scores| * fmask`` as torch computes it: times 1 or 0 in the scores' type
-                a0, a1 = abs(scores[r0, c]) * factors[1 if k0 else 0], abs(scores[r1, c]) * factors[1 if k1 else 0]
-                a2, a3 = abs(scores[r2, c]) * factors[1 if k2 else 0], abs(scores[r3, c]) * factors[1 if k3 else 0]
-                nan |= (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
-                bits = row[_order4(a0, a1, a2, a3)]
-                keep[r0, c] = k0 & ((bits & 1) != 0)
-                keep[r1, c] = k1 & ((bits & 2) != 0)
-                keep[r2, c] = k2 & ((bits & 4) != 0)
-                keep[r3, c] = k3 & ((bits & 8) != 0)
-        return not nan
+                a0, a1 = abs(s0[c]) * (one * k0), abs(s1[c]) * (one * k1)
+                a2, a3 = abs(s2[c]) * (one * k2), abs(s3[c]) * (one * k3)
+                nan |= np.int32(a0 != a0) | np.int32(a1 != a1) | np.int32(a2 != a2) | np.int32(a3 != a3)
+                e01, e02, e03 = np.int32(a0 == a1), np.int32(a0 == a2), np.int32(a0 == a3)
+                e12, e13, e23 = np.int32(a1 == a2), np.int32(a1 == a3), np.int32(a2 == a3)
+                tie |= ((k0 & (e01 | e02 | e03)) | (k1 & (e01 | e12 | e13)) | (k2 & (e02 | e12 | e23))
+                        | (k3 & (e03 | e13 | e23)))
+                g0, g1, g2, g3 = _exceeded4(a0, a1, a2, a3)
+                o0[c], o1[c] = k0 & np.uint8(g0 < n), k1 & np.uint8(g1 < n)
+                o2[c], o3[c] = k2 & np.uint8(g2 < n), k3 & np.uint8(g3 < n)
+            if tie:
+                for c in range(scores.shape[1]):
+                    k0, k1, k2, k3 = f0[c], f1[c], f2[c], f3[c]
+                    bits = row[_order4(abs(s0[c]) * (one * k0), abs(s1[c]) * (one * k1),
+                                       abs(s2[c]) * (one * k2), abs(s3[c]) * (one * k3))]
+                    o0[c], o1[c] = k0 & bits & 1, k1 & (bits >> 1) & 1
+                    o2[c], o3[c] = k2 & (bits >> 2) & 1, k3 & (bits >> 3) & 1
+        return nan == 0
 
     @njit(cache=True, nogil=True)
     def _soft4(weight, n, scale, out):
@@ -361,9 +423,22 @@ def nm4_mask(matrix: torch.Tensor, n: int) -> torch.Tensor | None:
     if not (_served(matrix) and matrix.shape[-1] % 4 == 0 and 1 <= n <= 3):
         return None
     keep = torch.empty(matrix.shape, dtype=torch.bool)
-    if not _mask4(matrix.view(-1).numpy(), n, _table4(), keep.view(-1).numpy()):
+    flat = matrix.view(-1).numpy()
+    if not _mask4(flat, n, _table4(), _bytes(keep), flat[:0]):
         return None
     return keep
+
+
+def nm4_masked(matrix: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`nm4_mask`'s keep-mask of ``matrix`` and the masked ``matrix * keep`` (`masked`'s product, bit for
+    bit), made in one pass over the weight: what SR-STE and its kin compute at every training forward.
+    None where `nm4_mask` does not serve."""
+    if not (_served(matrix) and matrix.shape[-1] % 4 == 0 and 1 <= n <= 3):
+        return None
+    keep, out = torch.empty(matrix.shape, dtype=torch.bool), torch.empty_like(matrix)
+    if not _mask4(matrix.view(-1).numpy(), n, _table4(), _bytes(keep), out.view(-1).numpy()):
+        return None
+    return keep, out
 
 
 def column_nm4_mask(scores: torch.Tensor, fmask: torch.Tensor, perm: torch.Tensor, n: int) -> torch.Tensor | None:
@@ -380,7 +455,8 @@ def column_nm4_mask(scores: torch.Tensor, fmask: torch.Tensor, perm: torch.Tenso
             and perm.shape == (scores.shape[0],)):
         return None
     keep = torch.empty(scores.shape, dtype=torch.bool)
-    if not _column4(scores.numpy(), fmask.numpy(), perm.contiguous().numpy(), n, _table4(1), keep.numpy()):
+    if not _column4(scores.numpy(), fmask.view(torch.uint8).numpy(), perm.contiguous().numpy(), n, _table4(1),
+                    keep.view(torch.uint8).numpy()):
         return None
     return keep
 

@@ -5,11 +5,13 @@ Masks are plain bool tensors of the weight's own shape: True = kept.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .layout import from_matrix, require_fits, to_matrix
 from .errors import SparsityError
-from .fused import nm4_mask
+from .fused import masked, nm4_mask, nm4_masked
 from .pattern import Pattern, as_pattern
 
 
@@ -24,13 +26,27 @@ def magnitude(weight: torch.Tensor) -> torch.Tensor:
     return w.to(score_dtype(w.dtype)).abs()
 
 
+@functools.lru_cache(maxsize=4096)
+def _fits_once(shape: tuple[int, ...], n: int, m: int, layout: str) -> None:
+    require_fits(shape, Pattern(n, m), layout)
+
+
+def _require_nm_fits(shape: torch.Size, n: int, m: int, layout: str) -> None:
+    """The pattern's values and the shape's fit, checked once per (shape, N, M, layout): the masks recomputed
+    at every training forward would otherwise rebuild and check them on every call (an error is not cached,
+    so it is raised again every time). Traced (torch.compile), the check itself: dynamo cannot trace a cache."""
+    if torch.compiler.is_compiling():
+        require_fits(shape, Pattern(n, m), layout)
+    else:
+        _fits_once(tuple(shape), n, m, layout)
+
+
 def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "nhwc") -> torch.Tensor:
     """Keep the ``n`` largest-magnitude weights of every ``m`` consecutive ones along K (row-wise): ``topk``
     over each group, ties as ``topk`` breaks them. For M = 4 on a CPU a compiled pass gives the same mask
     (`fused.nm4_mask`, from a table of topk's own choices): one pass where topk and its scatter take
     about 30 ns a group."""
-    pattern = Pattern(n, m)
-    require_fits(weight.shape, pattern, layout)
+    _require_nm_fits(weight.shape, n, m, layout)
     if m == 4 and not torch.compiler.is_compiling():     # traced (train.compile): topk, the same mask
         keep = nm4_mask(to_matrix(weight.detach(), layout), n)
         if keep is not None:
@@ -40,6 +56,21 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "nhwc") -> torch
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
     return from_matrix(keep.reshape(scores.shape), weight.shape, layout)
+
+
+def nm_mask_and_product(weight: torch.Tensor, n: int, m: int, layout: str = "nhwc") -> tuple[torch.Tensor, torch.Tensor]:
+    """`nm_mask` of ``weight`` and ``weight * mask`` (detached), as the two calls give them, bit for bit: at M = 4
+    on a CPU in one pass over the weight (`fused.nm4_masked`), what a mask recomputed at every training
+    forward costs twice otherwise."""
+    _require_nm_fits(weight.shape, n, m, layout)
+    w = weight.detach()
+    if m == 4 and not torch.compiler.is_compiling():
+        both = nm4_masked(to_matrix(w, layout), n)
+        if both is not None:
+            return tuple(from_matrix(t, weight.shape, layout) for t in both)
+    keep = nm_mask(w, n, m, layout)
+    out = masked(w, keep)
+    return keep, w * keep if out is None else out
 
 
 def unstructured_mask(weight: torch.Tensor, density: float) -> torch.Tensor:

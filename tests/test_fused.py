@@ -14,9 +14,11 @@ from nmtrain.sparsity import grouped, nm_mask
 from nmtrain.sparsity import mvue as mvue_module
 from nmtrain.sparsity import nm as nm_module
 from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_threshold
-from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask
+from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask, ste_nm
+from nmtrain.sparsity.errors import SparsityError
 from nmtrain.sparsity.fused import (MAX_ENTRIES, add_masked_decay_, add_pruned_decay_, clamp_pruned_, column_nm4_mask,
-                                    decayed, masked, mvue24_sample, njit, nm4_mask, soft_threshold4)
+                                    decayed, masked, mvue24_sample, njit, nm4_mask, nm4_masked, soft_threshold4)
+from nmtrain.sparsity.nm import nm_mask_and_product
 
 pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
 
@@ -146,12 +148,16 @@ def _topk_mask(matrix: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kind", ["random", "integers (ties)", "signed zeros and ones", "every weak order"])
+@pytest.mark.parametrize("kind", ["random", "random, a few ties", "integers (ties)", "signed zeros and ones",
+                                  "every weak order"])
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_the_n4_kernel_keeps_what_topk_keeps(dtype, kind, n):
     g = torch.Generator().manual_seed(n)
-    if kind == "random":
+    if kind.startswith("random"):
         matrix = torch.randn(64, 128, generator=g, dtype=dtype)
+        if kind == "random, a few ties":        # ties in some blocks of the arithmetic ranking, none in others
+            matrix.view(-1)[::1999] = 0.5
+            matrix.view(-1)[1::1999] = -0.5
     elif kind == "integers (ties)":
         matrix = torch.randint(-2, 3, (64, 128), generator=g).to(dtype)
     elif kind == "signed zeros and ones":
@@ -160,6 +166,51 @@ def test_the_n4_kernel_keeps_what_topk_keeps(dtype, kind, n):
         matrix = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=dtype).reshape(16, 64)
     keep = nm4_mask(matrix, n)
     assert keep is not None and torch.equal(keep, _topk_mask(matrix, n))
+    both = nm4_masked(matrix, n)            # the mask and the masked weight, in one pass
+    assert both is not None and torch.equal(both[0], keep) and torch.equal(_bits(both[1]), _bits(matrix * keep))
+
+
+@pytest.mark.parametrize("shape, layout", [((32, 64), "nhwc"), ((16, 8, 3, 3), "nhwc"), ((16, 8, 3, 3), "flatten"),
+                                           ((8, 12), "nhwc")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_mask_and_its_product_together_are_the_two_calls(shape, layout, dtype):
+    """`nm_mask_and_product`: the kernel where it serves (float32, M = 4), else `nm_mask` and the product."""
+    w = _specials(torch.randn(shape, generator=torch.Generator().manual_seed(2)))[:, :].to(dtype)
+    w.view(-1)[0] = 0.3                     # no NaN: topk ranks it its own way, and the kernel declines it
+    for n, m in ((2, 4), (1, 4), (3, 4), (2, 8)) if shape[-1] % 8 == 0 or len(shape) == 4 else ((2, 4),):
+        if len(shape) == 4 and m == 8:
+            continue
+        keep, out = nm_mask_and_product(w, n, m, layout)
+        expected = nm_mask(w, n, m, layout)
+        assert torch.equal(keep, expected) and out.is_contiguous() and out.shape == w.shape
+        assert torch.equal(out.view(torch.int16 if dtype == torch.float16 else torch.int32),
+                           (w * expected).view(torch.int16 if dtype == torch.float16 else torch.int32))
+
+
+def test_a_shape_that_does_not_fit_is_refused_on_every_call():
+    for _ in range(2):                      # the fit is checked once per shape; a refusal is never remembered
+        with pytest.raises(SparsityError, match="not a multiple of M=4"):
+            nm_mask(torch.randn(8, 6), 2, 4)
+        with pytest.raises(SparsityError, match="not a multiple of M=4"):
+            nm_mask_and_product(torch.randn(8, 6), 2, 4)
+        with pytest.raises(SparsityError):
+            nm_mask(torch.randn(8, 8), 5, 4)
+
+
+def test_ste_nm_is_ste_mask_of_nm_mask_forward_and_backward():
+    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(64, 32, generator=torch.Generator().manual_seed(4))
+    for layout_shape in ((64, 32), (32, 16, 2, 2)):
+        a = w.reshape(layout_shape).clone().requires_grad_()
+        b = a.detach().clone().requires_grad_()
+        out, mask = ste_nm(a, 2, 4, "nhwc")
+        expected_mask = nm_mask(b.detach(), 2, 4, "nhwc")
+        expected = ste_mask(b, expected_mask)
+        assert torch.equal(mask, expected_mask) and not mask.requires_grad
+        assert torch.equal(_bits(out.detach()), _bits(expected.detach()))
+        out.backward(grad.reshape(layout_shape))
+        expected.backward(grad.reshape(layout_shape))
+        assert torch.equal(a.grad, b.grad) and torch.equal(a.grad, grad.reshape(layout_shape))  # straight through
 
 
 @pytest.mark.parametrize("shape, layout", [((32, 64), "nhwc"), ((16, 8, 3, 3), "nhwc"), ((16, 8, 3, 3), "flatten")])
@@ -261,7 +312,7 @@ def _backward_mask_formula(fmask: torch.Tensor, scores: torch.Tensor, perm: torc
     return out
 
 
-N4_KINDS = ["random", "integers (ties)", "signed zeros and infinities", "every weak order"]
+N4_KINDS = ["random", "random, a few ties", "integers (ties)", "signed zeros and infinities", "every weak order"]
 
 
 def _n4_weights(kind: str, dtype: torch.dtype, shape: tuple[int, int], seed: int, along_columns: bool) -> torch.Tensor:
@@ -275,6 +326,12 @@ def _n4_weights(kind: str, dtype: torch.dtype, shape: tuple[int, int], seed: int
     if kind == "integers (ties)":
         return torch.randint(-3, 4, shape, generator=g).to(dtype)
     w = torch.randn(shape, generator=g, dtype=dtype)
+    if kind == "random, a few ties":        # equal values in some groups (rows 0, 9, 18, ... of a column meet in
+        if along_columns:                   # some permuted groups), none in most
+            w[::9, ::3] = 0.5
+        else:
+            w.view(-1)[::199] = 0.5
+            w.view(-1)[1::199] = -0.5
     if kind == "signed zeros and infinities":
         w.view(-1)[::5] = 0.0
         w.view(-1)[1::7] = -0.0

@@ -158,6 +158,65 @@ def test_pruned_decay_is_the_sr_ste_formula_bit_for_bit(dtype):
         assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
 
 
+def test_per_forward_makes_every_layer_at_a_steps_first_training_forward_and_each_takes_its_own_once():
+    """`Method.per_forward`: at the first training forward every layer's result is made, from each weight as
+    it is; each layer takes its own once; a weight changed since (its version) has its result made again, and
+    the others' with it; without grad mode (an evaluation) only the layer's own is made."""
+    layers = {name: nn.Linear(8, 8) for name in ("a", "b", "c")}
+    method = _method("srste", layers)
+    made = []
+
+    def make(name, module):
+        made.append(name)
+        return name, module.weight.detach().clone()
+
+    def take(name):
+        return method.per_forward(name, layers[name], make)
+
+    assert take("a")[0] == "a" and sorted(made) == ["a", "b", "c"]           # the first forward: all three
+    assert take("b")[0] == "b" and take("c")[0] == "c" and len(made) == 3    # each takes its own
+    assert take("b")[0] == "b" and sorted(made[3:]) == ["a", "b", "c"]       # a second forward: all again
+    assert take("b")[0] == "b" and made[6:] == ["b"]                           # b twice in it: its own again
+    take("a"), take("c")
+    with torch.no_grad():
+        layers["a"].weight.mul_(2)                                             # an optimizer step, say
+    made.clear()
+    assert take("a")[0] == "a" and sorted(made) == ["a", "b", "c"]           # a new step: all again
+    assert torch.equal(take("c")[1], layers["c"].weight) and len(made) == 3
+    with torch.no_grad():
+        layers["b"].weight.add_(1)                                             # changed since it was made
+        made.clear()
+        assert torch.equal(take("b")[1], layers["b"].weight) and made == ["b"]  # no grad: only its own
+    method._ready.clear()
+    with torch.no_grad():
+        take("a")
+    assert not method._ready                                                   # an evaluation makes no others
+
+
+def test_sr_ste_forward_weights_made_together_are_the_ones_made_alone():
+    """SR-STE's forward weights and masks taken from `per_forward` (made at the first forward) are those each
+    layer makes for itself, forward and backward, over steps whose weights change."""
+    torch.manual_seed(0)
+    layers = {name: nn.Linear(16, 8) for name in ("a", "b")}
+    alone = {name: nn.Linear(16, 8) for name in ("a", "b")}
+    for name in layers:
+        alone[name].load_state_dict(layers[name].state_dict())
+    together, single = _method("srste", layers), _method("srste", alone)
+    single.per_forward = lambda name, module, make: make(name, module)       # never made ahead
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        for method, mods in ((together, layers), (single, alone)):
+            loss = sum((method.layer_forward(name, mods[name], x) ** 2).sum() for name in ("a", "b"))
+            loss.backward()
+            method.add_pruned_decay()
+            with torch.no_grad():
+                for mod in mods.values():
+                    mod.weight.sub_(0.1 * mod.weight.grad)
+                    mod.weight.grad = None
+    for name in layers:
+        assert torch.equal(layers[name].weight, alone[name].weight)
+
+
 def test_mask_as_casts_a_mask_once_it_is_used_twice_and_again_when_it_changes():
     """`Method.mask_as`: the bool mask in the weight's type, kept from its second use on, recast when the mask is
     another tensor or was edited in place; multiplying by it is multiplying by the bool mask, bit for bit."""

@@ -204,8 +204,10 @@ class BAME(Method):
 
     # --- forward -----------------------------------------------------------------------------
     def forward_weight(self, name, module):
-        if self._first_phase:
-            return self.masked_with_decay(name, module, self._mask(name, module), self.params.decay)
+        if self._first_phase:     # SR-STE: the magnitude mask of the weights as they are now, made with W~
+            if name not in self._masks:
+                self._init_masks()
+            return self.masked_nm_with_decay(name, module, self.pattern, self.params.decay)
         # a mask held between updates: cast once (mask_as), as fixed's
         return masked_weight(module.weight, self.mask_as(name, self._mask(name, module), module.weight))
 

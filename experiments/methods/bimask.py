@@ -246,7 +246,9 @@ class BiMask(Method):
         return from_matrix(fm, shape, self.ctx.layout), from_matrix(bm, shape, self.ctx.layout)
 
     def layer_forward(self, name, module, x):
-        fmask, bmask = self._masks_of(name, module)
+        # both masks of every layer at a step's first training forward (per_forward); traced, this layer's own
+        compiling = torch.compiler.is_compiling()
+        fmask, bmask = self._masks_of(name, module) if compiling else self.per_forward(name, module, self._masks_of)
         conv = None
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros":

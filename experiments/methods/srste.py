@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ...sparsity import Pattern, nm_mask
+from ...sparsity import Pattern
 from ..rules import DECAY, param
 from .base import Capabilities, Method, register_method
 
@@ -34,12 +32,8 @@ class SRSTE(Method):
     caps = Capabilities(sparse_gemms=("forward",))
     summary = "SR-STE: N:M mask from |W| every step, straight-through gradient + decay on pruned weights"
 
-    def _mask(self, module) -> torch.Tensor:
-        p = self.ctx.pattern
-        return nm_mask(module.weight.detach(), p.n, p.m, self.ctx.layout)
-
     def forward_weight(self, name, module):
-        return self.masked_with_decay(name, module, self._mask(module), self.params.decay)
+        return self.masked_nm_with_decay(name, module, self.ctx.pattern, self.params.decay)
 
     def masks(self):
         return self.row_masks(self.ctx.pattern)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from ...sparsity import nm_mask
 from ...sparsity.fused import masked
+from ...sparsity.nm import nm_mask_and_product
 
 
 class _STEMask(torch.autograd.Function):
@@ -36,6 +38,21 @@ class _STEMask(torch.autograd.Function):
             # weight first: ``decay * (~mask)`` would be a float32 tensor, rounding decay for a float64 weight
             grad = grad + ctx.decay * (weight * ~mask)
         return grad, None, None
+
+
+class _STENM(torch.autograd.Function):
+    """``W * E``, ``E`` the row-wise N:M mask of W itself, both made in one pass (`sparsity.nm_mask_and_product`);
+    the gradient straight through. ``E`` is a second output, not differentiable."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, n: int, m: int, layout: str, made: tuple | None):
+        keep, out = nm_mask_and_product(weight, n, m, layout) if made is None else made
+        ctx.mark_non_differentiable(keep)
+        return out, keep
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _keep_grad):
+        return grad, None, None, None, None
 
 
 class _Masked(torch.autograd.Function):
@@ -66,6 +83,19 @@ def product(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def ste_mask(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0) -> torch.Tensor:
     """``W * mask`` forward, the gradient straight through (plus SR-STE's ``decay`` term where it is given)."""
     return _STEMask.apply(weight, mask, decay)
+
+
+def ste_nm(weight: torch.Tensor, n: int, m: int, layout: str,
+           made: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SR-STE's forward weight and its mask: ``(W * E, E)``, ``E`` the row-wise N:M magnitude mask of the current
+    ``weight`` (`sparsity.nm_mask`), the gradient straight through. The same values as ``ste_mask(weight,
+    nm_mask(weight, ...))``, in one call and, at M = 4 on a CPU, one pass over the weight where those take two,
+    each with its own Python on the way. ``made``: ``(E, W * E)`` as `sparsity.nm_mask_and_product` gave them
+    for this weight already (`Method.per_forward`)."""
+    if torch.compiler.is_compiling():       # traced: the two tensor formulas
+        mask = nm_mask(weight.detach(), n, m, layout)
+        return ste_mask(weight, mask), mask
+    return _STENM.apply(weight, n, m, layout, made)
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

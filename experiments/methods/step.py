@@ -66,7 +66,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...sparsity import Pattern, nm_mask
+from ...sparsity import Pattern
 from ..rules import DECAY, FRACTION, above, at_least, param
 from .base import Capabilities, Method, MethodError, register_method
 
@@ -172,13 +172,10 @@ class STEP(Method):
         return total / count if count else 0.0
 
     # --- forward -----------------------------------------------------------------------------
-    def _mask(self, module: nn.Module) -> torch.Tensor:
-        return nm_mask(module.weight.detach(), self.pattern.n, self.pattern.m, self.ctx.layout)
-
     def forward_weight(self, name, module):
         if module.training and not self.switched:   # the dense phase trains dense; evaluation is N:M
             return module.weight
-        return self.masked_with_decay(name, module, self._mask(module), self.params.decay)
+        return self.masked_nm_with_decay(name, module, self.pattern, self.params.decay)
 
     # --- results -----------------------------------------------------------------------------
     def masks(self):
