@@ -22,7 +22,9 @@ compiled row's "vs dense" is against ``dense+compile``. Its first steps compile:
 A method that cannot train compiled (``Method.compile_problem``) is left out of the compiled rows.
 
 A method written ``name:mvue`` runs with ``mvue_dw: true`` (``name:no-mvue``: false), ``name:key=value``
-with that parameter; ``--optim adamw`` (AdamW, as STEP needs) in place of SGD. Each row also gives the
+with that parameter; ``--optim adamw`` (AdamW, as STEP needs) in place of SGD. Under SGD a method that takes
+only AdamW (STEP) trains with AdamW and is held against ``dense+adamw``, dense on AdamW, timed beside the rest
+(AdamW's step costs more than SGD's: against dense on SGD, STEP on LeNet-5 read 1.10-1.12x). Each row also gives the
 training FLOPs of its timed steps relative to dense (the handle's `flops()`: `Method.densities` on the
 MACs of the steps' own forwards), and the memory a step holds at the end of its forward relative to dense:
 the bytes of parameters, gradients, optimizer state, the method's own tensors (its `state_dict`) and every
@@ -124,17 +126,29 @@ def held_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, handle, x: to
 
 
 COMPILED = "+compile"
+ADAMW = "+adamw"        # a run on AdamW under --optim sgd: dense's twin, the baseline of a method that takes only AdamW
+
+
+def _method_of(label: str) -> tuple[str, dict]:
+    return _label_params(label.removesuffix(COMPILED).removesuffix(ADAMW))
+
+
+def _optimizer(label: str, args) -> str:
+    """The optimizer ``label`` trains with: --optim, or AdamW for a method that takes nothing else (STEP) and
+    for the dense twin it is held against."""
+    cls = get_method(_method_of(label)[0])
+    takes_adamw_only = bool(cls.caps.optimizers) and "sgd" not in cls.caps.optimizers
+    twin = label.removesuffix(COMPILED).endswith(ADAMW)
+    return "adamw" if args.optim == "adamw" or takes_adamw_only or twin else "sgd"
 
 
 def _attached_run(label: str, args, device: torch.device, attached: ExitStack) -> tuple:
     """(model to step, handle, optimizer, step times) of one method, attached by `nmtrain.sparsify` until
     ``attached`` closes; the model to step is compiled for a ``name+compile`` label."""
-    name, params = _label_params(label.removesuffix(COMPILED))
-    cls = get_method(name)
+    name, params = _method_of(label)
     torch.manual_seed(0)
     model = _model(args, device)
-    # --optim, or AdamW for a method that takes nothing else (STEP)
-    if args.optim == "adamw" or (cls.caps.optimizers and "sgd" not in cls.caps.optimizers):
+    if _optimizer(label, args) == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -144,15 +158,20 @@ def _attached_run(label: str, args, device: torch.device, attached: ExitStack) -
 
 
 def _labels(args) -> list[str]:
-    """The runs: every method of --methods, and with --compile its compiled twin where the method compiles."""
+    """The runs: every method of --methods; dense on AdamW too (``dense+adamw``) where a method takes only AdamW
+    under --optim sgd, so that it is held against dense on the same optimizer; and with --compile each one's
+    compiled twin where the method compiles."""
     labels = args.methods.split(",")
+    dense = [label for label in labels if not get_method(_method_of(label)[0]).caps.sparse]
+    if dense and any(_optimizer(label, args) != args.optim for label in labels):
+        labels.insert(labels.index(dense[0]) + 1, dense[0] + ADAMW)
     if not args.compile:
         return labels
     return labels + [label + COMPILED for label in labels if _compiles(label)]
 
 
 def _compiles(label: str) -> bool:
-    name, params = _label_params(label)
+    name, params = _method_of(label)
     cls = get_method(name)
     return cls.compile_problem(cls.Params(**params)) is None
 
@@ -181,10 +200,13 @@ def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> 
                 runs[name][3].append(t)
 
 
-def _same_mode(runs: dict, reference: str | None, name: str) -> str | None:
-    """``reference``'s run in ``name``'s mode (compiled or eager), if it was timed."""
+def _same_mode(runs: dict, reference: str | None, name: str, args=None) -> str | None:
+    """``reference``'s run in ``name``'s mode (compiled or eager) and, given ``args``, on ``name``'s optimizer
+    (its ``+adamw`` twin), if it was timed."""
     if reference is None:
         return None
+    if args is not None and _optimizer(name, args) != _optimizer(reference, args):
+        reference += ADAMW
     twin = reference + COMPILED if name.endswith(COMPILED) else reference
     return twin if twin in runs else None
 
@@ -203,7 +225,7 @@ def _report(args, runs: dict, held: dict, device: torch.device) -> tuple[Table, 
     """The table and the JSON rows: every run's median and mean step, against dense (and SR-STE) timed in the
     same mode, its training FLOPs and memory against dense."""
     # the reference is the dense baseline (the method that masks nothing), when it is in the list
-    baseline = next((name for name in runs if not get_method(_label_params(name)[0]).caps.sparse), None)
+    baseline = next((name for name in runs if not get_method(_method_of(name)[0]).caps.sparse), None)
     table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {args.optim}, {device} "
                         f"({torch.get_num_threads()} threads), {args.steps} interleaved steps")
     for col in ("method", "median ms / step", "vs dense", f"± sd ({args.blocks} blocks)", "mean ms / step",
@@ -212,7 +234,7 @@ def _report(args, runs: dict, held: dict, device: torch.device) -> tuple[Table, 
     rows = []
     for name, (_, handle, _, times) in runs.items():
         flops = handle.flops()
-        base, srste = _same_mode(runs, baseline, name), _same_mode(runs, "srste", name)
+        base, srste = _same_mode(runs, baseline, name, args), _same_mode(runs, "srste", name)
         # the median is the typical step; the mean also carries the occasional mask recomputation
         med, mean = statistics.median(times), statistics.fmean(times)
         dense = statistics.median(runs[base][3]) if base else None

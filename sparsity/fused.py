@@ -273,14 +273,16 @@ if njit is not None:
         return nan == 0
 
     @njit(cache=True, nogil=True)
-    def _column4(scores, fmask, perm, n, table, keep):
+    def _column4(scores, fmask, perm, n, table, keep, out):
         """``keep[perm[4g + i], c]`` (bytes, as ``fmask``): per group g of 4 permuted rows and per column c,
         ``table[n - 1, order]``'s bit i of the values ``|scores| * fmask`` there, and ``fmask`` itself. Ranked
         by arithmetic along the columns (as `_mask4`); a group of rows where a kept value equals another of its
         column is then read again from the table. Equal values that ``fmask`` prunes on both sides (the many
         zeros it makes) need no table: whichever topk picks, the and with ``fmask`` drops it. False where a
-        value is NaN (an Inf score times a pruned 0; ``keep`` is then garbage); as in `_mask4`, a flag."""
+        value is NaN (an Inf score times a pruned 0; ``keep`` is then garbage); as in `_mask4`, a flag.
+        ``out``, unless empty: ``scores * keep`` too (`_product`), each group of rows while it is in cache."""
         nan = np.int32(0)
+        product = out.shape[0] > 0
         row = table[n - 1]
         one = scores.dtype.type(1)
         for g in range(scores.shape[0] // 4):
@@ -309,6 +311,11 @@ if njit is not None:
                                        abs(s2[c]) * (one * k2), abs(s3[c]) * (one * k3))]
                     o0[c], o1[c] = k0 & bits & 1, k1 & (bits >> 1) & 1
                     o2[c], o3[c] = k2 & (bits >> 2) & 1, k3 & (bits >> 3) & 1
+            if product:
+                _product(out[r0], s0, o0)
+                _product(out[r1], s1, o1)
+                _product(out[r2], s2, o2)
+                _product(out[r3], s3, o3)
         return nan == 0
 
     @njit(cache=True, nogil=True)
@@ -450,15 +457,34 @@ def column_nm4_mask(scores: torch.Tensor, fmask: torch.Tensor, perm: torch.Tenso
     a zero-filled mask, a scatter, an and, a scatter back), bit for bit. None where the kernel does not serve:
     not a CPU float32/float64 contiguous matrix of at most `MAX_ENTRIES` entries with a bool ``fmask`` of its
     shape and a CPU int64 ``perm`` of its rows, rows not in groups of 4, n outside 1..3, or a NaN value."""
-    if not (_served(scores, fmask) and scores.dim() == 2 and fmask.dtype == torch.bool and scores.shape[0] % 4 == 0
-            and 1 <= n <= 3 and perm.device.type == "cpu" and perm.dtype == torch.int64
-            and perm.shape == (scores.shape[0],)):
+    if not _column_served(scores, fmask, perm, n):
         return None
     keep = torch.empty(scores.shape, dtype=torch.bool)
-    if not _column4(scores.numpy(), fmask.view(torch.uint8).numpy(), perm.contiguous().numpy(), n, _table4(1),
-                    keep.view(torch.uint8).numpy()):
+    flat = scores.numpy()
+    if not _column4(flat, fmask.view(torch.uint8).numpy(), perm.contiguous().numpy(), n, _table4(1),
+                    keep.view(torch.uint8).numpy(), flat[:0]):
         return None
     return keep
+
+
+def column_nm4_masked(weight: torch.Tensor, fmask: torch.Tensor, perm: torch.Tensor,
+                      n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`column_nm4_mask`'s mask of the signed ``weight`` matrix and the masked ``weight * keep`` (`masked`'s
+    product, bit for bit), in one pass: Bi-Mask's backward mask and the weight its backward-data GEMM uses.
+    None where `column_nm4_mask` does not serve."""
+    if not _column_served(weight, fmask, perm, n):
+        return None
+    keep, out = torch.empty(weight.shape, dtype=torch.bool), torch.empty_like(weight)
+    if not _column4(weight.numpy(), fmask.view(torch.uint8).numpy(), perm.contiguous().numpy(), n, _table4(1),
+                    keep.view(torch.uint8).numpy(), out.numpy()):
+        return None
+    return keep, out
+
+
+def _column_served(scores: torch.Tensor, fmask: torch.Tensor, perm: torch.Tensor, n: int) -> bool:
+    return (_served(scores, fmask) and scores.dim() == 2 and fmask.dtype == torch.bool and scores.shape[0] % 4 == 0
+            and 1 <= n <= 3 and perm.device.type == "cpu" and perm.dtype == torch.int64
+            and perm.shape == (scores.shape[0],))
 
 
 def soft_threshold4(matrix: torch.Tensor, n: int, scale: torch.Tensor) -> torch.Tensor | None:

@@ -58,13 +58,17 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "nhwc") -> torch
     return from_matrix(keep.reshape(scores.shape), weight.shape, layout)
 
 
-def nm_mask_and_product(weight: torch.Tensor, n: int, m: int, layout: str = "nhwc") -> tuple[torch.Tensor, torch.Tensor]:
+def nm_mask_and_product(weight: torch.Tensor, n: int, m: int,
+                        layout: str = "nhwc") -> tuple[torch.Tensor, torch.Tensor]:
     """`nm_mask` of ``weight`` and ``weight * mask`` (detached), as the two calls give them, bit for bit: at M = 4
     on a CPU in one pass over the weight (`fused.nm4_masked`), what a mask recomputed at every training
     forward costs twice otherwise."""
     _require_nm_fits(weight.shape, n, m, layout)
     w = weight.detach()
-    if m == 4 and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():           # traced: the two tensor formulas
+        keep = nm_mask(w, n, m, layout)
+        return keep, w * keep
+    if m == 4:
         both = nm4_masked(to_matrix(w, layout), n)
         if both is not None:
             return tuple(from_matrix(t, weight.shape, layout) for t in both)

@@ -87,6 +87,27 @@ def test_train_step_benchmark_times_compiled_twins_against_compiled_dense(tmp_pa
     assert rows["srste+compile"]["flops_ratio"] == rows["srste"]["flops_ratio"]
 
 
+def test_a_method_that_takes_only_adamw_is_held_against_dense_on_adamw(tmp_path, monkeypatch):
+    """Under --optim sgd, STEP trains with AdamW: it is held against a dense twin on AdamW (``dense+adamw``), in
+    time and in memory, not against dense on SGD; the SGD methods stay against dense."""
+    bench = _load("train_step")
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--model", "mlp", "--image-size", "8", "--batch", "8",
+                                      "--steps", "2", "--methods", "dense,srste,step", "--out", str(tmp_path)])
+    bench.main()
+    rows = {r["method"]: r for r in json.loads((tmp_path / "train_step.json").read_text())["rows"]}
+    assert list(rows) == ["dense", "dense+adamw", "srste", "step"]
+    for name, base in (("step", "dense+adamw"), ("srste", "dense"), ("dense+adamw", "dense+adamw")):
+        assert rows[name]["median_vs_dense"] == pytest.approx(rows[name]["median_ms"] / rows[base]["median_ms"])
+        assert rows[name]["memory_vs_dense"] == pytest.approx(rows[name]["held_bytes"] / rows[base]["held_bytes"])
+    assert rows["dense+adamw"]["held_bytes"] > rows["dense"]["held_bytes"]        # AdamW's two moments
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--model", "mlp", "--image-size", "8", "--batch", "8",
+                                      "--steps", "2", "--methods", "dense,step", "--optim", "adamw",
+                                      "--out", str(tmp_path)])
+    bench.main()
+    rows = {r["method"]: r for r in json.loads((tmp_path / "train_step.json").read_text())["rows"]}
+    assert list(rows) == ["dense", "step"]                                 # already on AdamW: no twin
+
+
 def test_masks_benchmark_runs_on_a_small_square_weight(tmp_path, monkeypatch):
     bench = _load("masks")
     monkeypatch.setattr(sys, "argv", ["masks.py", "--sizes", "64", "--no-resnet", "--patterns", "4:8",

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nmtrain.experiments.methods import Context, attach, build_params, get_method
-from nmtrain.experiments.methods.bimask import backward_mask, search_permutation
+from nmtrain.experiments.methods.bimask import backward_mask, backward_mask_and_product, search_permutation
 from nmtrain.sparsity import Pattern, nm_mask, nm_violation, to_matrix
 
 
@@ -96,6 +96,17 @@ def test_decay_on_pruned_weights_and_checkpoint_state():
         other = _bimask({"lin": lin})
         other.load_state_dict(state)
         assert torch.equal(other.perms["lin"], method.perms["lin"])
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (2, 8)])
+def test_the_backward_mask_and_its_masked_weight_together_are_the_two_calls(n, m):
+    g = torch.Generator().manual_seed(m + n)
+    w = torch.randn(32, 24, generator=g)
+    fm = to_matrix(nm_mask(w, n, m))
+    perm = torch.randperm(32, generator=g)
+    keep, w_b = backward_mask_and_product(fm, w, perm, n, m)
+    expected = backward_mask(fm, w.abs(), perm, n, m)
+    assert torch.equal(keep, expected) and torch.equal(w_b.view(torch.int32), (w * expected).view(torch.int32))
 
 
 def test_permutation_is_refreshed_every_iter_steps_and_is_reproducible():

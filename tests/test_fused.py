@@ -17,7 +17,8 @@ from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_thresho
 from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask, ste_nm
 from nmtrain.sparsity.errors import SparsityError
 from nmtrain.sparsity.fused import (MAX_ENTRIES, add_masked_decay_, add_pruned_decay_, clamp_pruned_, column_nm4_mask,
-                                    decayed, masked, mvue24_sample, njit, nm4_mask, nm4_masked, soft_threshold4)
+                                    column_nm4_masked, decayed, masked, mvue24_sample, njit, nm4_mask, nm4_masked,
+                                    soft_threshold4)
 from nmtrain.sparsity.nm import nm_mask_and_product
 
 pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
@@ -355,6 +356,9 @@ def test_the_column_n4_kernel_is_bimasks_backward_mask_bit_for_bit(dtype, kind, 
         expected = _backward_mask_formula(fmask, scores, perm, n)
         fused = column_nm4_mask(scores, fmask, perm, n)
         assert fused is not None and torch.equal(fused, expected)
+        both = column_nm4_masked(w, fmask, perm, n)             # from the signed weight, with W * B_b
+        assert both is not None and torch.equal(both[0], expected)
+        assert torch.equal(_bits(both[1]), _bits(w * expected))
 
 
 def test_the_column_n4_kernel_leaves_nan_and_what_it_does_not_serve_to_the_formula():
@@ -369,7 +373,7 @@ def test_the_column_n4_kernel_leaves_nan_and_what_it_does_not_serve_to_the_formu
     for args in ((nan, fmask, perm, 2), (inf_pruned, fmask_pruned, perm, 2), (scores.half(), fmask, perm, 2),
                  (scores.t(), fmask.t(), perm, 2), (scores[:6], fmask[:6], perm[:6], 2), (scores, fmask, perm, 4),
                  (scores, fmask.float(), perm, 2), (scores, fmask, perm.int(), 2)):
-        assert column_nm4_mask(*args) is None
+        assert column_nm4_mask(*args) is None and column_nm4_masked(*args) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -145,6 +145,24 @@ def test_after_the_switch_v_stays_frozen_m_keeps_learning_and_the_update_is_the_
     assert method.switch_step == 4
 
 
+def test_the_sparse_phases_denominator_is_made_once_per_frozen_v_and_again_when_it_changes():
+    model = _model()
+    with _attach(model, 10) as method:
+        v = torch.rand(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+        first = method._preconditioner("0", v, EPS)
+        assert torch.equal(first, v.sqrt() + math.sqrt(EPS) * math.sqrt(math.sqrt(EPS)))
+        assert method._preconditioner("0", v, EPS) is first                   # kept
+        assert method._preconditioner("2", v, EPS) is not first               # per layer
+        with torch.no_grad():
+            v.mul_(4)                                                          # a checkpoint loaded into it, say
+        second = method._preconditioner("0", v, EPS)
+        assert second is not first and torch.equal(second, v.sqrt() + math.sqrt(EPS) * math.sqrt(math.sqrt(EPS)))
+        assert method._preconditioner("0", v, 1e-6) is not second             # another eps
+        other = v.clone()
+        fresh = method._preconditioner("0", other, 1e-6)                      # another v
+        assert torch.equal(fresh, v.sqrt() + math.sqrt(1e-6) * math.sqrt(math.sqrt(1e-6)))
+
+
 @pytest.mark.parametrize("inputs", ["random", "tied"])
 def test_preconditioned_step_equals_a_float64_transcription(inputs):
     gen = torch.Generator().manual_seed(5)

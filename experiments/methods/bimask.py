@@ -37,7 +37,8 @@ from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
-from ...sparsity.fused import column_nm4_mask
+from ...sparsity.fused import column_nm4_mask, column_nm4_masked
+from ...sparsity.nm import nm_mask_and_product
 from ..rules import DECAY, SEED, STEPS, Choice, at_least, param
 from .base import Capabilities, Method, MethodError, register_method
 from .ste import masked_weight, product
@@ -77,6 +78,19 @@ def backward_mask(fmask_matrix: torch.Tensor, scores: torch.Tensor, perm: torch.
     out = torch.empty_like(keep)
     out[perm] = keep                                                    # un-permute
     return out
+
+
+def backward_mask_and_product(fmask_matrix: torch.Tensor, weight_matrix: torch.Tensor, perm: torch.Tensor, n: int,
+                              m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`backward_mask` of the signed ``weight_matrix`` and ``weight_matrix * B_b`` (detached), as the two give
+    them; at M = 4 on a CPU in one pass (`sparsity.fused.column_nm4_masked`)."""
+    weight_matrix = weight_matrix.detach()
+    fused = (column_nm4_masked(weight_matrix, fmask_matrix, perm, n)
+             if m == 4 and not torch.compiler.is_compiling() else None)
+    if fused is not None:
+        return fused
+    keep = backward_mask(fmask_matrix, weight_matrix, perm, n, m)
+    return keep, product(weight_matrix, keep)
 
 
 def search_permutation(fmask_matrix: torch.Tensor, scores: torch.Tensor, n: int, m: int, tries: int,
@@ -156,13 +170,14 @@ def local_search(fmask_matrix: torch.Tensor, perm: torch.Tensor, n: int, m: int,
 
 
 class _BiMaskGEMM(torch.autograd.Function):
-    """y = op(x, W * B_f); dX = op^T(dY, W * B_b); dW = dense dW + decay * (1 - B_f) * W."""
+    """y = op(x, W * B_f); dX = op^T(dY, W * B_b); dW = the dense dW (straight through W~ to W; SR-STE's decay is
+    added once per optimizer step, `Method.add_pruned_decay`). ``w_f`` and ``w_b``: W * B_f and W * B_b, made
+    with the masks (`BiMask._operands`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, fmask, bmask, decay, conv):
-        ctx.save_for_backward(x, weight, fmask, bmask)
-        ctx.decay, ctx.conv = decay, conv
-        w_f = product(weight, fmask)
+    def forward(ctx, x, weight, w_f, w_b, conv):
+        ctx.save_for_backward(x, w_b)
+        ctx.conv = conv
         if conv is None:
             return F.linear(x, w_f)
         stride, padding, dilation, groups = conv
@@ -170,8 +185,7 @@ class _BiMaskGEMM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, fmask, bmask = ctx.saved_tensors
-        w_b = product(weight, bmask)
+        x, w_b = ctx.saved_tensors
         if ctx.conv is None:
             grad_x = grad @ w_b
             grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
@@ -182,9 +196,7 @@ class _BiMaskGEMM(torch.autograd.Function):
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
                 grad, x, w_b, None, _pair(stride), _pair(padding), _pair(dilation), False, [0], groups,
                 (True, True, False))
-        if ctx.decay:
-            grad_w = grad_w + ctx.decay * (~fmask) * weight
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None
 
 
 @register_method("bimask")
@@ -245,17 +257,29 @@ class BiMask(Method):
         shape = module.weight.shape
         return from_matrix(fm, shape, self.ctx.layout), from_matrix(bm, shape, self.ctx.layout)
 
+    def _operands(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``B_f``, ``W * B_f`` and ``W * B_b`` of ``name`` in the weight's shape, each mask made with its masked
+        weight in one pass (`sparsity.nm_mask_and_product`, `backward_mask_and_product`)."""
+        p, layout = self.ctx.pattern, self.ctx.layout
+        if name not in self.perms:
+            self._search(0)
+        w = module.weight.detach()
+        fmask, w_f = nm_mask_and_product(w, p.n, p.m, layout)
+        fm = to_matrix(fmask, layout)
+        _, w_b = backward_mask_and_product(fm, to_matrix(w, layout), self.perms[name].to(fm.device), p.n, p.m)
+        return fmask, w_f, from_matrix(w_b, w.shape, layout)
+
     def layer_forward(self, name, module, x):
-        # both masks of every layer at a step's first training forward (per_forward); traced, this layer's own
+        # every layer's operands at a step's first training forward (per_forward); traced, this layer's own
         compiling = torch.compiler.is_compiling()
-        fmask, bmask = self._masks_of(name, module) if compiling else self.per_forward(name, module, self._masks_of)
+        fmask, w_f, w_b = self._operands(name, module) if compiling else self.per_forward(name, module, self._operands)
         conv = None
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros":
                 raise MethodError(f"bimask: layer {name} uses padding_mode={module.padding_mode!r}; only zeros")
             conv = (module.stride, module.padding, module.dilation, module.groups)
         self.note_decay(name, module, fmask, self.params.decay)      # SR-STE's decay: in add_pruned_decay
-        y = _BiMaskGEMM.apply(x, module.weight, fmask, bmask, 0.0, conv)
+        y = _BiMaskGEMM.apply(x, module.weight, w_f, w_b, conv)
         if module.bias is not None:
             y = y + (module.bias if conv is None else module.bias.view(1, -1, 1, 1))
         return y

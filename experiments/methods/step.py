@@ -102,6 +102,7 @@ class STEP(Method):
         self.window_z: list[float] = []         # the last `window` values of Z_t
         self.v_change: float | None = None      # the window's mean at the last step
         self._v_before: dict[str, torch.Tensor | None] | None = None
+        self._denoms: dict[str, tuple] = {}     # per layer: (v*, its version, eps, sqrt(v*) + eps^(3/4))
 
     def bind_optimizer(self, optimizer):
         self.optimizer = optimizer
@@ -137,12 +138,25 @@ class STEP(Method):
             self._v_before = {name: _second_moment(self.optimizer, mod.weight, clone=True)
                               for name, mod in self.ctx.layers.items()}
             return
-        for mod in self.ctx.layers.values():
+        for name, mod in self.ctx.layers.items():
             p = mod.weight
             state = self.optimizer.state.get(p, {})
             if p.grad is not None and "exp_avg_sq" in state:
-                preconditioned_step(p, p.grad, state, self._group(p))
+                group = self._group(p)
+                preconditioned_step(p, p.grad, state, group, self._preconditioner(name, state["exp_avg_sq"],
+                                                                                 group["eps"]))
                 p.grad = None       # AdamW skips it: its update is done
+
+    def _preconditioner(self, name: str, v: torch.Tensor, eps: float) -> torch.Tensor:
+        """`preconditioner` of the frozen ``v*``, made once and kept with it: two tensor passes (a square root
+        into a new tensor, an add) of every sparse step's five saved. Made again when ``v*`` is another tensor
+        or was changed in place (its version counter: a checkpoint loaded into it) or eps changed."""
+        seen = self._denoms.get(name)
+        if seen is not None and seen[0] is v and seen[1] == v._version and seen[2] == eps:
+            return seen[3]
+        denom = preconditioner(v, eps)
+        self._denoms[name] = (v, v._version, eps, denom)
+        return denom
 
     def after_step(self, step: int) -> None:
         if self.switched:
@@ -212,10 +226,13 @@ def _second_moment(optimizer: torch.optim.Optimizer, p: nn.Parameter, clone: boo
 
 
 @torch.no_grad()
-def preconditioned_step(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+def preconditioned_step(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
+                        denom: torch.Tensor | None = None) -> None:
     """STEP's sparse-phase update of ``p`` in place, with its AdamW ``state`` (``exp_avg_sq`` frozen)::
 
         p ← p (1 − lr wd);  m ← β1 m + (1 − β1) g;  p ← p − lr / (1 − β1^k) · m / (sqrt(v*) + eps^(3/4))
+
+    ``denom``: `preconditioner` of the state's ``exp_avg_sq`` and the group's eps, made already (else made here).
     """
     beta1 = group["betas"][0]
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
@@ -223,5 +240,11 @@ def preconditioned_step(p: torch.Tensor, grad: torch.Tensor, state: dict, group:
     k = float(state["step"])
     p.mul_(1 - lr * wd)
     state["exp_avg"].lerp_(grad, 1 - beta1)         # as torch's AdamW forms m
-    denom = state["exp_avg_sq"].sqrt().add_(math.sqrt(eps) * math.sqrt(math.sqrt(eps)))
+    if denom is None:
+        denom = preconditioner(state["exp_avg_sq"], eps)
     p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** k))
+
+
+def preconditioner(v: torch.Tensor, eps: float) -> torch.Tensor:
+    """``sqrt(v*) + eps^(3/4)``, the sparse phase's denominator (a new tensor)."""
+    return v.sqrt().add_(math.sqrt(eps) * math.sqrt(math.sqrt(eps)))
