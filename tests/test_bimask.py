@@ -83,6 +83,27 @@ def test_backward_data_uses_w_times_the_backward_mask(kind):
             assert torch.allclose(mod.weight.grad, manual, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_only_the_gradients_asked_for_are_made_and_they_are_the_same(kind):
+    torch.manual_seed(1)
+    mod = nn.Linear(16, 8) if kind == "linear" else nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(5, 16) if kind == "linear" else torch.randn(2, 8, 6, 6)
+    with _bimask_attached({"layer": mod}, decay=0.0) as method:
+        method.before_step(0)
+        dy = torch.randn_like(mod(x))
+        xx = x.clone().requires_grad_(True)
+        mod(xx).backward(dy)                             # both asked for
+        both_w, both_x = mod.weight.grad.clone(), xx.grad
+        mod.weight.grad = None
+        mod(x).backward(dy)                              # the data: no dX
+        assert torch.equal(mod.weight.grad, both_w)
+        mod.weight.grad = None
+        mod.weight.requires_grad_(False)                 # a frozen weight: no dW
+        xx = x.clone().requires_grad_(True)
+        mod(xx).backward(dy)
+        assert torch.equal(xx.grad, both_x) and mod.weight.grad is None
+
+
 def test_decay_on_pruned_weights_and_checkpoint_state():
     lin = nn.Linear(8, 8, bias=False)
     with _bimask_attached({"lin": lin}, decay=0.5) as method:

@@ -170,33 +170,45 @@ def local_search(fmask_matrix: torch.Tensor, perm: torch.Tensor, n: int, m: int,
 
 
 class _BiMaskGEMM(torch.autograd.Function):
-    """y = op(x, W * B_f); dX = op^T(dY, W * B_b); dW = the dense dW (straight through W~ to W; SR-STE's decay is
+    """y = op(x, W * B_f) + b; dX = op^T(dY, W * B_b); dW = the dense dW (straight through W~ to W; SR-STE's decay is
     added once per optimizer step, `Method.add_pruned_decay`). ``w_f`` and ``w_b``: W * B_f and W * B_b, made
     with the masks (`BiMask._operands`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_f, w_b, conv):
+    def forward(ctx, x, weight, bias, w_f, w_b, conv):
         ctx.save_for_backward(x, w_b)
         ctx.conv = conv
         if conv is None:
-            return F.linear(x, w_f)
-        stride, padding, dilation, groups = conv
-        return F.conv2d(x, w_f, None, stride, padding, dilation, groups)
+            y = F.linear(x, w_f)
+        else:
+            stride, padding, dilation, groups = conv
+            y = F.conv2d(x, w_f, None, stride, padding, dilation, groups)
+        # the bias added in place, in the Function: the same bits as autograd's ``y + b`` (the GEMM's own bias
+        # rounds otherwise on small Linears), without a second output-sized tensor to make and to fill
+        if bias is not None:
+            y.add_(bias if conv is None else bias.view(1, -1, 1, 1))
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         x, w_b = ctx.saved_tensors
+        # only the gradients asked for, as autograd's own GEMMs: no dX for a first layer's input (the data)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.conv is None:
-            grad_x = grad @ w_b
-            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            grad_x = grad @ w_b if need_x else None
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if need_w else None
         else:
             stride, padding, dilation, groups = ctx.conv
             # one call for both: what torch.nn.grad's conv2d_input and conv2d_weight each make with one output
             # asked for (dW does not read the weight, so passing W * B_b for dX leaves it as it was)
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
                 grad, x, w_b, None, _pair(stride), _pair(padding), _pair(dilation), False, [0], groups,
-                (True, True, False))
-        return grad_x, grad_w, None, None, None
+                (need_x, need_w, False))
+        grad_b = None
+        if ctx.needs_input_grad[2]:         # as autograd's add of a broadcast bias (a conv's, viewed (1, C, 1, 1))
+            shape = (grad.shape[-1],) if ctx.conv is None else (1, grad.shape[1], 1, 1)
+            grad_b = grad.sum_to_size(shape).view(-1)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 @register_method("bimask")
@@ -279,10 +291,7 @@ class BiMask(Method):
                 raise MethodError(f"bimask: layer {name} uses padding_mode={module.padding_mode!r}; only zeros")
             conv = (module.stride, module.padding, module.dilation, module.groups)
         self.note_decay(name, module, fmask, self.params.decay)      # SR-STE's decay: in add_pruned_decay
-        y = _BiMaskGEMM.apply(x, module.weight, w_f, w_b, conv)
-        if module.bias is not None:
-            y = y + (module.bias if conv is None else module.bias.view(1, -1, 1, 1))
-        return y
+        return _BiMaskGEMM.apply(x, module.weight, module.bias, w_f, w_b, conv)
 
     def forward_weight(self, name, module):
         return masked_weight(module.weight, self._masks_of(name, module)[0])
