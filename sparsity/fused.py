@@ -107,6 +107,30 @@ if njit is not None:
                     flat[at] = min(max(flat[at], -caps[a * b_n + b]), caps[a * b_n + b])
         return True
 
+    @njit(cache=True, nogil=True)
+    def _caps4(flat, keep, caps):
+        """`_bound`'s caps where the groups are 4 consecutive entries (M = 4, B = 1: a Linear's or a flatten
+        conv's rows), a group at a time, branch-free on the keep bytes, so that it vectorises across groups
+        (`_bound`'s loops stride over the whole weight once per group entry: 3x slower here). Nonzero where
+        `_bound` returns False."""
+        zero = caps[0]
+        special = np.int32(0)
+        for g in range(flat.shape[0] // 4):
+            a0, a1, a2, a3 = abs(flat[4 * g]), abs(flat[4 * g + 1]), abs(flat[4 * g + 2]), abs(flat[4 * g + 3])
+            special |= np.int32(a0 != a0) | np.int32(a1 != a1) | np.int32(a2 != a2) | np.int32(a3 != a3)
+            cap = max(max(a0 if keep[4 * g] else zero, a1 if keep[4 * g + 1] else zero),
+                      max(a2 if keep[4 * g + 2] else zero, a3 if keep[4 * g + 3] else zero))
+            special |= np.int32(cap == zero)
+            caps[g] = cap
+        return special
+
+    @njit(cache=True, nogil=True)
+    def _clamp4(flat, caps):
+        for g in range(flat.shape[0] // 4):
+            cap = caps[g]
+            for i in range(4):
+                flat[4 * g + i] = min(max(flat[4 * g + i], -cap), cap)
+
 
 def add_pruned_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, decay: float) -> bool:
     """``grad += decay · (1 − keep) ⊙ weight`` in place, as ``grad.add_(pruned_decay(weight, keep, decay))``
@@ -147,7 +171,12 @@ def clamp_pruned_(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str)
     b = weight.shape[2] * weight.shape[3] if weight.dim() == 4 and layout == "nhwc" else 1
     a = weight.numel() // (m * b)
     flat = weight.detach().view(-1).numpy()
-    if not _bound(flat, keep.view(-1).numpy(), a, m, b, np.zeros(a * b, dtype=flat.dtype)):
+    caps = np.zeros(a * b, dtype=flat.dtype)
+    if m == 4 and b == 1:           # groups of 4 consecutive entries: caps first, then the clamp, as `_bound`
+        if _caps4(flat, _bytes(keep), caps):
+            return False
+        _clamp4(flat, caps)
+    elif not _bound(flat, keep.view(-1).numpy(), a, m, b, caps):
         return False
     # written through numpy: tell autograd and version-keyed caches (accel's compressed operands) it changed
     torch.autograd.graph.increment_version(weight)

@@ -193,6 +193,20 @@ def test_per_forward_makes_every_layer_at_a_steps_first_training_forward_and_eac
     assert not method._ready                                                   # an evaluation makes no others
 
 
+def test_a_held_masks_product_made_ahead_is_used_only_with_that_mask():
+    """Transposable's ``W ⊙ mask`` made at the first forward is each layer's forward weight while its mask stays
+    as it was; a mask edited in place or replaced since gives the product with the mask as it is now."""
+    layers = {"a": nn.Linear(8, 8), "b": nn.Linear(8, 8), "c": nn.Linear(8, 8)}
+    method = _method("transposable", layers)
+    first = method.forward_weight("a", layers["a"])                         # makes b's and c's too
+    assert torch.equal(first, layers["a"].weight * method.mask("a"))
+    edited = method.mask("b")
+    edited[0] = ~edited[0]                                                  # changed in place since
+    assert torch.equal(method.forward_weight("b", layers["b"]), layers["b"].weight * edited)
+    method._masks["c"] = ~method.mask("c")                                  # replaced since
+    assert torch.equal(method.forward_weight("c", layers["c"]), layers["c"].weight * method.mask("c"))
+
+
 def test_sr_ste_forward_weights_made_together_are_the_ones_made_alone():
     """SR-STE's forward weights and masks taken from `per_forward` (made at the first forward) are those each
     layer makes for itself, forward and backward, over steps whose weights change."""

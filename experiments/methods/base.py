@@ -21,7 +21,7 @@ from ...sparsity.nm import nm_mask_and_product
 from ...sparsity.fused import add_pruned_decay_
 from ..errors import ExperimentError
 from ..layers import gemm, route_forward, unroute_forward
-from .ste import change_rate, ste_mask, ste_nm
+from .ste import change_rate, product, ste_mask, ste_nm
 from .wgrad import WeightGradSampler, mvue_gemm
 
 
@@ -314,6 +314,25 @@ class StoredMaskMethod(Method):
         if not self._masks:   # first use, possibly an evaluation before the first step
             self._masks = self.init_masks()
         return self._masks[name]
+
+    def masked_held_with_decay(self, name: str, module: nn.Module, decay: float) -> torch.Tensor:
+        """`masked_with_decay` with the layer's held mask (``self.mask(name)``: one kept between updates), every
+        layer's ``W ⊙ mask`` made at a step's first training forward (`per_forward`; each with the mask it was
+        made with, and made again here if the mask has since changed)."""
+        mask = self.mask(name)
+        self.note_decay(name, module, mask, decay)
+        if not torch.compiler.is_compiling():
+            used, version, made = self.per_forward(name, module, self._held_product)
+            if used is mask and version == mask._version:
+                return ste_mask(module.weight, mask, made=made)
+        return ste_mask(module.weight, self.mask_as(name, mask, module.weight))
+
+    def _held_product(self, name: str, module: nn.Module) -> tuple[torch.Tensor, int, torch.Tensor]:
+        # the bool mask's product, one vectorised pass per layer in the batch: on the GPT 1.2 ms a step against
+        # 1.7 ms through the cast mask and torch's product. (The masked gradient of fixed and unstructured stays
+        # autograd's product with the cast: its C++ backward measured 1.3 ms a step less than a Function's.)
+        mask = self.mask(name)
+        return mask, mask._version, product(module.weight.detach(), mask)
 
     def masks(self):
         if not self._masks:

@@ -25,11 +25,11 @@ class _STEMask(torch.autograd.Function):
     (only then is anything saved for the backward)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float, made: torch.Tensor | None):
         ctx.decay = decay
         if decay:
             ctx.save_for_backward(weight, mask)
-        return product(weight, mask)
+        return product(weight, mask) if made is None else made
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -37,7 +37,7 @@ class _STEMask(torch.autograd.Function):
             weight, mask = ctx.saved_tensors
             # weight first: ``decay * (~mask)`` would be a float32 tensor, rounding decay for a float64 weight
             grad = grad + ctx.decay * (weight * ~mask)
-        return grad, None, None
+        return grad, None, None, None
 
 
 class _STENM(torch.autograd.Function):
@@ -80,9 +80,11 @@ def product(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values * mask if out is None else out
 
 
-def ste_mask(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0) -> torch.Tensor:
-    """``W * mask`` forward, the gradient straight through (plus SR-STE's ``decay`` term where it is given)."""
-    return _STEMask.apply(weight, mask, decay)
+def ste_mask(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0,
+             made: torch.Tensor | None = None) -> torch.Tensor:
+    """``W * mask`` forward, the gradient straight through (plus SR-STE's ``decay`` term where it is given).
+    ``made``: ``W * mask`` (detached) made already for this weight and mask (`Method.per_forward`)."""
+    return _STEMask.apply(weight, mask, decay, made)
 
 
 def ste_nm(weight: torch.Tensor, n: int, m: int, layout: str,

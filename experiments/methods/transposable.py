@@ -93,7 +93,7 @@ class Transposable(RecomputedMaskMethod):
                 bound_pruned(mod.weight, self._masks[name], self.pattern.m, self.ctx.layout)
 
     def forward_weight(self, name, module):
-        return self.masked_with_decay(name, module, self.mask(name), self.params.decay)
+        return self.masked_held_with_decay(name, module, self.params.decay)
 
     def layer_forward(self, name, module, x):
         sparse = self.accel.sparse.get(name) if self.accel is not None else None
