@@ -16,7 +16,12 @@ weight about 70 µs, against 420 µs through topk.
 The N:4 mask keeps what ``topk`` keeps, ties included, without knowing topk's algorithm: a comparison
 sort's choice among four values depends only on their weak order (which are equal, which greater), so a
 table from each of the 75 weak orders to the kept four bits, filled once by running ``torch.topk`` itself
-on one representative of each, reproduces this build of torch's choices on every group.
+on one representative of each, reproduces this build of torch's choices on every group. Where the four are
+distinct that choice is arithmetic (keep those fewer than N others exceed), which vectorises; the table is
+read only for the blocks of groups that hold a tie.
+
+Masks reach the kernels as bytes (numpy uint8 views of the bool tensors) and the kernels compute with them
+as numbers: read as numpy bools, or used to pick an index, they kept every loop here scalar (2-3x slower).
 
 Each function does its work where its kernel serves: CPU tensors of float32 or float64 (the MVUE sample:
 float32), contiguous (the MVUE sample: any strides), of at most `MAX_ENTRIES` entries (above that, the
