@@ -457,11 +457,16 @@ def _table4(dim: int = -1) -> np.ndarray:
     return table
 
 
+def _rows4_served(matrix: torch.Tensor, n: int) -> bool:
+    """The row-wise N:4 kernels serve ``matrix`` (groups of 4 consecutive entries along its rows) at this N."""
+    return _served(matrix) and matrix.shape[-1] % 4 == 0 and 1 <= n <= 3
+
+
 def nm4_mask(matrix: torch.Tensor, n: int) -> torch.Tensor | None:
     """The row-wise N:4 keep-mask of a GEMM-view ``matrix`` (groups of 4 consecutive entries along K), as
     ``topk(n)`` over each group keeps it, ties included; None where the kernel does not serve (then the
     caller's topk runs): not a CPU float32/float64 contiguous matrix, more than `MAX_ENTRIES` entries, a NaN."""
-    if not (_served(matrix) and matrix.shape[-1] % 4 == 0 and 1 <= n <= 3):
+    if not _rows4_served(matrix, n):
         return None
     keep = torch.empty(matrix.shape, dtype=torch.bool)
     flat = matrix.view(-1).numpy()
@@ -474,7 +479,7 @@ def nm4_masked(matrix: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor
     """`nm4_mask`'s keep-mask of ``matrix`` and the masked ``matrix * keep`` (`masked`'s product, bit for
     bit), made in one pass over the weight: what SR-STE and its kin compute at every training forward.
     None where `nm4_mask` does not serve."""
-    if not (_served(matrix) and matrix.shape[-1] % 4 == 0 and 1 <= n <= 3):
+    if not _rows4_served(matrix, n):
         return None
     keep, out = torch.empty(matrix.shape, dtype=torch.bool), torch.empty_like(matrix)
     if not _mask4(matrix.view(-1).numpy(), n, _table4(), _bytes(keep), out.view(-1).numpy()):
@@ -526,7 +531,7 @@ def soft_threshold4(matrix: torch.Tensor, n: int, scale: torch.Tensor) -> torch.
     entries along K), in one pass: `methods.sste.soft_threshold`'s tensor formula (|W|, topk's values, a
     compare, sign, a difference, a product, a where) and the product by ``scale`` (a 0-dim tensor of the
     matrix's type), bit for bit. None where the kernel does not serve (as `nm4_mask`, or a NaN weight)."""
-    if not (_served(matrix) and matrix.shape[-1] % 4 == 0 and 1 <= n <= 3 and scale.dim() == 0
+    if not (_rows4_served(matrix, n) and scale.dim() == 0
             and scale.dtype == matrix.dtype):
         return None
     flat = matrix.view(-1).numpy()

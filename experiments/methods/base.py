@@ -152,7 +152,9 @@ class Method:
         weight's version counter, and one whose weight has since changed (an optimizer step, an in-place edit)
         is made again, as are the other layers' then. Each is taken once: a second forward in a step (a second
         micro-batch) finds nothing made and makes every layer's again, a layer run twice in one forward makes
-        its own again. Not under torch.compile (the caller's traced path makes its own)."""
+        its own again. (So a sparse layer that no forward runs, whose result stays unused and valid, leaves
+        the others making their own, each as its forward comes: as before, never more work.) Not under
+        torch.compile (the caller's traced path makes its own)."""
         weight = module.weight
         entry = self._ready.pop(name, None)
         if entry is not None and entry[0] is weight and entry[1] == weight._version:

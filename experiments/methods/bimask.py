@@ -260,31 +260,25 @@ class BiMask(Method):
             self._search(step)
 
     def _masks_of(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.ctx.pattern
-        if name not in self.perms:
-            self._search(0)
-        fm, w = self._matrices(module)
-        perm = self.perms[name].to(fm.device)
-        bm = backward_mask(fm, w, perm, p.n, p.m)          # straight from the signed weights: it takes |W|
-        shape = module.weight.shape
-        return from_matrix(fm, shape, self.ctx.layout), from_matrix(bm, shape, self.ctx.layout)
+        return self._operands(name, module)[:2]
 
-    def _operands(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``B_f``, ``W * B_f`` and ``W * B_b`` of ``name`` in the weight's shape, each mask made with its masked
-        weight in one pass (`sparsity.nm_mask_and_product`, `backward_mask_and_product`)."""
+    def _operands(self, name: str, module: nn.Module) -> tuple[torch.Tensor, ...]:
+        """``B_f``, ``B_b``, ``W * B_f`` and ``W * B_b`` of ``name`` in the weight's shape, each mask made with its
+        masked weight in one pass (`sparsity.nm_mask_and_product`, `backward_mask_and_product`)."""
         p, layout = self.ctx.pattern, self.ctx.layout
         if name not in self.perms:
             self._search(0)
         w = module.weight.detach()
         fmask, w_f = nm_mask_and_product(w, p.n, p.m, layout)
         fm = to_matrix(fmask, layout)
-        _, w_b = backward_mask_and_product(fm, to_matrix(w, layout), self.perms[name].to(fm.device), p.n, p.m)
-        return fmask, w_f, from_matrix(w_b, w.shape, layout)
+        bm, w_b = backward_mask_and_product(fm, to_matrix(w, layout), self.perms[name].to(fm.device), p.n, p.m)
+        return fmask, from_matrix(bm, w.shape, layout), w_f, from_matrix(w_b, w.shape, layout)
 
     def layer_forward(self, name, module, x):
         # every layer's operands at a step's first training forward (per_forward); traced, this layer's own
         compiling = torch.compiler.is_compiling()
-        fmask, w_f, w_b = self._operands(name, module) if compiling else self.per_forward(name, module, self._operands)
+        fmask, _, w_f, w_b = self._operands(name, module) if compiling else self.per_forward(name, module,
+                                                                                              self._operands)
         conv = None
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros":
