@@ -135,6 +135,23 @@ def test_masked_weight_equals_the_authors_formula(kind, tied):
         assert nm_violation(method.masks()["l"], Pattern(1, 4), exact=True) is None
 
 
+def test_a_weight_made_ahead_is_used_only_at_the_pattern_and_mask_value_it_was_made_at():
+    """`Method.per_forward`: PGF's decayed weights made at the first training forward; a layer whose forward
+    comes after the mask value moved (or the stage's N) gets the product at the value and N of now."""
+    layers = {"a": nn.Linear(16, 8), "b": nn.Linear(16, 8)}
+    with _pgf(layers, total=100, decay_coef=0.01) as method:
+        method.before_step(10)
+        method.forward_weight("a", layers["a"])                     # makes b's too, at step 10's value
+        method.before_step(20)                                      # the value moves; the weights do not
+        w_b = method.masks()["b"].float()
+        expect = layers["b"].weight * (w_b + (1 - w_b) * method.value_at(20))
+        assert (method.forward_weight("b", layers["b"]) - expect).abs().max().item() <= 1e-6
+        method.forward_weight("a", layers["a"])                     # a new batch at step 20's value
+        made = method._ready["b"][2]
+        assert made[1] == method._value._version
+        assert torch.equal(method.forward_weight("b", layers["b"]).detach(), made[3])    # taken as made
+
+
 def test_the_gradient_passes_straight_through_to_every_weight():
     lin = nn.Linear(16, 8)
     x = torch.randn(5, 16)

@@ -134,6 +134,18 @@ def test_beta_is_set_at_the_first_use_then_fixed():
         assert torch.equal(again.beta("lin"), beta)
 
 
+def test_a_weight_made_ahead_is_used_only_with_the_beta_it_was_made_with():
+    """`Method.per_forward`: every layer's beta * S(W) made at the first training forward; a layer whose beta
+    was replaced since (a checkpoint's, say) gets the product with its beta of now."""
+    layers = {"a": nn.Linear(16, 8), "b": nn.Linear(16, 8)}
+    with attach("sste", layers, Pattern(2, 4)) as method:
+        method.before_step(0)
+        method.forward_weight("a", layers["a"])                     # makes b's too
+        method._beta["b"] = method._beta["b"] * 2
+        expect = method._beta["b"] * soft_threshold(layers["b"].weight, 2, 4)
+        assert torch.equal(method.forward_weight("b", layers["b"]).detach(), expect.detach())
+
+
 def test_an_all_zero_layer_gets_beta_one():
     lin = nn.Linear(8, 4, bias=False)
     with torch.no_grad():

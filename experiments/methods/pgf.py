@@ -63,6 +63,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ...sparsity import Pattern, nm_mask
 from ...sparsity.fused import decayed
@@ -113,28 +114,35 @@ def stage_starts(dense: int, span: int, stages: int) -> list[int]:
     return [dense + int(i * frame) for i in range(stages)]
 
 
+def decayed_weight(weight: torch.Tensor, kept: torch.Tensor, value) -> torch.Tensor:
+    """``W * (E + (1 - E) v)`` bit for bit: kept entries W * 1, pruned ones W * v. Not a fold (v is above 0 but
+    in SDGF and the fine-tune): the export folds through sparsity.fold_mask. On a CPU layer one compiled pass
+    (sparsity.fused.decayed), the same bits; traced by torch.compile, the formula."""
+    if isinstance(value, torch.Tensor) and not torch.compiler.is_compiling():
+        out = decayed(weight.detach(), kept, value)
+        if out is not None:
+            return out
+    return torch.where(kept, weight, weight * value)
+
+
 class _DecayedMask(torch.autograd.Function):
-    """``W * (E + (1 - E) * v)`` forward; the gradient passes to every weight unchanged."""
+    """``W * (E + (1 - E) * v)`` forward (`decayed_weight`, or ``made``); the gradient passes to every weight
+    unchanged."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, kept: torch.Tensor, value) -> torch.Tensor:
-        # = W * (E + (1 - E) v) bit for bit: kept entries W * 1, pruned ones W * v. Not a fold (v is
-        # above 0 but in SDGF and the fine-tune): the export folds through sparsity.fold_mask. On a CPU layer
-        # one compiled pass (sparsity.fused.decayed), the same bits; traced by torch.compile, the formula.
-        if isinstance(value, torch.Tensor) and not torch.compiler.is_compiling():
-            out = decayed(weight.detach(), kept, value)
-            if out is not None:
-                return out
-        return torch.where(kept, weight, weight * value)
+    def forward(ctx, weight: torch.Tensor, kept: torch.Tensor, value, made: torch.Tensor | None) -> torch.Tensor:
+        return decayed_weight(weight, kept, value) if made is None else made
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None, None
+        return grad, None, None, None
 
 
-def decayed_mask(weight: torch.Tensor, mask: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
-    """``W * (E + (1 - E) * value)``, straight through; ``value`` a float or a 0-dim tensor (`PGF._value`)."""
-    return _DecayedMask.apply(weight, mask, value)
+def decayed_mask(weight: torch.Tensor, mask: torch.Tensor, value: float | torch.Tensor,
+                 made: torch.Tensor | None = None) -> torch.Tensor:
+    """``W * (E + (1 - E) * value)``, straight through; ``value`` a float or a 0-dim tensor (`PGF._value`).
+    ``made``: that product (detached), made already for this weight, mask and value (`Method.per_forward`)."""
+    return _DecayedMask.apply(weight, mask, value, made)
 
 
 @register_method("pgf")
@@ -188,8 +196,17 @@ class PGF(Method):
     def forward_weight(self, name, module):
         if self._kept is None:
             return module.weight
+        if not torch.compiler.is_compiling():   # every layer's at a step's first training forward (per_forward)
+            kept, version, mask, made = self.per_forward(name, module, self._decayed)
+            if kept == self._kept and version == self._value._version:    # made at this N and mask value
+                return decayed_mask(module.weight, mask, self._value, made)
         mask = nm_mask(module.weight.detach(), self._kept, self.pattern.m, self.ctx.layout)
         return decayed_mask(module.weight, mask, self._value)
+
+    def _decayed(self, name: str, module: nn.Module) -> tuple:
+        w = module.weight.detach()
+        mask = nm_mask(w, self._kept, self.pattern.m, self.ctx.layout)
+        return self._kept, self._value._version, mask, decayed_weight(w, mask, self._value)
 
     # --- results ----------------------------------------------------------------------------------
     def masks(self):

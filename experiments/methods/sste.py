@@ -44,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ...sparsity import Pattern, fold_mask, from_matrix, to_matrix
 from ...sparsity.fused import soft_threshold4
@@ -90,12 +91,13 @@ class _SoftThreshold(torch.autograd.Function):
     """``beta * S(W)`` forward; the gradient passes to W unchanged (the authors' ``SoftThreshold``)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, beta: torch.Tensor, n: int, m: int, layout: str) -> torch.Tensor:
-        return scaled_soft_threshold(weight, beta, n, m, layout)
+    def forward(ctx, weight: torch.Tensor, beta: torch.Tensor, n: int, m: int, layout: str,
+                made: torch.Tensor | None) -> torch.Tensor:
+        return scaled_soft_threshold(weight, beta, n, m, layout) if made is None else made
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 @register_method("sste")
@@ -133,8 +135,16 @@ class SSTE(Method):
         self._set_scales()          # sparse training starts: beta from the weights the run starts with
 
     def forward_weight(self, name, module):
-        p = self.pattern
-        return _SoftThreshold.apply(module.weight, self.beta(name), p.n, p.m, self.ctx.layout)
+        p, beta = self.pattern, self.beta(name)
+        made = None
+        if not torch.compiler.is_compiling():   # every layer's at a step's first training forward (per_forward)
+            used, made = self.per_forward(name, module, self._thresholded)
+            made = made if used is beta else None
+        return _SoftThreshold.apply(module.weight, beta, p.n, p.m, self.ctx.layout, made)
+
+    def _thresholded(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        p, beta = self.pattern, self.beta(name)
+        return beta, scaled_soft_threshold(module.weight.detach(), beta, p.n, p.m, self.ctx.layout)
 
     @torch.no_grad()
     def deployed_weight(self, name, module, mask):
