@@ -10,6 +10,7 @@ runner, the launcher and the methods ask about processes is answered here, so a 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 
@@ -63,6 +64,11 @@ def process_group(device: torch.device) -> Iterator[int]:
     try:
         yield dist.get_rank()
     finally:
+        # The run's objects sit in reference cycles that only the garbage collector frees, the
+        # DistributedDataParallel wrapper among them, whose reducer holds this group: left to the interpreter's
+        # exit, they die after the group is destroyed, where gloo's threads can abort the process ("terminate
+        # called without an active exception", exit 134). Freed here, they go first.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -61,6 +61,37 @@ def test_two_processes_match_one(tmp_path, method):
         assert ck["method"]["updates"] > 0
 
 
+def test_the_run_objects_in_reference_cycles_are_freed_before_the_group_is_destroyed(monkeypatch):
+    """A run's DistributedDataParallel wrapper (its reducer holds the group) sits in reference cycles; found
+    alive at destroy_process_group in a 2-process run, it died at the interpreter's exit, where gloo's threads
+    can abort the process (exit 134). `process_group` frees such objects before it destroys the group."""
+    import gc
+    from torch import distributed as dist
+    from nmtrain.experiments.distributed import process_group
+
+    events = []
+
+    class InACycle:
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            events.append("freed")
+
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: events.append("init"))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: events.append("destroyed"))
+    automatic = gc.isenabled()
+    gc.disable()                                # only the explicit collection may free it
+    try:
+        with process_group(torch.device("cpu")):
+            InACycle()
+    finally:
+        if automatic:
+            gc.enable()
+    assert events == ["init", "freed", "destroyed"]
+
+
 def test_distributed_sampler_shares_the_single_process_order():
     size, batch, seed = 500, 64, 3
     one = EpochSampler(size, seed)
