@@ -322,12 +322,12 @@ class StoredMaskMethod(Method):
         layer's ``W ⊙ mask`` made at a step's first training forward (`per_forward`; each with the mask it was
         made with, and made again here if the mask has since changed)."""
         mask = self.mask(name)
-        self.note_decay(name, module, mask, decay)
         if not torch.compiler.is_compiling():
             used, version, made = self.per_forward(name, module, self._held_product)
             if used is mask and version == mask._version:
+                self.note_decay(name, module, mask, decay)
                 return ste_mask(module.weight, mask, made=made)
-        return ste_mask(module.weight, self.mask_as(name, mask, module.weight))
+        return self.masked_with_decay(name, module, mask, decay)
 
     def _held_product(self, name: str, module: nn.Module) -> tuple[torch.Tensor, int, torch.Tensor]:
         # the bool mask's product, one vectorised pass per layer in the batch: on the GPT 1.2 ms a step against
