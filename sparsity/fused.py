@@ -25,11 +25,12 @@ as numbers: read as numpy bools, or used to pick an index, they kept every loop 
 
 Each function does its work where its kernel serves: CPU tensors of float32 or float64 (the MVUE sample:
 float32), contiguous (the MVUE sample: any strides), of at most `MAX_ENTRIES` entries (above that, the
-tensor operations' own threads win), numba present. There an in-place one returns True and one that makes
-a tensor returns it; otherwise it changes nothing and returns False or None, and the caller runs the formula. The kernels
-compute what the formulas compute, bit for bit: the same IEEE operations, each rounded in the tensor's
-type (numba contracts no multiply-add unless asked), checked against the formulas on random, signed-zero
-and non-finite inputs (tests/test_fused.py) and by tests/test_step_identity.py.
+tensor operations' own threads win; the MVUE sample, a parallel kernel on torch's threads, takes any size),
+numba present. There an in-place one returns True and one that makes a tensor returns it; otherwise it
+changes nothing and returns False or None, and the caller runs the formula. The kernels compute what the
+formulas compute, bit for bit: the same IEEE operations, each rounded in the tensor's type (numba
+contracts no multiply-add unless asked), checked against the formulas on random, signed-zero and
+non-finite inputs (tests/test_fused.py) and by tests/test_step_identity.py.
 """
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ import torch
 
 from .errors import SparsityError
 from .layout import grouped
+from .threads import numba_threads, usable
 
 try:
-    from numba import njit
+    from numba import njit, prange
 except ImportError:  # pragma: no cover - numba is a dependency; without it the tensor formulas serve
     njit = None
 
 MAX_ENTRIES = 1 << 20
 _MVUE_BLOCK = 16        # groups of 4 columns per block of `_mvue` (64 floats a row: whole cache lines)
+_PAD = 16              # floats after each row of `_mvue`'s buffers (see `mvue24_sample`)
 _RANK_BLOCK = 256       # groups of 4 per block of `_mask4`: a block with a tie is read again from the table
 
 
@@ -385,7 +388,46 @@ if njit is not None:
                     out[g, 0, r] = u[r, g, 0]
                     out[g, 1, r] = u[r, g, 1]
 
-    @njit(cache=True, nogil=True, error_model="numpy")       # IEEE division: x / 0 is Inf or NaN, not an error
+    @njit(cache=True, nogil=True, error_model="numpy")
+    def _mvue_block(x, u, eps, out, kept, start, stop):
+        """`_mvue` on the groups ``start..stop-1``."""
+        zero = np.float32(0.0)
+        rows = x.shape[0]
+        for g in range(start, stop):
+            j = 4 * (g - start)
+            for r in range(rows):
+                x0, x1, x2, x3 = x[r, 4 * g], x[r, 4 * g + 1], x[r, 4 * g + 2], x[r, 4 * g + 3]
+                a0, a1, a2, a3 = abs(x0) + eps, abs(x1) + eps, abs(x2) + eps, abs(x3) + eps
+                total = ((a0 + a1) + a2) + a3
+                t0, t1, t2, t3 = a0 / total, a1 / total, a2 / total, a3 / total
+                k0, k1, k2, k3 = t0 / (total - a0), t1 / (total - a1), t2 / (total - a2), t3 / (total - a3)
+                sk = ((k0 + k1) + k2) + k3
+                # the first index: how many of the cumulative t_0, t_0 + t_1, t_0 + t_1 + t_2 are <= u0
+                u0, u1 = u[g, 0, r], u[g, 1, r]
+                d0 = np.float64(t0)
+                d1 = d0 + np.float64(t1)
+                d2 = d1 + np.float64(t2)
+                first = (np.int32(np.float32(d0) <= u0) + np.int32(np.float32(d1) <= u0)
+                         + np.int32(np.float32(d2) <= u0))
+                # the second: among the other three by a (the first's weight 0), against u1 * their total
+                e0 = np.float64(zero if first == 0 else a0)
+                e1 = e0 + np.float64(zero if first == 1 else a1)
+                e2 = e1 + np.float64(zero if first == 2 else a2)
+                threshold = u1 * np.float32(e2 + np.float64(zero if first == 3 else a3))
+                second = (np.int32(np.float32(e0) <= threshold) + np.int32(np.float32(e1) <= threshold)
+                          + np.int32(np.float32(e2) <= threshold))
+                second -= np.int32(second == first)
+                y0, y1 = x0 / (t0 + a0 * (sk - k0)), x1 / (t1 + a1 * (sk - k1))
+                y2, y3 = x2 / (t2 + a2 * (sk - k2)), x3 / (t3 + a3 * (sk - k3))
+                kept[j, r] = y0 if (first == 0) | (second == 0) else zero
+                kept[j + 1, r] = y1 if (first == 1) | (second == 1) else zero
+                kept[j + 2, r] = y2 if (first == 2) | (second == 2) else zero
+                kept[j + 3, r] = y3 if (first == 3) | (second == 3) else zero
+        for r in range(rows):
+            for j in range(4 * (stop - start)):
+                out[r, 4 * start + j] = kept[j, r]
+
+    @njit(parallel=True, cache=True, nogil=True, error_model="numpy")   # IEEE division: x / 0 is Inf or NaN
     def _mvue(x, u, eps, out, kept):
         """`mvue.mvue24`'s sample of the float32 rows of ``x`` (groups of 4 along a row) from its uniforms ``u``
         laid out (groups, 2, rows), into ``out``: every quantity in the formula's order and in float32
@@ -393,46 +435,15 @@ if njit is not None:
         accumulated in float64 and rounded to float32, as torch's CPU cumsum does.
 
         Per group of 4 columns the rows are one branch-free loop (x is dYᵀ: along its rows dY is
-        contiguous), so that it vectorises; a block of groups fills ``kept`` (4 * block, rows), which is
-        then written out row by row, a contiguous run per row (written group by group, the strided stores
-        took twice the arithmetic's time)."""
-        zero = np.float32(0.0)
-        rows, groups, block = x.shape[0], x.shape[1] // 4, kept.shape[0] // 4
-        for start in range(0, groups, block):
-            stop = min(start + block, groups)
-            for g in range(start, stop):
-                j = 4 * (g - start)
-                for r in range(rows):
-                    x0, x1, x2, x3 = x[r, 4 * g], x[r, 4 * g + 1], x[r, 4 * g + 2], x[r, 4 * g + 3]
-                    a0, a1, a2, a3 = abs(x0) + eps, abs(x1) + eps, abs(x2) + eps, abs(x3) + eps
-                    total = ((a0 + a1) + a2) + a3
-                    t0, t1, t2, t3 = a0 / total, a1 / total, a2 / total, a3 / total
-                    k0, k1, k2, k3 = t0 / (total - a0), t1 / (total - a1), t2 / (total - a2), t3 / (total - a3)
-                    sk = ((k0 + k1) + k2) + k3
-                    # the first index: how many of the cumulative t_0, t_0 + t_1, t_0 + t_1 + t_2 are <= u0
-                    u0, u1 = u[g, 0, r], u[g, 1, r]
-                    d0 = np.float64(t0)
-                    d1 = d0 + np.float64(t1)
-                    d2 = d1 + np.float64(t2)
-                    first = (np.int32(np.float32(d0) <= u0) + np.int32(np.float32(d1) <= u0)
-                             + np.int32(np.float32(d2) <= u0))
-                    # the second: among the other three by a (the first's weight 0), against u1 * their total
-                    e0 = np.float64(zero if first == 0 else a0)
-                    e1 = e0 + np.float64(zero if first == 1 else a1)
-                    e2 = e1 + np.float64(zero if first == 2 else a2)
-                    threshold = u1 * np.float32(e2 + np.float64(zero if first == 3 else a3))
-                    second = (np.int32(np.float32(e0) <= threshold) + np.int32(np.float32(e1) <= threshold)
-                              + np.int32(np.float32(e2) <= threshold))
-                    second -= np.int32(second == first)
-                    y0, y1 = x0 / (t0 + a0 * (sk - k0)), x1 / (t1 + a1 * (sk - k1))
-                    y2, y3 = x2 / (t2 + a2 * (sk - k2)), x3 / (t3 + a3 * (sk - k3))
-                    kept[j, r] = y0 if (first == 0) | (second == 0) else zero
-                    kept[j + 1, r] = y1 if (first == 1) | (second == 1) else zero
-                    kept[j + 2, r] = y2 if (first == 2) | (second == 2) else zero
-                    kept[j + 3, r] = y3 if (first == 3) | (second == 3) else zero
-            for r in range(rows):
-                for j in range(4 * (stop - start)):
-                    out[r, 4 * start + j] = kept[j, r]
+        contiguous), so that it vectorises; a block of groups fills a task's ``kept[task]`` (4 * block, at
+        least rows), which is then written out row by row, a contiguous run per row (written group by group,
+        the strided stores took twice the arithmetic's time). The blocks are split evenly over
+        ``kept.shape[0]`` parallel tasks (each block's work is the same)."""
+        groups, tasks, block = x.shape[1] // 4, kept.shape[0], kept.shape[1] // 4
+        blocks = -(-groups // block)
+        for task in prange(tasks):
+            for b in range(task * blocks // tasks, (task + 1) * blocks // tasks):
+                _mvue_block(x, u, eps, out, kept[task], b * block, min(b * block + block, groups))
 
 
 @functools.lru_cache(maxsize=None)
@@ -544,19 +555,25 @@ def soft_threshold4(matrix: torch.Tensor, n: int, scale: torch.Tensor) -> torch.
 def mvue24_sample(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor | None:
     """`mvue.mvue24`'s 2:4 sample of a 2-D float32 CPU ``x`` (any strides: the weight gradient samples
     ``dYᵀ``, a transposed view) along its rows, from the uniforms ``u`` it drew (rows, groups, 2), in one
-    pass: the formula's 25 tensor operations, bit for bit, into a new contiguous tensor. None where the
-    kernel does not serve: not float32, a row not in groups of 4, more than `MAX_ENTRIES` entries."""
+    pass on torch's threads: the formula's 25 tensor operations, bit for bit, into a new contiguous tensor.
+    None where the kernel does not serve: not float32, a row not in groups of 4. Unlike the serial kernels
+    here it takes any size: it splits a layer's groups over the threads, as the tensor operations would."""
     if not (x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] % 4 == 0
-            and x.numel() <= MAX_ENTRIES and njit is not None and not x.requires_grad
+            and njit is not None and not x.requires_grad
             and u.dtype == x.dtype and u.shape == (x.shape[0], x.shape[1] // 4, 2) and u.is_contiguous()):
         return None
     out = torch.empty(x.shape, dtype=x.dtype)
     if x.stride(0) != 1:            # rows laid out apart (a conv's dY, reshaped): one copy puts them along rows
         x = x.t().contiguous().t()
-    # the uniforms along the rows too (a copy of half an entry per entry), so that the kernel's row loop reads
-    # every operand contiguously (read in place, strided, they kept that loop from vectorising: 5x slower)
-    along_rows = np.empty((u.shape[1], 2, u.shape[0]), dtype=np.float32)
+    # Buffers laid along the rows, each row of them padded by _PAD floats: at 512 or 1024 rows, unpadded, every
+    # row of a buffer began at the same offset modulo 4 KiB, and the cache sets they shared made the kernel
+    # 1.7x (512 rows) and 2.6x (1024) slower. The uniforms too (a copy of half an entry per entry), so that
+    # the kernel's row loop reads every operand contiguously (read in place, strided, it did not vectorise).
+    rows = x.shape[0] + _PAD
+    along_rows = np.empty((u.shape[1], 2, rows), dtype=np.float32)
     _along_rows(u.numpy(), along_rows)
-    kept = np.empty((4 * _MVUE_BLOCK, x.shape[0]), dtype=np.float32)
-    _mvue(x.numpy(), along_rows, np.float32(eps), out.numpy(), kept)
+    with numba_threads() as workers:
+        tasks = max(1, min(workers, -(-u.shape[1] // _MVUE_BLOCK)))
+        usable(_mvue)(x.numpy(), along_rows, np.float32(eps), out.numpy(),
+                      np.empty((tasks, 4 * _MVUE_BLOCK, rows), np.float32))
     return out

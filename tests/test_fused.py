@@ -453,6 +453,25 @@ def test_the_mvue_kernel_draws_the_formulas_sample_bit_for_bit(kind, layout):
     assert torch.equal(a.get_state(), b.get_state())
 
 
+def test_the_mvue_kernel_takes_any_size_on_torchs_threads():
+    # above the serial kernels' MAX_ENTRIES, split over the threads; the row count a power of two (its buffers
+    # are padded against cache-set conflicts) and not
+    for rows, tokens in ((512, 2052), (300, 1024)):
+        x = torch.randn(tokens, rows, generator=torch.Generator().manual_seed(rows)).t()
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            one = mvue_module.mvue24(x, torch.Generator().manual_seed(1))
+            assert torch.get_num_threads() == 1          # numba's pool did not raise torch's count
+        finally:
+            torch.set_num_threads(before)
+        got = mvue_module.mvue24(x, torch.Generator().manual_seed(1))
+        assert x.numel() > MAX_ENTRIES or rows == 300
+        assert mvue24_sample(x, torch.rand(rows, tokens // 4, 2), 1e-7) is not None
+        assert torch.equal(_bits(got), _bits(one))
+        assert torch.equal(_bits(got), _bits(_mvue_formula(x, torch.Generator().manual_seed(1))))
+
+
 def test_the_mvue_kernel_leaves_what_it_does_not_serve_to_the_formula():
     u = torch.rand(8, 4, 2)
     assert mvue24_sample(torch.randn(16, 8).t(), u, 1e-7) is not None

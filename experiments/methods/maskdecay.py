@@ -57,7 +57,6 @@ from ...sparsity.fused import add_masked_decay_
 from ..layers import gemm
 from ..rules import DECAY, FRACTION, STEPS, param
 from .base import Capabilities, RecomputedMaskMethod, register_method
-from .ste import ste_mask
 
 
 @dataclass
@@ -115,8 +114,9 @@ class MaskDecay(RecomputedMaskMethod):
 
     # --- forward -----------------------------------------------------------------------------
     def forward_weight(self, name, module):
-        # W ⊙ E, dW straight through to all of W
-        return ste_mask(module.weight, self.mask_as(name, self.mask(name), module.weight))
+        # W ⊙ E, dW straight through to all of W (no SR-STE decay: masked decay is added in after_backward);
+        # every layer's product made at the step's first training forward, as transposable's
+        return self.masked_held_with_decay(name, module, 0.0)
 
     def layer_forward(self, name, module, x):
         if self._dense:     # a plain dense layer: its own GEMM, no mask, no MVUE

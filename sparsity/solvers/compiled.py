@@ -45,6 +45,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..threads import numba_threads, usable
 from .registry import NOT_FINITE, register_solver, trivial_keep
 from .flow import flow_solver
 
@@ -416,22 +417,14 @@ stats: dict[str, int] = {"fallback": 0}
 
 
 def parallel_tiles(kernel, first: int, last: int, *args) -> None:
-    """``kernel(*args, first, last, chunk)``: a parallel kernel over tiles ``first..last-1``, with as many
-    threads as torch uses (``torch.set_num_threads``), so a process that limits torch limits this too."""
+    """``kernel(*args, first, last, chunk)``: a parallel kernel over tiles ``first..last-1``, on torch's
+    thread count (`threads.numba_threads`)."""
     if numba is None:
         raise RuntimeError("the compiled solvers need numba (pip install numba)")
-    threads = torch.get_num_threads()
-    workers = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(workers)
-    # about 8 tasks per thread (so uneven tiles even out), within [_MIN_CHUNK, _CHUNK] tiles each
-    chunk = min(_CHUNK, max(_MIN_CHUNK, -(-(last - first) // (8 * workers))))
-    try:
-        kernel(*args, first, last, chunk)
-    finally:
-        # numba's first parallel launch starts its OpenMP pool with every core, and the OpenMP
-        # runtime it shares with torch then reports that count to torch: a run limited to one
-        # thread silently went on with two (other float sums, other timings). Put torch back.
-        torch.set_num_threads(threads)
+    with numba_threads() as workers:
+        # about 8 tasks per thread (so uneven tiles even out), within [_MIN_CHUNK, _CHUNK] tiles each
+        chunk = min(_CHUNK, max(_MIN_CHUNK, -(-(last - first) // (8 * workers))))
+        usable(kernel)(*args, first, last, chunk)
 
 
 def solve_range(w: np.ndarray, n: int, m: int, exact: bool, keep: np.ndarray, outcome: np.ndarray,

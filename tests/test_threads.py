@@ -1,0 +1,46 @@
+"""`sparsity.threads`: parallel numba kernels on torch's thread count, serial in a child forked from a started
+pool (where numba's next parallel launch would kill the process)."""
+
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from nmtrain.sparsity import mvue24, threads
+
+pytestmark = pytest.mark.skipif(threads.numba is None, reason="numba is not installed")
+
+
+def _sample() -> torch.Tensor:
+    x = torch.randn(1024, 96, generator=torch.Generator().manual_seed(3)).t()     # dYᵀ: 96 rows, 1024 tokens
+    return mvue24(x, torch.Generator().manual_seed(4))
+
+
+def _child(out: str) -> None:
+    # forked after the parent's pool started: the same sample, serially, and the process lives to save it
+    torch.save({"forked": threads.forked_from_pool(), "sample": _sample()}, out)
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="no fork on this platform")
+def test_a_child_forked_after_a_parallel_kernel_runs_the_kernels_serially(tmp_path):
+    parent = _sample()                  # starts numba's pool in this process, if nothing had yet
+    assert not threads.forked_from_pool()
+    out = str(tmp_path / "child.pt")
+    proc = mp.get_context("fork").Process(target=_child, args=(out,))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0           # numba's parallel launch would have terminated it
+    child = torch.load(out, weights_only=True)
+    assert child["forked"] is True
+    assert torch.equal(child["sample"], parent)
+
+
+def test_the_thread_count_is_torchs_and_torchs_is_put_back():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threads.numba_threads() as workers:
+            assert workers == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
