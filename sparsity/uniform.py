@@ -19,11 +19,17 @@ The state's byte layout (torch's ``CPUGeneratorImplState``: the seed, ``left``, 
 not a public interface, so it is checked, not assumed: the first call draws a few lengths both ways from
 a scratch generator and compares numbers and end states. Where they differ (another torch, another
 layout), or numba is missing, `uniforms` returns None and the caller draws with ``torch.rand``.
+
+Draws here hold a lock of their own from reading the state to writing it back; unlike ``torch.rand``
+they do not hold the generator's internal mutex, so another thread drawing from the same generator with
+torch at the same moment is not ordered against them (masked decay draws from its own generator, in the
+backward pass, one layer after another).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 import torch
@@ -36,6 +42,9 @@ except ImportError:  # pragma: no cover - numba is a dependency; without it torc
 _WORDS, _SHIFT = 624, 397                       # MT19937's N and M
 _STATE_BYTES = 5056                             # sizeof(CPUGeneratorImplState) in this torch
 _LEFT, _NEXT, _STATE = slice(8, 12), slice(16, 24), slice(24, 24 + 8 * _WORDS)     # byte offsets in it
+# Reading, advancing and writing back a generator's state is one step, as torch.rand's own draw holds the
+# generator's mutex: two threads drawing here from one generator would otherwise draw the same numbers.
+_LOCK = threading.Lock()
 
 if njit is not None:
 
@@ -80,6 +89,11 @@ if njit is not None:
 
 
 def _draw(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor | None:
+    with _LOCK:
+        return _draw_locked(shape, generator)
+
+
+def _draw_locked(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor | None:
     state = generator.get_state()
     raw = state.numpy()
     if raw.size != _STATE_BYTES:
