@@ -9,7 +9,8 @@ from .fold import FoldError, fold_mask
 from .layout import LAYOUTS, LayoutError, from_matrix, grouped, require_fits, shape_violation, to_matrix
 from .learned import (MAX_CANDIDATES, candidate_count, candidate_masks, choice_of, from_groups, gumbel_noise,
                       hard_mask, masks_from_choice, prior_logits, soft_mask, to_groups)
-from .mvue import is_mvue24, mvue24, mvue24_keep_probability, mvue24_variance, mvue24_violation
+from .mvue import (is_mvue24, mvue24, mvue24_by_channel, mvue24_keep_probability, mvue24_variance,
+                   mvue24_violation)
 from .nm import is_valid, kept_share, magnitude, nm_mask, nm_violation, unstructured_mask
 from .oneshot import (Hessian, OneShotError, choose_by_score, conv_rows, linear_rows, reconstruction_error, sparsegpt,
                       sq_norms, wanda_mask, wanda_saliency)
@@ -25,6 +26,7 @@ __all__ = [
     "SparsityError", "candidate_count", "candidate_masks", "choice_of", "choose_by_score", "conv_rows",
     "fold_mask", "from_groups", "from_matrix", "get_solver", "grouped", "gumbel_noise", "hard_mask", "is_mvue24", "is_valid",
     "kept_share", "linear_rows", "list_solvers", "magnitude", "make_mask", "masks_from_choice", "mvue24",
+    "mvue24_by_channel",
     "mvue24_keep_probability", "mvue24_variance", "mvue24_violation", "nm_mask", "nm_violation", "parse_pattern",
     "pattern_diversity", "prior_logits", "prune_state_dict", "pruned_magnitude", "rank", "reconstruction_error",
     "register_solver", "require_fits", "select", "select_layers", "shape_violation", "soft_mask", "sparsegpt",

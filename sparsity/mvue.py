@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .fused import mvue24_sample
+from .fused import mvue24_runs, mvue24_sample
 from .uniform import uniforms
 
 EPS = 1.19209e-07       # _MVUE24_approx's eps
@@ -88,23 +88,49 @@ def mvue24_variance(x: torch.Tensor) -> torch.Tensor:
     return x.to(p.dtype).square() * (1.0 / p - 1.0)
 
 
+def _uniforms(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+    """The draws of one sample: ``torch.rand(shape)`` on ``device`` in the compute dtype of ``dtype``."""
+    dtype = _compute_dtype(dtype)
+    # float32 on the CPU: the same numbers from a compiled copy of torch's engine, 10x faster (sparsity.uniform)
+    u = uniforms(shape, generator) if device.type == "cpu" and dtype == torch.float32 else None
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype) if u is None else u
+
+
 def mvue24(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One unbiased 2:4 sample of ``x`` along its last dimension (same shape and dtype as ``x``).
 
     ``generator``: the source of the two uniforms per group (on ``x``'s device; None: torch's default).
     Draws ``2 · numel / 4`` uniforms (after padding), so a run that samples the same shapes in the same
     order consumes its generator identically."""
-    k = x.shape[-1]
     g = _groups(x)
-    shape = (*g.shape[:-1], 2)
-    # float32 on the CPU: the same numbers from a compiled copy of torch's engine, 3x faster (sparsity.uniform)
-    u = uniforms(shape, generator) if g.device.type == "cpu" and g.dtype == torch.float32 else None
-    if u is None:
-        u = torch.rand(shape, generator=generator, device=g.device, dtype=g.dtype)
+    u = _uniforms((*g.shape[:-1], 2), generator, x.device, x.dtype)
     # a CPU matrix: the same sample from the same uniforms in one compiled pass (sparsity.fused), bit for bit
     sampled = mvue24_sample(x, u, EPS)
+    return _formula(x, g, u) if sampled is None else sampled
+
+
+def mvue24_by_channel(dy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A conv weight gradient's sample of its ``dY`` (B, C, *spatial): ``mvue24`` of ``dYᵀ`` viewed (C, B·H·W),
+    groups of 4 along the tokens of each channel, returned in ``dy``'s own layout. The same draws and the
+    same numbers as ``mvue24(dy.transpose(0, 1).reshape(C, -1), generator)`` reshaped back; on a CPU, with
+    H·W a multiple of 4, one compiled pass over ``dy`` as it lies (`fused.mvue24_runs`), without the two
+    transposing copies."""
+    c = dy.shape[1]
+    tokens = dy.numel() // c
+    u = _uniforms((c, -(-tokens // GROUP), 2), generator, dy.device, dy.dtype)
+    sampled = mvue24_runs(dy.reshape(dy.shape[0], c, -1), u, EPS) if dy.is_contiguous() else None
     if sampled is not None:
-        return sampled
+        return sampled.view(dy.shape)
+    x = dy.transpose(0, 1).reshape(c, -1)
+    g = _groups(x)
+    sampled = mvue24_sample(x, u, EPS)
+    y = _formula(x, g, u) if sampled is None else sampled
+    return y.reshape(c, dy.shape[0], *dy.shape[2:]).transpose(0, 1)
+
+
+def _formula(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The sample as tensor operations: ``x``'s groups ``g`` (`_groups`), its uniforms ``u`` (..., groups, 2)."""
     a, t, p = _weights_and_probabilities(g)
     # First index: the first i with u0 < t_0 + ... + t_i; past t_0 + t_1 + t_2 it is 3.
     first = (torch.cumsum(t[..., :3], -1) <= u[..., :1]).sum(-1, keepdim=True)
@@ -117,7 +143,7 @@ def mvue24(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.T
     second = second - (second == first).long()      # rounding onto the first (= 3): the last one left, 2
     keep = taken | (index == second)
     y = torch.where(keep, g / p, torch.zeros((), dtype=g.dtype, device=g.device))
-    return _ungroup(y, k).to(x.dtype)
+    return _ungroup(y, x.shape[-1]).to(x.dtype)
 
 
 def mvue24_violation(y: torch.Tensor) -> str | None:

@@ -17,8 +17,8 @@ from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_thresho
 from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask, ste_nm
 from nmtrain.sparsity.errors import SparsityError
 from nmtrain.sparsity.fused import (MAX_ENTRIES, add_masked_decay_, add_pruned_decay_, clamp_pruned_, column_nm4_mask,
-                                    column_nm4_masked, decayed, masked, mvue24_sample, njit, nm4_mask, nm4_masked,
-                                    soft_threshold4)
+                                    column_nm4_masked, decayed, masked, mvue24_runs, mvue24_sample, njit, nm4_mask,
+                                    nm4_masked, soft_threshold4)
 from nmtrain.sparsity.nm import nm_mask_and_product
 
 pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
@@ -470,6 +470,38 @@ def test_the_mvue_kernel_takes_any_size_on_torchs_threads():
         assert mvue24_sample(x, torch.rand(rows, tokens // 4, 2), 1e-7) is not None
         assert torch.equal(_bits(got), _bits(one))
         assert torch.equal(_bits(got), _bits(_mvue_formula(x, torch.Generator().manual_seed(1))))
+
+
+@pytest.mark.parametrize("shape, layout", [
+    ((8, 6, 8, 8), "contiguous, runs of 16 groups: sampled in place"),
+    ((4, 3, 12, 12), "contiguous, runs of 36 groups: sampled in place"),
+    ((8, 16, 4, 4), "runs of 4 groups: through the copy"),
+    ((8, 5, 7, 7), "H·W = 49: groups span images (padded at the end)"),
+    ((8, 6, 8, 8), "channels last"),
+    ((8, 6, 8, 8), "float64"),
+])
+def test_a_convs_dy_is_sampled_as_its_transposed_matrix_bit_for_bit(shape, layout):
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    dy.view(-1)[::5] = 0.0
+    if layout == "channels last":
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    elif layout == "float64":
+        dy = dy.double()
+    c = shape[1]
+    a, b, f = (torch.Generator().manual_seed(7) for _ in range(3))
+    got = mvue_module.mvue24_by_channel(dy, a)
+    # the formula on dYᵀ (C, B·H·W), reshaped back: the same numbers, whatever path served
+    want = _mvue_formula(dy.transpose(0, 1).reshape(c, -1), f).reshape(c, shape[0], *shape[2:]).transpose(0, 1)
+    assert got.shape == dy.shape and got.dtype == dy.dtype
+    assert torch.equal(_bits(got.contiguous()), _bits(want.contiguous()))
+    kernel = mvue_module.mvue24(dy.transpose(0, 1).reshape(c, -1), b)        # mvue24 on the copy, kernels on
+    assert torch.equal(_bits(got.contiguous()),
+                       _bits(kernel.reshape(c, shape[0], *shape[2:]).transpose(0, 1).contiguous()))
+    assert torch.equal(a.get_state(), f.get_state()) and torch.equal(a.get_state(), b.get_state())
+    in_place = layout.startswith("contiguous")
+    u = torch.rand(c, dy.numel() // c // 4, 2)
+    served = mvue24_runs(dy.reshape(shape[0], c, -1), u, 1e-7) if dy.is_contiguous() and dy.numel() % 4 == 0 else None
+    assert (served is not None) == in_place
 
 
 def test_the_mvue_kernel_leaves_what_it_does_not_serve_to_the_formula():

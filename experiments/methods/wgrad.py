@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...sparsity import mvue24
+from ...sparsity import mvue24, mvue24_by_channel
 
 TAG = 0x4D565545            # "MVUE": the mixing tag that gives the sampler its own stream
 
@@ -119,9 +119,7 @@ class _Conv2d:
         return dx, db
 
     def weight_grad(self, dy, x, weight, generator):
-        c_out = dy.shape[1]
-        sampled = mvue24(dy.transpose(0, 1).reshape(c_out, -1), generator)     # (C_out, B·H·W)
-        sampled = sampled.reshape(c_out, dy.shape[0], *dy.shape[2:]).transpose(0, 1)
+        sampled = mvue24_by_channel(dy, generator)      # dYᵀ (C_out, B·H·W) sampled, in dY's own layout
         return self._backward(sampled, x, weight, [False, True, False])[1]
 
 
