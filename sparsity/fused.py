@@ -4,7 +4,8 @@ the bound on pruned weights (`methods.transposable.bound_pruned`: five), and the
 SR-STE and its kin recompute every step (`nm.nm_mask`: |W|, topk, a zero-filled mask and a scatter),
 the masked weight ``W ⊙ E`` itself with its masked gradient (`masked`), Bi-Mask's backward mask
 (`column_nm4_mask`), S-STE's soft-thresholded weight (`soft_threshold4`), PGF's decayed mask
-(`decayed`) and the MVUE 2:4 sample of a weight gradient's dYᵀ (`mvue24_sample`), each one pass.
+(`decayed`) and the MVUE 2:4 sample of a weight gradient's dYᵀ (`mvue24_sample`; a conv's dY where it lies,
+`mvue24_runs`), each one pass.
 
 Why: on a CPU every tensor operation on more than torch's parallel grain (32K entries) wakes the thread
 pool, tens of microseconds each under ``OMP_WAIT_POLICY=PASSIVE``; on a transformer's small layers those

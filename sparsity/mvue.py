@@ -103,11 +103,7 @@ def mvue24(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.T
     ``generator``: the source of the two uniforms per group (on ``x``'s device; None: torch's default).
     Draws ``2 · numel / 4`` uniforms (after padding), so a run that samples the same shapes in the same
     order consumes its generator identically."""
-    g = _groups(x)
-    u = _uniforms((*g.shape[:-1], 2), generator, x.device, x.dtype)
-    # a CPU matrix: the same sample from the same uniforms in one compiled pass (sparsity.fused), bit for bit
-    sampled = mvue24_sample(x, u, EPS)
-    return _formula(x, g, u) if sampled is None else sampled
+    return _sample(x, _uniforms((*x.shape[:-1], -(-x.shape[-1] // GROUP), 2), generator, x.device, x.dtype))
 
 
 def mvue24_by_channel(dy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -117,20 +113,20 @@ def mvue24_by_channel(dy: torch.Tensor, generator: torch.Generator | None = None
     H·W a multiple of 4, one compiled pass over ``dy`` as it lies (`fused.mvue24_runs`), without the two
     transposing copies."""
     c = dy.shape[1]
-    tokens = dy.numel() // c
-    u = _uniforms((c, -(-tokens // GROUP), 2), generator, dy.device, dy.dtype)
+    u = _uniforms((c, -(-(dy.numel() // c) // GROUP), 2), generator, dy.device, dy.dtype)
     sampled = mvue24_runs(dy.reshape(dy.shape[0], c, -1), u, EPS) if dy.is_contiguous() else None
     if sampled is not None:
         return sampled.view(dy.shape)
-    x = dy.transpose(0, 1).reshape(c, -1)
-    g = _groups(x)
+    return _sample(dy.transpose(0, 1).reshape(c, -1), u).reshape(c, dy.shape[0], *dy.shape[2:]).transpose(0, 1)
+
+
+def _sample(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The sample of ``x`` from its uniforms ``u`` (..., groups, 2): on a CPU matrix one compiled pass
+    (`fused.mvue24_sample`), elsewhere the tensor formula; the same numbers, bit for bit."""
     sampled = mvue24_sample(x, u, EPS)
-    y = _formula(x, g, u) if sampled is None else sampled
-    return y.reshape(c, dy.shape[0], *dy.shape[2:]).transpose(0, 1)
-
-
-def _formula(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The sample as tensor operations: ``x``'s groups ``g`` (`_groups`), its uniforms ``u`` (..., groups, 2)."""
+    if sampled is not None:
+        return sampled
+    g = _groups(x)
     a, t, p = _weights_and_probabilities(g)
     # First index: the first i with u0 < t_0 + ... + t_i; past t_0 + t_1 + t_2 it is 3.
     first = (torch.cumsum(t[..., :3], -1) <= u[..., :1]).sum(-1, keepdim=True)
