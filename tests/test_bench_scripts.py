@@ -127,3 +127,19 @@ def test_method_labels_read_their_values_as_the_cli_does():
     assert bench._label_params("transposable:decay=0.0") == ("transposable", {"decay": 0.0})
     assert bench._label_params("srste:mvue") == ("srste", {"mvue_dw": True})
     assert bench._label_params("dense") == ("dense", {})
+
+
+def test_mvue_benchmark_checks_its_pairs_and_writes_their_ratios(tmp_path):
+    bench = _load("mvue")
+    bench.main(["--linear", "8x64", "--conv", "2x3x8x8,2x3x2x2", "--repeat", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "mvue.json").read_text())["rows"]
+    assert [(r["kind"], r["shape"]) for r in rows] == [("draws", "8x16x2"), ("linear", "8x64"), ("conv", "2x3x8x8"),
+                                                       ("conv", "2x3x2x2")]
+    assert all(r["ratio"] == pytest.approx(r["new_ms"] / r["old_ms"]) for r in rows)
+
+
+def test_mvue_benchmark_refuses_to_time_a_pair_that_samples_differently(tmp_path, monkeypatch):
+    bench = _load("mvue")
+    monkeypatch.setattr(bench, "uniforms", lambda shape, generator: torch.zeros(shape))
+    with pytest.raises(SystemExit, match="draws"):
+        bench.main(["--linear", "8x64", "--conv", "", "--repeat", "1", "--out", str(tmp_path)])
