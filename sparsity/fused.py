@@ -44,7 +44,7 @@ import torch
 
 from .errors import SparsityError
 from .layout import grouped
-from .threads import numba_threads, usable
+from .threads import numba_threads
 
 try:
     from numba import njit, prange
@@ -54,6 +54,9 @@ except ImportError:  # pragma: no cover - numba is a dependency; without it the 
 MAX_ENTRIES = 1 << 20
 _MVUE_BLOCK = 16        # groups of 4 per block of `_mvue` (64 floats a row: whole cache lines), of `_mvue_rows`
 _PAD = 16              # floats after each row of `_mvue`'s buffers (see `mvue24_sample`)
+_PARALLEL_ENTRIES = 1 << 17     # the MVUE kernels' smallest job for the threads: below it a launch's wake-ups
+                                # (~100 µs under PASSIVE) cost more than they save (measured: 32K-65K entries
+                                # 84-142 µs serially, 140-186 µs on 2 threads; at 128K about even)
 _RANK_BLOCK = 256       # groups of 4 per block of `_mask4`: a block with a tie is read again from the table
 
 
@@ -433,6 +436,13 @@ if njit is not None:
             for j in range(4 * (stop - start)):
                 out[r, 4 * start + j] = kept[j, r]
 
+    @njit(cache=True, nogil=True, error_model="numpy")
+    def _mvue_serial(x, u, eps, out, kept):
+        """`_mvue` on this thread alone (one task's ``kept``)."""
+        groups, block = x.shape[1] // 4, kept.shape[1] // 4
+        for b in range(-(-groups // block)):
+            _mvue_block(x, u, eps, out, kept[0], b * block, min(b * block + block, groups))
+
     @njit(parallel=True, cache=True, nogil=True, error_model="numpy")   # IEEE division: x / 0 is Inf or NaN
     def _mvue(x, u, eps, out, kept):
         """`mvue.mvue24`'s sample of the float32 rows of ``x`` (groups of 4 along a row) from its uniforms ``u``
@@ -473,6 +483,14 @@ if njit is not None:
             for g in range(size):
                 for i in range(4):
                     out[b, r, 4 * (g0 + g) + i] = sampled[i, g]
+
+    @njit(cache=True, nogil=True, error_model="numpy")
+    def _mvue_rows_serial(x, u, eps, out):
+        """`_mvue_rows` on this thread alone."""
+        loaded = np.empty((6, _MVUE_BLOCK), np.float32)
+        sampled = np.empty((4, _MVUE_BLOCK), np.float32)
+        for run in range(x.shape[0] * x.shape[1]):
+            _mvue_run(x, u, eps, out, run // x.shape[1], run % x.shape[1], loaded, sampled)
 
     @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
     def _mvue_rows(x, u, eps, out, tasks):
@@ -616,10 +634,10 @@ def mvue24_sample(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor 
     rows = x.shape[0] + _PAD
     along_rows = np.empty((u.shape[1], 2, rows), dtype=np.float32)
     _along_rows(u.numpy(), along_rows)
-    with numba_threads() as workers:
+    with numba_threads(parallel=x.numel() >= _PARALLEL_ENTRIES) as workers:
         tasks = max(1, min(workers, -(-u.shape[1] // _MVUE_BLOCK)))
-        usable(_mvue)(x.numpy(), along_rows, np.float32(eps), out.numpy(),
-                      np.empty((tasks, 4 * _MVUE_BLOCK, rows), np.float32))
+        kept = np.empty((tasks, 4 * _MVUE_BLOCK, rows), np.float32)
+        (_mvue if tasks > 1 else _mvue_serial)(x.numpy(), along_rows, np.float32(eps), out.numpy(), kept)
     return out
 
 
@@ -637,7 +655,10 @@ def mvue24_runs(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor | 
             and u.shape == (x.shape[1], x.shape[0] * x.shape[2] // 4, 2) and u.is_contiguous()):
         return None
     out = torch.empty(x.shape, dtype=x.dtype)
-    with numba_threads() as workers:
-        usable(_mvue_rows)(x.numpy(), u.numpy(), np.float32(eps), out.numpy(),
-                           max(1, min(workers, x.shape[0] * x.shape[1])))
+    with numba_threads(parallel=x.numel() >= _PARALLEL_ENTRIES) as workers:
+        tasks = min(workers, x.shape[0] * x.shape[1])
+        if tasks > 1:
+            _mvue_rows(x.numpy(), u.numpy(), np.float32(eps), out.numpy(), tasks)
+        else:
+            _mvue_rows_serial(x.numpy(), u.numpy(), np.float32(eps), out.numpy())
     return out

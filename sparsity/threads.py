@@ -50,7 +50,7 @@ def forked_from_pool() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _serial(kernel: Callable) -> Callable:
-    options = {key: value for key, value in kernel.targetoptions.items() if key != "parallel"}
+    options = {key: value for key, value in kernel.targetoptions.items() if key not in ("parallel", "nopython")}
     return numba.njit(**options)(kernel.py_func)     # not cached on disk: it compiles once per forked process
 
 
@@ -60,12 +60,14 @@ def usable(kernel: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def numba_threads() -> Iterator[int]:
-    """Within the block numba's parallel kernels run on torch's thread count (yielded; 1 in a process forked
-    from a started pool, whose kernels `usable` makes serial); after it torch's count is what it was."""
+def numba_threads(parallel: bool = True) -> Iterator[int]:
+    """Within the block numba's parallel kernels run on torch's thread count (yielded); after it torch's
+    count is what it was. 1, without touching numba's pool, where the caller runs serially (``parallel``
+    false: a job too small to pay a launch) or must (a process forked from a started pool, whose kernels
+    `usable` makes serial)."""
     if numba is None:
         raise RuntimeError("the compiled kernels need numba (pip install numba)")
-    if _forked_from_pool:
+    if not parallel or _forked_from_pool:
         yield 1
         return
     threads = torch.get_num_threads()
