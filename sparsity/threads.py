@@ -10,9 +10,10 @@ float sums, other timings).
 GNU OpenMP does not survive ``fork``: in a child forked after numba started its pool, numba's next
 parallel launch kills the process ("Terminating: fork() called from a process already using GNU OpenMP").
 A training loop forks when it starts its workers that way (``multiprocessing`` with the fork start method,
-as a DDP test does after other runs in the same process). There `usable` hands out each kernel's serial
-twin (the same Python function compiled without ``parallel``: ``prange`` runs as ``range``, the same
-results) and `numba_threads` yields 1 without touching numba's pool.
+as a DDP test does after other runs in the same process). There `numba_threads` yields 1 without touching
+numba's pool: a kernel with a serial dispatcher of its own (the MVUE sample's, which small layers take too)
+runs that, and `usable` hands out any other's serial twin (the same Python function compiled without
+``parallel``: ``prange`` runs as ``range``, the same results).
 """
 
 from __future__ import annotations

@@ -90,25 +90,21 @@ if njit is not None:
 
 def _draw(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor | None:
     with _LOCK:
-        return _draw_locked(shape, generator)
-
-
-def _draw_locked(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor | None:
-    state = generator.get_state()
-    raw = state.numpy()
-    if raw.size != _STATE_BYTES:
-        return None
-    left, next_ = int(raw[_LEFT].view(np.int32)[0]), int(raw[_NEXT].view(np.uint64)[0])
-    if not (0 < left <= _WORDS and next_ <= _WORDS):
-        return None
-    words = raw[_STATE].view(np.uint64).astype(np.uint32)
-    out = torch.empty(shape, dtype=torch.float32)
-    next_, left = _fill(words, next_, left, out.view(-1).numpy())
-    raw[_STATE].view(np.uint64)[:] = words
-    raw[_NEXT].view(np.uint64)[0] = next_
-    raw[_LEFT].view(np.int32)[0] = left
-    generator.set_state(state)
-    return out
+        state = generator.get_state()
+        raw = state.numpy()
+        if raw.size != _STATE_BYTES:
+            return None
+        left, next_ = int(raw[_LEFT].view(np.int32)[0]), int(raw[_NEXT].view(np.uint64)[0])
+        if not (0 < left <= _WORDS and next_ <= _WORDS):
+            return None
+        words = raw[_STATE].view(np.uint64).astype(np.uint32)
+        out = torch.empty(shape, dtype=torch.float32)
+        next_, left = _fill(words, next_, left, out.view(-1).numpy())
+        raw[_STATE].view(np.uint64)[:] = words
+        raw[_NEXT].view(np.uint64)[0] = next_
+        raw[_LEFT].view(np.int32)[0] = left
+        generator.set_state(state)
+        return out
 
 
 @functools.lru_cache(maxsize=None)

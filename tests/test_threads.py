@@ -6,13 +6,14 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from nmtrain.sparsity import mvue24, threads
+from nmtrain.sparsity import fused, mvue24, threads
 
 pytestmark = pytest.mark.skipif(threads.numba is None, reason="numba is not installed")
 
 
 def _sample() -> torch.Tensor:
-    x = torch.randn(1024, 96, generator=torch.Generator().manual_seed(3)).t()     # dYᵀ: 96 rows, 1024 tokens
+    # dYᵀ: 96 rows, 2048 tokens: above fused._PARALLEL_ENTRIES, so that the parent's sample starts the pool
+    x = torch.randn(2048, 96, generator=torch.Generator().manual_seed(3)).t()
     return mvue24(x, torch.Generator().manual_seed(4))
 
 
@@ -23,6 +24,7 @@ def _child(out: str) -> None:
 
 @pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="no fork on this platform")
 def test_a_child_forked_after_a_parallel_kernel_runs_the_kernels_serially(tmp_path):
+    assert 96 * 2048 >= fused._PARALLEL_ENTRIES     # the sample below runs on the pool
     parent = _sample()                  # starts numba's pool in this process, if nothing had yet
     assert not threads.forked_from_pool()
     out = str(tmp_path / "child.pt")
