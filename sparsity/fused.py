@@ -44,7 +44,7 @@ import torch
 
 from .errors import SparsityError
 from .layout import grouped
-from .threads import numba_threads
+from .threads import numba_threads, usable
 
 try:
     from numba import njit, prange
@@ -52,8 +52,9 @@ except ImportError:  # pragma: no cover - numba is a dependency; without it the 
     njit = None
 
 MAX_ENTRIES = 1 << 20
-_MVUE_BLOCK = 16        # groups of 4 per block of `_mvue` (64 floats a row: whole cache lines), of `_mvue_rows`
-_PAD = 16              # floats after each row of `_mvue`'s buffers (see `mvue24_sample`)
+_MVUE_BLOCK = 16        # groups of 4 per chunk of `_mvue_rows` (64 floats a run: whole cache lines)
+_MVUE_TILE_GROUPS = 32  # a tile of `_mvue_tiles`: 32 groups of 4 tokens by 64 channels (8K floats of dY, 8K
+_MVUE_TILE_COLUMNS = 64  # of the sample, 4K uniforms: in L2). Tiles of 8-64 groups by 32-256 timed within 15%
 _PARALLEL_ENTRIES = 1 << 17     # the MVUE kernels' smallest job for the threads: below it a launch's wake-ups
                                 # (~100 µs under PASSIVE) cost more than they save (measured: 32K-65K entries
                                 # 84-142 µs serially, 140-186 µs on 2 threads; at 128K about even)
@@ -382,16 +383,6 @@ if njit is not None:
                 out[4 * g + i] = scale[0] * s
         return not nan
 
-    @njit(cache=True, nogil=True)
-    def _along_rows(u, out):
-        """``out[g, j, r] = u[r, g, j]``: the (rows, groups, 2) uniforms laid along the rows, a block of groups
-        at a time (a serial copy, twice as fast here as torch's permuted ``contiguous()``)."""
-        for start in range(0, u.shape[1], _MVUE_BLOCK):
-            for r in range(u.shape[0]):
-                for g in range(start, min(start + _MVUE_BLOCK, u.shape[1])):
-                    out[g, 0, r] = u[r, g, 0]
-                    out[g, 1, r] = u[r, g, 1]
-
     @njit(cache=True, nogil=True, error_model="numpy", inline="always")
     def _mvue_group(x0, x1, x2, x3, u0, u1, eps):
         """One group's sample from its two uniforms: every quantity in the formula's order and in float32
@@ -423,42 +414,48 @@ if njit is not None:
         return (y0 if (first == 0) | (second == 0) else zero, y1 if (first == 1) | (second == 1) else zero,
                 y2 if (first == 2) | (second == 2) else zero, y3 if (first == 3) | (second == 3) else zero)
 
-    @njit(cache=True, nogil=True, error_model="numpy")
-    def _mvue_block(x, u, eps, out, kept, start, stop):
-        """`_mvue` on the groups ``start..stop-1``."""
-        rows = x.shape[0]
-        for g in range(start, stop):
-            j = 4 * (g - start)
-            for r in range(rows):
-                kept[j, r], kept[j + 1, r], kept[j + 2, r], kept[j + 3, r] = _mvue_group(
-                    x[r, 4 * g], x[r, 4 * g + 1], x[r, 4 * g + 2], x[r, 4 * g + 3], u[g, 0, r], u[g, 1, r], eps)
-        for r in range(rows):
-            for j in range(4 * (stop - start)):
-                out[r, 4 * start + j] = kept[j, r]
+    @njit(cache=True, nogil=True, inline="always")
+    def _mvue_tile_count(dy):
+        return (-(-(dy.shape[0] // 4) // _MVUE_TILE_GROUPS)) * (-(-dy.shape[1] // _MVUE_TILE_COLUMNS))
 
-    @njit(cache=True, nogil=True, error_model="numpy")
-    def _mvue_serial(x, u, eps, out, kept):
-        """`_mvue` on this thread alone (one task's ``kept``)."""
-        groups, block = x.shape[1] // 4, kept.shape[1] // 4
-        for b in range(-(-groups // block)):
-            _mvue_block(x, u, eps, out, kept[0], b * block, min(b * block + block, groups))
+    @njit(cache=True, nogil=True, error_model="numpy", inline="always")
+    def _mvue_tile(dy, u, eps, out, drawn, tile):
+        """Tile ``tile`` of `_mvue_tiles`: its `_MVUE_TILE_GROUPS` groups of 4 rows of ``dy`` (tokens) by
+        `_MVUE_TILE_COLUMNS` columns (channels). The tile's uniforms are first laid along its columns in
+        ``drawn`` (groups, 2, columns; they were drawn along the groups, u (columns, groups, 2)), so that the
+        loop over the columns reads every operand, and writes the sample, contiguously and vectorises.
+
+        Every index is unsigned: numba fixes up a negative index, and on a signed index it cannot rule one out
+        that fix-up made each load a gather and the loop 5x slower (a loop from 0 is spared; one from a tile's
+        first column is not)."""
+        columns, groups = np.uint64(dy.shape[1]), np.uint64(dy.shape[0] // 4)
+        across = (columns + np.uint64(_MVUE_TILE_COLUMNS - 1)) // np.uint64(_MVUE_TILE_COLUMNS)
+        g0 = np.uint64(tile) // across * np.uint64(_MVUE_TILE_GROUPS)
+        c0 = np.uint64(tile) % across * np.uint64(_MVUE_TILE_COLUMNS)
+        g1 = min(groups, g0 + np.uint64(_MVUE_TILE_GROUPS))
+        c1 = min(columns, c0 + np.uint64(_MVUE_TILE_COLUMNS))
+        for c in range(c0, c1):
+            for g in range(g0, g1):
+                drawn[g - g0, 0, c - c0] = u[c, g, 0]
+                drawn[g - g0, 1, c - c0] = u[c, g, 1]
+        four = np.uint64(4)
+        for g in range(g0, g1):
+            for c in range(c0, c1):
+                out[four * g, c], out[four * g + 1, c], out[four * g + 2, c], out[four * g + 3, c] = _mvue_group(
+                    dy[four * g, c], dy[four * g + 1, c], dy[four * g + 2, c], dy[four * g + 3, c],
+                    drawn[g - g0, 0, c - c0], drawn[g - g0, 1, c - c0], eps)
 
     @njit(parallel=True, cache=True, nogil=True, error_model="numpy")   # IEEE division: x / 0 is Inf or NaN
-    def _mvue(x, u, eps, out, kept):
-        """`mvue.mvue24`'s sample of the float32 rows of ``x`` (groups of 4 along a row) from its uniforms ``u``
-        laid out (groups, 2, rows), into ``out`` (`_mvue_group` per group).
-
-        Per group of 4 columns the rows are one branch-free loop (x is dYᵀ: along its rows dY is
-        contiguous), so that it vectorises; a block of groups fills a task's ``kept[task]`` (4 * block, at
-        least rows), which is then written out row by row, a contiguous run per row (written group by group,
-        the strided stores took twice the arithmetic's time). The blocks are split evenly over
-        ``kept.shape[0]`` parallel tasks (each block's work is the same)."""
-        groups, tasks, block = x.shape[1] // 4, kept.shape[0], kept.shape[1] // 4
-        blocks = -(-groups // block)
+    def _mvue_tiles(dy, u, eps, out, tasks):
+        """`mvue.mvue24`'s sample of dYᵀ, read and written as dY lies: ``dy`` (tokens, channels) is a Linear's
+        float32 ``dY``, whose transpose is sampled (groups of 4 tokens per channel, `_mvue_group` each) from
+        its uniforms ``u`` (channels, tokens / 4, 2), into ``out`` laid out as ``dy``. The tiles (see
+        `_mvue_tile`) are split evenly over ``tasks`` parallel tasks."""
+        tiles = _mvue_tile_count(dy)
         for task in prange(tasks):
-            for b in range(task * blocks // tasks, (task + 1) * blocks // tasks):
-                _mvue_block(x, u, eps, out, kept[task], b * block, min(b * block + block, groups))
-
+            drawn = np.empty((_MVUE_TILE_GROUPS, 2, _MVUE_TILE_COLUMNS), np.float32)
+            for tile in range(task * tiles // tasks, (task + 1) * tiles // tasks):
+                _mvue_tile(dy, u, eps, out, drawn, tile)
 
 if njit is not None:
 
@@ -615,10 +612,13 @@ def soft_threshold4(matrix: torch.Tensor, n: int, scale: torch.Tensor) -> torch.
 def mvue24_sample(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor | None:
     """`mvue.mvue24`'s 2:4 sample of a 2-D float32 CPU ``x`` along its rows, from the uniforms ``u`` it drew
     (rows, groups, 2), in one pass on torch's threads: the formula's 25 tensor operations, bit for bit, into a
-    new contiguous tensor. ``x`` laid out by columns (a Linear's ``dYᵀ``, a transposed view) takes `_mvue`,
-    whose loop runs along the columns; any other `mvue24_runs`'s. None where the kernels do not serve: not
-    float32, a row not in groups of 4. Unlike the serial kernels here it takes any size: it splits a layer's
-    groups over the threads, as the tensor operations would."""
+    new tensor laid out as ``x``. ``x`` laid out by columns (a Linear's ``dYᵀ``, a transposed view of dY)
+    takes `_mvue_tiles`, which reads dY and writes the sample as dY lies, and the sample is returned as its
+    transposed view: the weight gradient's GEMM then takes it as it takes dY in a dense Linear's backward (the
+    same numbers as from a contiguous copy: 520 GEMM shapes checked bit for bit). Any other ``x`` takes
+    `mvue24_runs`'s and comes back contiguous. None where the kernels do not serve: not float32, a row not in
+    groups of 4. Unlike the serial kernels here it takes any size: it splits a layer's groups over the
+    threads, as the tensor operations would."""
     if not (x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] % 4 == 0
             and njit is not None and not x.requires_grad
             and u.dtype == x.dtype and u.shape == (x.shape[0], x.shape[1] // 4, 2) and u.is_contiguous()):
@@ -626,19 +626,13 @@ def mvue24_sample(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor 
     if x.stride(0) != 1 or x.shape[0] == 1:
         sampled = mvue24_runs(x.contiguous().unsqueeze(0), u, eps)
         return None if sampled is None else sampled.squeeze(0)
-    out = torch.empty(x.shape, dtype=x.dtype)
-    # Buffers laid along the rows, each row of them padded by _PAD floats: at 512 or 1024 rows, unpadded, every
-    # row of a buffer began at the same offset modulo 4 KiB, and the cache sets they shared made the kernel
-    # 1.7x (512 rows) and 2.6x (1024) slower. The uniforms too (a copy of half an entry per entry), so that
-    # the kernel's row loop reads every operand contiguously (read in place, strided, it did not vectorise).
-    rows = x.shape[0] + _PAD
-    along_rows = np.empty((u.shape[1], 2, rows), dtype=np.float32)
-    _along_rows(u.numpy(), along_rows)
+    dy = x.t().contiguous()         # a Linear's dY (tokens, C_out) as it lies (a copy only if its rows are padded)
+    out = torch.empty(dy.shape, dtype=x.dtype)
+    tiles = -(-(dy.shape[0] // 4) // _MVUE_TILE_GROUPS) * -(-dy.shape[1] // _MVUE_TILE_COLUMNS)
+    # a small job on one thread: the parallel kernel, not a serial one, whose loop does not vectorise (threads.py)
     with numba_threads(parallel=x.numel() >= _PARALLEL_ENTRIES) as workers:
-        tasks = max(1, min(workers, -(-u.shape[1] // _MVUE_BLOCK)))
-        kept = np.empty((tasks, 4 * _MVUE_BLOCK, rows), np.float32)
-        (_mvue if tasks > 1 else _mvue_serial)(x.numpy(), along_rows, np.float32(eps), out.numpy(), kept)
-    return out
+        usable(_mvue_tiles)(dy.numpy(), u.numpy(), np.float32(eps), out.numpy(), min(workers, tiles))
+    return out.t()
 
 
 def mvue24_runs(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor | None:

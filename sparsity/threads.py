@@ -11,9 +11,14 @@ GNU OpenMP does not survive ``fork``: in a child forked after numba started its 
 parallel launch kills the process ("Terminating: fork() called from a process already using GNU OpenMP").
 A training loop forks when it starts its workers that way (``multiprocessing`` with the fork start method,
 as a DDP test does after other runs in the same process). There `numba_threads` yields 1 without touching
-numba's pool: a kernel with a serial dispatcher of its own (the MVUE sample's, which small layers take too)
+numba's pool: a kernel with a serial dispatcher of its own (the MVUE runs kernel's, which small jobs take too)
 runs that, and `usable` hands out any other's serial twin (the same Python function compiled without
 ``parallel``: ``prange`` runs as ``range``, the same results).
+
+A serial twin is correct, but it may not be as fast: numba marks a parallel loop's arrays as not aliasing
+one another, a plain function's it does not, and where a loop reads and writes more arrays than LLVM will
+check at run time it stays scalar (the MVUE sample's tile loop: 10x slower). A small job therefore runs the
+parallel kernel on one thread (`numba_threads` with ``parallel`` false), not its twin.
 """
 
 from __future__ import annotations
@@ -62,17 +67,17 @@ def usable(kernel: Callable) -> Callable:
 
 @contextlib.contextmanager
 def numba_threads(parallel: bool = True) -> Iterator[int]:
-    """Within the block numba's parallel kernels run on torch's thread count (yielded); after it torch's
-    count is what it was. 1, without touching numba's pool, where the caller runs serially (``parallel``
-    false: a job too small to pay a launch) or must (a process forked from a started pool, whose kernels
-    `usable` makes serial)."""
+    """Within the block numba's parallel kernels run on torch's thread count (yielded), or on one thread where
+    ``parallel`` is false (a job too small to pay the others' wake-ups, which a launch on one thread spares);
+    after it torch's count is what it was. In a process forked from a started pool it yields 1 without
+    touching the pool: there the caller runs serially (`usable` makes any kernel serial)."""
     if numba is None:
         raise RuntimeError("the compiled kernels need numba (pip install numba)")
-    if not parallel or _forked_from_pool:
+    if _forked_from_pool:
         yield 1
         return
     threads = torch.get_num_threads()
-    workers = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    workers = max(1, min(threads, numba.config.NUMBA_NUM_THREADS)) if parallel else 1
     numba.set_num_threads(workers)
     try:
         yield workers
