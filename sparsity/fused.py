@@ -53,8 +53,8 @@ except ImportError:  # pragma: no cover - numba is a dependency; without it the 
 
 MAX_ENTRIES = 1 << 20
 _MVUE_BLOCK = 16        # groups of 4 per chunk of `_mvue_rows` (64 floats a run: whole cache lines)
-_MVUE_TILE_GROUPS = 32  # a tile of `_mvue_tiles`: 32 groups of 4 tokens by 64 channels (8K floats of dY, 8K
-_MVUE_TILE_COLUMNS = 64  # of the sample, 4K uniforms: in L2). Tiles of 8-64 groups by 32-256 timed within 15%
+_MVUE_TILE_GROUPS = 4   # a tile of `_mvue_tiles`: 4 groups of 4 tokens, every channel (4 and 8 timed alike)
+_PAD = 16               # floats after each row of `_mvue_tiles`' laid-out uniforms
 _PARALLEL_ENTRIES = 1 << 17     # the MVUE kernels' smallest job for the threads: below it a launch's wake-ups
                                 # (~100 µs under PASSIVE) cost more than they save (measured: 32K-65K entries
                                 # 84-142 µs serially, 140-186 µs on 2 threads; at 128K about even)
@@ -389,61 +389,58 @@ if njit is not None:
         (``eps``: EPS in float32, as the tensor operation takes the Python float), the two cumulative sums
         accumulated in float64 and rounded to float32, as torch's CPU cumsum does. Branch-free (selects), so
         that a loop over groups calling it vectorises."""
-        zero = np.float32(0.0)
+        zero, one = np.float32(0.0), np.float32(1.0)
         a0, a1, a2, a3 = abs(x0) + eps, abs(x1) + eps, abs(x2) + eps, abs(x3) + eps
         total = ((a0 + a1) + a2) + a3
         t0, t1, t2, t3 = a0 / total, a1 / total, a2 / total, a3 / total
         k0, k1, k2, k3 = t0 / (total - a0), t1 / (total - a1), t2 / (total - a2), t3 / (total - a3)
         sk = ((k0 + k1) + k2) + k3
+        # The two indices are counted in float32 (0.0 to 3.0, exact), not as integers: numba's integers are 64
+        # bits wide, and the selects on them took a sixth of the loop's time.
         # the first index: how many of the cumulative t_0, t_0 + t_1, t_0 + t_1 + t_2 are <= u0
         d0 = np.float64(t0)
         d1 = d0 + np.float64(t1)
         d2 = d1 + np.float64(t2)
-        first = (np.int32(np.float32(d0) <= u0) + np.int32(np.float32(d1) <= u0)
-                 + np.int32(np.float32(d2) <= u0))
+        first = ((one if np.float32(d0) <= u0 else zero) + (one if np.float32(d1) <= u0 else zero)
+                 + (one if np.float32(d2) <= u0 else zero))
         # the second: among the other three by a (the first's weight 0), against u1 * their total
         e0 = np.float64(zero if first == 0 else a0)
         e1 = e0 + np.float64(zero if first == 1 else a1)
         e2 = e1 + np.float64(zero if first == 2 else a2)
         threshold = u1 * np.float32(e2 + np.float64(zero if first == 3 else a3))
-        second = (np.int32(np.float32(e0) <= threshold) + np.int32(np.float32(e1) <= threshold)
-                  + np.int32(np.float32(e2) <= threshold))
-        second -= np.int32(second == first)
+        second = ((one if np.float32(e0) <= threshold else zero) + (one if np.float32(e1) <= threshold else zero)
+                  + (one if np.float32(e2) <= threshold else zero))
+        second -= one if second == first else zero
         y0, y1 = x0 / (t0 + a0 * (sk - k0)), x1 / (t1 + a1 * (sk - k1))
         y2, y3 = x2 / (t2 + a2 * (sk - k2)), x3 / (t3 + a3 * (sk - k3))
         return (y0 if (first == 0) | (second == 0) else zero, y1 if (first == 1) | (second == 1) else zero,
                 y2 if (first == 2) | (second == 2) else zero, y3 if (first == 3) | (second == 3) else zero)
 
-    @njit(cache=True, nogil=True, inline="always")
-    def _mvue_tile_count(dy):
-        return (-(-(dy.shape[0] // 4) // _MVUE_TILE_GROUPS)) * (-(-dy.shape[1] // _MVUE_TILE_COLUMNS))
-
     @njit(cache=True, nogil=True, error_model="numpy", inline="always")
     def _mvue_tile(dy, u, eps, out, drawn, tile):
-        """Tile ``tile`` of `_mvue_tiles`: its `_MVUE_TILE_GROUPS` groups of 4 rows of ``dy`` (tokens) by
-        `_MVUE_TILE_COLUMNS` columns (channels). The tile's uniforms are first laid along its columns in
-        ``drawn`` (groups, 2, columns; they were drawn along the groups, u (columns, groups, 2)), so that the
-        loop over the columns reads every operand, and writes the sample, contiguously and vectorises.
+        """Tile ``tile`` of `_mvue_tiles`: its `_MVUE_TILE_GROUPS` groups of 4 rows of ``dy`` (tokens), all
+        columns (channels). The tile's uniforms are first laid along the columns in ``drawn`` (groups, 2,
+        columns and more; they were drawn along the groups, u (columns, groups, 2)), so that the loop over the
+        columns reads every operand, and writes the sample, contiguously and vectorises. Whole rows keep the
+        reads and writes of dY and of the sample in a few sequential streams (tiles of 64 columns made the
+        ViT-Tiny's 768x6400 1.5x slower).
 
         Every index is unsigned: numba fixes up a negative index, and on a signed index it cannot rule one out
         that fix-up made each load a gather and the loop 5x slower (a loop from 0 is spared; one from a tile's
-        first column is not)."""
+        first group is not)."""
         columns, groups = np.uint64(dy.shape[1]), np.uint64(dy.shape[0] // 4)
-        across = (columns + np.uint64(_MVUE_TILE_COLUMNS - 1)) // np.uint64(_MVUE_TILE_COLUMNS)
-        g0 = np.uint64(tile) // across * np.uint64(_MVUE_TILE_GROUPS)
-        c0 = np.uint64(tile) % across * np.uint64(_MVUE_TILE_COLUMNS)
+        g0 = np.uint64(tile) * np.uint64(_MVUE_TILE_GROUPS)
         g1 = min(groups, g0 + np.uint64(_MVUE_TILE_GROUPS))
-        c1 = min(columns, c0 + np.uint64(_MVUE_TILE_COLUMNS))
-        for c in range(c0, c1):
+        for c in range(columns):
             for g in range(g0, g1):
-                drawn[g - g0, 0, c - c0] = u[c, g, 0]
-                drawn[g - g0, 1, c - c0] = u[c, g, 1]
+                drawn[g - g0, 0, c] = u[c, g, 0]
+                drawn[g - g0, 1, c] = u[c, g, 1]
         four = np.uint64(4)
         for g in range(g0, g1):
-            for c in range(c0, c1):
+            for c in range(columns):
                 out[four * g, c], out[four * g + 1, c], out[four * g + 2, c], out[four * g + 3, c] = _mvue_group(
                     dy[four * g, c], dy[four * g + 1, c], dy[four * g + 2, c], dy[four * g + 3, c],
-                    drawn[g - g0, 0, c - c0], drawn[g - g0, 1, c - c0], eps)
+                    drawn[g - g0, 0, c], drawn[g - g0, 1, c], eps)
 
     @njit(parallel=True, cache=True, nogil=True, error_model="numpy")   # IEEE division: x / 0 is Inf or NaN
     def _mvue_tiles(dy, u, eps, out, tasks):
@@ -451,11 +448,13 @@ if njit is not None:
         float32 ``dY``, whose transpose is sampled (groups of 4 tokens per channel, `_mvue_group` each) from
         its uniforms ``u`` (channels, tokens / 4, 2), into ``out`` laid out as ``dy``. The tiles (see
         `_mvue_tile`) are split evenly over ``tasks`` parallel tasks."""
-        tiles = _mvue_tile_count(dy)
+        tiles = -(-(dy.shape[0] // 4) // _MVUE_TILE_GROUPS)
         for task in prange(tasks):
-            drawn = np.empty((_MVUE_TILE_GROUPS, 2, _MVUE_TILE_COLUMNS), np.float32)
+            # rows padded: at 1024 columns every row of drawn would begin at one offset modulo 4 KiB (cache sets)
+            drawn = np.empty((_MVUE_TILE_GROUPS, 2, dy.shape[1] + _PAD), np.float32)
             for tile in range(task * tiles // tasks, (task + 1) * tiles // tasks):
                 _mvue_tile(dy, u, eps, out, drawn, tile)
+
 
 if njit is not None:
 
@@ -628,7 +627,7 @@ def mvue24_sample(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor 
         return None if sampled is None else sampled.squeeze(0)
     dy = x.t().contiguous()         # a Linear's dY (tokens, C_out) as it lies (a copy only if its rows are padded)
     out = torch.empty(dy.shape, dtype=x.dtype)
-    tiles = -(-(dy.shape[0] // 4) // _MVUE_TILE_GROUPS) * -(-dy.shape[1] // _MVUE_TILE_COLUMNS)
+    tiles = -(-(dy.shape[0] // 4) // _MVUE_TILE_GROUPS)
     # a small job on one thread: the parallel kernel, not a serial one, whose loop does not vectorise (threads.py)
     with numba_threads(parallel=x.numel() >= _PARALLEL_ENTRIES) as workers:
         usable(_mvue_tiles)(dy.numpy(), u.numpy(), np.float32(eps), out.numpy(), min(workers, tiles))
