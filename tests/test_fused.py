@@ -472,6 +472,20 @@ def test_the_mvue_kernel_takes_any_size_on_torchs_threads():
         assert torch.equal(_bits(got), _bits(_mvue_formula(x, torch.Generator().manual_seed(1))))
 
 
+@pytest.mark.parametrize("tokens, c_out, c_in", [(128, 120, 256), (128, 84, 120), (1024, 384, 128), (1024, 128, 512),
+                                                (6400, 576, 192), (6400, 192, 768), (1028, 300, 100)])
+def test_a_linears_weight_gradient_from_the_samples_view_equals_it_from_a_contiguous_copy(tokens, c_out, c_in):
+    # The sample of dYᵀ comes back as a view of a (tokens, C_out) tensor, laid out as dY itself, and the weight
+    # gradient's GEMM takes it as it takes dY in a dense Linear's backward. That GEMM gives the numbers it gives
+    # on the contiguous copy the kernel used to return (LeNet-5's, the GPT's and ViT-Tiny's layers, one odd
+    # shape): masked decay's weights stay what they were.
+    g = torch.Generator().manual_seed(tokens + c_out)
+    dy, x = torch.randn(tokens, c_out, generator=g), torch.randn(tokens, c_in, generator=g)
+    sample = mvue_module.mvue24(dy.t(), torch.Generator().manual_seed(1))
+    assert sample.stride() == (1, c_out)                   # a view of a tensor laid out as dY
+    assert torch.equal(sample.mm(x), sample.contiguous().mm(x))
+
+
 @pytest.mark.parametrize("shape, layout", [
     ((8, 6, 8, 8), "contiguous, runs of 16 groups: sampled in place"),
     ((4, 3, 12, 12), "contiguous, runs of 36 groups: sampled in place"),

@@ -46,3 +46,16 @@ def test_the_thread_count_is_torchs_and_torchs_is_put_back():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_small_job_runs_the_parallel_kernels_on_one_thread_and_torchs_count_is_put_back():
+    # a job too small for the pool's wake-ups: numba's kernels on this thread alone, torch's count untouched
+    before = torch.get_num_threads()
+    with threads.numba_threads(parallel=False) as workers:
+        assert workers == 1
+        assert threads.numba.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with threads.numba_threads() as workers:
+        assert workers == min(before, threads.numba.config.NUMBA_NUM_THREADS)
+        assert threads.numba.get_num_threads() == workers
+    assert torch.get_num_threads() == before
