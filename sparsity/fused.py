@@ -44,7 +44,7 @@ import torch
 
 from .errors import SparsityError
 from .layout import grouped
-from .threads import numba_threads, usable
+from .threads import forked_from_pool, numba_threads
 
 try:
     from numba import njit, prange
@@ -397,7 +397,7 @@ if njit is not None:
         k0, k1, k2, k3 = t0 / (total - a0), t1 / (total - a1), t2 / (total - a2), t3 / (total - a3)
         sk = ((k0 + k1) + k2) + k3
         # The two indices are counted in float32 (0.0 to 3.0, exact), not as integers: numba's integers are 64
-        # bits wide, and the selects on them took a sixth of the loop's time.
+        # bits wide, and without the selects on them the loop runs 10-20% faster.
         # the first index: how many of the cumulative t_0, t_0 + t_1, t_0 + t_1 + t_2 are <= u0
         d0 = np.float64(t0)
         d1 = d0 + np.float64(t1)
@@ -442,6 +442,16 @@ if njit is not None:
                 out[four * g, c], out[four * g + 1, c], out[four * g + 2, c], out[four * g + 3, c] = _mvue_group(
                     dy[four * g, c], dy[four * g + 1, c], dy[four * g + 2, c], dy[four * g + 3, c],
                     drawn[g - g0, 0, c], drawn[g - g0, 1, c], eps)
+
+    @njit(cache=True, nogil=True, error_model="numpy")
+    def _mvue_tiles_serial(dy, u, eps, out):
+        """`_mvue_tiles` in a process forked from a started pool (`threads`), where no parallel kernel may
+        launch: the same tiles on this thread, cached on disk (a twin compiled in the child took 1.2 s). Its
+        loop stays scalar (see `threads`), about 10x slower: a small job elsewhere runs `_mvue_tiles` on one
+        thread instead."""
+        drawn = np.empty((_MVUE_TILE_GROUPS, 2, dy.shape[1] + _PAD), np.float32)
+        for tile in range(-(-(dy.shape[0] // 4) // _MVUE_TILE_GROUPS)):
+            _mvue_tile(dy, u, eps, out, drawn, tile)
 
     @njit(parallel=True, cache=True, nogil=True, error_model="numpy")   # IEEE division: x / 0 is Inf or NaN
     def _mvue_tiles(dy, u, eps, out, tasks):
@@ -632,9 +642,13 @@ def mvue24_sample(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor 
     dy = x.t().contiguous()         # a Linear's dY (tokens, C_out) as it lies (a copy only if its rows are padded)
     out = torch.empty(dy.shape, dtype=x.dtype)
     tiles = -(-(dy.shape[0] // 4) // _MVUE_TILE_GROUPS)
+    args = (dy.numpy(), u.numpy(), np.float32(eps), out.numpy())
+    if forked_from_pool():
+        _mvue_tiles_serial(*args)
+        return out.t()
     # a small job on one thread: the parallel kernel, not a serial one, whose loop does not vectorise (threads.py)
     with numba_threads(parallel=x.numel() >= _PARALLEL_ENTRIES) as workers:
-        usable(_mvue_tiles)(dy.numpy(), u.numpy(), np.float32(eps), out.numpy(), min(workers, tiles))
+        _mvue_tiles(*args, min(workers, tiles))
     return out.t()
 
 

@@ -11,9 +11,9 @@ GNU OpenMP does not survive ``fork``: in a child forked after numba started its 
 parallel launch kills the process ("Terminating: fork() called from a process already using GNU OpenMP").
 A training loop forks when it starts its workers that way (``multiprocessing`` with the fork start method,
 as a DDP test does after other runs in the same process). There `numba_threads` yields 1 without touching
-numba's pool: a kernel with a serial dispatcher of its own (the MVUE runs kernel's, which small jobs take too)
-runs that, and `usable` hands out any other's serial twin (the same Python function compiled without
-``parallel``: ``prange`` runs as ``range``, the same results).
+numba's pool: a kernel with a serial dispatcher of its own (the MVUE kernels', cached on disk) runs that,
+and `usable` hands out any other's serial twin (the same Python function compiled without ``parallel``:
+``prange`` runs as ``range``, the same results).
 
 A serial twin is correct, but it may not be as fast: numba marks a parallel loop's arrays as not aliasing
 one another, a plain function's it does not, and where a loop reads and writes more arrays than LLVM will
