@@ -8,6 +8,9 @@ step. Mask recomputation is part of the step (SR-STE every step, transposable ev
 steps, so the run covers at least one interval). Beside the whole run's median ratio, the timed steps are
 cut into ``--blocks`` consecutive blocks (default 4) and the mean ± sample sd of the blocks' median ratios is
 reported: the noise of the run itself, against which a difference from 1.00x or from a target is judged.
+Each phase of the step is timed too (the forward, the backward, the optimizer step: on a GPU by CUDA events,
+without a synchronisation inside the step), and its median is held against dense's: where a method's extra
+time goes, before a profiler is needed.
 
     python benchmarks/train_step.py                      # LeNet-5, Fashion-MNIST-sized batches, 2:4
     python benchmarks/train_step.py --model resnet20 --image-size 32 --channels 3 --device cuda
@@ -176,28 +179,55 @@ def _compiles(label: str) -> bool:
     return cls.compile_problem(cls.Params(**params)) is None
 
 
-def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> None:
-    """Interleaved training steps of every run; each run's step times (after 5 warm-up steps) are appended."""
-    def step(name: str, i: int) -> float:
+PHASES = ("forward", "backward", "optimizer")
+
+
+def _mark(device: torch.device):
+    """A point in a step: the host clock, or on a GPU a recorded CUDA event (no synchronisation in the step)."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(start, end) -> float:
+    return end - start if isinstance(start, float) else start.elapsed_time(end) / 1000
+
+
+def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> dict[str, dict[str, list[float]]]:
+    """Interleaved training steps of every run; each run's step times (after 5 warm-up steps) are appended, and
+    its phases' times returned: the forward (the method's per-step work begun, the loss), the backward (with
+    the gradients' reset) and the optimizer step (with the method's hooks around it)."""
+    phases = {name: {phase: [] for phase in PHASES} for name in runs}
+
+    def step(name: str, i: int) -> tuple[float, list[float]]:
         model, handle, opt, _ = runs[name]
         x, y = batches[i % len(batches)]
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
+        marks = [_mark(device)]
         handle.begin_step()                         # what a compiled forward needs; else the first layer's hook
         loss = _loss(model, x, y)                   # the plain loop: the method's work runs in its hooks
+        marks.append(_mark(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        marks.append(_mark(device))
         opt.step()
+        marks.append(_mark(device))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, [_seconds(a, b) for a, b in zip(marks, marks[1:])]
 
     for i in range(steps + 5):
         for name in runs:
-            t = step(name, i)
+            t, parts = step(name, i)
             if i >= 5:                      # warm-up steps are not timed
                 runs[name][3].append(t)
+                for phase, seconds in zip(PHASES, parts):
+                    phases[name][phase].append(seconds)
+    return phases
 
 
 def _same_mode(runs: dict, reference: str | None, name: str, args=None) -> str | None:
@@ -221,16 +251,16 @@ def block_ratios(times: list[float], dense: list[float], blocks: int) -> list[fl
             for b in range(blocks)]
 
 
-def _report(args, runs: dict, held: dict, device: torch.device) -> tuple[Table, list[dict]]:
+def _report(args, runs: dict, held: dict, device: torch.device, phases: dict) -> tuple[Table, list[dict]]:
     """The table and the JSON rows: every run's median and mean step, against dense (and SR-STE) timed in the
-    same mode, its training FLOPs and memory against dense."""
+    same mode, its phases' medians against dense's, its training FLOPs and memory against dense."""
     # the reference is the dense baseline (the method that masks nothing), when it is in the list
     baseline = next((name for name in runs if not get_method(_method_of(name)[0]).caps.sparse), None)
     table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {args.optim}, {device} "
                         f"({torch.get_num_threads()} threads), {args.steps} interleaved steps")
     for col in ("method", "median ms / step", "vs dense", f"± sd ({args.blocks} blocks)", "mean ms / step",
-                "vs dense ", "mean vs srste", "train FLOPs", "held MB", "memory vs dense"):
-        table.add_column(col, justify="right")
+                "vs dense ", "mean vs srste", "fwd/bwd/opt vs dense", "train FLOPs", "held MB", "memory vs dense"):
+        table.add_column(col, justify="right", no_wrap=col.startswith("fwd"))
     rows = []
     for name, (_, handle, _, times) in runs.items():
         flops = handle.flops()
@@ -243,17 +273,23 @@ def _report(args, runs: dict, held: dict, device: torch.device) -> tuple[Table, 
         blocks = block_ratios(times, runs[base][3], args.blocks) if base else []
         block_mean = statistics.fmean(blocks) if blocks else None
         spread = statistics.stdev(blocks) if len(blocks) > 1 else None
+        phase_ms = {phase: statistics.median(phases[name][phase]) * 1000 for phase in PHASES}
+        phase_ratio = ({phase: phase_ms[phase] / (statistics.median(phases[base][phase]) * 1000) for phase in PHASES}
+                       if base else None)
         rows.append({"method": name, "median_ms": med * 1000, "median_vs_dense": med / dense if dense else None,
                      "block_ratios": blocks, "block_ratio_mean": block_mean,
                      "block_ratio_sd": spread,
                      "mean_ms": mean * 1000, "mean_vs_dense": mean / dense_mean if dense_mean else None,
                      "mean_vs_srste": mean / srste_mean if srste_mean else None,
+                     "phase_ms": phase_ms, "phase_vs_dense": phase_ratio,
                      "flops_ratio": flops["ratio"], "held_bytes": held[name],
                      "memory_vs_dense": held[name] / held[base] if base else None})
         table.add_row(name, f"{med * 1000:.2f}", f"{med / dense:.2f}x" if dense else "–",
                       f"{block_mean:.3f} ± {spread:.3f}" if spread is not None else "–",
                       f"{mean * 1000:.2f}", f"{mean / dense_mean:.2f}x" if dense_mean else "–",
-                      f"{mean / srste_mean:.2f}x" if srste_mean else "–", f"{flops['ratio']:.3f}",
+                      f"{mean / srste_mean:.2f}x" if srste_mean else "–",
+                      "/".join(f"{phase_ratio[p]:.2f}" for p in PHASES) if phase_ratio else "–",
+                      f"{flops['ratio']:.3f}",
                       f"{held[name] / 2**20:.1f}", f"{held[name] / held[base]:.2f}x" if base else "–")
     return table, rows
 
@@ -289,13 +325,13 @@ def main() -> None:
     batches = _batches(args, device)
     with ExitStack() as attached:      # every model's forward runs through its method while it is timed
         runs = {name: _attached_run(name, args, device, attached) for name in labels}
-        _time_steps(runs, batches, args.steps, device)
+        phases = _time_steps(runs, batches, args.steps, device)
         held = {}
         for name, (model, handle, opt, _) in runs.items():
             handle.begin_step()             # as a step does: a compiled forward needs it begun
             held[name] = held_bytes(model, opt, handle, *batches[0])
-    table, rows = _report(args, runs, held, device)
-    Console(width=140).print(table)
+    table, rows = _report(args, runs, held, device, phases)
+    Console(width=160).print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_step.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

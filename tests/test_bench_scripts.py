@@ -52,6 +52,14 @@ def test_train_step_benchmark_runs_and_writes_memory_ratios(tmp_path, monkeypatc
     assert rows["dense"]["memory_vs_dense"] == 1.0
     assert rows["srste"]["memory_vs_dense"] > 1.0        # SR-STE's autograd keeps its mask for the backward
     assert rows["srste"]["flops_ratio"] < 1.0
+    # the step's three phases, each timed and held against dense's: dense against itself exactly, and the
+    # phases' medians adding up to about the step's (milliseconds, as the step's)
+    assert rows["dense"]["phase_vs_dense"] == {"forward": 1.0, "backward": 1.0, "optimizer": 1.0}
+    for row in rows.values():
+        parts = row["phase_ms"]
+        assert set(parts) == {"forward", "backward", "optimizer"} and min(parts.values()) > 0
+        assert 0.5 < sum(parts.values()) / row["median_ms"] < 1.5
+        assert row["phase_vs_dense"]["backward"] == parts["backward"] / rows["dense"]["phase_ms"]["backward"]
 
 
 def test_train_step_benchmark_reports_the_spread_of_its_blocks(tmp_path, monkeypatch):
