@@ -625,9 +625,9 @@ def soft_threshold4(matrix: torch.Tensor, n: int, scale: torch.Tensor) -> torch.
 def mvue24_sample(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor | None:
     """`mvue.mvue24`'s 2:4 sample of a 2-D float32 CPU ``x`` along its rows, from the uniforms ``u`` it drew
     (rows, groups, 2), in one pass on torch's threads: the formula's 25 tensor operations, bit for bit, into a
-    new tensor laid out as ``x``. ``x`` laid out by columns (a Linear's ``dYᵀ``, a transposed view of dY)
-    takes `_mvue_tiles`, which reads dY and writes the sample as dY lies, and the sample is returned as its
-    transposed view: the weight gradient's GEMM then takes it as it takes dY in a dense Linear's backward (the
+    new tensor laid out as ``x`` (without its padding, if any). ``x`` laid out by columns (a Linear's ``dYᵀ``,
+    a transposed view of dY) takes `_mvue_tiles`, which reads dY and writes the sample as dY lies, and the
+    sample is returned as its transposed view: the weight gradient's GEMM then takes it as it takes dY in a dense Linear's backward (the
     same numbers as from a contiguous copy: 520 GEMM shapes checked bit for bit). Any other ``x`` takes
     `mvue24_runs`'s and comes back contiguous. None where the kernels do not serve: not float32, a row not in
     groups of 4. Unlike the serial kernels here it takes any size: it splits a layer's groups over the
