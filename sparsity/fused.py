@@ -56,9 +56,9 @@ _MVUE_BLOCK = 16        # the shortest run of groups of 4 `mvue24_runs` samples 
 _MVUE_CHUNK = 64        # groups of 4 per chunk of `_mvue_rows`
 _MVUE_TILE_GROUPS = 4   # a tile of `_mvue_tiles`: 4 groups of 4 tokens, every channel (4 and 8 timed alike)
 _PAD = 16               # floats after each row of `_mvue_tiles`' laid-out uniforms
-_PARALLEL_ENTRIES = 1 << 17     # the MVUE kernels' smallest job for the threads: below it a launch's wake-ups
-                                # (~100 µs under PASSIVE) cost more than they save (measured: 32K-65K entries
-                                # 84-142 µs serially, 140-186 µs on 2 threads; at 128K about even)
+_PARALLEL_ENTRIES = 1 << 17     # the MVUE kernels' smallest job for both threads: below it the other's wake-up
+                                # costs more than it saves (the tile kernel, PASSIVE: 256x256 0.066 ms on one
+                                # thread, 0.080 on two; 384x1024 0.39 against 0.25)
 _RANK_BLOCK = 256       # groups of 4 per block of `_mask4`: a block with a tie is read again from the table
 
 
@@ -417,6 +417,11 @@ if njit is not None:
         return (y0 if (first == 0) | (second == 0) else zero, y1 if (first == 1) | (second == 1) else zero,
                 y2 if (first == 2) | (second == 2) else zero, y3 if (first == 3) | (second == 3) else zero)
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _mvue_tile_count(dy):
+        """`_mvue_tiles`' tiles of ``dy``: its groups of 4 rows, `_MVUE_TILE_GROUPS` to a tile."""
+        return -(-(dy.shape[0] // 4) // _MVUE_TILE_GROUPS)
+
     @njit(cache=True, nogil=True, error_model="numpy", inline="always")
     def _mvue_tile(dy, u, eps, out, drawn, tile):
         """Tile ``tile`` of `_mvue_tiles`: its `_MVUE_TILE_GROUPS` groups of 4 rows of ``dy`` (tokens), all
@@ -444,13 +449,13 @@ if njit is not None:
                     drawn[g - g0, 0, c], drawn[g - g0, 1, c], eps)
 
     @njit(cache=True, nogil=True, error_model="numpy")
-    def _mvue_tiles_serial(dy, u, eps, out):
+    def _mvue_tiles_serial(dy, u, eps, out, tasks):
         """`_mvue_tiles` in a process forked from a started pool (`threads`), where no parallel kernel may
         launch: the same tiles on this thread, cached on disk (a twin compiled in the child took 1.2 s). Its
         loop stays scalar (see `threads`), about 10x slower: a small job elsewhere runs `_mvue_tiles` on one
-        thread instead."""
+        thread instead. (``tasks``: `_mvue_tiles`' arguments, not used.)"""
         drawn = np.empty((_MVUE_TILE_GROUPS, 2, dy.shape[1] + _PAD), np.float32)
-        for tile in range(-(-(dy.shape[0] // 4) // _MVUE_TILE_GROUPS)):
+        for tile in range(_mvue_tile_count(dy)):
             _mvue_tile(dy, u, eps, out, drawn, tile)
 
     @njit(parallel=True, cache=True, nogil=True, error_model="numpy")   # IEEE division: x / 0 is Inf or NaN
@@ -459,7 +464,7 @@ if njit is not None:
         float32 ``dY``, whose transpose is sampled (groups of 4 tokens per channel, `_mvue_group` each) from
         its uniforms ``u`` (channels, tokens / 4, 2), into ``out`` laid out as ``dy``. The tiles (see
         `_mvue_tile`) are split evenly over ``tasks`` parallel tasks."""
-        tiles = -(-(dy.shape[0] // 4) // _MVUE_TILE_GROUPS)
+        tiles = _mvue_tile_count(dy)
         for task in prange(tasks):
             # rows padded: at 1024 columns every row of drawn would begin at one offset modulo 4 KiB (cache sets)
             drawn = np.empty((_MVUE_TILE_GROUPS, 2, dy.shape[1] + _PAD), np.float32)
@@ -495,8 +500,8 @@ if njit is not None:
                     out[b, r, four * (g0 + g) + i] = sampled[i, g]
 
     @njit(cache=True, nogil=True, error_model="numpy")
-    def _mvue_rows_serial(x, u, eps, out):
-        """`_mvue_rows` on this thread alone."""
+    def _mvue_rows_serial(x, u, eps, out, tasks):
+        """`_mvue_rows` on this thread alone, in a process forked from a started pool (``tasks``: not used)."""
         loaded = np.empty((6, _MVUE_CHUNK), np.float32)
         sampled = np.empty((4, _MVUE_CHUNK), np.float32)
         for run in range(x.shape[0] * x.shape[1]):
@@ -622,6 +627,19 @@ def soft_threshold4(matrix: torch.Tensor, n: int, scale: torch.Tensor) -> torch.
     return out
 
 
+def _launch_mvue(kernel, serial, x: torch.Tensor, u: torch.Tensor, eps: float, out: torch.Tensor,
+                 most: int) -> None:
+    """An MVUE kernel on ``x`` into ``out``: on torch's threads, at most ``most`` tasks; a job too small for the
+    other threads' wake-ups (`_PARALLEL_ENTRIES`) on one, through the same parallel kernel (its serial twin's
+    loop may not vectorise: threads.py); in a process forked from a started pool, ``serial``."""
+    args = (x.numpy(), u.numpy(), np.float32(eps), out.numpy())
+    if forked_from_pool():
+        serial(*args, 1)
+        return
+    with numba_threads(parallel=x.numel() >= _PARALLEL_ENTRIES) as workers:
+        kernel(*args, min(workers, most))
+
+
 def mvue24_sample(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor | None:
     """`mvue.mvue24`'s 2:4 sample of a 2-D float32 CPU ``x`` along its rows, from the uniforms ``u`` it drew
     (rows, groups, 2), in one pass on torch's threads: the formula's 25 tensor operations, bit for bit, into a
@@ -641,14 +659,7 @@ def mvue24_sample(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor 
         return None if sampled is None else sampled.squeeze(0)
     dy = x.t().contiguous()         # a Linear's dY (tokens, C_out) as it lies (a copy only if its rows are padded)
     out = torch.empty(dy.shape, dtype=x.dtype)
-    tiles = -(-(dy.shape[0] // 4) // _MVUE_TILE_GROUPS)
-    args = (dy.numpy(), u.numpy(), np.float32(eps), out.numpy())
-    if forked_from_pool():
-        _mvue_tiles_serial(*args)
-        return out.t()
-    # a small job on one thread: the parallel kernel, not a serial one, whose loop does not vectorise (threads.py)
-    with numba_threads(parallel=x.numel() >= _PARALLEL_ENTRIES) as workers:
-        _mvue_tiles(*args, min(workers, tiles))
+    _launch_mvue(_mvue_tiles, _mvue_tiles_serial, dy, u, eps, out, _mvue_tile_count(dy.numpy()))
     return out.t()
 
 
@@ -666,10 +677,5 @@ def mvue24_runs(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor | 
             and u.shape == (x.shape[1], x.shape[0] * x.shape[2] // 4, 2) and u.is_contiguous()):
         return None
     out = torch.empty(x.shape, dtype=x.dtype)
-    with numba_threads(parallel=x.numel() >= _PARALLEL_ENTRIES) as workers:
-        tasks = min(workers, x.shape[0] * x.shape[1])
-        if tasks > 1:
-            _mvue_rows(x.numpy(), u.numpy(), np.float32(eps), out.numpy(), tasks)
-        else:
-            _mvue_rows_serial(x.numpy(), u.numpy(), np.float32(eps), out.numpy())
+    _launch_mvue(_mvue_rows, _mvue_rows_serial, x, u, eps, out, x.shape[0] * x.shape[1])
     return out
