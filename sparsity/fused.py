@@ -65,15 +65,23 @@ _RANK_BLOCK = 256       # groups of 4 per block of `_mask4`: a block with a tie 
 def _served(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
     return (njit is not None and first.numel() <= MAX_ENTRIES and first.dtype in (torch.float32, torch.float64)
-            and all(t.device.type == "cpu" and t.is_contiguous() and t.shape == first.shape and not t.requires_grad
+            and all(t.is_cpu and t.is_contiguous() and t.shape == first.shape and not t.requires_grad
                     for t in tensors))      # a gradient made with create_graph=True stays autograd's
 
 
 def _bytes(keep: torch.Tensor) -> np.ndarray:
     """A bool mask's flat bytes (0 or 1) as numpy uint8: a kernel that reads a bool mask as bytes and computes
     with them as numbers vectorises, where reading numpy bools (or indexing with them) kept its loop scalar:
-    2-3x slower on the GPT's layers."""
-    return keep.view(torch.uint8).view(-1).numpy()
+    2-3x slower on the GPT's layers. Made in numpy (one torch call, not three): see `_flat`."""
+    return keep.numpy().view(np.uint8).reshape(-1)
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's entries as a flat numpy view. Why numpy's reshape, not torch's ``view(-1)``:
+    each torch call goes through the dispatcher, and in a training step, between large GEMMs that have evicted
+    its code from the caches, the first of them takes 10-30 µs (measured on LeNet-5's step); a numpy reshape
+    takes a fraction of that."""
+    return t.numpy().reshape(-1)
 
 
 if njit is not None:
@@ -146,14 +154,23 @@ if njit is not None:
                 flat[4 * g + i] = min(max(flat[4 * g + i], -cap), cap)
 
 
+@functools.lru_cache(maxsize=256)
+def _scalars(values: tuple[float, ...], single: bool) -> np.ndarray:
+    """``values`` as a read-only float32 (``single``) or float64 array, made once per run's constants: building a
+    numpy array took about 20 µs at a training step's first call after the backward, where its code is cold."""
+    out = np.array(values, dtype=np.float32 if single else np.float64)
+    out.flags.writeable = False
+    return out
+
+
 def add_pruned_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, decay: float) -> bool:
     """``grad += decay · (1 − keep) ⊙ weight`` in place, as ``grad.add_(pruned_decay(weight, keep, decay))``
     computes it, where the kernel serves (True); else nothing changed (False)."""
     if not (_served(grad, weight, keep) and grad.dtype == weight.dtype and keep.dtype == torch.bool):
         return False
     # the kept entries' factor +0 and the pruned ones' decay, both in the weight's type, as the formula's where
-    factors = np.array([0.0, decay], dtype=np.float32 if weight.dtype == torch.float32 else np.float64)
-    _add_decay(grad.view(-1).numpy(), weight.detach().view(-1).numpy(), _bytes(keep), factors)
+    factors = _scalars((0.0, decay), weight.dtype == torch.float32)
+    _add_decay(_flat(grad), _flat(weight.detach()), _bytes(keep), factors)
     torch.autograd.graph.increment_version(grad)      # written through numpy, as add_ would count it
     return True
 
@@ -164,8 +181,8 @@ def add_masked_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tens
     if not (_served(grad, weight.detach(), keep) and grad.dtype == weight.dtype and keep.dtype == torch.bool):
         return False
     # alpha in the weight's type, as torch's product takes a Python float
-    factor = np.array([alpha], dtype=np.float32 if weight.dtype == torch.float32 else np.float64)
-    _masked_decay(grad.view(-1).numpy(), weight.detach().view(-1).numpy(), _bytes(keep), factor)
+    factor = _scalars((alpha,), weight.dtype == torch.float32)
+    _masked_decay(_flat(grad), _flat(weight.detach()), _bytes(keep), factor)
     torch.autograd.graph.increment_version(grad)
     return True
 
@@ -184,13 +201,13 @@ def clamp_pruned_(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str)
     # conv's groups of M input channels at each kernel tap (B = kh*kw)
     b = weight.shape[2] * weight.shape[3] if weight.dim() == 4 and layout == "nhwc" else 1
     a = weight.numel() // (m * b)
-    flat = weight.detach().view(-1).numpy()
+    flat = _flat(weight.detach())
     caps = np.zeros(a * b, dtype=flat.dtype)
     if m == 4 and b == 1:           # groups of 4 consecutive entries: caps first, then the clamp, as `_bound`
         if _caps4(flat, _bytes(keep), caps):
             return False
         _clamp4(flat, caps)
-    elif not _bound(flat, keep.view(-1).numpy(), a, m, b, caps):
+    elif not _bound(flat, _flat(keep), a, m, b, caps):
         return False
     # written through numpy: tell autograd and version-keyed caches (accel's compressed operands) it changed
     torch.autograd.graph.increment_version(weight)
@@ -230,8 +247,8 @@ def masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
     if not (_served(values, keep) and keep.dtype == torch.bool):
         return None
     out = torch.empty_like(values)
-    flat_values = values.view(-1).numpy()
-    _product(out.view(-1).numpy(), flat_values, _bytes(keep))
+    flat_values = _flat(values)
+    _product(_flat(out), flat_values, _bytes(keep))
     return out
 
 
@@ -242,8 +259,8 @@ def decayed(values: torch.Tensor, keep: torch.Tensor, value: torch.Tensor) -> to
     if not (_served(values, keep) and keep.dtype == torch.bool and value.dim() == 0 and value.device.type == "cpu"):
         return None
     out = torch.empty_like(values)
-    flat = values.view(-1).numpy()
-    _decayed(out.view(-1).numpy(), flat, _bytes(keep), np.array([value.item()], dtype=flat.dtype))
+    flat = _flat(values)
+    _decayed(_flat(out), flat, _bytes(keep), np.array([value.item()], dtype=flat.dtype))
     return out
 
 
@@ -313,6 +330,40 @@ if njit is not None:
                     keep[4 * g + 2], keep[4 * g + 3] = (bits >> 2) & 1, (bits >> 3) & 1
             if product:
                 _product(out[4 * start:4 * stop], weight[4 * start:4 * stop], keep[4 * start:4 * stop])
+        return nan == 0
+
+    @njit(cache=True, nogil=True)
+    def _mask4_spread(weight, n, table, keep, out, spread):
+        """`_mask4` where the flat ``weight`` runs as (blocks, 4, spread): group (b, s) is the 4 entries
+        ``b*4*spread + i*spread + s``, i = 0..3 in that order (an nhwc conv's (C_out, C_in, kh, kw) weight, its
+        groups along C_in at every kernel position: spread = kh*kw). ``keep`` and ``out`` in the weight's own
+        order, so no copy into the GEMM view and back. Ranked by arithmetic a block at a time, the loop over s
+        reading each channel's run in order; a block with a tie is read again from the table. Indices are
+        unsigned: with signed ones numba guards each against wrapping around, and the loop stays scalar."""
+        nan = np.int32(0)
+        row = table[n - 1]
+        step = np.uint64(spread)
+        for b in range(weight.shape[0] // (4 * spread)):
+            at = np.uint64(4) * step * np.uint64(b)
+            tie = np.int32(0)
+            for s in range(spread):
+                i0 = at + np.uint64(s)
+                i1, i2, i3 = i0 + step, i0 + np.uint64(2) * step, i0 + np.uint64(3) * step
+                a0, a1, a2, a3 = abs(weight[i0]), abs(weight[i1]), abs(weight[i2]), abs(weight[i3])
+                nan |= np.int32(a0 != a0) | np.int32(a1 != a1) | np.int32(a2 != a2) | np.int32(a3 != a3)
+                tie |= (np.int32(a0 == a1) | np.int32(a0 == a2) | np.int32(a0 == a3) | np.int32(a1 == a2)
+                        | np.int32(a1 == a3) | np.int32(a2 == a3))
+                g0, g1, g2, g3 = _exceeded4(a0, a1, a2, a3)
+                keep[i0], keep[i1] = np.uint8(g0 < n), np.uint8(g1 < n)
+                keep[i2], keep[i3] = np.uint8(g2 < n), np.uint8(g3 < n)
+            if tie:
+                for s in range(spread):
+                    i0 = at + np.uint64(s)
+                    i1, i2, i3 = i0 + step, i0 + np.uint64(2) * step, i0 + np.uint64(3) * step
+                    bits = row[_order4(abs(weight[i0]), abs(weight[i1]), abs(weight[i2]), abs(weight[i3]))]
+                    keep[i0], keep[i1], keep[i2], keep[i3] = bits & 1, (bits >> 1) & 1, (bits >> 2) & 1, (bits >> 3) & 1
+        if out.shape[0] > 0:
+            _product(out, weight, keep)
         return nan == 0
 
     @njit(cache=True, nogil=True)
@@ -548,29 +599,51 @@ def _rows4_served(matrix: torch.Tensor, n: int) -> bool:
     return _served(matrix) and matrix.shape[-1] % 4 == 0 and 1 <= n <= 3
 
 
-def nm4_mask(matrix: torch.Tensor, n: int) -> torch.Tensor | None:
-    """The row-wise N:4 keep-mask of a GEMM-view ``matrix`` (groups of 4 consecutive entries along K), as
-    ``topk(n)`` over each group keeps it, ties included; None where the kernel does not serve (then the
-    caller's topk runs): not a CPU float32/float64 contiguous matrix, more than `MAX_ENTRIES` entries, a NaN."""
-    if not _rows4_served(matrix, n):
-        return None
-    keep = torch.empty(matrix.shape, dtype=torch.bool)
-    flat = matrix.view(-1).numpy()
-    if not _mask4(flat, n, _table4(), _bytes(keep), flat[:0]):
-        return None
-    return keep
+def _spread4(weight: torch.Tensor, n: int, layout: str) -> int:
+    """How far apart, in memory, the 4 entries of a row-wise N:4 group of ``weight`` lie where the kernels serve
+    it at this N: 1 for a matrix (a Linear's weight, a GEMM view) and a ``flatten`` conv, kh*kw for an ``nhwc``
+    conv (its groups run along C_in); 0 where they do not serve (then the caller's topk runs)."""
+    if not (_served(weight) and 1 <= n <= 3):
+        return 0
+    shape = weight.shape
+    if len(shape) == 4 and layout == "nhwc":
+        return shape[2] * shape[3] if shape[1] % 4 == 0 and shape[2] * shape[3] > 0 else 0
+    if len(shape) not in (2, 4):
+        return 0
+    return 1 if (shape[1] if len(shape) == 2 else shape[1] * shape[2] * shape[3]) % 4 == 0 else 0
 
 
-def nm4_masked(matrix: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`nm4_mask`'s keep-mask of ``matrix`` and the masked ``matrix * keep`` (`masked`'s product, bit for
+def _nm4(weight: torch.Tensor, n: int, layout: str, product: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The keep-mask of ``weight`` in its own shape and, with ``product``, ``weight * keep``; None where the
+    kernels do not serve (`_spread4`) or a weight is NaN."""
+    spread = _spread4(weight, n, layout)
+    if not spread:
+        return None
+    flat = _flat(weight)
+    keep = torch.empty(weight.shape, dtype=torch.bool)
+    out = torch.empty_like(weight) if product else weight
+    target = _flat(out) if product else flat[:0]
+    if spread == 1:
+        served = _mask4(flat, n, _table4(), _bytes(keep), target)
+    else:
+        served = _mask4_spread(flat, n, _table4(), _bytes(keep), target, spread)
+    return (keep, out) if served else None
+
+
+def nm4_mask(weight: torch.Tensor, n: int, layout: str = "nhwc") -> torch.Tensor | None:
+    """The row-wise N:4 keep-mask of ``weight`` in its own shape (groups of 4 consecutive entries along K of its
+    GEMM view: a matrix's rows; a conv's by ``layout``, an ``nhwc`` conv's along C_in, read where they lie),
+    as ``topk(n)`` over each group keeps it, ties included; None where the kernel does not serve (then the
+    caller's topk runs): not a CPU float32/float64 contiguous tensor, more than `MAX_ENTRIES` entries, a NaN."""
+    both = _nm4(weight, n, layout, product=False)
+    return None if both is None else both[0]
+
+
+def nm4_masked(weight: torch.Tensor, n: int, layout: str = "nhwc") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`nm4_mask`'s keep-mask of ``weight`` and the masked ``weight * keep`` (`masked`'s product, bit for
     bit), made in one pass over the weight: what SR-STE and its kin compute at every training forward.
     None where `nm4_mask` does not serve."""
-    if not _rows4_served(matrix, n):
-        return None
-    keep, out = torch.empty(matrix.shape, dtype=torch.bool), torch.empty_like(matrix)
-    if not _mask4(matrix.view(-1).numpy(), n, _table4(), _bytes(keep), out.view(-1).numpy()):
-        return None
-    return keep, out
+    return _nm4(weight, n, layout, product=True)
 
 
 def column_nm4_mask(scores: torch.Tensor, fmask: torch.Tensor, perm: torch.Tensor, n: int) -> torch.Tensor | None:
@@ -620,9 +693,9 @@ def soft_threshold4(matrix: torch.Tensor, n: int, scale: torch.Tensor) -> torch.
     if not (_rows4_served(matrix, n) and scale.dim() == 0
             and scale.dtype == matrix.dtype):
         return None
-    flat = matrix.view(-1).numpy()
+    flat = _flat(matrix)
     out = torch.empty_like(matrix)
-    if not _soft4(flat, n, np.array([scale.item(), 0.0], dtype=flat.dtype), out.view(-1).numpy()):
+    if not _soft4(flat, n, np.array([scale.item(), 0.0], dtype=flat.dtype), _flat(out)):
         return None
     return out
 
@@ -645,11 +718,11 @@ def mvue24_sample(x: torch.Tensor, u: torch.Tensor, eps: float) -> torch.Tensor 
     (rows, groups, 2), in one pass on torch's threads: the formula's 25 tensor operations, bit for bit, into a
     new tensor laid out as ``x`` (without its padding, if any). ``x`` laid out by columns (a Linear's ``dYᵀ``,
     a transposed view of dY) takes `_mvue_tiles`, which reads dY and writes the sample as dY lies, and the
-    sample is returned as its transposed view: the weight gradient's GEMM then takes it as it takes dY in a dense Linear's backward (the
-    same numbers as from a contiguous copy: 520 GEMM shapes checked bit for bit). Any other ``x`` takes
-    `mvue24_runs`'s and comes back contiguous. None where the kernels do not serve: not float32, a row not in
-    groups of 4. Unlike the serial kernels here it takes any size: it splits a layer's groups over the
-    threads, as the tensor operations would."""
+    sample is returned as its transposed view: the weight gradient's GEMM then takes it as it takes dY in a
+    dense Linear's backward (the same numbers as from a contiguous copy: 520 GEMM shapes checked bit for
+    bit). Any other ``x`` takes `mvue24_runs`'s and comes back contiguous. None where the kernels do not
+    serve: not float32, a row not in groups of 4. Unlike the serial kernels here it takes any size: it
+    splits a layer's groups over the threads, as the tensor operations would."""
     if not (x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] % 4 == 0
             and njit is not None and not x.requires_grad
             and u.dtype == x.dtype and u.shape == (x.shape[0], x.shape[1] // 4, 2) and u.is_contiguous()):

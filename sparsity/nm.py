@@ -6,6 +6,7 @@ Masks are plain bool tensors of the weight's own shape: True = kept.
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import torch
 
@@ -41,6 +42,26 @@ def _require_nm_fits(shape: torch.Size, n: int, m: int, layout: str) -> None:
         _fits_once(tuple(shape), n, m, layout)
 
 
+# an nhwc conv of at most this many entries is masked where it lies: above it (ResNet-50's 3x3 convs past 128
+# channels) the kernel's runs of kh*kw entries are too short to vectorise, and the GEMM view's copy, which
+# torch makes on every thread, is faster end to end
+_AS_IT_LIES = 1 << 17
+
+
+def _nm4_where_it_lies(w: torch.Tensor, n: int, layout: str, kernel: Callable) -> Any:
+    """``kernel`` (`fused.nm4_mask` or `fused.nm4_masked`) on the weight as it lies, its results in the weight's
+    shape: no copy into the GEMM view and back, which took 20-60 µs of the 35 µs call on LeNet-5's and
+    ResNet-20's convs. A large nhwc conv, and one whose memory is not in its own order (channels-last, whose
+    GEMM view is), on the GEMM view and back. None where the kernel does not serve (then topk)."""
+    if w.dim() != 4 or (w.is_contiguous() and (layout != "nhwc" or w.numel() <= _AS_IT_LIES)):
+        return kernel(w, n, layout)
+    made = kernel(to_matrix(w, layout), n)
+    if made is None:
+        return None
+    return from_matrix(made, w.shape, layout) if isinstance(made, torch.Tensor) else \
+        tuple(from_matrix(t, w.shape, layout) for t in made)
+
+
 def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "nhwc") -> torch.Tensor:
     """Keep the ``n`` largest-magnitude weights of every ``m`` consecutive ones along K (row-wise): ``topk``
     over each group, ties as ``topk`` breaks them. For M = 4 on a CPU a compiled pass gives the same mask
@@ -48,9 +69,9 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "nhwc") -> torch
     about 30 ns a group."""
     _require_nm_fits(weight.shape, n, m, layout)
     if m == 4 and not torch.compiler.is_compiling():     # traced (train.compile): topk, the same mask
-        keep = nm4_mask(to_matrix(weight.detach(), layout), n)
+        keep = _nm4_where_it_lies(weight.detach(), n, layout, nm4_mask)
         if keep is not None:
-            return from_matrix(keep, weight.shape, layout)
+            return keep
     scores = to_matrix(magnitude(weight), layout)
     groups = scores.reshape(scores.shape[0], -1, m)
     keep = torch.zeros_like(groups, dtype=torch.bool)
@@ -69,9 +90,9 @@ def nm_mask_and_product(weight: torch.Tensor, n: int, m: int,
         keep = nm_mask(w, n, m, layout)
         return keep, w * keep
     if m == 4:
-        both = nm4_masked(to_matrix(w, layout), n)
+        both = _nm4_where_it_lies(w, n, layout, nm4_masked)
         if both is not None:
-            return tuple(from_matrix(t, weight.shape, layout) for t in both)
+            return both
     keep = nm_mask(w, n, m, layout)
     out = masked(w, keep)
     return keep, w * keep if out is None else out

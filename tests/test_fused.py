@@ -11,6 +11,7 @@ import torch
 
 from nmtrain.experiments.methods.base import pruned_decay
 from nmtrain.sparsity import grouped, nm_mask
+from nmtrain.sparsity.layout import from_matrix, to_matrix
 from nmtrain.sparsity import mvue as mvue_module
 from nmtrain.sparsity import nm as nm_module
 from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_threshold
@@ -171,6 +172,57 @@ def test_the_n4_kernel_keeps_what_topk_keeps(dtype, kind, n):
     assert both is not None and torch.equal(both[0], keep) and torch.equal(_bits(both[1]), _bits(matrix * keep))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["random, a few ties", "integers (ties)", "signed zeros and ones"])
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (8, 12, 5, 5), (8, 4, 1, 3), (16, 8, 1, 1)])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_an_nhwc_conv_is_masked_where_it_lies_as_topk_masks_its_gemm_view(dtype, kind, shape, n):
+    """The kernel reads an nhwc conv's groups along C_in where they lie (4 entries kh*kw apart) and writes the
+    mask and the product in the weight's own order: the same as topk on the GEMM view, ties included."""
+    g = torch.Generator().manual_seed(n)
+    if kind == "random, a few ties":
+        w = torch.randn(shape, generator=g, dtype=dtype)
+        w.view(-1)[::97] = 0.5
+        w.view(-1)[1::97] = -0.5
+    elif kind == "integers (ties)":
+        w = torch.randint(-2, 3, shape, generator=g).to(dtype)
+    else:
+        w = torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=dtype)[torch.randint(0, 4, shape, generator=g)]
+    expected = from_matrix(_topk_mask(to_matrix(w, "nhwc"), n), shape, "nhwc")
+    keep = nm4_mask(w, n, "nhwc")
+    assert keep is not None and keep.shape == w.shape and torch.equal(keep, expected)
+    both = nm4_masked(w, n, "nhwc")
+    assert both is not None and torch.equal(both[0], expected) and both[1].is_contiguous()
+    assert torch.equal(_bits(both[1]), _bits(w * expected))
+
+
+def test_a_channels_last_conv_is_masked_through_its_gemm_view():
+    w = torch.randint(-2, 3, (16, 8, 3, 3), generator=torch.Generator().manual_seed(5)).float()
+    last = w.to(memory_format=torch.channels_last)
+    assert nm4_mask(last, 2, "nhwc") is None            # not where the kernel reads it; nm_mask takes the GEMM view
+    keep, out = nm_mask_and_product(last, 2, 4, "nhwc")
+    expected = from_matrix(_topk_mask(to_matrix(w, "nhwc"), 2), w.shape, "nhwc")
+    assert torch.equal(nm_mask(last, 2, 4, "nhwc"), expected) and torch.equal(keep, expected)
+    assert torch.equal(_bits(out), _bits(w * expected))
+
+
+@pytest.mark.parametrize("shape", [(64, 128, 4, 4), (128, 128, 3, 3)])     # 2**17 entries (where it lies), more
+def test_a_large_nhwc_conv_is_masked_as_topk_masks_it_on_either_side_of_the_size_limit(shape):
+    w = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(6)).float()
+    assert (w.numel() <= nm_module._AS_IT_LIES) == (shape[0] == 64)
+    expected = from_matrix(_topk_mask(to_matrix(w, "nhwc"), 2), shape, "nhwc")
+    keep, out = nm_mask_and_product(w, 2, 4, "nhwc")
+    assert torch.equal(nm_mask(w, 2, 4, "nhwc"), expected) and torch.equal(keep, expected)
+    assert torch.equal(_bits(out), _bits(w * expected)) and out.is_contiguous()
+
+
+def test_an_nhwc_conv_with_a_nan_is_left_to_topk():
+    w = torch.randn(8, 8, 3, 3)
+    w[3, 5, 1, 2] = float("nan")
+    assert nm4_mask(w, 2, "nhwc") is None and nm4_masked(w, 2, "nhwc") is None
+    assert nm4_mask(torch.randn(8, 6, 3, 3), 2, "nhwc") is None       # C_in not a multiple of 4
+
+
 @pytest.mark.parametrize("shape, layout", [((32, 64), "nhwc"), ((16, 8, 3, 3), "nhwc"), ((16, 8, 3, 3), "flatten"),
                                            ((8, 12), "nhwc")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -218,7 +270,7 @@ def test_ste_nm_is_ste_mask_of_nm_mask_forward_and_backward():
 def test_nm_mask_at_m4_is_topks_mask_in_every_layout(monkeypatch, shape, layout):
     w = torch.randint(-2, 3, shape, generator=torch.Generator().manual_seed(1)).float()
     fast = nm_mask(w, 2, 4, layout)
-    monkeypatch.setattr(nm_module, "nm4_mask", lambda matrix, n: None)     # the topk path
+    monkeypatch.setattr(nm_module, "nm4_mask", lambda *args: None)     # the topk path
     assert torch.equal(fast, nm_mask(w, 2, 4, layout))
 
 
