@@ -31,6 +31,7 @@ _EXPORTS = {
     "oneshot": ("nmtrain.experiments.oneshot.inplace", "oneshot"),
     "OneShotResult": ("nmtrain.experiments.oneshot.inplace", "OneShotResult"),
     "load_compressed": ("nmtrain.experiments.convert", "load_compressed"),
+    "keep_freed_memory": ("nmtrain.experiments.memory", "keep_freed_memory"),
     "ExperimentError": ("nmtrain.experiments.errors", "ExperimentError"),
     "SparsityError": ("nmtrain.sparsity.errors", "SparsityError"),
     "METHODS": ("nmtrain.experiments.catalogue", "METHODS"),
@@ -38,7 +39,7 @@ _EXPORTS = {
 }
 
 __all__ = ["sparsify", "Sparsified", "prune", "oneshot", "OneShotResult", "load_compressed", "masks", "ExperimentError",
-           "SparsityError", "METHODS", "ONESHOT_METHODS", "__version__"]
+           "SparsityError", "METHODS", "ONESHOT_METHODS", "keep_freed_memory", "__version__"]
 
 
 def __getattr__(name: str):

@@ -35,6 +35,11 @@ tensor autograd saved for the backward, each storage counted once (``held_bytes`
 peak on any device short of the allocator's own slack, and on a CPU, where torch keeps no peak counter,
 the number a run can give.
 
+As `nmtrain train` does, the benchmark has glibc's malloc keep the memory a step frees
+(`nmtrain.keep_freed_memory`; ``--malloc default`` leaves glibc's own thresholds): otherwise, in some processes
+and not others, a CPU step of a conv net page-faults on what the last step freed (LeNet-5: 3,300 faults and
+4 ms a step), and that, not the methods, decides a ratio.
+
 ``--model gpt`` trains the language-model task's GPT (4 layers, 128 wide, 4 heads, 64-token windows, a
 byte vocabulary) on random tokens, with the loss of the next token.
 """
@@ -257,7 +262,7 @@ def _report(args, runs: dict, held: dict, device: torch.device, phases: dict) ->
     # the reference is the dense baseline (the method that masks nothing), when it is in the list
     baseline = next((name for name in runs if not get_method(_method_of(name)[0]).caps.sparse), None)
     table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {args.optim}, {device} "
-                        f"({torch.get_num_threads()} threads), {args.steps} interleaved steps")
+                        f"({torch.get_num_threads()} threads), {args.steps} interleaved steps, malloc {args.malloc}")
     for col in ("method", "median ms / step", "vs dense", f"± sd ({args.blocks} blocks)", "mean ms / step",
                 "vs dense ", "mean vs srste", "fwd/bwd/opt vs dense", "train FLOPs", "held MB", "memory vs dense"):
         table.add_column(col, justify="right", no_wrap=col.startswith("fwd"))
@@ -308,10 +313,15 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--compile", action="store_true", help="also time every method under torch.compile")
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend for --compile")
+    parser.add_argument("--malloc", default="keep", choices=("keep", "default"),
+                        help="keep: glibc's malloc keeps what a step frees, as `nmtrain train` sets it "
+                             "(nmtrain.keep_freed_memory); default: glibc's own thresholds")
     parser.add_argument("--blocks", type=int, default=4,
                         help="cut the timed steps in this many consecutive blocks and report the mean ± sd of "
                              "their median ratios to dense (the run's own noise)")
     args = parser.parse_args()
+    if args.malloc == "keep":
+        nmtrain.keep_freed_memory()     # else a CPU step may page-fault on what the last one freed, in some processes
     device = torch.device(args.device)
     labels = _labels(args)
     if args.compile:

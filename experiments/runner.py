@@ -69,6 +69,7 @@ from .methods import params_dict
 from .methods.ste import change_rate
 from .layers import LayerPlan
 from .models import builder_record
+from .memory import keep_freed_memory
 from .flops import FlopCounter, macs_per_sample
 from .sparsify import Sparsified, attach_method
 from .rundir import Checkpoint, Counters, RunDir, RunError, Summary, check_flags, load_weights, save_checkpoint
@@ -165,6 +166,7 @@ def train(spec: Spec, overwrite: bool = False, console=None, progress: bool = Tr
     for ``spec`` when the caller has it (compare's cells), else the spec is validated here. Under torchrun
     (``WORLD_SIZE > 1``) every process calls this; rank 0 alone writes and prints."""
     check_flags(overwrite, resume)
+    keep_freed_memory()         # the next step reuses what a step frees, with no page faults (experiments/memory.py)
     if world_size() == 1 or initialized():
         return _train(spec, overwrite, console, progress, resume, preflight)
     preflight = preflight or validate(spec, world_size())

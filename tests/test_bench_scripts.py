@@ -47,8 +47,12 @@ def test_train_step_benchmark_runs_and_writes_memory_ratios(tmp_path, monkeypatc
     bench = _load("train_step")
     monkeypatch.setattr(sys, "argv", ["train_step.py", "--model", "mlp", "--image-size", "8", "--batch", "8",
                                       "--steps", "2", "--methods", "dense,srste", "--out", str(tmp_path)])
+    calls = []
+    monkeypatch.setattr(bench.nmtrain, "keep_freed_memory", lambda: calls.append(True) or True)
     bench.main()
-    rows = {r["method"]: r for r in json.loads((tmp_path / "train_step.json").read_text())["rows"]}
+    written = json.loads((tmp_path / "train_step.json").read_text())
+    assert calls == [True] and written["args"]["malloc"] == "keep"     # as `nmtrain train` runs, by default
+    rows = {r["method"]: r for r in written["rows"]}
     assert rows["dense"]["memory_vs_dense"] == 1.0
     assert rows["srste"]["memory_vs_dense"] > 1.0        # SR-STE's autograd keeps its mask for the backward
     assert rows["srste"]["flops_ratio"] < 1.0
