@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from nmtrain.experiments.methods import Context, attach, build_params, get_method
 from nmtrain.experiments.methods.bimask import backward_mask, backward_mask_and_product, search_permutation
-from nmtrain.sparsity import Pattern, nm_mask, nm_violation, to_matrix
+from nmtrain.sparsity import Pattern, from_matrix, nm_mask, nm_violation, to_matrix
 
 
 def _bimask(layers, run_seed=0, **params):
@@ -128,6 +128,28 @@ def test_the_backward_mask_and_its_masked_weight_together_are_the_two_calls(n, m
     keep, w_b = backward_mask_and_product(fm, w, perm, n, m)
     expected = backward_mask(fm, w.abs(), perm, n, m)
     assert torch.equal(keep, expected) and torch.equal(w_b.view(torch.int32), (w * expected).view(torch.int32))
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "flatten"])
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (2, 8)])
+@pytest.mark.parametrize("kind", ["random", "integers (ties)"])
+def test_a_convs_backward_mask_from_its_flatten_view_is_the_gemm_views(layout, n, m, kind):
+    """B_b is column-wise, so a conv's operands come from its free flatten view (`BiMask._operands`): each weight
+    gets the bit and the masked value the nhwc GEMM view gives it, ties included."""
+    g = torch.Generator().manual_seed(n + m)
+    shape = (16, 8, 3, 3)
+    w = torch.randn(shape, generator=g) if kind == "random" else torch.randint(-2, 3, shape, generator=g).float()
+    conv = nn.Conv2d(8, 16, 3)
+    conv.weight.data.copy_(w)
+    method = _bimask({"conv": conv})
+    method.ctx.pattern, method.ctx.layout = Pattern(n, m), layout
+    method.perms["conv"] = torch.randperm(16, generator=g)
+    fmask, bmask, w_f, w_b = method._operands("conv", conv)
+    fm = to_matrix(nm_mask(w, n, m, layout), layout)
+    keep, masked = backward_mask_and_product(fm, to_matrix(w, layout), method.perms["conv"], n, m)
+    assert torch.equal(fmask, nm_mask(w, n, m, layout)) and torch.equal(bmask, from_matrix(keep, shape, layout))
+    assert torch.equal(w_b.view(torch.int32), from_matrix(masked, shape, layout).view(torch.int32))
+    assert torch.equal(w_f.view(torch.int32), (w * fmask).view(torch.int32)) and w_b.is_contiguous()
 
 
 def test_permutation_is_refreshed_every_iter_steps_and_is_reproducible():
