@@ -63,9 +63,13 @@ _RANK_BLOCK = 256       # groups of 4 per block of `_mask4`: a block with a tie 
 
 def _served(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
-    return (njit is not None and first.numel() <= MAX_ENTRIES and first.dtype in (torch.float32, torch.float64)
-            and all(t.is_cpu and t.is_contiguous() and t.shape == first.shape and not t.requires_grad
-                    for t in tensors))      # a gradient made with create_graph=True stays autograd's
+    if njit is None or first.numel() > MAX_ENTRIES or first.dtype not in (torch.float32, torch.float64):
+        return False
+    shape = first.shape
+    for t in tensors:   # a loop, not all() over a generator: this runs for every layer at every step
+        if not (t.is_cpu and t.is_contiguous() and t.shape == shape) or t.requires_grad:
+            return False    # (a gradient made with create_graph=True stays autograd's)
+    return True
 
 
 def _bytes(keep: torch.Tensor) -> np.ndarray:
@@ -619,7 +623,7 @@ def _nm4(weight: torch.Tensor, n: int, layout: str, product: bool) -> tuple[torc
     if not spread:
         return None
     flat = _flat(weight)
-    keep = torch.empty(weight.shape, dtype=torch.bool)
+    keep = torch.empty_like(weight, dtype=torch.bool)     # contiguous, as the weight (`_served`)
     out = torch.empty_like(weight) if product else weight
     target = _flat(out) if product else flat[:0]
     if spread == 1:
