@@ -76,7 +76,7 @@ def _bytes(keep: torch.Tensor) -> np.ndarray:
     """A bool mask's flat bytes (0 or 1) as numpy uint8: a kernel that reads a bool mask as bytes and computes
     with them as numbers vectorises, where reading numpy bools (or indexing with them) kept its loop scalar:
     2-3x slower on the GPT's layers. Made in numpy (one torch call, not three): see `_flat`."""
-    return keep.numpy().view(np.uint8).reshape(-1)
+    return _flat(keep).view(np.uint8)
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -291,22 +291,27 @@ if njit is not None:
         g3 = np.int32(a0 > a3) + np.int32(a1 > a3) + np.int32(a2 > a3)
         return g0, g1, g2, g3
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _ranked4(a0, a1, a2, a3, n):
+        """One group of 4 magnitudes: its flags (1 if two are equal: there topk's own tie choice decides, which
+        only the table knows; 2 if one is NaN) and the keep bytes of the entries fewer than ``n`` of the others
+        exceed. Branch-free, so that the loops calling it vectorise."""
+        nan = np.int32(a0 != a0) | np.int32(a1 != a1) | np.int32(a2 != a2) | np.int32(a3 != a3)
+        tie = (np.int32(a0 == a1) | np.int32(a0 == a2) | np.int32(a0 == a3) | np.int32(a1 == a2)
+               | np.int32(a1 == a3) | np.int32(a2 == a3))
+        g0, g1, g2, g3 = _exceeded4(a0, a1, a2, a3)
+        return tie | (nan << 1), np.uint8(g0 < n), np.uint8(g1 < n), np.uint8(g2 < n), np.uint8(g3 < n)
+
     @njit(cache=True, nogil=True)
     def _rank_pass(weight, n, keep):
-        """Per group of 4 consecutive |w| of the flat ``weight``, the bytes of the entries fewer than ``n`` of
-        the others exceed. Returns flags: 1 if two values of a group are equal (there topk's own tie choice
-        decides, which only the table knows), 2 if a value is NaN. Branch-free, so that it vectorises."""
-        tie = nan = np.int32(0)
+        """`_ranked4` on every group of 4 consecutive |w| of the flat ``weight``, into ``keep``; the groups'
+        flags or-ed together."""
+        flags = np.int32(0)
         for g in range(weight.shape[0] // 4):
-            a0, a1 = abs(weight[4 * g]), abs(weight[4 * g + 1])
-            a2, a3 = abs(weight[4 * g + 2]), abs(weight[4 * g + 3])
-            nan |= np.int32(a0 != a0) | np.int32(a1 != a1) | np.int32(a2 != a2) | np.int32(a3 != a3)
-            tie |= (np.int32(a0 == a1) | np.int32(a0 == a2) | np.int32(a0 == a3) | np.int32(a1 == a2)
-                    | np.int32(a1 == a3) | np.int32(a2 == a3))
-            g0, g1, g2, g3 = _exceeded4(a0, a1, a2, a3)
-            keep[4 * g], keep[4 * g + 1] = np.uint8(g0 < n), np.uint8(g1 < n)
-            keep[4 * g + 2], keep[4 * g + 3] = np.uint8(g2 < n), np.uint8(g3 < n)
-        return tie | (nan << 1)
+            f, keep[4 * g], keep[4 * g + 1], keep[4 * g + 2], keep[4 * g + 3] = _ranked4(
+                abs(weight[4 * g]), abs(weight[4 * g + 1]), abs(weight[4 * g + 2]), abs(weight[4 * g + 3]), n)
+            flags |= f
+        return flags
 
     @njit(cache=True, nogil=True)
     def _mask4(weight, n, table, keep, out):
@@ -343,31 +348,28 @@ if njit is not None:
         order, so no copy into the GEMM view and back. Ranked by arithmetic a block at a time, the loop over s
         reading each channel's run in order; a block with a tie is read again from the table. Indices are
         unsigned: with signed ones numba guards each against wrapping around, and the loop stays scalar."""
-        nan = np.int32(0)
+        flags = np.int32(0)
         row = table[n - 1]
         step = np.uint64(spread)
         for b in range(weight.shape[0] // (4 * spread)):
             at = np.uint64(4) * step * np.uint64(b)
-            tie = np.int32(0)
+            block = np.int32(0)
             for s in range(spread):
                 i0 = at + np.uint64(s)
                 i1, i2, i3 = i0 + step, i0 + np.uint64(2) * step, i0 + np.uint64(3) * step
-                a0, a1, a2, a3 = abs(weight[i0]), abs(weight[i1]), abs(weight[i2]), abs(weight[i3])
-                nan |= np.int32(a0 != a0) | np.int32(a1 != a1) | np.int32(a2 != a2) | np.int32(a3 != a3)
-                tie |= (np.int32(a0 == a1) | np.int32(a0 == a2) | np.int32(a0 == a3) | np.int32(a1 == a2)
-                        | np.int32(a1 == a3) | np.int32(a2 == a3))
-                g0, g1, g2, g3 = _exceeded4(a0, a1, a2, a3)
-                keep[i0], keep[i1] = np.uint8(g0 < n), np.uint8(g1 < n)
-                keep[i2], keep[i3] = np.uint8(g2 < n), np.uint8(g3 < n)
-            if tie:
+                f, keep[i0], keep[i1], keep[i2], keep[i3] = _ranked4(
+                    abs(weight[i0]), abs(weight[i1]), abs(weight[i2]), abs(weight[i3]), n)
+                block |= f
+            if block & 1:
                 for s in range(spread):
                     i0 = at + np.uint64(s)
                     i1, i2, i3 = i0 + step, i0 + np.uint64(2) * step, i0 + np.uint64(3) * step
                     bits = row[_order4(abs(weight[i0]), abs(weight[i1]), abs(weight[i2]), abs(weight[i3]))]
                     keep[i0], keep[i1], keep[i2], keep[i3] = bits & 1, (bits >> 1) & 1, (bits >> 2) & 1, (bits >> 3) & 1
+            flags |= block
         if out.shape[0] > 0:
             _product(out, weight, keep)
-        return nan == 0
+        return flags & 2 == 0
 
     @njit(cache=True, nogil=True)
     def _column4(scores, fmask, perm, n, table, keep, out):
@@ -606,26 +608,22 @@ def _spread4(weight: torch.Tensor, n: int, layout: str) -> int:
     """How far apart, in memory, the 4 entries of a row-wise N:4 group of ``weight`` lie where the kernels serve
     it at this N: 1 for a matrix (a Linear's weight, a GEMM view) and a ``flatten`` conv, kh*kw for an ``nhwc``
     conv (its groups run along C_in); 0 where they do not serve (then the caller's topk runs)."""
-    if not (_served(weight) and 1 <= n <= 3):
+    if not (_served(weight) and 1 <= n <= 3 and layout in LAYOUTS and weight.dim() in (2, 4)):
         return 0
-    shape = weight.shape
-    if len(shape) == 4 and layout == "nhwc":
-        return shape[2] * shape[3] if shape[1] % 4 == 0 and shape[2] * shape[3] > 0 else 0
-    if len(shape) not in (2, 4):
+    if grouped_dims(weight.shape, layout)[0][1] % 4:
         return 0
-    return 1 if (shape[1] if len(shape) == 2 else shape[1] * shape[2] * shape[3]) % 4 == 0 else 0
+    return weight.shape[2] * weight.shape[3] if weight.dim() == 4 and layout == "nhwc" else 1
 
 
-def _nm4(weight: torch.Tensor, n: int, layout: str, product: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The keep-mask of ``weight`` in its own shape and, with ``product``, ``weight * keep``; None where the
-    kernels do not serve (`_spread4`) or a weight is NaN."""
+def _nm4(weight: torch.Tensor, n: int, layout: str, product: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The keep-mask of ``weight`` in its own shape, read where it lies, and, with ``product``, ``weight * keep``
+    (else None); None where the kernels do not serve (`_spread4`) or a weight is NaN."""
     spread = _spread4(weight, n, layout)
     if not spread:
         return None
-    flat = _flat(weight)
-    keep = torch.empty_like(weight, dtype=torch.bool)     # contiguous, as the weight (`_served`)
-    out = torch.empty_like(weight) if product else weight
-    target = _flat(out) if product else flat[:0]
+    flat, keep = _flat(weight), torch.empty_like(weight, dtype=torch.bool)  # contiguous, as the weight (`_served`)
+    out = torch.empty_like(weight) if product else None
+    target = flat[:0] if out is None else _flat(out)
     if spread == 1:
         served = _mask4(flat, n, _table4(), _bytes(keep), target)
     else:
@@ -638,8 +636,8 @@ def nm4_mask(weight: torch.Tensor, n: int, layout: str = "nhwc") -> torch.Tensor
     GEMM view: a matrix's rows; a conv's by ``layout``, an ``nhwc`` conv's along C_in, read where they lie),
     as ``topk(n)`` over each group keeps it, ties included; None where the kernel does not serve (then the
     caller's topk runs): not a CPU float32/float64 contiguous tensor, more than `MAX_ENTRIES` entries, a NaN."""
-    both = _nm4(weight, n, layout, product=False)
-    return None if both is None else both[0]
+    made = _nm4(weight, n, layout, product=False)
+    return None if made is None else made[0]
 
 
 def nm4_masked(weight: torch.Tensor, n: int, layout: str = "nhwc") -> tuple[torch.Tensor, torch.Tensor] | None:
