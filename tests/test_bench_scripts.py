@@ -130,6 +130,15 @@ def test_masks_benchmark_runs_on_a_small_square_weight(tmp_path, monkeypatch):
     assert {"row-wise top-k (not -T)", "exact", "approx", "flow (networkx)"} <= solvers and "batched" not in solvers
     flow = next(r for r in rows if r["solver"] == "flow (networkx)")
     assert "exact - flow pruned |W| on them: +0.00e+00" in flow["note"]
+    assert next(r for r in rows if r["solver"] == "row-wise top-k (not -T)")["note"] == "torch topk"
+
+
+def test_masks_benchmark_names_the_row_wise_path():
+    bench = _load("masks")
+    small, large = torch.randn(64, 64), torch.randn(1024, 1025 * 4)      # over fused.MAX_ENTRIES (1M)
+    assert bench.rowwise_path(small, 2, 4) == "compiled N:4 kernel"
+    assert bench.rowwise_path(small, 4, 8) == bench.rowwise_path(large, 2, 4) == "torch topk"
+    assert bench.rowwise_path(torch.randn(16, 8, 5, 5), 2, 4) == "compiled N:4 kernel"   # a conv, as it lies
 
 
 def test_method_labels_read_their_values_as_the_cli_does():
