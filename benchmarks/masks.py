@@ -5,10 +5,10 @@ pattern, it times row-wise N:M top-k and every transposable solver on the same t
 the share of |W| kept, the gap to the optimum (the exact solver's kept magnitude) and the time as a
 multiple of row-wise top-k's and of ``approx``'s. The row-wise row's note names the code that made it
 (at M = 4 on a CPU, up to 1M entries, a compiled pass much faster than ``topk``). On a CPU, ``approx`` and
-``exact`` run the compiled per-tile solvers; "approx (tensor path)" is the vectorised tensor code that a GPU runs, timed here too. The networkx
-`flow` solver is far too slow for whole matrices: it runs on a fixed random subset of tiles and its
-time is extrapolated to all tiles (marked "extrapolated"); its gap is measured on that subset
-against the exact masks of the same tiles.
+``exact`` run the compiled per-tile solvers; "approx (tensor path)" is the vectorised tensor code that a
+GPU runs, timed here too. The networkx `flow` solver is far too slow for whole matrices: it runs on a
+fixed random subset of tiles and its time is extrapolated to all tiles (marked "extrapolated"); its gap is
+measured on that subset against the exact masks of the same tiles.
 
     python benchmarks/masks.py                      # CPU, 2:4-T 4:8-T 8:16-T 16:32-T
     python benchmarks/masks.py --device cuda
@@ -41,6 +41,7 @@ def rowwise_path(w: torch.Tensor, n: int, m: int) -> str:
     """Which code made `nm_mask`'s row-wise mask of ``w``: at M = 4 on a CPU, up to `fused.MAX_ENTRIES` entries,
     a compiled pass far faster than torch's ``topk`` (so a ratio to it reads much higher than one to ``topk``)."""
     return "compiled N:4 kernel" if m == 4 and nm4_mask(w, n) is not None else "torch topk"
+
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
