@@ -30,7 +30,8 @@ import torchvision
 from rich.console import Console
 from rich.table import Table
 
-from nmtrain.sparsity import kept_share, list_solvers, nm_mask, pruned_magnitude, tile_scores, transposable_mask
+from nmtrain.sparsity import (kept_share, list_solvers, nm_mask, pruned_magnitude, tile_scores, to_matrix,
+                              transposable_mask)
 from nmtrain.sparsity.fused import nm4_mask
 from nmtrain.sparsity.solvers import batched, compiled, get_solver
 from nmtrain.sparsity.solvers.enumerate import enumerable
@@ -40,7 +41,8 @@ from nmtrain.sparsity.solvers.greedy import vectorised_approx
 def rowwise_path(w: torch.Tensor, n: int, m: int) -> str:
     """Which code made `nm_mask`'s row-wise mask of ``w``: at M = 4 on a CPU, up to `fused.MAX_ENTRIES` entries,
     a compiled pass far faster than torch's ``topk`` (so a ratio to it reads much higher than one to ``topk``)."""
-    return "compiled N:4 kernel" if m == 4 and nm4_mask(w, n) is not None else "torch topk"
+    # asked on the GEMM view, as `nm_mask` serves any layout: the answer depends on size, type and device alone
+    return "compiled N:4 kernel" if m == 4 and nm4_mask(to_matrix(w), n) is not None else "torch topk"
 
 
 def _sync(device: str) -> None:

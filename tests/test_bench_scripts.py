@@ -139,6 +139,8 @@ def test_masks_benchmark_names_the_row_wise_path():
     assert bench.rowwise_path(small, 2, 4) == "compiled N:4 kernel"
     assert bench.rowwise_path(small, 4, 8) == bench.rowwise_path(large, 2, 4) == "torch topk"
     assert bench.rowwise_path(torch.randn(16, 8, 5, 5), 2, 4) == "compiled N:4 kernel"   # a conv, as it lies
+    conv = torch.randn(16, 8, 5, 5).to(memory_format=torch.channels_last)
+    assert bench.rowwise_path(conv, 2, 4) == "compiled N:4 kernel"       # nm_mask serves it on the GEMM view
 
 
 def test_method_labels_read_their_values_as_the_cli_does():
