@@ -87,6 +87,16 @@ def _flat(t: torch.Tensor) -> np.ndarray:
     return t.numpy().reshape(-1)
 
 
+def _group_spread(weight: torch.Tensor, m: int, layout: str) -> int:
+    """How far apart in memory the M entries of a group along K of a contiguous ``weight`` lie: 1 for a matrix
+    and a ``flatten`` conv, kh*kw for an ``nhwc`` conv (its groups run along C_in at each kernel tap); 0 where
+    the layout or the groups' fit fails, as the formula's `layout.grouped` view checks them. From the shape
+    alone: a view is a torch call, and after the optimizer's step its first one costs tens of µs."""
+    if layout not in LAYOUTS or weight.dim() not in (2, 4) or grouped_dims(weight.shape, layout)[0][1] % m:
+        return 0
+    return weight.shape[2] * weight.shape[3] if weight.dim() == 4 and layout == "nhwc" else 1
+
+
 if njit is not None:
 
     @njit(cache=True, nogil=True)
@@ -196,13 +206,11 @@ def clamp_pruned_(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str)
     else nothing changed (False), also where a weight is NaN or a group's largest kept magnitude is 0."""
     if not (_served(weight.detach(), keep) and keep.dtype == torch.bool and weight.numel() > 0):
         return False
-    # the layout and the groups' fit, as the formula's `layout.grouped` view checks them (from the shape alone:
-    # a view is a torch call, and after the optimizer's step its first one costs tens of µs)
-    if layout not in LAYOUTS or weight.dim() not in (2, 4) or grouped_dims(weight.shape, layout)[0][1] % m:
-        return False
     # (A, M, B), groups along axis 1: a Linear's or a flatten conv's rows cut in M-runs (B = 1), an nhwc
     # conv's groups of M input channels at each kernel tap (B = kh*kw)
-    b = weight.shape[2] * weight.shape[3] if weight.dim() == 4 and layout == "nhwc" else 1
+    b = _group_spread(weight, m, layout)
+    if not b:
+        return False
     a = weight.numel() // (m * b)
     flat = _flat(weight.detach())
     caps = np.zeros(a * b, dtype=flat.dtype)
@@ -608,11 +616,7 @@ def _spread4(weight: torch.Tensor, n: int, layout: str) -> int:
     """How far apart, in memory, the 4 entries of a row-wise N:4 group of ``weight`` lie where the kernels serve
     it at this N: 1 for a matrix (a Linear's weight, a GEMM view) and a ``flatten`` conv, kh*kw for an ``nhwc``
     conv (its groups run along C_in); 0 where they do not serve (then the caller's topk runs)."""
-    if not (_served(weight) and 1 <= n <= 3 and layout in LAYOUTS and weight.dim() in (2, 4)):
-        return 0
-    if grouped_dims(weight.shape, layout)[0][1] % 4:
-        return 0
-    return weight.shape[2] * weight.shape[3] if weight.dim() == 4 and layout == "nhwc" else 1
+    return _group_spread(weight, 4, layout) if _served(weight) and 1 <= n <= 3 else 0
 
 
 def _nm4(weight: torch.Tensor, n: int, layout: str, product: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
