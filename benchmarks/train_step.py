@@ -1,8 +1,12 @@
 """Training-step time of every method against dense and SR-STE, measured side by side in one run.
 
-Each method trains the same model on the same fixed batches; steps are interleaved round-robin
-(method A step, method B step, ...) so that machine noise hits every method alike, and the median
-step time is reported with its ratio to dense. Each method is attached by `nmtrain.sparsify` and
+Each method trains the same model on the same fixed batches; steps are interleaved in rounds (one step of
+every method a round) so that machine noise hits every method alike, and the median step time is reported
+with its ratio to dense. Each round runs the methods in a fresh order (a seeded shuffle, ``--order
+shuffled``, the default): in a fixed order a method's step reads what its place in the round gives it. Two
+identical transposable runs side by side, listed right after dense and after that, read 1.067 and 1.060,
+1.057 and 1.044, 1.044 and 1.039 of dense's step in three fixed-order runs on LeNet-5 (``--order fixed``
+keeps the listed order). Each method is attached by `nmtrain.sparsify` and
 stepped by a plain loop, as `nmtrain train` and a user's own loop run it: the hooks' cost is in the
 step. Mask recomputation is part of the step (SR-STE every step, transposable every `mask_interval`
 steps, so the run covers at least one interval). Beside the whole run's median ratio, the timed steps are
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from contextlib import ExitStack
@@ -200,10 +205,25 @@ def _seconds(start, end) -> float:
     return end - start if isinstance(start, float) else start.elapsed_time(end) / 1000
 
 
-def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> dict[str, dict[str, list[float]]]:
-    """Interleaved training steps of every run; each run's step times (after 5 warm-up steps) are appended, and
-    its phases' times returned: the forward (the method's per-step work begun, the loss), the backward (with
-    the gradients' reset) and the optimizer step (with the method's hooks around it)."""
+def round_orders(names: list[str], rounds: int, shuffled: bool, seed: int = 0) -> list[list[str]]:
+    """The order of the runs in each round of interleaved steps: ``names`` as listed, or (``shuffled``) a fresh
+    seeded permutation of them every round, so that no run keeps one place in the round or one neighbour."""
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(rounds):
+        order = list(names)
+        if shuffled:
+            rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
+def _time_steps(runs: dict, batches: list, steps: int, device: torch.device,
+                shuffled: bool = True) -> dict[str, dict[str, list[float]]]:
+    """Interleaved training steps of every run, in the rounds' orders (`round_orders`); each run's step times
+    (after 5 warm-up steps) are appended, and its phases' times returned: the forward (the method's per-step
+    work begun, the loss), the backward (with the gradients' reset) and the optimizer step (with the method's
+    hooks around it)."""
     phases = {name: {phase: [] for phase in PHASES} for name in runs}
 
     def step(name: str, i: int) -> tuple[float, list[float]]:
@@ -225,8 +245,8 @@ def _time_steps(runs: dict, batches: list, steps: int, device: torch.device) -> 
             torch.cuda.synchronize()
         return time.perf_counter() - start, [_seconds(a, b) for a, b in zip(marks, marks[1:])]
 
-    for i in range(steps + 5):
-        for name in runs:
+    for i, order in enumerate(round_orders(list(runs), steps + 5, shuffled)):
+        for name in order:
             t, parts = step(name, i)
             if i >= 5:                      # warm-up steps are not timed
                 runs[name][3].append(t)
@@ -316,6 +336,9 @@ def main() -> None:
     parser.add_argument("--malloc", default="keep", choices=("keep", "default"),
                         help="keep: glibc's malloc keeps what a step frees, as `nmtrain train` sets it "
                              "(nmtrain.keep_freed_memory); default: glibc's own thresholds")
+    parser.add_argument("--order", default="shuffled", choices=("shuffled", "fixed"),
+                        help="shuffled: every round of interleaved steps runs the methods in a fresh seeded order; "
+                             "fixed: in the listed order")
     parser.add_argument("--blocks", type=int, default=4,
                         help="cut the timed steps in this many consecutive blocks and report the mean ± sd of "
                              "their median ratios to dense (the run's own noise)")
@@ -335,7 +358,7 @@ def main() -> None:
     batches = _batches(args, device)
     with ExitStack() as attached:      # every model's forward runs through its method while it is timed
         runs = {name: _attached_run(name, args, device, attached) for name in labels}
-        phases = _time_steps(runs, batches, args.steps, device)
+        phases = _time_steps(runs, batches, args.steps, device, args.order == "shuffled")
         held = {}
         for name, (model, handle, opt, _) in runs.items():
             handle.begin_step()             # as a step does: a compiled forward needs it begun
