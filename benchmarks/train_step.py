@@ -1,20 +1,19 @@
 """Training-step time of every method against dense and SR-STE, measured side by side in one run.
 
 Each method trains the same model on the same fixed batches; steps are interleaved in rounds (one step of
-every method a round) so that machine noise hits every method alike, and the median step time is reported
-with its ratio to dense. Each round runs the methods in a fresh order (a seeded shuffle, ``--order
-shuffled``, the default): in a fixed order a method's step reads what its place in the round gives it. Two
-identical transposable runs side by side, listed right after dense and after that, read 1.067 and 1.060,
-1.057 and 1.044, 1.044 and 1.039 of dense's step in three fixed-order runs on LeNet-5 (``--order fixed``
-keeps the listed order). Each method is attached by `nmtrain.sparsify` and
-stepped by a plain loop, as `nmtrain train` and a user's own loop run it: the hooks' cost is in the
-step. Mask recomputation is part of the step (SR-STE every step, transposable every `mask_interval`
-steps, so the run covers at least one interval). Beside the whole run's median ratio, the timed steps are
-cut into ``--blocks`` consecutive blocks (default 4) and the mean ± sample sd of the blocks' median ratios is
-reported: the noise of the run itself, against which a difference from 1.00x or from a target is judged.
-Each phase of the step is timed too (the forward, the backward, the optimizer step: on a GPU by CUDA events,
-without a synchronisation inside the step), and its median is held against dense's: where a method's extra
-time goes, before a profiler is needed.
+every method a round) so that machine noise hits every method alike, and the median step time is reported with
+its ratio to dense. Each round runs the methods in a fresh order (a seeded shuffle, ``--order shuffled``, the
+default): in a fixed order a method's step reads what its place in the round gives it. Two identical
+transposable runs side by side, listed right after dense and after that, read 1.067 and 1.060, 1.057 and
+1.044, 1.044 and 1.039 of dense's step in three fixed-order runs on LeNet-5 (``--order fixed`` keeps the
+listed order). Each method is attached by `nmtrain.sparsify` and stepped by a plain loop, as `nmtrain train`
+and a user's own loop run it: the hooks' cost is in the step. Mask recomputation is part of the step (SR-STE
+every step, transposable every `mask_interval` steps, so the run covers at least one interval). Beside the
+whole run's median ratio, the timed steps are cut into ``--blocks`` consecutive blocks (default 4) and the
+mean ± sample sd of the blocks' median ratios is reported: the noise of the run itself, against which a
+difference from 1.00x or from a target is judged. Each phase of the step is timed too (the forward, the
+backward, the optimizer step: on a GPU by CUDA events, without a synchronisation inside the step), and its
+median is held against dense's: where a method's extra time goes, before a profiler is needed.
 
     python benchmarks/train_step.py                      # LeNet-5, Fashion-MNIST-sized batches, 2:4
     python benchmarks/train_step.py --model resnet20 --image-size 32 --channels 3 --device cuda
