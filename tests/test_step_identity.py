@@ -4,16 +4,27 @@ the digests recorded before the step optimisations (tests/golden/step_identity.j
 Each variant trains a small conv + MLP model through `nmtrain.sparsify` for 12 steps on one thread, with
 the method's schedule shortened so that its mask updates, regrowth or switch happen inside them; the
 SHA-256 of every weight, buffer and mask is compared with the recorded one. A change that moves any of
-them by one ulp fails here. The digests belong to the torch they were made with: under another version
-the test skips and says so.
+them by one ulp fails here.
 
-    python tests/test_step_identity.py --write      # re-record (only for an intended numeric change)
+The digests belong to the torch and the CPU they were made with: the same code gives other bits on
+another CPU (MKL and oneDNN pick their kernels by vendor and instruction set; an Intel Xeon and an AMD
+EPYC, both AVX-512, differ in every variant, dense included). So the file holds one record per
+platform, told apart by the weights of the same 12 steps in plain torch (`platform`): the dense
+variant's own weights, since `dense` adds nothing to the step. On a platform with no record, or under
+another torch, the test skips and says so. A record is made from the code before the step optimisations
+(commit 1b82f93), not from the code it checks; this file, run with that package on the path, adds (or
+replaces) this platform's record:
+
+    git worktree add /tmp/before 1b82f93
+    .venv/bin/pip install --no-deps --no-build-isolation --target /tmp/before-pkg /tmp/before
+    PYTHONPATH=/tmp/before-pkg .venv/bin/python tests/test_step_identity.py --write
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import platform as host
 import sys
 from pathlib import Path
 
@@ -58,13 +69,16 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:32]
 
 
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(16, 8, 4, 4, generator=g), torch.randint(0, 8, (16,), generator=g)) for _ in range(STEPS)]
+
+
 def setup_variant(name: str, variants: dict = VARIANTS) -> tuple:
     """(model, optimizer, handle, batches) of variant ``name`` of ``variants``: sparsified, before its first
     step (also tests/test_compile.py's runs)."""
     method, pattern, params = variants[name]
-    g = torch.Generator().manual_seed(7)
-    batches = [(torch.randn(16, 8, 4, 4, generator=g), torch.randint(0, 8, (16,), generator=g))
-               for _ in range(STEPS)]
+    batches = _batches()
     torch.manual_seed(0)
     model = _model()
     if "adamw" in get_method(method).caps.optimizers:
@@ -93,26 +107,79 @@ def run_variant(name: str) -> dict[str, str]:
         torch.set_num_threads(threads)
 
 
+def platform_key(weights: dict[str, str]) -> str:
+    """The platform's name in the golden file: a digest of the weight digests of the 12 steps in plain torch."""
+    return hashlib.sha256(json.dumps(sorted(weights.items())).encode()).hexdigest()[:16]
+
+
+def plain_torch_weights() -> dict[str, str]:
+    """The dense variant's steps without nmtrain (the same model, batches and SGD): its ``weight/`` digests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        batches = _batches()        # setup_variant's batches, model and optimizer, without nmtrain
+        torch.manual_seed(0)
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return {f"weight/{k}": _digest(v) for k, v in model.state_dict().items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cpu() -> str:
+    name = host.processor() or host.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def _golden() -> dict:
     if not GOLDEN.exists():
         pytest.fail(f"{GOLDEN} is missing: record it with `python {Path(__file__).name} --write`")
     return json.loads(GOLDEN.read_text())
 
 
+@pytest.fixture(scope="module")
+def record() -> dict:
+    """This platform's record under this torch; skips when there is none."""
+    key = platform_key(plain_torch_weights())
+    for rec in _golden()["records"]:
+        if rec["torch"] == torch.__version__ and rec["platform"] == key:
+            return rec
+    pytest.skip(f"no digests recorded for this platform ({_cpu()}, platform {key}) under torch "
+                f"{torch.__version__}: record them as the module docstring says")
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_weights_and_masks_are_bit_identical_to_the_recorded_run(name):
-    golden = _golden()
-    if golden["torch"] != torch.__version__:
-        pytest.skip(f"digests recorded under torch {golden['torch']}, this is {torch.__version__}")
+def test_weights_and_masks_are_bit_identical_to_the_recorded_run(name, record):
     now = run_variant(name)
-    assert now.keys() == golden["runs"][name].keys()
-    changed = [key for key in now if now[key] != golden["runs"][name][key]]
-    assert not changed, f"{name}: {changed} differ from the recorded run"
+    assert now.keys() == record["runs"][name].keys()
+    changed = [key for key in now if now[key] != record["runs"][name][key]]
+    assert not changed, f"{name}: {changed} differ from the recorded run ({record['cpu']})"
 
 
-def test_every_method_has_a_recorded_variant():
+def test_every_method_has_a_recorded_variant_on_every_platform():
     assert {method for method, _, _ in VARIANTS.values()} == set(nmtrain.METHODS)
-    assert set(_golden()["runs"]) == set(VARIANTS)
+    records = _golden()["records"]
+    assert records and len({(r["torch"], r["platform"]) for r in records}) == len(records)
+    for rec in records:
+        assert set(rec["runs"]) == set(VARIANTS), rec["cpu"]
+        # the key is the dense variant's weights: dense adds nothing to plain torch's step
+        dense = {k: v for k, v in rec["runs"]["dense"].items() if k.startswith("weight/")}
+        assert platform_key(dense) == rec["platform"], rec["cpu"]
+
+
+def test_dense_through_nmtrain_is_plain_torch():
+    """What makes the dense variant's weights a name for the platform."""
+    assert {k: v for k, v in run_variant("dense").items() if k.startswith("weight/")} == plain_torch_weights()
 
 
 def test_a_one_ulp_change_is_caught():
@@ -125,8 +192,12 @@ def test_a_one_ulp_change_is_caught():
 
 if __name__ == "__main__" and "--write" in sys.argv:
     GOLDEN.parent.mkdir(exist_ok=True)
-    record = {"torch": torch.__version__, "steps": STEPS, "runs": {name: run_variant(name) for name in VARIANTS}}
+    runs = {name: run_variant(name) for name in VARIANTS}
+    key = platform_key(plain_torch_weights())
+    records = [r for r in (json.loads(GOLDEN.read_text())["records"] if GOLDEN.exists() else [])
+               if (r["torch"], r["platform"]) != (torch.__version__, key)]
+    records.append({"torch": torch.__version__, "platform": key, "cpu": _cpu(), "steps": STEPS, "runs": runs})
     tmp = GOLDEN.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps({"records": records}, indent=1, sort_keys=True) + "\n")
     tmp.replace(GOLDEN)
-    print(f"wrote {GOLDEN}")
+    print(f"wrote {GOLDEN}: {len(records)} platform record(s), this one {key} ({_cpu()})")
