@@ -126,9 +126,15 @@ def test_two_processes_train_the_language_model_as_one(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     s1, s2 = _summary(one), _summary(two)
     assert s2["processes"] == 2 and s2["steps"] == s1["steps"]
-    # the per-token loss is the global batch's mean in both: equal up to float summation order
-    assert abs(s1["final_val_loss"] - s2["final_val_loss"]) < 1e-3
+    # The per-token loss is the global batch's mean in both: equal up to float summation order. SR-STE's
+    # masks turn that order's last bits into other masks, which compounds: on an Intel Xeon the one-process
+    # run's final validation loss moved by 0.0045 between 1 and 2 intra-op threads (0.9803, 0.9849; the
+    # two-process run: 0.9849), while the first evaluation (step 60) and the training losses agreed within
+    # 3e-4. So the first evaluation and the losses are held to 1e-3, the final evaluation to 1e-2.
     m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
-    assert abs(m1[-1]["loss"] - m2[-1]["loss"]) < 1e-3
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [60, 120]
+    assert abs(m1[0]["val_loss"] - m2[0]["val_loss"]) < 1e-3
+    assert all(abs(a["loss"] - b["loss"]) < 1e-3 for a, b in zip(m1, m2))
+    assert abs(s1["final_val_loss"] - s2["final_val_loss"]) < 1e-2
     shutil.rmtree(two)
