@@ -60,7 +60,9 @@ _LARGEST = float(np.finfo(np.float64).max)
 _CHUNK = 1024           # most tiles per parallel task (scratch buffers are allocated once per task)
 _MIN_CHUNK = 64         # fewest: a small layer is still spread over every thread
 _APPROX, _EXACT = 0, 1
-_BIG = np.iinfo(np.int64).max // 4    # above any label: labels are sums of at most 2M costs <= 2**40
+_BIG = np.iinfo(np.int64).max // 4    # above any label and any packed (label << 6) | column
+_NO_PATH = np.iinfo(np.int64).min // 2  # below any packed (gain << 6) | column of ``_augment``
+_LOWEST = -(1 << 54)    # labels below it flag the tile (``_cancel_cycles``): (label << 6) stays above -2**61
 _OK, _FLOW, _NOT_FINITE = 0, 1, 2     # per-tile outcome codes of ``_solve`` (and of any kernel `MatrixJob` runs)
 MAX_M = 45              # a tile's row and column fit 6 bits each, the greedy's sort key's 12 low bits
 _POS = (1 << 12) - 1
@@ -94,13 +96,16 @@ if numba is not None:
 
     @njit(cache=True, nogil=True, inline="always")
     def _admit(r, c, n, keep, rc, cc):
-        """Algorithm 1's step: keep (r, c) if its row and its column both have fewer than n kept; 1 if kept."""
-        if rc[r] < n and cc[c] < n:
-            keep[r, c] = True
-            rc[r] += 1
-            cc[c] += 1
-            return 1
-        return 0
+        """Algorithm 1's step: keep (r, c) if its row and its column both have fewer than n kept; 1 if kept.
+
+        Without a branch: whether an entry is kept is as unpredictable as the data, and a mispredicted
+        branch per entry cost more than the two counters' stores (the walk took 0.71x the time). ``keep``
+        is False at (r, c) before (each entry is visited once), so writing ``ok`` there is the same."""
+        ok = (rc[r] < n) & (cc[c] < n)
+        keep[r, c] = ok
+        rc[r] += ok
+        cc[c] += ok
+        return ok
 
     @njit(cache=True, nogil=True)
     def _greedy(q, n, keep, rc, cc, key):
@@ -167,8 +172,7 @@ if numba is not None:
         of scratch for one level's per-column search.
         """
         m = q.shape[0]
-        neg = np.iinfo(np.int64).min // 4
-        low = np.iinfo(np.int64).min // 2      # below any path's gain (>= neg - 2**40)
+        neg = np.iinfo(np.int64).min // 4       # no path: below any path's gain (|gain| <= 2M * 2**40)
         for v in range(2 * m):
             short = v < m and rc[v] < n
             gain[v] = 0 if short else neg
@@ -206,20 +210,16 @@ if numba is not None:
                 fresh[r] = False
                 if seen[r]:
                     continue
-                # the best column (the first among equals): a max-reduction, its argmax looked up after
-                best = low
+                # the best column (the first among equals): one max-reduction over (gain << 6) | (63 - c),
+                # the column in the low bits, so that among equal gains the first column is the largest key
+                # (as in `_cancel_cycles`: no second, branching scan for the argmax)
+                best = _NO_PATH
                 for c in range(m):
-                    v = gain[m + c] - q[r, c] if fresh[m + c] and keep[r, c] else low
+                    v = ((gain[m + c] - q[r, c]) << 6) | (63 - c) if fresh[m + c] and keep[r, c] else _NO_PATH
                     best = v if v > best else best
-                arg = -1
-                if best > low:
-                    for c in range(m):
-                        if fresh[m + c] and keep[r, c] and gain[m + c] - q[r, c] == best:
-                            arg = c
-                            break
-                if arg >= 0:
-                    parent[r] = arg
-                    gain[r] = best
+                if best > _NO_PATH:
+                    parent[r] = 63 - (best & 63)
+                    gain[r] = best >> 6
                     seen[r] = True
                     fresh[r] = True
                     any_row = True
@@ -267,6 +267,11 @@ if numba is not None:
         cycle of parent pointers is a negative cycle. After applying one, the labels are kept
         (Bellman-Ford converges from any labels once no negative cycle is left) and the parents are
         reset, since the cycle's edges were reversed.
+
+        Labels start at 0 and fall by less than 4M * 2**40 between two cycles (at the end of a pass
+        the parent pointers form a forest whose roots kept their labels, and one pass chains at most
+        2M hops), so checking them against ``_LOWEST`` after every cycle keeps ``label << 6`` in the
+        int64 range: a tile whose labels sink that far is flagged, never solved with a wrapped key.
         """
         m = q.shape[0]
         v_count = 2 * m                 # rows 0..m-1, columns m..2m-1
@@ -278,29 +283,31 @@ if numba is not None:
             changed = False
             for r in range(m):
                 # Into row r over its kept entries first, then out of it over its free ones, so that a
-                # better label travels two hops per visit. In: a min-reduction; its argmin (the first
-                # column reaching the minimum, as an entry-by-entry scan finds) is looked up only when
-                # the label improves, which is rare. Out: elementwise selects. Neither loop branches on
-                # the data, so both vectorise.
+                # better label travels two hops per visit. In: one min-reduction over (label << 6) | c,
+                # the column in the low bits (M <= 45 < 64), gives the least label and, among equals,
+                # the first column reaching it, as an entry-by-entry scan finds: the parent without a
+                # second, branching scan (a sixth of the cancelling's time at 4:8-T went to it). Out:
+                # elementwise, a column's label stored as a min rather than a select, so that it is a
+                # whole-vector store: the next row's loads of the labels can be forwarded from it,
+                # which they cannot from the masked store a select compiles to. Neither loop branches
+                # on the data, so both vectorise.
                 d_row = dist[r]
                 best = _BIG
                 for c in range(m):
-                    to_row = dist[m + c] + q[r, c] if keep[r, c] else _BIG   # column c -> row r: remove (r, c)
+                    # column c -> row r: remove (r, c)
+                    to_row = ((dist[m + c] + q[r, c]) << 6) | c if keep[r, c] else _BIG
                     best = to_row if to_row < best else best
-                if best < d_row:
-                    for c in range(m):
-                        if keep[r, c] and dist[m + c] + q[r, c] == best:
-                            parent[r] = m + c
-                            break
-                    d_row = best
-                    dist[r] = best
-                    changed = True
+                lower = (best >> 6) < d_row
+                parent[r] = m + (best & 63) if lower else parent[r]
+                d_row = best >> 6 if lower else d_row
+                dist[r] = d_row
+                changed |= lower
                 out = False
                 for c in range(m):
-                    to_col = d_row - q[r, c]            # row r -> column c: add the free (r, c)
-                    better = (not keep[r, c]) and to_col < dist[m + c]
-                    dist[m + c] = to_col if better else dist[m + c]
+                    to_col = d_row - q[r, c] if not keep[r, c] else _BIG   # row r -> column c: add the free (r, c)
+                    better = to_col < dist[m + c]
                     parent[m + c] = r if better else parent[m + c]
+                    dist[m + c] = min(to_col, dist[m + c])
                     out |= better
                 changed |= out
             if not changed:
@@ -334,7 +341,7 @@ if numba is not None:
             parent[:] = -1
             passes = 0
             cycles += 1
-            if cycles > max_cycles:
+            if cycles > max_cycles or dist.min() < _LOWEST:
                 return False
 
     @njit(cache=True, nogil=True)
