@@ -137,9 +137,10 @@ if numba is not None:
                 break
 
     @njit(cache=True, nogil=True)
-    def _bucket_greedy(q, n, keep, rc, cc, order, cnt):
+    def _bucket_greedy(q, n, keep, rc, cc, order, cnt, slots):
         """``exact``'s warm start: Algorithm 1's walk over the entries counting-sorted, descending, into
-        M*M buckets of equal width in q (lower flat index first within a bucket)."""
+        M*M buckets of equal width in q (lower flat index first within a bucket). ``slots``: M*M of scratch,
+        each entry's bucket, computed once for the count and the placement."""
         m = q.shape[0]
         buckets = m * m
         for b in range(buckets + 1):
@@ -147,13 +148,14 @@ if numba is not None:
         for i in range(m):
             for j in range(m):
                 # q <= 2**40 and M*M < 2**11: the product fits; the maximum (q = 2**40) joins the top bucket
-                slot = buckets - 1 - min((q[i, j] * buckets) >> 40, buckets - 1)
-                cnt[slot + 1] += 1
+                slots[i * m + j] = buckets - 1 - min((q[i, j] * buckets) >> 40, buckets - 1)
+        for e in range(buckets):
+            cnt[slots[e] + 1] += 1
         for b in range(buckets):
             cnt[b + 1] += cnt[b]
         for i in range(m):
             for j in range(m):
-                slot = buckets - 1 - min((q[i, j] * buckets) >> 40, buckets - 1)
+                slot = slots[i * m + j]
                 order[cnt[slot]] = (i << 6) | j          # decoded with shifts, not a division by M
                 cnt[slot] += 1
         kept = 0
@@ -398,6 +400,7 @@ if numba is not None:
             cc = np.empty(m, np.int64)
             key = np.empty(m * m, np.int64)
             cnt = np.empty(m * m + 1, np.int64)
+            slots = np.empty(m * m, np.int64)
             gain = np.empty(2 * m, np.int64)
             parent = np.empty(2 * m, np.int64)
             stamp = np.empty(2 * m, np.int64)
@@ -415,7 +418,7 @@ if numba is not None:
                 rc[:] = 0
                 cc[:] = 0
                 if mode == _EXACT:
-                    _bucket_greedy(q, n, k, rc, cc, key, cnt)
+                    _bucket_greedy(q, n, k, rc, cc, key, cnt, slots)
                 else:
                     _greedy(q, n, k, rc, cc, key)
                 ok = True
