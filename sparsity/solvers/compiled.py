@@ -28,9 +28,10 @@ the tiles over the cores (``prange``). Each tile runs:
    (the labels are then feasible potentials: the certificate of optimality) or its parent pointers
    close a cycle, which is always a negative one; it is checked in exact integers, applied, and the
    search goes on from the current labels. Integer costs make every cycle gain >= 1, so it ends.
-   A pass is written without branches on the data (a min-reduction into each row, then elementwise
-   selects out of it) so that the compiler vectorises it; it computes the same labels and parents as
-   the entry-by-entry loop it replaced.
+   A pass is written without branches on the data (a min-reduction into each row over keys that pack
+   the label with its column, then elementwise selects out of it) so that the compiler vectorises it;
+   it computes the same labels and parents as the entry-by-entry loop it replaced, so the same cycles
+   and, on tied tiles, the same optimum (``tests/test_solver_choices.py`` holds that choice).
    ``approx`` runs this step only on tiles where Lemma 1's 2x bound is at risk (see
    ``greedy.complete``), so the bound holds by construction on the CPU path too.
 
