@@ -14,7 +14,6 @@ kernels before the packed-key passes (commit 79886cf). The masks are integers fr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from nmtrain.sparsity import transposable_mask
 from nmtrain.sparsity.solvers import compiled
+from test_step_identity import _digest
 
 GOLDEN = Path(__file__).parent / "golden" / "solver_choices.json"
 PATTERNS = [(2, 4), (1, 4), (4, 8), (2, 8), (6, 8), (8, 16), (16, 32), (3, 6), (22, 45)]
@@ -52,7 +52,7 @@ def masks() -> dict[str, str]:
             for solver in ("compiled", "approx"):
                 keep = transposable_mask(w, n, m, solver=solver)
                 assert compiled.stats["fallback"] == 0
-                out[f"{n}:{m}/{kind}/{solver}"] = hashlib.sha256(keep.numpy().tobytes()).hexdigest()[:32]
+                out[f"{n}:{m}/{kind}/{solver}"] = _digest(keep)
     return out
 
 

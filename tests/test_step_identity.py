@@ -26,6 +26,7 @@ import hashlib
 import json
 import platform as host
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -89,22 +90,32 @@ def setup_variant(name: str, variants: dict = VARIANTS) -> tuple:
     return model, opt, handle, batches
 
 
-def run_variant(name: str) -> dict[str, str]:
+@contextmanager
+def _one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, batches: list) -> None:
+    model.train()
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def run_variant(name: str) -> dict[str, str]:
+    with _one_thread():
         model, opt, handle, batches = setup_variant(name)
-        model.train()
-        for x, y in batches:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _train(model, opt, batches)
         out = {f"weight/{k}": _digest(v) for k, v in model.state_dict().items()}
         out.update({f"mask/{k}": _digest(v) for k, v in handle.masks().items()})
         return out
-    finally:
-        torch.set_num_threads(threads)
 
 
 def platform_key(weights: dict[str, str]) -> str:
@@ -114,21 +125,12 @@ def platform_key(weights: dict[str, str]) -> str:
 
 def plain_torch_weights() -> dict[str, str]:
     """The dense variant's steps without nmtrain (the same model, batches and SGD): its ``weight/`` digests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         batches = _batches()        # setup_variant's batches, model and optimizer, without nmtrain
         torch.manual_seed(0)
         model = _model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        for x, y in batches:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _train(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4), batches)
         return {f"weight/{k}": _digest(v) for k, v in model.state_dict().items()}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _cpu() -> str:

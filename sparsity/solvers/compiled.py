@@ -404,7 +404,7 @@ if numba is not None:
             slots = np.empty(m * m, np.int64)
             gain = np.empty(2 * m, np.int64)
             parent = np.empty(2 * m, np.int64)
-            stamp = np.empty(2 * m, np.int64)
+            stamp = np.empty(m, np.int64)          # one per row: `_parent_cycle` walks the rows
             seen = np.empty(2 * m, np.bool_)
             fresh = np.empty(2 * m, np.bool_)
             col_best = np.empty(m, np.int64)
