@@ -18,8 +18,10 @@ The N:4 mask keeps what ``topk`` keeps, ties included, without knowing topk's al
 sort's choice among four values depends only on their weak order (which are equal, which greater), so a
 table from each of the 75 weak orders to the kept four bits, filled once by running ``torch.topk`` itself
 on one representative of each, reproduces this build of torch's choices on every group. Where the four are
-distinct that choice is arithmetic (keep those fewer than N others exceed), which vectorises; the table is
-read only for the blocks of groups that hold a tie.
+distinct that choice is a few comparisons (keep those fewer than N others exceed), which vectorise; the table
+is read only for the blocks of groups that hold a tie. The comparisons are combined as booleans, never counted
+or or-ed as integers: numba widens integer arithmetic to 64 bits, and 64-bit lanes halve a vector's width
+(the N:4 masks ran 1.6x, Bi-Mask's backward mask 1.4x, the bound 1.35x slower so).
 
 Masks reach the kernels as bytes (numpy uint8 views of the bool tensors) and the kernels compute with them
 as numbers: read as numpy bools, or used to pick an index, they kept every loop here scalar (2-3x slower).
@@ -147,15 +149,15 @@ if njit is not None:
         """`_bound`'s caps where the groups are 4 consecutive entries (M = 4, B = 1: a Linear's or a flatten
         conv's rows), a group at a time, branch-free on the keep bytes, so that it vectorises across groups
         (`_bound`'s loops stride over the whole weight once per group entry: 3x slower here). Nonzero where
-        `_bound` returns False."""
+        `_bound` returns False. (The flag is a boolean: numba widens integer flags to 64 bits.)"""
         zero = caps[0]
-        special = np.int32(0)
+        special = False
         for g in range(flat.shape[0] // 4):
             a0, a1, a2, a3 = abs(flat[4 * g]), abs(flat[4 * g + 1]), abs(flat[4 * g + 2]), abs(flat[4 * g + 3])
-            special |= np.int32(a0 != a0) | np.int32(a1 != a1) | np.int32(a2 != a2) | np.int32(a3 != a3)
+            special |= (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
             cap = max(max(a0 if keep[4 * g] else zero, a1 if keep[4 * g + 1] else zero),
                       max(a2 if keep[4 * g + 2] else zero, a3 if keep[4 * g + 3] else zero))
-            special |= np.int32(cap == zero)
+            special |= cap == zero
             caps[g] = cap
         return special
 
@@ -290,36 +292,52 @@ if njit is not None:
         return code
 
     @njit(cache=True, nogil=True, inline="always")
-    def _exceeded4(a0, a1, a2, a3):
-        """For each of four values, how many of the other three exceed it (int32s): topk(n) keeps exactly those
-        exceeded by fewer than n wherever the four are distinct, and that is arithmetic, which vectorises."""
-        g0 = np.int32(a1 > a0) + np.int32(a2 > a0) + np.int32(a3 > a0)
-        g1 = np.int32(a0 > a1) + np.int32(a2 > a1) + np.int32(a3 > a1)
-        g2 = np.int32(a0 > a2) + np.int32(a1 > a2) + np.int32(a3 > a2)
-        g3 = np.int32(a0 > a3) + np.int32(a1 > a3) + np.int32(a2 > a3)
-        return g0, g1, g2, g3
+    def _kept4(a0, a1, a2, a3, n):
+        """For each of four values, whether fewer than ``n`` of the other three exceed it, as booleans: topk(n)
+        keeps exactly those wherever the four are distinct. Boolean algebra on the comparisons, not a count of
+        them: numba widens integer arithmetic to 64 bits, and counting in 64-bit lanes (8 to a vector, every
+        comparison widened) made the rank pass 2.6x slower. The loops that call it are compiled once per N,
+        so ``n`` is a constant there and only one rule is left."""
+        b01, b02, b03 = a1 > a0, a2 > a0, a3 > a0      # b_ij: a_j exceeds a_i
+        b10, b12, b13 = a0 > a1, a2 > a1, a3 > a1
+        b20, b21, b23 = a0 > a2, a1 > a2, a3 > a2
+        b30, b31, b32 = a0 > a3, a1 > a3, a2 > a3
+        if n == 1:      # none of the others exceeds it
+            return not (b01 | b02 | b03), not (b10 | b12 | b13), not (b20 | b21 | b23), not (b30 | b31 | b32)
+        if n == 2:      # at most one does
+            return (not ((b01 & b02) | (b01 & b03) | (b02 & b03)), not ((b10 & b12) | (b10 & b13) | (b12 & b13)),
+                    not ((b20 & b21) | (b20 & b23) | (b21 & b23)), not ((b30 & b31) | (b30 & b32) | (b31 & b32)))
+        return not (b01 & b02 & b03), not (b10 & b12 & b13), not (b20 & b21 & b23), not (b30 & b31 & b32)
 
     @njit(cache=True, nogil=True, inline="always")
     def _ranked4(a0, a1, a2, a3, n):
-        """One group of 4 magnitudes: its flags (1 if two are equal: there topk's own tie choice decides, which
-        only the table knows; 2 if one is NaN) and the keep bytes of the entries fewer than ``n`` of the others
-        exceed. Branch-free, so that the loops calling it vectorise."""
-        nan = np.int32(a0 != a0) | np.int32(a1 != a1) | np.int32(a2 != a2) | np.int32(a3 != a3)
-        tie = (np.int32(a0 == a1) | np.int32(a0 == a2) | np.int32(a0 == a3) | np.int32(a1 == a2)
-               | np.int32(a1 == a3) | np.int32(a2 == a3))
-        g0, g1, g2, g3 = _exceeded4(a0, a1, a2, a3)
-        return tie | (nan << 1), np.uint8(g0 < n), np.uint8(g1 < n), np.uint8(g2 < n), np.uint8(g3 < n)
+        """One group of 4 magnitudes: whether two are equal (there topk's own tie choice decides, which only the
+        table knows), whether one is NaN, and the keep bytes of `_kept4`. Branch-free, so that the loops calling
+        it vectorise."""
+        nan = (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
+        tie = (a0 == a1) | (a0 == a2) | (a0 == a3) | (a1 == a2) | (a1 == a3) | (a2 == a3)
+        k0, k1, k2, k3 = _kept4(a0, a1, a2, a3, n)
+        return tie, nan, np.uint8(k0), np.uint8(k1), np.uint8(k2), np.uint8(k3)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _rank_run(weight, n, keep):
+        tie, nan = False, False
+        for g in range(weight.shape[0] // 4):
+            t, x, keep[4 * g], keep[4 * g + 1], keep[4 * g + 2], keep[4 * g + 3] = _ranked4(
+                abs(weight[4 * g]), abs(weight[4 * g + 1]), abs(weight[4 * g + 2]), abs(weight[4 * g + 3]), n)
+            tie |= t
+            nan |= x
+        return np.int32(tie) | (np.int32(nan) << 1)
 
     @njit(cache=True, nogil=True)
     def _rank_pass(weight, n, keep):
         """`_ranked4` on every group of 4 consecutive |w| of the flat ``weight``, into ``keep``; the groups'
-        flags or-ed together."""
-        flags = np.int32(0)
-        for g in range(weight.shape[0] // 4):
-            f, keep[4 * g], keep[4 * g + 1], keep[4 * g + 2], keep[4 * g + 3] = _ranked4(
-                abs(weight[4 * g]), abs(weight[4 * g + 1]), abs(weight[4 * g + 2]), abs(weight[4 * g + 3]), n)
-            flags |= f
-        return flags
+        flags or-ed together: 1 if a group holds a tie, 2 if one holds a NaN. One loop per N (see `_kept4`)."""
+        if n == 1:
+            return _rank_run(weight, 1, keep)
+        if n == 2:
+            return _rank_run(weight, 2, keep)
+        return _rank_run(weight, 3, keep)
 
     @njit(cache=True, nogil=True)
     def _mask4(weight, n, table, keep, out):
@@ -348,39 +366,49 @@ if njit is not None:
                 _product(out[4 * start:4 * stop], weight[4 * start:4 * stop], keep[4 * start:4 * stop])
         return nan == 0
 
-    @njit(cache=True, nogil=True)
-    def _mask4_spread(weight, n, table, keep, out, spread):
+    @njit(cache=True, nogil=True, inline="always")
+    def _spread_run(weight, n, table, keep, out, spread):
         """`_mask4` where the flat ``weight`` runs as (blocks, 4, spread): group (b, s) is the 4 entries
         ``b*4*spread + i*spread + s``, i = 0..3 in that order (an nhwc conv's (C_out, C_in, kh, kw) weight, its
         groups along C_in at every kernel position: spread = kh*kw). ``keep`` and ``out`` in the weight's own
         order, so no copy into the GEMM view and back. Ranked by arithmetic a block at a time, the loop over s
         reading each channel's run in order; a block with a tie is read again from the table. Indices are
         unsigned: with signed ones numba guards each against wrapping around, and the loop stays scalar."""
-        flags = np.int32(0)
+        nan = False
         row = table[n - 1]
         step = np.uint64(spread)
         for b in range(weight.shape[0] // (4 * spread)):
             at = np.uint64(4) * step * np.uint64(b)
-            block = np.int32(0)
+            tie = False
             for s in range(spread):
                 i0 = at + np.uint64(s)
                 i1, i2, i3 = i0 + step, i0 + np.uint64(2) * step, i0 + np.uint64(3) * step
-                f, keep[i0], keep[i1], keep[i2], keep[i3] = _ranked4(
+                t, x, keep[i0], keep[i1], keep[i2], keep[i3] = _ranked4(
                     abs(weight[i0]), abs(weight[i1]), abs(weight[i2]), abs(weight[i3]), n)
-                block |= f
-            if block & 1:
+                tie |= t
+                nan |= x
+            if tie:
                 for s in range(spread):
                     i0 = at + np.uint64(s)
                     i1, i2, i3 = i0 + step, i0 + np.uint64(2) * step, i0 + np.uint64(3) * step
                     bits = row[_order4(abs(weight[i0]), abs(weight[i1]), abs(weight[i2]), abs(weight[i3]))]
                     keep[i0], keep[i1], keep[i2], keep[i3] = bits & 1, (bits >> 1) & 1, (bits >> 2) & 1, (bits >> 3) & 1
-            flags |= block
         if out.shape[0] > 0:
             _product(out, weight, keep)
-        return flags & 2 == 0
+        return not nan
 
     @njit(cache=True, nogil=True)
-    def _column4(scores, fmask, perm, n, table, keep, out):
+    def _mask4_spread(weight, n, table, keep, out, spread):
+        """`_spread_run`, one loop per N (see `_kept4`)."""
+        if n == 1:
+            return _spread_run(weight, 1, table, keep, out, spread)
+        if n == 2:
+            return _spread_run(weight, 2, table, keep, out, spread)
+        return _spread_run(weight, 3, table, keep, out, spread)
+
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _column_run(scores, fmask, perm, n, table, keep, out):
         """``keep[perm[4g + i], c]`` (bytes, as ``fmask``): per group g of 4 permuted rows and per column c,
         ``table[n - 1, order]``'s bit i of the values ``|scores| * fmask`` there, and ``fmask`` itself. Ranked
         by arithmetic along the columns (as `_mask4`); a group of rows where a kept value equals another of its
@@ -388,7 +416,7 @@ if njit is not None:
         zeros it makes) need no table: whichever topk picks, the and with ``fmask`` drops it. False where a
         value is NaN (an Inf score times a pruned 0; ``keep`` is then garbage); as in `_mask4`, a flag.
         ``out``, unless empty: ``scores * keep`` too (`_product`), each group of rows while it is in cache."""
-        nan = np.int32(0)
+        nan = False
         product = out.shape[0] > 0
         row = table[n - 1]
         one = scores.dtype.type(1)
@@ -397,20 +425,21 @@ if njit is not None:
             s0, s1, s2, s3 = scores[r0], scores[r1], scores[r2], scores[r3]
             f0, f1, f2, f3 = fmask[r0], fmask[r1], fmask[r2], fmask[r3]
             o0, o1, o2, o3 = keep[r0], keep[r1], keep[r2], keep[r3]
-            tie = np.int32(0)
+            tie = False
             for c in range(scores.shape[1]):
                 k0, k1, k2, k3 = f0[c], f1[c], f2[c], f3[c]
                 # ``|scores| * fmask`` as torch computes it: times 1 or 0 in the scores' type
                 a0, a1 = abs(s0[c]) * (one * k0), abs(s1[c]) * (one * k1)
                 a2, a3 = abs(s2[c]) * (one * k2), abs(s3[c]) * (one * k3)
-                nan |= np.int32(a0 != a0) | np.int32(a1 != a1) | np.int32(a2 != a2) | np.int32(a3 != a3)
-                e01, e02, e03 = np.int32(a0 == a1), np.int32(a0 == a2), np.int32(a0 == a3)
-                e12, e13, e23 = np.int32(a1 == a2), np.int32(a1 == a3), np.int32(a2 == a3)
-                tie |= ((k0 & (e01 | e02 | e03)) | (k1 & (e01 | e12 | e13)) | (k2 & (e02 | e12 | e23))
-                        | (k3 & (e03 | e13 | e23)))
-                g0, g1, g2, g3 = _exceeded4(a0, a1, a2, a3)
-                o0[c], o1[c] = k0 & np.uint8(g0 < n), k1 & np.uint8(g1 < n)
-                o2[c], o3[c] = k2 & np.uint8(g2 < n), k3 & np.uint8(g3 < n)
+                nan |= (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
+                e01, e02, e03 = a0 == a1, a0 == a2, a0 == a3
+                e12, e13, e23 = a1 == a2, a1 == a3, a2 == a3
+                b0, b1, b2, b3 = k0 != 0, k1 != 0, k2 != 0, k3 != 0
+                tie |= ((b0 & (e01 | e02 | e03)) | (b1 & (e01 | e12 | e13)) | (b2 & (e02 | e12 | e23))
+                        | (b3 & (e03 | e13 | e23)))
+                p0, p1, p2, p3 = _kept4(a0, a1, a2, a3, n)
+                o0[c], o1[c] = np.uint8(b0 & p0), np.uint8(b1 & p1)
+                o2[c], o3[c] = np.uint8(b2 & p2), np.uint8(b3 & p3)
             if tie:
                 for c in range(scores.shape[1]):
                     k0, k1, k2, k3 = f0[c], f1[c], f2[c], f3[c]
@@ -423,7 +452,17 @@ if njit is not None:
                 _product(out[r1], s1, o1)
                 _product(out[r2], s2, o2)
                 _product(out[r3], s3, o3)
-        return nan == 0
+        return not nan
+
+    @njit(cache=True, nogil=True)
+    def _column4(scores, fmask, perm, n, table, keep, out):
+        """`_column_run`, one loop per N (see `_kept4`)."""
+        if n == 1:
+            return _column_run(scores, fmask, perm, 1, table, keep, out)
+        if n == 2:
+            return _column_run(scores, fmask, perm, 2, table, keep, out)
+        return _column_run(scores, fmask, perm, 3, table, keep, out)
+
 
     @njit(cache=True, nogil=True)
     def _soft4(weight, n, scale, out):

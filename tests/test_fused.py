@@ -266,6 +266,29 @@ def test_ste_nm_is_ste_mask_of_nm_mask_forward_and_backward():
         assert torch.equal(a.grad, b.grad) and torch.equal(a.grad, grad.reshape(layout_shape))  # straight through
 
 
+
+
+def test_ste_nms_backward_makes_no_gradient_for_its_mask():
+    # E is an output that takes no gradient: autograd must not fill a zero tensor of E's shape for it at every
+    # backward (it did, until `_STENM` asked it not to materialise one)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    out, _ = ste_nm(w, 2, 4, "nhwc")
+    loss = (out * 2.0).sum()
+    with Ops() as ops:
+        loss.backward()
+    assert ops.seen and not [op for op in ops.seen if "zero" in op or "fill" in op], ops.seen
+    assert torch.equal(w.grad, torch.full_like(w, 2.0))
 @pytest.mark.parametrize("shape, layout", [((32, 64), "nhwc"), ((16, 8, 3, 3), "nhwc"), ((16, 8, 3, 3), "flatten")])
 def test_nm_mask_at_m4_is_topks_mask_in_every_layout(monkeypatch, shape, layout):
     w = torch.randint(-2, 3, shape, generator=torch.Generator().manual_seed(1)).float()
