@@ -19,9 +19,9 @@ sort's choice among four values depends only on their weak order (which are equa
 table from each of the 75 weak orders to the kept four bits, filled once by running ``torch.topk`` itself
 on one representative of each, reproduces this build of torch's choices on every group. Where the four are
 distinct that choice is a few comparisons (keep those fewer than N others exceed), which vectorise; the table
-is read only for the blocks of groups that hold a tie. The comparisons are combined as booleans, never counted
-or or-ed as integers: numba widens integer arithmetic to 64 bits, and 64-bit lanes halve a vector's width
-(the N:4 masks ran 1.6x, Bi-Mask's backward mask 1.4x, the bound 1.35x slower so).
+is read only for the blocks of groups that hold a tie. The comparisons are combined as booleans, never
+counted or or-ed as integers: numba widens integer arithmetic to 64 bits, and 64-bit lanes halve a vector's
+width (the N:4 masks ran up to 1.6x, Bi-Mask's backward mask up to 1.5x and the bound up to 1.4x slower so).
 
 Masks reach the kernels as bytes (numpy uint8 views of the bool tensors) and the kernels compute with them
 as numbers: read as numpy bools, or used to pick an index, they kept every loop here scalar (2-3x slower).
