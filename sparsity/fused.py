@@ -296,7 +296,7 @@ if njit is not None:
         """For each of four values, whether fewer than ``n`` of the other three exceed it, as booleans: topk(n)
         keeps exactly those wherever the four are distinct. Boolean algebra on the comparisons, not a count of
         them: numba widens integer arithmetic to 64 bits, and counting in 64-bit lanes (8 to a vector, every
-        comparison widened) made the rank pass 2.6x slower. The loops that call it are compiled once per N,
+        comparison widened) made the rank pass 2.3-2.6x slower. The loops that call it are compiled once per N,
         so ``n`` is a constant there and only one rule is left."""
         b01, b02, b03 = a1 > a0, a2 > a0, a3 > a0      # b_ij: a_j exceeds a_i
         b10, b12, b13 = a0 > a1, a2 > a1, a3 > a1
@@ -342,7 +342,7 @@ if njit is not None:
     @njit(cache=True, nogil=True)
     def _mask4(weight, n, table, keep, out):
         """``keep`` (bytes): per group of 4 consecutive |w| of the flat ``weight``, ``table[n - 1, order]``'s 4
-        bits. Ranked by arithmetic (`_rank_pass`) a block of groups at a time; a block where two values of a
+        bits. Ranked by comparisons (`_rank_pass`) a block of groups at a time; a block where two values of a
         group are equal is then read from the table, group by group (the table's gather keeps a loop scalar:
         3x slower). False where a weight is NaN (topk ranks NaN its own way; ``keep`` is then garbage). The
         NaN test is a flag read after the loop, not an exit from it: loops without exits run faster here.
@@ -371,7 +371,7 @@ if njit is not None:
         """`_mask4` where the flat ``weight`` runs as (blocks, 4, spread): group (b, s) is the 4 entries
         ``b*4*spread + i*spread + s``, i = 0..3 in that order (an nhwc conv's (C_out, C_in, kh, kw) weight, its
         groups along C_in at every kernel position: spread = kh*kw). ``keep`` and ``out`` in the weight's own
-        order, so no copy into the GEMM view and back. Ranked by arithmetic a block at a time, the loop over s
+        order, so no copy into the GEMM view and back. Ranked by comparisons a block at a time, the loop over s
         reading each channel's run in order; a block with a tie is read again from the table. Indices are
         unsigned: with signed ones numba guards each against wrapping around, and the loop stays scalar."""
         nan = False
@@ -406,12 +406,11 @@ if njit is not None:
             return _spread_run(weight, 2, table, keep, out, spread)
         return _spread_run(weight, 3, table, keep, out, spread)
 
-
     @njit(cache=True, nogil=True, inline="always")
     def _column_run(scores, fmask, perm, n, table, keep, out):
         """``keep[perm[4g + i], c]`` (bytes, as ``fmask``): per group g of 4 permuted rows and per column c,
         ``table[n - 1, order]``'s bit i of the values ``|scores| * fmask`` there, and ``fmask`` itself. Ranked
-        by arithmetic along the columns (as `_mask4`); a group of rows where a kept value equals another of its
+        by comparisons along the columns (as `_mask4`); a group of rows where a kept value equals another of its
         column is then read again from the table. Equal values that ``fmask`` prunes on both sides (the many
         zeros it makes) need no table: whichever topk picks, the and with ``fmask`` drops it. False where a
         value is NaN (an Inf score times a pruned 0; ``keep`` is then garbage); as in `_mask4`, a flag.
@@ -462,7 +461,6 @@ if njit is not None:
         if n == 2:
             return _column_run(scores, fmask, perm, 2, table, keep, out)
         return _column_run(scores, fmask, perm, 3, table, keep, out)
-
 
     @njit(cache=True, nogil=True)
     def _soft4(weight, n, scale, out):
