@@ -43,6 +43,20 @@ As `nmtrain train` does, the benchmark has glibc's malloc keep the memory a step
 and not others, a CPU step of a conv net page-faults on what the last step freed (LeNet-5: 3,300 faults and
 4 ms a step), and that, not the methods, decides a ratio.
 
+``--before PATH`` times the code of a change against the code before it, in this one run: every method is
+attached a second time, as ``name@before``, by the ``nmtrain`` of PATH (another checkout of this repository,
+or a folder holding an installed ``nmtrain/``, as ``pip install --target`` makes it), imported under another
+name; its steps are interleaved with the rest, and each method's row gives ``vs before`` (its median step
+over its twin's) and whether the two ended with the same weights, bit for bit. Runs in separate processes
+differ by more than most changes do on a shared machine (runs of one code: a ratio to dense 0.01-0.05
+apart), so a change's before/after is measured side by side. ``dense@before`` is the run's control: the
+same torch step, so its ``vs before`` is the noise; a method the code before lacks runs without a twin.
+The checkout's numba kernels are compiled afresh into a
+temporary cache: a cache it made as ``nmtrain`` names its machine code as this one's does, and the two
+would share it.
+
+    python benchmarks/train_step.py --model gpt --optim adamw --batch 16 --methods dense,srste --before /tmp/old
+
 ``--model gpt`` trains the language-model task's GPT (4 layers, 128 wide, 4 heads, 64-token windows, a
 byte vocabulary) on random tokens, with the loss of the next token.
 """
@@ -50,9 +64,15 @@ byte vocabulary) on random tokens, with the loss of the next token.
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib
 import json
+import pkgutil
 import random
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -139,10 +159,11 @@ def held_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, handle, x: to
 
 COMPILED = "+compile"
 ADAMW = "+adamw"        # a run on AdamW under --optim sgd: dense's twin, the baseline of a method that takes only AdamW
+BEFORE = "@before"      # a method attached by the code of --before
 
 
 def _method_of(label: str) -> tuple[str, dict]:
-    return _label_params(label.removesuffix(COMPILED).removesuffix(ADAMW))
+    return _label_params(label.removesuffix(BEFORE).removesuffix(COMPILED).removesuffix(ADAMW))
 
 
 def _optimizer(label: str, args) -> str:
@@ -150,13 +171,14 @@ def _optimizer(label: str, args) -> str:
     for the dense twin it is held against."""
     cls = get_method(_method_of(label)[0])
     takes_adamw_only = bool(cls.caps.optimizers) and "sgd" not in cls.caps.optimizers
-    twin = label.removesuffix(COMPILED).endswith(ADAMW)
+    twin = label.removesuffix(BEFORE).removesuffix(COMPILED).endswith(ADAMW)
     return "adamw" if args.optim == "adamw" or takes_adamw_only or twin else "sgd"
 
 
-def _attached_run(label: str, args, device: torch.device, attached: ExitStack) -> tuple:
-    """(model to step, handle, optimizer, step times) of one method, attached by `nmtrain.sparsify` until
-    ``attached`` closes; the model to step is compiled for a ``name+compile`` label."""
+def _attached_run(label: str, args, device: torch.device, attached: ExitStack, package=nmtrain) -> tuple:
+    """(model to step, handle, optimizer, step times) of one method, attached by ``package``'s `sparsify`
+    (this ``nmtrain``, or the code of --before) until ``attached`` closes; the model to step is compiled for a
+    ``name+compile`` label."""
     name, params = _method_of(label)
     torch.manual_seed(0)
     model = _model(args, device)
@@ -164,9 +186,72 @@ def _attached_run(label: str, args, device: torch.device, attached: ExitStack) -
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    handle = attached.enter_context(nmtrain.sparsify(model, name, args.pattern, opt, total_steps=args.steps + 5,
-                                                     **params))
+    # the module itself, not the package's lazy public name: that one names `nmtrain` and would be this code
+    sparsify = importlib.import_module(f"{package.__name__}.experiments.sparsify").sparsify
+    handle = attached.enter_context(sparsify(model, name, args.pattern, opt, total_steps=args.steps + 5, **params))
     return (torch.compile(model, backend=args.backend) if label.endswith(COMPILED) else model), handle, opt, []
+
+
+BEFORE_PACKAGE = "nmtrain_before"
+
+
+def before_package(path: Path):
+    """The ``nmtrain`` at ``path`` (a checkout of this repository, or a folder holding an installed ``nmtrain/``)
+    imported as `BEFORE_PACKAGE`, beside this one; None if ``path`` holds neither. A checkout's folders are
+    linked into a temporary package as pyproject.toml maps them (``api/`` is the package itself). Its numba
+    kernels cache into a temporary folder: machine code that checkout cached as ``nmtrain`` carries this
+    code's symbol names, and loaded beside this code it would be linked to this code's kernels."""
+    path = Path(path).resolve()
+    checkout = (path / "api" / "__init__.py").is_file() and (path / "experiments" / "sparsify.py").is_file()
+    if not checkout and not (path / "nmtrain" / "experiments" / "sparsify.py").is_file():
+        return None
+    loaded = sys.modules.get(BEFORE_PACKAGE)
+    if loaded is not None:              # one code before per process: a second path would get the first's modules
+        if loaded.before_path != path:
+            raise RuntimeError(f"{BEFORE_PACKAGE} is {loaded.before_path} in this process, not {path}")
+        return loaded
+    root = Path(tempfile.mkdtemp(prefix="nmtrain-before-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    package = root / BEFORE_PACKAGE
+    if checkout:
+        package.mkdir()
+        for entry in (path / "api").glob("*.py"):
+            (package / entry.name).symlink_to(entry)
+        for sub in ("cli", "experiments", "sparsity", "data"):
+            (package / sub).symlink_to(path / sub, target_is_directory=True)
+    else:
+        package.symlink_to(path / "nmtrain", target_is_directory=True)
+    try:
+        from numba.core import config as numba_config
+    except ImportError:                 # no numba: the kernels are not there either
+        numba_config = None
+    cache = numba_config.CACHE_DIR if numba_config else None
+    if numba_config:
+        numba_config.CACHE_DIR = str(root / "numba-cache")     # read as each kernel is declared, on import
+    sys.path.insert(0, str(root))
+    try:
+        module = importlib.import_module(BEFORE_PACKAGE)
+        # every kernel is declared now, while the cache points away (a module imported later would not be)
+        for sub in ("sparsity", "experiments"):
+            top = importlib.import_module(f"{BEFORE_PACKAGE}.{sub}")
+            for info in pkgutil.walk_packages(top.__path__, prefix=f"{top.__name__}."):
+                importlib.import_module(info.name)
+    except BaseException:               # no half-imported code before left for a later call to find
+        for name in [name for name in sys.modules if name.split(".")[0] == BEFORE_PACKAGE]:
+            del sys.modules[name]
+        raise
+    finally:
+        sys.path.remove(str(root))
+        if numba_config:
+            numba_config.CACHE_DIR = cache
+    module.before_path = path
+    return module
+
+
+def _before_labels(labels: list[str], package) -> list[str]:
+    """The methods of ``labels`` that the code of --before has, each as its ``@before`` twin."""
+    known = set(importlib.import_module(f"{package.__name__}.experiments.methods").list_methods())
+    return [label + BEFORE for label in labels if _method_of(label)[0] in known]
 
 
 def _labels(args) -> list[str]:
@@ -285,6 +370,9 @@ def _report(args, runs: dict, held: dict, device: torch.device, phases: dict) ->
     for col in ("method", "median ms / step", "vs dense", f"± sd ({args.blocks} blocks)", "mean ms / step",
                 "vs dense ", "mean vs srste", "fwd/bwd/opt vs dense", "train FLOPs", "held MB", "memory vs dense"):
         table.add_column(col, justify="right", no_wrap=col.startswith("fwd"))
+    if any(name.endswith(BEFORE) for name in runs):
+        table.add_column("vs before", justify="right")
+        table.add_column("same weights", justify="right")
     rows = []
     for name, (_, handle, _, times) in runs.items():
         flops = handle.flops()
@@ -308,14 +396,30 @@ def _report(args, runs: dict, held: dict, device: torch.device, phases: dict) ->
                      "phase_ms": phase_ms, "phase_vs_dense": phase_ratio,
                      "flops_ratio": flops["ratio"], "held_bytes": held[name],
                      "memory_vs_dense": held[name] / held[base] if base else None})
-        table.add_row(name, f"{med * 1000:.2f}", f"{med / dense:.2f}x" if dense else "–",
-                      f"{block_mean:.3f} ± {spread:.3f}" if spread is not None else "–",
-                      f"{mean * 1000:.2f}", f"{mean / dense_mean:.2f}x" if dense_mean else "–",
-                      f"{mean / srste_mean:.2f}x" if srste_mean else "–",
-                      "/".join(f"{phase_ratio[p]:.2f}" for p in PHASES) if phase_ratio else "–",
-                      f"{flops['ratio']:.3f}",
-                      f"{held[name] / 2**20:.1f}", f"{held[name] / held[base]:.2f}x" if base else "–")
+        cells = [name, f"{med * 1000:.2f}", f"{med / dense:.2f}x" if dense else "–",
+                 f"{block_mean:.3f} ± {spread:.3f}" if spread is not None else "–",
+                 f"{mean * 1000:.2f}", f"{mean / dense_mean:.2f}x" if dense_mean else "–",
+                 f"{mean / srste_mean:.2f}x" if srste_mean else "–",
+                 "/".join(f"{phase_ratio[p]:.2f}" for p in PHASES) if phase_ratio else "–",
+                 f"{flops['ratio']:.3f}",
+                 f"{held[name] / 2**20:.1f}", f"{held[name] / held[base]:.2f}x" if base else "–"]
+        if len(table.columns) > len(cells):
+            twin = runs.get(name + BEFORE)
+            if twin is not None:
+                vs_before = med / statistics.median(twin[3])
+                same = _same_weights(runs[name][0], twin[0])
+                rows[-1].update({"vs_before": vs_before, "same_weights_as_before": same})
+            cells += ([f"{vs_before:.3f}", "yes" if same else "no"] if twin is not None else ["–", "–"])
+        table.add_row(*cells)
     return table, rows
+
+
+def _same_weights(model: torch.nn.Module, twin: torch.nn.Module) -> bool:
+    """Whether two models hold the same parameters, bit for bit (-0.0 is not +0.0; a NaN equals its own bits)."""
+    ours, theirs = dict(model.named_parameters()), dict(twin.named_parameters())
+    return ours.keys() == theirs.keys() and all(
+        ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype
+        and torch.equal(ours[k].detach().view(torch.uint8), theirs[k].detach().view(torch.uint8)) for k in ours)
 
 
 def main() -> None:
@@ -341,7 +445,18 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4,
                         help="cut the timed steps in this many consecutive blocks and report the mean ± sd of "
                              "their median ratios to dense (the run's own noise)")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="also time every method as the nmtrain at this path runs it (a checkout, or a folder "
+                             "holding an installed nmtrain/), side by side: a change's before and after")
     args = parser.parse_args()
+    before = None
+    if args.before is not None:
+        if args.compile:
+            parser.error("--before: times eager steps only; leave out --compile")
+        before = before_package(args.before)
+        if before is None:
+            parser.error(f"--before: {args.before} holds no nmtrain: give a checkout of this repository (api/, "
+                         "experiments/) or a folder with an installed nmtrain/ in it")
     if args.malloc == "keep":
         nmtrain.keep_freed_memory()     # else a CPU step may page-fault on what the last one freed, in some processes
     device = torch.device(args.device)
@@ -357,16 +472,21 @@ def main() -> None:
     batches = _batches(args, device)
     with ExitStack() as attached:      # every model's forward runs through its method while it is timed
         runs = {name: _attached_run(name, args, device, attached) for name in labels}
+        if before is not None:
+            runs.update({name: _attached_run(name, args, device, attached, before)
+                         for name in _before_labels(labels, before)})
         phases = _time_steps(runs, batches, args.steps, device, args.order == "shuffled")
         held = {}
         for name, (model, handle, opt, _) in runs.items():
             handle.begin_step()             # as a step does: a compiled forward needs it begun
             held[name] = held_bytes(model, opt, handle, *batches[0])
     table, rows = _report(args, runs, held, device, phases)
-    Console(width=160).print(table)
+    Console(width=200 if before is not None else 160).print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_step.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    (out / "train_step.json").write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v
+                                                              for k, v in vars(args).items()}, "rows": rows},
+                                                    indent=2))
 
 
 if __name__ == "__main__":

@@ -139,6 +139,66 @@ def test_a_method_that_takes_only_adamw_is_held_against_dense_on_adamw(tmp_path,
     assert list(rows) == ["dense", "step"]                                 # already on AdamW: no twin
 
 
+def test_train_step_times_every_method_against_the_code_before_it(tmp_path, monkeypatch):
+    """--before attaches every method a second time through another checkout's nmtrain (here this one): each
+    twin is held against dense on its own optimizer, and each method's row gives its time over its twin's
+    and whether the two ended with the same weights (the same code: yes)."""
+    bench = _load("train_step")
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--model", "mlp", "--image-size", "8", "--batch", "8",
+                                      "--steps", "3", "--methods", "dense,srste,step", "--before", str(ROOT),
+                                      "--out", str(tmp_path)])
+    bench.main()
+    written = json.loads((tmp_path / "train_step.json").read_text())
+    rows = {r["method"]: r for r in written["rows"]}
+    mine = ["dense", "dense+adamw", "srste", "step"]
+    assert list(rows) == mine + [name + "@before" for name in mine]
+    for name in mine:
+        assert rows[name]["vs_before"] == pytest.approx(rows[name]["median_ms"] / rows[name + "@before"]["median_ms"])
+        assert rows[name]["same_weights_as_before"] is True
+        assert "vs_before" not in rows[name + "@before"]
+    for name, base in (("step@before", "dense+adamw"), ("srste@before", "dense"), ("dense@before", "dense")):
+        assert rows[name]["median_vs_dense"] == pytest.approx(rows[name]["median_ms"] / rows[base]["median_ms"])
+    assert written["args"]["before"] == str(ROOT)
+
+
+def test_the_code_before_is_its_own_package_with_its_own_kernels(tmp_path):
+    """The code of --before is imported under another name, its sparsify is its own (not the public name's
+    `nmtrain`), and its numba kernels cache apart: a cache made as ``nmtrain`` would carry this code's symbol
+    names and be linked to this code's kernels."""
+    import nmtrain.experiments.sparsify
+    import nmtrain.sparsity.fused as fused
+
+    bench = _load("train_step")
+    before = bench.before_package(ROOT)
+    assert before.__name__ == "nmtrain_before" and bench.before_package(ROOT) is before
+    assert before.experiments.sparsify.sparsify is not nmtrain.experiments.sparsify.sparsify
+    if fused.njit is not None:
+        theirs = before.sparsity.fused._rank_pass
+        assert theirs is not fused._rank_pass
+        assert not theirs._cache._cache_path.startswith(str(ROOT))
+    other = tmp_path / "other"                  # another checkout's shape: a second code before is refused
+    (other / "api").mkdir(parents=True)
+    (other / "experiments").mkdir()
+    (other / "api" / "__init__.py").write_text("")
+    (other / "experiments" / "sparsify.py").write_text("")
+    with pytest.raises(RuntimeError, match="nmtrain_before is"):
+        bench.before_package(other)
+    assert bench.before_package(tmp_path) is None               # nothing of nmtrain there
+
+
+def test_train_step_refuses_a_before_path_with_no_nmtrain_in_it(tmp_path, monkeypatch, capsys):
+    bench = _load("train_step")
+    for extra in (["--before", str(tmp_path)], ["--before", str(ROOT), "--compile"]):
+        monkeypatch.setattr(sys, "argv", ["train_step.py", "--model", "mlp", "--methods", "dense",
+                                          "--out", str(tmp_path / "out")] + extra)
+        with pytest.raises(SystemExit) as stop:
+            bench.main()
+        assert stop.value.code == 2
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--before" in message
+    assert not (tmp_path / "out").exists()                   # nothing written
+
+
 def test_masks_benchmark_runs_on_a_small_square_weight(tmp_path, monkeypatch):
     bench = _load("masks")
     monkeypatch.setattr(sys, "argv", ["masks.py", "--sizes", "64", "--no-resnet", "--patterns", "4:8",
