@@ -116,11 +116,12 @@ if njit is not None:
             grad[i] = grad[i] if keep[i] else grad[i] + alpha * weight[i]
 
     @njit(cache=True, nogil=True)
-    def _bound(flat, keep, a_n, m, b_n, caps):
-        """``flat`` and ``keep``: flat views of (A, M, B) tensors, groups along axis 1 (entry (a, i, b) at
-        ``(a*M + i)*B + b``; its group's cap at ``a*B + b``). False, with nothing changed, where a weight is
+    def _bound(flat, keep, a_n, m, b_n, caps, out):
+        """``flat`` and ``keep`` (bytes): flat views of (A, M, B) tensors, groups along axis 1 (entry (a, i, b)
+        at ``(a*M + i)*B + b``; its group's cap at ``a*B + b``). False, with nothing changed, where a weight is
         NaN or a group's cap is 0 (there torch's clamp picks NaN bits and signed zeros its own way: the
-        caller's tensor formula decides); else every weight clamped to [-cap, cap] of its group, True.
+        caller's tensor formula decides); else every weight clamped to [-cap, cap] of its group, True, and,
+        unless ``out`` is empty, ``out = flat * keep`` of the clamped weights (`_product`'s arithmetic).
         ``caps`` arrives zeroed: its first entry is a zero of the tensor's type, so every value stays in that
         type. The innermost loop runs over the groups of one (i, b), branch-free, so that it vectorises."""
         zero = caps[0]
@@ -136,12 +137,16 @@ if njit is not None:
             special |= caps[j] == zero
         if special:
             return False
+        product = out.shape[0] > 0
         for i in range(m):
             for b in range(b_n):
                 for a in range(a_n):
                     at = (a * m + i) * b_n + b
                     # within [-cap, cap] a weight stays as it is, -0.0 included
-                    flat[at] = min(max(flat[at], -caps[a * b_n + b]), caps[a * b_n + b])
+                    v = min(max(flat[at], -caps[a * b_n + b]), caps[a * b_n + b])
+                    flat[at] = v
+                    if product:
+                        out[at] = v * flat.dtype.type(keep[at])
         return True
 
     @njit(cache=True, nogil=True)
@@ -162,11 +167,21 @@ if njit is not None:
         return special
 
     @njit(cache=True, nogil=True)
-    def _clamp4(flat, caps):
+    def _clamp4(flat, caps, keep, out):
+        """`_bound`'s clamp on the groups of `_caps4`, and ``out = flat * keep`` of the clamped weights unless
+        ``out`` is empty (two loops: no test of it inside one)."""
+        if out.shape[0] == 0:
+            for g in range(flat.shape[0] // 4):
+                cap = caps[g]
+                for i in range(4):
+                    flat[4 * g + i] = min(max(flat[4 * g + i], -cap), cap)
+            return
         for g in range(flat.shape[0] // 4):
             cap = caps[g]
             for i in range(4):
-                flat[4 * g + i] = min(max(flat[4 * g + i], -cap), cap)
+                v = min(max(flat[4 * g + i], -cap), cap)
+                flat[4 * g + i] = v
+                out[4 * g + i] = v * flat.dtype.type(keep[4 * g + i])
 
 
 @functools.lru_cache(maxsize=256)
@@ -206,25 +221,42 @@ def clamp_pruned_(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str)
     """Clamp, in place, every weight of each group of M along K (GEMM view) to ± the largest kept magnitude
     of its group, as ``transposable.bound_pruned``'s tensor formula does, where the kernel serves (True);
     else nothing changed (False), also where a weight is NaN or a group's largest kept magnitude is 0."""
+    return _clamp_pruned(weight, keep, m, layout, product=False)[0]
+
+
+def clamp_pruned_masked_(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str) -> torch.Tensor | None:
+    """`clamp_pruned_`, and ``weight ⊙ keep`` of the clamped weight, made in the same pass and returned (`masked`'s
+    product, bit for bit); None where the kernel does not serve, nothing changed. Why: a transposable layer's
+    next forward multiplies the weight this bound has just read by the same held mask (`Method.hold_for_forward`)."""
+    served, out = _clamp_pruned(weight, keep, m, layout, product=True)
+    return out if served else None
+
+
+def _clamp_pruned(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str,
+                  product: bool) -> tuple[bool, torch.Tensor | None]:
     if not (_served(weight.detach(), keep) and keep.dtype == torch.bool and weight.numel() > 0):
-        return False
+        return False, None
     # (A, M, B), groups along axis 1: a Linear's or a flatten conv's rows cut in M-runs (B = 1), an nhwc
     # conv's groups of M input channels at each kernel tap (B = kh*kw)
     b = _group_spread(weight, m, layout)
     if not b:
-        return False
+        return False, None
     a = weight.numel() // (m * b)
     flat = _flat(weight.detach())
     caps = np.zeros(a * b, dtype=flat.dtype)
+    keep_bytes = _bytes(keep)
     if m == 4 and b == 1:           # groups of 4 consecutive entries: caps first, then the clamp, as `_bound`
-        if _caps4(flat, _bytes(keep), caps):
-            return False
-        _clamp4(flat, caps)
-    elif not _bound(flat, _flat(keep), a, m, b, caps):
-        return False
+        if _caps4(flat, keep_bytes, caps):
+            return False, None
+        out = torch.empty_like(weight.detach()) if product else None
+        _clamp4(flat, caps, keep_bytes, flat[:0] if out is None else _flat(out))
+    else:
+        out = torch.empty_like(weight.detach()) if product else None
+        if not _bound(flat, keep_bytes, a, m, b, caps, flat[:0] if out is None else _flat(out)):
+            return False, None
     # written through numpy: tell autograd and version-keyed caches (accel's compressed operands) it changed
     torch.autograd.graph.increment_version(weight)
-    return True
+    return True, out
 
 
 # ------------------------------------------------------------------------------------------------

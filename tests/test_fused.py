@@ -17,7 +17,8 @@ from nmtrain.sparsity import nm as nm_module
 from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_threshold
 from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask, ste_nm
 from nmtrain.sparsity.errors import SparsityError
-from nmtrain.sparsity.fused import (MAX_ENTRIES, add_masked_decay_, add_pruned_decay_, clamp_pruned_, column_nm4_mask,
+from nmtrain.sparsity.fused import (MAX_ENTRIES, add_masked_decay_, add_pruned_decay_, clamp_pruned_,
+                                    clamp_pruned_masked_, column_nm4_mask,
                                     column_nm4_masked, decayed, masked, mvue24_runs, mvue24_sample, njit, nm4_mask,
                                     nm4_masked, soft_threshold4)
 from nmtrain.sparsity.nm import nm_mask_and_product
@@ -81,6 +82,12 @@ def test_fused_bound_is_the_formula_bit_for_bit(dtype, shape, layout, m, n):
     assert clamp_pruned_(got, keep, m, layout)
     assert torch.equal(_bits(got), _bits(want))
     assert not torch.equal(_bits(got), _bits(w))              # it did clamp
+    # with the masked weight made in the same pass: the same clamp, and W ⊙ keep of the clamped weight, the
+    # product the next forward would make (-0.0 kept, the pruned Infs clamped first: zeros, not NaN)
+    both = w.clone()
+    made = clamp_pruned_masked_(both, keep, m, layout)
+    assert torch.equal(_bits(both), _bits(want))
+    assert torch.equal(_bits(made), _bits(want * keep)) and not made.isnan().any()
 
 
 @pytest.mark.parametrize("special", ["kept all zero", "kept NaN", "pruned NaN"])
@@ -93,6 +100,7 @@ def test_a_nan_or_a_group_whose_cap_is_zero_is_left_to_the_formula(special):
         w[3, :4] = torch.where(keep[3, :4] == (special == "kept NaN"), torch.tensor(float("nan")), w[3, :4])
     before = w.clone()
     assert not clamp_pruned_(w, keep, 4, "nhwc")
+    assert clamp_pruned_masked_(w, keep, 4, "nhwc") is None
     assert torch.equal(_bits(w), _bits(before))
 
 
@@ -117,6 +125,7 @@ def test_where_the_kernels_do_not_serve_nothing_changes(case):
     before_w, before_g = w.clone(), grad.detach().clone()
     assert not add_pruned_decay_(grad, w, keep, 0.1)
     assert not clamp_pruned_(w, keep, 4, "nhwc")
+    assert clamp_pruned_masked_(w, keep, 4, "nhwc") is None
     assert torch.equal(w, before_w) and torch.equal(grad.detach(), before_g)
 
 
@@ -128,6 +137,8 @@ def test_the_kernels_count_as_in_place_changes():
     versions = w._version, grad._version
     assert clamp_pruned_(w, keep, 4, "nhwc") and add_pruned_decay_(grad, w, keep, 0.1)
     assert w._version > versions[0] and grad._version > versions[1]
+    version = w._version
+    assert clamp_pruned_masked_(w, keep, 4, "nhwc") is not None and w._version > version
 
 
 @pytest.mark.parametrize("shape, layout", [((4, 6), "nhwc"), ((4, 6, 1, 1), "nhwc"), ((4, 8), "nchw")])

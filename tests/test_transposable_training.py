@@ -162,3 +162,39 @@ def test_grouped_is_a_view_with_the_groups_of_m_along_k():
     assert torch.equal(g, to_matrix(conv, "flatten").reshape(4, -1, 4)) and g.data_ptr() == conv.data_ptr()
     with pytest.raises(RuntimeError):
         grouped(conv.contiguous(memory_format=torch.channels_last), 4, "flatten")
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_the_bound_makes_the_next_forwards_masked_weight_in_its_pass(monkeypatch, bound):
+    """After the optimizer step, the bound reads every weight; the next eager forward's W ⊙ E is made in that
+    pass (`Method.hold_for_forward`) and taken, not made again: the same weights as making it in the forward
+    (tests/test_step_identity.py holds every bit). Nothing is held before a forward has taken the eager path
+    (a compiled forward makes its own), nor without the bound."""
+    import nmtrain
+    from nmtrain.experiments.methods.base import StoredMaskMethod
+
+    made = []
+    held_product = StoredMaskMethod._held_product
+    monkeypatch.setattr(StoredMaskMethod, "_held_product",
+                        lambda self, name, module: made.append(name) or held_product(self, name, module))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                        nn.Linear(32, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    with nmtrain.sparsify(net, "transposable", "2:4", opt, mask_interval=3, bound_pruned=bound) as handle:
+        method = handle.method
+        assert not method.forwards_eagerly
+        per_step = []
+        for _ in range(6):
+            made.clear()
+            handle.begin_step()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            per_step.append(len(made))
+        layers = len(handle.layers)
+        assert method.forwards_eagerly and layers == 2
+    # the first step makes its own; with the bound each later one takes what the bound made, except after a
+    # recompute (step 3: the mask it was made with is gone), which makes its own again
+    assert per_step == ([layers, 0, 0, layers, 0, 0] if bound else [layers] * 6)

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from ...sparsity import grouped, transposable_mask
-from ...sparsity.fused import clamp_pruned_
+from ...sparsity.fused import clamp_pruned_, clamp_pruned_masked_
 from ..accel import plan_accel
 from ..rules import DECAY, STEPS, param
 from .base import Capabilities, MethodError, RecomputedMaskMethod, register_method
@@ -88,9 +88,19 @@ class Transposable(RecomputedMaskMethod):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        if self.params.bound_pruned and self._masks:
-            for name, mod in self.ctx.layers.items():
-                bound_pruned(mod.weight, self._masks[name], self.pattern.m, self.ctx.layout)
+        if not (self.params.bound_pruned and self._masks):
+            return
+        # the next masked-dense forward's W ⊙ E of the bounded weight, made in the bound's pass while the weight
+        # is in cache (Method.hold_for_forward; the forward takes it only if neither the weight nor the mask has
+        # changed since); not for the accel kernels' forward, nor a compiled one, which make their own
+        ahead = self.accel is None and self.forwards_eagerly
+        for name, mod in self.ctx.layers.items():
+            mask = self._masks[name]
+            made = clamp_pruned_masked_(mod.weight, mask, self.pattern.m, self.ctx.layout) if ahead else None
+            if made is None:
+                bound_pruned(mod.weight, mask, self.pattern.m, self.ctx.layout)
+            else:
+                self.hold_for_forward(name, mod, (mask, mask._version, made))
 
     def forward_weight(self, name, module):
         return self.masked_held_with_decay(name, module, self.params.decay)
