@@ -100,7 +100,7 @@ class Transposable(RecomputedMaskMethod):
             if made is None:
                 bound_pruned(mod.weight, mask, self.pattern.m, self.ctx.layout)
             else:
-                self.hold_for_forward(name, mod, (mask, mask._version, made))
+                self.hold_product(name, mod, made)
 
     def forward_weight(self, name, module):
         return self.masked_held_with_decay(name, module, self.params.decay)
