@@ -51,9 +51,8 @@ over its twin's) and whether the two ended with the same weights, bit for bit. R
 differ by more than most changes do on a shared machine (runs of one code: a ratio to dense 0.01-0.05
 apart), so a change's before/after is measured side by side. ``dense@before`` is the run's control: the
 same torch step, so its ``vs before`` is the noise; a method the code before lacks runs without a twin.
-The checkout's numba kernels are compiled afresh into a
-temporary cache: a cache it made as ``nmtrain`` names its machine code as this one's does, and the two
-would share it.
+The checkout's numba kernels are compiled afresh into a temporary cache: a cache it made as ``nmtrain``
+names its machine code as this one's does, and the two would share it.
 
     python benchmarks/train_step.py --model gpt --optim adamw --batch 16 --methods dense,srste --before /tmp/old
 
@@ -370,7 +369,8 @@ def _report(args, runs: dict, held: dict, device: torch.device, phases: dict) ->
     for col in ("method", "median ms / step", "vs dense", f"± sd ({args.blocks} blocks)", "mean ms / step",
                 "vs dense ", "mean vs srste", "fwd/bwd/opt vs dense", "train FLOPs", "held MB", "memory vs dense"):
         table.add_column(col, justify="right", no_wrap=col.startswith("fwd"))
-    if any(name.endswith(BEFORE) for name in runs):
+    with_before = any(name.endswith(BEFORE) for name in runs)
+    if with_before:
         table.add_column("vs before", justify="right")
         table.add_column("same weights", justify="right")
     rows = []
@@ -403,7 +403,7 @@ def _report(args, runs: dict, held: dict, device: torch.device, phases: dict) ->
                  "/".join(f"{phase_ratio[p]:.2f}" for p in PHASES) if phase_ratio else "–",
                  f"{flops['ratio']:.3f}",
                  f"{held[name] / 2**20:.1f}", f"{held[name] / held[base]:.2f}x" if base else "–"]
-        if len(table.columns) > len(cells):
+        if with_before:
             twin = runs.get(name + BEFORE)
             if twin is not None:
                 vs_before = med / statistics.median(twin[3])
@@ -416,10 +416,13 @@ def _report(args, runs: dict, held: dict, device: torch.device, phases: dict) ->
 
 def _same_weights(model: torch.nn.Module, twin: torch.nn.Module) -> bool:
     """Whether two models hold the same parameters, bit for bit (-0.0 is not +0.0; a NaN equals its own bits)."""
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().reshape(-1).view(torch.uint8)
+
     ours, theirs = dict(model.named_parameters()), dict(twin.named_parameters())
     return ours.keys() == theirs.keys() and all(
         ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype
-        and torch.equal(ours[k].detach().view(torch.uint8), theirs[k].detach().view(torch.uint8)) for k in ours)
+        and torch.equal(bits(ours[k]), bits(theirs[k])) for k in ours)
 
 
 def main() -> None:
