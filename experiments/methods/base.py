@@ -369,6 +369,7 @@ class StoredMaskMethod(Method):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self._masks = dict(state.get("masks", {}))
+        self._ready.clear()             # anything held for the forward was made with the masks replaced here
 
 
 class RecomputedMaskMethod(StoredMaskMethod):
