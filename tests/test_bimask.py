@@ -152,6 +152,34 @@ def test_a_convs_backward_mask_from_its_flatten_view_is_the_gemm_views(layout, n
     assert torch.equal(w_f.view(torch.int32), (w * fmask).view(torch.int32)) and w_b.is_contiguous()
 
 
+@pytest.mark.parametrize("layer", ["linear", "flatten conv", "nhwc conv"])
+@pytest.mark.parametrize("kind", ["random", "integers (ties)"])
+def test_a_layers_four_operands_in_one_call_are_the_formulas(monkeypatch, layer, kind):
+    """At M = 4 on a CPU a Linear's operands, and a conv's whose groups run along its flatten view, come from
+    one call (`fused.bimask_operands4`); an nhwc conv's groups are not its matrix's rows, and it takes two."""
+    import nmtrain.experiments.methods.bimask as bimask_module
+
+    calls = []
+    one_call = bimask_module.bimask_operands4
+    monkeypatch.setattr(bimask_module, "bimask_operands4", lambda *a: calls.append(1) or one_call(*a))
+    g = torch.Generator().manual_seed(5)
+    module = nn.Linear(24, 16) if layer == "linear" else nn.Conv2d(8, 16, 3)
+    shape = module.weight.shape
+    w = torch.randn(shape, generator=g) if kind == "random" else torch.randint(-2, 3, shape, generator=g).float()
+    module.weight.data.copy_(w)
+    method = _bimask({"layer": module})
+    method.ctx.layout = "nhwc" if layer == "nhwc conv" else "flatten"
+    method.perms["layer"] = torch.randperm(16, generator=g)
+    fmask, bmask, w_f, w_b = method._operands("layer", module)
+    layout = method.ctx.layout
+    fm = to_matrix(nm_mask(w, 2, 4, layout), layout)
+    keep, masked = backward_mask_and_product(fm, to_matrix(w, layout), method.perms["layer"], 2, 4)
+    assert torch.equal(fmask, nm_mask(w, 2, 4, layout)) and torch.equal(bmask, from_matrix(keep, shape, layout))
+    assert torch.equal(w_b.view(torch.int32), from_matrix(masked, shape, layout).view(torch.int32))
+    assert torch.equal(w_f.view(torch.int32), (w * fmask).view(torch.int32))
+    assert len(calls) == (0 if layer == "nhwc conv" else 1)
+
+
 def test_permutation_is_refreshed_every_iter_steps_and_is_reproducible():
     lin = nn.Linear(16, 16)
     a, b = _bimask({"lin": lin}, iter=3), _bimask({"lin": lin}, iter=3)

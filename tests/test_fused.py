@@ -18,7 +18,7 @@ from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_thresho
 from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask, ste_nm
 from nmtrain.sparsity.errors import SparsityError
 from nmtrain.sparsity.fused import (MAX_ENTRIES, add_masked_decay_, add_pruned_decay_, clamp_pruned_,
-                                    clamp_pruned_masked_, column_nm4_mask,
+                                    clamp_pruned_masked_, bimask_operands4, column_nm4_mask,
                                     column_nm4_masked, decayed, masked, mvue24_runs, mvue24_sample, njit, nm4_mask,
                                     nm4_masked, soft_threshold4)
 from nmtrain.sparsity.nm import nm_mask_and_product
@@ -445,6 +445,35 @@ def test_the_column_n4_kernel_is_bimasks_backward_mask_bit_for_bit(dtype, kind, 
         both = column_nm4_masked(w, fmask, perm, n)             # from the signed weight, with W * B_b
         assert both is not None and torch.equal(both[0], expected)
         assert torch.equal(_bits(both[1]), _bits(w * expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", N4_KINDS)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_bimasks_four_operands_in_one_call_are_the_two_calls(dtype, kind, n):
+    # rows and columns both in groups of 4, the weight's kinds as the row-wise mask's tests take them
+    w = _n4_weights(kind, dtype, (64, 40), 30 + n, along_columns=False)
+    for seed in range(3):
+        perm = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))
+        fmask, w_f = nm_mask_and_product(w, n, 4, "nhwc")
+        made = column_nm4_masked(w, fmask, perm, n)
+        one = bimask_operands4(w, perm, n)
+        if made is None:                     # a NaN of an Inf times a pruned 0: the one call declines too
+            assert one is None
+            continue
+        assert one is not None
+        assert torch.equal(one[0], fmask) and torch.equal(_bits(one[1]), _bits(w_f))
+        assert torch.equal(one[2], made[0]) and torch.equal(_bits(one[3]), _bits(made[1]))
+
+
+def test_bimasks_one_call_leaves_what_either_kernel_does_not_serve_to_them():
+    w, perm = torch.randn(8, 12), torch.randperm(8)
+    assert bimask_operands4(w, perm, 2) is not None
+    nan = w.clone()
+    nan[3, 4] = float("nan")
+    for args in ((nan, perm, 2), (w.half(), perm, 2), (w.t(), perm, 2), (w[:6], perm[:6], 2), (w, perm, 4),
+                 (w, perm.int(), 2), (w[:, :10], perm, 2), (w.requires_grad_(), perm, 2)):
+        assert bimask_operands4(*args) is None
 
 
 def test_the_column_n4_kernel_leaves_nan_and_what_it_does_not_serve_to_the_formula():

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
 from ...sparsity import Pattern, from_matrix, nm_mask, to_matrix
-from ...sparsity.fused import column_nm4_mask, column_nm4_masked
+from ...sparsity.fused import bimask_operands4, column_nm4_mask, column_nm4_masked
 from ...sparsity.nm import nm_mask_and_product
 from ..rules import DECAY, SEED, STEPS, Choice, at_least, param
 from .base import Capabilities, Method, MethodError, register_method
@@ -264,11 +264,19 @@ class BiMask(Method):
 
     def _operands(self, name: str, module: nn.Module) -> tuple[torch.Tensor, ...]:
         """``B_f``, ``B_b``, ``W * B_f`` and ``W * B_b`` of ``name`` in the weight's shape, each mask made with its
-        masked weight in one pass (`sparsity.nm_mask_and_product`, `backward_mask_and_product`)."""
+        masked weight in one pass (`sparsity.nm_mask_and_product`, `backward_mask_and_product`); on a CPU at M = 4
+        all four in one call where the groups run along the weight's matrix view (`fused.bimask_operands4`)."""
         p, layout = self.ctx.pattern, self.ctx.layout
         if name not in self.perms:
             self._search(0)
         w = module.weight.detach()
+        if (p.m == 4 and (w.dim() == 2 or layout == "flatten") and w.is_contiguous()
+                and not torch.compiler.is_compiling()):
+            # a Linear, or a conv whose groups run along its flatten view: all four in one call on a CPU
+            made = bimask_operands4(w.view(w.shape[0], -1), self.perms[name].to(w.device), p.n)
+            if made is not None:
+                fmask, w_f, bm, w_b = (t.view(w.shape) for t in made)
+                return fmask, bm, w_f, w_b
         fmask, w_f = nm_mask_and_product(w, p.n, p.m, layout)
         if w.dim() == 4 and w.is_contiguous() and fmask.is_contiguous():
             # B_b is column-wise: a column's mask depends on that column alone, so any view with the weight's
