@@ -761,13 +761,14 @@ def bimask_operands4(matrix: torch.Tensor, perm: torch.Tensor,
     fmask, bmask, matrix * bmask). Why one call: each call's checks, views and allocations ran about 20 µs
     inside a training step, a third of the two calls' time on the GPT's layers. None where either would not
     serve (the caller then makes them one at a time)."""
-    if not (_rows4_served(matrix, n) and matrix.dim() == 2 and matrix.shape[0] % 4 == 0
-            and perm.device.type == "cpu" and perm.dtype == torch.int64 and perm.shape == (matrix.shape[0],)):
+    if not (_rows4_served(matrix, n) and matrix.dim() == 2 and matrix.shape[0] % 4 == 0 and perm.is_cpu
+            and perm.dtype == torch.int64 and perm.shape == (matrix.shape[0],) and perm.is_contiguous()):
         return None
-    fmask, bmask = torch.empty(matrix.shape, dtype=torch.bool), torch.empty(matrix.shape, dtype=torch.bool)
+    # as few torch calls as can be (each costs microseconds between a step's GEMMs): views made in numpy
+    fmask, bmask = torch.empty_like(matrix, dtype=torch.bool), torch.empty_like(matrix, dtype=torch.bool)
     w_f, w_b = torch.empty_like(matrix), torch.empty_like(matrix)
-    values, fm, bm = matrix.numpy(), fmask.view(torch.uint8).numpy(), bmask.view(torch.uint8).numpy()
-    if not _bimask4(values.reshape(-1), values, perm.contiguous().numpy(), n, _table4(), _table4(1), fm.reshape(-1),
+    values, fm, bm = matrix.numpy(), fmask.numpy().view(np.uint8), bmask.numpy().view(np.uint8)
+    if not _bimask4(values.reshape(-1), values, perm.numpy(), n, _table4(), _table4(1), fm.reshape(-1),
                     w_f.numpy().reshape(-1), fm, bm, w_b.numpy()):
         return None
     return fmask, w_f, bmask, w_b
