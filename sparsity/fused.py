@@ -1,9 +1,10 @@
 """Fused CPU kernels for the mask arithmetic of a training step: SR-STE's decay added to a gradient,
 ``grad += decay · (1 − keep) ⊙ W`` (`methods.base.pruned_decay`, then ``add_``: three tensor operations),
-the bound on pruned weights (`methods.transposable.bound_pruned`: five), and the row-wise N:4 mask that
-SR-STE and its kin recompute every step (`nm.nm_mask`: |W|, topk, a zero-filled mask and a scatter),
-the masked weight ``W ⊙ E`` itself with its masked gradient (`masked`), Bi-Mask's backward mask
-(`column_nm4_mask`), S-STE's soft-thresholded weight (`soft_threshold4`), PGF's decayed mask
+the bound on pruned weights (`methods.transposable.bound_pruned`: five; with the next forward's ``W ⊙ E``,
+`clamp_pruned_masked_`), and the row-wise N:4 mask that SR-STE and its kin recompute every step
+(`nm.nm_mask`: |W|, topk, a zero-filled mask and a scatter), the masked weight ``W ⊙ E`` itself with its
+masked gradient (`masked`), Bi-Mask's backward mask (`column_nm4_mask`; with its forward mask and both masked
+weights in one call, `bimask_operands4`), S-STE's soft-thresholded weight (`soft_threshold4`), PGF's decayed mask
 (`decayed`) and the MVUE 2:4 sample of a weight gradient's dYᵀ (`mvue24_sample`; a conv's dY where it lies,
 `mvue24_runs`), each one pass.
 
@@ -759,7 +760,7 @@ def bimask_operands4(matrix: torch.Tensor, perm: torch.Tensor,
     row-wise mask ``fmask`` and ``matrix * fmask``, then `column_nm4_masked`'s backward mask of ``matrix``,
     ``fmask`` and ``perm`` and ``matrix * bmask``, bit for bit what the two calls give, as (fmask, matrix *
     fmask, bmask, matrix * bmask). Why one call: each call's checks, views and allocations ran about 20 µs
-    inside a training step, a third of the two calls' time on the GPT's layers. None where either would not
+    inside a training step, a quarter of the two calls' time on the GPT's layers. None where either would not
     serve (the caller then makes them one at a time)."""
     if not (_rows4_served(matrix, n) and matrix.dim() == 2 and matrix.shape[0] % 4 == 0 and perm.is_cpu
             and perm.dtype == torch.int64 and perm.shape == (matrix.shape[0],) and perm.is_contiguous()):
