@@ -198,3 +198,12 @@ def test_the_bound_makes_the_next_forwards_masked_weight_in_its_pass(monkeypatch
     # the first step makes its own; with the bound each later one takes what the bound made, except after a
     # recompute (step 3: the mask it was made with is gone), which makes its own again
     assert per_step == ([layers, 0, 0, layers, 0, 0] if bound else [layers] * 6)
+    # steps whose forward never took per_forward's path (as a compiled one does not): the bound holds nothing
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with nmtrain.sparsify(net, "transposable", "2:4", opt, bound_pruned=bound) as handle:
+        for _ in range(2):
+            handle.begin_step()
+            for p in net.parameters():
+                p.grad = torch.ones_like(p)
+            opt.step()
+        assert handle.method._masks and not handle.method.forwards_eagerly and not handle.method._ready
