@@ -235,26 +235,25 @@ def clamp_pruned_masked_(weight: torch.Tensor, keep: torch.Tensor, m: int, layou
 
 def _clamp_pruned(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str,
                   product: bool) -> tuple[bool, torch.Tensor | None]:
-    if not (_served(weight.detach(), keep) and keep.dtype == torch.bool and weight.numel() > 0):
+    w = weight.detach()
+    if not (_served(w, keep) and keep.dtype == torch.bool and w.numel() > 0):
         return False, None
     # (A, M, B), groups along axis 1: a Linear's or a flatten conv's rows cut in M-runs (B = 1), an nhwc
     # conv's groups of M input channels at each kernel tap (B = kh*kw)
-    b = _group_spread(weight, m, layout)
+    b = _group_spread(w, m, layout)
     if not b:
         return False, None
-    a = weight.numel() // (m * b)
-    flat = _flat(weight.detach())
+    a = w.numel() // (m * b)
+    flat, keep_bytes = _flat(w), _bytes(keep)
     caps = np.zeros(a * b, dtype=flat.dtype)
-    keep_bytes = _bytes(keep)
+    out = torch.empty_like(w) if product else None
+    target = flat[:0] if out is None else _flat(out)        # an empty target: no product
     if m == 4 and b == 1:           # groups of 4 consecutive entries: caps first, then the clamp, as `_bound`
         if _caps4(flat, keep_bytes, caps):
             return False, None
-        out = torch.empty_like(weight.detach()) if product else None
-        _clamp4(flat, caps, keep_bytes, flat[:0] if out is None else _flat(out))
-    else:
-        out = torch.empty_like(weight.detach()) if product else None
-        if not _bound(flat, keep_bytes, a, m, b, caps, flat[:0] if out is None else _flat(out)):
-            return False, None
+        _clamp4(flat, caps, keep_bytes, target)
+    elif not _bound(flat, keep_bytes, a, m, b, caps, target):
+        return False, None
     # written through numpy: tell autograd and version-keyed caches (accel's compressed operands) it changed
     torch.autograd.graph.increment_version(weight)
     return True, out
@@ -732,10 +731,9 @@ def column_nm4_mask(scores: torch.Tensor, fmask: torch.Tensor, perm: torch.Tenso
     shape and a CPU int64 ``perm`` of its rows, rows not in groups of 4, n outside 1..3, or a NaN value."""
     if not _column_served(scores, fmask, perm, n):
         return None
-    keep = torch.empty(scores.shape, dtype=torch.bool)
-    flat = scores.numpy()
-    if not _column4(flat, fmask.view(torch.uint8).numpy(), perm.contiguous().numpy(), n, _table4(1),
-                    keep.view(torch.uint8).numpy(), flat[:0]):
+    keep = torch.empty_like(scores, dtype=torch.bool)
+    values = scores.numpy()
+    if not _column4(values, _bytes2(fmask), _perm(perm), n, _table4(1), _bytes2(keep), values[:0]):
         return None
     return keep
 
@@ -747,9 +745,8 @@ def column_nm4_masked(weight: torch.Tensor, fmask: torch.Tensor, perm: torch.Ten
     None where `column_nm4_mask` does not serve."""
     if not _column_served(weight, fmask, perm, n):
         return None
-    keep, out = torch.empty(weight.shape, dtype=torch.bool), torch.empty_like(weight)
-    if not _column4(weight.numpy(), fmask.view(torch.uint8).numpy(), perm.contiguous().numpy(), n, _table4(1),
-                    keep.view(torch.uint8).numpy(), out.numpy()):
+    keep, out = torch.empty_like(weight, dtype=torch.bool), torch.empty_like(weight)
+    if not _column4(weight.numpy(), _bytes2(fmask), _perm(perm), n, _table4(1), _bytes2(keep), out.numpy()):
         return None
     return keep, out
 
@@ -762,15 +759,14 @@ def bimask_operands4(matrix: torch.Tensor, perm: torch.Tensor,
     fmask, bmask, matrix * bmask). Why one call: each call's checks, views and allocations ran about 20 µs
     inside a training step, a quarter of the two calls' time on the GPT's layers. None where either would not
     serve (the caller then makes them one at a time)."""
-    if not (_rows4_served(matrix, n) and matrix.dim() == 2 and matrix.shape[0] % 4 == 0 and perm.is_cpu
-            and perm.dtype == torch.int64 and perm.shape == (matrix.shape[0],) and perm.is_contiguous()):
+    if not (_rows4_served(matrix, n) and matrix.dim() == 2 and matrix.shape[0] % 4 == 0
+            and _perm_served(perm, matrix.shape[0])):
         return None
-    # as few torch calls as can be (each costs microseconds between a step's GEMMs): views made in numpy
     fmask, bmask = torch.empty_like(matrix, dtype=torch.bool), torch.empty_like(matrix, dtype=torch.bool)
     w_f, w_b = torch.empty_like(matrix), torch.empty_like(matrix)
-    values, fm, bm = matrix.numpy(), fmask.numpy().view(np.uint8), bmask.numpy().view(np.uint8)
-    if not _bimask4(values.reshape(-1), values, perm.numpy(), n, _table4(), _table4(1), fm.reshape(-1),
-                    w_f.numpy().reshape(-1), fm, bm, w_b.numpy()):
+    values, fm = matrix.numpy(), _bytes2(fmask)
+    if not _bimask4(values.reshape(-1), values, _perm(perm), n, _table4(), _table4(1), fm.reshape(-1),
+                    w_f.numpy().reshape(-1), fm, _bytes2(bmask), w_b.numpy()):
         return None
     return fmask, w_f, bmask, w_b
 
@@ -788,8 +784,22 @@ if njit is not None:
 
 def _column_served(scores: torch.Tensor, fmask: torch.Tensor, perm: torch.Tensor, n: int) -> bool:
     return (_served(scores, fmask) and scores.dim() == 2 and fmask.dtype == torch.bool and scores.shape[0] % 4 == 0
-            and 1 <= n <= 3 and perm.device.type == "cpu" and perm.dtype == torch.int64
-            and perm.shape == (scores.shape[0],))
+            and 1 <= n <= 3 and _perm_served(perm, scores.shape[0]))
+
+
+def _perm_served(perm: torch.Tensor, rows: int) -> bool:
+    return perm.is_cpu and perm.dtype == torch.int64 and perm.shape == (rows,)
+
+
+def _perm(perm: torch.Tensor) -> np.ndarray:
+    """A row permutation as a contiguous numpy array (a copy only where ``perm`` is strided)."""
+    return np.ascontiguousarray(perm.numpy())
+
+
+def _bytes2(keep: torch.Tensor) -> np.ndarray:
+    """A contiguous bool mask matrix's bytes as a numpy uint8 matrix, made in numpy (see `_bytes`, `_flat`:
+    each torch call costs microseconds between a step's GEMMs)."""
+    return keep.numpy().view(np.uint8)
 
 
 def soft_threshold4(matrix: torch.Tensor, n: int, scale: torch.Tensor) -> torch.Tensor | None:

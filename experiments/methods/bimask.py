@@ -273,9 +273,10 @@ class BiMask(Method):
         if (p.m == 4 and (w.dim() == 2 or layout == "flatten") and w.is_contiguous()
                 and not torch.compiler.is_compiling()):
             # a Linear, or a conv whose groups run along its flatten view: all four in one call on a CPU
-            made = bimask_operands4(w if w.dim() == 2 else w.view(w.shape[0], -1), self.perms[name], p.n)
+            matrix = w.dim() == 2       # a Linear's weight is its own matrix view: no torch view either way
+            made = bimask_operands4(w if matrix else w.view(w.shape[0], -1), self.perms[name], p.n)
             if made is not None:
-                fmask, w_f, bm, w_b = made if w.dim() == 2 else (t.view(w.shape) for t in made)
+                fmask, w_f, bm, w_b = made if matrix else (t.view(w.shape) for t in made)
                 return fmask, bm, w_f, w_b
         fmask, w_f = nm_mask_and_product(w, p.n, p.m, layout)
         if w.dim() == 4 and w.is_contiguous() and fmask.is_contiguous():
