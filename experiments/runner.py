@@ -143,10 +143,11 @@ def _optimizer(spec: Spec, model: nn.Module) -> torch.optim.Optimizer:
     if o.decay_params == "matrices":    # one group decays (matrices and embeddings), one does not (biases, norms)
         params = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = True if o.fused else None       # None: torch's own choice, as before the field existed
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                               nesterov=o.nesterov and o.momentum > 0)
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+                               nesterov=o.nesterov and o.momentum > 0, fused=fused)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused)
 
 
 @dataclass

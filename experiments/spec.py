@@ -131,6 +131,11 @@ class OptimSpec:
     # embeddings; no decay on biases and norms, as nanoGPT and most transformer recipes)
     decay_params: str = param("all", choice=Choice(("all", "matrices")))
     grad_clip: Optional[float] = param(None, above(0, "(the gradients' total norm is clipped to it; null: no clipping)"))
+    # torch's fused kernel for the update (`fused=True`): one pass over each parameter rather than one per tensor
+    # operation, and on a CPU no MKL square root, whose rare-value path takes every zero of a pruned weight's
+    # second moment (AdamW). Its arithmetic differs from the default's in the last bits, so off by default:
+    # a spec trains as it always has, bit for bit, unless it asks
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2:

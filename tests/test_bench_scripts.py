@@ -139,6 +139,25 @@ def test_a_method_that_takes_only_adamw_is_held_against_dense_on_adamw(tmp_path,
     assert list(rows) == ["dense", "step"]                                 # already on AdamW: no twin
 
 
+def test_train_step_fused_builds_every_optimizer_with_torchs_fused_kernel(tmp_path, monkeypatch):
+    """--fused: every run's optimizer, SGD or AdamW (STEP's, and its dense twin's), is torch's fused kernel, as a
+    spec's optim.fused: true builds it; the JSON records the flag."""
+    bench = _load("train_step")
+    built = []
+    for cls in (torch.optim.SGD, torch.optim.AdamW):
+        original = cls.__init__
+        monkeypatch.setattr(cls, "__init__", lambda self, *a, _original=original, **k:
+                            built.append((type(self).__name__, k.get("fused"))) or _original(self, *a, **k))
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--model", "mlp", "--image-size", "8", "--batch", "8",
+                                      "--steps", "2", "--methods", "dense,srste,step", "--fused",
+                                      "--out", str(tmp_path)])
+    bench.main()
+    written = json.loads((tmp_path / "train_step.json").read_text())
+    assert written["args"]["fused"] is True
+    assert [r["method"] for r in written["rows"]] == ["dense", "dense+adamw", "srste", "step"]
+    assert sorted(built) == [("AdamW", True)] * 2 + [("SGD", True)] * 2
+
+
 def test_train_step_times_every_method_against_the_code_before_it(tmp_path, monkeypatch):
     """--before attaches every method a second time through another checkout's nmtrain (here this one): each
     twin is held against dense on its own optimizer, and each method's row gives its time over its twin's

@@ -12,6 +12,7 @@ from helpers import assert_refused, quick_train, snapshot
 from nmtrain.experiments.methods import Capabilities, Method, train_step
 from nmtrain.experiments.runner import _lr_lambda, _optimizer
 from nmtrain.experiments.spec import SpecError, load_spec
+from nmtrain.experiments.sparsify import sparsify
 
 
 def _spec(*overrides):
@@ -101,3 +102,53 @@ def test_a_clipped_adamw_run_trains(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["lr"] == pytest.approx(0.001)          # the cosine ended at min_lr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_accuracy"] > 50
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optim_fused_asks_for_torchs_fused_kernel_and_is_off_by_default(name):
+    model = nn.Linear(4, 3)
+    assert _optimizer(_spec(f"optim.name={name}"), model).defaults["fused"] is None     # torch's own choice
+    assert _optimizer(_spec(f"optim.name={name}", "optim.fused=true"), model).defaults["fused"] is True
+    with pytest.raises(SpecError, match=r"optim\.fused: expected bool"):
+        _spec("optim.fused=maybe")
+
+
+def _sparsified_adamw_weights(fused: bool, decay: float, steps: int = 6) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    x, y = torch.randn(24, 16), torch.randint(0, 4, (24,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05, fused=True if fused else None)
+    with sparsify(model, "srste", "2:4", opt, decay=decay, keep_first_dense=False):
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_fused_optimizer_takes_the_methods_hooks_as_the_unfused_one():
+    """torch's fused AdamW runs the method's work around its step as the default one does: SR-STE's decay on the
+    pruned weights is in the gradient it updates from. The two kernels' arithmetic differs in the last bits
+    alone; without the decay the weights move by far more than that."""
+    plain, fused = _sparsified_adamw_weights(False, 0.05), _sparsified_adamw_weights(True, 0.05)
+    undecayed = _sparsified_adamw_weights(True, 0.0)
+    for a, b, c in zip(plain, fused, undecayed):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert max(float((b - c).abs().max()) for b, c in zip(fused, undecayed)) > 1e-3
+
+
+def test_a_fused_run_trains_as_the_unfused_one(tmp_path):
+    """`optim.fused: true` end to end: the run trains, its resolved spec records the field, and its weights are
+    the unfused run's up to the kernels' last bits."""
+    weights = {}
+    for fused in ("false", "true"):
+        out = tmp_path / f"fused-{fused}"
+        result = quick_train(out, "--method", "srste", "optim.name=adamw", "optim.lr=0.01", f"optim.fused={fused}")
+        assert result.exit_code == 0, result.output
+        assert f"fused: {fused}" in (out / "config.yaml").read_text()
+        weights[fused] = torch.load(out / "model.pt", weights_only=True)
+    assert weights["true"].keys() == weights["false"].keys()
+    for key, value in weights["true"].items():
+        torch.testing.assert_close(value, weights["false"][key], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(value, weights["false"][key]) for key, value in weights["true"].items())
