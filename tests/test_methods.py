@@ -7,7 +7,8 @@ from torch import nn
 from nmtrain.experiments.flops import FlopCounter, macs_per_sample
 from nmtrain.experiments.layers import plan_layers
 from nmtrain.experiments.methods import Capabilities, Context, Method, attach, build_params, get_method
-from nmtrain.sparsity import Pattern, fold_mask, nm_mask, nm_violation
+from nmtrain.experiments.sparsify import sparsify
+from nmtrain.sparsity import Pattern, fold_mask, nm_mask, nm_violation, threads
 
 
 def _ctx(layers, pattern=Pattern(2, 4), total=10):
@@ -216,7 +217,7 @@ def test_sr_ste_forward_weights_made_together_are_the_ones_made_alone():
     for name in layers:
         alone[name].load_state_dict(layers[name].state_dict())
     together, single = _method("srste", layers), _method("srste", alone)
-    single.per_forward = lambda name, module, make: make(name, module)       # never made ahead
+    single.per_forward = lambda name, module, make, split=False: make(name, module)     # never made ahead
     x = torch.randn(4, 16)
     for _ in range(3):
         for method, mods in ((together, layers), (single, alone)):
@@ -229,6 +230,47 @@ def test_sr_ste_forward_weights_made_together_are_the_ones_made_alone():
                     mod.weight.grad = None
     for name in layers:
         assert torch.equal(layers[name].weight, alone[name].weight)
+
+
+def _trained_on_threads(method: str, split_entries: int, monkeypatch, pattern="2:4") -> tuple[list, list, int]:
+    """Weights and masks after 4 SGD steps of ``method`` through `nmtrain.sparsify`, on torch's two threads, with
+    `threads.split_map` sharing the layers' makes from ``split_entries`` entries on; and how many jobs the other
+    thread took."""
+    monkeypatch.setattr(threads, "SPLIT_ENTRIES", split_entries)
+    jobs = []
+    original = threads._other_thread
+
+    def counted():
+        pool = original()
+        return type("Counted", (), {"submit": lambda self, *a: jobs.append(1) or pool.submit(*a)})()
+    monkeypatch.setattr(threads, "_other_thread", counted)
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with sparsify(model, method, pattern, opt, keep_first_dense=False) as handle:
+        for _ in range(4):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        masks = [m.clone() for m in handle.masks().values()]
+    return [p.detach().clone() for p in model.parameters()], masks, len(jobs)
+
+
+@pytest.mark.parametrize("method", ["srste", "bimask"])
+def test_layers_made_on_two_threads_train_bit_for_bit_as_on_one(method, monkeypatch):
+    """SR-STE's masks and Bi-Mask's operands made for every layer at a step's first forward, shared between two
+    threads (`per_forward(split=True)`): the same weights and masks, bit for bit, as made on one thread."""
+    one, one_masks, serial_jobs = _trained_on_threads(method, 1 << 62, monkeypatch)
+    two, two_masks, jobs = _trained_on_threads(method, 0, monkeypatch)
+    assert serial_jobs == 0 and jobs == 4                       # one shared make a step, 4 steps
+    assert all(torch.equal(a, b) for a, b in zip(one, two)) and len(one) == 10
+    assert all(torch.equal(a, b) for a, b in zip(one_masks, two_masks)) and len(one_masks) == 4    # last: dense
+    _, _, other_m = _trained_on_threads(method, 0, monkeypatch, pattern="2:8")
+    assert other_m == 0         # M = 8: torch's topk makes the masks, on torch's own threads: no split
 
 
 def test_mask_as_casts_a_mask_once_it_is_used_twice_and_again_when_it_changes():

@@ -18,7 +18,8 @@ from torch import nn
 
 from ...sparsity import Pattern, fold_mask, nm_mask
 from ...sparsity.nm import nm_mask_and_product
-from ...sparsity.fused import add_pruned_decay_
+from ...sparsity.fused import MAX_ENTRIES, add_pruned_decay_
+from ...sparsity.threads import split_map
 from ..errors import ExperimentError
 from ..layers import gemm, route_forward, unroute_forward
 from .ste import change_rate, product, ste_mask, ste_nm
@@ -135,12 +136,14 @@ class Method:
         layer's at a step's first training forward (`per_forward`)."""
         layout = self.ctx.layout
         made = None if torch.compiler.is_compiling() else self.per_forward(
-            name, module, lambda _name, mod: nm_mask_and_product(mod.weight, pattern.n, pattern.m, layout))
+            name, module, lambda _name, mod: nm_mask_and_product(mod.weight, pattern.n, pattern.m, layout),
+            split=pattern.m == 4)       # M = 4: a compiled kernel's work (else torch's topk, on torch's threads)
         out, mask = ste_nm(module.weight, pattern.n, pattern.m, layout, made)
         self.note_decay(name, module, mask, decay)
         return out
 
-    def per_forward(self, name: str, module: nn.Module, make: Callable[[str, nn.Module], Any]) -> Any:
+    def per_forward(self, name: str, module: nn.Module, make: Callable[[str, nn.Module], Any],
+                    split: bool = False) -> Any:
         """``make(name, module)``, a function of the layer's current weight alone, for this forward of ``name``:
         at a step's first training forward made for every sparse layer at once, one after another, and each
         layer then takes its own as its forward comes.
@@ -155,7 +158,12 @@ class Method:
         micro-batch) finds nothing made and makes every layer's again, a layer run twice in one forward makes
         its own again. (So a sparse layer that no forward runs, whose result stays unused and valid, leaves
         the others making their own, each as its forward comes: as before, never more work.) Not under
-        torch.compile (the caller's traced path makes its own)."""
+        torch.compile (the caller's traced path makes its own).
+
+        ``split``: ``make`` is a serial compiled kernel's work on a CPU weight (an N:4 mask's ranking), so the
+        layers' makes are shared between two threads where the model is large enough (`threads.split_map`:
+        the same results, bit for bit); layers above the kernels' size, or not on a CPU, are made by torch's
+        own threaded operations, and every layer is then made on this thread."""
         self._forwards_eager = True
         weight = module.weight
         entry = self._ready.pop(name, None)
@@ -163,8 +171,14 @@ class Method:
             return entry[2]
         if torch.is_grad_enabled() and (entry is not None or not self._ready):
             # a training forward with nothing made for it, or made from weights since changed: a new step
-            self._ready = {other: (mod.weight, mod.weight._version, make(other, mod))
-                           for other, mod in self.ctx.layers.items() if other != name}
+            others = [(other, mod) for other, mod in self.ctx.layers.items() if other != name]
+            sizes = [mod.weight.numel() for _, mod in others]
+            if split and all(mod.weight.is_cpu for _, mod in others) and max(sizes, default=0) <= MAX_ENTRIES:
+                made = split_map(lambda item: make(*item), others, sizes)
+            else:
+                made = [make(other, mod) for other, mod in others]
+            self._ready = {other: (mod.weight, mod.weight._version, result)
+                           for (other, mod), result in zip(others, made)}
         return make(name, module)
 
     def hold_for_forward(self, name: str, module: nn.Module, made: Any) -> None:

@@ -295,8 +295,10 @@ class BiMask(Method):
     def layer_forward(self, name, module, x):
         # every layer's operands at a step's first training forward (per_forward); traced, this layer's own
         compiling = torch.compiler.is_compiling()
-        fmask, _, w_f, w_b = self._operands(name, module) if compiling else self.per_forward(name, module,
-                                                                                              self._operands)
+        if not compiling and name not in self.perms:
+            self._search(0)         # here, not in a make that per_forward may run on another thread
+        fmask, _, w_f, w_b = self._operands(name, module) if compiling else self.per_forward(
+            name, module, self._operands, split=self.ctx.pattern.m == 4)    # M = 4: compiled kernels' work
         conv = None
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros":
