@@ -110,9 +110,10 @@ def split_map(fn: Callable[[T], R], items: Sequence[T], sizes: Sequence[int]) ->
     masks SR-STE and Bi-Mask make for every layer at each step): one layer alone is too small to pay a
     parallel kernel's wake-up (under `fused._PARALLEL_ENTRIES`, on the GPT's 16K-65K-entry layers), the whole
     loop is not. On the GPT (16 layers, 786K entries) two threads made Bi-Mask's operands of every layer in
-    1.54 ms against 2.12 ms on one. Below the size it costs more than it saves (LeNet-5's three layers,
-    62K entries: SR-STE's step 1.06 → 1.07-1.08x dense); not for torch's own operations, which take torch's
-    threads themselves (a held mask's product: no gain, and twice the threads).
+    1.54 ms against 2.12 ms on one. Smaller jobs gain less than the handoff costs: on the ViT-Tiny (24
+    layers, 200K entries) SR-STE's and Bi-Mask's steps moved within noise either way, on LeNet-5 (three
+    layers, 62K entries) SR-STE's went from 1.06 to 1.07-1.08x dense. Not for torch's own operations,
+    which take torch's threads themselves (a held mask's product: no gain, and twice the threads).
 
     ``fn`` must be safe to run on another thread with other items: each item's work its own (its results do
     not depend on which thread runs it, so they are what one thread makes, bit for bit). The other thread runs

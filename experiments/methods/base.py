@@ -173,12 +173,15 @@ class Method:
             # a training forward with nothing made for it, or made from weights since changed: a new step
             others = [(other, mod) for other, mod in self.ctx.layers.items() if other != name]
             sizes = [mod.weight.numel() for _, mod in others]
-            if split and all(mod.weight.is_cpu for _, mod in others) and max(sizes, default=0) <= MAX_ENTRIES:
-                made = split_map(lambda item: make(*item), others, sizes)
+            shared = split and all(mod.weight.is_cpu for _, mod in others) and max(sizes, default=0) <= MAX_ENTRIES
+            if shared:      # this layer's too, so that the two threads share all of the step's work
+                *made, own = split_map(lambda item: make(*item), others + [(name, module)], sizes + [weight.numel()])
             else:
                 made = [make(other, mod) for other, mod in others]
             self._ready = {other: (mod.weight, mod.weight._version, result)
                            for (other, mod), result in zip(others, made)}
+            if shared:
+                return own
         return make(name, module)
 
     def hold_for_forward(self, name: str, module: nn.Module, made: Any) -> None:
