@@ -75,6 +75,22 @@ def test_ctrl_c_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch, me
     _assert_same_run(tmp_path / "ref", out)
 
 
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_a_fused_optimizer_resumes_bit_identical(tmp_path, monkeypatch, optim):
+    """`optim.fused: true`: the fused kernel's state (its step counts are tensors) comes back from the
+    checkpoint, and the resumed run ends as the uninterrupted one, bit for bit."""
+    extra = ["--method", "srste", f"optim.name={optim}", "optim.fused=true"]
+    extra += ["optim.lr=0.005"] if optim == "adamw" else []
+    ref = _run(tmp_path / "ref", *extra)
+    assert ref.exit_code == 0, ref.stderr
+    with monkeypatch.context() as m:
+        interrupt_at(m, 10)
+        assert _run(tmp_path / "cut", *extra).exit_code == 130
+    assert resume(tmp_path / "cut").exit_code == 0
+    _assert_same_run(tmp_path / "ref", tmp_path / "cut")
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"][0]["fused"]
+
+
 SLOW_CHILD = """
 import sys, time
 from nmtrain.experiments import runner
