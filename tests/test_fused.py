@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nmtrain.experiments.methods.base import pruned_decay
+from nmtrain.experiments.methods.transposable import bound_pruned
 from nmtrain.sparsity import grouped, nm_mask
 from nmtrain.sparsity.layout import from_matrix, to_matrix
 from nmtrain.sparsity import mvue as mvue_module
@@ -90,18 +91,30 @@ def test_fused_bound_is_the_formula_bit_for_bit(dtype, shape, layout, m, n):
     assert torch.equal(_bits(made), _bits(want * keep)) and not made.isnan().any()
 
 
+@pytest.mark.parametrize("shape, layout", [((8, 16), "nhwc"), ((8, 4, 2, 2), "nhwc")])   # one pass; `_bound`
 @pytest.mark.parametrize("special", ["kept all zero", "kept NaN", "pruned NaN"])
-def test_a_nan_or_a_group_whose_cap_is_zero_is_left_to_the_formula(special):
-    w = torch.randn(8, 16)
-    keep = nm_mask(w, 2, 4)
-    if special == "kept all zero":          # every kept weight of one group
-        w[3, :4] = torch.where(keep[3, :4], torch.tensor(0.0), w[3, :4])
+def test_a_nan_or_a_group_whose_cap_is_zero_is_left_to_the_formula(special, shape, layout):
+    """Such a group is the formula's (torch's clamp decides NaN bits and signed zeros its own way): the kernel
+    says False and leaves it as it was, and the formula run after it (`bound_pruned`) gives, bit for bit, what
+    the formula alone gives, whatever the kernel did to the other groups."""
+    w = torch.randn(shape)
+    keep = nm_mask(w, 2, 4, layout)
+    w = w * torch.where(keep, 1.0, 5.0)                     # pruned weights outgrow the kept ones
+    wg, dim = grouped(w, 4, layout)
+    eg, _ = grouped(keep, 4, layout)
+    at = tuple(slice(None) if i == dim else (3 if i == 0 else 0) for i in range(wg.dim()))     # one group
+    if special == "kept all zero":          # every kept weight of the group
+        wg[at] = torch.where(eg[at], torch.tensor(0.0), wg[at])
     else:
-        w[3, :4] = torch.where(keep[3, :4] == (special == "kept NaN"), torch.tensor(float("nan")), w[3, :4])
-    before = w.clone()
-    assert not clamp_pruned_(w, keep, 4, "nhwc")
-    assert clamp_pruned_masked_(w, keep, 4, "nhwc") is None
-    assert torch.equal(_bits(w), _bits(before))
+        wg[at] = torch.where(eg[at] == (special == "kept NaN"), torch.tensor(float("nan")), wg[at])
+    want = _bound_formula(w, keep, 4, layout)
+    for call in (clamp_pruned_, clamp_pruned_masked_):
+        got = w.clone()
+        assert call(got, keep, 4, layout) in (False, None)
+        assert torch.equal(_bits(grouped(got, 4, layout)[0][at]), _bits(wg[at]))       # the group as it was
+        bound_pruned(got, keep, 4, layout)          # the kernel again, then the formula
+        assert torch.equal(_bits(got), _bits(want))
+        assert not torch.equal(_bits(got), _bits(w))        # the other groups were clamped
 
 
 @pytest.mark.parametrize("case", ["float16", "not contiguous", "too large", "mask of another shape", "float mask",
@@ -124,8 +137,9 @@ def test_where_the_kernels_do_not_serve_nothing_changes(case):
         keep = keep.float()
     before_w, before_g = w.clone(), grad.detach().clone()
     assert not add_pruned_decay_(grad, w, keep, 0.1)
-    assert not clamp_pruned_(w, keep, 4, "nhwc")
-    assert clamp_pruned_masked_(w, keep, 4, "nhwc") is None
+    if case != "gradient in a graph":       # the bound takes no gradient: there it serves
+        assert not clamp_pruned_(w, keep, 4, "nhwc")
+        assert clamp_pruned_masked_(w, keep, 4, "nhwc") is None
     assert torch.equal(w, before_w) and torch.equal(grad.detach(), before_g)
 
 
