@@ -254,16 +254,16 @@ def _clamp_pruned(weight: torch.Tensor, keep: torch.Tensor, m: int, layout: str,
     flat, keep_bytes = _flat(w), _bytes(keep)
     out = torch.empty_like(w) if product else None
     target = flat[:0] if out is None else _flat(out)        # an empty target: no product
-    if m == 4 and b == 1:           # groups of 4 consecutive entries, one pass
-        special = _bound4(flat, keep_bytes, target)
-        # written through numpy: tell autograd and version-keyed caches (accel's compressed operands) it changed
-        torch.autograd.graph.increment_version(weight)
-        return not special, None if special else out
-    a = w.numel() // (m * b)
-    if not _bound(flat, keep_bytes, a, m, b, np.zeros(a * b, dtype=flat.dtype), target):
-        return False, None
+    if m == 4 and b == 1:           # groups of 4 consecutive entries, one pass (writes even where not served)
+        served = not _bound4(flat, keep_bytes, target)
+    else:                           # writes nothing where not served
+        a = w.numel() // (m * b)
+        served = _bound(flat, keep_bytes, a, m, b, np.zeros(a * b, dtype=flat.dtype), target)
+        if not served:
+            return False, None
+    # written through numpy: tell autograd and version-keyed caches (accel's compressed operands) it changed
     torch.autograd.graph.increment_version(weight)
-    return True, out
+    return served, out if served else None
 
 
 # ------------------------------------------------------------------------------------------------
