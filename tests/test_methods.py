@@ -238,12 +238,13 @@ def _trained_on_threads(method: str, split_entries: int, monkeypatch, pattern="2
     thread took."""
     monkeypatch.setattr(threads, "SPLIT_ENTRIES", split_entries)
     jobs = []
-    original = threads._other_thread
+    pool = threads._other_thread()
 
-    def counted():
-        pool = original()
-        return type("Counted", (), {"submit": lambda self, *a: jobs.append(1) or pool.submit(*a)})()
-    monkeypatch.setattr(threads, "_other_thread", counted)
+    class Counted:                          # the other thread, counting the jobs it is given
+        def submit(self, *args):
+            jobs.append(args)
+            return pool.submit(*args)
+    monkeypatch.setattr(threads, "_other_thread", Counted)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
