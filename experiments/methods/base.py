@@ -172,16 +172,13 @@ class Method:
         if torch.is_grad_enabled() and (entry is not None or not self._ready):
             # a training forward with nothing made for it, or made from weights since changed: a new step
             others = [(other, mod) for other, mod in self.ctx.layers.items() if other != name]
-            sizes = [mod.weight.numel() for _, mod in others]
-            shared = split and all(mod.weight.is_cpu for _, mod in others) and max(sizes, default=0) <= MAX_ENTRIES
-            if shared:      # this layer's too, so that the two threads share all of the step's work
-                *made, own = split_map(lambda item: make(*item), others + [(name, module)], sizes + [weight.numel()])
-            else:
-                made = [make(other, mod) for other, mod in others]
-            self._ready = {other: (mod.weight, mod.weight._version, result)
-                           for (other, mod), result in zip(others, made)}
-            if shared:
+            every = others + [(name, module)]       # this layer's too: the two threads share all of the step's work
+            if split and all(mod.weight.is_cpu and mod.weight.numel() <= MAX_ENTRIES for _, mod in every):
+                *made, own = split_map(lambda item: make(*item), every, [mod.weight.numel() for _, mod in every])
+                self._ready = {other: (mod.weight, mod.weight._version, result)
+                               for (other, mod), result in zip(others, made)}
                 return own
+            self._ready = {other: (mod.weight, mod.weight._version, make(other, mod)) for other, mod in others}
         return make(name, module)
 
     def hold_for_forward(self, name: str, module: nn.Module, made: Any) -> None:
