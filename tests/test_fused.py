@@ -16,7 +16,7 @@ from nmtrain.sparsity.layout import from_matrix, to_matrix
 from nmtrain.sparsity import mvue as mvue_module
 from nmtrain.sparsity import nm as nm_module
 from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_threshold
-from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask, ste_nm
+from nmtrain.experiments.methods.ste import LINK_ENTRIES, masked_weight, product, ste_mask, ste_nm, straight_through
 from nmtrain.sparsity.errors import SparsityError
 from nmtrain.sparsity.fused import (MAX_ENTRIES, add_masked_decay_, add_pruned_decay_, clamp_pruned_,
                                     clamp_pruned_masked_, bimask_operands4, column_nm4_mask,
@@ -291,6 +291,50 @@ def test_ste_nm_is_ste_mask_of_nm_mask_forward_and_backward():
         assert torch.equal(a.grad, b.grad) and torch.equal(a.grad, grad.reshape(layout_shape))  # straight through
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(8, 16), (16, 8, 2, 2)])
+def test_straight_through_is_the_functions_values_and_gradient_by_autograds_own_node(dtype, shape):
+    # random and tied weights (zeros of both signs, equal magnitudes), gradients with zeros of both signs
+    w, grad, _ = _inputs(shape, dtype, 11)
+    w.view(-1)[5::9] = 0.75
+    w.view(-1)[6::9] = -0.75
+    keep, made = nm_mask_and_product(w, 2, 4, "nhwc")
+    a, b, c = (w.clone().requires_grad_() for _ in range(3))
+    joined = straight_through(a, made)
+    # autograd's clone node, no Python Function's: what a layer's backward no longer pays
+    assert type(joined.grad_fn).__name__ == "CloneBackward0" and joined.requires_grad
+    by_ste_nm, mask = ste_nm(b, 2, 4, "nhwc")
+    by_ste_mask = ste_mask(c, keep, made=made)
+    assert torch.equal(mask, keep)
+    for out in (by_ste_nm, by_ste_mask, ste_nm(a, 2, 4, "nhwc", (keep, joined))[0], ste_mask(a, keep, made=joined)):
+        assert torch.equal(_bits(out.detach()), _bits(joined.detach()))
+    assert ste_nm(a, 2, 4, "nhwc", (keep, joined))[0] is joined and ste_mask(a, keep, made=joined) is joined
+    for leaf, out in ((a, joined), (b, by_ste_nm), (c, by_ste_mask)):
+        out.backward(grad)
+        assert torch.equal(_bits(leaf.grad), _bits(grad))        # straight through, bit for bit
+    # with SR-STE's decay in the backward the Function runs, even on a joined operand
+    d = w.clone().requires_grad_()
+    ste_mask(d, keep, 2e-4, made=straight_through(d, made)).backward(grad)
+    assert torch.equal(d.grad, grad + 2e-4 * (w * ~keep))
+
+
+def test_straight_through_leaves_the_function_where_it_costs_more_or_cannot_serve():
+    small = torch.randn(16, 32, requires_grad=True)
+    made = nm_mask_and_product(small, 2, 4, "nhwc")[1]
+    joined = straight_through(small, made)
+    assert joined.requires_grad and straight_through(small, joined) is joined      # joined once
+    with torch.no_grad():                                   # nothing records a gradient
+        assert straight_through(small, made) is made
+    frozen = small.detach()                                 # a weight that takes none
+    assert straight_through(frozen, made) is made
+    # from torch's parallel grain on the clone would wake its threads and the Function costs less
+    large = torch.randn(LINK_ENTRIES // 64, 64, requires_grad=True)
+    made_large = nm_mask_and_product(large, 2, 4, "nhwc")[1]
+    assert straight_through(large, made_large) is made_large
+    below = torch.randn(LINK_ENTRIES // 64 - 1, 64, requires_grad=True)
+    assert straight_through(below, nm_mask_and_product(below, 2, 4, "nhwc")[1]).requires_grad
 
 
 def test_ste_nms_backward_makes_no_gradient_for_its_mask():

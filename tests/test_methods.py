@@ -232,6 +232,50 @@ def test_sr_ste_forward_weights_made_together_are_the_ones_made_alone():
         assert torch.equal(layers[name].weight, alone[name].weight)
 
 
+def _weight_nodes(loss: torch.Tensor, weights: list[torch.Tensor]) -> list[str]:
+    """The autograd node that hands each of ``weights`` its gradient in ``loss``'s graph, by its type's name."""
+    found, seen, todo = {}, set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for after, _ in node.next_functions:
+            for i, weight in enumerate(weights):
+                if after is not None and getattr(after, "variable", None) is weight:
+                    found[i] = type(node).__name__
+            todo.append(after)
+    return [found.get(i) for i in range(len(weights))]
+
+
+@pytest.mark.parametrize("method, params, function", [
+    ("srste", {}, "_STENMBackward"), ("transposable", {}, "_STEMaskBackward"),
+    ("maskdecay", {"mvue_dw": False}, "_STEMaskBackward"), ("sste", {}, "_SoftThresholdBackward"),
+    ("pgf", {}, "_DecayedMaskBackward")])
+def test_a_small_layers_straight_through_weight_takes_autograds_own_node(method, params, function):
+    """A layer below `ste.LINK_ENTRIES` weights gets its straight-through forward weight through autograd's clone
+    node, joined where the step's operands are made (SR-STE's at the first forward, transposable's in its bound's
+    pass after the optimizer step); a larger one through the method's Python Function. Either is the same
+    bits (tests/test_fused.py, tests/test_step_identity.py)."""
+    from nmtrain.experiments.methods.ste import LINK_ENTRIES
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, LINK_ENTRIES // 64), nn.ReLU(), nn.Linear(LINK_ENTRIES // 64, 16), nn.ReLU(),
+                          nn.Linear(16, 4))
+    x, y = torch.randn(8, 64), torch.randint(0, 4, (8,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with sparsify(model, method, "2:4", opt, keep_first_dense=False, total_steps=100, **params) as handle:
+        assert {"0", "2"} <= set(handle.layers)
+        for _ in range(3):          # the first step makes its own operands; transposable's later ones are held
+            handle.begin_step()
+            loss = nn.functional.cross_entropy(model(x), y)
+            assert _weight_nodes(loss, [model[0].weight, model[2].weight]) == [function, "CloneBackward0"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            assert model[2].weight.grad is not None
+            opt.step()
+
+
 def _trained_on_threads(method: str, split_entries: int, monkeypatch, pattern="2:4") -> tuple[list, list, int]:
     """Weights and masks after 4 SGD steps of ``method`` through `nmtrain.sparsify`, on torch's two threads, with
     `threads.split_map` sharing the layers' makes from ``split_entries`` entries on; and how many jobs the other

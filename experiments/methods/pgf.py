@@ -69,6 +69,7 @@ from ...sparsity import Pattern, nm_mask
 from ...sparsity.fused import decayed
 from ..rules import FRACTION, Choice, above, param
 from .base import Capabilities, Method, MethodError, register_method
+from .ste import linked, straight_through
 
 SCHEDULES = ("mdgf", "sdgf")
 DECAYS = ("exp", "linear")
@@ -141,7 +142,10 @@ class _DecayedMask(torch.autograd.Function):
 def decayed_mask(weight: torch.Tensor, mask: torch.Tensor, value: float | torch.Tensor,
                  made: torch.Tensor | None = None) -> torch.Tensor:
     """``W * (E + (1 - E) * value)``, straight through; ``value`` a float or a 0-dim tensor (`PGF._value`).
-    ``made``: that product (detached), made already for this weight, mask and value (`Method.per_forward`)."""
+    ``made``: that product made already for this weight, mask and value (`Method.per_forward`): detached, or
+    joined to the weight's gradient already (`ste.straight_through`), and then the forward weight itself."""
+    if linked(made):
+        return made
     return _DecayedMask.apply(weight, mask, value, made)
 
 
@@ -206,7 +210,9 @@ class PGF(Method):
     def _decayed(self, name: str, module: nn.Module) -> tuple:
         w = module.weight.detach()
         mask = nm_mask(w, self._kept, self.pattern.m, self.ctx.layout)
-        return self._kept, self._value._version, mask, decayed_weight(w, mask, self._value)
+        # a small layer's joined to its weight's gradient by autograd's own node (`ste.straight_through`)
+        made = straight_through(module.weight, decayed_weight(w, mask, self._value))
+        return self._kept, self._value._version, mask, made
 
     # --- results ----------------------------------------------------------------------------------
     def masks(self):

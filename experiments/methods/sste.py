@@ -49,6 +49,7 @@ from torch import nn
 from ...sparsity import Pattern, fold_mask, from_matrix, to_matrix
 from ...sparsity.fused import soft_threshold4
 from .base import Capabilities, Method, register_method
+from .ste import linked, straight_through
 
 
 @dataclass
@@ -140,11 +141,15 @@ class SSTE(Method):
         if not torch.compiler.is_compiling():   # every layer's at a step's first training forward (per_forward)
             used, made = self.per_forward(name, module, self._thresholded)
             made = made if used is beta else None
+            if linked(made):                    # joined to the weight's gradient already: the same bits
+                return made
         return _SoftThreshold.apply(module.weight, beta, p.n, p.m, self.ctx.layout, made)
 
     def _thresholded(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        # a small layer's joined to its weight's gradient by autograd's own node (`ste.straight_through`)
         p, beta = self.pattern, self.beta(name)
-        return beta, scaled_soft_threshold(module.weight.detach(), beta, p.n, p.m, self.ctx.layout)
+        made = scaled_soft_threshold(module.weight.detach(), beta, p.n, p.m, self.ctx.layout)
+        return beta, straight_through(module.weight, made)
 
     @torch.no_grad()
     def deployed_weight(self, name, module, mask):

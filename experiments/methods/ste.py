@@ -83,10 +83,49 @@ def product(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values * mask if out is None else out
 
 
+# Below torch's parallel grain (at::internal::GRAIN_SIZE, in entries) a copy is one serial pass: there a layer's
+# straight-through product goes through autograd's own node (`straight_through`), above it through a Function.
+LINK_ENTRIES = 32768
+
+
+def straight_through(weight: torch.Tensor, made: torch.Tensor) -> torch.Tensor:
+    """``made`` (``W * E`` of ``weight``, detached) as the forward weight whose gradient passes straight through to
+    ``weight`` by autograd's own node: ``weight.clone()``, whose backward hands the gradient on as it comes, with
+    ``made``'s values copied in. The same values and the same gradient, bit for bit, as `ste_mask` and `ste_nm`
+    give with ``made``. ``made`` itself where the Function is the better path or the only one: a weight of
+    `LINK_ENTRIES` entries or more, one that takes no gradient, grad mode off, or traced by torch.compile.
+
+    Why: a Python Function's node costs its layer 10-15 µs a backward, run cold between the GEMMs (the engine
+    takes the GIL and calls ``backward``), and its forward's call more; the clone's node is C++. A small layer's
+    clone and copy cost less than that: on ViT-Tiny, whose 16 sparse layers hold 4K-16K weights, the steps of
+    SR-STE and its kin took about 1-2% less. A large layer's clone wakes torch's threads and streams the weight
+    twice more: there the Function costs less (the GPT's SR-STE step, every layer joined: 1-1.5% longer).
+
+    Best made with the step's other operands (`Method.per_forward`, one warm loop over the layers): joined at
+    the forward itself, cold, it saved about half as much. A weight the forward takes from transposable's bound
+    is joined at the forward: joined in the bound's pass, after the optimizer step, the cold clone of LeNet-5's
+    few layers cost that step more than the forward saved. ``made`` already joined is returned as it is."""
+    if (linked(made) or weight.numel() >= LINK_ENTRIES or not (weight.requires_grad and torch.is_grad_enabled())
+            or torch.compiler.is_compiling()):
+        return made
+    out = weight.clone()
+    with torch.no_grad():
+        out.copy_(made)
+    return out
+
+
+def linked(made: torch.Tensor | None) -> bool:
+    """Whether ``made`` is `straight_through`'s: a forward weight already joined to its weight's gradient."""
+    return made is not None and made.requires_grad
+
+
 def ste_mask(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0,
              made: torch.Tensor | None = None) -> torch.Tensor:
     """``W * mask`` forward, the gradient straight through (plus SR-STE's ``decay`` term where it is given).
-    ``made``: ``W * mask`` (detached) made already for this weight and mask (`Method.per_forward`)."""
+    ``made``: ``W * mask`` made already for this weight and mask (`Method.per_forward`): detached, or joined to
+    the weight's gradient already (`straight_through`, without ``decay``), and then the forward weight itself."""
+    if not decay and linked(made):
+        return made
     return _STEMask.apply(weight, mask, decay, made)
 
 
@@ -96,10 +135,13 @@ def ste_nm(weight: torch.Tensor, n: int, m: int, layout: str,
     ``weight`` (`sparsity.nm_mask`), the gradient straight through. The same values as ``ste_mask(weight,
     nm_mask(weight, ...))``, in one call and, at M = 4 on a CPU, one pass over the weight where those take two,
     each with its own Python on the way. ``made``: ``(E, W * E)`` as `sparsity.nm_mask_and_product` gave them
-    for this weight already (`Method.per_forward`)."""
+    for this weight already (`Method.per_forward`), ``W * E`` perhaps joined to the weight's gradient already
+    (`straight_through`)."""
     if torch.compiler.is_compiling():       # traced: the two tensor formulas
         mask = nm_mask(weight.detach(), n, m, layout)
         return ste_mask(weight, mask), mask
+    if made is not None and linked(made[1]):
+        return made[1], made[0]
     return _STENM.apply(weight, n, m, layout, made)
 
 
