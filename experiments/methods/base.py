@@ -22,7 +22,7 @@ from ...sparsity.fused import MAX_ENTRIES, add_pruned_decay_
 from ...sparsity.threads import split_map
 from ..errors import ExperimentError
 from ..layers import gemm, route_forward, unroute_forward
-from .ste import change_rate, product, ste_mask, ste_nm, straight_through
+from .ste import change_rate, product, ste_mask, ste_nm
 from .wgrad import WeightGradSampler, mvue_gemm
 
 
@@ -133,11 +133,10 @@ class Method:
     def masked_nm_with_decay(self, name: str, module: nn.Module, pattern: Pattern, decay: float) -> torch.Tensor:
         """`masked_with_decay` with the row-wise N:M magnitude mask of the layer's current weights (SR-STE's and
         its kin's, recomputed at every forward), the mask and ``W ⊙ mask`` made together (`ste.ste_nm`), every
-        layer's at a step's first training forward (`per_forward`), a small layer's joined to its weight's
-        gradient there (`ste.straight_through`)."""
+        layer's at a step's first training forward (`per_forward`)."""
         layout = self.ctx.layout
         made = None if torch.compiler.is_compiling() else self.per_forward(
-            name, module, lambda _name, mod: _nm_joined(mod.weight, pattern, layout),
+            name, module, lambda _name, mod: nm_mask_and_product(mod.weight, pattern.n, pattern.m, layout),
             split=pattern.m == 4)       # M = 4: a compiled kernel's work (else torch's topk, on torch's threads)
         out, mask = ste_nm(module.weight, pattern.n, pattern.m, layout, made)
         self.note_decay(name, module, mask, decay)
@@ -351,14 +350,13 @@ class StoredMaskMethod(Method):
     def masked_held_with_decay(self, name: str, module: nn.Module, decay: float) -> torch.Tensor:
         """`masked_with_decay` with the layer's held mask (``self.mask(name)``: one kept between updates), every
         layer's ``W ⊙ mask`` made at a step's first training forward (`per_forward`; each with the mask it was
-        made with, and made again here if the mask has since changed), a small layer's joined to its weight's
-        gradient (`ste.straight_through`: there, or here for one the bound made and held)."""
+        made with, and made again here if the mask has since changed)."""
         mask = self.mask(name)
         if not torch.compiler.is_compiling():
             used, version, made = self.per_forward(name, module, self._held_product)
             if used is mask and version == mask._version:
                 self.note_decay(name, module, mask, decay)
-                return ste_mask(module.weight, mask, made=straight_through(module.weight, made))
+                return ste_mask(module.weight, mask, made=made)
         return self.masked_with_decay(name, module, mask, decay)
 
     def hold_product(self, name: str, module: nn.Module, product: torch.Tensor) -> None:
@@ -372,7 +370,7 @@ class StoredMaskMethod(Method):
         # 1.7 ms through the cast mask and torch's product. (The masked gradient of fixed and unstructured stays
         # autograd's product with the cast: its C++ backward measured 1.3 ms a step less than a Function's.)
         mask = self.mask(name)
-        return mask, mask._version, straight_through(module.weight, product(module.weight.detach(), mask))
+        return mask, mask._version, product(module.weight.detach(), mask)
 
     def masks(self):
         if not self._masks:
@@ -491,13 +489,6 @@ def attach(method: str | type[Method], layers: dict[str, nn.Module], pattern: Pa
         yield instance
     finally:
         unroute_forward(instance.ctx.layers)
-
-
-def _nm_joined(weight: torch.Tensor, pattern: Pattern, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`nm_mask_and_product` of ``weight``, its ``W ⊙ E`` joined to the weight's gradient where that pays
-    (`ste.straight_through`): the straight-through forward weight itself, which `ste_nm` hands on."""
-    keep, made = nm_mask_and_product(weight, pattern.n, pattern.m, layout)
-    return keep, straight_through(weight, made)
 
 
 def pruned_decay(weight: torch.Tensor, keep: torch.Tensor, decay: float) -> torch.Tensor:

@@ -142,10 +142,12 @@ class _DecayedMask(torch.autograd.Function):
 def decayed_mask(weight: torch.Tensor, mask: torch.Tensor, value: float | torch.Tensor,
                  made: torch.Tensor | None = None) -> torch.Tensor:
     """``W * (E + (1 - E) * value)``, straight through; ``value`` a float or a 0-dim tensor (`PGF._value`).
-    ``made``: that product made already for this weight, mask and value (`Method.per_forward`): detached, or
-    joined to the weight's gradient already (`ste.straight_through`), and then the forward weight itself."""
-    if linked(made):
-        return made
+    ``made``: that product (detached), made already for this weight, mask and value (`Method.per_forward`); a
+    small layer's is joined to the weight's gradient here (`ste.straight_through`) rather than taking the Function."""
+    if made is not None:
+        made = straight_through(weight, made)
+        if linked(made):
+            return made
     return _DecayedMask.apply(weight, mask, value, made)
 
 
@@ -210,9 +212,7 @@ class PGF(Method):
     def _decayed(self, name: str, module: nn.Module) -> tuple:
         w = module.weight.detach()
         mask = nm_mask(w, self._kept, self.pattern.m, self.ctx.layout)
-        # a small layer's joined to its weight's gradient by autograd's own node (`ste.straight_through`)
-        made = straight_through(module.weight, decayed_weight(w, mask, self._value))
-        return self._kept, self._value._version, mask, made
+        return self._kept, self._value._version, mask, decayed_weight(w, mask, self._value)
 
     # --- results ----------------------------------------------------------------------------------
     def masks(self):

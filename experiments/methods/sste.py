@@ -141,15 +141,15 @@ class SSTE(Method):
         if not torch.compiler.is_compiling():   # every layer's at a step's first training forward (per_forward)
             used, made = self.per_forward(name, module, self._thresholded)
             made = made if used is beta else None
-            if linked(made):                    # joined to the weight's gradient already: the same bits
-                return made
+            if made is not None:    # a small layer's through autograd's own node (`ste.straight_through`)
+                made = straight_through(module.weight, made)
+                if linked(made):
+                    return made
         return _SoftThreshold.apply(module.weight, beta, p.n, p.m, self.ctx.layout, made)
 
     def _thresholded(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        # a small layer's joined to its weight's gradient by autograd's own node (`ste.straight_through`)
         p, beta = self.pattern, self.beta(name)
-        made = scaled_soft_threshold(module.weight.detach(), beta, p.n, p.m, self.ctx.layout)
-        return beta, straight_through(module.weight, made)
+        return beta, scaled_soft_threshold(module.weight.detach(), beta, p.n, p.m, self.ctx.layout)
 
     @torch.no_grad()
     def deployed_weight(self, name, module, mask):

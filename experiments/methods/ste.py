@@ -101,10 +101,10 @@ def straight_through(weight: torch.Tensor, made: torch.Tensor) -> torch.Tensor:
     SR-STE and its kin took about 1-2% less. A large layer's clone wakes torch's threads and streams the weight
     twice more: there the Function costs less (the GPT's SR-STE step, every layer joined: 1-1.5% longer).
 
-    Best made with the step's other operands (`Method.per_forward`, one warm loop over the layers): joined at
-    the forward itself, cold, it saved about half as much. A weight the forward takes from transposable's bound
-    is joined at the forward: joined in the bound's pass, after the optimizer step, the cold clone of LeNet-5's
-    few layers cost that step more than the forward saved. ``made`` already joined is returned as it is."""
+    Joined at the layer's own forward, where the Function's node was made. Joined in `Method.per_forward`'s
+    loop instead, warm, ViT-Tiny's steps gained about 0.5% more but the GPT's SR-STE step read 0.7% longer
+    (its four small layers); joined in transposable's bound, after the optimizer step, LeNet-5's step read
+    0.5-1% longer. ``made`` already joined is returned as it is."""
     if (linked(made) or weight.numel() >= LINK_ENTRIES or not (weight.requires_grad and torch.is_grad_enabled())
             or torch.compiler.is_compiling()):
         return made
@@ -122,10 +122,13 @@ def linked(made: torch.Tensor | None) -> bool:
 def ste_mask(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0,
              made: torch.Tensor | None = None) -> torch.Tensor:
     """``W * mask`` forward, the gradient straight through (plus SR-STE's ``decay`` term where it is given).
-    ``made``: ``W * mask`` made already for this weight and mask (`Method.per_forward`): detached, or joined to
-    the weight's gradient already (`straight_through`, without ``decay``), and then the forward weight itself."""
-    if not decay and linked(made):
-        return made
+    ``made``: ``W * mask`` (detached) made already for this weight and mask (`Method.per_forward`); without
+    ``decay``, a small layer's is joined to the weight's gradient here (`straight_through`) rather than taking
+    the Function."""
+    if made is not None and not decay:
+        made = straight_through(weight, made)
+        if linked(made):
+            return made
     return _STEMask.apply(weight, mask, decay, made)
 
 
@@ -135,13 +138,15 @@ def ste_nm(weight: torch.Tensor, n: int, m: int, layout: str,
     ``weight`` (`sparsity.nm_mask`), the gradient straight through. The same values as ``ste_mask(weight,
     nm_mask(weight, ...))``, in one call and, at M = 4 on a CPU, one pass over the weight where those take two,
     each with its own Python on the way. ``made``: ``(E, W * E)`` as `sparsity.nm_mask_and_product` gave them
-    for this weight already (`Method.per_forward`), ``W * E`` perhaps joined to the weight's gradient already
-    (`straight_through`)."""
+    for this weight already (`Method.per_forward`), a small layer's ``W * E`` joined to the weight's gradient
+    here (`straight_through`) rather than taking the Function."""
     if torch.compiler.is_compiling():       # traced: the two tensor formulas
         mask = nm_mask(weight.detach(), n, m, layout)
         return ste_mask(weight, mask), mask
-    if made is not None and linked(made[1]):
-        return made[1], made[0]
+    if made is not None:
+        out = straight_through(weight, made[1])
+        if linked(out):
+            return out, made[0]
     return _STENM.apply(weight, n, m, layout, made)
 
 
