@@ -62,6 +62,13 @@ MKL's square root, whose rare-value path takes each zero of the second moment, o
 (on the GPT, about 1.7 ms of fixed's step and 2.2 ms of unstructured's): the default (unfused) rows carry
 that cost of the optimizer, and the fused rows show what the methods themselves cost.
 
+``--denormals flush`` runs every step with the CPU's denormal numbers taken as zero
+(``torch.set_flush_denormal(True)``, every run alike). An Intel CPU takes arithmetic that meets a denormal
+through a slow microcode path. On the random tokens and labels of this benchmark, STEP's sparse phase drives the
+logits up until their softmax's gradient holds denormals: on the Intel Xeon the GEMMs of its backward then
+slow by up to 10 ms a step (STEP 1.2x dense on the GPT and ViT-Tiny), a cost of the workload, not of the
+method, which this flag takes out. ``keep`` (the default) leaves the arithmetic as ``nmtrain train`` runs it.
+
 ``--model gpt`` trains the language-model task's GPT (4 layers, 128 wide, 4 heads, 64-token windows, a
 byte vocabulary) on random tokens, with the loss of the next token.
 """
@@ -373,7 +380,8 @@ def _report(args, runs: dict, held: dict, device: torch.device, phases: dict) ->
     baseline = next((name for name in runs if not get_method(_method_of(name)[0]).caps.sparse), None)
     optim = f"{args.optim} (fused)" if args.fused else args.optim
     table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {optim}, {device} "
-                        f"({torch.get_num_threads()} threads), {args.steps} interleaved steps, malloc {args.malloc}")
+                        f"({torch.get_num_threads()} threads), {args.steps} interleaved steps, malloc {args.malloc}"
+                        + (", denormals flushed" if args.denormals == "flush" else ""))
     for col in ("method", "median ms / step", "vs dense", f"± sd ({args.blocks} blocks)", "mean ms / step",
                 "vs dense ", "mean vs srste", "fwd/bwd/opt vs dense", "train FLOPs", "held MB", "memory vs dense"):
         table.add_column(col, justify="right", no_wrap=col.startswith("fwd"))
@@ -452,6 +460,9 @@ def main() -> None:
     parser.add_argument("--malloc", default="keep", choices=("keep", "default"),
                         help="keep: glibc's malloc keeps what a step frees, as `nmtrain train` sets it "
                              "(nmtrain.keep_freed_memory); default: glibc's own thresholds")
+    parser.add_argument("--denormals", default="keep", choices=("keep", "flush"),
+                        help="flush: denormal numbers taken as zero (torch.set_flush_denormal), every run alike; "
+                             "keep: the arithmetic as `nmtrain train` runs it")
     parser.add_argument("--order", default="shuffled", choices=("shuffled", "fixed"),
                         help="shuffled: every round of interleaved steps runs the methods in a fresh seeded order; "
                              "fixed: in the listed order")
@@ -472,6 +483,9 @@ def main() -> None:
                          "experiments/) or a folder with an installed nmtrain/ in it")
     if args.malloc == "keep":
         nmtrain.keep_freed_memory()     # else a CPU step may page-fault on what the last one freed, in some processes
+    if args.denormals == "flush" and not torch.set_flush_denormal(True):
+        parser.error("--denormals flush: this CPU has no flush-to-zero mode (torch.set_flush_denormal returned "
+                     "False); leave --denormals keep")
     device = torch.device(args.device)
     labels = _labels(args)
     if args.compile:

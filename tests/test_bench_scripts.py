@@ -158,6 +158,27 @@ def test_train_step_fused_builds_every_optimizer_with_torchs_fused_kernel(tmp_pa
     assert sorted(built) == [("AdamW", True)] * 2 + [("SGD", True)] * 2
 
 
+def test_train_step_denormals_flush_takes_them_as_zero_for_every_run(tmp_path, monkeypatch, capsys):
+    """--denormals flush sets the CPU's flush-to-zero mode before any run is built (and says so in the title and
+    the JSON); by default nothing is set. A CPU without the mode is refused in one line, exit code 2."""
+    bench = _load("train_step")
+    calls = []
+    monkeypatch.setattr(bench.torch, "set_flush_denormal", lambda on: calls.append(on) or True)
+    argv = ["train_step.py", "--model", "mlp", "--image-size", "8", "--batch", "8", "--steps", "2",
+            "--methods", "dense,srste", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    assert calls == [] and json.loads((tmp_path / "train_step.json").read_text())["args"]["denormals"] == "keep"
+    monkeypatch.setattr(sys, "argv", argv + ["--denormals", "flush"])
+    bench.main()
+    assert calls == [True] and json.loads((tmp_path / "train_step.json").read_text())["args"]["denormals"] == "flush"
+    assert "denormals flushed" in capsys.readouterr().out
+    monkeypatch.setattr(bench.torch, "set_flush_denormal", lambda on: False)    # no such mode on this CPU
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2 and "--denormals flush: this CPU has no flush-to-zero mode" in capsys.readouterr().err
+
+
 def test_train_step_times_every_method_against_the_code_before_it(tmp_path, monkeypatch):
     """--before attaches every method a second time through another checkout's nmtrain (here this one): each
     twin is held against dense on its own optimizer, and each method's row gives its time over its twin's
