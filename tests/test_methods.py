@@ -254,9 +254,9 @@ def _weight_nodes(loss: torch.Tensor, weights: list[torch.Tensor]) -> list[str]:
     ("pgf", {}, "_DecayedMaskBackward")])
 def test_a_small_layers_straight_through_weight_takes_autograds_own_node(method, params, function):
     """A layer below `ste.LINK_ENTRIES` weights gets its straight-through forward weight through autograd's clone
-    node, joined where the step's operands are made (SR-STE's at the first forward, transposable's in its bound's
-    pass after the optimizer step); a larger one through the method's Python Function. Either is the same
-    bits (tests/test_fused.py, tests/test_step_identity.py)."""
+    node, joined at its own forward to the product made ahead (at the step's first forward, or transposable's
+    held from its bound's pass: steps 1 and 2); a larger one through the method's Python Function. Either is
+    the same bits (tests/test_fused.py, tests/test_step_identity.py)."""
     from nmtrain.experiments.methods.ste import LINK_ENTRIES
 
     torch.manual_seed(0)
