@@ -98,8 +98,9 @@ def straight_through(weight: torch.Tensor, made: torch.Tensor) -> torch.Tensor:
     Why: a Python Function's node costs its layer 10-15 µs a backward, run cold between the GEMMs (the engine
     takes the GIL and calls ``backward``), and its forward's call more; the clone's node is C++. A small layer's
     clone and copy cost less than that: on ViT-Tiny, whose 16 sparse layers hold 4K-16K weights, the steps of
-    SR-STE and its kin took 0.5-2% less (docs/speed.md). A large layer's clone wakes torch's threads and streams the weight
-    twice more: there the Function costs less (the GPT's SR-STE step, every layer joined: 1-1.5% longer).
+    SR-STE and its kin took 0.5-2% less (docs/speed.md). A large layer's clone wakes torch's threads and
+    streams the weight twice more: there the Function costs less (every layer joined, the GPT's SR-STE step
+    read 1-1.6% longer).
 
     Joined at the layer's own forward, where the Function's node was made. Joined in `Method.per_forward`'s
     loop instead, warm, ViT-Tiny's steps gained about 0.5% more but the GPT's SR-STE step read 0.7% longer
