@@ -69,7 +69,7 @@ from ...sparsity import Pattern, nm_mask
 from ...sparsity.fused import decayed
 from ..rules import FRACTION, Choice, above, param
 from .base import Capabilities, Method, MethodError, register_method
-from .ste import linked, straight_through
+from .ste import joined
 
 SCHEDULES = ("mdgf", "sdgf")
 DECAYS = ("exp", "linear")
@@ -144,10 +144,8 @@ def decayed_mask(weight: torch.Tensor, mask: torch.Tensor, value: float | torch.
     """``W * (E + (1 - E) * value)``, straight through; ``value`` a float or a 0-dim tensor (`PGF._value`).
     ``made``: that product (detached), made already for this weight, mask and value (`Method.per_forward`); a
     small layer's is joined to the weight's gradient here (`ste.straight_through`) rather than taking the Function."""
-    if made is not None:
-        made = straight_through(weight, made)
-        if linked(made):
-            return made
+    if (out := joined(weight, made)) is not None:
+        return out
     return _DecayedMask.apply(weight, mask, value, made)
 
 

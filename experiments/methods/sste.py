@@ -49,7 +49,7 @@ from torch import nn
 from ...sparsity import Pattern, fold_mask, from_matrix, to_matrix
 from ...sparsity.fused import soft_threshold4
 from .base import Capabilities, Method, register_method
-from .ste import linked, straight_through
+from .ste import joined
 
 
 @dataclass
@@ -141,10 +141,8 @@ class SSTE(Method):
         if not torch.compiler.is_compiling():   # every layer's at a step's first training forward (per_forward)
             used, made = self.per_forward(name, module, self._thresholded)
             made = made if used is beta else None
-            if made is not None:    # a small layer's through autograd's own node (`ste.straight_through`)
-                made = straight_through(module.weight, made)
-                if linked(made):
-                    return made
+            if (out := joined(module.weight, made)) is not None:   # through autograd's own node (`ste.joined`)
+                return out
         return _SoftThreshold.apply(module.weight, beta, p.n, p.m, self.ctx.layout, made)
 
     def _thresholded(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

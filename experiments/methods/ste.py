@@ -120,16 +120,21 @@ def linked(made: torch.Tensor | None) -> bool:
     return made is not None and made.requires_grad
 
 
+def joined(weight: torch.Tensor, made: torch.Tensor | None) -> torch.Tensor | None:
+    """`straight_through` of ``made`` where it joins; None where it does not (or nothing was made), and the
+    caller's Function takes ``made``."""
+    out = None if made is None else straight_through(weight, made)
+    return out if linked(out) else None
+
+
 def ste_mask(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0,
              made: torch.Tensor | None = None) -> torch.Tensor:
     """``W * mask`` forward, the gradient straight through (plus SR-STE's ``decay`` term where it is given).
     ``made``: ``W * mask`` (detached) made already for this weight and mask (`Method.per_forward`); without
     ``decay``, a small layer's is joined to the weight's gradient here (`straight_through`) rather than taking
     the Function."""
-    if made is not None and not decay:
-        made = straight_through(weight, made)
-        if linked(made):
-            return made
+    if not decay and (out := joined(weight, made)) is not None:
+        return out
     return _STEMask.apply(weight, mask, decay, made)
 
 
@@ -144,10 +149,8 @@ def ste_nm(weight: torch.Tensor, n: int, m: int, layout: str,
     if torch.compiler.is_compiling():       # traced: the two tensor formulas
         mask = nm_mask(weight.detach(), n, m, layout)
         return ste_mask(weight, mask), mask
-    if made is not None:
-        out = straight_through(weight, made[1])
-        if linked(out):
-            return out, made[0]
+    if made is not None and (out := joined(weight, made[1])) is not None:
+        return out, made[0]
     return _STENM.apply(weight, n, m, layout, made)
 
 
