@@ -32,6 +32,7 @@ _EXPORTS = {
     "OneShotResult": ("nmtrain.experiments.oneshot.inplace", "OneShotResult"),
     "load_compressed": ("nmtrain.experiments.convert", "load_compressed"),
     "keep_freed_memory": ("nmtrain.experiments.memory", "keep_freed_memory"),
+    "AdamW": ("nmtrain.experiments.optim", "AdamW"),
     "ExperimentError": ("nmtrain.experiments.errors", "ExperimentError"),
     "SparsityError": ("nmtrain.sparsity.errors", "SparsityError"),
     "METHODS": ("nmtrain.experiments.catalogue", "METHODS"),
@@ -39,7 +40,7 @@ _EXPORTS = {
 }
 
 __all__ = ["sparsify", "Sparsified", "prune", "oneshot", "OneShotResult", "load_compressed", "masks", "ExperimentError",
-           "SparsityError", "METHODS", "ONESHOT_METHODS", "keep_freed_memory", "__version__"]
+           "SparsityError", "METHODS", "ONESHOT_METHODS", "keep_freed_memory", "AdamW", "__version__"]
 
 
 def __getattr__(name: str):

@@ -56,11 +56,11 @@ names its machine code as this one's does, and the two would share it.
 
     python benchmarks/train_step.py --model gpt --optim adamw --batch 16 --methods dense,srste --before /tmp/old
 
-``--fused`` builds every optimizer with torch's fused kernel (``fused=True``), as a spec's ``optim.fused: true``
-trains: one pass over each parameter, not one per tensor operation. On a CPU under AdamW it also leaves out
-MKL's square root, whose rare-value path takes each zero of the second moment, one per weight a mask prunes
-(on the GPT, about 1.7 ms of fixed's step and 2.2 ms of unstructured's): the default (unfused) rows carry
-that cost of the optimizer, and the fused rows show what the methods themselves cost.
+AdamW is nmtrain's (`experiments.optim.AdamW`, what ``nmtrain train`` builds): torch's numbers bit for bit,
+with the zero second moments of the weights a mask prunes kept off MKL's square root, whose rare-value path
+took each zero (on the GPT, about 2 ms of fixed's and unstructured's steps); a ``--before`` code without it
+runs torch's. ``--fused`` builds every optimizer with torch's fused kernel (``fused=True``), as a spec's
+``optim.fused: true`` trains: one pass over each parameter, not one per tensor operation, and other numbers.
 
 ``--denormals flush`` runs every step with the CPU's denormal numbers taken as zero
 (``torch.set_flush_denormal(True)``, every run alike). An Intel CPU takes arithmetic that meets a denormal
@@ -187,6 +187,15 @@ def _optimizer(label: str, args) -> str:
     return "adamw" if args.optim == "adamw" or takes_adamw_only or twin else "sgd"
 
 
+def _adamw(package) -> type:
+    """The AdamW ``package`` trains with: its own (`experiments.optim.AdamW`: torch's numbers, zero second moments
+    at full speed), or torch's for a code before it had one."""
+    try:
+        return importlib.import_module(f"{package.__name__}.experiments.optim").AdamW
+    except ModuleNotFoundError:
+        return torch.optim.AdamW
+
+
 def _attached_run(label: str, args, device: torch.device, attached: ExitStack, package=nmtrain) -> tuple:
     """(model to step, handle, optimizer, step times) of one method, attached by ``package``'s `sparsify`
     (this ``nmtrain``, or the code of --before) until ``attached`` closes; the model to step is compiled for a
@@ -196,7 +205,7 @@ def _attached_run(label: str, args, device: torch.device, attached: ExitStack, p
     model = _model(args, device)
     fused = True if args.fused else None        # --fused: torch's fused kernel, as `optim.fused: true`
     if _optimizer(label, args) == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=fused)
+        opt = _adamw(package)(model.parameters(), lr=1e-3, weight_decay=0.05, fused=fused)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=fused)
     # the module itself, not the package's lazy public name: that one names `nmtrain` and would be this code

@@ -18,7 +18,7 @@ from nmtrain.sparsity import nm as nm_module
 from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_threshold
 from nmtrain.experiments.methods.ste import LINK_ENTRIES, masked_weight, product, ste_mask, ste_nm, straight_through
 from nmtrain.sparsity.errors import SparsityError
-from nmtrain.sparsity.fused import (MAX_ENTRIES, add_masked_decay_, add_pruned_decay_, clamp_pruned_,
+from nmtrain.sparsity.fused import (MAX_ENTRIES, adam_denominator, add_masked_decay_, add_pruned_decay_, clamp_pruned_,
                                     clamp_pruned_masked_, bimask_operands4, column_nm4_mask,
                                     column_nm4_masked, decayed, masked, mvue24_runs, mvue24_sample, njit, nm4_mask,
                                     nm4_masked, soft_threshold4)
@@ -711,3 +711,79 @@ def test_the_masked_decay_kernel_is_the_formula_bit_for_bit(dtype, shape):
         assert torch.equal(_bits(grad), _bits(expected)) and grad._version > version
     flip = (grad.transpose(0, 1), w.transpose(0, 1), keep.transpose(0, 1))          # not contiguous
     assert not add_masked_decay_(grad, w, keep.float(), alpha) and not add_masked_decay_(*flip, alpha)
+
+
+def _second_moments(n: int, dtype: torch.dtype, seed: int, zeros: float) -> torch.Tensor:
+    """AdamW-like second moments: every float32 exponent (or a float64 spread), a share ``zeros`` of +0, and
+    -0, denormals, Inf and NaN sprinkled in."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.float32:
+        v = torch.randint(0, 0x7F800000, (n,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    else:
+        v = torch.rand(n, generator=g, dtype=dtype) * 10.0 ** torch.randint(-300, 300, (n,), generator=g).to(dtype)
+    v[torch.rand(n, generator=g) < zeros] = 0.0
+    v[3::97] = -0.0
+    v[5::89] = torch.finfo(dtype).tiny / 8           # denormal
+    v[7::401] = float("inf")
+    v[11::409] = float("nan")
+    return v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("zeros", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("n", [1, 17, 4096, 65_537])
+def test_adams_denominator_is_torchs_formula_bit_for_bit(dtype, zeros, n):
+    """VML's own square roots (not correctly rounded, so no other sqrt would do), divided and shifted in the
+    tensor's type; zeros of either sign, denormals, Inf and NaN as torch gives them."""
+    v = _second_moments(n, dtype, seed=n, zeros=zeros)
+    for b, eps in ((1.0, 1e-8), (0.0316227766, 1e-8), (0.7, 1e-5), (3e-3, 0.0)):
+        want = (v.sqrt() / b).add_(eps)
+        got = adam_denominator(v, b, eps)
+        if got is None:             # the sample found no zero: the caller's formula serves
+            assert n == 1 and v.item() != 0
+            continue
+        assert got.dtype == dtype and got.shape == v.shape
+        assert torch.equal(_bits(got), _bits(want))
+
+
+def test_adams_denominator_differs_from_a_correctly_rounded_sqrt():
+    """Why the kernel keeps VML's roots: on this torch some float32 roots are one ulp off IEEE's, and a
+    formula with the CPU's own sqrt would give other bits (skips where VML rounds correctly)."""
+    v = torch.arange(0x3F800000, 0x3F800000 + (1 << 16), dtype=torch.int32).view(torch.float32)
+    ieee = torch.from_numpy(__import__("numpy").sqrt(v.numpy()))
+    if torch.equal(v.sqrt(), ieee):
+        pytest.skip("this build's sqrt rounds correctly here")
+    v[0] = 0.0                      # a pruned weight's moment: the kernel serves
+    assert torch.equal(_bits(adam_denominator(v, 1.0, 0.0)), _bits(v.sqrt()))
+
+
+def test_adams_denominator_serves_where_its_sample_finds_a_zero():
+    """The kernel for moments with zeros (a 2:4 mask's, a sparse unstructured mask's), the formula for a dense
+    gradient's; a zero the sample misses leaves the formula to serve, with the same bits."""
+    g = torch.Generator().manual_seed(3)
+    dense = torch.rand(384, 128, generator=g) + 0.01
+    assert adam_denominator(dense, 0.5, 1e-8) is None
+    two_four = dense.clone().view(-1, 4)
+    two_four[:, 1:3] = 0.0
+    assert adam_denominator(two_four.view(384, 128), 0.5, 1e-8) is not None
+    sparse = dense * (torch.rand(dense.shape, generator=g) > 0.1)
+    assert adam_denominator(sparse, 0.5, 1e-8) is not None
+    missed = dense.clone()
+    missed[100, 7] = 0.0            # far from the four runs of 64 the sample reads
+    assert adam_denominator(missed, 0.5, 1e-8) is None
+
+
+@pytest.mark.parametrize("case", ["float16", "not contiguous", "too large", "empty", "requires grad"])
+def test_where_adams_denominator_does_not_serve_the_formula_does(case):
+    v = _second_moments(64, torch.float32, seed=1, zeros=0.5).reshape(8, 8)
+    if case == "float16":
+        v = v.half()
+    elif case == "not contiguous":
+        v = v.t()
+    elif case == "too large":
+        v = torch.zeros(MAX_ENTRIES + 4)
+    elif case == "empty":
+        v = v[:0]
+    else:
+        v = v.abs().requires_grad_()
+    assert adam_denominator(v, 0.5, 1e-8) is None
