@@ -88,6 +88,39 @@ def test_adamw_is_torchs_adamw_bit_for_bit(dtype, tiny, betas, decay, monkeypatc
     assert not all(torch.equal(p, q) for p, q in zip(ours.parameters(), _model(dtype).parameters()))
 
 
+def test_a_matrix_without_zeros_is_looked_at_again_every_few_steps(monkeypatch):
+    """A dense gradient's moments skip the kernel's look for `LOOK_EVERY` steps; zeros that appear later (a mask
+    that starts pruning) are taken by the kernel from the next look on; the bits are torch's throughout."""
+    asked, served = [], []
+    kernel = fused.adam_denominator
+
+    def counting(v, b, eps):
+        asked.append(v.shape)
+        out = kernel(v, b, eps)
+        served.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fused, "adam_denominator", counting)
+    ours = nn.Linear(64, 64, bias=False)
+    theirs = copy.deepcopy(ours)
+    a, b = AdamW(ours.parameters(), lr=1e-2), torch.optim.AdamW(theirs.parameters(), lr=1e-2)
+    pruned = torch.rand(64, 64, generator=torch.Generator().manual_seed(4)) < 0.5
+    steps = 3 * optim_module.LOOK_EVERY
+    for step in range(steps):
+        for model, opt in ((ours, a), (theirs, b)):
+            opt.zero_grad()
+            model(torch.randn(8, 64, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+            if step >= optim_module.LOOK_EVERY + 3:           # pruning starts: zero gradients from here on
+                model.weight.grad[pruned] = 0.0
+                if step == optim_module.LOOK_EVERY + 3:
+                    opt.state[model.weight]["exp_avg_sq"][pruned] = 0.0     # as if pruned from the start
+            opt.step()
+        assert _same(ours, theirs) and _same_state(a, b)
+    # looks at steps 1 and 17 found none; from the look at step 33 on, the kernel serves every step
+    assert served[:2] == [False, False] and all(served[2:])
+    assert len(asked) == 2 + (steps - 2 * optim_module.LOOK_EVERY)
+
+
 @pytest.mark.parametrize("flags", [{"amsgrad": True}, {"maximize": True}, {"foreach": True}, {"fused": True}])
 def test_what_torch_updates_otherwise_is_torchs_own_update(flags, monkeypatch):
     calls = []
