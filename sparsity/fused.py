@@ -6,7 +6,8 @@ the bound on pruned weights (`methods.transposable.bound_pruned`: five; with the
 masked gradient (`masked`), Bi-Mask's backward mask (`column_nm4_mask`; with its forward mask and both masked
 weights in one call, `bimask_operands4`), S-STE's soft-thresholded weight (`soft_threshold4`), PGF's decayed mask
 (`decayed`) and the MVUE 2:4 sample of a weight gradient's dYᵀ (`mvue24_sample`; a conv's dY where it lies,
-`mvue24_runs`), each one pass.
+`mvue24_runs`), each one pass; and AdamW's denominator over the zero second moments of pruned weights
+(`adam_denominator`, two passes beside torch's own square root).
 
 Why: on a CPU every tensor operation on more than torch's parallel grain (32K entries) wakes the thread
 pool, tens of microseconds each under ``OMP_WAIT_POLICY=PASSIVE``; on a transformer's small layers those
@@ -305,8 +306,7 @@ def adam_denominator(exp_avg_sq: torch.Tensor, bias_correction2_sqrt: float, eps
     """AdamW's ``(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`` as a new tensor, bit for bit, where the
     kernels serve; None where they do not, and the caller runs the formula.
 
-    Why: a pruned weight's gradient is exactly zero (fixed and unstructured masks, BAME's sparse phase), so its
-    second moment is 0, and torch takes a float ``sqrt`` on a CPU through MKL's VML, which sends each zero down
+    Why: a pruned weight's gradient is exactly zero (fixed and unstructured masks), so its second moment is 0, and torch takes a float ``sqrt`` on a CPU through MKL's VML, which sends each zero down
     its rare-value path: 1M zeros take about 2-3 ms against 0.2-0.3 ms for other numbers (the GPT's pruned
     weights: 2.2 ms of a 30 ms step). The square roots here are still VML's own, taken by ``torch.sqrt_`` on a
     copy whose zeros are ones; the zeros' roots, ±0, are put back as the division reads them. Not numpy's or the
