@@ -64,10 +64,12 @@ runs torch's. ``--fused`` builds every optimizer with torch's fused kernel (``fu
 
 ``--denormals flush`` runs every step with the CPU's denormal numbers taken as zero
 (``torch.set_flush_denormal(True)``, every run alike). An Intel CPU takes arithmetic that meets a denormal
-through a slow microcode path. On the random tokens and labels of this benchmark, STEP's sparse phase drives the
-logits up until their softmax's gradient holds denormals: on the Intel Xeon the GEMMs of its backward then
-slow by up to 10 ms a step (STEP 1.2x dense on the GPT and ViT-Tiny), a cost of the workload, not of the
-method, which this flag takes out. ``keep`` (the default) leaves the arithmetic as ``nmtrain train`` runs it.
+through a slow microcode path. STEP's sparse phase drives softmaxes to saturate until their gradients hold
+denormals (on this benchmark's random tokens, the logits'; on Shakespeare's text, the attention's, at the q/k/v
+outputs): on the Intel Xeon the GEMMs of its backward then slow by up to 17 ms a step (STEP 1.2x dense on the
+GPT and ViT-Tiny here, 1.6x on the GPT with text), arithmetic this flag takes out, so that the row measures the
+method's per-step work. ``keep`` (the default) leaves the arithmetic as ``nmtrain train`` runs it. The mode
+is set before anything else: torch's threads take it from the thread that starts them.
 
 ``--model gpt`` trains the language-model task's GPT (4 layers, 128 wide, 4 heads, 64-token windows, a
 byte vocabulary) on random tokens, with the loss of the next token.
@@ -482,6 +484,11 @@ def main() -> None:
                         help="also time every method as the nmtrain at this path runs it (a checkout, or a folder "
                              "holding an installed nmtrain/), side by side: a change's before and after")
     args = parser.parse_args()
+    # first of all: torch's OpenMP threads take the flush mode from the thread that starts them, and a thread
+    # started before it is set keeps denormals (STEP's backward on Shakespeare: 32-34 ms against 15.8)
+    if args.denormals == "flush" and not torch.set_flush_denormal(True):
+        parser.error("--denormals flush: this CPU has no flush-to-zero mode (torch.set_flush_denormal returned "
+                     "False); leave --denormals keep")
     before = None
     if args.before is not None:
         if args.compile:
@@ -492,9 +499,6 @@ def main() -> None:
                          "experiments/) or a folder with an installed nmtrain/ in it")
     if args.malloc == "keep":
         nmtrain.keep_freed_memory()     # else a CPU step may page-fault on what the last one freed, in some processes
-    if args.denormals == "flush" and not torch.set_flush_denormal(True):
-        parser.error("--denormals flush: this CPU has no flush-to-zero mode (torch.set_flush_denormal returned "
-                     "False); leave --denormals keep")
     device = torch.device(args.device)
     labels = _labels(args)
     if args.compile:
