@@ -1,11 +1,12 @@
 """The fused CPU kernels of a training step (`sparsity.fused`) against the tensor formulas they replace, bit
 for bit: SR-STE's decay added to a gradient (`methods.base.pruned_decay`, then ``add_``) and the bound on
 pruned weights (`methods.transposable.bound_pruned`'s tensor path), on random, signed-zero and
-non-finite inputs; the masked weight ``W * mask`` and its masked gradient against autograd's own product; the row-wise N:4 mask against topk's, ties included; and where they do not serve,
-nothing changed and False (None)."""
+non-finite inputs; the masked weight ``W * mask`` and its masked gradient against autograd's own product; the row-wise N:4 mask against topk's, ties included; AdamW's denominator against torch's; and where they do
+not serve, nothing changed and False (None)."""
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -750,7 +751,7 @@ def test_adams_denominator_differs_from_a_correctly_rounded_sqrt():
     """Why the kernel keeps VML's roots: on this torch some float32 roots are one ulp off IEEE's, and a
     formula with the CPU's own sqrt would give other bits (skips where VML rounds correctly)."""
     v = torch.arange(0x3F800000, 0x3F800000 + (1 << 16), dtype=torch.int32).view(torch.float32)
-    ieee = torch.from_numpy(__import__("numpy").sqrt(v.numpy()))
+    ieee = torch.from_numpy(np.sqrt(v.numpy()))
     if torch.equal(v.sqrt(), ieee):
         pytest.skip("this build's sqrt rounds correctly here")
     v[0] = 0.0                      # a pruned weight's moment: the kernel serves
