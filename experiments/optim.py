@@ -82,7 +82,7 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        scaled = getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)  # AMP's
         for group in self.param_groups:
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
@@ -91,7 +91,7 @@ class AdamW(torch.optim.AdamW):
             max_exp_avg_sqs: list[torch.Tensor] = []
             steps: list[torch.Tensor] = []
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
-            if not scaled and _torch_loop(group, params, has_complex):
+            if grad_scale is None and found_inf is None and _torch_loop(group, params, has_complex):
                 _update(group, params, grads, exp_avgs, exp_avg_sqs, steps, self._looks)
                 continue
             beta1, beta2 = group["betas"]       # torch's own update, as torch.optim.AdamW.step calls it
@@ -99,7 +99,6 @@ class AdamW(torch.optim.AdamW):
                  has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
                  foreach=group["foreach"], capturable=group["capturable"], differentiable=group["differentiable"],
-                 fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
-                 found_inf=getattr(self, "found_inf", None),
+                 fused=group["fused"], grad_scale=grad_scale, found_inf=found_inf,
                  decoupled_weight_decay=group["decoupled_weight_decay"])
         return loss

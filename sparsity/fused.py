@@ -306,9 +306,10 @@ def adam_denominator(exp_avg_sq: torch.Tensor, bias_correction2_sqrt: float, eps
     """AdamW's ``(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`` as a new tensor, bit for bit, where the
     kernels serve; None where they do not, and the caller runs the formula.
 
-    Why: a pruned weight's gradient is exactly zero (fixed and unstructured masks), so its second moment is 0, and torch takes a float ``sqrt`` on a CPU through MKL's VML, which sends each zero down
-    its rare-value path: 1M zeros take about 2-3 ms against 0.2-0.3 ms for other numbers (the GPT's pruned
-    weights: 2.2 ms of a 30 ms step). The square roots here are still VML's own, taken by ``torch.sqrt_`` on a
+    Why: a pruned weight's gradient is exactly zero (fixed and unstructured masks), so its second moment is 0,
+    and torch takes a float ``sqrt`` on a CPU through MKL's VML, which sends each zero down its rare-value
+    path: 1M zeros take about 2-3 ms against 0.2-0.3 ms for other numbers (the GPT's pruned weights: 2.2 ms
+    of a 30 ms step). The square roots here are still VML's own, taken by ``torch.sqrt_`` on a
     copy whose zeros are ones; the zeros' roots, ±0, are put back as the division reads them. Not numpy's or the
     CPU's ``sqrt``: VML's is not correctly rounded (about 1 float32 in 170 lands one ulp below IEEE's), and the
     bits must stay torch's.
