@@ -33,6 +33,7 @@ _EXPORTS = {
     "load_compressed": ("nmtrain.experiments.convert", "load_compressed"),
     "keep_freed_memory": ("nmtrain.experiments.memory", "keep_freed_memory"),
     "AdamW": ("nmtrain.experiments.optim", "AdamW"),
+    "flush_denormals": ("nmtrain.experiments.denormals", "flush_denormals"),
     "ExperimentError": ("nmtrain.experiments.errors", "ExperimentError"),
     "SparsityError": ("nmtrain.sparsity.errors", "SparsityError"),
     "METHODS": ("nmtrain.experiments.catalogue", "METHODS"),
@@ -40,7 +41,8 @@ _EXPORTS = {
 }
 
 __all__ = ["sparsify", "Sparsified", "prune", "oneshot", "OneShotResult", "load_compressed", "masks", "ExperimentError",
-           "SparsityError", "METHODS", "ONESHOT_METHODS", "keep_freed_memory", "AdamW", "__version__"]
+           "SparsityError", "METHODS", "ONESHOT_METHODS", "keep_freed_memory", "AdamW", "flush_denormals",
+           "__version__"]
 
 
 def __getattr__(name: str):

@@ -62,14 +62,15 @@ took each zero (on the GPT, about 2 ms of fixed's and unstructured's steps); a `
 runs torch's. ``--fused`` builds every optimizer with torch's fused kernel (``fused=True``), as a spec's
 ``optim.fused: true`` trains: one pass over each parameter, not one per tensor operation, and other numbers.
 
-``--denormals flush`` runs every step with the CPU's denormal numbers taken as zero
-(``torch.set_flush_denormal(True)``, every run alike). An Intel CPU takes arithmetic that meets a denormal
-through a slow microcode path. STEP's sparse phase drives softmaxes to saturate until their gradients hold
-denormals (on this benchmark's random tokens, the logits'; on Shakespeare's text, the attention's, at the q/k/v
-outputs): on the Intel Xeon the GEMMs of its backward then slow by up to 17 ms a step (STEP 1.2x dense on the
-GPT and ViT-Tiny here, 1.6x on the GPT with text), arithmetic this flag takes out, so that the row measures the
-method's per-step work. ``keep`` (the default) leaves the arithmetic as ``nmtrain train`` runs it. The mode
-is set before anything else: torch's threads take it from the thread that starts them.
+``--denormals flush`` runs every step with the CPU's denormal numbers taken as zero on every thread
+(`nmtrain.flush_denormals`, as ``train.flush_denormals: true`` trains; every run alike). An Intel CPU takes
+arithmetic that meets a denormal through a slow microcode path. STEP's sparse phase drives softmaxes to
+saturate until their gradients hold denormals (on this benchmark's random tokens, the logits'; on
+Shakespeare's text, the attention's, at the q/k/v outputs): on the Intel Xeon the GEMMs of its backward then
+slow by up to 17 ms a step (STEP 1.2x dense on the GPT and ViT-Tiny here; on text, STEP's 400-step
+``nmtrain train`` run took 1.1x its time with the flush), arithmetic this flag takes out, so that the row
+measures the method's per-step work. ``keep`` (the default) leaves the arithmetic as ``nmtrain train`` runs
+it by default.
 
 ``--model gpt`` trains the language-model task's GPT (4 layers, 128 wide, 4 heads, 64-token windows, a
 byte vocabulary) on random tokens, with the loss of the next token.
@@ -97,6 +98,7 @@ from rich.table import Table
 from torch.nn import functional as F
 
 import nmtrain
+from nmtrain.experiments import denormals
 from nmtrain.experiments.methods import get_method, list_methods
 from nmtrain.experiments.gpt import GPT
 from nmtrain.experiments.models import image_model
@@ -472,8 +474,9 @@ def main() -> None:
                         help="keep: glibc's malloc keeps what a step frees, as `nmtrain train` sets it "
                              "(nmtrain.keep_freed_memory); default: glibc's own thresholds")
     parser.add_argument("--denormals", default="keep", choices=("keep", "flush"),
-                        help="flush: denormal numbers taken as zero (torch.set_flush_denormal), every run alike; "
-                             "keep: the arithmetic as `nmtrain train` runs it")
+                        help="flush: denormal numbers taken as zero on every thread (nmtrain.flush_denormals, as "
+                             "train.flush_denormals: true), every run alike; keep: the arithmetic as `nmtrain "
+                             "train` runs it by default")
     parser.add_argument("--order", default="shuffled", choices=("shuffled", "fixed"),
                         help="shuffled: every round of interleaved steps runs the methods in a fresh seeded order; "
                              "fixed: in the listed order")
@@ -484,11 +487,10 @@ def main() -> None:
                         help="also time every method as the nmtrain at this path runs it (a checkout, or a folder "
                              "holding an installed nmtrain/), side by side: a change's before and after")
     args = parser.parse_args()
-    # first of all: torch's OpenMP threads take the flush mode from the thread that starts them, and a thread
-    # started before it is set keeps denormals (STEP's backward on Shakespeare: 32-34 ms against 15.8)
-    if args.denormals == "flush" and not torch.set_flush_denormal(True):
-        parser.error("--denormals flush: this CPU has no flush-to-zero mode (torch.set_flush_denormal returned "
-                     "False); leave --denormals keep")
+    if args.denormals == "flush":       # every thread (experiments/denormals.py), for the rest of the process
+        if (why := denormals.unsupported()) is not None:
+            parser.error(f"--denormals flush: {why}; leave --denormals keep")
+        denormals.set_flush_denormals(True)
     before = None
     if args.before is not None:
         if args.compile:

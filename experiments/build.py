@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import DatasetInfo, build_datasets, build_loaders, check_global_batch, check_options, dataset_task
 from ..sparsity import LAYOUTS, Pattern, PatternError, get_solver, parse_pattern
 from . import accel as accel_mod
+from . import denormals
 from .layers import LayerPlan, choose_layers
 from .methods import MethodError, build_params, get_method
 from .models import build_model, check_model_sizes, resolve_builder
@@ -97,6 +98,8 @@ def validate(spec: Spec, world: int = 1) -> Preflight:
         raise MethodError(f"method.params.mvue_dw: the accel: {spec.accel} kernels compute the weight gradient "
                           "dense; use mvue_dw=false, or accel=none")
     _check_compile(spec, cls, params)
+    if spec.train.flush_denormals and (why := denormals.unsupported()) is not None:
+        raise SpecError(f"train.flush_denormals: {why}; set train.flush_denormals=false")
     check_values(spec)      # again, for a spec edited in code (compare's cells) rather than loaded
     if spec.schedule.min_lr > spec.optim.lr:
         raise SpecError(f"schedule.min_lr: {spec.schedule.min_lr:g} is above optim.lr {spec.optim.lr:g}; the cosine "

@@ -70,6 +70,7 @@ from .methods.ste import change_rate
 from .layers import LayerPlan
 from .models import builder_record
 from .memory import keep_freed_memory
+from .denormals import flush_denormals
 from .flops import FlopCounter, macs_per_sample
 from .optim import AdamW
 from .sparsify import Sparsified, attach_method
@@ -232,7 +233,9 @@ def _train(spec: Spec, overwrite: bool, console, progress: bool, resume: bool, p
     run, ckpt = _build(spec, overwrite, resume, preflight, target_checked)
     # Rank 0 holds the directory while it writes; a new run that fails before its first checkpoint leaves nothing.
     held = contextlib.nullcontext() if not run.main else run.rd.writing() if ckpt is None else run.rd.holding()
-    with held:
+    # denormals taken as zero on every thread for this run alone: compare's next cell finds the modes as they were
+    modes = flush_denormals() if spec.train.flush_denormals else contextlib.nullcontext()
+    with held, modes:
         # The method, as `nmtrain.sparsify` attaches it in a user's loop: the sparse layers' forward runs
         # through it and its per-step work in the optimizer's hooks, until `remove` folds the masks in (or
         # the block ends).

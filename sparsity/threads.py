@@ -100,6 +100,13 @@ def _other_thread() -> ThreadPoolExecutor:
     return _second[1]
 
 
+def on_other_thread(fn: Callable[[], R]) -> R:
+    """``fn()`` run on `split_map`'s other thread (started here if it is not yet), its result returned: for
+    per-thread state that the work split onto that thread must share with this one (the CPU's denormal
+    modes, ``experiments/denormals.py``)."""
+    return _other_thread().submit(fn).result()
+
+
 def split_map(fn: Callable[[T], R], items: Sequence[T], sizes: Sequence[int]) -> list[R]:
     """``[fn(item) for item in items]``, in that order, with the items shared between this thread and one
     other where the job is large enough: ``sizes`` (an item's work, its tensor's entries say) summing to at
