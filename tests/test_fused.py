@@ -17,7 +17,7 @@ from nmtrain.sparsity.layout import from_matrix, to_matrix
 from nmtrain.sparsity import mvue as mvue_module
 from nmtrain.sparsity import nm as nm_module
 from nmtrain.experiments.methods.sste import scaled_soft_threshold, soft_threshold
-from nmtrain.experiments.methods.ste import LINK_ENTRIES, masked_weight, product, ste_mask, ste_nm, straight_through
+from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask, ste_nm, straight_through
 from nmtrain.sparsity.errors import SparsityError
 from nmtrain.sparsity.fused import (MAX_ENTRIES, adam_denominator, add_masked_decay_, add_pruned_decay_, clamp_pruned_,
                                     clamp_pruned_masked_, bimask_operands4, column_nm4_mask,
@@ -304,8 +304,9 @@ def test_straight_through_is_the_functions_values_and_gradient_by_autograds_own_
     keep, made = nm_mask_and_product(w, 2, 4, "nhwc")
     a, b, c = (w.clone().requires_grad_() for _ in range(3))
     joined = straight_through(a, made)
-    # autograd's clone node, no Python Function's: what a layer's backward no longer pays
-    assert type(joined.grad_fn).__name__ == "CloneBackward0" and joined.requires_grad
+    # autograd's view node, no Python Function's: what a layer's backward no longer pays; made's own storage, no copy
+    assert type(joined.grad_fn).__name__ == "ViewBackward0" and joined.requires_grad
+    assert joined.data_ptr() == made.data_ptr() and joined.stride() == made.stride()
     by_ste_nm, mask = ste_nm(b, 2, 4, "nhwc")
     by_ste_mask = ste_mask(c, keep, made=made)
     assert torch.equal(mask, keep)
@@ -321,7 +322,7 @@ def test_straight_through_is_the_functions_values_and_gradient_by_autograds_own_
     assert torch.equal(d.grad, grad + 2e-4 * (w * ~keep))
 
 
-def test_straight_through_leaves_the_function_where_it_costs_more_or_cannot_serve():
+def test_straight_through_leaves_the_function_where_it_cannot_serve():
     small = torch.randn(16, 32, requires_grad=True)
     made = nm_mask_and_product(small, 2, 4, "nhwc")[1]
     joined = straight_through(small, made)
@@ -330,12 +331,22 @@ def test_straight_through_leaves_the_function_where_it_costs_more_or_cannot_serv
         assert straight_through(small, made) is made
     frozen = small.detach()                                 # a weight that takes none
     assert straight_through(frozen, made) is made
-    # from torch's parallel grain on the clone would wake its threads and the Function costs less
-    large = torch.randn(LINK_ENTRIES // 64, 64, requires_grad=True)
-    made_large = nm_mask_and_product(large, 2, 4, "nhwc")[1]
-    assert straight_through(large, made_large) is made_large
-    below = torch.randn(LINK_ENTRIES // 64 - 1, 64, requires_grad=True)
-    assert straight_through(below, nm_mask_and_product(below, 2, 4, "nhwc")[1]).requires_grad
+    # any size: a view and a pointer, whatever the layer holds (the clone of before stopped at torch's grain)
+    large = torch.randn(1024, 64, requires_grad=True)
+    assert straight_through(large, nm_mask_and_product(large, 2, 4, "nhwc")[1]).requires_grad
+
+
+def test_straight_through_refuses_a_weight_changed_in_place_before_its_backward():
+    """The joined weight is a view of the weight for autograd: an in-place change of the weight between the
+    forward and the backward is refused, as for any view saved for the backward (the Function would have
+    passed the gradient of the product made before the change without a word)."""
+    w = torch.randn(16, 32, requires_grad=True)
+    x = torch.randn(4, 32, requires_grad=True)
+    out = torch.nn.functional.linear(x, straight_through(w, nm_mask_and_product(w, 2, 4, "nhwc")[1]))
+    with torch.no_grad():
+        w.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_ste_nms_backward_makes_no_gradient_for_its_mask():

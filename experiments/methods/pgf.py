@@ -142,8 +142,8 @@ class _DecayedMask(torch.autograd.Function):
 def decayed_mask(weight: torch.Tensor, mask: torch.Tensor, value: float | torch.Tensor,
                  made: torch.Tensor | None = None) -> torch.Tensor:
     """``W * (E + (1 - E) * value)``, straight through; ``value`` a float or a 0-dim tensor (`PGF._value`).
-    ``made``: that product (detached), made already for this weight, mask and value (`Method.per_forward`); a
-    small layer's is joined to the weight's gradient here (`ste.straight_through`) rather than taking the Function."""
+    ``made``: that product (detached), made already for this weight, mask and value (`Method.per_forward`),
+    joined to the weight's gradient here (`ste.straight_through`) rather than taking the Function."""
     if (out := joined(weight, made)) is not None:
         return out
     return _DecayedMask.apply(weight, mask, value, made)

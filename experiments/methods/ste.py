@@ -83,35 +83,30 @@ def product(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values * mask if out is None else out
 
 
-# Below torch's parallel grain (at::internal::GRAIN_SIZE, in entries) a copy is one serial pass: there a layer's
-# straight-through product goes through autograd's own node (`straight_through`), above it through a Function.
-LINK_ENTRIES = 32768
-
-
 def straight_through(weight: torch.Tensor, made: torch.Tensor) -> torch.Tensor:
     """``made`` (``W * E`` of ``weight``, detached) as the forward weight whose gradient passes straight through to
-    ``weight`` by autograd's own node: ``weight.clone()``, whose backward hands the gradient on as it comes, with
-    ``made``'s values copied in. The same values and the same gradient, bit for bit, as `ste_mask` and `ste_nm`
-    give with ``made``. ``made`` itself where the Function is the better path or the only one: a weight of
-    `LINK_ENTRIES` entries or more, one that takes no gradient, grad mode off, or traced by torch.compile.
+    ``weight`` by autograd's own node, with no pass over either: ``weight.view_as(weight)``, whose backward hands
+    the gradient on as it comes, its data then set to ``made``'s (``.data``: the view's autograd record stays
+    ``weight``'s, its values and storage are ``made``'s). The same values and the same gradient, bit for bit, as
+    `ste_mask` and `ste_nm` give with ``made``. ``made`` itself where the Function is the only path: a weight that
+    takes no gradient, grad mode off, or traced by torch.compile.
 
     Why: a Python Function's node costs its layer 10-15 µs a backward, run cold between the GEMMs (the engine
-    takes the GIL and calls ``backward``), and its forward's call more; the clone's node is C++. A small layer's
-    clone and copy cost less than that: on ViT-Tiny, whose 16 sparse layers hold 4K-16K weights, the steps of
-    SR-STE and its kin took 0.5-2% less (docs/speed.md). A large layer's clone wakes torch's threads and
-    streams the weight twice more: there the Function costs less (every layer joined, the GPT's SR-STE step
-    read 1-1.6% longer).
+    takes the GIL and calls ``backward``), and its forward's call more; the view's node is C++ and copies
+    nothing. Before it, layers under torch's parallel grain took ``weight.clone()`` with ``made`` copied in (two
+    passes; a larger layer's would wake torch's threads, so those kept the Function): against that, the GPT's
+    steps of SR-STE, S-STE, PGF and transposable took 1.5-3.5% less, ViT-Tiny's 0.4-1.4%, LeNet-5's about 1%
+    (docs/speed.md, the nineteenth session).
 
-    Joined at the layer's own forward, where the Function's node was made. Joined in `Method.per_forward`'s
-    loop instead, warm, ViT-Tiny's steps gained about 0.5% more but the GPT's SR-STE step read 0.7% longer
-    (its four small layers); joined in transposable's bound, after the optimizer step, LeNet-5's step read
-    0.5-1% longer. ``made`` already joined is returned as it is."""
-    if (linked(made) or weight.numel() >= LINK_ENTRIES or not (weight.requires_grad and torch.is_grad_enabled())
-            or torch.compiler.is_compiling()):
+    Autograd takes the result for a view of ``weight``, sharing its version counter: an in-place change of
+    ``weight`` between this forward and its backward is refused as for any view saved for the backward (no
+    method makes one: the optimizer steps after the backward). Joined at the layer's own forward, where the
+    Function's node was made (joined in `Method.per_forward`'s loop instead, warm, the GPT's SR-STE step read
+    longer with the clone). ``made`` already joined is returned as it is."""
+    if linked(made) or not (weight.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return made
-    out = weight.clone()
-    with torch.no_grad():
-        out.copy_(made)
+    out = weight.view_as(weight)
+    out.data = made
     return out
 
 
@@ -131,8 +126,7 @@ def ste_mask(weight: torch.Tensor, mask: torch.Tensor, decay: float = 0.0,
              made: torch.Tensor | None = None) -> torch.Tensor:
     """``W * mask`` forward, the gradient straight through (plus SR-STE's ``decay`` term where it is given).
     ``made``: ``W * mask`` (detached) made already for this weight and mask (`Method.per_forward`); without
-    ``decay``, a small layer's is joined to the weight's gradient here (`straight_through`) rather than taking
-    the Function."""
+    ``decay``, joined to the weight's gradient here (`straight_through`) rather than taking the Function."""
     if not decay and (out := joined(weight, made)) is not None:
         return out
     return _STEMask.apply(weight, mask, decay, made)
@@ -144,8 +138,8 @@ def ste_nm(weight: torch.Tensor, n: int, m: int, layout: str,
     ``weight`` (`sparsity.nm_mask`), the gradient straight through. The same values as ``ste_mask(weight,
     nm_mask(weight, ...))``, in one call and, at M = 4 on a CPU, one pass over the weight where those take two,
     each with its own Python on the way. ``made``: ``(E, W * E)`` as `sparsity.nm_mask_and_product` gave them
-    for this weight already (`Method.per_forward`), a small layer's ``W * E`` joined to the weight's gradient
-    here (`straight_through`) rather than taking the Function."""
+    for this weight already (`Method.per_forward`), its ``W * E`` joined to the weight's gradient here
+    (`straight_through`) rather than taking the Function."""
     if torch.compiler.is_compiling():       # traced: the two tensor formulas
         mask = nm_mask(weight.detach(), n, m, layout)
         return ste_mask(weight, mask), mask
