@@ -444,13 +444,15 @@ if njit is not None:
         return _rank_run(weight, 3, keep)
 
     @njit(cache=True, nogil=True)
-    def _mask4(weight, n, table, keep, out):
+    def _mask4(weight, n, table, keep, out, value):
         """``keep`` (bytes): per group of 4 consecutive |w| of the flat ``weight``, ``table[n - 1, order]``'s 4
         bits. Ranked by comparisons (`_rank_pass`) a block of groups at a time; a block where two values of a
         group are equal is then read from the table, group by group (the table's gather keeps a loop scalar:
         3x slower). False where a weight is NaN (topk ranks NaN its own way; ``keep`` is then garbage). The
         NaN test is a flag read after the loop, not an exit from it: loops without exits run faster here.
-        ``out``, unless empty: ``weight * keep`` too (`_product`), block by block while the block is in cache."""
+        ``out``, unless empty: ``weight * keep`` too (`_product`), block by block while the block is in cache;
+        with a ``value`` (one entry, in the weight's type; else empty) PGF's ``where(keep, weight, weight *
+        value)`` instead (`_decayed`)."""
         nan = np.int32(0)
         product = out.shape[0] > 0
         row = table[n - 1]
@@ -466,12 +468,14 @@ if njit is not None:
                                        abs(weight[4 * g + 3]))]
                     keep[4 * g], keep[4 * g + 1] = bits & 1, (bits >> 1) & 1
                     keep[4 * g + 2], keep[4 * g + 3] = (bits >> 2) & 1, (bits >> 3) & 1
-            if product:
+            if product and value.shape[0]:
+                _decayed(out[4 * start:4 * stop], weight[4 * start:4 * stop], keep[4 * start:4 * stop], value)
+            elif product:
                 _product(out[4 * start:4 * stop], weight[4 * start:4 * stop], keep[4 * start:4 * stop])
         return nan == 0
 
     @njit(cache=True, nogil=True, inline="always")
-    def _spread_run(weight, n, table, keep, out, spread):
+    def _spread_run(weight, n, table, keep, out, spread, value):
         """`_mask4` where the flat ``weight`` runs as (blocks, 4, spread): group (b, s) is the 4 entries
         ``b*4*spread + i*spread + s``, i = 0..3 in that order (an nhwc conv's (C_out, C_in, kh, kw) weight, its
         groups along C_in at every kernel position: spread = kh*kw). ``keep`` and ``out`` in the weight's own
@@ -497,18 +501,20 @@ if njit is not None:
                     i1, i2, i3 = i0 + step, i0 + np.uint64(2) * step, i0 + np.uint64(3) * step
                     bits = row[_order4(abs(weight[i0]), abs(weight[i1]), abs(weight[i2]), abs(weight[i3]))]
                     keep[i0], keep[i1], keep[i2], keep[i3] = bits & 1, (bits >> 1) & 1, (bits >> 2) & 1, (bits >> 3) & 1
-        if out.shape[0] > 0:
+        if out.shape[0] > 0 and value.shape[0]:
+            _decayed(out, weight, keep, value)
+        elif out.shape[0] > 0:
             _product(out, weight, keep)
         return not nan
 
     @njit(cache=True, nogil=True)
-    def _mask4_spread(weight, n, table, keep, out, spread):
+    def _mask4_spread(weight, n, table, keep, out, spread, value):
         """`_spread_run`, one loop per N (see `_kept4`)."""
         if n == 1:
-            return _spread_run(weight, 1, table, keep, out, spread)
+            return _spread_run(weight, 1, table, keep, out, spread, value)
         if n == 2:
-            return _spread_run(weight, 2, table, keep, out, spread)
-        return _spread_run(weight, 3, table, keep, out, spread)
+            return _spread_run(weight, 2, table, keep, out, spread, value)
+        return _spread_run(weight, 3, table, keep, out, spread, value)
 
     @njit(cache=True, nogil=True, inline="always")
     def _column_run(scores, fmask, perm, n, table, keep, out):
@@ -760,19 +766,23 @@ def _spread4(weight: torch.Tensor, n: int, layout: str) -> int:
     return _group_spread(weight, 4, layout) if _served(weight) and 1 <= n <= 3 else 0
 
 
-def _nm4(weight: torch.Tensor, n: int, layout: str, product: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def _nm4(weight: torch.Tensor, n: int, layout: str, product: bool,
+         value: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The keep-mask of ``weight`` in its own shape, read where it lies, and, with ``product``, ``weight * keep``
-    (else None); None where the kernels do not serve (`_spread4`) or a weight is NaN."""
+    (else None), or with a ``value`` (a 0-dim CPU tensor) ``where(keep, weight, weight * value)``; None where the
+    kernels do not serve (`_spread4`) or a weight is NaN."""
     spread = _spread4(weight, n, layout)
     if not spread:
         return None
     flat, keep = _flat(weight), torch.empty_like(weight, dtype=torch.bool)  # contiguous, as the weight (`_served`)
     out = torch.empty_like(weight) if product else None
     target = flat[:0] if out is None else _flat(out)
+    # the value in the weight's type, as `decayed` gives it to its kernel; none: the plain product
+    factor = flat[:0] if value is None else np.array([value.item()], dtype=flat.dtype)
     if spread == 1:
-        served = _mask4(flat, n, _table4(), _bytes(keep), target)
+        served = _mask4(flat, n, _table4(), _bytes(keep), target, factor)
     else:
-        served = _mask4_spread(flat, n, _table4(), _bytes(keep), target, spread)
+        served = _mask4_spread(flat, n, _table4(), _bytes(keep), target, spread, factor)
     return (keep, out) if served else None
 
 
@@ -790,6 +800,16 @@ def nm4_masked(weight: torch.Tensor, n: int, layout: str = "nhwc") -> tuple[torc
     bit), made in one pass over the weight: what SR-STE and its kin compute at every training forward.
     None where `nm4_mask` does not serve."""
     return _nm4(weight, n, layout, product=True)
+
+
+def nm4_decayed(weight: torch.Tensor, n: int, value: torch.Tensor,
+                layout: str = "nhwc") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`nm4_mask`'s keep-mask of ``weight`` and PGF's ``where(keep, weight, weight * value)`` (`decayed`'s, bit for
+    bit; ``value`` a 0-dim CPU tensor, the pruned weights' mask value), made in one pass over the weight. None
+    where `nm4_mask` does not serve, or ``value`` is not a 0-dim CPU tensor."""
+    if value.dim() != 0 or value.device.type != "cpu":
+        return None
+    return _nm4(weight, n, layout, product=True, value=value)
 
 
 def column_nm4_mask(scores: torch.Tensor, fmask: torch.Tensor, perm: torch.Tensor, n: int) -> torch.Tensor | None:
@@ -849,7 +869,7 @@ if njit is not None:
     def _bimask4(flat, values, perm, n, row_table, column_table, fmask_flat, w_f_flat, fmask, bmask, w_b):
         """`_mask4` on the flat weight, then `_column4` on its matrix view with the mask just made: the kernels
         of `nm4_masked` and `column_nm4_masked`, called from here. False where either finds a NaN."""
-        if not _mask4(flat, n, row_table, fmask_flat, w_f_flat):
+        if not _mask4(flat, n, row_table, fmask_flat, w_f_flat, w_f_flat[:0]):
             return False
         return _column4(values, fmask, perm, n, column_table, bmask, w_b)
 

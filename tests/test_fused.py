@@ -5,6 +5,7 @@ non-finite inputs; the masked weight ``W * mask`` and its masked gradient agains
 not serve, nothing changed and False (None)."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -21,9 +22,9 @@ from nmtrain.experiments.methods.ste import masked_weight, product, ste_mask, st
 from nmtrain.sparsity.errors import SparsityError
 from nmtrain.sparsity.fused import (MAX_ENTRIES, adam_denominator, add_masked_decay_, add_pruned_decay_, clamp_pruned_,
                                     clamp_pruned_masked_, bimask_operands4, column_nm4_mask,
-                                    column_nm4_masked, decayed, masked, mvue24_runs, mvue24_sample, njit, nm4_mask,
-                                    nm4_masked, soft_threshold4)
-from nmtrain.sparsity.nm import nm_mask_and_product
+                                    column_nm4_masked, decayed, masked, mvue24_runs, mvue24_sample, njit, nm4_decayed,
+                                    nm4_mask, nm4_masked, soft_threshold4)
+from nmtrain.sparsity.nm import nm_mask_and_decayed, nm_mask_and_product
 
 pytestmark = pytest.mark.skipif(njit is None, reason="the fused kernels need numba")
 
@@ -175,6 +176,11 @@ def _topk_mask(matrix: torch.Tensor, n: int) -> torch.Tensor:
     return keep.reshape(matrix.shape)
 
 
+# PGF's mask values: 0-dim float64 CPU tensors (its exp(-c t): 1 at the start, 0 at the end, one in between whose
+# float32 rounding is not exact)
+PGF_VALUES = [torch.tensor(v, dtype=torch.float64) for v in (1.0, 0.0, math.exp(-0.37))]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["random", "random, a few ties", "integers (ties)", "signed zeros and ones",
                                   "every weak order"])
@@ -196,6 +202,10 @@ def test_the_n4_kernel_keeps_what_topk_keeps(dtype, kind, n):
     assert keep is not None and torch.equal(keep, _topk_mask(matrix, n))
     both = nm4_masked(matrix, n)            # the mask and the masked weight, in one pass
     assert both is not None and torch.equal(both[0], keep) and torch.equal(_bits(both[1]), _bits(matrix * keep))
+    for value in PGF_VALUES:                # the mask and PGF's decayed weight, in one pass
+        both = nm4_decayed(matrix, n, value)
+        assert both is not None and torch.equal(both[0], keep)
+        assert torch.equal(_bits(both[1]), _bits(torch.where(keep, matrix, matrix * value)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -220,6 +230,10 @@ def test_an_nhwc_conv_is_masked_where_it_lies_as_topk_masks_its_gemm_view(dtype,
     both = nm4_masked(w, n, "nhwc")
     assert both is not None and torch.equal(both[0], expected) and both[1].is_contiguous()
     assert torch.equal(_bits(both[1]), _bits(w * expected))
+    for value in PGF_VALUES:
+        both = nm4_decayed(w, n, value, "nhwc")
+        assert both is not None and torch.equal(both[0], expected) and both[1].is_contiguous()
+        assert torch.equal(_bits(both[1]), _bits(torch.where(expected, w, w * value)))
 
 
 def test_a_channels_last_conv_is_masked_through_its_gemm_view():
@@ -264,6 +278,36 @@ def test_the_mask_and_its_product_together_are_the_two_calls(shape, layout, dtyp
         assert torch.equal(keep, expected) and out.is_contiguous() and out.shape == w.shape
         assert torch.equal(out.view(torch.int16 if dtype == torch.float16 else torch.int32),
                            (w * expected).view(torch.int16 if dtype == torch.float16 else torch.int32))
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of any float type, in row-major order (whatever ``t``'s memory order)."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("shape, layout", [((32, 64), "nhwc"), ((16, 8, 3, 3), "nhwc"), ((16, 8, 3, 3), "flatten"),
+                                           ((8, 12), "nhwc"), ((128, 128, 3, 3), "nhwc")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_the_mask_and_pgfs_decayed_weight_together_are_the_two_formulas(shape, layout, dtype):
+    """`nm_mask_and_decayed`: the kernel where it serves (M = 4, a 0-dim value; a large conv through its GEMM view,
+    a channels-last one too), else `nm_mask` and ``where(mask, W, W * value)``; random and tied weights, signed
+    zeros, a NaN (the kernel declines it), values as tensors and as floats."""
+    w = _specials(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+    w.view(-1)[::7] = 0.5                   # ties
+    w = w.to(dtype)
+    weights = [w, w.to(memory_format=torch.channels_last)] if w.dim() == 4 else [w]
+    nan = w.clone()
+    nan.view(-1)[5] = float("nan")
+    for weight in weights + [nan]:
+        for n, m in ((2, 4), (1, 4), (3, 4), (2, 8)):
+            if shape[-1 if weight.dim() == 2 else 1] % m:
+                continue
+            for value in PGF_VALUES + [0.25]:
+                keep, out = nm_mask_and_decayed(weight, n, m, value, layout)
+                expected = nm_mask(weight, n, m, layout)
+                assert torch.equal(keep, expected) and out.shape == weight.shape
+                assert torch.equal(_raw(out), _raw(torch.where(expected, weight, weight * value)))
+    assert nm4_decayed(w, 2, torch.tensor([0.5], dtype=torch.float64)) is None      # not a 0-dim value
 
 
 def test_a_shape_that_does_not_fit_is_refused_on_every_call():

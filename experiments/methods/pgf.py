@@ -66,6 +66,7 @@ import torch
 from torch import nn
 
 from ...sparsity import Pattern, nm_mask
+from ...sparsity.nm import nm_mask_and_decayed
 from ...sparsity.fused import decayed
 from ..rules import FRACTION, Choice, above, param
 from .base import Capabilities, Method, MethodError, register_method
@@ -201,16 +202,17 @@ class PGF(Method):
         if self._kept is None:
             return module.weight
         if not torch.compiler.is_compiling():   # every layer's at a step's first training forward (per_forward)
-            kept, version, mask, made = self.per_forward(name, module, self._decayed)
+            # M = 4: one compiled pass a layer, shared between two threads on a large model (threads.split_map)
+            kept, version, mask, made = self.per_forward(name, module, self._decayed, split=self.pattern.m == 4)
             if kept == self._kept and version == self._value._version:    # made at this N and mask value
                 return decayed_mask(module.weight, mask, self._value, made)
         mask = nm_mask(module.weight.detach(), self._kept, self.pattern.m, self.ctx.layout)
         return decayed_mask(module.weight, mask, self._value)
 
     def _decayed(self, name: str, module: nn.Module) -> tuple:
-        w = module.weight.detach()
-        mask = nm_mask(w, self._kept, self.pattern.m, self.ctx.layout)
-        return self._kept, self._value._version, mask, decayed_weight(w, mask, self._value)
+        # the mask and the decayed weight in one pass at M = 4 on a CPU (sparsity.nm_mask_and_decayed)
+        mask, made = nm_mask_and_decayed(module.weight, self._kept, self.pattern.m, self._value, self.ctx.layout)
+        return self._kept, self._value._version, mask, made
 
     # --- results ----------------------------------------------------------------------------------
     def masks(self):
