@@ -1,5 +1,5 @@
 """Denormal numbers taken as zero on every thread that computes: ``train.flush_denormals: true`` and
-`nmtrain.flush_denormals` (opt-in; the numbers change).
+`nmtrain.flush_denormals` (opt-in: the numbers may change).
 
 Why: an Intel CPU runs arithmetic that meets a denormal (a float32 below 1.2e-38) through a microcode assist,
 tens of times slower than a normal operation. Training can fill whole tensors with them: under STEP on
@@ -162,8 +162,8 @@ def flush_denormals(on: bool = True) -> Iterator[None]:
     (`set_flush_denormals`); after it, every thread computes as this one did before it.
 
     Faster on an Intel CPU wherever a model's tensors hold denormals (STEP's 400-step run of the GPT on text:
-    16.1-18.3 s to 15.0-15.4 s); not always bit for bit the numbers without it. Raises `ExperimentError` on a machine other than
-    x86-64."""
+    16.1-18.3 s to 15.0-15.4 s); not always bit for bit the numbers without it. Raises `ExperimentError` on a
+    machine other than x86-64."""
     before = flushing_here()
     set_flush_denormals(on)
     try:

@@ -166,8 +166,8 @@ class TrainSpec:
     # eager. Refused at load for what cannot be traced (Method.compile_problem) and for accel kernels.
     compile: bool = False
     # The CPU's denormal numbers taken as zero on every thread for the run (experiments/denormals.py): faster
-    # on an Intel CPU where a model's tensors fill with them (STEP's GPT on text), not bit for bit the same
-    # numbers. x86-64 only, refused at load elsewhere. A CUDA run's kernels are not affected.
+    # on an Intel CPU where a model's tensors fill with them (STEP's GPT on text); the numbers may change where
+    # a denormal reaches a result. x86-64 only, refused at load elsewhere. A CUDA run's kernels are not affected.
     flush_denormals: bool = False
 
 

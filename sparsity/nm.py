@@ -112,8 +112,18 @@ def nm_mask_and_decayed(weight: torch.Tensor, n: int, m: int, value: torch.Tenso
         if both is not None:
             return both
     keep = nm_mask(w, n, m, layout)
-    out = decayed(w, keep, value) if isinstance(value, torch.Tensor) and not torch.compiler.is_compiling() else None
-    return keep, torch.where(keep, w, w * value) if out is None else out
+    return keep, decayed_weight(w, keep, value)
+
+
+def decayed_weight(weight: torch.Tensor, kept: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
+    """PGF's ``W * (E + (1 - E) v)`` bit for bit: kept entries W * 1, pruned ones W * v. Not a fold (v is above 0
+    but in SDGF and the fine-tune): the export folds through sparsity.fold_mask. On a CPU layer, with ``value`` a
+    0-dim CPU tensor, one compiled pass (`fused.decayed`), the same bits; traced by torch.compile, the formula."""
+    if isinstance(value, torch.Tensor) and not torch.compiler.is_compiling():
+        out = decayed(weight.detach(), kept, value)
+        if out is not None:
+            return out
+    return torch.where(kept, weight, weight * value)
 
 
 def unstructured_mask(weight: torch.Tensor, density: float) -> torch.Tensor:

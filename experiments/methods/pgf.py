@@ -66,8 +66,7 @@ import torch
 from torch import nn
 
 from ...sparsity import Pattern, nm_mask
-from ...sparsity.nm import nm_mask_and_decayed
-from ...sparsity.fused import decayed
+from ...sparsity.nm import decayed_weight, nm_mask_and_decayed
 from ..rules import FRACTION, Choice, above, param
 from .base import Capabilities, Method, MethodError, register_method
 from .ste import joined
@@ -114,17 +113,6 @@ def stage_starts(dense: int, span: int, stages: int) -> list[int]:
     """First step of each stage: the ``span`` steps after the ``dense`` ones cut in equal frames."""
     frame = span / stages
     return [dense + int(i * frame) for i in range(stages)]
-
-
-def decayed_weight(weight: torch.Tensor, kept: torch.Tensor, value) -> torch.Tensor:
-    """``W * (E + (1 - E) v)`` bit for bit: kept entries W * 1, pruned ones W * v. Not a fold (v is above 0 but
-    in SDGF and the fine-tune): the export folds through sparsity.fold_mask. On a CPU layer one compiled pass
-    (sparsity.fused.decayed), the same bits; traced by torch.compile, the formula."""
-    if isinstance(value, torch.Tensor) and not torch.compiler.is_compiling():
-        out = decayed(weight.detach(), kept, value)
-        if out is not None:
-            return out
-    return torch.where(kept, weight, weight * value)
 
 
 class _DecayedMask(torch.autograd.Function):

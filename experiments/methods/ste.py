@@ -101,8 +101,7 @@ def straight_through(weight: torch.Tensor, made: torch.Tensor) -> torch.Tensor:
     Autograd takes the result for a view of ``weight``, sharing its version counter: an in-place change of
     ``weight`` between this forward and its backward is refused as for any view saved for the backward (no
     method makes one: the optimizer steps after the backward). Joined at the layer's own forward, where the
-    Function's node was made (joined in `Method.per_forward`'s loop instead, warm, the GPT's SR-STE step read
-    longer with the clone). ``made`` already joined is returned as it is."""
+    Function's node was made; ``made`` already joined is returned as it is."""
     if linked(made) or not (weight.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return made
     out = weight.view_as(weight)
