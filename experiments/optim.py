@@ -6,8 +6,8 @@ AdamW's second moment ``exp_avg_sq`` holds a zero there for good. torch's AdamW 
 ``exp_avg_sq.sqrt()`` of it every step, and on a CPU a float ``sqrt`` runs through MKL's VML, which sends
 each zero down its rare-value path: on the GPT of the language-model task, with half of each matrix's moments
 zero, AdamW's denominator took 2.9 ms a step against 0.85 ms for moments of the same shapes without zeros, 7%
-of dense's whole step (docs/speed.md, the eighteenth session). `fused.adam_denominator` makes the same denominator, VML's own square roots
-included, without sending a zero to VML.
+of dense's whole step (docs/speed.md, the eighteenth session). `fused.adam_denominator` makes the same
+denominator, VML's own square roots included, without sending a zero to VML.
 
 `AdamW` is torch's `torch.optim.AdamW` (a subclass: the same arguments, state, ``state_dict`` and hooks) whose
 step, for a parameter group torch itself would update with its single-tensor loop (CPU parameters, real,

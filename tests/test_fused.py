@@ -1,8 +1,9 @@
 """The fused CPU kernels of a training step (`sparsity.fused`) against the tensor formulas they replace, bit
 for bit: SR-STE's decay added to a gradient (`methods.base.pruned_decay`, then ``add_``) and the bound on
 pruned weights (`methods.transposable.bound_pruned`'s tensor path), on random, signed-zero and
-non-finite inputs; the masked weight ``W * mask`` and its masked gradient against autograd's own product; the row-wise N:4 mask against topk's, ties included; AdamW's denominator against torch's; and where they do
-not serve, nothing changed and False (None)."""
+non-finite inputs; the masked weight ``W * mask`` and its masked gradient against autograd's own product; the
+row-wise N:4 mask against topk's, ties included, with the masked or PGF's decayed weight made in the same pass;
+AdamW's denominator against torch's; and where they do not serve, nothing changed and False (None)."""
 
 import itertools
 import math
