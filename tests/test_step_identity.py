@@ -85,13 +85,13 @@ def _adamw() -> type:
     return AdamW
 
 
-def setup_variant(name: str, variants: dict = VARIANTS) -> tuple:
-    """(model, optimizer, handle, batches) of variant ``name`` of ``variants``: sparsified, before its first
-    step (also tests/test_compile.py's runs)."""
+def setup_variant(name: str, variants: dict = VARIANTS, device: str = "cpu") -> tuple:
+    """(model, optimizer, handle, batches) of variant ``name`` of ``variants`` on ``device``: sparsified, before
+    its first step (also tests/test_compile.py's and tests/test_gpu.py's runs)."""
     method, pattern, params = variants[name]
-    batches = _batches()
+    batches = [(x.to(device), y.to(device)) for x, y in _batches()]
     torch.manual_seed(0)
-    model = _model()
+    model = _model().to(device)
     if "adamw" in get_method(method).caps.optimizers:
         opt = _adamw()(model.parameters(), lr=0.01)
     else:
