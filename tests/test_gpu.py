@@ -5,11 +5,12 @@ The runs are tests/test_compile.py's (test_step_identity's variants and the phas
   close (CUDA's kernels round differently, and an entry on a near-tie may then go the other way). The MVUE
   weight gradient draws its samples from a CUDA generator, whose stream is not the CPU's: those runs' weights
   differ by the samples' noise (up to 3.2e-3 after 12 steps on an H100, 2026-12-06), their masks agree alike;
-- compiled with dynamo's ``aot_eager`` backend, against the eager CUDA run: bit for bit, as on the CPU; but for
-  Bi-Mask, whose compiled run on an H100 ended 1e-3 away in the first (dense) conv's weight, a rounding
-  difference that its backward-mask choice amplifies (cause not established: no GPU was left to look);
-- compiled with inductor (Triton kernels), against the eager CUDA run: close (masks: 1.04% flipped at most,
-  Bi-Mask's, on the H100).
+- compiled with dynamo's ``aot_eager`` backend, against the eager CUDA run: bit for bit, as on the CPU;
+- compiled with inductor (Triton kernels), against the eager CUDA run: close.
+Bi-Mask, compiled, is an expected failure of both (``DIFFERED``): on an H100 its ``aot_eager`` run ended 1e-3
+away in the first (dense) conv's weight, and under inductor 1.04% of one layer's mask had flipped: some rounding
+differs in its compiled step (on the CPU it is bit for bit), and its discrete choices amplify it. Which
+operation rounds differently was not established: no GPU was left to look.
 Skipped without CUDA (conftest's ``gpu`` marker); run by benchmarks/gpu_check.sh on a GPU machine.
 """
 
@@ -69,11 +70,13 @@ def test_every_method_trains_on_cuda_as_on_the_cpu(name):
 
 
 # the variants whose compiled CUDA run was seen to differ from eager's, and how (the module's docstring)
-DIFFERED = {"bimask": "compiled on CUDA, its first conv's weight ended 1e-3 from eager's (H100, 2026-12-06)"}
+DIFFERED = {"bimask": "compiled on CUDA, Bi-Mask's first conv's weight ended 1e-3 from eager's under aot_eager "
+                      "and 1.04% of a mask flipped under inductor (H100, 2026-12-06)"}
+COMPILED = [pytest.param(name, marks=[pytest.mark.xfail(reason=DIFFERED[name])] if name in DIFFERED else [])
+            for name in COMPILING]
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.xfail(reason=DIFFERED[name])]
-                                               if name in DIFFERED else []) for name in COMPILING])
+@pytest.mark.parametrize("name", COMPILED)
 def test_compiled_training_on_cuda_is_bit_identical_to_eager(name):
     weights, masks = _train(name, "cuda")
     compiled_weights, compiled_masks = _train(name, "cuda", "aot_eager")
@@ -83,6 +86,6 @@ def test_compiled_training_on_cuda_is_bit_identical_to_eager(name):
         assert torch.equal(masks[key], compiled_masks[key]), key
 
 
-@pytest.mark.parametrize("name", COMPILING)
+@pytest.mark.parametrize("name", COMPILED)
 def test_inductor_on_cuda_trains_like_eager(name):
-    _assert_alike(_train(name, "cuda", "inductor"), _train(name, "cuda"), flips=0.02, rtol=1e-3, atol=1e-3)
+    _assert_alike(_train(name, "cuda", "inductor"), _train(name, "cuda"), flips=0.01, rtol=1e-3, atol=1e-3)
