@@ -45,17 +45,11 @@ MORE_PHASES = {
 RUNS = {**VARIANTS, **MORE_PHASES}
 
 
-def _train(name: str, compiled: bool) -> tuple[dict, dict, int]:
-    """The run of ``name`` (a `test_step_identity` variant, or one of MORE_PHASES), eagerly or compiled with
-    aot_eager: (weights, masks, graphs compiled)."""
-    model, opt, handle, batches = setup_variant(name, RUNS)
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
-    forward = torch.compile(model, backend=counting) if compiled else model
+def train_variant(name: str, backend=None, device: str = "cpu") -> tuple:
+    """Train ``name`` (a `test_step_identity` variant, or one of MORE_PHASES) for STEPS steps on ``device``, eagerly
+    or compiled with ``backend`` (a backend's name or a callable): (model, handle). Also tests/test_gpu.py's."""
+    model, opt, handle, batches = setup_variant(name, RUNS, device)
+    forward = torch.compile(model, backend=backend) if backend else model
     model.train()
     for x, y in batches:
         handle.begin_step()
@@ -64,6 +58,18 @@ def _train(name: str, compiled: bool) -> tuple[dict, dict, int]:
         loss.backward()
         opt.step()
     assert handle.step == STEPS
+    return model, handle
+
+
+def _train(name: str, compiled: bool) -> tuple[dict, dict, int]:
+    """The run of ``name``, eagerly or compiled with aot_eager: (weights, masks, graphs compiled)."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    model, handle = train_variant(name, counting if compiled else None)
     # graphs that compute something (dynamo also hands the backend an empty one now and then: no cost)
     computing = sum(1 for gm in graphs if any(node.op.startswith("call") for node in gm.graph.nodes))
     return ({k: v.detach().clone() for k, v in model.state_dict().items()},

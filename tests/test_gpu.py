@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn import functional as F
 
-from test_compile import COMPILING, RUNS
-from test_step_identity import STEPS, setup_variant
+from test_compile import COMPILING, RUNS, train_variant
 
 pytestmark = pytest.mark.gpu
 DRAWS = sorted(set(RUNS) - set(COMPILING))      # the MVUE weight gradient's runs (test_compile: why they don't compile)
@@ -36,16 +34,7 @@ def fresh_dynamo():
 
 def _train(name: str, device: str, backend: str | None = None) -> tuple[dict, dict]:
     """Run ``name`` on ``device``, eagerly or compiled with ``backend``: (weights, masks), on the CPU."""
-    model, opt, handle, batches = setup_variant(name, RUNS, device)
-    forward = torch.compile(model, backend=backend) if backend else model
-    model.train()
-    for x, y in batches:
-        handle.begin_step()
-        loss = F.cross_entropy(forward(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert handle.step == STEPS
+    model, handle = train_variant(name, backend, device)
     return ({k: v.detach().cpu() for k, v in model.state_dict().items()},
             {k: v.cpu() for k, v in handle.masks().items()})
 
