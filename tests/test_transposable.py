@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from nmtrain.sparsity import (Pattern, kept_share, list_solvers, nm_mask, nm_violation, pruned_magnitude,
                               tile_scores, transposable_mask)
+from nmtrain.sparsity.layout import from_tiles
 from nmtrain.sparsity.solvers import get_solver
 from nmtrain.sparsity.solvers.enumerate import enumerable, patterns
 from nmtrain.sparsity.solvers.greedy import complete, greedy_keep
@@ -131,6 +132,20 @@ def test_chunking_does_not_change_results_and_reports_progress():
 
 def test_tile_scores_shape():
     assert tile_scores(torch.randn(8, 16), 4).shape == (8, 4, 4)
+
+
+@pytest.mark.parametrize("kind", ["randn", "bfloat16", "small integers", "all equal"])
+@pytest.mark.parametrize("n, m", [(4, 8), (3, 8), (8, 16), (16, 32)])
+def test_exact_on_tiles_gives_the_masks_of_exact_on_the_matrix(kind, n, m):
+    # A GPU's weight reaches the compiled solver as a batch of |W| tiles (the tile path), a CPU's as its matrix:
+    # the same masks, ties included, so `exact` picks the same mask on either device.
+    g = torch.Generator().manual_seed(n * m)
+    w = {"randn": lambda: torch.randn(96, 160, generator=g),
+         "bfloat16": lambda: torch.randn(96, 160, generator=g).bfloat16().float(),
+         "small integers": lambda: torch.randint(-3, 4, (96, 160), generator=g).float(),
+         "all equal": lambda: torch.ones(96, 160)}[kind]()
+    on_tiles = from_tiles(get_solver("exact").fn(tile_scores(w, m), n), *w.shape)
+    assert torch.equal(on_tiles, transposable_mask(w, n, m))
 
 
 @pytest.mark.gpu
