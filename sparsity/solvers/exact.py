@@ -8,7 +8,9 @@
   host and the mask comes back. On an H100 machine (16 cores, benchmarks/masks.py --device cuda,
   2026-12-06) that took 5-40x less time than the batched tensor solver on the GPU, on every weight timed
   (4096x4096 4:8-T 0.095 s against 0.48 s, 8:16-T 0.084 s against 1.82 s; ResNet-50's layer4 convs at
-  4:8-T and 8:16-T 4-10 ms against 50-300 ms); on this project's 2-core CPU, 4:8-T of 4096x4096 takes 0.43 s.
+  4:8-T and 8:16-T 4-11 ms against 50-300 ms). On one host thread (torchrun's default OMP_NUM_THREADS=1) it
+  is still the faster: this project's Intel CPU solves 4096x4096 at 4:8-T in 0.41 s and 8:16-T in 0.50 s on
+  one thread (0.21 s and 0.25 s on two), where `batched` took 0.48 s and 1.82 s on the H100.
 - Otherwise (no numba, or M above ``compiled.MAX_M``) the batched tensor solver (``batched.py``: the same
   warm start and cycle cancelling, Floyd-Warshall over all tiles at once), on the weight's device.
 
