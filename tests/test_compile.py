@@ -76,6 +76,14 @@ def _train(name: str, compiled: bool) -> tuple[dict, dict, int]:
             {k: v.clone() for k, v in handle.masks().items()}, computing)
 
 
+def assert_same_run(got: tuple[dict, dict], want: tuple[dict, dict]) -> None:
+    """Two runs' (weights, masks) equal bit for bit, each entry named where it is not (also tests/test_gpu.py's)."""
+    for ours, theirs in zip(got, want):
+        assert ours.keys() == theirs.keys()
+        for key in theirs:
+            assert torch.equal(ours[key], theirs[key]), key
+
+
 COMPILING = sorted(name for name, (method, _, params) in RUNS.items()
                    if get_method(method).compile_problem(_params(method, params)) is None)
 PHASES = {"pgf-sdgf": 5}        # a graph per phase: dense, then one per SDGF stage
@@ -85,10 +93,7 @@ PHASES = {"pgf-sdgf": 5}        # a graph per phase: dense, then one per SDGF st
 def test_compiled_training_is_bit_identical_to_eager(name):
     weights, masks, _ = _train(name, compiled=False)
     compiled_weights, compiled_masks, graphs = _train(name, compiled=True)
-    for key in weights:
-        assert torch.equal(weights[key], compiled_weights[key]), key
-    for key in masks:
-        assert torch.equal(masks[key], compiled_masks[key]), key
+    assert_same_run((compiled_weights, compiled_masks), (weights, masks))
     # A graph per phase at most (BAME: SR-STE, sparse, scoring; STEP: dense, sparse; PGF: dense, each
     # pattern), not one per step: past dynamo's recompile limit a model would go back to eager without a word.
     assert 1 <= graphs <= PHASES.get(name, 3)

@@ -19,17 +19,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_compile import COMPILING, RUNS, train_variant
+from test_compile import COMPILING, RUNS, assert_same_run, train_variant
+from test_compile import fresh_dynamo  # noqa: F401  (its autouse fixture: each test starts and ends with dynamo clean)
 
 pytestmark = pytest.mark.gpu
 DRAWS = sorted(set(RUNS) - set(COMPILING))      # the MVUE weight gradient's runs (test_compile: why they don't compile)
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _train(name: str, device: str, backend: str | None = None) -> tuple[dict, dict]:
@@ -67,12 +61,7 @@ COMPILED = [pytest.param(name, marks=[pytest.mark.xfail(reason=DIFFERED[name])] 
 
 @pytest.mark.parametrize("name", COMPILED)
 def test_compiled_training_on_cuda_is_bit_identical_to_eager(name):
-    weights, masks = _train(name, "cuda")
-    compiled_weights, compiled_masks = _train(name, "cuda", "aot_eager")
-    for key in weights:
-        assert torch.equal(weights[key], compiled_weights[key]), key
-    for key in masks:
-        assert torch.equal(masks[key], compiled_masks[key]), key
+    assert_same_run(_train(name, "cuda", "aot_eager"), _train(name, "cuda"))
 
 
 @pytest.mark.parametrize("name", COMPILED)
