@@ -396,32 +396,45 @@ if njit is not None:
         return code
 
     @njit(cache=True, nogil=True, inline="always")
-    def _kept4(a0, a1, a2, a3, n):
-        """For each of four values, whether fewer than ``n`` of the other three exceed it, as booleans: topk(n)
-        keeps exactly those wherever the four are distinct. Boolean algebra on the comparisons, not a count of
-        them: numba widens integer arithmetic to 64 bits, and counting in 64-bit lanes (8 to a vector, every
-        comparison widened) made the rank pass 2.3-2.6x slower. The loops that call it are compiled once per N,
-        so ``n`` is a constant there and only one rule is left."""
-        b01, b02, b03 = a1 > a0, a2 > a0, a3 > a0      # b_ij: a_j exceeds a_i
-        b10, b12, b13 = a0 > a1, a2 > a1, a3 > a1
-        b20, b21, b23 = a0 > a2, a1 > a2, a3 > a2
-        b30, b31, b32 = a0 > a3, a1 > a3, a2 > a3
-        if n == 1:      # none of the others exceeds it
-            return not (b01 | b02 | b03), not (b10 | b12 | b13), not (b20 | b21 | b23), not (b30 | b31 | b32)
-        if n == 2:      # at most one does
-            return (not ((b01 & b02) | (b01 & b03) | (b02 & b03)), not ((b10 & b12) | (b10 & b13) | (b12 & b13)),
-                    not ((b20 & b21) | (b20 & b23) | (b21 & b23)), not ((b30 & b31) | (b30 & b32) | (b31 & b32)))
-        return not (b01 & b02 & b03), not (b10 & b12 & b13), not (b20 & b21 & b23), not (b30 & b31 & b32)
+    def _split(x, y):
+        """(the larger, the smaller) of two values as selects, which compile to vector max and min: numba's
+        ``max`` and ``min`` test for NaN and branch, which keeps a loop scalar."""
+        return (x if x > y else y), (y if x > y else x)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _bounds4(a0, a1, a2, a3, n):
+        """The n-th and the (n+1)-th largest of four values (no NaN among them; with one, anything): a sorting
+        network of five compare-exchanges. topk(n) keeps exactly the values at or above the first wherever the
+        two differ; where they are equal, which of the tied values it keeps is its own choice (the table's).
+        The loops that call it are compiled once per N, so ``n`` is a constant there and one pair is left."""
+        h01, l01 = _split(a0, a1)
+        h23, l23 = _split(a2, a3)
+        s0, x = _split(h01, h23)        # s0 >= s1 >= s2 >= s3: the four in order
+        y, s3 = _split(l01, l23)
+        s1, s2 = _split(x, y)
+        if n == 1:
+            return s0, s1
+        if n == 2:
+            return s1, s2
+        return s2, s3
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _nan4(a0, a1, a2, a3):
+        """Whether one of four magnitudes (each >= 0 or NaN) is NaN: their sum is NaN exactly then (Inf + Inf is
+        Inf), one compare where four took longer."""
+        total = a0 + a1 + a2 + a3
+        return total != total
 
     @njit(cache=True, nogil=True, inline="always")
     def _ranked4(a0, a1, a2, a3, n):
-        """One group of 4 magnitudes: whether two are equal (there topk's own tie choice decides, which only the
-        table knows), whether one is NaN, and the keep bytes of `_kept4`. Branch-free, so that the loops calling
-        it vectorise."""
-        nan = (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
-        tie = (a0 == a1) | (a0 == a2) | (a0 == a3) | (a1 == a2) | (a1 == a3) | (a2 == a3)
-        k0, k1, k2, k3 = _kept4(a0, a1, a2, a3, n)
-        return tie, nan, np.uint8(k0), np.uint8(k1), np.uint8(k2), np.uint8(k3)
+        """One group of 4 magnitudes: whether topk(n)'s choice among them is a tie (its n-th and (n+1)-th
+        largest equal: only the table knows which it keeps), whether one is NaN, and the keep bytes of the
+        values at or above the n-th largest (`_bounds4`), topk's choice wherever it is not a tie. Branch-free,
+        so that the loops calling it vectorise. (Counting, for each value, the others above it, with the
+        comparisons' boolean algebra and a tie test on every pair, took 1.4-1.5x as long.)"""
+        t, u = _bounds4(a0, a1, a2, a3, n)
+        return (t == u, _nan4(a0, a1, a2, a3),
+                np.uint8(a0 >= t), np.uint8(a1 >= t), np.uint8(a2 >= t), np.uint8(a3 >= t))
 
     @njit(cache=True, nogil=True, inline="always")
     def _rank_run(weight, n, keep):
@@ -436,7 +449,7 @@ if njit is not None:
     @njit(cache=True, nogil=True)
     def _rank_pass(weight, n, keep):
         """`_ranked4` on every group of 4 consecutive |w| of the flat ``weight``, into ``keep``; the groups'
-        flags or-ed together: 1 if a group holds a tie, 2 if one holds a NaN. One loop per N (see `_kept4`)."""
+        flags or-ed together: 1 if a group holds a tie, 2 if one holds a NaN. One loop per N (see `_bounds4`)."""
         if n == 1:
             return _rank_run(weight, 1, keep)
         if n == 2:
@@ -446,8 +459,8 @@ if njit is not None:
     @njit(cache=True, nogil=True)
     def _mask4(weight, n, table, keep, out, value):
         """``keep`` (bytes): per group of 4 consecutive |w| of the flat ``weight``, ``table[n - 1, order]``'s 4
-        bits. Ranked by comparisons (`_rank_pass`) a block of groups at a time; a block where two values of a
-        group are equal is then read from the table, group by group (the table's gather keeps a loop scalar:
+        bits. Ranked by comparisons (`_rank_pass`) a block of groups at a time; a block where a group's choice
+        is a tie (`_ranked4`) is then read from the table, group by group (the table's gather keeps a loop scalar:
         3x slower). False where a weight is NaN (topk ranks NaN its own way; ``keep`` is then garbage). The
         NaN test is a flag read after the loop, not an exit from it: loops without exits run faster here.
         ``out``, unless empty: ``weight * keep`` too (`_product`), block by block while the block is in cache;
@@ -509,7 +522,7 @@ if njit is not None:
 
     @njit(cache=True, nogil=True)
     def _mask4_spread(weight, n, table, keep, out, spread, value):
-        """`_spread_run`, one loop per N (see `_kept4`)."""
+        """`_spread_run`, one loop per N (see `_bounds4`)."""
         if n == 1:
             return _spread_run(weight, 1, table, keep, out, spread, value)
         if n == 2:
@@ -520,10 +533,10 @@ if njit is not None:
     def _column_run(scores, fmask, perm, n, table, keep, out):
         """``keep[perm[4g + i], c]`` (bytes, as ``fmask``): per group g of 4 permuted rows and per column c,
         ``table[n - 1, order]``'s bit i of the values ``|scores| * fmask`` there, and ``fmask`` itself. Ranked
-        by comparisons along the columns (as `_mask4`); a group of rows where a kept value equals another of its
-        column is then read again from the table. Equal values that ``fmask`` prunes on both sides (the many
-        zeros it makes) need no table: whichever topk picks, the and with ``fmask`` drops it. False where a
-        value is NaN (an Inf score times a pruned 0; ``keep`` is then garbage); as in `_mask4`, a flag.
+        by comparisons along the columns (as `_mask4`); a group of rows where a column's choice is a tie among
+        values ``fmask`` keeps one of is then read again from the table. A tie among values ``fmask`` prunes
+        (the many zeros it makes) needs no table: whichever topk picks, the and with ``fmask`` drops it. False
+        where a value is NaN (an Inf score times a pruned 0; ``keep`` is then garbage); as in `_mask4`, a flag.
         ``out``, unless empty: ``scores * keep`` too (`_product`), each group of rows while it is in cache."""
         nan = False
         product = out.shape[0] > 0
@@ -540,13 +553,12 @@ if njit is not None:
                 # ``|scores| * fmask`` as torch computes it: times 1 or 0 in the scores' type
                 a0, a1 = abs(s0[c]) * (one * k0), abs(s1[c]) * (one * k1)
                 a2, a3 = abs(s2[c]) * (one * k2), abs(s3[c]) * (one * k3)
-                nan |= (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
-                e01, e02, e03 = a0 == a1, a0 == a2, a0 == a3
-                e12, e13, e23 = a1 == a2, a1 == a3, a2 == a3
+                nan |= _nan4(a0, a1, a2, a3)
                 b0, b1, b2, b3 = k0 != 0, k1 != 0, k2 != 0, k3 != 0
-                tie |= ((b0 & (e01 | e02 | e03)) | (b1 & (e01 | e12 | e13)) | (b2 & (e02 | e12 | e23))
-                        | (b3 & (e03 | e13 | e23)))
-                p0, p1, p2, p3 = _kept4(a0, a1, a2, a3, n)
+                t, u = _bounds4(a0, a1, a2, a3, n)
+                p0, p1, p2, p3 = a0 >= t, a1 >= t, a2 >= t, a3 >= t
+                # topk's own choice matters only where it is a tie and ``fmask`` keeps one of the tied values
+                tie |= (t == u) & ((b0 & (a0 == t)) | (b1 & (a1 == t)) | (b2 & (a2 == t)) | (b3 & (a3 == t)))
                 o0[c], o1[c] = np.uint8(b0 & p0), np.uint8(b1 & p1)
                 o2[c], o3[c] = np.uint8(b2 & p2), np.uint8(b3 & p3)
             if tie:
@@ -565,35 +577,47 @@ if njit is not None:
 
     @njit(cache=True, nogil=True)
     def _column4(scores, fmask, perm, n, table, keep, out):
-        """`_column_run`, one loop per N (see `_kept4`)."""
+        """`_column_run`, one loop per N (see `_bounds4`)."""
         if n == 1:
             return _column_run(scores, fmask, perm, 1, table, keep, out)
         if n == 2:
             return _column_run(scores, fmask, perm, 2, table, keep, out)
         return _column_run(scores, fmask, perm, 3, table, keep, out)
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _soft1(v, t, scale, zero):
+        """One weight's ``scale * S(w)`` at the threshold t: ``sign(w) * (|w| - t)`` above t, ``zero`` (+0.0)
+        at or below it. sign(w) * (|w| - t) is exact negation for w < 0 (|w| > t >= 0, so w is not 0). As
+        selects, so that the loop vectorises."""
+        a = abs(v)
+        d = a - t
+        s = d if v > 0 else -d
+        return scale * (s if a > t else zero)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _soft_run(weight, n, scale, out):
+        nan = False
+        factor, zero = scale[0], scale[1]
+        for g in range(weight.shape[0] // 4):
+            w0, w1, w2, w3 = weight[4 * g], weight[4 * g + 1], weight[4 * g + 2], weight[4 * g + 3]
+            a0, a1, a2, a3 = abs(w0), abs(w1), abs(w2), abs(w3)
+            nan |= _nan4(a0, a1, a2, a3)
+            t = _bounds4(a0, a1, a2, a3, n)[1]      # the (n+1)-th largest
+            out[4 * g], out[4 * g + 1] = _soft1(w0, t, factor, zero), _soft1(w1, t, factor, zero)
+            out[4 * g + 2], out[4 * g + 3] = _soft1(w2, t, factor, zero), _soft1(w3, t, factor, zero)
+        return not nan
+
     @njit(cache=True, nogil=True)
     def _soft4(weight, n, scale, out):
         """S-STE's ``beta * S(W)`` per group of 4 consecutive weights of the flat ``weight``: t the (n+1)-th
-        largest |w| (a sorting network of min/max: no index, so ties cannot matter), ``sign(w) * (|w| - t)``
-        above t, +0.0 at or below it, times ``scale[0]``; ``scale[1]`` is a zero of the type. False where a
-        weight is NaN (``out`` then garbage)."""
-        nan = False
-        for g in range(weight.shape[0] // 4):
-            a0, a1 = abs(weight[4 * g]), abs(weight[4 * g + 1])
-            a2, a3 = abs(weight[4 * g + 2]), abs(weight[4 * g + 3])
-            nan |= (a0 != a0) | (a1 != a1) | (a2 != a2) | (a3 != a3)
-            hi01, lo01, hi23, lo23 = max(a0, a1), min(a0, a1), max(a2, a3), min(a2, a3)
-            mid_hi, mid_lo = min(hi01, hi23), max(lo01, lo23)
-            # descending: max(hi01, hi23), max(mid_hi, mid_lo), min(mid_hi, mid_lo), min(lo01, lo23)
-            t = max(mid_hi, mid_lo) if n == 1 else (min(mid_hi, mid_lo) if n == 2 else min(lo01, lo23))
-            for i in range(4):
-                v = weight[4 * g + i]
-                a = abs(v)
-                # sign(w) * (|w| - t) is exact negation for w < 0 (|w| > t >= 0, so w is not 0)
-                s = (a - t if v > 0 else -(a - t)) if a > t else scale[1]
-                out[4 * g + i] = scale[0] * s
-        return not nan
+        largest |w| (`_bounds4`: no index, so ties cannot matter), `_soft1` of each weight with ``scale[0]``
+        and ``scale[1]``, a zero of the type. False where a weight is NaN (``out`` then garbage). One loop per
+        N (see `_bounds4`): with N read in the loop and a branch per weight it took 1.6-1.8x as long."""
+        if n == 1:
+            return _soft_run(weight, 1, scale, out)
+        if n == 2:
+            return _soft_run(weight, 2, scale, out)
+        return _soft_run(weight, 3, scale, out)
 
     @njit(cache=True, nogil=True, error_model="numpy", inline="always")
     def _mvue_group(x0, x1, x2, x3, u0, u1, eps):

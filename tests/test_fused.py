@@ -184,7 +184,7 @@ PGF_VALUES = [torch.tensor(v, dtype=torch.float64) for v in (1.0, 0.0, math.exp(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["random", "random, a few ties", "integers (ties)", "signed zeros and ones",
-                                  "every weak order"])
+                                  "infinities and denormals", "every weak order"])
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_the_n4_kernel_keeps_what_topk_keeps(dtype, kind, n):
     g = torch.Generator().manual_seed(n)
@@ -197,6 +197,10 @@ def test_the_n4_kernel_keeps_what_topk_keeps(dtype, kind, n):
         matrix = torch.randint(-2, 3, (64, 128), generator=g).to(dtype)
     elif kind == "signed zeros and ones":
         matrix = torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=dtype)[torch.randint(0, 4, (64, 128), generator=g)]
+    elif kind == "infinities and denormals":    # ties at the top (Inf) and at the bottom (the smallest denormal)
+        tiny = torch.finfo(dtype).smallest_normal / 4
+        values = torch.tensor([math.inf, -math.inf, tiny, -tiny, 1.0, -1.0, 0.0], dtype=dtype)
+        matrix = values[torch.randint(0, len(values), (64, 128), generator=g)]
     else:                           # one group per assignment of ranks 0..3: every order, every tie
         matrix = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=dtype).reshape(16, 64)
     keep = nm4_mask(matrix, n)
