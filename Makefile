@@ -46,6 +46,7 @@ bench: install
 	$(PY) benchmarks/masks.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/mvue.py
+	$(PY) benchmarks/kernels.py
 
 # Every GPU test and benchmark in one run (benchmarks/gpu_check.sh; on a GPU machine whose python already
 # has torch: `bash benchmarks/gpu_check.sh`).

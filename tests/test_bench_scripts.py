@@ -286,3 +286,35 @@ def test_mvue_benchmark_refuses_to_time_a_pair_that_samples_differently(tmp_path
     monkeypatch.setattr(bench, "uniforms", lambda shape, generator: torch.zeros(shape))
     with pytest.raises(SystemExit, match="draws"):
         bench.main(["--linear", "8x64", "--conv", "", "--repeat", "1", "--out", str(tmp_path)])
+
+
+def test_kernels_benchmark_times_each_kernel_against_the_code_before_it(tmp_path, capsys):
+    """Every N:4 kernel on a matrix and on an nhwc conv, against --before (here this checkout: the same bits, the
+    ratio its two medians'); a --before with no nmtrain in it is refused before any work, with exit code 2."""
+    from nmtrain.sparsity import fused
+    if fused.njit is None:
+        pytest.skip("numba is not installed")
+    bench = _load("kernels")
+    rows = bench.main(["--matrices", "16x32", "--convs", "8x8x3x3", "--repeat", "3", "--before", str(ROOT),
+                       "--out", str(tmp_path)])
+    assert [r["kernel"] for r in rows] == ["masked", "decayed", "soft", "bimask", "conv"]
+    for row in rows:
+        assert row["same_bits"] is True and row["vs_before"] == pytest.approx(row["us"] / row["before_us"])
+        assert row["ns_per_entry"] == pytest.approx(row["us"] * 1e3 / row["entries"])
+    assert json.loads((tmp_path / "kernels.json").read_text())["rows"] == rows
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--before", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "--before" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_kernels_benchmark_refuses_a_kernel_whose_bits_differ_from_the_code_before(tmp_path, monkeypatch):
+    bench = _load("kernels")
+    from nmtrain.sparsity import fused
+    if fused.njit is None:
+        pytest.skip("numba is not installed")
+    bench.before_package(ROOT)
+    real = fused.soft_threshold4
+    monkeypatch.setattr(fused, "soft_threshold4", lambda w, n, scale: real(w, n, scale) * 2)
+    with pytest.raises(SystemExit, match="soft on 16x32"):
+        bench.main(["--matrices", "16x32", "--convs", "", "--repeat", "2", "--before", str(ROOT)])
