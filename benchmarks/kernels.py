@@ -47,8 +47,24 @@ MATRICES = "384x128,128x128,512x128,128x512,576x192,768x192,192x768,120x400"
 CONVS = "64x64x3x3,32x32x3x3"          # ResNet-20's stages' convs (C_out x C_in x kh x kw), nhwc groups
 
 
-def _dims(text: str) -> list[tuple[int, ...]]:
-    return [tuple(int(d) for d in item.split("x")) for item in text.split(",") if item]
+def _shapes(rank: int):
+    """An argparse type: comma-separated shapes of ``rank`` dimensions that every kernel serves (their groups of 4
+    along K, and for Bi-Mask's column-wise groups of 4 rows, whole; at most `fused.MAX_ENTRIES` entries)."""
+    def parse(text: str) -> list[tuple[int, ...]]:
+        shapes = []
+        for item in filter(None, text.split(",")):
+            try:
+                shape = tuple(int(d) for d in item.split("x"))
+            except ValueError:
+                shape = ()
+            if len(shape) != rank or min(shape) < 1:
+                raise argparse.ArgumentTypeError(f"{item!r} is not {rank} positive sizes joined by 'x'")
+            if shape[0] % 4 or shape[1] % 4 or np.prod(shape) > fused.MAX_ENTRIES:
+                raise argparse.ArgumentTypeError(f"{item}: its first two sizes must be multiples of 4 and its "
+                                                 f"entries at most {fused.MAX_ENTRIES}, where the kernels serve")
+            shapes.append(shape)
+        return shapes
+    return parse
 
 
 def _calls(module, weight: torch.Tensor, perm: torch.Tensor, n: int) -> dict:
@@ -91,7 +107,7 @@ def run(args) -> list[dict]:
     old = importlib.import_module(f"{BEFORE_PACKAGE}.sparsity.fused") if args.before else None
     g = torch.Generator().manual_seed(0)
     rows = []
-    for shape in _dims(args.matrices) + _dims(args.convs):
+    for shape in args.matrices + args.convs:
         weight = torch.randn(shape, generator=g)
         perm = torch.randperm(shape[0], generator=g)
         now = _calls(fused, weight, perm, args.n)
@@ -127,14 +143,16 @@ def _report(rows: list[dict], args) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "kernels.json.tmp"
-        tmp.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        tmp.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=list))
         tmp.replace(out / "kernels.json")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--matrices", default=MATRICES, help="C_out x K of each matrix, comma-separated")
-    parser.add_argument("--convs", default=CONVS, help="C_out x C_in x kh x kw of each nhwc conv, comma-separated")
+    parser.add_argument("--matrices", type=_shapes(2), default=MATRICES,
+                        help="C_out x K of each matrix, comma-separated")
+    parser.add_argument("--convs", type=_shapes(4), default=CONVS,
+                        help="C_out x C_in x kh x kw of each nhwc conv, comma-separated")
     parser.add_argument("--n", type=int, default=2, choices=(1, 2, 3), help="N of N:4")
     parser.add_argument("--repeat", type=int, default=300, help="calls timed per kernel and side")
     parser.add_argument("--before", default=None, help="a checkout (or installed nmtrain/) to time against")

@@ -290,7 +290,8 @@ def test_mvue_benchmark_refuses_to_time_a_pair_that_samples_differently(tmp_path
 
 def test_kernels_benchmark_times_each_kernel_against_the_code_before_it(tmp_path, capsys):
     """Every N:4 kernel on a matrix and on an nhwc conv, against --before (here this checkout: the same bits, the
-    ratio its two medians'); a --before with no nmtrain in it is refused before any work, with exit code 2."""
+    ratio its two medians'); a --before with no nmtrain in it, or a shape the kernels do not serve, is refused
+    before any work, with exit code 2."""
     from nmtrain.sparsity import fused
     if fused.njit is None:
         pytest.skip("numba is not installed")
@@ -302,9 +303,11 @@ def test_kernels_benchmark_times_each_kernel_against_the_code_before_it(tmp_path
         assert row["same_bits"] is True and row["vs_before"] == pytest.approx(row["us"] / row["before_us"])
         assert row["ns_per_entry"] == pytest.approx(row["us"] * 1e3 / row["entries"])
     assert json.loads((tmp_path / "kernels.json").read_text())["rows"] == rows
-    with pytest.raises(SystemExit) as stop:
-        bench.main(["--before", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
-    assert stop.value.code == 2 and "--before" in capsys.readouterr().err
+    for bad, flag in ((["--before", str(tmp_path / "nothing")], "--before"), (["--matrices", "16x30"], "--matrices"),
+                      (["--convs", "8x8x3"], "--convs"), (["--matrices", "4096x1024"], "--matrices")):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(bad + ["--out", str(tmp_path / "out")])
+        assert stop.value.code == 2 and flag in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
 
 
@@ -318,3 +321,9 @@ def test_kernels_benchmark_refuses_a_kernel_whose_bits_differ_from_the_code_befo
     monkeypatch.setattr(fused, "soft_threshold4", lambda w, n, scale: real(w, n, scale) * 2)
     with pytest.raises(SystemExit, match="soft on 16x32"):
         bench.main(["--matrices", "16x32", "--convs", "", "--repeat", "2", "--before", str(ROOT)])
+
+
+def test_kernels_benchmark_reads_its_shapes():
+    bench = _load("kernels")
+    assert bench._shapes(2)("16x32,384x128") == [(16, 32), (384, 128)]
+    assert bench._shapes(4)("") == [] and bench._shapes(4)("8x8x3x3") == [(8, 8, 3, 3)]
