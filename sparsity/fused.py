@@ -431,7 +431,8 @@ if njit is not None:
         largest equal: only the table knows which it keeps), whether one is NaN, and the keep bytes of the
         values at or above the n-th largest (`_bounds4`), topk's choice wherever it is not a tie. Branch-free,
         so that the loops calling it vectorise. (Counting, for each value, the others above it, with the
-        comparisons' boolean algebra and a tie test on every pair, took 1.4-1.5x as long.)"""
+        comparisons' boolean algebra and a tie test on every pair, made a layer's mask and product in 1.2-1.4x
+        the time: `benchmarks/kernels.py`.)"""
         t, u = _bounds4(a0, a1, a2, a3, n)
         return (t == u, _nan4(a0, a1, a2, a3),
                 np.uint8(a0 >= t), np.uint8(a1 >= t), np.uint8(a2 >= t), np.uint8(a3 >= t))
@@ -612,7 +613,7 @@ if njit is not None:
         """S-STE's ``beta * S(W)`` per group of 4 consecutive weights of the flat ``weight``: t the (n+1)-th
         largest |w| (`_bounds4`: no index, so ties cannot matter), `_soft1` of each weight with ``scale[0]``
         and ``scale[1]``, a zero of the type. False where a weight is NaN (``out`` then garbage). One loop per
-        N (see `_bounds4`): with N read in the loop and a branch per weight it took 1.6-1.8x as long."""
+        N (see `_bounds4`): with N read in the loop and a branch per weight it took 1.4-1.8x as long."""
         if n == 1:
             return _soft_run(weight, 1, scale, out)
         if n == 2:

@@ -296,8 +296,10 @@ def test_kernels_benchmark_times_each_kernel_against_the_code_before_it(tmp_path
     if fused.njit is None:
         pytest.skip("numba is not installed")
     bench = _load("kernels")
+    threads = torch.get_num_threads()
     rows = bench.main(["--matrices", "16x32", "--convs", "8x8x3x3", "--repeat", "3", "--before", str(ROOT),
                        "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads                   # timed on one thread, then given back
     assert [r["kernel"] for r in rows] == ["masked", "decayed", "soft", "bimask", "conv"]
     for row in rows:
         assert row["same_bits"] is True and row["vs_before"] == pytest.approx(row["us"] / row["before_us"])
