@@ -85,21 +85,18 @@ def _bits(made) -> list[bytes]:
     return [b"none" if t is None else t.contiguous().numpy().view(np.uint8).tobytes() for t in items]
 
 
-def _median_us(fn, repeat: int, other=None) -> tuple[float, float | None]:
-    """Median µs per call of ``fn`` (and of ``other``, called alternately with it), after a warm-up call."""
-    fn()
-    if other is not None:
-        other()
-    mine, theirs = [], []
+def _medians(calls: dict, repeat: int) -> dict[str, float]:
+    """Each side's median µs per call over ``repeat`` calls, the sides called alternately, after a warm-up call
+    each."""
+    times: dict[str, list[float]] = {side: [] for side in calls}
+    for call in calls.values():
+        call()
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        mine.append(time.perf_counter() - start)
-        if other is not None:
+        for side, call in calls.items():
             start = time.perf_counter()
-            other()
-            theirs.append(time.perf_counter() - start)
-    return statistics.median(mine) * 1e6, (statistics.median(theirs) * 1e6 if theirs else None)
+            call()
+            times[side].append(time.perf_counter() - start)
+    return {side: statistics.median(spent) * 1e6 for side, spent in times.items()}
 
 
 def run(args) -> list[dict]:
@@ -122,14 +119,16 @@ def _rows(args) -> list[dict]:
         before = _calls(old, weight, perm, args.n) if old is not None else {}
         for name, call in now.items():
             row = {"kernel": name, "shape": "x".join(map(str, shape)), "entries": weight.numel()}
-            if name in before:
-                row["same_bits"] = _bits(call()) == _bits(before[name]())
-                if not row["same_bits"]:
+            sides = {"now": call}
+            if name in before:          # (an older checkout may not have it)
+                if _bits(call()) != _bits(before[name]()):
                     raise SystemExit(f"{name} on {row['shape']}: this code and --before make different bits")
-            row["us"], row["before_us"] = _median_us(call, args.repeat, before.get(name))
-            row["ns_per_entry"] = row["us"] * 1e3 / weight.numel()
-            if row["before_us"] is not None:
-                row["vs_before"] = row["us"] / row["before_us"]
+                sides["before"] = before[name]
+                row["same_bits"] = True
+            medians = _medians(sides, args.repeat)
+            row["us"], row["ns_per_entry"] = medians["now"], medians["now"] * 1e3 / weight.numel()
+            if "before" in medians:
+                row["before_us"], row["vs_before"] = medians["before"], medians["now"] / medians["before"]
             rows.append(row)
     return rows
 
@@ -144,7 +143,8 @@ def _report(rows: list[dict], args) -> None:
     for row in rows:
         cells = [row["kernel"], row["shape"], f"{row['us']:.1f}", f"{row['ns_per_entry']:.3f}"]
         if args.before:
-            cells += [f"{row['before_us']:.1f}", f"{row['vs_before']:.3f}", "yes" if row["same_bits"] else "NO"]
+            cells += ([f"{row['before_us']:.1f}", f"{row['vs_before']:.3f}", "yes"] if "vs_before" in row
+                      else ["–", "–", "–"])        # not in the code before
         table.add_row(*cells)
     Console().print(table)
     if args.out:

@@ -314,10 +314,10 @@ def test_kernels_benchmark_times_each_kernel_against_the_code_before_it(tmp_path
 
 
 def test_kernels_benchmark_refuses_a_kernel_whose_bits_differ_from_the_code_before(tmp_path, monkeypatch):
-    bench = _load("kernels")
     from nmtrain.sparsity import fused
     if fused.njit is None:
         pytest.skip("numba is not installed")
+    bench = _load("kernels")
     bench.before_package(ROOT)
     real = fused.soft_threshold4
     monkeypatch.setattr(fused, "soft_threshold4", lambda w, n, scale: real(w, n, scale) * 2)
