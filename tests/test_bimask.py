@@ -46,13 +46,19 @@ def test_permutation_search_takes_the_best_and_is_deterministic():
     assert kept >= int(backward_mask(fm, w.abs(), torch.arange(16), 2, 4).sum()) or kept == max(tries)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+def _input(kind, generator=None):
+    shape = {"linear": (5, 16), "sequences": (3, 5, 16), "conv": (2, 8, 6, 6)}[kind]
+    return torch.randn(shape, generator=generator)
+
+
+@pytest.mark.parametrize("kind", ["linear", "sequences", "conv"])
 def test_backward_data_uses_w_times_the_backward_mask(kind):
     torch.manual_seed(0)
-    mod = nn.Linear(16, 8) if kind == "linear" else nn.Conv2d(8, 8, 3, padding=1)
+    mod = nn.Conv2d(8, 8, 3, padding=1) if kind == "conv" else nn.Linear(16, 8)
+    x = _input(kind).requires_grad_(True)
+    kind = "linear" if kind == "sequences" else kind       # a Linear on a batch of sequences: dX by the same rule
     with _bimask_attached({"layer": mod}, decay=0.0) as method:
         method.before_step(0)
-        x = torch.randn(5, 16, requires_grad=True) if kind == "linear" else torch.randn(2, 8, 6, 6, requires_grad=True)
         y = mod(x)
         dy = torch.randn_like(y)
         y.backward(dy)
@@ -79,8 +85,44 @@ def test_backward_data_uses_w_times_the_backward_mask(kind):
         out.backward(dy)
         assert torch.allclose(mod.weight.grad, ww.grad, atol=1e-5)
         if kind == "linear":
-            manual = dy.t() @ x.detach()
+            manual = dy.reshape(-1, 8).t() @ x.detach().reshape(-1, 16)
             assert torch.allclose(mod.weight.grad, manual, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "sequences", "conv"])
+def test_the_gemm_takes_autograds_own_nodes_with_the_functions_bits(monkeypatch, kind):
+    """A training forward runs torch's own product on a straight-through view of W whose data is swapped from
+    W * B_f to W * B_b after it (`bimask._swapped_gemm`): no Python node, and the output and every gradient the
+    bits `_BiMaskGEMM` gives, bias included. Where the swap would not reach the backward (checked once,
+    `_swap_reaches_the_backward`) every layer takes the Function."""
+    import nmtrain.experiments.methods.bimask as bimask_module
+
+    def run(swap: bool):
+        monkeypatch.setattr(bimask_module, "_swap_reaches_the_backward", lambda: swap)
+        torch.manual_seed(3)
+        mod = nn.Conv2d(8, 8, 3, padding=1) if kind == "conv" else nn.Linear(16, 8)
+        g = torch.Generator().manual_seed(4)
+        x = _input(kind, g).requires_grad_(True)
+        with _bimask_attached({"layer": mod}, decay=0.0) as method:
+            method.before_step(0)
+            y = mod(x)
+            y.backward(torch.randn(y.shape, generator=g))
+        return y.grad_fn.name(), [t.detach().view(torch.int32) for t in (y, x.grad, mod.weight.grad, mod.bias.grad)]
+
+    native, swapped = run(True)
+    function, reference = run(False)
+    assert "BiMaskGEMM" not in native and "BiMaskGEMM" in function
+    assert all(torch.equal(a, b) for a, b in zip(swapped, reference))
+
+
+def test_the_swap_check_fails_where_the_backward_would_read_the_forward_weight(monkeypatch):
+    """`_swap_reaches_the_backward` is a real check: with a product that keeps W * B_f for its backward it says no."""
+    import nmtrain.experiments.methods.bimask as bimask_module
+
+    assert bimask_module._swap_reaches_the_backward.__wrapped__()
+    swapped = bimask_module._swapped_gemm
+    monkeypatch.setattr(bimask_module, "_swapped_gemm", lambda x, w, b, w_f, w_b, conv: swapped(x, w, b, w_f, w_f, conv))
+    assert not bimask_module._swap_reaches_the_backward.__wrapped__()
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
