@@ -217,7 +217,7 @@ def test_sr_ste_forward_weights_made_together_are_the_ones_made_alone():
     for name in layers:
         alone[name].load_state_dict(layers[name].state_dict())
     together, single = _method("srste", layers), _method("srste", alone)
-    single.per_forward = lambda name, module, make, split=False: make(name, module)     # never made ahead
+    single.per_forward = lambda name, module, make, **_: make(name, module)     # never made ahead
     x = torch.randn(4, 16)
     for _ in range(3):
         for method, mods in ((together, layers), (single, alone)):

@@ -351,13 +351,22 @@ class BiMask(Method):
         bm, w_b = backward_mask_and_product(fm, to_matrix(w, layout), self.perms[name].to(fm.device), p.n, p.m)
         return fmask, from_matrix(bm, w.shape, layout), w_f, from_matrix(w_b, w.shape, layout)
 
+    def _batch(self, weights: list[torch.Tensor]) -> list | None:
+        """`per_forward`'s batch: every layer's four operands, as `_operands` gives them, where each is made from
+        its matrix view's rows (a Linear, or a ``flatten`` conv: `sparsity.batch.LayerMakes.bimask`). Not under
+        autocast, where the GEMM is the Function's, which saves ``W * B_b`` itself rather than a view of W."""
+        if self.ctx.layout != "flatten" and any(w.dim() != 2 for w in weights):
+            return None
+        return self._makes.bimask(weights, [self.perms[name] for name in self.ctx.layers], self.ctx.pattern.n)
+
     def layer_forward(self, name, module, x):
         # every layer's operands at a step's first training forward (per_forward); traced, this layer's own
         compiling = torch.compiler.is_compiling()
         if not compiling and name not in self.perms:
             self._search(0)         # here, not in a make that per_forward may run on another thread
         fmask, _, w_f, w_b = self._operands(name, module) if compiling else self.per_forward(
-            name, module, self._operands, split=self.ctx.pattern.m == 4)    # M = 4: compiled kernels' work
+            name, module, self._operands, split=self.ctx.pattern.m == 4,    # M = 4: compiled kernels' work
+            batch=self._batch if self.ctx.pattern.m == 4 and not torch.is_autocast_enabled(x.device.type) else None)
         conv = None
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros":

@@ -191,11 +191,18 @@ class PGF(Method):
             return module.weight
         if not torch.compiler.is_compiling():   # every layer's at a step's first training forward (per_forward)
             # M = 4: one compiled pass a layer, shared between two threads on a large model (threads.split_map)
-            kept, version, mask, made = self.per_forward(name, module, self._decayed, split=self.pattern.m == 4)
+            kept, version, mask, made = self.per_forward(name, module, self._decayed, split=self.pattern.m == 4,
+                                                         batch=self._batch if self.pattern.m == 4 else None)
             if kept == self._kept and version == self._value._version:    # made at this N and mask value
                 return decayed_mask(module.weight, mask, self._value, made)
         mask = nm_mask(module.weight.detach(), self._kept, self.pattern.m, self.ctx.layout)
         return decayed_mask(module.weight, mask, self._value)
+
+    def _batch(self, weights: list[torch.Tensor]) -> list | None:
+        """`per_forward`'s batch: every layer's `_decayed` in one call per thread (`sparsity.batch.LayerMakes`)."""
+        made = self._makes.masked(weights, self._kept, self.ctx.layout, self._value)
+        version = self._value._version
+        return None if made is None else [None if r is None else (self._kept, version, *r) for r in made]
 
     def _decayed(self, name: str, module: nn.Module) -> tuple:
         # the mask and the decayed weight in one pass at M = 4 on a CPU (sparsity.nm_mask_and_decayed)

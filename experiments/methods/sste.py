@@ -139,11 +139,21 @@ class SSTE(Method):
         p, beta = self.pattern, self.beta(name)
         made = None
         if not torch.compiler.is_compiling():   # every layer's at a step's first training forward (per_forward)
-            used, made = self.per_forward(name, module, self._thresholded)
+            used, made = self.per_forward(name, module, self._thresholded,
+                                          batch=self._batch if p.m == 4 else None)
             made = made if used is beta else None
             if (out := joined(module.weight, made)) is not None:   # through autograd's own node (`ste.joined`)
                 return out
         return _SoftThreshold.apply(module.weight, beta, p.n, p.m, self.ctx.layout, made)
+
+    def _batch(self, weights: list[torch.Tensor]) -> list | None:
+        """`per_forward`'s batch: every layer's `_thresholded` in one call per thread (`sparsity.batch.LayerMakes`),
+        where each layer's GEMM view is its own memory (a Linear, or a ``flatten`` conv)."""
+        if self.ctx.layout != "flatten" and any(w.dim() != 2 for w in weights):
+            return None
+        betas = [self.beta(name) for name in self.ctx.layers]
+        made = self._makes.soft(weights, betas, self.pattern.n)
+        return None if made is None else [None if out is None else (beta, out) for beta, out in zip(betas, made)]
 
     def _thresholded(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         p, beta = self.pattern, self.beta(name)
