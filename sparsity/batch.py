@@ -1,7 +1,8 @@
 """Every layer's per-step N:4 make in one compiled call per thread, into buffers kept from call to call.
 
-SR-STE and its kin make each layer's mask and masked weight at every training step (`fused.nm4_masked`), Bi-Mask
-its four operands (`fused.bimask_operands4`). Made layer by layer, each is a Python call with its checks, two or
+SR-STE and its kin make each layer's mask and masked weight at every training step (`fused.nm4_masked`; PGF its
+decayed weight, `fused.nm4_decayed`), S-STE its soft-thresholded weight (`fused.soft_threshold4`), Bi-Mask its
+four operands (`fused.bimask_operands4`). Made layer by layer, each is a Python call with its checks, two or
 four fresh tensors, their numpy views and a numba dispatch: about 12 µs a layer warm, and several times that
 inside a training step, whose GEMMs have evicted that code from the caches (the GPT's sixteen Bi-Mask makes
 took about 1.1 ms of its step, their kernels 0.3 ms warm on two threads).
@@ -133,9 +134,10 @@ class _Plan:
 
 
 class LayerMakes:
-    """One method's per-step makes of all its layers (module docstring): `masked` for SR-STE's kin, `bimask` for
-    Bi-Mask. Each returns the layers' results in the order given, or None where a weight is not one the kernels
-    take (the caller then makes every layer one by one, as before)."""
+    """One method's per-step makes of all its layers (module docstring): `masked` for SR-STE's kin and PGF, `soft`
+    for S-STE, `bimask` for Bi-Mask. Each returns the layers' results in the order given, or None where a weight
+    is not one the kernels take (the caller then makes every layer one by one, as before). One plan at a time:
+    a method calls one of them."""
 
     def __init__(self):
         self._key: tuple | None = None
