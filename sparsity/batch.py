@@ -48,6 +48,13 @@ if fused.njit is not None:
                 served[i] = fused._mask4_spread(flats[i], n, table, keeps[i], outs[i], spreads[i], value)
 
     @njit(cache=True, nogil=True)
+    def _bound_chunk(flats, keeps, outs, served):
+        """`fused._bound4` on each (weight, keep) of a chunk, in place, with ``weight * keep`` of the bounded weight
+        into ``outs[i]``; ``served[i]`` false where a group of weight i holds a NaN or has a cap of 0."""
+        for i in range(len(flats)):
+            served[i] = not fused._bound4(flats[i], keeps[i], outs[i])
+
+    @njit(cache=True, nogil=True)
     def _soft_chunk(flats, outs, n, scales, served):
         """`fused.soft_threshold4`'s kernel on each weight of a chunk, ``scales[i]`` its (beta, 0.0)."""
         for i in range(len(flats)):
@@ -135,9 +142,9 @@ class _Plan:
 
 class LayerMakes:
     """One method's per-step makes of all its layers (module docstring): `masked` for SR-STE's kin and PGF, `soft`
-    for S-STE, `bimask` for Bi-Mask. Each returns the layers' results in the order given, or None where a weight
-    is not one the kernels take (the caller then makes every layer one by one, as before). One plan at a time:
-    a method calls one of them."""
+    for S-STE, `bimask` for Bi-Mask, `bound` for transposable's bound after the optimizer step. Each returns the
+    layers' results in the order given, or None where a weight is not one the kernels take (the caller then makes
+    every layer one by one, as before). One plan at a time: a method calls one of them."""
 
     def __init__(self):
         self._key: tuple | None = None
@@ -176,6 +183,21 @@ class LayerMakes:
         for array, slot, i in plan.fills:       # this call's scales, read now (`soft_threshold4` reads them so)
             array[slot, 0] = scales[i].item()
         return [None if made is None else made[0] for made in plan.run()]
+
+    def bound(self, weights: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor], m: int,
+              layout: str) -> list | None:
+        """`fused.clamp_pruned_masked_` of each weight where its groups are 4 consecutive entries (M = 4, a Linear,
+        a ``flatten`` conv):
+        the weight bounded in place (transposable's `bound_pruned`) and ``weight * keep`` of it, the product
+        for the next forward; None for a weight the kernel left to the formula (a NaN, a group's cap of 0: its
+        other groups are bounded already, and the formula's bound leaves them as they are)."""
+        plan = self._planned(("bound", m, layout, _identity(weights), _identity(keeps)),
+                             lambda: _bound_plan([w.detach() for w in weights], list(keeps), m, layout))
+        if plan is None:
+            return None
+        made = plan.run()
+        torch.autograd.graph.increment_version(list(weights))      # written through numpy, as the kernel's caller
+        return [None if m is None else m[0] for m in made]
 
     def bimask(self, weights: Sequence[torch.Tensor], perms: Sequence[torch.Tensor],
                n: int) -> list[tuple | None] | None:
@@ -220,6 +242,20 @@ def _soft_plan(weights: list[torch.Tensor], n: int) -> _Plan | None:
             fills += [(scales, slot, i) for slot, i in enumerate(part)]
             side[c] = (part, args + (scales,))
     return _Plan(_soft_chunk, sides, 2, (n,), [(o,) for o in outs], sizes, fills)
+
+
+def _bound_plan(weights: list[torch.Tensor], keeps: list[torch.Tensor], m: int, layout: str) -> _Plan | None:
+    if not (m == 4 and _weights_served(weights) and all(
+            k.dtype == torch.bool and k.shape == w.shape and k.is_contiguous() and k.is_cpu
+            and fused._group_spread(w, 4, layout) == 1 for w, k in zip(weights, keeps))):
+        return None
+    np_type = weights[0].numpy().dtype
+    outs = [torch.empty_like(w) for w in weights]
+    arrays = ([fused._flat(w) for w in weights], [fused._bytes(k) for k in keeps], [fused._flat(o) for o in outs])
+    sizes = [w.numel() for w in weights]
+    sides = [_chunks(side, arrays, (np.empty(0, np_type), np.empty(0, np.uint8), np.empty(0, np_type)))
+             for side in _sides(sizes)]
+    return _Plan(_bound_chunk, sides, 3, (), [(o,) for o in outs], sizes)
 
 
 def _bimask_plan(weights: list[torch.Tensor], perms: list[torch.Tensor], n: int) -> _Plan | None:

@@ -175,3 +175,32 @@ def test_a_training_forward_makes_every_layer_in_one_batch_unless_a_weight_is_fr
                 w = layers[name].weight.detach()
                 expected = torch.nn.functional.linear(x, forward_weight(m, name, w), layers[name].bias)
                 assert torch.allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["random", "integers (ties)"])
+def test_bound_is_each_layers_clamp_and_product_and_leaves_special_groups_to_the_formula(kind):
+    """Transposable's bound after the optimizer step (`LayerMakes.bound`): each weight bounded in place and its
+    product, the bits `fused.clamp_pruned_masked_` gives layer by layer; a weight with a NaN or a group whose
+    kept weights are all 0 is None, and the formula's bound after it gives the per-layer result."""
+    from nmtrain.experiments.methods.transposable import bound_pruned
+
+    weights = _weights(WIDTH + 2, kind, shapes=[(24, 16), (8, 32), (32, 16)])
+    keeps = [fused.nm4_mask(w.neg(), 2) for w in weights]          # not the magnitude mask: pruned weights above
+    weights[1].view(-1)[:4] = torch.tensor([0.0, 0.0, 5.0, -7.0])   # a group whose kept weights are 0 ...
+    keeps[1].view(-1)[:4] = torch.tensor([True, True, False, False])
+    weights[4].view(-1)[6] = float("nan")
+    alone = [w.clone() for w in weights]
+    versions = [w._version for w in weights]
+    made = LayerMakes().bound(weights, keeps, 4, "flatten")
+    assert all(w._version > v for w, v in zip(weights, versions))     # written in place: autograd is told
+    assert [m is None for m in made] == [i in (1, 4) for i in range(len(weights))]
+    for w, a, k, m in zip(weights, alone, keeps, made):
+        expected = fused.clamp_pruned_masked_(a, k, 4, "flatten")
+        if m is None:
+            bound_pruned(w, k, 4, "flatten")
+            bound_pruned(a, k, 4, "flatten")
+        else:
+            assert torch.equal(_bits(m), _bits(expected))
+        assert torch.equal(_bits(w), _bits(a))
+    assert LayerMakes().bound(weights, keeps, 8, "flatten") is None
+    assert LayerMakes().bound([torch.randn(8, 4, 3, 3)], [torch.ones(8, 4, 3, 3, dtype=torch.bool)], 4, "nhwc") is None
