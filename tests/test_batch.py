@@ -204,3 +204,24 @@ def test_bound_is_each_layers_clamp_and_product_and_leaves_special_groups_to_the
         assert torch.equal(_bits(w), _bits(a))
     assert LayerMakes().bound(weights, keeps, 8, "flatten") is None
     assert LayerMakes().bound([torch.randn(8, 4, 3, 3)], [torch.ones(8, 4, 3, 3, dtype=torch.bool)], 4, "nhwc") is None
+
+
+@pytest.mark.parametrize("method", ["srste", "bimask"])
+def test_two_forwards_before_one_backward_take_the_gradients_each_layer_makes_alone(monkeypatch, method):
+    """A second training forward from the same weights refills the kept outputs with the same bits, so a backward
+    through both forwards (two micro-batches summed) gets the gradients of per-layer makes."""
+    from nmtrain.experiments.methods.base import Method
+
+    grads = []
+    for batched in (True, False):
+        if not batched:
+            monkeypatch.setattr(Method, "per_forward", lambda self, name, module, make, **_: make(name, module))
+        torch.manual_seed(0)
+        layers = {name: nn.Linear(16, 8) for name in ("a", "b")}
+        x1, x2 = torch.randn(4, 16), torch.randn(4, 16)
+        with attach(method, layers, Pattern(2, 4), {}, total_steps=10, steps_per_epoch=5, seed=0) as m:
+            m.before_step(0)
+            loss = sum((layers[n](x1) ** 2).sum() for n in layers) + sum((layers[n](x2) ** 3).sum() for n in layers)
+            loss.backward()
+        grads.append([_bits(layers[n].weight.grad) for n in layers])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
