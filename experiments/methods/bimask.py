@@ -355,7 +355,8 @@ class BiMask(Method):
         """`per_forward`'s batch: every layer's four operands, as `_operands` gives them, where each is made from
         its matrix view's rows (a Linear, or a ``flatten`` conv: `sparsity.batch.LayerMakes.bimask`). Not under
         autocast, where the GEMM is the Function's, which saves ``W * B_b`` itself rather than a view of W."""
-        if self.ctx.layout != "flatten" and any(w.dim() != 2 for w in weights):
+        if torch.is_autocast_enabled(weights[0].device.type) or (
+                self.ctx.layout != "flatten" and any(w.dim() != 2 for w in weights)):
             return None
         return self._makes.bimask(weights, [self.perms[name] for name in self.ctx.layers], self.ctx.pattern.n)
 
@@ -366,7 +367,7 @@ class BiMask(Method):
             self._search(0)         # here, not in a make that per_forward may run on another thread
         fmask, _, w_f, w_b = self._operands(name, module) if compiling else self.per_forward(
             name, module, self._operands, split=self.ctx.pattern.m == 4,    # M = 4: compiled kernels' work
-            batch=self._batch if self.ctx.pattern.m == 4 and not torch.is_autocast_enabled(x.device.type) else None)
+            batch=self._batch if self.ctx.pattern.m == 4 else None)
         conv = None
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros":
