@@ -3,10 +3,11 @@
 SR-STE and its kin make each layer's mask and masked weight at every training step (`fused.nm4_masked`; PGF its
 decayed weight, `fused.nm4_decayed`), S-STE its soft-thresholded weight (`fused.soft_threshold4`), Bi-Mask its
 four operands (`fused.bimask_operands4`); transposable bounds every layer's pruned weights after each optimizer
-step and makes the next forward's product in that pass (`fused.clamp_pruned_masked_`). Made layer by layer, each is a Python call with its checks, two or
-four fresh tensors, their numpy views and a numba dispatch: about 12 µs a layer warm, and several times that
-inside a training step, whose GEMMs have evicted that code from the caches (the GPT's sixteen Bi-Mask makes
-took about 1.1 ms of its step, their kernels 0.3 ms warm on two threads).
+step and makes the next forward's product in that pass (`fused.clamp_pruned_masked_`). Made layer by layer,
+each is a Python call with its checks, two or four fresh tensors, their numpy views and a numba dispatch: about
+12 µs a layer warm, and several times that inside a training step, whose GEMMs have evicted that code from the
+caches (the GPT's sixteen Bi-Mask makes took about 1.1 ms of its step, their kernels 0.3 ms warm on two
+threads).
 
 `LayerMakes` does that per-layer work once, when the set of weights changes (a weight's storage, shape or
 type, N, the layout, Bi-Mask's permutations): the numpy views of the weights and of outputs it keeps, in
@@ -15,11 +16,12 @@ empty arrays), split between two threads by size as `threads.split_map` splits l
 compiled call per chunk, the same kernels, and each layer's results are bit for bit what its own call gives.
 
 The outputs are the same tensors at every call, refilled. What a training forward took from them its backward
-reads before the next make: the next make comes at the next step (transposable's, at the end of this one's
-optimizer step, after the backward), after the optimizer has changed the weights, and a backward through a weight changed since its forward is refused by autograd (the callers hand
-these results only to forwards whose saved tensors are views of the weight). A second make from the same
-weights (a second micro-batch's forward) writes the same bits. A layer whose make the kernel cannot serve (a
-NaN weight) is None in the results, and its caller makes it as before.
+reads before the next make: the next make comes at the next step (transposable's at the end of this step's
+optimizer step, after the backward), once the optimizer has changed the weights, and autograd refuses a
+backward through a weight changed since its forward (the callers hand these results only to forwards whose
+saved tensors are views of the weight). A second make from the same weights (a second micro-batch's forward)
+writes the same bits. A layer whose make the kernel cannot serve (a NaN weight) is None in the results, and its
+caller makes it as before.
 """
 
 from __future__ import annotations
