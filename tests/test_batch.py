@@ -25,7 +25,9 @@ def _weights(count, kind="random", dtype=torch.float32, seed=0, shapes=SHAPES):
 
 
 def _bits(t):
-    return t.view(torch.uint8) if t.dtype == torch.bool else t.view(torch.int32 if t.element_size() == 4 else torch.int64)
+    if t.dtype == torch.bool:
+        return t.view(torch.uint8)
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int64)
 
 
 def _same(a, b):

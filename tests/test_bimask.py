@@ -121,7 +121,8 @@ def test_the_swap_check_fails_where_the_backward_would_read_the_forward_weight(m
 
     assert bimask_module._swap_reaches_the_backward.__wrapped__()
     swapped = bimask_module._swapped_gemm
-    monkeypatch.setattr(bimask_module, "_swapped_gemm", lambda x, w, b, w_f, w_b, conv: swapped(x, w, b, w_f, w_f, conv))
+    monkeypatch.setattr(bimask_module, "_swapped_gemm",
+                        lambda x, w, b, w_f, w_b, conv: swapped(x, w, b, w_f, w_f, conv))
     assert not bimask_module._swap_reaches_the_backward.__wrapped__()
 
 
