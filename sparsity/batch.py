@@ -51,6 +51,13 @@ if fused.njit is not None:
                 served[i] = fused._mask4_spread(flats[i], n, table, keeps[i], outs[i], spreads[i], value)
 
     @njit(cache=True, nogil=True)
+    def _product_chunk(flats, keeps, outs, served):
+        """`fused._product` of each (weight, keep) of a chunk into ``outs[i]``: a held mask's product."""
+        for i in range(len(flats)):
+            fused._product(outs[i], flats[i], keeps[i])
+            served[i] = True
+
+    @njit(cache=True, nogil=True)
     def _bound_chunk(flats, keeps, outs, served):
         """`fused._bound4` on each (weight, keep) of a chunk, in place, with ``weight * keep`` of the bounded weight
         into ``outs[i]``; ``served[i]`` false where a group of weight i holds a NaN or has a cap of 0."""
@@ -147,16 +154,16 @@ class LayerMakes:
     """One method's per-step makes of all its layers (module docstring): `masked` for SR-STE's kin and PGF, `soft`
     for S-STE, `bimask` for Bi-Mask, `bound` for transposable's bound after the optimizer step. Each returns the
     layers' results in the order given, or None where a weight is not one the kernels take (the caller then makes
-    every layer one by one, as before). One plan at a time: a method calls one of them."""
+    every layer one by one, as before). One plan per kind: transposable holds its bound's and its forward's."""
 
     def __init__(self):
-        self._key: tuple | None = None
-        self._plan: _Plan | None = None
+        self._plans: dict[str, tuple[tuple, _Plan | None]] = {}    # per kind of make: (its key, its plan)
 
     def _planned(self, key: tuple, build: Callable[[], _Plan | None]) -> _Plan | None:
-        if key != self._key:
-            self._plan, self._key = build(), key
-        return self._plan
+        kept = self._plans.get(key[0])
+        if kept is None or kept[0] != key:
+            kept = self._plans[key[0]] = (key, build())
+        return kept[1]
 
     def masked(self, weights: Sequence[torch.Tensor], n: int, layout: str,
                value: torch.Tensor | None = None) -> list[tuple | None] | None:
@@ -186,6 +193,13 @@ class LayerMakes:
         for array, slot, i in plan.fills:       # this call's scales, read now (`soft_threshold4` reads them so)
             array[slot, 0] = scales[i].item()
         return [None if made is None else made[0] for made in plan.run()]
+
+    def product(self, weights: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor]) -> list | None:
+        """`fused.masked` of each weight and its held bool mask: ``weight * keep`` in the weight's shape (the
+        forward weight of transposable and masked decay, whose masks stay between recomputes)."""
+        plan = self._planned(("product", _identity(weights), _identity(keeps)),
+                             lambda: _product_plan([w.detach() for w in weights], list(keeps)))
+        return None if plan is None else [m[0] for m in plan.run()]
 
     def bound(self, weights: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor], m: int,
               layout: str) -> list | None:
@@ -247,10 +261,13 @@ def _soft_plan(weights: list[torch.Tensor], n: int) -> _Plan | None:
     return _Plan(_soft_chunk, sides, 2, (n,), [(o,) for o in outs], sizes, fills)
 
 
-def _bound_plan(weights: list[torch.Tensor], keeps: list[torch.Tensor], m: int, layout: str) -> _Plan | None:
-    if not (m == 4 and _weights_served(weights) and all(
-            k.dtype == torch.bool and k.shape == w.shape and k.is_contiguous() and k.is_cpu
-            and fused._group_spread(w, 4, layout) == 1 for w, k in zip(weights, keeps))):
+def _held_masks_served(weights: list[torch.Tensor], keeps: list[torch.Tensor]) -> bool:
+    return _weights_served(weights) and all(k.dtype == torch.bool and k.shape == w.shape and k.is_contiguous()
+                                            and k.is_cpu for w, k in zip(weights, keeps))
+
+
+def _product_plan(weights: list[torch.Tensor], keeps: list[torch.Tensor]) -> _Plan | None:
+    if not _held_masks_served(weights, keeps):
         return None
     np_type = weights[0].numpy().dtype
     outs = [torch.empty_like(w) for w in weights]
@@ -258,7 +275,16 @@ def _bound_plan(weights: list[torch.Tensor], keeps: list[torch.Tensor], m: int, 
     sizes = [w.numel() for w in weights]
     sides = [_chunks(side, arrays, (np.empty(0, np_type), np.empty(0, np.uint8), np.empty(0, np_type)))
              for side in _sides(sizes)]
-    return _Plan(_bound_chunk, sides, 3, (), [(o,) for o in outs], sizes)
+    return _Plan(_product_chunk, sides, 3, (), [(o,) for o in outs], sizes)
+
+
+def _bound_plan(weights: list[torch.Tensor], keeps: list[torch.Tensor], m: int, layout: str) -> _Plan | None:
+    if not (m == 4 and _held_masks_served(weights, keeps)
+            and all(fused._group_spread(w, 4, layout) == 1 for w in weights)):
+        return None
+    plan = _product_plan(weights, keeps)        # the same arrays: the weights in place, the masks, the products
+    plan.kernel = _bound_chunk
+    return plan
 
 
 def _bimask_plan(weights: list[torch.Tensor], perms: list[torch.Tensor], n: int) -> _Plan | None:

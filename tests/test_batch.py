@@ -227,3 +227,18 @@ def test_two_forwards_before_one_backward_take_the_gradients_each_layer_makes_al
             loss.backward()
         grads.append([_bits(layers[n].weight.grad) for n in layers])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_product_is_each_layers_masked_weight_and_each_kind_keeps_its_own_plan():
+    """A held mask's product (`LayerMakes.product`, transposable's and masked decay's forward weight) is
+    `fused.masked`'s, bit for bit; a method's two kinds of batch (transposable: the bound after the optimizer
+    step, the product in a forward) keep a plan each, so neither remakes the other's."""
+    weights = _weights(WIDTH + 1, "integers (ties)", shapes=[(24, 16), (8, 32), (32, 16)])
+    keeps = [fused.nm4_mask(w.abs().neg(), 2) for w in weights]
+    weights[2].view(-1)[3] = float("nan")                  # a NaN's product is NaN, as torch's: nothing to leave
+    makes = LayerMakes()
+    made = makes.product(weights, keeps)
+    assert all(torch.equal(_bits(m), _bits(fused.masked(w, k))) for w, k, m in zip(weights, keeps, made))
+    bounded = makes.bound(weights, keeps, 4, "flatten")
+    assert makes.product(weights, keeps)[0] is made[0] and makes.bound(weights, keeps, 4, "flatten")[0] is bounded[0]
+    assert LayerMakes().product(weights, [k.float() for k in keeps]) is None        # not a bool mask

@@ -174,9 +174,15 @@ def test_the_bound_makes_the_next_forwards_masked_weight_in_its_pass(monkeypatch
     from nmtrain.experiments.methods.base import StoredMaskMethod
 
     made = []
-    held_product = StoredMaskMethod._held_product
+    held_product, held_batch = StoredMaskMethod._held_product, StoredMaskMethod._held_batch
     monkeypatch.setattr(StoredMaskMethod, "_held_product",
                         lambda self, name, module: made.append(name) or held_product(self, name, module))
+
+    def batch(self, weights):                   # every layer's product at once (sparsity.batch)
+        out = held_batch(self, weights)
+        made.extend(self.ctx.layers if out is not None else [])
+        return out
+    monkeypatch.setattr(StoredMaskMethod, "_held_batch", batch)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                         nn.Linear(32, 4))
