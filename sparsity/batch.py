@@ -2,8 +2,9 @@
 
 SR-STE and its kin make each layer's mask and masked weight at every training step (`fused.nm4_masked`; PGF its
 decayed weight, `fused.nm4_decayed`), S-STE its soft-thresholded weight (`fused.soft_threshold4`), Bi-Mask its
-four operands (`fused.bimask_operands4`); transposable bounds every layer's pruned weights after each optimizer
-step and makes the next forward's product in that pass (`fused.clamp_pruned_masked_`). Made layer by layer,
+four operands (`fused.bimask_operands4`), masked decay its held mask's product (`fused.masked`); transposable
+bounds every layer's pruned weights after each optimizer step and makes the next forward's product in that pass
+(`fused.clamp_pruned_masked_`). Made layer by layer,
 each is a Python call with its checks, two or four fresh tensors, their numpy views and a numba dispatch: about
 12 µs a layer warm, and several times that inside a training step, whose GEMMs have evicted that code from the
 caches (the GPT's sixteen Bi-Mask makes took about 1.1 ms of its step, their kernels 0.3 ms warm on two
@@ -152,7 +153,8 @@ class _Plan:
 
 class LayerMakes:
     """One method's per-step makes of all its layers (module docstring): `masked` for SR-STE's kin and PGF, `soft`
-    for S-STE, `bimask` for Bi-Mask, `bound` for transposable's bound after the optimizer step. Each returns the
+    for S-STE, `bimask` for Bi-Mask, `product` for a held mask's product, `bound` for transposable's bound after
+    the optimizer step. Each returns the
     layers' results in the order given, or None where a weight is not one the kernels take (the caller then makes
     every layer one by one, as before). One plan per kind: transposable holds its bound's and its forward's."""
 
