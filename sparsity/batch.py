@@ -154,9 +154,9 @@ class _Plan:
 class LayerMakes:
     """One method's per-step makes of all its layers (module docstring): `masked` for SR-STE's kin and PGF, `soft`
     for S-STE, `bimask` for Bi-Mask, `product` for a held mask's product, `bound` for transposable's bound after
-    the optimizer step. Each returns the
-    layers' results in the order given, or None where a weight is not one the kernels take (the caller then makes
-    every layer one by one, as before). One plan per kind: transposable holds its bound's and its forward's."""
+    the optimizer step. Each returns the layers' results in the order given, or None where a weight is not one
+    the kernels take (the caller then makes every layer one by one, as before). One plan per kind: transposable
+    holds its bound's and its forward's."""
 
     def __init__(self):
         self._plans: dict[str, tuple[tuple, _Plan | None]] = {}    # per kind of make: (its key, its plan)
