@@ -200,7 +200,7 @@ class LayerMakes:
         """`fused.masked` of each weight and its held bool mask: ``weight * keep`` in the weight's shape (the
         forward weight of transposable and masked decay, whose masks stay between recomputes)."""
         plan = self._planned(("product", _identity(weights), _identity(keeps)),
-                             lambda: _product_plan([w.detach() for w in weights], list(keeps)))
+                             lambda: _held_plan(_product_chunk, [w.detach() for w in weights], list(keeps)))
         return None if plan is None else [m[0] for m in plan.run()]
 
     def bound(self, weights: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor], m: int,
@@ -263,13 +263,11 @@ def _soft_plan(weights: list[torch.Tensor], n: int) -> _Plan | None:
     return _Plan(_soft_chunk, sides, 2, (n,), [(o,) for o in outs], sizes, fills)
 
 
-def _held_masks_served(weights: list[torch.Tensor], keeps: list[torch.Tensor]) -> bool:
-    return _weights_served(weights) and all(k.dtype == torch.bool and k.shape == w.shape and k.is_contiguous()
-                                            and k.is_cpu for w, k in zip(weights, keeps))
-
-
-def _product_plan(weights: list[torch.Tensor], keeps: list[torch.Tensor]) -> _Plan | None:
-    if not _held_masks_served(weights, keeps):
+def _held_plan(kernel: Callable, weights: list[torch.Tensor], keeps: list[torch.Tensor]) -> _Plan | None:
+    """A plan of ``kernel(weights, keeps, products, served)``: a product per layer of its weight and its held bool
+    mask (`_product_chunk`; `_bound_chunk` bounds the weight in place first)."""
+    if not (_weights_served(weights) and all(k.dtype == torch.bool and k.shape == w.shape and k.is_contiguous()
+                                             and k.is_cpu for w, k in zip(weights, keeps))):
         return None
     np_type = weights[0].numpy().dtype
     outs = [torch.empty_like(w) for w in weights]
@@ -277,16 +275,13 @@ def _product_plan(weights: list[torch.Tensor], keeps: list[torch.Tensor]) -> _Pl
     sizes = [w.numel() for w in weights]
     sides = [_chunks(side, arrays, (np.empty(0, np_type), np.empty(0, np.uint8), np.empty(0, np_type)))
              for side in _sides(sizes)]
-    return _Plan(_product_chunk, sides, 3, (), [(o,) for o in outs], sizes)
+    return _Plan(kernel, sides, 3, (), [(o,) for o in outs], sizes)
 
 
 def _bound_plan(weights: list[torch.Tensor], keeps: list[torch.Tensor], m: int, layout: str) -> _Plan | None:
-    if not (m == 4 and _held_masks_served(weights, keeps)
-            and all(fused._group_spread(w, 4, layout) == 1 for w in weights)):
+    if not (m == 4 and all(fused._group_spread(w, 4, layout) == 1 for w in weights)):
         return None
-    plan = _product_plan(weights, keeps)        # the same arrays: the weights in place, the masks, the products
-    plan.kernel = _bound_chunk
-    return plan
+    return _held_plan(_bound_chunk, weights, keeps)
 
 
 def _bimask_plan(weights: list[torch.Tensor], perms: list[torch.Tensor], n: int) -> _Plan | None:
