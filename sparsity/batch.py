@@ -34,7 +34,7 @@ import torch
 
 from . import fused
 from .nm import _AS_IT_LIES
-from .threads import split_map
+from .threads import halves, split_map
 
 WIDTH = 8       # layers per compiled call: tuples of one length, so one compiled specialisation per kernel
 
@@ -96,17 +96,9 @@ def _weights_served(weights: Sequence[torch.Tensor]) -> bool:
 
 
 def _sides(sizes: Sequence[int]) -> list[list[int]]:
-    """The layers' indices in two lists of about half the work each, the largest first to the less loaded (as
-    `threads.split_map` shares items); one list for a single layer."""
-    if len(sizes) < 2:
-        return [list(range(len(sizes)))]
-    sides: list[list[int]] = [[], []]
-    load = [0, 0]
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        side = 0 if load[0] <= load[1] else 1
-        sides[side].append(i)
-        load[side] += sizes[i]
-    return sides
+    """The layers' indices in two lists of about half the work each (`threads.halves`, as `split_map` shares
+    items); one list for a single layer."""
+    return [list(range(len(sizes)))] if len(sizes) < 2 else list(halves(sizes))
 
 
 def _chunks(indices: list[int], arrays: Sequence[Sequence[np.ndarray]],
@@ -133,17 +125,19 @@ class _Plan:
         self.sides = sides
         self.side_sizes = [sum(sizes[i] for part, _ in side for i in part) for side in sides]
 
-    def _run_side(self, side: list[tuple[list[int], tuple]]) -> list[tuple[list[int], np.ndarray]]:
+    def _run_side(self, side: list[tuple[list[int], tuple]], shared: tuple) -> list[tuple[list[int], np.ndarray]]:
         done = []
         for part, arrays in side:
             served = np.zeros(WIDTH, dtype=np.bool_)
-            self.kernel(*arrays[:self.split], *self.shared, *arrays[self.split:], served)
+            self.kernel(*arrays[:self.split], *shared, *arrays[self.split:], served)
             done.append((part, served))
         return done
 
-    def run(self) -> list[tuple | None]:
+    def run(self, shared: tuple | None = None) -> list[tuple | None]:
+        """Every chunk's call (``shared``: this call's own in place of the plan's), the results per layer."""
         out: list[tuple | None] = list(self.results)
-        for side in split_map(self._run_side, self.sides, self.side_sizes):
+        shared = self.shared if shared is None else shared
+        for side in split_map(lambda side: self._run_side(side, shared), self.sides, self.side_sizes):
             for part, served in side:
                 for slot, i in enumerate(part):
                     if not served[slot]:
@@ -178,10 +172,11 @@ class LayerMakes:
         plan = self._planned(key, lambda: _masked_plan([w.detach() for w in weights], n, layout))
         if plan is None:
             return None
-        # the value in the weights' type, as `fused.nm4_decayed` hands it to the kernel; none: the plain product
-        np_type = plan.shared[2].dtype
-        plan.shared = (n, plan.shared[1], np.empty(0, np_type) if value is None else np.array([value.item()], np_type))
-        return plan.run()
+        if value is None:                   # the plain product: the plan's own (n, table, empty value)
+            return plan.run()
+        # the value in the weights' type, as `fused.nm4_decayed` hands it to the kernel
+        n_, table, empty = plan.shared
+        return plan.run((n_, table, np.array([value.item()], empty.dtype)))
 
     def soft(self, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], n: int) -> list | None:
         """`fused.soft_threshold4` of each weight's matrix view (its own rows: a Linear's weight, a ``flatten``

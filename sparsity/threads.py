@@ -107,6 +107,18 @@ def on_other_thread(fn: Callable[[], R]) -> R:
     return _other_thread().submit(fn).result()
 
 
+def halves(sizes: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The indices of ``sizes`` in two lists of about half the total each: the largest first, each to the less
+    loaded list (`split_map`'s share between its threads)."""
+    sides: tuple[list[int], list[int]] = ([], [])
+    load = [0, 0]
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        side = 0 if load[0] <= load[1] else 1
+        sides[side].append(i)
+        load[side] += sizes[i]
+    return sides
+
+
 def split_map(fn: Callable[[T], R], items: Sequence[T], sizes: Sequence[int]) -> list[R]:
     """``[fn(item) for item in items]``, in that order, with the items shared between this thread and one
     other where the job is large enough: ``sizes`` (an item's work, its tensor's entries say) summing to at
@@ -128,13 +140,7 @@ def split_map(fn: Callable[[T], R], items: Sequence[T], sizes: Sequence[int]) ->
     after both have finished."""
     if len(items) < 2 or sum(sizes) < SPLIT_ENTRIES or torch.get_num_threads() < 2:
         return [fn(item) for item in items]
-    mine: list[int] = []
-    theirs: list[int] = []
-    load = [0, 0]
-    for i in sorted(range(len(items)), key=lambda i: -sizes[i]):
-        side = 0 if load[0] <= load[1] else 1
-        (mine if side == 0 else theirs).append(i)
-        load[side] += sizes[i]
+    mine, theirs = halves(sizes)
     grad = torch.is_grad_enabled()
 
     def run(indices: list[int]) -> list[R]:

@@ -145,6 +145,18 @@ class Method:
         self.note_decay(name, module, mask, decay)
         return out
 
+    def trained_weights(self) -> list[torch.Tensor] | None:
+        """Every sparse layer's weight, in `ctx.layers`' order, where each takes a gradient; else None. Outputs kept
+        from step to step (`sparsity.batch.LayerMakes`) serve only these: each forward joins what it takes to its
+        weight by a view, whose version autograd checks, so no backward reads an output refilled since."""
+        weights = [mod.weight for mod in self.ctx.layers.values()]
+        return weights if all(w.requires_grad for w in weights) else None
+
+    def own_matrix_views(self, weights: list[torch.Tensor]) -> bool:
+        """Whether each weight's GEMM view is its own memory, rows as they lie (a Linear, or any layer under the
+        ``flatten`` layout): what the batched kernels of a matrix's rows take."""
+        return self.ctx.layout == "flatten" or all(w.dim() == 2 for w in weights)
+
     def per_forward(self, name: str, module: nn.Module, make: Callable[[str, nn.Module], Any],
                     split: bool = False, batch: Callable[[list[torch.Tensor]], list | None] | None = None) -> Any:
         """``make(name, module)``, a function of the layer's current weight alone, for this forward of ``name``:
@@ -171,9 +183,8 @@ class Method:
         ``batch``: given every layer's weight in `ctx.layers`' order, every layer's make at once
         (`sparsity.batch.LayerMakes`: one compiled call per thread, into outputs kept from step to step; a
         layer it cannot serve is None and ``make`` makes it), or None where it does not serve; then ``make``
-        per layer as above. The same results, bit for bit. Only where every weight takes a gradient: a forward
-        joins what is made to its weight (a view, whose version autograd checks), so no backward reads a make
-        refilled after its weight changed. On the GPT, Bi-Mask's forward took 0.6-0.8 ms less (docs/speed.md,
+        per layer as above. The same results, bit for bit. Only where every weight takes a gradient
+        (`trained_weights`). On the GPT, Bi-Mask's forward took 0.6-0.8 ms less (docs/speed.md,
         the twenty-second session)."""
         self._forwards_eager = True
         weight = module.weight
@@ -183,8 +194,8 @@ class Method:
         if torch.is_grad_enabled() and (entry is not None or not self._ready):
             # a training forward with nothing made for it, or made from weights since changed: a new step
             others = [(other, mod) for other, mod in self.ctx.layers.items() if other != name]
-            weights = [mod.weight for mod in self.ctx.layers.values()]
-            batched = batch(weights) if batch is not None and all(w.requires_grad for w in weights) else None
+            weights = None if batch is None else self.trained_weights()
+            batched = None if weights is None else batch(weights)
             if batched is not None:
                 made = {other: make(other, mod) if result is None else result
                         for (other, mod), result in zip(self.ctx.layers.items(), batched)}

@@ -355,8 +355,7 @@ class BiMask(Method):
         """`per_forward`'s batch: every layer's four operands, as `_operands` gives them, where each is made from
         its matrix view's rows (a Linear, or a ``flatten`` conv: `sparsity.batch.LayerMakes.bimask`). Not under
         autocast, where the GEMM is the Function's, which saves ``W * B_b`` itself rather than a view of W."""
-        if torch.is_autocast_enabled(weights[0].device.type) or (
-                self.ctx.layout != "flatten" and any(w.dim() != 2 for w in weights)):
+        if torch.is_autocast_enabled(weights[0].device.type) or not self.own_matrix_views(weights):
             return None
         return self._makes.bimask(weights, [self.perms[name] for name in self.ctx.layers], self.ctx.pattern.n)
 

@@ -149,7 +149,7 @@ class SSTE(Method):
     def _batch(self, weights: list[torch.Tensor]) -> list | None:
         """`per_forward`'s batch: every layer's `_thresholded` in one call per thread (`sparsity.batch.LayerMakes`),
         where each layer's GEMM view is its own memory (a Linear, or a ``flatten`` conv)."""
-        if self.ctx.layout != "flatten" and any(w.dim() != 2 for w in weights):
+        if not self.own_matrix_views(weights):
             return None
         betas = [self.beta(name) for name in self.ctx.layers]
         made = self._makes.soft(weights, betas, self.pattern.n)

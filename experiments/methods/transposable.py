@@ -94,12 +94,12 @@ class Transposable(RecomputedMaskMethod):
         # is in cache (Method.hold_for_forward; the forward takes it only if neither the weight nor the mask has
         # changed since); not for the accel kernels' forward, nor a compiled one, which make their own
         ahead = self.accel is None and self.forwards_eagerly
-        weights = [mod.weight for mod in self.ctx.layers.values()]
+        weights = self.trained_weights() if ahead else None
         # every layer's bound and product in one compiled call per thread (sparsity.batch), into products kept
-        # from step to step: only where every forward joins its product to its weight (a view autograd checks)
-        batched = self._makes.bound(weights, [self._masks[name] for name in self.ctx.layers], self.pattern.m,
-                                    self.ctx.layout) if ahead and all(w.requires_grad for w in weights) else None
-        for (name, mod), made in zip(self.ctx.layers.items(), batched or [None] * len(weights)):
+        # from step to step
+        batched = None if weights is None else self._makes.bound(
+            weights, [self._masks[name] for name in self.ctx.layers], self.pattern.m, self.ctx.layout)
+        for (name, mod), made in zip(self.ctx.layers.items(), batched or [None] * len(self.ctx.layers)):
             mask = self._masks[name]
             if made is None and ahead:
                 made = clamp_pruned_masked_(mod.weight, mask, self.pattern.m, self.ctx.layout)
