@@ -51,6 +51,9 @@ over its twin's) and whether the two ended with the same weights, bit for bit. R
 differ by more than most changes do on a shared machine (runs of one code: a ratio to dense 0.01-0.05
 apart), so a change's before/after is measured side by side. ``dense@before`` is the run's control: the
 same torch step, so its ``vs before`` is the noise; a method the code before lacks runs without a twin.
+Each row also gives its ``vs before`` net of the control (over dense's, on the method's optimizer), and the
+spread of that net ratio over the run's blocks: a change reads as one where the net ratio stands further
+from 1 than a few of that spread (on the GPT, separate runs of the same change read 1-2% apart).
 The checkout's numba kernels are compiled afresh into a temporary cache: a cache it made as ``nmtrain``
 names its machine code as this one's does, and the two would share it.
 
@@ -401,6 +404,7 @@ def _report(args, runs: dict, held: dict, device: torch.device, phases: dict) ->
     with_before = any(name.endswith(BEFORE) for name in runs)
     if with_before:
         table.add_column("vs before", justify="right")
+        table.add_column(f"net of control ± sd ({args.blocks} blocks)", justify="right")
         table.add_column("same weights", justify="right")
     rows = []
     for name, (_, handle, _, times) in runs.items():
@@ -433,14 +437,45 @@ def _report(args, runs: dict, held: dict, device: torch.device, phases: dict) ->
                  f"{flops['ratio']:.3f}",
                  f"{held[name] / 2**20:.1f}", f"{held[name] / held[base]:.2f}x" if base else "–"]
         if with_before:
-            twin = runs.get(name + BEFORE)
-            if twin is not None:
-                vs_before = med / statistics.median(twin[3])
-                same = _same_weights(runs[name][0], twin[0])
-                rows[-1].update({"vs_before": vs_before, "same_weights_as_before": same})
-            cells += ([f"{vs_before:.3f}", "yes" if same else "no"] if twin is not None else ["–", "–"])
+            against = _against_before(runs, name, base, args.blocks)
+            rows[-1].update(against)
+            cells += _before_cells(against)
         table.add_row(*cells)
     return table, rows
+
+
+def _against_before(runs: dict, name: str, base: str | None, blocks: int) -> dict:
+    """``name`` against its twin of the code before (nothing where it has none): its median step over the twin's
+    (``vs_before``); that ratio over the control's, dense's over ``dense@before`` in the same mode
+    (``net_vs_before``: the change, net of what the run did to the same torch step), and the same net ratio in
+    each block of consecutive steps (`block_ratios`: their spread is the run's noise on it); whether the two
+    ended with the same weights. A change moves a method by more than the noise where ``net_vs_before`` is
+    further from 1 than a few of ``net_vs_before_sd``."""
+    twin = runs.get(name + BEFORE)
+    if twin is None:
+        return {}
+    times = runs[name][3]
+    out = {"vs_before": statistics.median(times) / statistics.median(twin[3]),
+           "same_weights_as_before": _same_weights(runs[name][0], twin[0])}
+    control = runs.get(base + BEFORE) if base is not None else None
+    if control is not None:
+        dense = runs[base][3]
+        out["net_vs_before"] = out["vs_before"] / (statistics.median(dense) / statistics.median(control[3]))
+        nets = [mine / theirs for mine, theirs in zip(block_ratios(times, twin[3], blocks),
+                                                      block_ratios(dense, control[3], blocks))]
+        out["net_vs_before_blocks"] = nets
+        out["net_vs_before_sd"] = statistics.stdev(nets) if len(nets) > 1 else None
+    return out
+
+
+def _before_cells(against: dict) -> list[str]:
+    """The table's cells of `_against_before`: vs before, net of the control ± its blocks' sd, same weights."""
+    if not against:
+        return ["–", "–", "–"]
+    net, sd = against.get("net_vs_before"), against.get("net_vs_before_sd")
+    return [f"{against['vs_before']:.3f}",
+            "–" if net is None else f"{net:.3f}" + ("" if sd is None else f" ± {sd:.3f}"),
+            "yes" if against["same_weights_as_before"] else "no"]
 
 
 def _same_weights(model: torch.nn.Module, twin: torch.nn.Module) -> bool:

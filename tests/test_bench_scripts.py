@@ -199,7 +199,28 @@ def test_train_step_times_every_method_against_the_code_before_it(tmp_path, monk
         assert "vs_before" not in rows[name + "@before"]
     for name, base in (("step@before", "dense+adamw"), ("srste@before", "dense"), ("dense@before", "dense")):
         assert rows[name]["median_vs_dense"] == pytest.approx(rows[name]["median_ms"] / rows[base]["median_ms"])
+    # net of the control: each method's vs before over its dense's (STEP's: dense on AdamW), the control's own 1
+    assert rows["dense"]["net_vs_before"] == 1.0 and rows["dense+adamw"]["net_vs_before"] == 1.0
+    for name, base in (("srste", "dense"), ("step", "dense+adamw")):
+        assert rows[name]["net_vs_before"] == pytest.approx(rows[name]["vs_before"] / rows[base]["vs_before"])
     assert written["args"]["before"] == str(ROOT)
+
+
+def test_the_net_of_the_control_takes_out_what_the_run_did_to_both_codes():
+    """By hand: the method took twice its twin's time in the first block and its twin's in the second, while the
+    code before's dense took dense's time and then twice as long. Per block, the change's net ratio is 2 both
+    times (no noise); over the run, the medians' ratio over the control's."""
+    bench = _load("train_step")
+    model = nn.Linear(2, 2)
+    runs = {"m": (model, None, None, [2.0, 2.0, 1.0, 1.0]), "m@before": (model, None, None, [1.0] * 4),
+            "dense": (model, None, None, [1.0] * 4), "dense@before": (model, None, None, [1.0, 1.0, 2.0, 2.0])}
+    against = bench._against_before(runs, "m", "dense", 2)
+    assert against["vs_before"] == 1.5 and against["net_vs_before"] == pytest.approx(1.5 * 1.5)
+    assert against["net_vs_before_blocks"] == [2.0, 2.0] and against["net_vs_before_sd"] == 0.0
+    assert against["same_weights_as_before"] is True
+    assert bench._against_before(runs, "dense@before", "dense", 2) == {}        # a twin has no twin of its own
+    assert bench._before_cells(against) == ["1.500", "2.250 ± 0.000", "yes"]
+    assert bench._before_cells({}) == ["–", "–", "–"]
 
 
 def test_the_code_before_is_its_own_package_with_its_own_kernels(tmp_path):
