@@ -401,9 +401,11 @@ class StoredMaskMethod(Method):
         return None if made is None else [(mask, mask._version, out) for mask, out in zip(masks, made)]
 
     def _held_product(self, name: str, module: nn.Module) -> tuple[torch.Tensor, int, torch.Tensor]:
-        # the bool mask's product, one vectorised pass per layer in the batch: on the GPT 1.2 ms a step against
-        # 1.7 ms through the cast mask and torch's product. (The masked gradient of fixed and unstructured stays
-        # autograd's product with the cast: its C++ backward measured 1.3 ms a step less than a Function's.)
+        # the bool mask's product, one vectorised pass per layer in per_forward's loop (where `_held_batch` does
+        # not serve): on the GPT 1.2 ms a step against 1.7 ms through the cast mask and torch's product. (The
+        # masked gradient of fixed and unstructured stays autograd's product with the cast: its C++ backward
+        # measured 1.3 ms a step less than a Function's, and 1-2% of the step less than the batch's product with a
+        # gradient hook in its place: docs/speed.md, the twenty-third session.)
         mask = self.mask(name)
         return mask, mask._version, product(module.weight.detach(), mask)
 
