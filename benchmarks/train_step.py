@@ -38,6 +38,12 @@ tensor autograd saved for the backward, each storage counted once (``held_bytes`
 peak on any device short of the allocator's own slack, and on a CPU, where torch keeps no peak counter,
 the number a run can give.
 
+``--run-length K`` runs K consecutive steps of each method in every round and times all but each run's first:
+there, as in a training run, a method's step follows its own, not another model's. It does not change the
+verdicts (docs/speed.md, the twenty-fourth session): on the GPT most methods read about 1% lower than step by
+step, on LeNet-5 about 0.5% higher, and masked decay with its MVUE weight gradient 3-5% lower on both. Its blocks
+spread more, with fewer rounds to average the machine's drift, so the default stays 1, step by step.
+
 As `nmtrain train` does, the benchmark has glibc's malloc keep the memory a step frees
 (`nmtrain.keep_freed_memory`; ``--malloc default`` leaves glibc's own thresholds): otherwise, in some processes
 and not others, a CPU step of a conv net page-faults on what the last step freed (LeNet-5: 3,300 faults and
@@ -331,12 +337,35 @@ def round_orders(names: list[str], rounds: int, shuffled: bool, seed: int = 0) -
     return orders
 
 
-def _time_steps(runs: dict, batches: list, steps: int, device: torch.device,
-                shuffled: bool = True) -> dict[str, dict[str, list[float]]]:
-    """Interleaved training steps of every run, in the rounds' orders (`round_orders`); each run's step times
-    (after 5 warm-up steps) are appended, and its phases' times returned: the forward (the method's per-step
-    work begun, the loss), the backward (with the gradients' reset) and the optimizer step (with the method's
-    hooks around it)."""
+WARMUP = 5      # steps of every run before any is timed
+
+
+def run_plan(steps: int, run_length: int = 1) -> list[list[tuple[int, bool]]]:
+    """Each round's run of consecutive steps, the same for every method: (the step's index, whether it is timed).
+    With ``run_length`` 1, one step a round, the first `WARMUP` rounds untimed. With ``run_length`` K > 1, K steps a
+    round: the rounds that cover `WARMUP` steps untimed, then each run's first step untimed (it follows another
+    model's step, with this method's code and data out of the caches) and the others timed, up to ``steps`` timed
+    steps (the last run stops there)."""
+    if run_length == 1:
+        return [[(i, i >= WARMUP)] for i in range(steps + WARMUP)]
+    plan, n, timed = [], 0, 0
+    for _ in range(-(-WARMUP // run_length)):
+        plan.append([(n + j, False) for j in range(run_length)])
+        n += run_length
+    while timed < steps:
+        run = [(n, False)] + [(n + j, True) for j in range(1, min(run_length, steps - timed + 1))]
+        plan.append(run)
+        n += len(run)
+        timed += len(run) - 1
+    return plan
+
+
+def _time_steps(runs: dict, batches: list, steps: int, device: torch.device, shuffled: bool = True,
+                run_length: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Interleaved training steps of every run, in the rounds' orders (`round_orders`), each round a run of
+    ``run_length`` steps of every method (`run_plan`); each run's timed step times are appended, and its phases'
+    times returned: the forward (the method's per-step work begun, the loss), the backward (with the gradients'
+    reset) and the optimizer step (with the method's hooks around it)."""
     phases = {name: {phase: [] for phase in PHASES} for name in runs}
 
     def step(name: str, i: int) -> tuple[float, list[float]]:
@@ -358,13 +387,15 @@ def _time_steps(runs: dict, batches: list, steps: int, device: torch.device,
             torch.cuda.synchronize()
         return time.perf_counter() - start, [_seconds(a, b) for a, b in zip(marks, marks[1:])]
 
-    for i, order in enumerate(round_orders(list(runs), steps + 5, shuffled)):
+    plan = run_plan(steps, run_length)
+    for order, run in zip(round_orders(list(runs), len(plan), shuffled), plan):
         for name in order:
-            t, parts = step(name, i)
-            if i >= 5:                      # warm-up steps are not timed
-                runs[name][3].append(t)
-                for phase, seconds in zip(PHASES, parts):
-                    phases[name][phase].append(seconds)
+            for i, timed in run:
+                t, parts = step(name, i)
+                if timed:
+                    runs[name][3].append(t)
+                    for phase, seconds in zip(PHASES, parts):
+                        phases[name][phase].append(seconds)
     return phases
 
 
@@ -396,7 +427,9 @@ def _report(args, runs: dict, held: dict, device: torch.device, phases: dict) ->
     baseline = next((name for name in runs if not get_method(_method_of(name)[0]).caps.sparse), None)
     optim = f"{args.optim} (fused)" if args.fused else args.optim
     table = Table(title=f"training step, {args.model} batch {args.batch}, {args.pattern}, {optim}, {device} "
-                        f"({torch.get_num_threads()} threads), {args.steps} interleaved steps, malloc {args.malloc}"
+                        f"({torch.get_num_threads()} threads), {args.steps} interleaved steps"
+                        + (f" (runs of {args.run_length}, the first untimed)" if args.run_length > 1 else "")
+                        + f", malloc {args.malloc}"
                         + (", denormals flushed" if args.denormals == "flush" else ""))
     for col in ("method", "median ms / step", "vs dense", f"± sd ({args.blocks} blocks)", "mean ms / step",
                 "vs dense ", "mean vs srste", "fwd/bwd/opt vs dense", "train FLOPs", "held MB", "memory vs dense"):
@@ -515,6 +548,10 @@ def main() -> None:
     parser.add_argument("--order", default="shuffled", choices=("shuffled", "fixed"),
                         help="shuffled: every round of interleaved steps runs the methods in a fresh seeded order; "
                              "fixed: in the listed order")
+    parser.add_argument("--run-length", type=int, default=1,
+                        help="steps of each method in a row, every round (the first of each run untimed): 1 "
+                             "interleaves step by step; more times steps that follow the method's own, as in "
+                             "a training run")
     parser.add_argument("--blocks", type=int, default=4,
                         help="cut the timed steps in this many consecutive blocks and report the mean ± sd of "
                              "their median ratios to dense (the run's own noise)")
@@ -522,6 +559,8 @@ def main() -> None:
                         help="also time every method as the nmtrain at this path runs it (a checkout, or a folder "
                              "holding an installed nmtrain/), side by side: a change's before and after")
     args = parser.parse_args()
+    if args.run_length < 1:
+        parser.error(f"--run-length: {args.run_length} is not a number of steps; give 1 or more")
     if args.denormals == "flush":       # every thread (experiments/denormals.py), for the rest of the process
         if (why := denormals.unsupported()) is not None:
             parser.error(f"--denormals flush: {why}; leave --denormals keep")
@@ -552,7 +591,7 @@ def main() -> None:
         if before is not None:
             runs.update({name: _attached_run(name, args, device, attached, before)
                          for name in _before_labels(labels, before)})
-        phases = _time_steps(runs, batches, args.steps, device, args.order == "shuffled")
+        phases = _time_steps(runs, batches, args.steps, device, args.order == "shuffled", args.run_length)
         held = {}
         for name, (model, handle, opt, _) in runs.items():
             handle.begin_step()             # as a step does: a compiled forward needs it begun

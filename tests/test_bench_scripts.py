@@ -85,6 +85,44 @@ def test_interleaved_rounds_give_no_method_one_place_or_one_neighbour():
         assert 0.17 < after / 400 < 0.33
 
 
+def test_runs_of_steps_time_all_but_each_runs_first_step():
+    """``--run-length K``: K consecutive steps of each method a round, each run's first untimed (it follows another
+    model's step); step by step (K = 1) as before: every step timed after the warm-up rounds."""
+    bench = _load("train_step")
+    assert bench.run_plan(3) == [[(i, i >= 5)] for i in range(8)]
+    plan = bench.run_plan(7, 4)
+    # two warm-up rounds (8 steps, none timed), then runs of 4 with 3 timed, the last cut at the 7th timed step
+    assert plan == [[(0, False), (1, False), (2, False), (3, False)], [(4, False), (5, False), (6, False), (7, False)],
+                    [(8, False), (9, True), (10, True), (11, True)], [(12, False), (13, True), (14, True), (15, True)],
+                    [(16, False), (17, True)]]
+    for steps, length in [(1, 2), (80, 2), (80, 4), (81, 16), (5, 5)]:
+        plan = bench.run_plan(steps, length)
+        flat = [i for run in plan for i, _ in run]
+        assert flat == list(range(len(flat)))                          # consecutive steps: the batches cycle alike
+        assert sum(timed for run in plan for _, timed in run) == steps
+        assert all(not run[0][1] and len(run) <= length for run in plan)   # a run's first step never timed
+
+
+def test_train_step_runs_of_steps_end_to_end(tmp_path, monkeypatch):
+    bench = _load("train_step")
+    argv = ["train_step.py", "--model", "mlp", "--image-size", "8", "--batch", "8", "--steps", "4", "--blocks", "2",
+            "--methods", "dense,fixed", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv + ["--run-length", "0"])
+    with pytest.raises(SystemExit) as refused:
+        bench.main()
+    assert refused.value.code == 2 and not (tmp_path / "train_step.json").exists()
+    timed = []
+    real = bench._time_steps
+    monkeypatch.setattr(bench, "_time_steps", lambda runs, *a: timed.append(runs) or real(runs, *a))
+    monkeypatch.setattr(sys, "argv", argv + ["--run-length", "3"])
+    bench.main()
+    written = json.loads((tmp_path / "train_step.json").read_text())
+    assert written["args"]["run_length"] == 3
+    assert {name: len(run[3]) for name, run in timed[0].items()} == {"dense": 4, "fixed": 4}
+    rows = {r["method"]: r for r in written["rows"]}
+    assert rows["dense"]["block_ratios"] == [1.0, 1.0] and len(rows["fixed"]["block_ratios"]) == 2
+
+
 def test_train_step_benchmark_reports_the_spread_of_its_blocks(tmp_path, monkeypatch):
     bench = _load("train_step")
     # by hand: 8 steps in 2 blocks, the method twice dense's time in the first block and equal in the second
