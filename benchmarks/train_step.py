@@ -344,8 +344,7 @@ def run_plan(steps: int, run_length: int = 1) -> list[list[tuple[int, bool]]]:
     """Each round's run of consecutive steps, the same for every method: (the step's index, whether it is timed).
     With ``run_length`` 1, one step a round, the first `WARMUP` rounds untimed. With ``run_length`` K > 1, K steps a
     round: the rounds that cover `WARMUP` steps untimed, then each run's first step untimed (it follows another
-    model's step, with this method's code and data out of the caches) and the others timed, up to ``steps`` timed
-    steps (the last run stops there)."""
+    model's step) and the others timed, up to ``steps`` timed steps (the last run stops there)."""
     if run_length == 1:
         return [[(i, i >= WARMUP)] for i in range(steps + WARMUP)]
     plan, n, timed = [], 0, 0
